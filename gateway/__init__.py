@@ -1,0 +1,1 @@
+"""Sluice gateway core: configuration, outbox, forwarders, sinks and the CLI."""

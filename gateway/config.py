@@ -1,0 +1,401 @@
+"""Configuration: gateway.yaml, devices/*.yaml and profiles/*.yaml, validated with every error
+reported as ``file:line:col: what is wrong — what to do``, all at once, never as a traceback."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+
+from gateway import driver as drivers
+from gateway.driver import Device, StrictModel
+from gateway.units import ByteSize, Duration, Identifier
+from gateway.yamlpos import ConfigError, ConfigErrors, YamlDoc, load_yaml
+
+__all__ = ["Config", "ConfigError", "ConfigErrors", "load_config"]
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class GatewayIdentity(StrictModel):
+    id: Identifier = Field(description="this gateway's id, unique in your fleet")
+    site: Identifier = Field(description="the site (farm, workshop) the gateway is installed at")
+
+
+class BufferConfig(StrictModel):
+    path: Path = Field(default=Path("outbox.db"),
+                       description="SQLite outbox; relative paths are under $STATE_DIRECTORY or the working directory")
+    max_bytes: ByteSize = Field(default=256 * 1024**2, ge=64 * 1024)
+    when_full: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    synchronous: Literal["full", "normal"] = "full"
+    commit_delay: Duration = Field(default=0.02, le=5,
+                                   description="gather readings this long before one commit")
+
+    def resolved_path(self) -> Path:
+        if self.path.is_absolute():
+            return self.path
+        return Path(os.environ.get("STATE_DIRECTORY", ".").split(":")[0]) / self.path
+
+
+class TlsConfig(StrictModel):
+    ca_file: Path | None = Field(default=None, description="CA bundle; the system's when absent")
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    verify: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together — give both for mutual TLS, or neither")
+        return self
+
+
+class BatchConfig(StrictModel):
+    max_readings: int = Field(default=500, ge=1, le=100_000)
+    max_bytes: ByteSize = Field(default=64 * 1024, ge=1024, le=64 * 1024**2)
+    linger: Duration = Field(default=0.2, le=3600,
+                             description="wait this long for more readings before sending a part-full batch")
+
+
+TOPIC_FIELDS = frozenset({"site", "gateway", "device", "profile", "measurement"})
+
+
+def _check_template(template: str, allowed: frozenset[str]) -> str:
+    for _lit, name, _spec, _conv in string.Formatter().parse(template):
+        if name is not None and name not in allowed:
+            raise ValueError(f"unknown placeholder {{{name}}} — use one of "
+                             + ", ".join("{" + a + "}" for a in sorted(allowed)))
+    return template
+
+
+class MqttSinkConfig(StrictModel):
+    type: Literal["mqtt"]
+    host: str = Field(min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535, description="1883, or 8883 with tls")
+    client_id: str | None = Field(default=None, description="defaults to sluice-<gateway id>")
+    username: str | None = None
+    password: SecretStr | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    topic: str = "sluice/{site}/{gateway}/{device}"
+    status_topic: str = "sluice/{site}/{gateway}/status"
+    format: Literal["influx", "json"] = "influx"
+    qos: Literal[1, 2] = 1
+    keepalive: Duration = Field(default=30.0, ge=5, le=3600)
+    max_inflight: int = Field(default=8, ge=1, le=100, description="messages awaiting PUBACK at once")
+    batch: BatchConfig = BatchConfig()
+    reconnect_min: Duration = Field(default=0.5, gt=0)
+    reconnect_max: Duration = Field(default=30.0, gt=0)
+    tls: TlsConfig | None = None
+    insecure: bool = Field(default=False, description="allow plaintext or unverified TLS to a remote host")
+
+    _topic = field_validator("topic")(lambda v: _check_template(v, TOPIC_FIELDS))
+    _status = field_validator("status_topic")(
+        lambda v: _check_template(v, frozenset({"site", "gateway"})))
+
+    @model_validator(mode="after")
+    def _secure(self) -> MqttSinkConfig:
+        if not is_loopback(self.host) and not self.insecure:
+            if self.tls is None:
+                raise ValueError(f"plaintext MQTT to the remote host '{self.host}' — add a `tls:` section "
+                                 "(recommended) or set `insecure: true` if the link is private")
+            if not self.tls.verify:
+                raise ValueError("tls.verify is false for a remote host — give the broker's CA in "
+                                 "tls.ca_file, or set `insecure: true` to accept an unverified link")
+        if self.reconnect_max < self.reconnect_min:
+            raise ValueError("reconnect_max is smaller than reconnect_min — swap them")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (8883 if self.tls else 1883)
+
+
+SinkConfig = Annotated[MqttSinkConfig, Field(discriminator="type")]
+
+
+class LoggingConfig(StrictModel):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "text", "journal"] = Field(
+        default="auto", description="journal: no timestamps, syslog levels; auto: journal under systemd")
+
+
+class GatewayFile(StrictModel):
+    gateway: GatewayIdentity
+    buffer: BufferConfig = BufferConfig()
+    sinks: dict[Identifier, SinkConfig] = Field(default_factory=dict)
+    logging: LoggingConfig = LoggingConfig()
+    devices_dir: Path = Path("devices")
+    profiles_dir: Path = Path("profiles")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration: the gateway file and the enabled devices with their profiles."""
+
+    path: Path
+    gateway: GatewayFile
+    devices: tuple[Device, ...]
+    profiles: dict[str, Any]
+
+    @property
+    def gateway_id(self) -> str:
+        return self.gateway.gateway.id
+
+    @property
+    def site(self) -> str:
+        return self.gateway.gateway.site
+
+
+# --------------------------------------------------------------------------- secrets
+_REF = re.compile(r"\$\{([^}]*)\}")
+
+
+def _resolve_ref(ref: str) -> str:
+    if ref.startswith("file:"):
+        return Path(ref[5:]).read_text(encoding="utf-8").strip()
+    if ref.startswith("cred:"):
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise LookupError("systemd credentials are not available ($CREDENTIALS_DIRECTORY is not set)")
+        return (Path(directory) / ref[5:]).read_text(encoding="utf-8").strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", ref):
+        raise LookupError(f"'${{{ref}}}' is not a valid reference")
+    if ref not in os.environ:
+        raise LookupError(f"environment variable {ref} is not set")
+    return os.environ[ref]
+
+
+def expand_secrets(doc: YamlDoc, errors: list[ConfigError]) -> Any:
+    """Replace ``${ENV}``, ``${file:/path}`` and ``${cred:NAME}`` in every string value."""
+
+    def walk(value: Any, loc: tuple[str | int, ...]) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, (*loc, k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, (*loc, i)) for i, v in enumerate(value)]
+        if isinstance(value, str) and "${" in value:
+            def sub(match: re.Match[str]) -> str:
+                try:
+                    return _resolve_ref(match.group(1))
+                except (LookupError, OSError) as exc:
+                    reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+                    errors.append(doc.error(loc, f"cannot resolve {match.group(0)}: {reason}",
+                                            "set it in the service's environment or credentials"))
+                    return ""
+            return _REF.sub(sub, value)
+        return value
+
+    return walk(doc.data, ())
+
+
+# --------------------------------------------------------------------------- pydantic -> people
+def _describe(err: Any, model: type[StrictModel] | None) -> tuple[str, str]:
+    kind = err["type"]
+    loc = [p for p in err["loc"] if isinstance(p, (str, int))]
+    name = str(loc[-1]) if loc else "value"
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+        if close:
+            return f"unknown key '{name}'", f"did you mean '{close[0]}'?"
+        return f"unknown key '{name}'", ("remove it; keys allowed here: " + ", ".join(allowed)) if allowed else "remove it"
+    if kind == "missing":
+        return f"required key '{name}' is missing", f"add `{name}: ...` here"
+    if kind in ("literal_error", "enum"):
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{name}: {given!r} is not allowed", f"use one of {expected}"
+    if kind == "union_tag_invalid":
+        expected = err.get("ctx", {}).get("expected_tags", "")
+        return f"unknown type {err.get('ctx', {}).get('tag')!r}", f"use one of {expected}"
+    if kind == "union_tag_not_found":
+        return "the 'type' key is missing", "add `type: mqtt`"
+    if kind == "string_pattern_mismatch":
+        return f"{name}: {given!r} is not a valid id", "use letters, digits, '_', '.', '-' (at most 64), starting with a letter or digit"
+    if kind == "value_error":
+        text = str(err.get("ctx", {}).get("error", err["msg"]))
+        message, _sep, hint = text.partition(" — ")
+        return (f"{name}: {message}" if loc else message), hint
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{name}: {err['msg'].lower()}, got {given!r}", "correct the value's type"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{name}: {given!r} is out of range ({err['msg'].lower()})", "choose a value in range"
+    return f"{name}: {err['msg']}", ""
+
+
+def _allowed_keys(model: type[StrictModel] | None, loc: Sequence[str | int]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        if current is None or not isinstance(part, str) or not hasattr(current, "model_fields"):
+            continue
+        info = current.model_fields.get(part)
+        if info is None:
+            continue
+        current = _model_of(info.annotation)
+    return sorted(current.model_fields) if current is not None and hasattr(current, "model_fields") else []
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def validate_doc(doc: YamlDoc, model: type[StrictModel], errors: list[ConfigError],
+                 data: Any = None, **context: Any) -> Any:
+    """Validate ``doc`` against ``model``; append located errors. Returns the model or None."""
+    data = doc.data if data is None else data
+    if not isinstance(data, dict):
+        errors.append(doc.error((), "expected a block of `key: value` settings",
+                                "see the example files under config/ for the layout"))
+        return None
+    try:
+        return model.model_validate(data, context=context or None)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
+            message, hint = _describe(err, model)
+            errors.append(doc.error(loc, message, hint, key=err["type"] == "extra_forbidden"))
+        return None
+
+
+# --------------------------------------------------------------------------- loading
+def _display(path: Path) -> Path:
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
+def load_config(path: Path | str) -> Config:
+    """Load and validate a configuration directory (or its gateway.yaml). Raises ConfigErrors."""
+    path = Path(path)
+    gw_path = path / "gateway.yaml" if path.is_dir() else path
+    errors: list[ConfigError] = []
+    doc, errs = load_yaml(gw_path, _display(gw_path))
+    errors += errs
+    if doc is None:
+        raise ConfigErrors(errors)
+    gateway = validate_doc(doc, GatewayFile, errors, expand_secrets(doc, errors))
+    if gateway is None:
+        raise ConfigErrors(errors)
+    base = gw_path.parent
+    profiles_dir = base / gateway.profiles_dir
+    devices_dir = base / gateway.devices_dir
+    profiles = _load_profiles(profiles_dir, errors)
+    devices = _load_devices(devices_dir, profiles, gateway, errors)
+    if errors:
+        raise ConfigErrors(errors)
+    return Config(gw_path, gateway, tuple(d for d in devices if d.config.enabled), profiles)
+
+
+def _yaml_files(directory: Path, what: str, errors: list[ConfigError], anchor: Path) -> list[Path]:
+    if not directory.is_dir():
+        errors.append(ConfigError(_display(anchor), 1, 1, f"{what} directory {directory} does not exist",
+                                  f"create it or set {what}_dir in gateway.yaml"))
+        return []
+    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def _protocol_of(doc: YamlDoc, errors: list[ConfigError], known: list[str], what: str) -> str | None:
+    proto = doc.data.get("protocol") if isinstance(doc.data, dict) else None
+    if not isinstance(doc.data, dict):
+        errors.append(doc.error((), f"a {what} file must be a block of `key: value` settings",
+                                "see the examples under config/"))
+        return None
+    if proto is None:
+        errors.append(doc.error((), "required key 'protocol' is missing", "add `protocol: " + " | ".join(known) + "`"))
+        return None
+    if proto not in known:
+        close = difflib.get_close_matches(str(proto), known, n=1)
+        errors.append(doc.error(("protocol",), f"unknown protocol {proto!r}",
+                                f"did you mean '{close[0]}'?" if close else "use one of " + ", ".join(known)))
+        return None
+    return str(proto)
+
+
+def _load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, Any]:
+    profiles: dict[str, Any] = {}
+    kinds = drivers.known_profile_kinds()
+    for file in _yaml_files(directory, "profiles", errors, directory):
+        doc, errs = load_yaml(file, _display(file))
+        errors += errs
+        if doc is None:
+            continue
+        kind = _protocol_of(doc, errors, kinds, "profile")
+        if kind is None:
+            continue
+        module = drivers.driver_for_profile_kind(kind)
+        model = validate_doc(doc, module.ProfileModel, errors)  # type: ignore[union-attr]
+        if model is not None:
+            profiles[file.stem] = model
+    return profiles
+
+
+def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFile,
+                  errors: list[ConfigError]) -> list[Device]:
+    devices: list[Device] = []
+    docs: dict[str, YamlDoc] = {}
+    protocols = drivers.known_protocols()
+    for file in _yaml_files(directory, "devices", errors, directory):
+        doc, errs = load_yaml(file, _display(file))
+        errors += errs
+        if doc is None:
+            continue
+        proto = _protocol_of(doc, errors, protocols, "device")
+        if proto is None:
+            continue
+        module = drivers.driver_for_protocol(proto)
+        cfg = validate_doc(doc, module.DeviceModel, errors, expand_secrets(doc, errors))  # type: ignore[union-attr]
+        if cfg is None:
+            continue
+        if cfg.id in docs:
+            other = docs[cfg.id]
+            errors.append(doc.error(("id",), f"device id '{cfg.id}' is already used by {other.path}",
+                                    "give every device its own id"))
+            continue
+        docs[cfg.id] = doc
+        profile = profiles.get(cfg.profile)
+        if profile is None:
+            close = difflib.get_close_matches(cfg.profile, list(profiles), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else (
+                f"add {gateway.profiles_dir}/{cfg.profile}.yaml; available: " + (", ".join(sorted(profiles)) or "none"))
+            errors.append(doc.error(("profile",), f"unknown profile '{cfg.profile}'", hint))
+            continue
+        if profile.protocol != module.PROFILE_KIND:  # type: ignore[union-attr]
+            errors.append(doc.error(("profile",), f"profile '{cfg.profile}' is for {profile.protocol} devices, "
+                                    f"this device uses {cfg.protocol}", "choose a profile of the same protocol"))
+            continue
+        tags = {"site": gateway.gateway.site, "gateway": gateway.gateway.id, "device": cfg.id,
+                "profile": cfg.profile, **cfg.tags}
+        measurement = cfg.measurement or profile.measurement or cfg.profile
+        devices.append(Device(cfg, profile, cfg.profile, tags, measurement, doc.path))
+    by_module: dict[str, list[Device]] = {}
+    for dev in devices:
+        by_module.setdefault(drivers.driver_for_protocol(dev.config.protocol).__name__, []).append(dev)  # type: ignore[union-attr]
+    for name, group in by_module.items():
+        module = next(m for m in drivers.driver_modules() if m.__name__ == name)
+        for problem in module.check(group):
+            errors.append(docs[problem.device.id].error(problem.loc, problem.message, problem.hint))
+    return devices

@@ -1,0 +1,157 @@
+"""The contract between the core and a protocol driver, and how drivers are found.
+
+A driver is one module under ``drivers/`` that defines, at module level:
+
+``PROTOCOLS: frozenset[str]``
+    the values of a device's ``protocol:`` key that it serves (e.g. ``{"modbus_tcp"}``).
+``PROFILE_KIND: str``
+    the value of a profile's ``protocol:`` key it understands (e.g. ``"modbus"``); several
+    drivers may share one kind (TCP and RTU share register maps).
+``DeviceModel``, ``ProfileModel``
+    pydantic models, subclasses of :class:`DeviceConfig` and :class:`ProfileConfig`.
+``check(devices: Sequence[Device]) -> list[Problem]``
+    cross-device checks that one file cannot see (two devices on one serial port with different
+    line settings, a profile point the device's unit cannot address, ...).
+``make_pollers(devices: Sequence[Device]) -> list[Poller]``
+    groups the devices by physical connection (one host:port, one serial bus) and returns one
+    :class:`Poller` per connection. Constructors do no I/O.
+
+The core never imports a driver by name: adding ``drivers/foo.py`` is all a new protocol needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.reading import Reading
+from gateway.units import Duration, Identifier
+
+Emit = Callable[[Reading], None]
+"""How a poller hands a reading to the core. Never blocks, never raises; the core commits it."""
+
+
+class StrictModel(BaseModel):
+    """Base of every configuration model: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class DeviceConfig(StrictModel):
+    """The settings every device has, whatever its protocol. Drivers subclass it."""
+
+    id: Identifier = Field(description="unique device id, used in topics and tags")
+    profile: str = Field(description="name of a file under profiles/ (without .yaml)")
+    protocol: str
+    enabled: bool = True
+    interval: Duration = Field(default=1.0, gt=0, description="time between polls")
+    timeout: Duration = Field(default=1.0, gt=0, description="how long to wait for an answer")
+    retries: int = Field(default=1, ge=0, le=10, description="extra attempts within one poll")
+    backoff_max: Duration = Field(default=60.0, gt=0, description="longest wait between polls of a device that is down")
+    measurement: str | None = Field(default=None, min_length=1, description="overrides the profile's measurement")
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class ProfileConfig(StrictModel):
+    """What every device profile has. Drivers subclass it with their point maps."""
+
+    protocol: str
+    manufacturer: str | None = None
+    model: str | None = None
+    description: str | None = None
+    measurement: str | None = Field(default=None, min_length=1,
+                                    description="InfluxDB measurement; defaults to the profile's name")
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A device with its profile resolved: what a driver polls."""
+
+    config: Any  # the driver's DeviceModel
+    profile: Any  # the driver's ProfileModel
+    profile_name: str
+    tags: dict[str, str]
+    measurement: str
+    source: Path  # the device's YAML file, for messages
+
+    @property
+    def id(self) -> str:
+        return str(self.config.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A cross-device problem a driver found; ``loc`` is a key path in the device's file."""
+
+    device: Device
+    loc: tuple[str | int, ...]
+    message: str
+    hint: str = ""
+
+
+@dataclass(slots=True)
+class DeviceStatus:
+    """What the core and the health endpoint know about one device."""
+
+    up: bool = False
+    polls: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    last_success_ns: int | None = None
+    last_error: str | None = None
+
+
+@runtime_checkable
+class Poller(Protocol):
+    """Owns one physical connection and polls its devices in turn; one asyncio task runs it.
+
+    Lifecycle: constructed (no I/O) -> ``async with poller`` (may open nothing yet; connections
+    are opened and reopened by ``run``) -> ``run(emit)`` until cancelled -> exit closes the
+    connection. ``poll_once`` may be called instead of ``run`` (for ``sluice once``) and
+    returns one reading per device that answered. ``run`` and ``poll_once`` never raise for
+    device or network faults: those are logged once per state change and counted in ``status``.
+    """
+
+    name: str
+    status: dict[str, DeviceStatus]
+
+    async def __aenter__(self) -> Poller: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+    async def run(self, emit: Emit) -> None: ...
+    async def poll_once(self) -> list[Reading]: ...
+
+
+def driver_modules() -> list[ModuleType]:
+    """Every module in the ``drivers`` package that declares ``PROTOCOLS``."""
+    import drivers
+
+    found = []
+    for info in sorted(pkgutil.iter_modules(drivers.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"drivers.{info.name}")
+        if hasattr(module, "PROTOCOLS"):
+            found.append(module)
+    return found
+
+
+def driver_for_protocol(protocol: str) -> ModuleType | None:
+    return next((m for m in driver_modules() if protocol in m.PROTOCOLS), None)
+
+
+def driver_for_profile_kind(kind: str) -> ModuleType | None:
+    return next((m for m in driver_modules() if m.PROFILE_KIND == kind), None)
+
+
+def known_protocols() -> list[str]:
+    return sorted(p for m in driver_modules() for p in m.PROTOCOLS)
+
+
+def known_profile_kinds() -> list[str]:
+    return sorted({m.PROFILE_KIND for m in driver_modules()})

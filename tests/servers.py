@@ -1,0 +1,1 @@
+"""Fixtures that start real servers (Mosquitto, ...) on free loopback ports. Filled in per area."""
