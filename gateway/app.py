@@ -1,0 +1,180 @@
+"""The running gateway: pollers -> committer -> outbox -> forwarders -> sinks, and a clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+from gateway import driver as drivers
+from gateway.buffer import Outbox, OutboxError
+from gateway.config import Config
+from gateway.driver import Device, Poller
+from gateway.reading import Reading
+
+log = logging.getLogger(__name__)
+
+MAX_UNSTORED = 100_000
+"""Readings held in memory while the outbox cannot be written (disk full); beyond it the oldest go."""
+
+
+def make_pollers(devices: Sequence[Device]) -> list[Poller]:
+    """One poller per physical connection, from whichever driver serves each device's protocol."""
+    by_module: dict[str, tuple[object, list[Device]]] = {}
+    for dev in devices:
+        module = drivers.driver_for_protocol(dev.config.protocol)
+        assert module is not None, "config validation guarantees a driver"
+        by_module.setdefault(module.__name__, (module, []))[1].append(dev)
+    pollers: list[Poller] = []
+    for module, group in by_module.values():
+        pollers.extend(module.make_pollers(group))  # type: ignore[attr-defined]
+    return pollers
+
+
+@dataclass
+class CommitStats:
+    committed: int = 0
+    commits: int = 0
+    failed_commits: int = 0
+    lost: int = 0  # readings dropped from memory while the outbox could not be written
+    last_commit_ns: int | None = None
+
+
+class Committer:
+    """Collects readings from every poller and commits them to the outbox in one transaction.
+
+    Pollers call :meth:`emit` (never blocks). After the first reading of a cycle arrives the
+    committer waits ``delay`` seconds so that devices polled at the same instant share one
+    commit, then commits everything gathered and calls ``on_commit`` (wakes the forwarders).
+    If the outbox cannot be written (disk full, I/O error) the readings stay in memory, up to
+    :data:`MAX_UNSTORED`, and are retried at the next cycle.
+    """
+
+    def __init__(self, outbox: Outbox, on_commit: Callable[[], None], delay: float) -> None:
+        self._outbox = outbox
+        self._on_commit = on_commit
+        self._delay = delay
+        self._pending: list[Reading] = []
+        self._wake = asyncio.Event()
+        self._failing = False
+        self.stats = CommitStats()
+
+    def emit(self, reading: Reading) -> None:
+        self._pending.append(reading)
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            if self._delay:
+                await asyncio.sleep(self._delay)
+            self._wake.clear()
+            if not self.flush() and self._pending:
+                await asyncio.sleep(1.0)  # the outbox is failing: retry shortly, without spinning
+                self._wake.set()
+
+    def flush(self) -> bool:
+        """Commit what is pending; True when the outbox took it (or nothing was pending)."""
+        if not self._pending:
+            return True
+        batch = self._pending
+        try:
+            self._outbox.append(batch)
+        except OutboxError as exc:
+            self.stats.failed_commits += 1
+            if not self._failing:
+                log.error("cannot store readings in the outbox: %s — keeping up to %d in memory; "
+                          "check free disk space", exc, MAX_UNSTORED)
+                self._failing = True
+            if len(batch) > MAX_UNSTORED:
+                self.stats.lost += len(batch) - MAX_UNSTORED
+                del batch[: len(batch) - MAX_UNSTORED]
+            return False
+        if self._failing:
+            log.info("outbox writable again; %d readings lost while it was not", self.stats.lost)
+            self._failing = False
+        self._pending = []
+        self.stats.committed += len(batch)
+        self.stats.commits += 1
+        self.stats.last_commit_ns = time.time_ns()
+        self._on_commit()
+        return True
+
+
+@dataclass
+class Gateway:
+    """One configuration, running. ``run`` returns when ``stop`` is set, having lost nothing:
+    polling stops first, every reading already read is committed, forwarders are cancelled with
+    their in-flight batch left unacknowledged in the outbox (it is sent again next start)."""
+
+    config: Config
+    pollers: list[Poller] = field(default_factory=list)
+    committer: Committer | None = None
+    forwarders: list[object] = field(default_factory=list)
+    outbox: Outbox | None = None
+    started_ns: int = 0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from gateway.forwarder import Forwarder
+        from gateway.mqtt import MqttSink
+
+        cfg = self.config
+        buf = cfg.gateway.buffer
+        self.started_ns = time.time_ns()
+        async with AsyncExitStack() as stack:
+            outbox = stack.enter_context(Outbox(buf.resolved_path(), list(cfg.gateway.sinks),
+                                                max_bytes=buf.max_bytes, when_full=buf.when_full,
+                                                synchronous=buf.synchronous))
+            self.outbox = outbox
+            for name, sink_cfg in cfg.gateway.sinks.items():
+                sink = await stack.enter_async_context(MqttSink(name, sink_cfg, cfg.gateway_id, cfg.site))
+                self.forwarders.append(Forwarder(name, outbox, sink, sink_cfg, cfg))
+            forwarders = self.forwarders
+
+            def wake_forwarders() -> None:
+                for fwd in forwarders:
+                    fwd.notify()  # type: ignore[attr-defined]
+
+            self.committer = committer = Committer(outbox, wake_forwarders, buf.commit_delay)
+            self.pollers = make_pollers(cfg.devices)
+            for poller in self.pollers:
+                await stack.enter_async_context(poller)
+
+            forward_tasks = [asyncio.create_task(f.run(), name=f"forward[{f.name}]")  # type: ignore[attr-defined]
+                             for f in forwarders]
+            commit_task = asyncio.create_task(committer.run(), name="commit")
+            poll_tasks = [asyncio.create_task(p.run(committer.emit), name=f"poll[{p.name}]")
+                          for p in self.pollers]
+            log.info("gateway %s at %s running: %d devices on %d connections, %d sinks, outbox %s",
+                     cfg.gateway_id, cfg.site, len(cfg.devices), len(self.pollers), len(forwarders),
+                     buf.resolved_path())
+            self.ready.set()
+            stop_task = asyncio.create_task(stop.wait(), name="stop")
+            try:
+                done, _ = await asyncio.wait([stop_task, commit_task, *poll_tasks, *forward_tasks],
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is not stop_task and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+            finally:
+                await _cancel(poll_tasks)
+                await _cancel([commit_task])
+                committer.flush()
+                await _cancel(forward_tasks)
+                await _cancel([stop_task])
+                stats = outbox.stats()
+                log.info("gateway stopped: %d readings committed this run, %d left in the outbox",
+                         committer.stats.committed, stats.rows)
+
+
+async def _cancel(tasks: Sequence[asyncio.Task[object]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

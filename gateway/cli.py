@@ -1,0 +1,160 @@
+"""The `sluice` command: run, check, once, sim, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.config import Config, ConfigErrors, load_config
+from gateway.logs import setup_logging
+
+log = logging.getLogger("sluice")
+
+EXIT_CONFIG = 2
+
+
+def default_config_dir() -> Path:
+    """$SLUICE_CONFIG, systemd's $CONFIGURATION_DIRECTORY, /etc/sluice if it exists, else ./config."""
+    for var in ("SLUICE_CONFIG", "CONFIGURATION_DIRECTORY"):
+        if os.environ.get(var):
+            return Path(os.environ[var].split(":")[0])
+    return Path("/etc/sluice") if Path("/etc/sluice/gateway.yaml").exists() else Path("config")
+
+
+def _load(path: Path) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigErrors as exc:
+        for err in exc.errors:
+            print(err, file=sys.stderr)
+        n = len(exc.errors)
+        print(f"{n} error{'s' if n != 1 else ''} in the configuration at {path}; nothing was started",
+              file=sys.stderr)
+        return None
+
+
+def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    setup_logging(args.log_level or config.gateway.logging.level, config.gateway.logging.format)
+    from gateway.app import Gateway
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _install_stop_signals(asyncio.get_running_loop(), stop)
+        await Gateway(config).run(stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    print(f"{config.path}: OK — gateway {config.gateway_id} at {config.site}, "
+          f"{len(config.devices)} devices, {len(config.profiles)} profiles, "
+          f"{len(config.gateway.sinks)} sinks")
+    for dev in config.devices:
+        print(f"  {dev.id:<24} {dev.config.protocol:<12} profile {dev.profile_name}, every {dev.config.interval:g}s")
+    return 0
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    setup_logging(args.log_level or "warning", "text")
+    from gateway.app import make_pollers
+
+    async def main() -> list:
+        readings = []
+        for poller in make_pollers(config.devices):
+            async with poller:
+                readings.extend(await poller.poll_once())
+        return readings
+
+    readings = asyncio.run(main())
+    answered = {r.device for r in readings}
+    if args.json:
+        for r in readings:
+            print(json.dumps({"device": r.device, "time_ns": r.time_ns, "quality": r.quality,
+                              "fields": r.fields, "tags": r.tags}, ensure_ascii=False))
+    else:
+        for r in readings:
+            print(f"{r.device} ({r.quality})")
+            for name, value in r.fields.items():
+                print(f"  {name:<28} {value!r}")
+    silent = [d.id for d in config.devices if d.id not in answered]
+    for dev_id in silent:
+        print(f"{dev_id}: no answer", file=sys.stderr)
+    return 1 if silent else 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from simulators.modbus_tcp import main_sim
+
+    return main_sim(args.rest)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice", description="Sluice edge gateway: field devices -> durable outbox -> MQTT")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", type=Path, default=None,
+                       help="configuration directory holding gateway.yaml "
+                            "(default: $SLUICE_CONFIG, $CONFIGURATION_DIRECTORY, /etc/sluice, ./config)")
+        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+
+    p = sub.add_parser("run", help="run the gateway until SIGTERM/SIGINT")
+    with_config(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check", help="validate a configuration; non-zero exit on errors")
+    with_config(p)
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("once", help="poll every device once and print the readings; publishes nothing")
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per reading")
+    p.set_defaults(func=cmd_once)
+    p = sub.add_parser("sim", help="simulate Modbus devices (see `sluice sim --help`)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_sim)
+    p = sub.add_parser("demo", help="simulated devices -> gateway -> outbox -> MQTT, live in the terminal")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--config", type=Path, default=None, help="demo configuration (default: the shipped config/)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", "unset") is None and args.command != "demo":
+        args.config = default_config_dir()
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
