@@ -212,7 +212,7 @@ def _describe(err: Any, model: type[StrictModel] | None) -> tuple[str, str]:
     name = str(loc[-1]) if loc else "value"
     given = err.get("input")
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(model, loc[:-1])
+        allowed = sorted(model.model_fields) if model is not None and hasattr(model, "model_fields") else []
         close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
         if close:
             return f"unknown key '{name}'", f"did you mean '{close[0]}'?"
@@ -240,18 +240,6 @@ def _describe(err: Any, model: type[StrictModel] | None) -> tuple[str, str]:
     return f"{name}: {err['msg']}", ""
 
 
-def _allowed_keys(model: type[StrictModel] | None, loc: Sequence[str | int]) -> list[str]:
-    current: Any = model
-    for part in loc:
-        if current is None or not isinstance(part, str) or not hasattr(current, "model_fields"):
-            continue
-        info = current.model_fields.get(part)
-        if info is None:
-            continue
-        current = _model_of(info.annotation)
-    return sorted(current.model_fields) if current is not None and hasattr(current, "model_fields") else []
-
-
 def _model_of(annotation: Any) -> Any:
     if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
         return annotation
@@ -260,6 +248,25 @@ def _model_of(annotation: Any) -> Any:
         if found is not None:
             return found
     return None
+
+
+def _real_loc(data: Any, loc: tuple[str | int, ...], keep_last: bool) -> tuple[tuple[str | int, ...], bool]:
+    """Keep the parts of a pydantic loc that are keys in the YAML data (drops union tags).
+
+    Returns the cleaned loc and whether it ends at a scalar value (a field, not a block)."""
+    real: list[str | int] = []
+    node = data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            real.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            real.append(part)
+        elif keep_last and i == len(loc) - 1:
+            real.append(part)
+            node = None
+    return tuple(real), not isinstance(node, (dict, list))
 
 
 def validate_doc(doc: YamlDoc, model: type[StrictModel], errors: list[ConfigError],
@@ -274,10 +281,26 @@ def validate_doc(doc: YamlDoc, model: type[StrictModel], errors: list[ConfigErro
         return model.model_validate(data, context=context or None)
     except ValidationError as exc:
         for err in exc.errors():
-            loc = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
-            message, hint = _describe(err, model)
+            raw = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
+            loc, at_value = _real_loc(data, raw, keep_last=err["type"] in ("missing", "extra_forbidden"))
+            if err["type"] == "union_tag_invalid":
+                loc, at_value = (*loc, "type"), True  # point at the wrong value, not at the block
+            message, hint = _describe({**err, "loc": loc if at_value or err["type"] == "missing" else ()}, model)
+            if err["type"] in ("extra_forbidden", "missing"):
+                message, hint = _describe({**err, "loc": loc}, _model_at(model, loc[:-1]))
             errors.append(doc.error(loc, message, hint, key=err["type"] == "extra_forbidden"))
         return None
+
+
+def _model_at(model: Any, loc: Sequence[str | int]) -> Any:
+    current = model
+    for part in loc:
+        if current is None or not hasattr(current, "model_fields"):
+            return None
+        if isinstance(part, str) and part in current.model_fields:
+            nxt = _model_of(current.model_fields[part].annotation)
+            current = nxt if nxt is not None else current
+    return current
 
 
 # --------------------------------------------------------------------------- loading
@@ -299,12 +322,16 @@ def load_config(path: Path | str) -> Config:
         raise ConfigErrors(errors)
     gateway = validate_doc(doc, GatewayFile, errors, expand_secrets(doc, errors))
     if gateway is None:
-        raise ConfigErrors(errors)
+        # Keep going with the directories as written (or their defaults) so that one run
+        # reports the mistakes of every file, not just the first broken one.
+        raw = doc.data if isinstance(doc.data, dict) else {}
+        gateway = GatewayFile.model_construct(
+            gateway=GatewayIdentity.model_construct(id="gateway", site="site"),
+            devices_dir=Path(raw["devices_dir"]) if isinstance(raw.get("devices_dir"), str) else Path("devices"),
+            profiles_dir=Path(raw["profiles_dir"]) if isinstance(raw.get("profiles_dir"), str) else Path("profiles"))
     base = gw_path.parent
-    profiles_dir = base / gateway.profiles_dir
-    devices_dir = base / gateway.devices_dir
-    profiles = _load_profiles(profiles_dir, errors)
-    devices = _load_devices(devices_dir, profiles, gateway, errors)
+    profiles = _load_profiles(base / gateway.profiles_dir, errors)
+    devices = _load_devices(base / gateway.devices_dir, profiles, gateway, errors)
     if errors:
         raise ConfigErrors(errors)
     return Config(gw_path, gateway, tuple(d for d in devices if d.config.enabled), profiles)
