@@ -218,7 +218,8 @@ def _describe(err: Any, model: type[StrictModel] | None) -> tuple[str, str]:
             return f"unknown key '{name}'", f"did you mean '{close[0]}'?"
         return f"unknown key '{name}'", ("remove it; keys allowed here: " + ", ".join(allowed)) if allowed else "remove it"
     if kind == "missing":
-        return f"required key '{name}' is missing", f"add `{name}: ...` here"
+        where = f" in '{loc[-2]}'" if len(loc) > 1 else ""
+        return f"required key '{name}' is missing{where}", f"add `{name}: ...` to this block"
     if kind in ("literal_error", "enum"):
         expected = err.get("ctx", {}).get("expected", "")
         return f"{name}: {given!r} is not allowed", f"use one of {expected}"
