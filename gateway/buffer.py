@@ -1,16 +1,94 @@
 """The durable outbox: every reading is committed here before any sink sees it.
 
-CONTRACT (implementation in progress — the signatures below are fixed; other modules code to them)
+On-disk invariants (one SQLite file in WAL mode, ``application_id`` 0x536C7563, ``user_version`` 1)
+-------------------------------------------------------------------------------------------------
+* ``readings(seq, series, data)`` holds every stored reading. ``seq`` is assigned by the outbox
+  from ``state.last_seq`` (a persisted counter written in the same transaction as the rows), so
+  sequence numbers are strictly increasing and never reused in one file, even after every row
+  was deleted and the process restarted. (A plain ``INTEGER PRIMARY KEY`` would restart at
+  ``max(seq)+1`` and could hand out a seq a sink has already acknowledged; ``AUTOINCREMENT``
+  would give the same guarantee as our counter at the cost of a second table write per row.)
+* ``data`` is compact ASCII JSON ``[time_ns, quality, fields]``: ints stay ints, floats floats
+  (exact, ``repr`` round trip), bools bools, strings strings (non-ASCII as ``\\uXXXX``).
+  ``series`` points into ``series(id, key, last_seq)`` where ``key`` is the JSON
+  ``[device, measurement, tags]`` — the part of a reading that is the same for every poll of a
+  device, stored once. A series row is deleted on open once no stored reading uses it
+  (``last_seq`` < the oldest stored seq).
+* Rows are only ever deleted from the oldest end, so the stored seqs are one contiguous range
+  ``[first, state.last_seq]``. Rows leave only (a) when every configured sink has acknowledged
+  them, or (b) by the ``drop_oldest`` policy, counted in ``state.dropped``.
+* ``sinks(name, acked)``: sink ``name`` has delivered every reading with ``seq <= acked``; its
+  pending readings are those with ``seq > acked``. A position never moves backwards. On open,
+  sinks no longer configured are removed (their rows can then be deleted) and a new sink starts
+  at the oldest stored row. With no sink configured nothing is deleted except by ``when_full``.
+* ``state`` (one row) holds ``last_seq``, ``rows``, ``bytes`` and ``dropped``, updated in the same
+  transaction as the rows they describe. ``bytes`` is the size budget that ``max_bytes`` bounds:
+  the sum over stored rows of ``len(data) + ROW_OVERHEAD`` — the payload, not the file. The file
+  itself is larger (B-tree slack, freed pages reused but never returned, the WAL); plan
+  roughly 1.5 × ``max_bytes`` of disk, or set ``max_pages`` as a hard cap.
+* Every change is one transaction (``BEGIN IMMEDIATE`` … ``COMMIT``). A crash or SIGKILL loses
+  nothing that was committed (power loss with ``synchronous=normal`` may lose the last commits).
+  A file that fails the integrity check on open, or is not a Sluice outbox, is renamed to
+  ``<name>.corrupt-<UTC timestamp>`` (its ``-wal``/``-shm`` follow as ``…-wal``/``…-shm``), never
+  deleted, and a fresh outbox is started.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import sqlite3
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from gateway.reading import Reading
+
+log = logging.getLogger(__name__)
+
+APPLICATION_ID = 0x536C7563  # "Sluc": marks the file as a Sluice outbox
+SCHEMA_VERSION = 1
+ROW_OVERHEAD = 16
+"""Bytes counted per row on top of its payload (seq, series id, record and cell headers)."""
+FULL_CHECK_BELOW = 32 * 1024**2
+"""Files smaller than this get ``PRAGMA integrity_check`` on open; larger ones ``quick_check``."""
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_CORRUPT_CODES = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+
+_SCHEMA = f"""
+BEGIN IMMEDIATE;
+PRAGMA application_id = {APPLICATION_ID};
+PRAGMA user_version = {SCHEMA_VERSION};
+CREATE TABLE state (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    last_seq INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    dropped INTEGER NOT NULL
+);
+INSERT INTO state VALUES (0, 0, 0, 0, 0);
+CREATE TABLE sinks (name TEXT PRIMARY KEY, acked INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE series (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, last_seq INTEGER NOT NULL);
+CREATE TABLE readings (seq INTEGER PRIMARY KEY, series INTEGER NOT NULL, data BLOB NOT NULL);
+COMMIT;
+"""
+
+# json.dumps with arguments builds a new encoder per call; a bound encoder is ~1 µs cheaper per row.
+_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_decode = json.loads
+
+
+class OutboxError(Exception):
+    """The outbox file could not be read or written (disk full, I/O error, locked, unreadable).
+
+    Raised by :meth:`Outbox.append`, :meth:`Outbox.ack`, :meth:`Outbox.fetch` and on open. The
+    failed transaction was rolled back: nothing of it is stored, and the outbox stays usable —
+    the caller may retry later. The message is meant for the log.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +102,7 @@ class Entry:
 @dataclass(frozen=True, slots=True)
 class OutboxStats:
     rows: int
-    bytes: int
+    bytes: int  # sum of len(payload) + ROW_OVERHEAD over stored rows: what max_bytes bounds
     oldest_ns: int | None  # time_ns of the oldest stored reading
     dropped: int  # readings dropped by the when_full policy since the file was created (persisted)
     pending: dict[str, int]  # per sink: rows not yet acknowledged by it
@@ -34,30 +112,461 @@ class Outbox:
     """SQLite (WAL) outbox. Synchronous methods, called from the event loop; no I/O in __init__.
 
     Use as ``with Outbox(...) as outbox:``. One writer process per file.
+
+    ``max_bytes`` bounds :attr:`OutboxStats.bytes` (see the module docstring); ``when_full``
+    decides what goes when a batch would exceed it. ``max_pages``, if given, is also applied as
+    ``PRAGMA max_page_count`` on every open: a hard cap on the file (database pages, not the
+    WAL) beyond which writes fail with :class:`OutboxError` ("database or disk is full"), as
+    they would on a full disk.
     """
 
     def __init__(self, path: Path, sinks: Sequence[str], *, max_bytes: int = 256 * 1024**2,
                  when_full: Literal["drop_oldest", "drop_newest"] = "drop_oldest",
-                 synchronous: Literal["full", "normal"] = "full") -> None:
-        raise NotImplementedError
+                 synchronous: Literal["full", "normal"] = "full",
+                 max_pages: int | None = None) -> None:
+        if when_full not in ("drop_oldest", "drop_newest"):
+            raise ValueError(f"when_full must be drop_oldest or drop_newest, not {when_full!r}")
+        if synchronous not in ("full", "normal"):
+            raise ValueError(f"synchronous must be full or normal, not {synchronous!r}")
+        if len(set(sinks)) != len(sinks):
+            raise ValueError(f"sink names must be unique: {list(sinks)}")
+        self.path = Path(path)
+        self._sink_names = list(sinks)
+        self.max_bytes = max_bytes
+        self.when_full = when_full
+        self._synchronous = synchronous
+        self._max_pages = max_pages
+        self._conn: sqlite3.Connection | None = None
+        # Mirrors of the persisted state, replaced only after a successful COMMIT.
+        self._last_seq = 0
+        self._rows = 0
+        self._bytes = 0
+        self._dropped = 0
+        self._acked: dict[str, int] = {}
+        self._oldest_ns: int | None = None
+        self._oldest_known = False
+        self._series_ids: dict[tuple[Any, ...], int] = {}  # (device, measurement, tag items) -> id
+        self._series_by_id: dict[int, tuple[str, str, dict[str, str]]] = {}
+        self._dropping = False  # a when_full episode is under way (log once at start and end)
+        self._episode_dropped = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> Outbox:
-        raise NotImplementedError
+        self.open()
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        raise NotImplementedError
+        self.close()
+
+    def open(self) -> None:
+        """Open (creating, checking, or replacing a corrupt file). Raises :class:`OutboxError`."""
+        if self._conn is not None:
+            raise RuntimeError("outbox already open")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            problem = self._check_existing()
+            if problem is not None:
+                aside = self._move_aside()
+                log.error("outbox %s is unusable (%s): moved it to %s and started an empty outbox; "
+                          "readings not yet delivered are in the old file", self.path, problem, aside)
+            self._conn = self._connect()
+            self._setup()
+        except (sqlite3.Error, OSError) as exc:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            raise OutboxError(_describe(self.path, "opening", exc)) from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._dropping:
+            log.info("outbox %s: %d readings dropped (when_full=%s) before closing",
+                     self.path, self._episode_dropped, self.when_full)
+            self._dropping = False
+
+    @property
+    def last_seq(self) -> int:
+        """The highest seq ever committed to this file (0 for a new file)."""
+        return self._last_seq
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per call.
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise sqlite3.OperationalError(f"cannot switch to WAL mode (journal_mode={mode})")
+            conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
+            # Keep a WAL grown by one big transaction from staying big after the checkpoint.
+            conn.execute("PRAGMA journal_size_limit=16777216")
+            if self._max_pages is not None:
+                conn.execute(f"PRAGMA max_page_count={int(self._max_pages)}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_existing(self) -> str | None:
+        """Why the existing file cannot be used as our outbox, or None (missing files are fine)."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(100)
+        except FileNotFoundError:
+            return None
+        if not head:
+            return None  # an empty file is a valid, empty SQLite database
+        if not head.startswith(_SQLITE_MAGIC):
+            return "not an SQLite database"
+        size = os.path.getsize(self.path)
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
+            if app_id != APPLICATION_ID:
+                if tables:
+                    return f"an SQLite database of something else (application_id {app_id:#x})"
+                return None
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                raise sqlite3.OperationalError(
+                    f"outbox schema version {version}, this Sluice reads {SCHEMA_VERSION} — "
+                    "run the Sluice version that wrote it to deliver its readings first")
+            check = "integrity_check" if size < FULL_CHECK_BELOW else "quick_check"
+            result = [r[0] for r in conn.execute(f"PRAGMA {check}(20)")]
+            if result != ["ok"]:
+                return f"{check} failed: {'; '.join(result[:3])}"
+            if not {"state", "sinks", "series", "readings"} <= tables:
+                return "outbox tables missing"
+            return None
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorname", None) in _CORRUPT_CODES:
+                return str(exc)
+            raise
+        finally:
+            conn.close()
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while aside.exists():
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}.{n}")
+            n += 1
+        # The WAL first: the db must never sit next to a WAL that is not its own.
+        for suffix in ("-wal", "-shm"):
+            side = Path(f"{self.path}{suffix}")
+            if side.exists():
+                os.replace(side, Path(f"{aside}{suffix}"))
+        os.replace(self.path, aside)
+        _fsync_dir(self.path.parent)
+        return aside
+
+    def _setup(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            conn.executescript(_SCHEMA)  # a new (or empty) file: _check_existing vetted it
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            last_seq, rows, nbytes, dropped = conn.execute(
+                "SELECT last_seq, rows, bytes, dropped FROM state").fetchone()
+            first, last = conn.execute("SELECT min(seq), max(seq) FROM readings").fetchone()
+            real_rows = 0 if first is None else last - first + 1
+            if real_rows != rows or (last is not None and last > last_seq):
+                # Cannot happen if every change went through this class; repair rather than trust.
+                rows, nbytes, top = conn.execute(
+                    f"SELECT count(*), coalesce(sum(length(data)), 0) + count(*) * {ROW_OVERHEAD},"
+                    " coalesce(max(seq), 0) FROM readings").fetchone()
+                last_seq = max(last_seq, top)
+                log.warning("outbox %s: counters disagreed with the stored rows; recounted %d rows",
+                            self.path, rows)
+                conn.execute("UPDATE state SET last_seq=?, rows=?, bytes=? WHERE id=0",
+                             (last_seq, rows, nbytes))
+            acked = dict(conn.execute("SELECT name, acked FROM sinks").fetchall())
+            gone = [name for name in acked if name not in self._sink_names]
+            for name in gone:
+                log.info("outbox %s: sink %s is no longer configured; forgetting its position",
+                         self.path, name)
+                del acked[name]
+            conn.executemany("DELETE FROM sinks WHERE name=?", [(n,) for n in gone])
+            start = (first - 1) if first is not None else last_seq
+            new = [(n, start) for n in self._sink_names if n not in acked]
+            conn.executemany("INSERT INTO sinks VALUES (?, ?)", new)
+            acked.update(new)
+            self._acked = acked
+            self._last_seq, self._rows, self._bytes, self._dropped = last_seq, rows, nbytes, dropped
+            deleted = self._delete_acknowledged()
+            if deleted:
+                self._rows, self._bytes = deleted
+            conn.execute("DELETE FROM series WHERE last_seq < ?", (self._first_seq(),))
+            conn.execute("COMMIT")
+            self._oldest_known = False
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._series_ids.clear()
+        self._series_by_id.clear()
+
+    # -- the contract ------------------------------------------------------------------------
 
     def append(self, readings: Sequence[Reading]) -> int:
-        """Commit ``readings`` in ONE transaction; returns how many were stored."""
-        raise NotImplementedError
+        """Commit ``readings`` in ONE transaction; returns how many were stored.
+
+        When the batch would take :attr:`OutboxStats.bytes` over ``max_bytes``: with
+        ``drop_oldest`` the oldest stored readings are deleted until it fits (if the batch alone
+        is bigger than ``max_bytes``, its own oldest readings go too); with ``drop_newest`` only
+        the leading part of the batch that fits is stored. Every dropped reading is counted in
+        the file. Raises :class:`OutboxError` if SQLite fails (disk full, I/O error); then
+        nothing of the batch is stored and the outbox stays usable.
+        """
+        conn = self._require_open()
+        if not readings:
+            return 0
+        series_ids = self._series_ids
+        new_series: dict[tuple[Any, ...], str] = {}
+        keyed: list[tuple[tuple[Any, ...], bytes]] = []
+        total = 0
+        for r in readings:
+            key = (r.device, r.measurement, tuple(r.tags.items()))
+            if key not in series_ids and key not in new_series:
+                new_series[key] = _encode([r.device, r.measurement, dict(sorted(r.tags.items()))])
+            data = _encode([r.time_ns, r.quality, r.fields]).encode("ascii")
+            total += len(data)
+            keyed.append((key, data))
+        total += ROW_OVERHEAD * len(keyed)
+
+        dropped_now = 0
+        cut_seq = None  # drop_oldest: delete stored rows with seq <= cut_seq
+        freed_rows = freed_bytes = 0
+        added: dict[tuple[Any, ...], int] = {}
+        if self._bytes + total > self.max_bytes:
+            if self.when_full == "drop_newest":
+                room = self.max_bytes - self._bytes
+                keep = 0
+                for _key, data in keyed:
+                    if room < len(data) + ROW_OVERHEAD:
+                        break
+                    room -= len(data) + ROW_OVERHEAD
+                    keep += 1
+                dropped_now = len(keyed) - keep
+                del keyed[keep:]
+                total = sum(len(d) for _k, d in keyed) + ROW_OVERHEAD * keep
+            else:
+                if total > self.max_bytes:  # the batch alone does not fit: keep its newest part
+                    skip = 0
+                    while total > self.max_bytes:
+                        total -= len(keyed[skip][1]) + ROW_OVERHEAD
+                        skip += 1
+                    dropped_now = skip
+                    del keyed[:skip]
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            need = self._bytes + total - self.max_bytes
+            if need > 0 and self.when_full == "drop_oldest":
+                # Python walks only the rows it drops: in steady state about one batch' worth.
+                cur = conn.execute("SELECT seq, length(data) FROM readings ORDER BY seq")
+                for seq, size in cur:
+                    freed_bytes += size + ROW_OVERHEAD
+                    freed_rows += 1
+                    cut_seq = seq
+                    if freed_bytes >= need:
+                        break
+                cur.close()
+                if cut_seq is not None:
+                    conn.execute("DELETE FROM readings WHERE seq <= ?", (cut_seq,))
+                dropped_now += freed_rows
+            for key, text in new_series.items():
+                cur = conn.execute("INSERT INTO series (key, last_seq) VALUES (?, 0) "
+                                   "ON CONFLICT (key) DO UPDATE SET key=key RETURNING id", (text,))
+                added[key] = cur.fetchone()[0]
+                cur.close()
+            seq = self._last_seq
+            rows = []
+            used: dict[int, int] = {}
+            for key, data in keyed:
+                sid = series_ids.get(key) or added[key]
+                seq += 1
+                used[sid] = seq
+                rows.append((seq, sid, data))
+            conn.executemany("INSERT INTO readings VALUES (?, ?, ?)", rows)
+            conn.executemany("UPDATE series SET last_seq=? WHERE id=?", [(s, i) for i, s in used.items()])
+            new_rows = self._rows + len(rows) - freed_rows
+            new_bytes = self._bytes + total - freed_bytes
+            conn.execute("UPDATE state SET last_seq=?, rows=?, bytes=?, dropped=? WHERE id=0",
+                         (seq, new_rows, new_bytes, self._dropped + dropped_now))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise OutboxError(_describe(self.path, f"storing {len(readings)} readings", exc)) from exc
+        series_ids.update(added)
+        self._last_seq, self._rows, self._bytes = seq, new_rows, new_bytes
+        if freed_rows or self._rows == len(rows):
+            self._oldest_known = False
+        self._note_drops(dropped_now)
+        return len(rows)
 
     def fetch(self, sink: str, max_rows: int, max_bytes: int) -> list[Entry]:
-        """The oldest entries not yet acknowledged by ``sink``, in seq order (at least one if any)."""
-        raise NotImplementedError
+        """The oldest entries not yet acknowledged by ``sink``, in seq order (at least one if any).
+
+        At most ``max_rows`` entries whose payloads (counted as in :attr:`OutboxStats.bytes`)
+        total at most ``max_bytes`` — except that the first entry is always returned. Raises
+        ``ValueError`` for an unknown sink, :class:`OutboxError` if SQLite fails.
+        """
+        conn = self._require_open()
+        after = self._position(sink)
+        if after >= self._last_seq:
+            return []
+        out: list[Entry] = []
+        budget = max_bytes
+        series = self._series_by_id
+        try:
+            cur = conn.execute("SELECT seq, series, data FROM readings WHERE seq > ? ORDER BY seq LIMIT ?",
+                               (after, max(1, max_rows)))
+            for seq, sid, data in cur:
+                budget -= len(data) + ROW_OVERHEAD
+                if budget < 0 and out:
+                    break
+                s = series.get(sid)
+                if s is None:
+                    s = self._load_series(sid)
+                time_ns, quality, fields = _decode(data)
+                out.append(Entry(seq, Reading(s[0], time_ns, fields, dict(s[2]), quality, s[1])))
+            cur.close()
+        except sqlite3.Error as exc:
+            raise OutboxError(_describe(self.path, f"reading entries for sink {sink}", exc)) from exc
+        return out
 
     def ack(self, sink: str, upto_seq: int) -> None:
-        """``sink`` has delivered every entry with seq <= upto_seq; rows every sink has are deleted."""
-        raise NotImplementedError
+        """``sink`` has delivered every entry with seq <= upto_seq; rows every sink has are deleted.
+
+        Acknowledging less than before is a no-op. Raises ``ValueError`` for an unknown sink or a
+        seq never handed out, :class:`OutboxError` if SQLite fails (the position is then
+        unchanged: the entries will be fetched and sent again).
+        """
+        conn = self._require_open()
+        before = self._position(sink)
+        if upto_seq > self._last_seq:
+            raise ValueError(f"sink {sink} acknowledged seq {upto_seq}, beyond the last stored "
+                             f"seq {self._last_seq}")
+        if upto_seq <= before:
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE sinks SET acked=? WHERE name=?", (upto_seq, sink))
+            self._acked[sink] = upto_seq
+            deleted = self._delete_acknowledged()
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._acked[sink] = before
+            self._rollback()
+            raise OutboxError(_describe(self.path, f"acknowledging up to seq {upto_seq} for sink {sink}",
+                                        exc)) from exc
+        if deleted:
+            self._rows, self._bytes = deleted
+            self._oldest_known = False
 
     def stats(self) -> OutboxStats:
-        raise NotImplementedError
+        """Counters kept in memory (no table scan); at most one indexed row read for oldest_ns."""
+        conn = self._require_open()
+        if not self._oldest_known:
+            row = conn.execute("SELECT data FROM readings ORDER BY seq LIMIT 1").fetchone()
+            self._oldest_ns = _decode(row[0])[0] if row else None
+            self._oldest_known = True
+        first = self._first_seq()
+        pending = {name: self._last_seq - max(acked, first - 1) for name, acked in self._acked.items()}
+        return OutboxStats(rows=self._rows, bytes=self._bytes, oldest_ns=self._oldest_ns,
+                           dropped=self._dropped, pending=pending)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _require_open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("outbox is not open: use it as `with Outbox(...) as outbox:`")
+        return self._conn
+
+    def _position(self, sink: str) -> int:
+        try:
+            return self._acked[sink]
+        except KeyError:
+            raise ValueError(f"unknown sink {sink!r}; configured: {sorted(self._acked)}") from None
+
+    def _first_seq(self) -> int:
+        """The seq of the oldest stored row (last_seq + 1 when empty): rows are contiguous."""
+        return self._last_seq - self._rows + 1
+
+    def _delete_acknowledged(self) -> tuple[int, int] | None:
+        """Inside a transaction: delete rows every sink has; returns the new (rows, bytes) or None."""
+        if not self._acked or not self._rows:
+            return None
+        floor = min(self._acked.values())
+        if floor < self._first_seq():
+            return None
+        conn = self._conn
+        assert conn is not None
+        n, size = conn.execute("SELECT count(*), coalesce(sum(length(data)), 0) FROM readings "
+                               "WHERE seq <= ?", (floor,)).fetchone()
+        conn.execute("DELETE FROM readings WHERE seq <= ?", (floor,))
+        rows, nbytes = self._rows - n, self._bytes - size - n * ROW_OVERHEAD
+        conn.execute("UPDATE state SET rows=?, bytes=? WHERE id=0", (rows, nbytes))
+        return rows, nbytes  # the caller adopts them once the transaction has committed
+
+    def _load_series(self, sid: int) -> tuple[str, str, dict[str, str]]:
+        conn = self._conn
+        assert conn is not None
+        (text,) = conn.execute("SELECT key FROM series WHERE id=?", (sid,)).fetchone()
+        device, measurement, tags = json.loads(text)
+        s = (device, measurement, tags)
+        self._series_by_id[sid] = s
+        return s
+
+    def _rollback(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # SQLite may already have rolled back (SQLITE_FULL, IOERR)
+                log.debug("outbox %s: rollback failed: %s", self.path, exc)
+
+    def _note_drops(self, n: int) -> None:
+        if n:
+            self._dropped += n
+            self._episode_dropped += n
+            if not self._dropping:
+                self._dropping = True
+                log.warning("outbox %s is full (max_bytes %d): dropping the %s readings (when_full=%s) "
+                            "until sinks catch up — check the sinks' connections", self.path,
+                            self.max_bytes, "oldest" if self.when_full == "drop_oldest" else "newest",
+                            self.when_full)
+        elif self._dropping:
+            log.info("outbox %s no longer full: %d readings were dropped", self.path, self._episode_dropped)
+            self._dropping = False
+            self._episode_dropped = 0
+
+
+def _describe(path: Path, what: str, exc: BaseException) -> str:
+    name = getattr(exc, "sqlite_errorname", None)
+    text = f"outbox {path}: {what} failed: {exc}" + (f" ({name})" if name else "")
+    if name == "SQLITE_FULL":
+        text += " — free disk space, or lower buffer.max_bytes"
+    elif name and name.startswith("SQLITE_IOERR"):
+        text += " — check the storage device (SD card/eMMC wear, mount state)"
+    elif name == "SQLITE_BUSY":
+        text += " — another process has the outbox open; run one gateway per outbox file"
+    return text
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
