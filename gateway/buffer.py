@@ -221,7 +221,9 @@ class Outbox:
         if not head.startswith(_SQLITE_MAGIC):
             return "not an SQLite database"
         size = os.path.getsize(self.path)
-        conn = sqlite3.connect(self.path, isolation_level=None)
+        # Read-only: a read-write connection would checkpoint the WAL into (and then delete it
+        # next to) a file we may be about to move aside, changing the evidence.
+        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
         try:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
