@@ -335,7 +335,8 @@ def load_config(path: Path | str) -> Config:
     devices = _load_devices(base / gateway.devices_dir, profiles, gateway, errors)
     if errors:
         raise ConfigErrors(errors)
-    return Config(gw_path, gateway, tuple(d for d in devices if d.config.enabled), profiles)
+    return Config(gw_path, gateway, tuple(d for d in devices if d.config.enabled),
+                  {name: p for name, p in profiles.items() if p is not None})
 
 
 def _yaml_files(directory: Path, what: str, errors: list[ConfigError], anchor: Path) -> list[Path]:
@@ -364,6 +365,7 @@ def _protocol_of(doc: YamlDoc, errors: list[ConfigError], known: list[str], what
 
 
 def _load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, Any]:
+    """Profiles by name; None for a profile file that exists but did not validate."""
     profiles: dict[str, Any] = {}
     kinds = drivers.known_profile_kinds()
     for file in _yaml_files(directory, "profiles", errors, directory):
@@ -373,11 +375,13 @@ def _load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, Any]
             continue
         kind = _protocol_of(doc, errors, kinds, "profile")
         if kind is None:
+            profiles[file.stem] = None
             continue
         module = drivers.driver_for_profile_kind(kind)
         model = validate_doc(doc, module.ProfileModel, errors)  # type: ignore[union-attr]
-        if model is not None:
-            profiles[file.stem] = model
+        # A broken profile is kept as None: its own errors are reported, and devices that use it
+        # must not add a misleading "unknown profile" on top.
+        profiles[file.stem] = model
     return profiles
 
 
@@ -404,6 +408,8 @@ def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFil
                                     "give every device its own id"))
             continue
         docs[cfg.id] = doc
+        if cfg.profile in profiles and profiles[cfg.profile] is None:
+            continue  # the profile's own errors are reported
         profile = profiles.get(cfg.profile)
         if profile is None:
             close = difflib.get_close_matches(cfg.profile, list(profiles), n=1)
