@@ -160,8 +160,8 @@ class PointModel(StrictModel):
         if not isinstance(data, dict) or data.get("register") is None:
             return data
         if "kind" in data or "address" in data:
-            raise _fail(("register",), "register: and kind:/address: both given — use one: the manual's "
-                        "reference (register: 40001) or the 0-based kind: + address:", data["register"])
+            raise _fail(("register",), "given together with kind:/address: — use one: the manual's reference "
+                        "(register: 40001) or the 0-based kind: + address:", data["register"])
         try:
             kind, address = parse_register_reference(data["register"])
         except ValueError as exc:
@@ -200,15 +200,15 @@ class PointModel(StrictModel):
             raise _fail(("type",), f"bool on a {self.kind} register needs bit: — add bit: 0..15 for the "
                         "bit that holds the flag, or use kind: coil / discrete", ptype)
         if ptype != "bool" and kind_is_bits:
-            raise _fail(("type",), f"{self.kind}s hold single bits — use type: bool (or leave type out), "
-                        "or kind: holding / input for a register value", ptype)
+            raise _fail(("type",), f"{ptype} on a {self.kind}, which holds a single bit — use type: bool (or "
+                        "leave type out), or kind: holding / input for a register value", ptype)
         if self.bit is not None and (kind_is_bits or ptype != "bool"):
-            raise _fail(("bit",), "bit: selects one bit of a holding/input register as a bool — remove it, "
-                        "or use type: bool on a holding/input register", self.bit)
+            raise _fail(("bit",), "only applies to a bool on a holding/input register — remove it, or use "
+                        "type: bool with kind: holding / input", self.bit)
         if ptype == "string" and self.length is None:
-            raise _fail(("type",), "a string needs length: — add length: N (registers; 2 characters each)")
+            raise _fail(("type",), "string needs length: — add length: N (registers; 2 characters each)")
         if ptype != "string" and self.length is not None:
-            raise _fail(("length",), "length: is only for type: string — remove it", self.length)
+            raise _fail(("length",), "only for type: string — remove it", self.length)
         if ptype == "string" and self.byte_order not in ("ABCD", "BADC"):
             raise _fail(("byte_order",), f"{self.byte_order} does not apply to strings — use ABCD (first "
                         "character in the high byte) or BADC (in the low byte)", self.byte_order)
