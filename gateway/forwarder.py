@@ -1,0 +1,233 @@
+"""Delivery: one Forwarder per sink moves readings from the outbox to the sink, acknowledging
+each batch to the outbox only after the sink confirmed every message of it.
+
+Lifecycle (who calls what):
+
+* The core builds ``Forwarder(name, outbox, sink, sink_config, identity)`` (no I/O), enters the
+  sink's context, starts :meth:`Forwarder.run` as a task named ``forward[<name>]``, and calls
+  :meth:`Forwarder.notify` after every outbox commit. ``run`` never returns on its own; it is
+  cancelled at shutdown. Everything runs on the event loop; nothing here is thread-safe.
+* A batch is: fetch the oldest unacknowledged entries (at most ``batch.max_readings`` /
+  ``batch.max_bytes``), group them by topic keeping each device's order, split each topic's
+  readings into messages of at most ``batch.max_bytes`` (a single reading larger than that goes
+  alone), encode, ``await sink.send(messages)``, then ``outbox.ack(sink, last_seq)``.
+* If the sink raises :class:`SinkUnavailable`, nothing is acknowledged; the forwarder waits for
+  the sink to reconnect and fetches again from the same position, so the same entries go out
+  again in the same order (the broker may see some twice: duplicates are fine, loss is not).
+  Cancellation mid-send leaves the batch unacknowledged for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import string
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.buffer import Entry, Outbox, OutboxError
+from gateway.config import MqttSinkConfig
+from gateway.encode import make_encoder
+from gateway.reading import Reading
+
+__all__ = ["Forwarder", "ForwarderStats", "Identity", "Message", "Sink", "SinkUnavailable"]
+
+log = logging.getLogger(__name__)
+
+RECHECK_INTERVAL = 5.0
+"""Seconds between outbox checks when nobody calls notify() (a lost wake-up costs at most this)."""
+ERROR_PAUSE = 5.0
+"""Seconds to wait after an outbox error or an unexpected failure before trying again."""
+
+Message = tuple[str, bytes]
+"""(topic, payload)"""
+
+
+class SinkUnavailable(Exception):
+    """The sink cannot take messages now: not connected, or the link dropped before every message
+    of the batch was acknowledged. Nothing of the batch may be considered delivered."""
+
+
+class Sink(Protocol):
+    """What a forwarder needs from a sink (``gateway.mqtt.MqttSink`` is the implementation)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def wait_connected(self) -> None:
+        """Return once the sink is connected (immediately if it is)."""
+        ...
+
+    async def send(self, messages: Sequence[Message]) -> None:
+        """Publish all ``messages``; return only when every one was acknowledged by the far end.
+        Raises :class:`SinkUnavailable` otherwise."""
+        ...
+
+
+class Identity(Protocol):
+    """Where the gateway is: :class:`gateway.config.Config` has both."""
+
+    @property
+    def gateway_id(self) -> str: ...
+
+    @property
+    def site(self) -> str: ...
+
+
+@dataclass
+class ForwarderStats:
+    delivered: int = 0  # readings acknowledged to the outbox
+    messages: int = 0  # messages the sink confirmed
+    bytes: int = 0  # payload bytes the sink confirmed
+    batches: int = 0
+    retries: int = 0  # batches that failed and will be sent again
+    last_delivery_ns: int | None = None  # wall-clock time of the last acknowledged batch
+
+
+class _Topics:
+    """Renders the topic template per (device, measurement, profile); the result is cached."""
+
+    def __init__(self, template: str, gateway: str, site: str) -> None:
+        self._template = template
+        self._fixed = {"gateway": gateway, "site": site}
+        self._names = {name for _lit, name, _spec, _conv in string.Formatter().parse(template) if name}
+        self._cache: dict[tuple[str, str, str], str] = {}
+
+    def __call__(self, reading: Reading) -> str:
+        key = (reading.device, reading.measurement, reading.tags.get("profile", ""))
+        topic = self._cache.get(key)
+        if topic is None:
+            # '+', '#' and NUL are not allowed in a topic name; a measurement could hold them.
+            values = {"device": key[0], "measurement": key[1], "profile": key[2] or "unknown"}
+            values = {k: v.replace("+", "_").replace("#", "_").replace("\0", "_") for k, v in values.items()}
+            topic = self._template.format(**self._fixed, **values)
+            if len(self._cache) >= 4096:
+                self._cache.clear()
+            self._cache[key] = topic
+        return topic
+
+
+class Forwarder:
+    """Moves one sink's readings from the outbox to the sink. See the module docstring."""
+
+    def __init__(self, name: str, outbox: Outbox, sink: Sink, config: MqttSinkConfig,
+                 identity: Identity) -> None:
+        self.name = name
+        self._outbox = outbox
+        self._sink = sink
+        self._batch = config.batch
+        self._encoder = make_encoder(config.format, identity.gateway_id, identity.site)
+        self._topic = _Topics(config.topic, identity.gateway_id, identity.site)
+        self._wake = asyncio.Event()
+        self.stats = ForwarderStats()
+
+    def notify(self) -> None:
+        """New entries were committed to the outbox. Never blocks."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver forever; cancel to stop (an unacknowledged batch stays in the outbox)."""
+        failing = False
+        while True:
+            try:
+                entries = await self._next_batch()
+                if not entries:
+                    continue
+                messages = self.build_messages([e.reading for e in entries])
+                try:
+                    await self._sink.send(messages)
+                except SinkUnavailable as exc:
+                    self.stats.retries += 1
+                    log.debug("sink %s: batch of %d readings not delivered (%s); will resend",
+                              self.name, len(entries), exc)
+                    await self._sink.wait_connected()
+                    continue
+                self._outbox.ack(self.name, entries[-1].seq)
+                stats = self.stats
+                stats.delivered += len(entries)
+                stats.messages += len(messages)
+                stats.bytes += sum(len(payload) for _topic, payload in messages)
+                stats.batches += 1
+                stats.last_delivery_ns = time.time_ns()
+                if failing:
+                    log.info("sink %s: delivering again", self.name)
+                    failing = False
+            except OutboxError as exc:
+                if not failing:
+                    log.error("sink %s: outbox error: %s — retrying every %.0f s; check the disk",
+                              self.name, exc, ERROR_PAUSE)
+                    failing = True
+                self.stats.retries += 1
+                await asyncio.sleep(ERROR_PAUSE)
+            except Exception:
+                # A bug must not stop delivery for good: log it with the traceback, retry later.
+                if not failing:
+                    log.exception("sink %s: unexpected failure while forwarding — retrying every %.0f s",
+                                  self.name, ERROR_PAUSE)
+                    failing = True
+                self.stats.retries += 1
+                await asyncio.sleep(ERROR_PAUSE)
+
+    async def _next_batch(self) -> list[Entry]:
+        """Wait for entries, linger for a part-full batch, return the batch (maybe empty)."""
+        batch = self._batch
+        self._wake.clear()  # cleared before the fetch: a commit after it wakes us again
+        entries = self._outbox.fetch(self.name, batch.max_readings, batch.max_bytes)
+        if not entries:
+            await self._wait_wake(RECHECK_INTERVAL)
+            return []
+        if len(entries) < batch.max_readings and batch.linger > 0:
+            # Linger from the oldest reading's time, so a backlog (old readings) goes at once.
+            age = (time.time_ns() - entries[0].reading.time_ns) / 1e9
+            deadline = asyncio.get_running_loop().time() + min(batch.linger - age, batch.linger)
+            while len(entries) < batch.max_readings:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                self._wake.clear()
+                if not await self._wait_wake(remaining):
+                    break  # nothing committed meanwhile: send what we have
+                more = self._outbox.fetch(self.name, batch.max_readings, batch.max_bytes)
+                if len(more) == len(entries):  # limited by max_bytes: full already
+                    entries = more
+                    break
+                entries = more
+        return entries
+
+    async def _wait_wake(self, timeout: float) -> bool:
+        """True when notified, False on timeout."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def build_messages(self, readings: Sequence[Reading]) -> list[Message]:
+        """Group by topic (first-seen order, each device's order kept) and split by max_bytes."""
+        item = self._encoder.item
+        by_topic: dict[str, list[bytes]] = {}
+        topic_of = self._topic
+        for reading in readings:
+            encoded = item(reading)
+            if encoded:
+                topic = topic_of(reading)
+                items = by_topic.get(topic)
+                if items is None:
+                    by_topic[topic] = [encoded]
+                else:
+                    items.append(encoded)
+        limit = self._batch.max_bytes
+        size = self._encoder.size
+        message = self._encoder.message
+        out: list[Message] = []
+        for topic, items in by_topic.items():
+            start, total = 0, 0
+            for i, encoded in enumerate(items):
+                if i > start and size(total + len(encoded), i + 1 - start) > limit:
+                    out.append((topic, message(items[start:i])))
+                    start, total = i, 0
+                total += len(encoded)
+            out.append((topic, message(items[start:])))
+        return out

@@ -1,0 +1,309 @@
+"""The MQTT sink: one broker connection with its own reconnect loop, QoS 1/2 batches that return
+only when every message was acknowledged, and a retained online/offline status. The only module
+that imports aiomqtt (and, through it, paho-mqtt).
+
+Lifecycle: ``async with MqttSink(name, config, gateway_id, site) as sink:`` starts a task
+``mqtt[<name>]`` that connects, publishes the retained birth message ``online`` on the status
+topic (the will, ``offline`` retained, is registered with the broker at connect), and reconnects
+after any loss with a capped exponential backoff with jitter (``reconnect_min`` ..
+``reconnect_max``). Entering does not wait for the broker: the gateway runs (and buffers) while
+it is unreachable. Leaving publishes ``offline`` (retained) and disconnects cleanly.
+
+:meth:`MqttSink.send` is called by one forwarder at a time. The session is persistent
+(``clean_session=False`` for MQTT 3.1.1; ``clean_start=False`` and a session expiry for MQTT 5)
+with client id ``sluice-<gateway id>`` unless configured. A fresh aiomqtt client is made for
+every connection attempt: aiomqtt 2.5 does not reset its state when a connection drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import ssl
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiomqtt
+from aiomqtt import MqttError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.config import MqttSinkConfig
+from gateway.forwarder import Message, SinkUnavailable
+
+__all__ = ["MqttSink", "SinkUnavailable"]
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY = 7 * 86400
+"""MQTT 5 session expiry (seconds): how long the broker keeps our session while we are away."""
+CLOSE_TIMEOUT = 5.0
+"""Seconds a clean shutdown waits for the `offline` status and the DISCONNECT."""
+ONLINE = b"online"
+OFFLINE = b"offline"
+
+
+class _Link:
+    """One live connection: the client and an event set when it is lost."""
+
+    __slots__ = ("client", "lost", "reason")
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+        self.lost = asyncio.Event()
+        self.reason = ""
+
+    def drop(self, reason: str) -> None:
+        if not self.lost.is_set():
+            self.reason = reason
+            self.lost.set()
+
+
+class MqttSink:
+    """An MQTT broker as a sink. Construct freely (no I/O); use as an async context manager."""
+
+    def __init__(self, name: str, config: MqttSinkConfig, gateway_id: str, site: str) -> None:
+        self.name = name
+        self.config = config
+        self.client_id = config.client_id or f"sluice-{gateway_id}"
+        self.status_topic = config.status_topic.format(site=site, gateway=gateway_id)
+        self.address = f"{config.host}:{config.effective_port}"
+        # A stuck broker (TCP up, no PUBACK) is normally caught by the keepalive; this is the backstop.
+        self.ack_timeout = max(2.5 * config.keepalive, 10.0)
+        self._link: _Link | None = None
+        self._up = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.connects = 0  # successful connections so far
+        self._down_since = time.monotonic()
+        self.last_error: str | None = None
+
+    # -- the forwarder's side ----------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None and not self._link.lost.is_set()
+
+    async def wait_connected(self) -> None:
+        while not self.connected:
+            self._up.clear()
+            await self._up.wait()
+
+    async def send(self, messages: Sequence[Message]) -> None:
+        """Publish ``messages`` at the configured QoS with up to ``max_inflight`` unacknowledged at
+        once, in order; return when the broker acknowledged all of them. Raises
+        :class:`SinkUnavailable` if not connected or if the link drops first (some may have
+        arrived: the caller sends the batch again)."""
+        if not messages:
+            return
+        link = self._link
+        if link is None or link.lost.is_set():
+            raise SinkUnavailable(f"not connected to {self.address}")
+        publish = link.client.publish
+        qos = self.config.qos
+        timeout = self.ack_timeout
+        pending = iter(messages)
+
+        async def worker() -> None:
+            # Each worker takes the next message when its previous one is acknowledged, so
+            # messages reach the socket in order.
+            for topic, payload in pending:
+                await publish(topic, payload, qos=qos, timeout=timeout)
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(min(self.config.max_inflight, len(messages)))]
+        all_done = asyncio.gather(*workers)
+        lost = asyncio.ensure_future(link.lost.wait())
+        try:
+            await asyncio.wait((all_done, lost), return_when=asyncio.FIRST_COMPLETED)
+            if not all_done.done():
+                raise SinkUnavailable(f"connection to {self.address} lost during a batch: {link.reason}")
+            try:
+                all_done.result()
+            except MqttError as exc:
+                reason = _describe_error(exc)
+                if "timed out" in reason:
+                    link.drop(f"no acknowledgement within {timeout:.0f} s")
+                raise SinkUnavailable(f"publish to {self.address} failed: {reason}") from exc
+        finally:
+            lost.cancel()
+            for w in workers:
+                w.cancel()
+            # Retrieve every outcome so that no "exception never retrieved" is left behind.
+            await asyncio.gather(all_done, lost, return_exceptions=True)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> MqttSink:
+        self._closing.clear()
+        self._task = asyncio.create_task(self._supervise(), name=f"mqtt[{self.name}]")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._closing.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), CLOSE_TIMEOUT + 5.0)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- connection management -----------------------------------------------------------------
+
+    def _client(self) -> aiomqtt.Client:
+        cfg = self.config
+        kwargs: dict[str, Any] = {}
+        if cfg.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY
+            kwargs.update(protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props)
+        else:
+            kwargs.update(protocol=aiomqtt.ProtocolVersion.V311, clean_session=False)
+        if cfg.tls is not None:
+            kwargs["tls_context"] = self._tls_context()
+        client = aiomqtt.Client(
+            cfg.host, cfg.effective_port,
+            identifier=self.client_id,
+            username=cfg.username,
+            password=cfg.password.get_secret_value() if cfg.password is not None else None,
+            keepalive=max(int(cfg.keepalive), 5),
+            will=aiomqtt.Will(self.status_topic, OFFLINE, qos=1, retain=True),
+            max_inflight_messages=cfg.max_inflight + 2,
+            timeout=max(cfg.keepalive, 10.0),
+            logger=logging.getLogger("aiomqtt"),
+            **kwargs,
+        )
+        # aiomqtt warns on every publish once more than 10 are pending; we allow max_inflight.
+        client.pending_calls_threshold = cfg.max_inflight + 2
+        return client
+
+    def _tls_context(self) -> ssl.SSLContext:
+        tls = self.config.tls
+        assert tls is not None
+        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+        if tls.cert_file is not None and tls.key_file is not None:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        if not tls.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    async def _supervise(self) -> None:
+        attempt = 0
+        reported: str | None = None
+        while not self._closing.is_set():
+            connects = self.connects
+            try:
+                reason = await self._connect_once()
+            except (OSError, ssl.SSLError, ValueError) as exc:  # TLS files unreadable or invalid
+                reason = f"TLS set-up failed: {exc}"
+            if reason is None:  # closing
+                return
+            if self.connects > connects:
+                self._down_since = time.monotonic()
+                attempt = 0
+                log.warning("MQTT sink '%s': lost connection to %s: %s — readings are kept in the outbox "
+                            "and sent on reconnect; %s", self.name, self.address, reason, _hint(reason, self))
+            elif reason != reported:
+                log.warning("MQTT sink '%s': cannot connect to %s: %s — readings are kept in the outbox; "
+                            "retrying every %g–%g s; %s", self.name, self.address, reason,
+                            self.config.reconnect_min, self.config.reconnect_max, _hint(reason, self))
+            else:
+                log.debug("MQTT sink '%s': still cannot connect to %s: %s", self.name, self.address, reason)
+            reported = self.last_error = reason
+            ceiling = min(self.config.reconnect_max, self.config.reconnect_min * 2 ** min(attempt, 30))
+            delay = random.uniform(self.config.reconnect_min, ceiling)
+            attempt += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+
+    async def _connect_once(self) -> str | None:
+        """One connection, held until it is lost (returns the reason) or we close (None)."""
+        client = self._client()
+        link: _Link | None = None
+        try:
+            async with client:
+                await client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+                link = self._link = _Link(client)
+                self.connects += 1
+                if self.last_error is None:
+                    log.info("MQTT sink '%s': connected to %s as %s", self.name, self.address, self.client_id)
+                else:
+                    log.info("MQTT sink '%s': connected to %s as %s, after %.1f s without (%s)", self.name,
+                             self.address, self.client_id, time.monotonic() - self._down_since, self.last_error)
+                self.last_error = None
+                self._up.set()
+                closing = asyncio.ensure_future(self._closing.wait())
+                watch = asyncio.ensure_future(self._watch(client, link))
+                try:
+                    await asyncio.wait((closing, watch, asyncio.ensure_future(link.lost.wait())),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    closing.cancel()
+                    watch.cancel()
+                    await asyncio.gather(closing, watch, return_exceptions=True)
+                if self._closing.is_set() and not link.lost.is_set():
+                    link.drop("closing")
+                    with contextlib.suppress(MqttError):
+                        await client.publish(self.status_topic, OFFLINE, qos=1, retain=True, timeout=CLOSE_TIMEOUT)
+                    return None
+                # Lost (or dropped by send): leaving the block disconnects if the socket is still up.
+                return link.reason
+        except MqttError as exc:
+            if link is not None:
+                link.drop(_describe_error(exc))
+                return link.reason
+            return _describe_error(exc)
+        finally:
+            if link is not None:
+                link.drop("closed")
+            self._link = None
+
+    @staticmethod
+    async def _watch(client: aiomqtt.Client, link: _Link) -> None:
+        # aiomqtt ends message iteration with an MqttError when the connection drops; we
+        # subscribe to nothing, so this is purely a disconnect detector on its public API.
+        try:
+            async for _message in client.messages:
+                pass
+        except MqttError as exc:
+            link.drop(_describe_error(exc))
+
+
+def _describe_error(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, MqttError) and str(exc) == "Disconnected during message iteration" and cause is not None:
+        exc = cause
+    rc = getattr(exc, "rc", None)
+    if rc is not None and getattr(rc, "value", rc) in (128, 7):  # paho's "connection lost"
+        return "the connection closed without an MQTT goodbye (broker stopped, network cut, or keepalive expired)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    # aiomqtt turns OSError into MqttError(str(exc)): drop the "[Errno 111] " prefix
+    return re.sub(r"^\[Errno -?\d+\] ", "", str(exc)) or type(exc).__name__
+
+
+def _hint(reason: str, sink: MqttSink) -> str:
+    low = reason.lower()
+    cfg = sink.config
+    if "refused" in low and ("authori" in low or "password" in low or "code:4" in low or "code:5" in low
+                             or "code:134" in low or "code:135" in low):
+        return "check the username and password (and the broker's ACL for this client id)"
+    if "not authori" in low or "bad user" in low:
+        return "check the username and password (and the broker's ACL for this client id)"
+    if "certificate" in low or "ssl" in low or "tls" in low:
+        ca = f"tls.ca_file ({cfg.tls.ca_file})" if cfg.tls and cfg.tls.ca_file else "the system CA bundle"
+        return f"check {ca} and that the broker's certificate is valid for '{cfg.host}'"
+    if "refused" in low or "without an mqtt goodbye" in low:
+        return f"check that the broker is running and listening on {sink.address} (host, port, firewall)"
+    if "timed out" in low or "timeout" in low or "unreachable" in low:
+        return f"check the network path to {sink.address} and that it is an MQTT broker"
+    if "name or service" in low or "resolution" in low or "nodename" in low:
+        return f"check that the host name '{cfg.host}' resolves (DNS)"
+    return "check the broker's log"
