@@ -593,7 +593,9 @@ def main_sim(argv: Sequence[str] | None = None) -> int:
         from gateway.cli import default_config_dir
 
         target = default_config_dir()
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from gateway.logs import setup_logging
+
+    setup_logging(args.log_level)
 
     async def main() -> None:
         stop = asyncio.Event()
