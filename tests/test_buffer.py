@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import os
@@ -65,6 +66,22 @@ def test_round_trip_keeps_every_value_type_exactly(tmp_path: Path) -> None:
             assert got.fields[key] == value, key
     assert math.copysign(1, entries[0].reading.fields["negzero"]) == -1
     assert type(entries[0].reading.time_ns) is int
+
+
+class Mode(enum.IntEnum):
+    AUTO = 2
+
+
+class Celsius(float):
+    pass
+
+
+def test_subclassed_values_are_stored_as_their_plain_type(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", ["a"]) as ob:
+        ob.append([Reading("d", 1, {"mode": Mode.AUTO, "t": Celsius(21.5), "ok": True}, {})])
+        (entry,) = ob.fetch("a", 10, 10**6)
+    assert entry.reading.fields == {"mode": 2, "t": 21.5, "ok": True}
+    assert [type(v) for v in entry.reading.fields.values()] == [int, float, bool]
 
 
 def test_two_sinks_have_independent_positions(tmp_path: Path) -> None:
@@ -252,3 +269,17 @@ def test_disk_full_raises_outbox_error_and_outbox_stays_usable(tmp_path: Path) -
     with Outbox(path, ["a"]) as ob:  # the limit raised: room again
         assert ob.append(readings(2000)) == 2000
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_undecodable_row_is_skipped_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path, ["a"]) as ob:
+        ob.append(readings(3))
+    with sqlite3.connect(path) as conn:  # bit rot inside a payload: the page structure is intact
+        conn.execute("UPDATE readings SET data = x'ff00ff' WHERE seq = 2")
+    conn.close()
+    with Outbox(path, ["a"]) as ob:
+        assert [e.seq for e in ob.fetch("a", 10, 10**6)] == [1, 3]
+        ob.ack("a", 3)
+        assert ob.stats().rows == 0
+    assert any("entry 2 cannot be decoded" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
