@@ -11,7 +11,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from gateway import driver as drivers
-from gateway.buffer import Outbox, OutboxError
+from gateway.buffer import Outbox, OutboxError, OutboxStats
 from gateway.config import Config
 from gateway.driver import Device, Poller
 from gateway.reading import Reading
@@ -118,6 +118,10 @@ class Gateway:
     outbox: Outbox | None = None
     started_ns: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    final_stats: OutboxStats | None = None
+    """The outbox's figures at the moment the gateway stopped."""
+    on_reading: Callable[[Reading], None] | None = None
+    """Called with every reading as it is read (the demo's live view); None costs nothing."""
 
     async def run(self, stop: asyncio.Event) -> None:
         from gateway.forwarder import Forwarder
@@ -148,7 +152,15 @@ class Gateway:
             forward_tasks = [asyncio.create_task(f.run(), name=f"forward[{f.name}]")  # type: ignore[attr-defined]
                              for f in forwarders]
             commit_task = asyncio.create_task(committer.run(), name="commit")
-            poll_tasks = [asyncio.create_task(p.run(committer.emit), name=f"poll[{p.name}]")
+            emit = committer.emit
+            if self.on_reading is not None:
+                observe = self.on_reading
+
+                def emit(reading: Reading) -> None:
+                    observe(reading)
+                    committer.emit(reading)
+
+            poll_tasks = [asyncio.create_task(p.run(emit), name=f"poll[{p.name}]")
                           for p in self.pollers]
             log.info("gateway %s at %s running: %d devices on %d connections, %d sinks, outbox %s",
                      cfg.gateway_id, cfg.site, len(cfg.devices), len(self.pollers), len(forwarders),
@@ -167,7 +179,7 @@ class Gateway:
                 committer.flush()
                 await _cancel(forward_tasks)
                 await _cancel([stop_task])
-                stats = outbox.stats()
+                stats = self.final_stats = outbox.stats()
                 log.info("gateway stopped: %d readings committed this run, %d left in the outbox",
                          committer.stats.committed, stats.rows)
 

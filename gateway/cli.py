@@ -104,12 +104,6 @@ def cmd_once(args: argparse.Namespace) -> int:
     return 1 if silent else 0
 
 
-def cmd_sim(args: argparse.Namespace) -> int:
-    from simulators.modbus_tcp import main_sim
-
-    return main_sim(args.rest)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -136,9 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--json", action="store_true", help="one JSON object per reading")
     p.set_defaults(func=cmd_once)
-    p = sub.add_parser("sim", help="simulate Modbus devices (see `sluice sim --help`)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_sim)
+    sub.add_parser("sim", help="simulate Modbus devices from their profiles (see `sluice sim --help`)")
     p = sub.add_parser("demo", help="simulated devices -> gateway -> outbox -> MQTT, live in the terminal")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--config", type=Path, default=None, help="demo configuration (default: the shipped config/)")
@@ -147,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sim"]:
+        # The simulator has its own parser (`sluice sim --help`); hand it everything after `sim`.
+        from simulators.modbus_tcp import main_sim
+
+        return main_sim(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "config", "unset") is None and args.command != "demo":
         args.config = default_config_dir()

@@ -331,7 +331,7 @@ def load_config(path: Path | str) -> Config:
             devices_dir=Path(raw["devices_dir"]) if isinstance(raw.get("devices_dir"), str) else Path("devices"),
             profiles_dir=Path(raw["profiles_dir"]) if isinstance(raw.get("profiles_dir"), str) else Path("profiles"))
     base = gw_path.parent
-    profiles = _load_profiles(base / gateway.profiles_dir, errors)
+    profiles = load_profiles(base / gateway.profiles_dir, errors)
     devices = _load_devices(base / gateway.devices_dir, profiles, gateway, errors)
     if errors:
         raise ConfigErrors(errors)
@@ -364,7 +364,7 @@ def _protocol_of(doc: YamlDoc, errors: list[ConfigError], known: list[str], what
     return str(proto)
 
 
-def _load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, Any]:
+def load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, Any]:
     """Profiles by name; None for a profile file that exists but did not validate."""
     profiles: dict[str, Any] = {}
     kinds = drivers.known_profile_kinds()

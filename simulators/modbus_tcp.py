@@ -41,7 +41,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from drivers.modbus import MAX_BITS, MAX_REGISTERS, Point, ProfileModel, encode_into, points_of
-from gateway.config import _load_profiles, is_loopback, load_config, validate_doc
+from gateway.config import load_profiles, is_loopback, load_config, validate_doc
 from gateway.driver import StrictModel
 from gateway.units import Duration, Identifier
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
@@ -486,7 +486,7 @@ def load_simulation(path: Path | str) -> list[ModbusTcpServer]:
     sim = validate_doc(doc, SimFile, errors)
     if sim is None:
         raise ConfigErrors(errors)
-    profiles = _load_profiles(path.parent / sim.profiles_dir, errors)
+    profiles = load_profiles(path.parent / sim.profiles_dir, errors)
     origin = time.time()
     groups: dict[int, list[SimDevice]] = {}
     free: list[SimDevice] = []
