@@ -132,6 +132,8 @@ class Forwarder:
         failing = False
         while True:
             try:
+                if not self._sink.connected:
+                    await self._sink.wait_connected()
                 entries = await self._next_batch()
                 if not entries:
                     continue
