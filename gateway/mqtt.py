@@ -24,7 +24,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiomqtt
@@ -35,7 +35,7 @@ from paho.mqtt.properties import Properties
 from gateway.config import MqttSinkConfig
 from gateway.forwarder import Message, SinkUnavailable
 
-__all__ = ["MqttSink", "SinkUnavailable"]
+__all__ = ["MqttSink", "SinkUnavailable", "watch"]
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,22 @@ class MqttSink:
                 pass
         except MqttError as exc:
             link.drop(_describe_error(exc))
+
+
+async def watch(host: str, port: int, topic_filter: str, *, retry: float = 1.0) -> AsyncIterator[tuple[str, bytes]]:
+    """Subscribe to ``topic_filter`` (QoS 1, clean session) and yield ``(topic, payload)`` forever,
+    reconnecting every ``retry`` seconds while the broker is unreachable. For the demo and for
+    diagnostics; the gateway itself only publishes."""
+    while True:
+        try:
+            async with aiomqtt.Client(host, port, logger=logging.getLogger("aiomqtt")) as client:
+                await client.subscribe(topic_filter, qos=1)
+                async for message in client.messages:
+                    payload = message.payload
+                    yield str(message.topic), payload if isinstance(payload, bytes) else str(payload).encode()
+        except MqttError as exc:
+            log.debug("watching %s on %s:%d: %s; retrying", topic_filter, host, port, _describe_error(exc))
+            await asyncio.sleep(retry)
 
 
 def _describe_error(exc: BaseException) -> str:

@@ -135,3 +135,14 @@ async def test_tls_verified_and_wrong_ca_refused(mosquitto_tls: Mosquitto, tmp_p
             await asyncio.sleep(0.05)
         assert not sink.connected
         assert "certificate" in (sink.last_error or "").lower()
+
+
+async def test_mqtt5_session_and_status(mosquitto: Mosquitto, request: pytest.FixtureRequest) -> None:
+    site = site_for(request)
+    cfg = sink_config(mosquitto.port, protocol="5", qos=2, client_id="edge-5")
+    async with subscriber(mosquitto.host, mosquitto.port, f"sluice/{site}/#") as sub:
+        async with MqttSink("v5", cfg, "gw1", site) as sink:
+            await connected(sink)
+            await sink.send([(f"sluice/{site}/gw1/d", b"v5")])
+            await sub.wait_until(lambda ms: any(m.payload == b"v5" for m in ms))
+        await sub.wait_until(lambda ms: [m.payload for m in sub.on(f"sluice/{site}/gw1/status")] == [b"online", b"offline"])
