@@ -696,6 +696,12 @@ class ModbusTcpClient:
         return conn is not None and not conn.closed.done()
 
     @property
+    def lost(self) -> bool:
+        """The device closed the connection since it was opened (cleared by connect/close)."""
+        conn = self._conn
+        return conn is not None and conn.closed.done()
+
+    @property
     def stale_replies(self) -> int:
         return self._conn.stale if self._conn is not None else 0
 
@@ -736,8 +742,10 @@ class ModbusTcpClient:
         if function not in READ_FUNCTIONS:
             raise ValueError(f"function code {function} is not a read: this client only reads (1, 2, 3, 4)")
         conn = self._conn
-        if conn is None or conn.transport is None or conn.closed.done():
+        if conn is None or conn.transport is None:
             raise ModbusConnectionError("disconnected", "not connected")
+        if conn.closed.done():
+            raise ModbusConnectionError("disconnected", "connection closed by the device")
         self._tid = tid = self._tid % 0xFFFF + 1
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
@@ -838,6 +846,8 @@ class ModbusTcpPoller:
     async def _ensure_connected(self) -> bool:
         if self._client.connected:
             return True
+        if self._client.lost:  # closed by the device between two polls
+            self._connection_failed(ModbusConnectionError("disconnected", "connection closed by the device"))
         try:
             await self._client.connect(self._connect_timeout)
         except ModbusConnectionError as exc:

@@ -28,8 +28,8 @@ def next_aligned(interval: float, after: float) -> float:
     Devices with the same interval therefore poll at the same instants, whatever their start
     time, so the core commits their readings together.
     """
-    slot = (math.floor(after / interval) + 1) * interval
-    # floor() of a value a hair below a multiple (0.3 / 0.1 = 2.9999…) would repeat a slot.
+    # The epsilon keeps float noise (0.3 / 0.1 = 2.9999…) from repeating the current slot.
+    slot = (math.floor(after / interval + 1e-9) + 1) * interval
     return slot if slot > after else slot + interval
 
 
