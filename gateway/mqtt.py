@@ -239,15 +239,15 @@ class MqttSink:
                              self.address, self.client_id, time.monotonic() - self._down_since, self.last_error)
                 self.last_error = None
                 self._up.set()
-                closing = asyncio.ensure_future(self._closing.wait())
-                watch = asyncio.ensure_future(self._watch(client, link))
+                waits = (asyncio.ensure_future(self._closing.wait()),  # we are shutting down
+                         asyncio.ensure_future(self._watch(client, link)),  # the connection dropped
+                         asyncio.ensure_future(link.lost.wait()))  # send() gave up on it
                 try:
-                    await asyncio.wait((closing, watch, asyncio.ensure_future(link.lost.wait())),
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    closing.cancel()
-                    watch.cancel()
-                    await asyncio.gather(closing, watch, return_exceptions=True)
+                    for waiting in waits:
+                        waiting.cancel()
+                    await asyncio.gather(*waits, return_exceptions=True)
                 if self._closing.is_set() and not link.lost.is_set():
                     link.drop("closing")
                     with contextlib.suppress(MqttError):
