@@ -333,7 +333,7 @@ def _swap_words(data: bytes) -> bytes:
 
 
 # What to do with one unpacked raw value (tuple per point, fastest to dispatch on in a loop).
-_RAW, _INT_SCALED, _FLOAT, _BIT, _STRING, _COIL = range(6)
+_RAW, _DIV, _MUL, _BIT, _STRING, _COIL = range(6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,13 +422,13 @@ class RequestDecoder:
             return _BIT, float(point.bit or 0), 0.0
         if point.type == "string":
             return _STRING, 0.0, 0.0
-        if point.type in _INT_TYPES and point.scale == 1.0 and point.offset == 0.0:
-            return _RAW, 0.0, 0.0
+        if point.scale == 1.0 and point.offset == 0.0:
+            return _RAW, 0.0, 0.0  # integers stay integers
         # Dividing by 10 is exact where multiplying by 0.1 is not (3 * 0.1 = 0.30000000000000004).
         inverse = 1.0 / point.scale
-        if abs(inverse) >= 1 and abs(inverse - round(inverse)) < 1e-9:
-            return _INT_SCALED if point.type in _INT_TYPES else _FLOAT, -float(round(inverse)), point.offset
-        return _INT_SCALED if point.type in _INT_TYPES else _FLOAT, point.scale, point.offset
+        if abs(inverse) > 1 and abs(inverse - round(inverse)) < 1e-9:
+            return _DIV, float(round(inverse)), point.offset
+        return _MUL, point.scale, point.offset
 
     def decode(self, data: bytes, out: dict[str, FieldValue]) -> list[str]:
         """Put every point's value in ``out``; returns the names of values that were invalid
@@ -451,14 +451,16 @@ class RequestDecoder:
             value: Any = raw[idx]
             if op == _RAW:
                 pass
+            elif op == _DIV:
+                value = value / a + b
+            elif op == _MUL:
+                value = value * a + b
             elif op == _BIT:
                 out[name] = bool((value >> int(a)) & 1)
                 continue
-            elif op == _STRING:
-                out[name] = value.rstrip(b"\x00 ").decode("latin-1").rstrip("\x00 ")
+            else:  # _STRING: up to the first NUL, trailing spaces stripped
+                out[name] = value.split(b"\x00", 1)[0].rstrip(b" ").decode("latin-1")
                 continue
-            else:
-                value = (value / -a if a < 0 else value * a) + b
             if value - value != 0:  # NaN or ±inf (x - x is NaN for both; 0 for every number)
                 invalid.append(name)
                 continue
@@ -693,13 +695,13 @@ class ModbusTcpClient:
     @property
     def connected(self) -> bool:
         conn = self._conn
-        return conn is not None and not conn.closed.done()
+        return conn is not None and conn.transport is not None and not conn.transport.is_closing()
 
     @property
     def lost(self) -> bool:
-        """The device closed the connection since it was opened (cleared by connect/close)."""
-        conn = self._conn
-        return conn is not None and conn.closed.done()
+        """The connection closed (by the device, or after a framing error) since it was opened;
+        cleared by :meth:`connect` and :meth:`close`."""
+        return self._conn is not None and not self.connected
 
     @property
     def stale_replies(self) -> int:
@@ -744,7 +746,7 @@ class ModbusTcpClient:
         conn = self._conn
         if conn is None or conn.transport is None:
             raise ModbusConnectionError("disconnected", "not connected")
-        if conn.closed.done():
+        if conn.transport.is_closing():
             raise ModbusConnectionError("disconnected", "connection closed by the device")
         self._tid = tid = self._tid % 0xFFFF + 1
         loop = asyncio.get_running_loop()
@@ -777,8 +779,8 @@ _DOWN_HINT: Final = {
     "refused": "nothing accepts Modbus connections there — check the port and that the device's "
                "Modbus TCP server is enabled",
     "unreachable": "check the IP address, the network cable and that the device is powered",
-    "disconnected": "the device closed the connection — many allow only one or two clients; check "
-                    "that no other master (SCADA, a second gateway) holds it",
+    "disconnected": "many devices allow only one or two clients: check that no other master (SCADA, "
+                    "a second gateway) holds it, and that the device accepts this unit id and request",
     "bad_response": "the answer was not valid Modbus TCP — check that host:port is a Modbus TCP "
                     "server (not RTU over TCP) and the unit id",
 }
@@ -830,7 +832,7 @@ class ModbusTcpPoller:
         cfgs = [u.device.config for u in self._units]
         self._connect_timeout = max(c.timeout for c in cfgs)
         self._reconnect = Backoff(min(min(c.interval for c in cfgs), 1.0), min(c.backoff_max for c in cfgs))
-        self._link = Health(f"connection {self.name}", None, log)
+        self._link = Health(f"connection {self.name}", None, log, words=("connected", "reconnected"))
 
     @property
     def plans(self) -> dict[str, list[Request]]:
@@ -844,14 +846,21 @@ class ModbusTcpPoller:
 
     # ------------------------------------------------------------------ connection
     async def _ensure_connected(self) -> bool:
+        """Connect if needed. Connection failures are this poller's one shared state: logged once
+        for the connection and counted for every device on it (their own lines stay quiet)."""
         if self._client.connected:
             return True
-        if self._client.lost:  # closed by the device between two polls
-            self._connection_failed(ModbusConnectionError("disconnected", "connection closed by the device"))
+        if self._client.lost:
+            # Many devices close a client that has been idle for a while: not a fault.
+            log.debug("%s: connection closed by the device while idle; reconnecting", self.name)
         try:
             await self._client.connect(self._connect_timeout)
         except ModbusConnectionError as exc:
-            self._connection_failed(exc)
+            hint = _DOWN_HINT.get(exc.kind, "")
+            self._link.down(exc.kind, f"{exc} (devices {self._device_list()}) — {hint}")
+            for unit in self._units:
+                unit.health.count(exc.kind, str(exc))
+                unit.health.down(exc.kind, "", quiet=True)
             return False
         self._link.ok(detail=f"devices {self._device_list()}")
         self._reconnect.reset()
@@ -860,13 +869,6 @@ class ModbusTcpPoller:
     def _device_list(self) -> str:
         return ", ".join(u.device.id for u in self._units)
 
-    def _connection_failed(self, exc: ModbusConnectionError) -> None:
-        hint = _DOWN_HINT.get(exc.kind, "")
-        self._link.down(exc.kind, f"{exc} (devices {self._device_list()}) — {hint}")
-        for unit in self._units:
-            unit.health.count(exc.kind, str(exc))
-            unit.health.down(exc.kind, "", quiet=True)  # logged once, for the connection
-
     # ------------------------------------------------------------------ polling
     async def run(self, emit: Emit) -> None:
         schedule: Schedule[int] = Schedule()
@@ -874,20 +876,15 @@ class ModbusTcpPoller:
             cfg = unit.device.config
             schedule.add(n, cfg.interval, cfg.backoff_max)
         while True:
-            if not await self._ensure_connected():
-                await asyncio.sleep(self._reconnect.next())
-                continue
             n, when = schedule.first()
             delay = when - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if not await self._ensure_connected():
+                await asyncio.sleep(self._reconnect.next())
+                continue  # due devices are polled as soon as the connection is back
             unit = self._units[n]
-            try:
-                reading = await self._poll(unit, probing=unit.health.is_down)
-            except ModbusConnectionError as exc:
-                self._connection_failed(exc)
-                await self._client.close()
-                continue  # the device is polled again as soon as the connection is back
+            reading = await self._poll(unit, probing=unit.health.is_down)
             if reading is None:
                 schedule.failed(n)
             else:
@@ -895,18 +892,11 @@ class ModbusTcpPoller:
                 emit(reading)
 
     async def poll_once(self) -> list[Reading]:
-        if not await self._ensure_connected():
-            return []
         readings: list[Reading] = []
         for unit in self._units:
-            try:
-                reading = await self._poll(unit, probing=False)
-            except ModbusConnectionError as exc:
-                self._connection_failed(exc)
-                await self._client.close()
-                if not await self._ensure_connected():
-                    break
-                continue
+            if not await self._ensure_connected():
+                break
+            reading = await self._poll(unit, probing=False)
             if reading is not None:
                 readings.append(reading)
         return readings
@@ -916,7 +906,8 @@ class ModbusTcpPoller:
 
         While the device is down only its first request is tried, once (a probe). A request that
         times out after its retries ends the poll of a device that has not answered anything yet.
-        Connection errors propagate: they concern every device on the connection.
+        A connection lost during a request is this device's failure (kind ``disconnected``):
+        the connection is closed and reopened before the next poll.
         """
         unit.health.status.polls += 1
         attempts = 1 if probing else 1 + unit.retries
@@ -930,8 +921,6 @@ class ModbusTcpPoller:
             for _attempt in range(attempts):
                 try:
                     data = await read(unit.unit_id, request.function, request.address, request.count, unit.timeout)
-                except ModbusConnectionError:
-                    raise
                 except ModbusTimeout as exc:
                     error = exc
                     continue
@@ -940,43 +929,41 @@ class ModbusTcpPoller:
                     if exc.code in (5, 6):
                         continue  # busy: worth another attempt
                     break
-                except ModbusProtocolError as exc:
+                except (ModbusConnectionError, ModbusProtocolError) as exc:
                     error = exc
-                    if not self._client.connected:
-                        raise ModbusConnectionError("disconnected", str(exc)) from None
                     break
                 error = None
                 if time_ns is None:
                     time_ns = time.time_ns()
                 invalid += decoder.decode(data, fields)
                 break
-            if error is not None:
-                message = self._describe(unit, request, error)
-                unit.health.count(error.kind, message)
-                if problem is None:
-                    problem = (error.kind, message)
-                if time_ns is None and (probing or isinstance(error, ModbusTimeout)):
-                    break  # not answering: do not spend another timeout on each remaining request
+            if error is None:
+                continue
+            message = self._describe(unit, request, error)
+            unit.health.count(error.kind, message)
+            if problem is None:
+                problem = (error.kind, message)
+            if not self._client.connected:
+                await self._client.close()
+                break
+            if time_ns is None and (probing or isinstance(error, ModbusTimeout)):
+                break  # not answering: do not spend another timeout on each remaining request
         if time_ns is None:
             assert problem is not None
             unit.health.down(problem[0], problem[1])
             return None
-        quality = GOOD
         if problem is not None:
             unit.health.degraded(problem[0], problem[1], time_ns)
-            quality = UNCERTAIN
         elif invalid:
-            quality = UNCERTAIN
             unit.health.count("invalid", f"invalid values: {', '.join(invalid)}")
             unit.health.degraded("invalid", f"{unit.where}: {', '.join(invalid)} not a number or outside the "
                                  "valid range; left out of the reading — check the sensor, and the profile's "
                                  "scale, byte_order and valid:", time_ns)
         else:
             unit.health.ok(time_ns, unit.where)
-        if invalid:
-            quality = UNCERTAIN
         dev = unit.device
-        return Reading(dev.id, time_ns, fields, dict(dev.tags), quality, dev.measurement)
+        return Reading(dev.id, time_ns, fields, dict(dev.tags),
+                       UNCERTAIN if problem is not None or invalid else GOOD, dev.measurement)
 
     @staticmethod
     def _describe(unit: _Unit, request: Request, error: ModbusError) -> str:

@@ -130,14 +130,17 @@ class Health:
     States: never seen, ``ok``, ``degraded`` (it answered but some requests or values failed)
     and ``down`` (it did not answer), the last two per error kind (``timeout``, ``exception``,
     ``refused``, …). A WARNING is logged when a device enters a failing state or its failing kind
-    changes, an INFO line when it is fully well again; repeated failures of the same kind log
+    changes, an INFO line when it is fully well again (``words`` name the two: "answering" and
+    "answering again" for a device, "connected" and "reconnected" for a connection); repeated failures of the same kind log
     nothing but are counted in ``status.errors``. ``quiet`` suppresses a down line when the
     cause was already logged elsewhere (the connection that carries the device went away).
     """
 
     def __init__(self, name: str, status: DeviceStatus | None = None,
-                 logger: logging.Logger | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 logger: logging.Logger | None = None, clock: Callable[[], float] = time.monotonic,
+                 words: tuple[str, str] = ("answering", "answering again")) -> None:
         self.name = name
+        self._words = words
         self.status = status if status is not None else DeviceStatus()
         self._log = logger or log
         self._clock = clock
@@ -166,9 +169,9 @@ class Health:
         self._answered(time_ns)
         previous = self._enter(_OK)
         if previous is None:
-            self._log.info("%s: answering%s", self.name, f" ({detail})" if detail else "")
+            self._log.info("%s: %s%s", self.name, self._words[0], f" ({detail})" if detail else "")
         elif previous != _OK:
-            what = "answering again" if previous[0] == "down" else "reading every point again"
+            what = self._words[1] if previous[0] == "down" else "reading every point again"
             self._log.info("%s: %s after %s (%s)", self.name, what,
                            format_duration(self._elapsed), previous[1])
 

@@ -113,6 +113,7 @@ def test_encode_is_the_inverse(type_: str, order: str, words: list[int], value: 
     ([0x5344, 0x4D36, 0x3330, 0x0000], "ABCD", 4, "SDM630"),          # trailing NULs stripped
     ([0x4142, 0x2020, 0x2020], "ABCD", 3, "AB"),                       # trailing spaces stripped
     ([0x4142, 0x4300, 0x2000], "ABCD", 3, "ABC"),                      # NUL then space
+    ([0x4142, 0x0043, 0x4400], "ABCD", 3, "AB"),                       # ends at the first NUL
     ([0x4453, 0x364D, 0x3033], "BADC", 3, "SDM630"),                   # low byte first
     ([0x2041, 0x4200], "ABCD", 2, " AB"),                              # leading space kept
     ([0x0000, 0x0000], "ABCD", 2, ""),
@@ -121,6 +122,7 @@ def test_strings(words: list[int], order: str, length: int, value: str) -> None:
     p = point("string", order, width=length)
     assert decode(p, words) == value
     assert decode(p, encode(p, value)) == value  # type: ignore[arg-type]
+    assert type(decode(p, words)) is str
 
 
 @pytest.mark.parametrize(("word", "bit", "order", "value"), [
