@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -185,8 +184,16 @@ class Gateway:
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[object]]) -> None:
-    for task in tasks:
+    """Cancel and reap ``tasks``. A task that swallowed its cancellation (a library catching
+    CancelledError at the wrong moment) is cancelled again rather than waited for forever."""
+    pending = {t for t in tasks if not t.done()}
+    for task in pending:
         task.cancel()
+    while pending:
+        _done, pending = await asyncio.wait(pending, timeout=1.0)
+        for task in pending:
+            log.warning("task %s did not stop when cancelled; cancelling it again", task.get_name())
+            task.cancel()
     for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s had failed: %r", task.get_name(), task.exception())

@@ -163,8 +163,9 @@ async def demo(duration: float | None, source: Path) -> int:
             lines = 0
             try:
                 while not stop.is_set() and not tasks[0].done():
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1.0)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await stop.wait()
                     text = f"[{time.monotonic() - started:5.1f}s]\n" + display.render(gateway)
                     if display.tty and lines:
                         sys.stdout.write(f"\x1b[{lines}A\x1b[J")

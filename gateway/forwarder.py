@@ -200,8 +200,11 @@ class Forwarder:
 
     async def _wait_wake(self, timeout: float) -> bool:
         """True when notified, False on timeout."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+        # arrives as the wake-up completes, and the forwarder would never stop.
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
         except TimeoutError:
             return False
         return True

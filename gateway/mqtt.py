@@ -147,8 +147,9 @@ class MqttSink:
         task, self._task = self._task, None
         if task is None:
             return
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(task), CLOSE_TIMEOUT + 5.0)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT + 5.0):
+                await asyncio.shield(task)
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -221,7 +222,8 @@ class MqttSink:
             delay = random.uniform(self.config.reconnect_min, ceiling)
             attempt += 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), delay)
+                async with asyncio.timeout(delay):  # not wait_for: it can swallow a cancel on 3.11
+                    await self._closing.wait()
 
     async def _connect_once(self) -> str | None:
         """One connection, held until it is lost (returns the reason) or we close (None)."""
