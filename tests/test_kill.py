@@ -80,8 +80,13 @@ async def test_sigkill_loses_nothing_committed(tmp_path: Path, mosquitto, close_
             for device, values in _committed(outbox_path).items():
                 committed.setdefault(device, set()).update(values)
         # One last clean run delivers whatever the kills left behind.
+        runs_before = log.read_text().count(" running: ")
         proc = _start(config, log)
         try:
+            for _ in range(300):  # SIGTERM only once it is up: before that it is simply fatal
+                if log.read_text().count(" running: ") > runs_before:
+                    break
+                await asyncio.sleep(0.05)
             def delivered_all(_messages: object) -> bool:
                 got = counts_by_device([m.payload for m in collector.messages if "/status" not in m.topic])
                 return all(values <= set(got.get(device, ())) for device, values in committed.items())
