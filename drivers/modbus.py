@@ -54,10 +54,28 @@ from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading
 from simulators.signals import SignalSpec
 
 __all__ = [
-    "PROFILE_KIND", "PROTOCOLS", "DeviceModel", "ProfileModel", "PointModel", "Point", "Request",
-    "RequestDecoder", "ModbusTcpClient", "ModbusTcpPoller", "ModbusError", "ModbusTimeout",
-    "ModbusExceptionResponse", "ModbusConnectionError", "ModbusProtocolError",
-    "check", "make_pollers", "plan", "plan_summary", "points_of", "encode", "encode_into",
+    "PROFILE_KIND",
+    "PROTOCOLS",
+    "DeviceModel",
+    "ModbusConnectionError",
+    "ModbusError",
+    "ModbusExceptionResponse",
+    "ModbusProtocolError",
+    "ModbusTcpClient",
+    "ModbusTcpPoller",
+    "ModbusTimeout",
+    "Point",
+    "PointModel",
+    "ProfileModel",
+    "Request",
+    "RequestDecoder",
+    "check",
+    "encode",
+    "encode_into",
+    "make_pollers",
+    "plan",
+    "plan_summary",
+    "points_of",
 ]
 
 PROTOCOLS: Final = frozenset({"modbus_tcp"})
@@ -360,7 +378,7 @@ class RequestDecoder:
     Build once per request at start-up; :meth:`decode` is the hot path.
     """
 
-    __slots__ = ("request", "nbytes", "_groups", "_steps", "_bits", "_any_swapped")
+    __slots__ = ("_any_swapped", "_bits", "_groups", "_steps", "nbytes", "request")
 
     def __init__(self, request: Request) -> None:
         self.request = request

@@ -65,7 +65,7 @@ def write_demo_config(source: Path, target: Path, broker_port: int | None) -> Pa
 class Display:
     """Plain-text live view: latest reading per device, commit and delivery counters."""
 
-    def __init__(self, config: Config, broker: str | None, stream=sys.stdout) -> None:  # noqa: ANN001
+    def __init__(self, config: Config, broker: str | None, stream=sys.stdout) -> None:
         self.config = config
         self.broker = broker
         self.stream = stream

@@ -115,7 +115,7 @@ def escape_string(text: str) -> str:
 class _Series:
     """What stays the same across readings of one device: tags, prefix, and a line template."""
 
-    __slots__ = ("tags", "prefix", "keys", "types", "template")
+    __slots__ = ("keys", "prefix", "tags", "template", "types")
 
     def __init__(self, tags: dict[str, str], prefix: str) -> None:
         self.tags = tags

@@ -48,7 +48,7 @@ def format_duration(seconds: float) -> str:
 class Backoff:
     """Capped exponential delays: ``initial``, 2×, 4×, … up to ``maximum``; :meth:`reset` on success."""
 
-    __slots__ = ("initial", "maximum", "failures")
+    __slots__ = ("failures", "initial", "maximum")
 
     def __init__(self, initial: float, maximum: float) -> None:
         self.initial = initial

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --servers
 set +e
+.venv/bin/ruff check . || { echo "ruff found problems (see above)" >&2; exit 1; }
 .venv/bin/python -m pytest -p no:cacheprovider "$@"
 rc=$?
 set -e

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
@@ -23,109 +25,118 @@ def find_mosquitto() -> str | None:
     return next((p for p in MOSQUITTO_PATHS if os.access(p, os.X_OK)), None)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-class Mosquitto:
-    """``async with Mosquitto(workdir) as broker:`` runs a broker on 127.0.0.1:``broker.port``.
+@dataclass
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+    require_certificate: bool = False
 
-    Persistence is on (in ``workdir``) so a stopped and restarted broker keeps its sessions, as a
-    production broker would; ``max_queued_messages`` is raised so long outages are not cut by the
-    broker's default of 1000 messages per offline client. ``stop``/``start`` restart it on the
-    same port; ``kill`` is a SIGKILL (Mosquitto then loses what it had queued since its last save).
+
+class Mosquitto:
+    """A real Mosquitto on 127.0.0.1:<port> with persistence in its own directory.
+
+    Persistence is on so a stopped and restarted broker keeps its sessions, as a production
+    broker would; ``max_queued_messages`` is raised so long outages are not cut at Mosquitto's
+    default of 1000 messages per offline client. ``stop()`` (SIGTERM: the broker saves its
+    persistence file) and ``start()`` again on the same port simulate an outage; ``kill()`` is
+    SIGKILL (Mosquitto then loses what it queued since its last save). ``async with`` starts and
+    stops it without blocking the event loop.
     """
 
-    def __init__(self, workdir: Path, *, binary: str | None = None, port: int | None = None,
-                 extra_conf: str = "") -> None:
-        self.workdir = Path(workdir)
-        self.binary = binary
-        self.port = port or 0
-        self.extra_conf = extra_conf
+    def __init__(self, directory: Path, *, binary: str | None = None, port: int | None = None,
+                 tls: TlsFiles | None = None, extra_conf: str = "") -> None:
+        found = binary or find_mosquitto()
+        if found is None:
+            raise FileNotFoundError("mosquitto is not installed — sudo apt-get install mosquitto")
+        self.binary = found
         self.host = "127.0.0.1"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.port = port or free_port()
+        self.directory = Path(directory)
+        self.tls = tls
+        self.conf = self.directory / "mosquitto.conf"
+        self.log = self.directory / "mosquitto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            # Run as whoever runs us: as root mosquitto would switch to the `mosquitto` user and
+            # could not write its persistence file or read keys in a private directory.
+            f"user {getpass.getuser()}",
+            "persistence true",
+            f"persistence_location {self.directory}/",
+            "autosave_interval 1",
+            "max_queued_messages 1000000",
+            "max_inflight_messages 100",
+            "max_keepalive 3600",
+            f"log_dest file {self.log}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "connection_messages true",
+        ]
+        if tls is not None:
+            lines += [f"cafile {tls.ca}", f"certfile {tls.cert}", f"keyfile {tls.key}"]
+            if tls.require_certificate:
+                lines += ["require_certificate true"]
+        self.conf.write_text("\n".join(lines) + "\n" + extra_conf, encoding="utf-8")
+
+    def start(self, timeout: float = 10.0) -> None:
+        assert self.proc is None, "already running"
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                self.proc = None
+                raise RuntimeError(f"mosquitto exited at start: {err}\n{self.log_text()}")
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2):
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"mosquitto did not listen on port {self.port} within {timeout} s")
+            time.sleep(0.02)
+
+    def _end(self, sig: int) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(10.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def stop(self) -> None:
+        self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._end(signal.SIGKILL)
+
+    terminate = stop
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self.proc is not None and self.proc.poll() is None
 
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "mosquitto.log"
-
-    def _write_conf(self) -> Path:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self.workdir}/\n"
-            "autosave_interval 1\n"
-            "max_queued_messages 1000000\n"
-            "max_inflight_messages 100\n"
-            f"log_dest file {self.log_path}\n"
-            "log_type error\nlog_type warning\nlog_type notice\n"
-            + self.extra_conf, encoding="utf-8")
-        return conf
-
-    def start_sync(self, timeout: float = 10.0) -> None:
-        binary = self.binary or find_mosquitto()
-        if binary is None:
-            raise FileNotFoundError("mosquitto is not installed — sudo apt-get install mosquitto")
-        if not self.port:
-            self.port = _free_port()
-        conf = self._write_conf()
-        self._proc = subprocess.Popen([binary, "-c", str(conf)], stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited with {self._proc.returncode}: {err.strip()}")
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
-                return
-            time.sleep(0.02)
-        self.kill()
-        raise TimeoutError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s")
-
-    def stop_sync(self) -> None:
-        """Graceful stop (SIGTERM): Mosquitto saves its persistence file first."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._close()
-
-    def kill(self) -> None:
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.kill()
-        self._proc.wait()
-        self._close()
-
-    def _close(self) -> None:
-        if self._proc is not None and self._proc.stderr is not None:
-            self._proc.stderr.close()
-        self._proc = None
-
-    async def start(self) -> None:
-        await asyncio.to_thread(self.start_sync)
-
-    async def stop(self) -> None:
-        await asyncio.to_thread(self.stop_sync)
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     async def __aenter__(self) -> Mosquitto:
-        await self.start()
+        await asyncio.to_thread(self.start)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+        await asyncio.to_thread(self.stop)

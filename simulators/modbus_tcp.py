@@ -48,9 +48,18 @@ from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
 from simulators.signals import Signal, SignalSpec, default_spec, make_signal
 
 __all__ = [
-    "Faults", "SimDevice", "ModbusTcpServer", "ServerStats", "SimFile", "load_simulation",
-    "run_simulator", "main_sim",
-    "ILLEGAL_FUNCTION", "ILLEGAL_ADDRESS", "ILLEGAL_VALUE", "GATEWAY_NO_RESPONSE",
+    "GATEWAY_NO_RESPONSE",
+    "ILLEGAL_ADDRESS",
+    "ILLEGAL_FUNCTION",
+    "ILLEGAL_VALUE",
+    "Faults",
+    "ModbusTcpServer",
+    "ServerStats",
+    "SimDevice",
+    "SimFile",
+    "load_simulation",
+    "main_sim",
+    "run_simulator",
 ]
 
 log = logging.getLogger("sluice.sim")

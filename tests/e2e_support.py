@@ -63,7 +63,7 @@ def counts_by_device(payloads: list[bytes]) -> dict[str, list[int]]:
     return dict(out)
 
 
-def counter_servers(layout: dict[int, list[tuple[str, int]]]):  # noqa: ANN201
+def counter_servers(layout: dict[int, list[tuple[str, int]]]):
     """Simulator servers (not started): ``layout`` maps a server index to [(device id, unit id)]."""
     from drivers.modbus import ProfileModel
     from simulators.modbus_tcp import ModbusTcpServer, SimDevice
@@ -73,5 +73,5 @@ def counter_servers(layout: dict[int, list[tuple[str, int]]]):  # noqa: ANN201
             for units in layout.values()]
 
 
-def device_ports(layout: dict[int, list[tuple[str, int]]], servers) -> dict[str, tuple[int, int]]:  # noqa: ANN001
+def device_ports(layout: dict[int, list[tuple[str, int]]], servers) -> dict[str, tuple[int, int]]:
     return {dev_id: (servers[i].port, unit) for i, units in layout.items() for dev_id, unit in units}

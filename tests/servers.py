@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +17,11 @@ import aiomqtt
 import pytest
 import pytest_asyncio
 
+from simulators.broker import Mosquitto, TlsFiles, free_port
+
+__all__ = ["Mosquitto", "TcpProxy", "TlsFiles", "free_port", "make_ca", "subscriber"]
+
 MOSQUITTO = "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _need(binary: str, package: str) -> str:
@@ -39,103 +34,10 @@ def _need(binary: str, package: str) -> str:
     return path
 
 
-@dataclass
-class TlsFiles:
-    ca: Path
-    cert: Path
-    key: Path
-
-
-class Mosquitto:
-    """A real Mosquitto on 127.0.0.1:<port> with persistence in its own directory.
-
-    ``stop()`` (SIGTERM: the broker saves its persistence file) and ``start()`` again on the same
-    port simulate an outage; ``kill()`` is SIGKILL. ``terminate()`` is what teardown calls.
-    """
-
-    def __init__(self, binary: str, directory: Path, tls: TlsFiles | None = None) -> None:
-        self.binary = binary
-        self.host = "127.0.0.1"
-        self.port = free_port()
-        self.directory = directory
-        self.tls = tls
-        self.conf = directory / "mosquitto.conf"
-        self.log = directory / "mosquitto.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        directory.mkdir(parents=True, exist_ok=True)
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            # Run as whoever runs the tests (as root mosquitto would switch to the `mosquitto`
-            # user and could not write its persistence file or read keys under tmp_path).
-            f"user {getpass.getuser()}",
-            "persistence true",
-            f"persistence_location {directory}/",
-            "autosave_interval 1",
-            "max_queued_messages 100000",
-            "max_inflight_messages 100",
-            "max_keepalive 3600",
-            f"log_dest file {self.log}",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "connection_messages true",
-        ]
-        if tls is not None:
-            lines += [f"cafile {tls.ca}", f"certfile {tls.cert}", f"keyfile {tls.key}"]
-        self.conf.write_text("\n".join(lines) + "\n")
-
-    def start(self, timeout: float = 5.0) -> None:
-        assert self.proc is None, "already running"
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                self.proc = None
-                raise RuntimeError(f"mosquitto exited at start: {err}\n{self.log_text()}")
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2):
-                return
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"mosquitto did not listen on port {self.port} within {timeout} s")
-            time.sleep(0.02)
-
-    def _end(self, sig: int) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-    def stop(self) -> None:
-        self._end(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._end(signal.SIGKILL)
-
-    terminate = stop
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     """A running Mosquitto (plain MQTT on loopback), stopped and reaped at teardown."""
-    broker = Mosquitto(_need(MOSQUITTO, "mosquitto"), tmp_path / "mosquitto")
+    broker = Mosquitto(tmp_path / "mosquitto", binary=_need(MOSQUITTO, "mosquitto"))
     try:
         broker.start()
         yield broker
@@ -169,7 +71,7 @@ def mosquitto_tls(tmp_path: Path) -> Iterator[Mosquitto]:
     """A running Mosquitto with a TLS listener; its CA is ``broker.tls.ca``."""
     binary = _need(MOSQUITTO, "mosquitto")
     tls = make_ca(tmp_path / "pki")
-    broker = Mosquitto(binary, tmp_path / "mosquitto", tls)
+    broker = Mosquitto(tmp_path / "mosquitto", binary=binary, tls=tls)
     try:
         broker.start()
         yield broker

@@ -159,7 +159,7 @@ def test_full_outbox_counts_every_drop(tmp_path: Path, policy: str, caplog: pyte
 
     with Outbox(path, ["a"], max_bytes=max_bytes, when_full=policy) as ob:  # type: ignore[arg-type]
         assert ob.stats().dropped == st.dropped  # persisted in the file
-        assert drain(ob, "a") == kept[-1:] + [produced]
+        assert drain(ob, "a") == [*kept[-1:], produced]
 
 
 def _corrupt_cases(tmp_path: Path) -> dict[str, bytes]:

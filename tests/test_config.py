@@ -88,7 +88,7 @@ def test_durations(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize("bad", ["10", 10, 1.5, "ten seconds", "5x", "s", "", True, "10s garbage"])
 def test_bad_durations(bad: object) -> None:
-    with pytest.raises(ValueError, match="unit|duration"):
+    with pytest.raises(ValueError, match=r"unit|duration"):
         parse_duration(bad)
 
 

@@ -31,12 +31,12 @@ async def running_gateway(config_dir: Path):
         await asyncio.wait_for(task, 20)
 
 
-def _data(collector) -> list[bytes]:  # noqa: ANN001
+def _data(collector) -> list[bytes]:
     return [m.payload for m in collector.messages if not m.topic.endswith("/status")]
 
 
 @pytest.mark.parametrize("fmt", ["influx"])
-async def test_every_counter_value_arrives_once_in_order(tmp_path: Path, mosquitto, close_default_executor, fmt: str) -> None:  # noqa: ANN001
+async def test_every_counter_value_arrives_once_in_order(tmp_path: Path, mosquitto, close_default_executor, fmt: str) -> None:
     servers = counter_servers(LAYOUT)
     async with contextlib.AsyncExitStack() as stack:
         for server in servers:
@@ -60,7 +60,7 @@ async def test_every_counter_value_arrives_once_in_order(tmp_path: Path, mosquit
     assert sum(len(v) for v in counts.values()) + stats.rows == served
 
 
-async def test_broker_outage_loses_nothing_and_delivers_oldest_first(tmp_path: Path, mosquitto, close_default_executor) -> None:  # noqa: ANN001
+async def test_broker_outage_loses_nothing_and_delivers_oldest_first(tmp_path: Path, mosquitto, close_default_executor) -> None:
     outage = 30.0
     servers = counter_servers(LAYOUT)
     async with contextlib.AsyncExitStack() as stack:

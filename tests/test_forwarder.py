@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from servers import Collector, Mosquitto, Received, subscriber
+from servers import Mosquitto, Received, subscriber
 from test_encode import parse_line
 
 from gateway.buffer import Outbox

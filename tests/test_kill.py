@@ -52,7 +52,7 @@ def _committed(path: Path) -> dict[str, set[int]]:
 
 
 @pytest.mark.slow
-async def test_sigkill_loses_nothing_committed(tmp_path: Path, mosquitto, close_default_executor) -> None:  # noqa: ANN001
+async def test_sigkill_loses_nothing_committed(tmp_path: Path, mosquitto, close_default_executor) -> None:
     rng = random.Random(os.environ.get("SLUICE_SEED", "20261128"))
     servers = counter_servers(LAYOUT)
     outbox_path = tmp_path / "outbox.db"

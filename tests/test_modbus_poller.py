@@ -22,6 +22,7 @@ from drivers.modbus import DeviceModel, ModbusTcpPoller, ProfileModel, make_poll
 from gateway.driver import Device
 from gateway.polling import Backoff, Health, Schedule, next_aligned
 from gateway.reading import GOOD, UNCERTAIN, Reading
+import itertools
 
 READS = {1, 2, 3, 4}
 
@@ -209,7 +210,7 @@ async def test_dead_unit_costs_its_timeout_only(caplog: pytest.LogCaptureFixture
             await asyncio.sleep(1.25)
     times = by_device(readings, "alive")
     assert len(times) >= 10, times
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) < 0.1 + 0.1 + 0.06, gaps  # its interval + the dead unit's worst poll (2 × 50ms)
     probes = server.requests_for(2)
     # first poll: 1 + retries attempts; then single probes after 100, 200, 400, 400 ms
@@ -229,7 +230,7 @@ async def test_dead_connection_does_not_delay_another_poller() -> None:
             await asyncio.sleep(0.8)
     times = by_device(readings, "live")
     assert len(times) >= 12, times
-    assert max(b - a for a, b in zip(times, times[1:])) < 0.2  # the silent devices time out after 400ms
+    assert max(b - a for a, b in itertools.pairwise(times)) < 0.2  # the silent devices time out after 400ms
     assert {r.device for r in readings} == {"live"}
 
 
