@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway import driver as drivers
 from gateway.buffer import Outbox, OutboxError, OutboxStats
@@ -32,6 +33,16 @@ def make_pollers(devices: Sequence[Device]) -> list[Poller]:
     for module, group in by_module.values():
         pollers.extend(module.make_pollers(group))  # type: ignore[attr-defined]
     return pollers
+
+
+def make_sink(name: str, sink_cfg: object, config: Config) -> Any:
+    """The sink for one ``sinks:`` entry, by its ``type``: an async context manager, not yet open."""
+    kind = getattr(sink_cfg, "type", None)
+    if kind == "mqtt":
+        from gateway.mqtt import MqttSink
+
+        return MqttSink(name, sink_cfg, config.gateway_id, config.site)  # type: ignore[arg-type]
+    raise ValueError(f"no sink implementation for type {kind!r}")
 
 
 @dataclass
@@ -124,7 +135,6 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         from gateway.forwarder import Forwarder
-        from gateway.mqtt import MqttSink
 
         cfg = self.config
         buf = cfg.gateway.buffer
@@ -135,7 +145,7 @@ class Gateway:
                                                 synchronous=buf.synchronous))
             self.outbox = outbox
             for name, sink_cfg in cfg.gateway.sinks.items():
-                sink = await stack.enter_async_context(MqttSink(name, sink_cfg, cfg.gateway_id, cfg.site))
+                sink = await stack.enter_async_context(make_sink(name, sink_cfg, cfg))
                 self.forwarders.append(Forwarder(name, outbox, sink, sink_cfg, cfg))
             forwarders = self.forwarders
 
