@@ -133,12 +133,19 @@ class Gateway:
     on_reading: Callable[[Reading], None] | None = None
     """Called with every reading as it is read (the demo's live view); None costs nothing."""
 
+    def outbox_stats(self) -> OutboxStats | None:
+        """Live figures while running, the final ones after the stop, None before the start."""
+        if self.final_stats is not None:
+            return self.final_stats
+        return self.outbox.stats() if self.outbox is not None else None
+
     async def run(self, stop: asyncio.Event) -> None:
         from gateway.forwarder import Forwarder
 
         cfg = self.config
         buf = cfg.gateway.buffer
         self.started_ns = time.time_ns()
+        self.final_stats = None
         async with AsyncExitStack() as stack:
             outbox = stack.enter_context(Outbox(buf.resolved_path(), list(cfg.gateway.sinks),
                                                 max_bytes=buf.max_bytes, when_full=buf.when_full,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import shutil
 import signal
 import socket
 import sys
@@ -38,6 +39,7 @@ def free_port() -> int:
 def write_demo_config(source: Path, target: Path, broker_port: int | None) -> Path:
     """Copy ``source`` (a gateway config dir) to ``target`` with free device ports, the outbox in
     ``target`` and the MQTT sink pointed at ``broker_port`` (no sink when None)."""
+    target.mkdir(parents=True, exist_ok=True)
     gw = yaml.safe_load((source / "gateway.yaml").read_text(encoding="utf-8"))
     gw["buffer"] = {**gw.get("buffer", {}), "path": str(target / "outbox.db")}
     gw["profiles_dir"] = str((source / gw.get("profiles_dir", "profiles")).resolve())
@@ -74,6 +76,8 @@ class Display:
         self.received_messages = 0
         self.received_lines = 0
         self.last_topic = ""
+        self.last_line = ""
+        self.status = "-"
         self.tty = stream.isatty()
 
     def on_reading(self, reading: Reading) -> None:
@@ -81,9 +85,15 @@ class Display:
         self.reads[reading.device] = self.reads.get(reading.device, 0) + 1
 
     def on_message(self, topic: str, payload: bytes) -> None:
+        if topic.endswith("/status"):
+            self.status = payload.decode(errors="replace")
+            return
         self.received_messages += 1
-        self.received_lines += payload.count(b"\n") + (0 if payload.endswith(b"\n") else 1)
+        lines = payload.splitlines()
+        self.received_lines += len(lines)
         self.last_topic = topic
+        if lines:
+            self.last_line = lines[-1].decode(errors="replace")
 
     def render(self, gateway: Gateway) -> str:
         out = []
@@ -103,7 +113,7 @@ class Display:
             extra = f" +{len(r.fields) - 4} more" if len(r.fields) > 4 else ""
             out.append(f"  {dev.id:<16} #{self.reads[dev.id]:<4} {'  '.join(shown)}{extra}")
         committer = gateway.committer
-        stats = gateway.outbox.stats() if gateway.outbox else None
+        stats = gateway.outbox_stats()
         if committer and stats:
             out.append(f"  outbox: {committer.stats.committed} readings committed in "
                        f"{committer.stats.commits} transactions, {stats.rows} waiting, {stats.dropped} dropped")
@@ -112,8 +122,12 @@ class Display:
             out.append(f"  sink {fwd.name}: {s.delivered} readings delivered in {s.messages} MQTT messages"  # type: ignore[attr-defined]
                        f" ({s.bytes} bytes), {s.retries} retries")
         if self.broker:
-            out.append(f"  broker {self.broker}: subscriber received {self.received_lines} readings in "
-                       f"{self.received_messages} messages (last on {self.last_topic or '-'})")
+            out.append(f"  broker {self.broker}: gateway status '{self.status}'; a subscriber received "
+                       f"{self.received_lines} readings in {self.received_messages} messages")
+            if self.last_line:
+                width = shutil.get_terminal_size((120, 24)).columns - 6
+                line = self.last_line if len(self.last_line) <= width else self.last_line[: width - 1] + "…"
+                out.append(f"  last on {self.last_topic}:\n    {line}")
         return "\n".join(out)
 
 

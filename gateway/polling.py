@@ -89,7 +89,9 @@ class Schedule(Generic[K]):
         self._by_key: dict[K, _Slot[K]] = {}
 
     def add(self, key: K, interval: float, backoff_max: float) -> None:
-        slot = _Slot(key, interval, Backoff(interval, backoff_max), next_aligned(interval, self._clock()))
+        """Schedule ``key``: first poll at once (the first value should not wait a whole
+        interval after start-up), then on the interval's aligned wall-clock slots."""
+        slot = _Slot(key, interval, Backoff(interval, backoff_max), self._clock())
         self._slots.append(slot)
         self._by_key[key] = slot
 

@@ -371,7 +371,12 @@ def test_schedule_aligns_backs_off_and_skips_missed_slots() -> None:
     schedule: Schedule[str] = Schedule(clock=lambda: now[0])
     schedule.add("a", 1.0, 8.0)
     schedule.add("b", 1.0, 8.0)
-    assert schedule.first() == ("a", 101.0) and schedule.due("b") == 101.0  # ties: first added
+    # The first poll is at once; from then on, the aligned slots.
+    assert schedule.first() == ("a", 100.25) and schedule.due("b") == 100.25  # ties: first added
+    now[0] = 100.26
+    schedule.succeeded("a")
+    schedule.succeeded("b")
+    assert schedule.first() == ("a", 101.0) and schedule.due("b") == 101.0
     now[0] = 101.01
     schedule.succeeded("a")
     assert schedule.first() == ("b", 101.0)
