@@ -143,8 +143,17 @@ async def demo(duration: float | None, source: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if duration:
-        loop.call_later(duration, stop.set)
+    timer = loop.call_later(duration, stop.set) if duration else None
+    try:
+        return await _demo(stop, source)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _demo(stop: asyncio.Event, source: Path) -> int:
     print("Sluice demo: simulated Modbus TCP devices -> gateway -> SQLite outbox -> MQTT")
     mosquitto = find_mosquitto()
     with tempfile.TemporaryDirectory(prefix="sluice-demo-") as tmp:

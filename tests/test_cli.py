@@ -86,3 +86,16 @@ async def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert received and int(received.group(1)) > 0, final
     assert not list(tmp_path.iterdir()), "the demo must leave nothing behind in the working directory"
     await asyncio.get_running_loop().shutdown_default_executor()
+
+
+async def test_demo_without_mosquitto_still_reads_into_the_outbox(monkeypatch, capsys) -> None:
+    import gateway.demo as demo
+
+    monkeypatch.setattr(demo, "find_mosquitto", lambda: None)
+    assert await demo.demo(3.0, demo.SHIPPED_CONFIG) == 0
+    out = capsys.readouterr().out
+    assert "No `mosquitto` binary found" in out and "apt-get install mosquitto" in out
+    final = out.rsplit("demo stopped.", 1)[0].rsplit("\n\n", 1)[-1]
+    committed = re.search(r"outbox: (\d+) readings committed", final)
+    assert committed and int(committed.group(1)) > 0, final
+    assert "sink " not in final  # nothing to forward to
