@@ -54,10 +54,12 @@ async def test_every_counter_value_arrives_once_in_order(tmp_path: Path, mosquit
     assert sorted(counts) == ["press", "tank-a", "tank-b"]
     for device, values in counts.items():
         assert values == list(range(1, len(values) + 1)), f"{device}: gap, duplicate or disorder in {values}"
-    # Every read the simulator served was delivered, except what the stop left in the outbox.
+    # Every read the simulator served was delivered or is still in the outbox (a batch cancelled
+    # by the stop after its PUBACK but before its ack is both: it will be sent again).
     served = sum(s.stats.count(function=3) for s in servers)
     assert stats is not None
-    assert sum(len(v) for v in counts.values()) + stats.rows == served
+    delivered = sum(len(v) for v in counts.values())
+    assert delivered <= served <= delivered + stats.rows
 
 
 async def test_broker_outage_loses_nothing_and_delivers_oldest_first(tmp_path: Path, mosquitto, close_default_executor) -> None:
