@@ -136,11 +136,35 @@ class LoggingConfig(StrictModel):
         default="auto", description="journal: no timestamps, syslog levels; auto: journal under systemd")
 
 
+class HealthConfig(StrictModel):
+    enabled: bool = Field(default=True, description="serve /healthz and /metrics over HTTP")
+    listen: str = Field(default="127.0.0.1:9108",
+                        description="host:port of the health endpoint; loopback unless you need it remote")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"'{v}' is not host:port — write it like 127.0.0.1:9108 or [::1]:9108")
+        return v
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
 class GatewayFile(StrictModel):
     gateway: GatewayIdentity
     buffer: BufferConfig = BufferConfig()
     sinks: dict[Identifier, SinkConfig] = Field(default_factory=dict)
     logging: LoggingConfig = LoggingConfig()
+    health: HealthConfig = HealthConfig()
     devices_dir: Path = Path("devices")
     profiles_dir: Path = Path("profiles")
 
