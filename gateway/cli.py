@@ -1,4 +1,4 @@
-"""The `sluice` command: run, check, once, sim, demo."""
+"""The `sluice` command: run, check, once, status, sim, demo."""
 
 from __future__ import annotations
 
@@ -104,6 +104,34 @@ def cmd_once(args: argparse.Namespace) -> int:
     return 1 if silent else 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the running service's health as a table; exit 0 healthy, 1 unhealthy, 3 unreachable."""
+    from gateway.health import fetch, format_status
+
+    if args.url:
+        host, _sep, port = args.url.removeprefix("http://").rstrip("/").rpartition(":")
+        host = host.strip("[]")
+    else:
+        config = _load(args.config)
+        if config is None:
+            return EXIT_CONFIG
+        health = config.gateway.health
+        if not health.enabled:
+            print(f"{config.path}: the health endpoint is disabled (health.enabled: false)", file=sys.stderr)
+            return 3
+        host, port = health.host, str(health.port)
+    try:
+        code, body = fetch(host, int(port), "/healthz")
+        state = json.loads(body)
+        _code, metrics = fetch(host, int(port), "/metrics")
+    except (OSError, ValueError) as exc:
+        print(f"cannot reach the gateway's health endpoint at {host}:{port}: {exc} — is the service running "
+              "(`systemctl status sluice`), and is health.listen the same?", file=sys.stderr)
+        return 3
+    print(format_status(state, metrics))
+    return 0 if code == 200 else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -130,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--json", action="store_true", help="one JSON object per reading")
     p.set_defaults(func=cmd_once)
+    p = sub.add_parser("status", help="show the running service's devices, outbox and sinks (from its health endpoint)")
+    with_config(p)
+    p.add_argument("--url", default=None, help="the endpoint's host:port instead of health.listen from the configuration")
+    p.set_defaults(func=cmd_status)
     sub.add_parser("sim", help="simulate Modbus devices from their profiles (see `sluice sim --help`)")
     p = sub.add_parser("demo", help="simulated devices -> gateway -> outbox -> MQTT, live in the terminal")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")

@@ -1,0 +1,500 @@
+"""Health of the running gateway: progress tracking (the watchdog's notion of "wedged"), the
+``/healthz`` and ``/metrics`` answers, and the small loopback HTTP server that serves them.
+
+Contracts:
+
+* :class:`Progress` decides whether each loop is making progress. A component is *wedged* when
+  it has work to do and its progress counter has not moved for longer than its limit. Idle is
+  not wedged: a forwarder with nothing to send, or whose sink is disconnected (buffering is
+  its job then), and a committer with nothing pending, are fine. A poller always has work: every
+  poll attempt counts (an answer, a timeout, a refused connection), so a device that is down
+  is not wedged — only a poll loop that stopped attempting is.
+* :func:`render_metrics` and :func:`healthz` read in-memory figures only (plus at most one
+  indexed outbox row per sink for its lag); they never contain configuration values other than
+  names (device ids, sink names, error kinds), so no secret can reach them.
+* :class:`HealthServer` is an async context manager; it answers ``GET /healthz`` and
+  ``GET /metrics`` with ``Connection: close`` and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = ["HealthServer", "Progress", "healthz", "render_metrics", "status_line"]
+
+log = logging.getLogger(__name__)
+
+STALL_MARGIN = 10.0
+"""Seconds added to every component's computed limit before it counts as wedged."""
+FORWARD_IDLE_LIMIT = 60.0
+"""Limit for a forwarder whose sink has no ``ack_timeout`` of its own."""
+
+
+@dataclass
+class _Tracked:
+    name: str
+    counter: Callable[[], int]
+    busy: Callable[[], bool]
+    limit: float
+    count: int = -1
+    since: float = 0.0
+
+
+class Progress:
+    """Heartbeats of the poll loops, the committer and the forwarders (see the module docstring)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._items: list[_Tracked] = []
+
+    def track(self, name: str, counter: Callable[[], int], busy: Callable[[], bool], limit: float) -> None:
+        self._items.append(_Tracked(name, counter, busy, limit, counter(), self._clock()))
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def names(self) -> list[str]:
+        return [item.name for item in self._items]
+
+    def wedged(self) -> list[tuple[str, float]]:
+        """``(component, seconds without progress)`` for every wedged component; updates state."""
+        now = self._clock()
+        out = []
+        for item in self._items:
+            count = item.counter()
+            if count != item.count or not item.busy():
+                item.count, item.since = count, now
+            elif now - item.since > item.limit:
+                out.append((item.name, now - item.since))
+        return out
+
+
+def track_gateway(progress: Progress, gw: Gateway, margin: float = STALL_MARGIN) -> None:
+    """Register every loop of a running gateway with ``progress`` (called once it is set up)."""
+    progress.clear()
+    devices = {d.id: d.config for d in gw.config.devices}
+    for poller in gw.pollers:
+        statuses = list(poller.status.values())
+        cfgs = [devices[d] for d in poller.status if d in devices]
+        # The longest a healthy loop can go without an attempt: the slowest schedule (interval or
+        # the backoff of a device that is down), plus one full round of timeouts of every device.
+        limit = (max((max(c.interval, c.backoff_max) for c in cfgs), default=60.0)
+                 + sum(c.timeout * (1 + c.retries) for c in cfgs) + margin)
+        progress.track(f"poll[{poller.name}]",
+                       lambda s=statuses: sum(st.polls + sum(st.errors.values()) for st in s),
+                       lambda: True, limit)
+    committer = gw.committer
+    if committer is not None:
+        progress.track("commit", lambda: committer.stats.commits + committer.stats.failed_commits,
+                       lambda: committer.pending > 0, gw.config.gateway.buffer.commit_delay + 1.0 + margin)
+    outbox = gw.outbox
+    for fwd in gw.forwarders:
+        name = fwd.name  # type: ignore[attr-defined]
+        sink = gw.sinks.get(name)
+        sink_cfg = gw.config.gateway.sinks[name]
+        ack = float(getattr(sink, "ack_timeout", FORWARD_IDLE_LIMIT))
+        linger = float(getattr(getattr(sink_cfg, "batch", None), "linger", 0.0))
+
+        def busy(name: str = name, sink: Any = sink) -> bool:
+            if sink is None or not getattr(sink, "connected", False) or outbox is None:
+                return False
+            return outbox.stats().pending.get(name, 0) > 0
+
+        progress.track(f"forward[{name}]",
+                       lambda f=fwd: f.stats.batches + f.stats.retries,  # type: ignore[attr-defined]
+                       busy, 2 * ack + linger + 5.0 + margin)
+
+
+# --------------------------------------------------------------------------- figures
+def _process() -> dict[str, float]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/statm", encoding="ascii") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {"cpu": usage.ru_utime + usage.ru_stime, "rss": float(rss)}
+
+
+def healthz(gw: Gateway) -> tuple[bool, dict[str, Any]]:
+    """(healthy, body): live = no wedged loop; ready = running with a writable outbox."""
+    reasons: list[str] = []
+    warnings: list[str] = []
+    wedged = gw.progress.wedged()
+    for name, seconds in wedged:
+        reasons.append(f"{name}: no progress for {seconds:.0f} s")
+    ready = gw.ready.is_set() and gw.outbox is not None and gw.final_stats is None
+    if not ready:
+        reasons.append("not running yet (or stopping)")
+    committer = gw.committer
+    if committer is not None and committer.failing:
+        ready = False
+        reasons.append(f"outbox not writable: {committer.pending} readings held in memory "
+                       f"(check free disk space)")
+    for name, sink in gw.sinks.items():
+        if not getattr(sink, "connected", False):
+            warnings.append(f"sink {name}: not connected (readings are kept in the outbox)")
+    for poller in gw.pollers:
+        for dev, st in poller.status.items():
+            if not st.up:
+                warnings.append(f"device {dev}: down")
+    live = not wedged
+    body = {"live": live, "ready": ready, "reasons": reasons, "warnings": warnings}
+    return live and ready, body
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float, **labels: str) -> None:
+        text = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
+        self.lines.append(f"{name}{{{text}}} {_num(value)}" if text else f"{name} {_num(value)}")
+
+
+def _num(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+METRICS: dict[str, tuple[str, str]] = {
+    # name: (type, help) — the README's metrics table lists the same.
+    "sluice_info": ("gauge", "Always 1; labels name the gateway and site"),
+    "sluice_uptime_seconds": ("gauge", "Seconds since the gateway started"),
+    "sluice_ready": ("gauge", "1 when running with a writable outbox"),
+    "sluice_device_up": ("gauge", "1 when the device answered its last poll"),
+    "sluice_device_polls_total": ("counter", "Polls of the device (answered or not)"),
+    "sluice_device_errors_total": ("counter", "Failed requests of the device, by kind"),
+    "sluice_device_last_success_timestamp_seconds": ("gauge", "Unix time of the device's last answer (0: never)"),
+    "sluice_outbox_rows": ("gauge", "Readings stored in the outbox"),
+    "sluice_outbox_bytes": ("gauge", "Outbox size as bounded by buffer.max_bytes"),
+    "sluice_outbox_max_bytes": ("gauge", "buffer.max_bytes"),
+    "sluice_outbox_oldest_age_seconds": ("gauge", "Age of the oldest stored reading (0 when empty)"),
+    "sluice_outbox_dropped_total": ("counter", "Readings dropped by the when_full policy (persisted in the outbox)"),
+    "sluice_outbox_committed_total": ("counter", "Readings committed to the outbox by this process"),
+    "sluice_outbox_commit_failures_total": ("counter", "Commits that failed (disk full, I/O error)"),
+    "sluice_outbox_unstored_readings": ("gauge", "Readings held in memory because the outbox could not be written"),
+    "sluice_outbox_lost_total": ("counter", "Readings lost from memory while the outbox could not be written"),
+    "sluice_sink_connected": ("gauge", "1 when the sink is connected"),
+    "sluice_sink_delivered_total": ("counter", "Readings the sink acknowledged"),
+    "sluice_sink_retries_total": ("counter", "Batches that failed and are sent again"),
+    "sluice_sink_pending_readings": ("gauge", "Readings in the outbox not yet acknowledged by the sink"),
+    "sluice_sink_lag_seconds": ("gauge", "Age of the oldest reading the sink has not acknowledged (0 when none)"),
+    "sluice_component_stalled": ("gauge", "1 when a loop has work but made no progress (the watchdog stops)"),
+    "process_cpu_seconds_total": ("counter", "User and system CPU time of the process"),
+    "process_resident_memory_bytes": ("gauge", "Resident set size"),
+    "process_start_time_seconds": ("gauge", "Unix time the process started"),
+}
+
+
+def render_metrics(gw: Gateway) -> str:
+    """Prometheus text exposition format 0.0.4."""
+    out = _Out()
+    now_ns = time.time_ns()
+
+    def fam(name: str) -> None:
+        kind, help_text = METRICS[name]
+        out.family(name.removesuffix("_total") if kind == "counter" else name, kind, help_text)
+
+    fam("sluice_info")
+    out.sample("sluice_info", 1, gateway=gw.config.gateway_id, site=gw.config.site)
+    fam("sluice_uptime_seconds")
+    out.sample("sluice_uptime_seconds", (now_ns - gw.started_ns) / 1e9 if gw.started_ns else 0.0)
+    _ok, health = healthz(gw)
+    fam("sluice_ready")
+    out.sample("sluice_ready", health["ready"])
+
+    statuses = [(dev, st) for p in gw.pollers for dev, st in p.status.items()]
+    fam("sluice_device_up")
+    for dev, st in statuses:
+        out.sample("sluice_device_up", st.up, device=dev)
+    fam("sluice_device_polls_total")
+    for dev, st in statuses:
+        out.sample("sluice_device_polls_total", st.polls, device=dev)
+    fam("sluice_device_errors_total")
+    for dev, st in statuses:
+        for kind, n in sorted(st.errors.items()):
+            out.sample("sluice_device_errors_total", n, device=dev, kind=kind)
+    fam("sluice_device_last_success_timestamp_seconds")
+    for dev, st in statuses:
+        out.sample("sluice_device_last_success_timestamp_seconds", (st.last_success_ns or 0) / 1e9, device=dev)
+
+    stats = gw.outbox_stats()
+    if stats is not None:
+        fam("sluice_outbox_rows")
+        out.sample("sluice_outbox_rows", stats.rows)
+        fam("sluice_outbox_bytes")
+        out.sample("sluice_outbox_bytes", stats.bytes)
+        fam("sluice_outbox_max_bytes")
+        out.sample("sluice_outbox_max_bytes", gw.config.gateway.buffer.max_bytes)
+        fam("sluice_outbox_oldest_age_seconds")
+        out.sample("sluice_outbox_oldest_age_seconds", max(0.0, (now_ns - stats.oldest_ns) / 1e9) if stats.oldest_ns else 0.0)
+        fam("sluice_outbox_dropped_total")
+        out.sample("sluice_outbox_dropped_total", stats.dropped)
+    committer = gw.committer
+    if committer is not None:
+        cs = committer.stats
+        fam("sluice_outbox_committed_total")
+        out.sample("sluice_outbox_committed_total", cs.committed)
+        fam("sluice_outbox_commit_failures_total")
+        out.sample("sluice_outbox_commit_failures_total", cs.failed_commits)
+        fam("sluice_outbox_unstored_readings")
+        out.sample("sluice_outbox_unstored_readings", committer.pending if committer.failing else 0)
+        fam("sluice_outbox_lost_total")
+        out.sample("sluice_outbox_lost_total", cs.lost)
+
+    fwds = list(gw.forwarders)
+    if fwds:
+        fam("sluice_sink_connected")
+        for f in fwds:
+            out.sample("sluice_sink_connected", bool(getattr(gw.sinks.get(f.name), "connected", False)), sink=f.name)  # type: ignore[attr-defined]
+        fam("sluice_sink_delivered_total")
+        for f in fwds:
+            out.sample("sluice_sink_delivered_total", f.stats.delivered, sink=f.name)  # type: ignore[attr-defined]
+        fam("sluice_sink_retries_total")
+        for f in fwds:
+            out.sample("sluice_sink_retries_total", f.stats.retries, sink=f.name)  # type: ignore[attr-defined]
+        fam("sluice_sink_pending_readings")
+        for f in fwds:
+            out.sample("sluice_sink_pending_readings", stats.pending.get(f.name, 0) if stats else 0, sink=f.name)  # type: ignore[attr-defined]
+        fam("sluice_sink_lag_seconds")
+        for f in fwds:
+            out.sample("sluice_sink_lag_seconds", _lag(gw, f.name, now_ns), sink=f.name)  # type: ignore[attr-defined]
+
+    fam("sluice_component_stalled")
+    stalled = {name for name, _s in gw.progress.wedged()}
+    for name in gw.progress.names():
+        out.sample("sluice_component_stalled", name in stalled, component=name)
+
+    proc = _process()
+    fam("process_cpu_seconds_total")
+    out.sample("process_cpu_seconds_total", proc["cpu"])
+    fam("process_resident_memory_bytes")
+    out.sample("process_resident_memory_bytes", proc["rss"])
+    fam("process_start_time_seconds")
+    out.sample("process_start_time_seconds", _PROCESS_START)
+    return "\n".join(out.lines) + "\n"
+
+
+def _lag(gw: Gateway, sink: str, now_ns: int) -> float:
+    outbox = gw.outbox
+    if outbox is None or gw.final_stats is not None:
+        return 0.0
+    try:
+        oldest = outbox.fetch(sink, 1, 1)
+    except Exception:  # the outbox failing is reported elsewhere; lag is then unknown
+        return 0.0
+    return max(0.0, (now_ns - oldest[0].reading.time_ns) / 1e9) if oldest else 0.0
+
+
+def _process_start() -> float:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/stat", encoding="ascii") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rfind(")") + 2:].split()[19])
+        with open("/proc/stat", encoding="ascii") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    return time.time()
+
+
+_PROCESS_START = _process_start()
+
+
+def status_line(gw: Gateway) -> str:
+    """The one-line summary for systemd's STATUS= (and the log)."""
+    statuses = [st for p in gw.pollers for st in p.status.values()]
+    up = sum(1 for st in statuses if st.up)
+    parts = [f"{up}/{len(statuses)} devices up"]
+    stats = gw.outbox_stats()
+    if stats is not None:
+        age = (time.time_ns() - stats.oldest_ns) / 1e9 if stats.oldest_ns else 0.0
+        parts.append(f"outbox {stats.rows} readings" + (f" (oldest {age:.0f}s)" if stats.rows else ""))
+    for name, sink in gw.sinks.items():
+        parts.append(f"{name} {'connected' if getattr(sink, 'connected', False) else 'DISCONNECTED'}")
+    if gw.committer is not None and gw.committer.failing:
+        parts.append("OUTBOX NOT WRITABLE")
+    wedged = gw.progress.wedged()
+    if wedged:
+        parts.append("WEDGED " + ", ".join(name for name, _s in wedged))
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- HTTP
+class HealthServer:
+    """``async with HealthServer(gateway, host, port):`` serves /healthz and /metrics."""
+
+    def __init__(self, gw: Gateway, host: str, port: int) -> None:
+        self._gw = gw
+        self.host, self.port = host, port
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> HealthServer:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("health endpoint on http://%s:%d/healthz and /metrics", self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5.0):
+                request = await reader.readline()
+                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    if len(line) > 8192:
+                        return
+            parts = request.decode("latin-1").split()
+            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+            if len(parts) < 2 or parts[0] != "GET":
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path == "/metrics":
+                status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+                body = render_metrics(self._gw).encode()
+            elif path == "/healthz":
+                ok, data = healthz(self._gw)
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "application/json", (json.dumps(data) + "\n").encode()
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"try /healthz or /metrics\n"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (TimeoutError, OSError, ValueError):
+            pass
+        except Exception:
+            log.exception("health endpoint: failed to answer a request")
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+# --------------------------------------------------------------------------- `sluice status`
+def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Samples of our own exposition text (the subset :func:`render_metrics` writes)."""
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _sep, value = line.rpartition(" ")
+        name, _brace, rest = head.partition("{")
+        labels: dict[str, str] = {}
+        for key, val in _LABEL.findall(rest):
+            labels[key] = val.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+        out.append((name, labels, float(value)))
+    return out
+
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _ago(seconds: float) -> str:
+    from gateway.polling import format_duration
+
+    return format_duration(max(0.0, seconds))
+
+
+def format_status(health: dict[str, Any], metrics_text: str, now: float | None = None) -> str:
+    """The readable table ``sluice status`` prints: the same figures as /healthz and /metrics."""
+    now = time.time() if now is None else now
+    samples = parse_metrics(metrics_text)
+    single = {name: value for name, labels, value in samples if not labels}
+    by: dict[str, dict[str, dict[str, float]]] = {}
+    errors: dict[str, dict[str, float]] = {}
+    info: dict[str, str] = {}
+    for name, labels, value in samples:
+        if name == "sluice_info":
+            info = labels
+        elif name == "sluice_device_errors_total":
+            errors.setdefault(labels["device"], {})[labels["kind"]] = value
+        elif "device" in labels or "sink" in labels:
+            key = labels.get("device") or labels["sink"]
+            table = "device" if "device" in labels else "sink"
+            by.setdefault(table, {}).setdefault(key, {})[name] = value
+    state = ("live" if health.get("live") else "WEDGED") + ", " + ("ready" if health.get("ready") else "NOT READY")
+    lines = [f"gateway {info.get('gateway', '?')} at {info.get('site', '?')} — {state}; "
+             f"up {_ago(single.get('sluice_uptime_seconds', 0))}", ""]
+    devices = by.get("device", {})
+    if devices:
+        width = max(8, *(len(d) for d in devices))
+        lines.append(f"{'DEVICE':<{width}}  {'STATE':<5}  {'POLLS':>7}  {'LAST ANSWER':<12}  ERRORS")
+        for dev, m in sorted(devices.items()):
+            last = m.get("sluice_device_last_success_timestamp_seconds", 0)
+            errs = ", ".join(f"{k} {v:.0f}" for k, v in sorted(errors.get(dev, {}).items())) or "-"
+            lines.append(f"{dev:<{width}}  {'up' if m.get('sluice_device_up') else 'DOWN':<5}  "
+                         f"{m.get('sluice_device_polls_total', 0):>7.0f}  "
+                         f"{(_ago(now - last) + ' ago') if last else 'never':<12}  {errs}")
+        lines.append("")
+    if "sluice_outbox_rows" in single:
+        lines.append(f"outbox: {single['sluice_outbox_rows']:.0f} readings, "
+                     f"{_size(single.get('sluice_outbox_bytes', 0))} of {_size(single.get('sluice_outbox_max_bytes', 0))}, "
+                     f"oldest {_ago(single.get('sluice_outbox_oldest_age_seconds', 0))}, "
+                     f"dropped {single.get('sluice_outbox_dropped_total', 0):.0f}, "
+                     f"held in memory {single.get('sluice_outbox_unstored_readings', 0):.0f}, "
+                     f"lost {single.get('sluice_outbox_lost_total', 0):.0f}")
+    sinks = by.get("sink", {})
+    if sinks:
+        width = max(6, *(len(s) for s in sinks))
+        lines.append("")
+        lines.append(f"{'SINK':<{width}}  {'LINK':<12}  {'DELIVERED':>10}  {'PENDING':>8}  {'LAG':>8}  RETRIES")
+        for name, m in sorted(sinks.items()):
+            lines.append(f"{name:<{width}}  {'connected' if m.get('sluice_sink_connected') else 'DISCONNECTED':<12}  "
+                         f"{m.get('sluice_sink_delivered_total', 0):>10.0f}  {m.get('sluice_sink_pending_readings', 0):>8.0f}  "
+                         f"{_ago(m.get('sluice_sink_lag_seconds', 0)):>8}  {m.get('sluice_sink_retries_total', 0):.0f}")
+    lines.append("")
+    lines.append(f"process: cpu {single.get('process_cpu_seconds_total', 0):.1f} s, "
+                 f"rss {_size(single.get('process_resident_memory_bytes', 0))}")
+    for reason in health.get("reasons", []):
+        lines.append(f"problem: {reason}")
+    for warning in health.get("warnings", []):
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)
+
+
+def fetch(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    """GET ``path`` from the health endpoint: (HTTP status, body). Raises OSError if unreachable."""
+    import http.client
+
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
