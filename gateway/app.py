@@ -14,7 +14,10 @@ from gateway import driver as drivers
 from gateway.buffer import Outbox, OutboxError, OutboxStats
 from gateway.config import Config
 from gateway.driver import Device, Poller
+from gateway.health import HealthServer, Progress, status_line, track_gateway
 from gateway.reading import Reading
+from gateway.sdnotify import Notifier, watchdog_interval
+from gateway.security import startup_warnings
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,16 @@ class Committer:
         self._wake = asyncio.Event()
         self._failing = False
         self.stats = CommitStats()
+
+    @property
+    def pending(self) -> int:
+        """Readings read but not yet committed (held in memory while the outbox fails)."""
+        return len(self._pending)
+
+    @property
+    def failing(self) -> bool:
+        """True from a failed commit until the next successful one."""
+        return self._failing
 
     def emit(self, reading: Reading) -> None:
         self._pending.append(reading)
@@ -132,6 +145,13 @@ class Gateway:
     """The outbox's figures at the moment the gateway stopped."""
     on_reading: Callable[[Reading], None] | None = None
     """Called with every reading as it is read (the demo's live view); None costs nothing."""
+    sinks: dict[str, Any] = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)
+    """Heartbeats of every loop: the watchdog pings systemd only while none is wedged."""
+    stall_margin: float = 10.0
+    """Seconds of slack on top of each loop's computed limit before it counts as wedged."""
+    health_port: int | None = None
+    """The port the health endpoint listens on once running (None: not serving)."""
 
     def outbox_stats(self) -> OutboxStats | None:
         """Live figures while running, the final ones after the stop, None before the start."""
@@ -146,13 +166,18 @@ class Gateway:
         buf = cfg.gateway.buffer
         self.started_ns = time.time_ns()
         self.final_stats = None
+        for warning in startup_warnings(cfg):
+            log.warning("%s", warning)
+        notifier = Notifier()
         async with AsyncExitStack() as stack:
+            stack.callback(notifier.close)
             outbox = stack.enter_context(Outbox(buf.resolved_path(), list(cfg.gateway.sinks),
                                                 max_bytes=buf.max_bytes, when_full=buf.when_full,
                                                 synchronous=buf.synchronous))
             self.outbox = outbox
             for name, sink_cfg in cfg.gateway.sinks.items():
                 sink = await stack.enter_async_context(make_sink(name, sink_cfg, cfg))
+                self.sinks[name] = sink
                 self.forwarders.append(Forwarder(name, outbox, sink, sink_cfg, cfg))
             forwarders = self.forwarders
 
@@ -178,11 +203,15 @@ class Gateway:
 
             poll_tasks = [asyncio.create_task(p.run(emit), name=f"poll[{p.name}]")
                           for p in self.pollers]
+            track_gateway(self.progress, self, self.stall_margin)
+            await self._serve_health(stack)
             log.info("gateway %s at %s running: %d devices on %d connections, %d sinks, outbox %s",
                      cfg.gateway_id, cfg.site, len(cfg.devices), len(self.pollers), len(forwarders),
                      buf.resolved_path())
             self.ready.set()
+            notifier.send(READY=1, STATUS=status_line(self))
             stop_task = asyncio.create_task(stop.wait(), name="stop")
+            watchdog_task = asyncio.create_task(self._watchdog(notifier), name="watchdog")
             try:
                 done, _ = await asyncio.wait([stop_task, commit_task, *poll_tasks, *forward_tasks],
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -190,6 +219,8 @@ class Gateway:
                     if task is not stop_task and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
             finally:
+                notifier.send(STOPPING=1, STATUS="stopping: committing what was read")
+                await _cancel([watchdog_task])
                 await _cancel(poll_tasks)
                 await _cancel([commit_task])
                 committer.flush()
@@ -198,6 +229,50 @@ class Gateway:
                 stats = self.final_stats = outbox.stats()
                 log.info("gateway stopped: %d readings committed this run, %d left in the outbox",
                          committer.stats.committed, stats.rows)
+
+    async def _serve_health(self, stack: AsyncExitStack) -> None:
+        """Start the /healthz and /metrics endpoint. A port that cannot be bound is logged, not
+        fatal: reading and buffering matter more than being watched."""
+        health = self.config.gateway.health
+        self.health_port = None
+        if not health.enabled:
+            return
+        try:
+            server = await stack.enter_async_context(HealthServer(self, health.host, health.port))
+        except OSError as exc:
+            log.error("health endpoint: cannot listen on %s: %s — running without /healthz and /metrics; "
+                      "choose another health.listen", health.listen, exc.strerror or exc)
+            return
+        self.health_port = server.port
+
+    async def _watchdog(self, notifier: Notifier) -> None:
+        """Ping systemd's watchdog only while every loop makes progress; keep STATUS= current."""
+        if not notifier.enabled:
+            return
+        interval = watchdog_interval()
+        period = min(interval, 5.0) if interval is not None else 5.0
+        last_status = ""
+        reported: set[str] = set()
+        while True:
+            await asyncio.sleep(period)
+            wedged = self.progress.wedged()
+            names = {name for name, _s in wedged}
+            for name, seconds in wedged:
+                if name not in reported:
+                    log.error("%s has work but made no progress for %.0f s — it is wedged; %s", name, seconds,
+                              "the systemd watchdog will restart the service" if interval is not None
+                              else "restart the service")
+            for name in reported - names:
+                log.info("%s is making progress again", name)
+            reported = names
+            status = status_line(self)
+            fields: dict[str, str | int] = {}
+            if not wedged and interval is not None:
+                fields["WATCHDOG"] = 1
+            if status != last_status:
+                fields["STATUS"] = last_status = status
+            if fields:
+                notifier.send(**fields)
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[object]]) -> None:
