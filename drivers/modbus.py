@@ -41,9 +41,9 @@ import math
 import re
 import struct
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -57,9 +57,12 @@ __all__ = [
     "PROFILE_KIND",
     "PROTOCOLS",
     "DeviceModel",
+    "ModbusClient",
     "ModbusConnectionError",
     "ModbusError",
     "ModbusExceptionResponse",
+    "ModbusFrameError",
+    "ModbusPoller",
     "ModbusProtocolError",
     "ModbusTcpClient",
     "ModbusTcpPoller",
@@ -602,6 +605,16 @@ class ModbusProtocolError(ModbusError):
     kind = "bad_response"
 
 
+class ModbusFrameError(ModbusError):
+    """A serial (RTU) reply that arrived damaged: ``kind`` is ``crc`` (checksum wrong),
+    ``truncated`` (the frame stopped short) or ``garbage`` (bytes that are no frame). The link
+    stays usable, so the request is worth another attempt."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class ModbusConnectionError(ModbusError):
     """Connecting failed or the connection was lost: ``kind`` is ``refused``, ``unreachable``
     or ``disconnected``."""
@@ -637,6 +650,19 @@ class ModbusExceptionResponse(ModbusError):
         self.code = code
         name, self.hint = EXCEPTION_CODES.get(code, (f"exception {code}", "see the device's manual"))
         super().__init__(f"exception {code} ({name})")
+
+
+_DOWN_HINT: Final = {
+    "timeout": "check the unit id, that the device is powered, and its RS485 wiring (A/B, termination) "
+               "and baud rate if it sits behind a TCP converter",
+    "refused": "nothing accepts Modbus connections there — check the port and that the device's "
+               "Modbus TCP server is enabled",
+    "unreachable": "check the IP address, the network cable and that the device is powered",
+    "disconnected": "many devices allow only one or two clients: check that no other master (SCADA, "
+                    "a second gateway) holds it, and that the device accepts this unit id and request",
+    "bad_response": "the answer was not valid Modbus TCP — check that host:port is a Modbus TCP "
+                    "server (not RTU over TCP) and the unit id",
+}
 
 
 _MBAP = struct.Struct(">HHH")
@@ -703,6 +729,8 @@ class ModbusTcpClient:
     and is discarded, never mistaken for the answer to the next request. Not an async context
     manager by itself: the poller that owns it opens and closes it.
     """
+
+    hints: Mapping[str, str] = _DOWN_HINT
 
     def __init__(self, host: str, port: int = 502) -> None:
         self.host = host
@@ -791,17 +819,26 @@ class ModbusTcpClient:
 
 
 # =========================================================================== poller
-_DOWN_HINT: Final = {
-    "timeout": "check the unit id, that the device is powered, and its RS485 wiring (A/B, termination) "
-               "and baud rate if it sits behind a TCP converter",
-    "refused": "nothing accepts Modbus connections there — check the port and that the device's "
-               "Modbus TCP server is enabled",
-    "unreachable": "check the IP address, the network cable and that the device is powered",
-    "disconnected": "many devices allow only one or two clients: check that no other master (SCADA, "
-                    "a second gateway) holds it, and that the device accepts this unit id and request",
-    "bad_response": "the answer was not valid Modbus TCP — check that host:port is a Modbus TCP "
-                    "server (not RTU over TCP) and the unit id",
-}
+
+
+class ModbusClient(Protocol):
+    """What :class:`ModbusPoller` needs from a transport (Modbus TCP, RTU on a serial port,
+    RTU over TCP): one transaction at a time, a timeout per request, read function codes only.
+
+    ``hints`` maps an error kind to what a technician should check; ``connected`` is False
+    before :meth:`connect` and after the link was lost; ``lost`` is True when it was open and
+    went away by itself (cleared by ``connect``/``close``).
+    """
+
+    hints: Mapping[str, str]
+
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def lost(self) -> bool: ...
+    async def connect(self, timeout: float) -> None: ...
+    async def close(self) -> None: ...
+    async def read(self, unit: int, function: int, address: int, count: int, timeout: float) -> bytes: ...
 
 
 @dataclass(slots=True)
@@ -818,24 +855,25 @@ class _Unit:
     where: str
 
 
-class ModbusTcpPoller:
-    """Polls every device (unit id) behind one host:port over one connection, one transaction
-    at a time (see :class:`gateway.driver.Poller` for the lifecycle).
+class ModbusPoller:
+    """Polls every device (unit id) on one connection — a host:port, a serial bus, an RTU-over-TCP
+    link — one transaction at a time (see :class:`gateway.driver.Poller` for the lifecycle).
+    The transport is the ``client`` (:class:`ModbusClient`); the loop is the same for all.
 
     Each device keeps its own interval (aligned to the wall clock), timeout and retries. A
     device that does not answer is marked down and probed with capped exponential backoff, one
     attempt of one request per probe, so it costs the other devices at most its timeout per
     probe. A refused or lost connection is reopened with capped backoff; that concerns only
-    this poller's devices.
+    this poller's devices. Timeouts and damaged frames (:class:`ModbusFrameError`) are retried
+    up to the device's ``retries``.
     """
 
-    def __init__(self, host: str, port: int, devices: Sequence[Device]) -> None:
+    def __init__(self, name: str, client: ModbusClient, devices: Sequence[Device]) -> None:
         if not devices:
             raise ValueError("a poller needs at least one device")
-        self.host, self.port = host, port
-        self.name = f"{host}:{port}"
+        self.name = name
         self.status: dict[str, DeviceStatus] = {}
-        self._client = ModbusTcpClient(host, port)
+        self._client = client
         self._units: list[_Unit] = []
         for dev in sorted(devices, key=lambda d: (d.config.unit_id, d.id)):
             cfg = dev.config
@@ -856,7 +894,11 @@ class ModbusTcpPoller:
     def plans(self) -> dict[str, list[Request]]:
         return {u.device.id: u.requests for u in self._units}
 
-    async def __aenter__(self) -> ModbusTcpPoller:
+    @property
+    def client(self) -> ModbusClient:
+        return self._client
+
+    async def __aenter__(self) -> ModbusPoller:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -874,7 +916,7 @@ class ModbusTcpPoller:
         try:
             await self._client.connect(self._connect_timeout)
         except ModbusConnectionError as exc:
-            hint = _DOWN_HINT.get(exc.kind, "")
+            hint = self._client.hints.get(exc.kind, "")
             self._link.down(exc.kind, f"{exc} (devices {self._device_list()}) — {hint}")
             for unit in self._units:
                 unit.health.count(exc.kind, str(exc))
@@ -939,7 +981,7 @@ class ModbusTcpPoller:
             for _attempt in range(attempts):
                 try:
                     data = await read(unit.unit_id, request.function, request.address, request.count, unit.timeout)
-                except ModbusTimeout as exc:
+                except (ModbusTimeout, ModbusFrameError) as exc:
                     error = exc
                     continue
                 except ModbusExceptionResponse as exc:
@@ -983,15 +1025,23 @@ class ModbusTcpPoller:
         return Reading(dev.id, time_ns, fields, dict(dev.tags),
                        UNCERTAIN if problem is not None or invalid else GOOD, dev.measurement)
 
-    @staticmethod
-    def _describe(unit: _Unit, request: Request, error: ModbusError) -> str:
+    def _describe(self, unit: _Unit, request: Request, error: ModbusError) -> str:
         what = f"{unit.where}, {request} (address {request.address})"
+        hints = self._client.hints
         if isinstance(error, ModbusExceptionResponse):
             return f"{what}: the device answered {error} — {error.hint}"
-        if isinstance(error, ModbusTimeout):
+        if isinstance(error, (ModbusTimeout, ModbusFrameError)):
             tries = "" if unit.retries == 0 else f" ({1 + unit.retries} attempts)"
-            return f"{what}: {error}{tries} — {_DOWN_HINT['timeout']}"
-        return f"{what}: {error} — {_DOWN_HINT.get(error.kind, '')}"
+            return f"{what}: {error}{tries} — {hints.get(error.kind, '')}"
+        return f"{what}: {error} — {hints.get(error.kind, '')}"
+
+
+class ModbusTcpPoller(ModbusPoller):
+    """A :class:`ModbusPoller` over Modbus TCP: every unit id behind one host:port."""
+
+    def __init__(self, host: str, port: int, devices: Sequence[Device]) -> None:
+        self.host, self.port = host, port
+        super().__init__(f"{host}:{port}", ModbusTcpClient(host, port), devices)
 
 
 # =========================================================================== driver entry points
