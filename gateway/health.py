@@ -217,7 +217,7 @@ def render_metrics(gw: Gateway) -> str:
 
     def fam(name: str) -> None:
         kind, help_text = METRICS[name]
-        out.family(name.removesuffix("_total") if kind == "counter" else name, kind, help_text)
+        out.family(name, kind, help_text)  # text format 0.0.4: TYPE names the sample, _total included
 
     fam("sluice_info")
     out.sample("sluice_info", 1, gateway=gw.config.gateway_id, site=gw.config.site)

@@ -1,0 +1,209 @@
+"""Health endpoint, metrics, `sluice status`, and the systemd watchdog with a fake NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from e2e_support import counter_servers, device_ports, write_config
+from gateway import cli
+from gateway.app import Gateway
+from gateway.config import load_config
+from gateway.health import METRICS, fetch
+from servers import free_port
+
+LAYOUT = {0: [("tank-a", 1)]}
+
+
+def _config(tmp_path: Path, servers, broker_port: int | None, *, health_port: int, dead: bool = True,
+            sink_extra: dict | None = None) -> Path:
+    devices = device_ports(LAYOUT, servers)
+    if dead:
+        devices["dead"] = (free_port(), 1)  # nothing listens: refused, down
+    cfg = write_config(tmp_path / "cfg", devices=devices, broker_port=broker_port, sink_extra=sink_extra)
+    data = yaml.safe_load((cfg / "gateway.yaml").read_text())
+    data["health"] = {"listen": f"127.0.0.1:{health_port}"}
+    (cfg / "gateway.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return cfg
+
+
+@contextlib.asynccontextmanager
+async def _running(gateway: Gateway):
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop), name="gateway-under-test")
+    try:
+        await asyncio.wait_for(gateway.ready.wait(), 10)
+        yield gateway
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def _until(condition, timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_metrics_parse_and_every_documented_metric_is_present(tmp_path: Path, mosquitto, close_default_executor,
+                                                                    capsys) -> None:
+    servers = counter_servers(LAYOUT)
+    port = free_port()
+    async with contextlib.AsyncExitStack() as stack:
+        for s in servers:
+            await stack.enter_async_context(s)
+        gw = Gateway(load_config(_config(tmp_path, servers, mosquitto.port, health_port=port)))
+        await stack.enter_async_context(_running(gw))
+        assert gw.health_port == port
+        await _until(lambda: gw.forwarders[0].stats.delivered > 0  # type: ignore[attr-defined]
+                     and any(st.errors for p in gw.pollers for st in p.status.values()))
+
+        code, body = await asyncio.to_thread(fetch, "127.0.0.1", port, "/metrics")
+        assert code == 200
+        families = {f.name: f for f in text_string_to_metric_families(body)}
+        samples = {s.name: s for f in families.values() for s in f.samples}
+        missing = [name for name in METRICS if name not in samples]
+        assert not missing, f"documented metrics missing from /metrics: {missing}"
+        by_device = {(s.name, s.labels.get("device")): s.value for f in families.values() for s in f.samples}
+        assert by_device[("sluice_device_up", "tank-a")] == 1
+        assert by_device[("sluice_device_up", "dead")] == 0
+        assert any(s.labels == {"device": "dead", "kind": "refused"} for s in families["sluice_device_errors"].samples), body
+        assert families["sluice_device_polls"].type == "counter"
+        assert samples["sluice_sink_connected"].value == 1
+        assert samples["sluice_ready"].value == 1
+
+        code, body = await asyncio.to_thread(fetch, "127.0.0.1", port, "/healthz")
+        state = json.loads(body)
+        assert code == 200 and state["live"] and state["ready"], state
+        assert "device dead: down" in state["warnings"]
+        code, _ = await asyncio.to_thread(fetch, "127.0.0.1", port, "/nope")
+        assert code == 404
+
+        rc = await asyncio.to_thread(cli.main, ["status", "--url", f"127.0.0.1:{port}"])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        assert "tank-a" in out and "DOWN" in out and "refused" in out and "broker" in out and "connected" in out
+
+
+async def test_status_when_nothing_listens_says_so(tmp_path: Path, capsys, close_default_executor) -> None:
+    rc = await asyncio.to_thread(cli.main, ["status", "--url", f"127.0.0.1:{free_port()}"])
+    assert rc == 3
+    assert "cannot reach the gateway's health endpoint" in capsys.readouterr().err
+
+
+async def test_a_busy_port_does_not_stop_the_gateway(tmp_path: Path, caplog) -> None:
+    servers = counter_servers(LAYOUT)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with contextlib.AsyncExitStack() as stack:
+            for s in servers:
+                await stack.enter_async_context(s)
+            gw = Gateway(load_config(_config(tmp_path, servers, None, health_port=port, dead=False)))
+            await stack.enter_async_context(_running(gw))
+            assert gw.health_port is None
+    assert "running without /healthz and /metrics" in caplog.text
+
+
+class _FakeSystemd:
+    """A datagram socket standing in for systemd's $NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[dict[str, str]] = []
+
+    def drain(self) -> list[dict[str, str]]:
+        got = []
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                break
+            got.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+        self.messages += got
+        return got
+
+    async def wait_for(self, predicate, timeout: float = 20.0) -> dict[str, str]:
+        async with asyncio.timeout(timeout):
+            while True:
+                for message in self.drain():
+                    if predicate(message):
+                        return message
+                await asyncio.sleep(0.05)
+
+
+async def test_watchdog_pings_only_while_every_loop_progresses(tmp_path: Path, monkeypatch, close_default_executor) -> None:
+    import drivers.modbus
+
+    fake = _FakeSystemd(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(fake.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # pings every 0.2 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    servers = counter_servers(LAYOUT)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for s in servers:
+                await stack.enter_async_context(s)
+            # A sink whose broker is down: the forwarder waits, which is not being wedged.
+            cfg = _config(tmp_path, servers, free_port(), health_port=free_port(), dead=False)
+            gw = Gateway(load_config(cfg), stall_margin=0.5)
+            await stack.enter_async_context(_running(gw))
+            ready = await fake.wait_for(lambda m: "READY" in m)
+            assert ready["READY"] == "1" and "devices up" in ready["STATUS"]
+            for _ in range(3):
+                await fake.wait_for(lambda m: m.get("WATCHDOG") == "1")
+            await _until(lambda: gw.outbox is not None and gw.outbox.stats().pending["broker"] > 0)
+            await fake.wait_for(lambda m: m.get("WATCHDOG") == "1")  # still pinging while buffering
+
+            async def hang(*_args: object, **_kwargs: object) -> bytes:
+                await asyncio.Event().wait()  # a read that never returns, whatever its timeout
+                raise AssertionError
+
+            monkeypatch.setattr(drivers.modbus.ModbusTcpClient, "read", hang)
+            wedged = await fake.wait_for(lambda m: "WEDGED" in m.get("STATUS", ""))
+            assert "poll[127.0.0.1:" in wedged["STATUS"] and "WATCHDOG" not in wedged
+            # Once wedged, no more pings: systemd would restart us after WatchdogSec.
+            await asyncio.sleep(1.0)
+            assert not [m for m in fake.drain() if "WATCHDOG" in m]
+            code, body = await asyncio.to_thread(fetch, "127.0.0.1", gw.config.gateway.health.port, "/healthz")
+            assert code == 503 and json.loads(body)["live"] is False
+        fake.drain()
+        assert any(m.get("STOPPING") == "1" for m in fake.messages)
+    finally:
+        fake.sock.close()
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, None), ({"WATCHDOG_USEC": "30000000"}, 15.0), ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),
+    ({"WATCHDOG_USEC": "0"}, None), ({"WATCHDOG_USEC": "x"}, None),
+])
+def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
+    from gateway.sdnotify import watchdog_interval
+
+    assert watchdog_interval(env) == expected
+
+
+def test_notifier_abstract_socket_and_absent_socket() -> None:
+    from gateway.sdnotify import Notifier
+
+    assert Notifier("").send(READY=1) is False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0sluice-test-" + str(free_port()))
+        name = sock.getsockname()
+        notifier = Notifier("@" + name[1:] if isinstance(name, str) else "@" + name[1:].decode())
+        assert notifier.send(READY=1, STATUS="two\nlines")
+        assert sock.recv(100) == b"READY=1\nSTATUS=two lines"
+        notifier.close()
