@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["sim", "serial"]:
+        # `sluice sim serial PROFILE`: a serial sensor on a pty (its own parser, --help).
+        from simulators.serial_sensor import main_serial_sim
+
+        return main_serial_sim(argv[2:])
     if argv[:1] == ["sim"]:
         # The simulator has its own parser (`sluice sim --help`); hand it everything after `sim`.
         from simulators.modbus_tcp import main_sim
