@@ -1,0 +1,340 @@
+"""Simulated Modbus RTU buses on pseudo-terminal pairs: several units served from their profiles
+(the TCP simulator's :class:`~simulators.modbus_tcp.SimDevice` and
+:func:`~simulators.modbus_tcp.answer`), RTU faults, optional wire timing, and ``sluice sim rtu``.
+
+* :class:`RtuBus` — one bus: ``os.openpty()``, the simulator holds the master side, the gateway
+  opens :attr:`RtuBus.path` (the slave, or a symlink to it at a path you choose, which stays the
+  same when the "port" is unplugged and plugged in again: :meth:`RtuBus.vanish`,
+  :meth:`RtuBus.reappear`). One task per bus answers one request at a time, like a real bus.
+* :class:`RtuFaults` — per unit: the TCP simulator's faults (``no_answer``, ``delay``,
+  ``exception``) plus the share of replies sent with a wrong CRC (``crc``), preceded by noise
+  (``garbage``) or cut short (``truncate``). Mutable while the bus runs.
+* Wire timing (``wire_timing=True``): each frame takes its transmission time at ``baudrate``
+  (request and reply), so a gateway cannot go faster than a real bus; the line settings the
+  gateway put on the port are checked, and a unit does not answer a port opened at another
+  baud rate, parity or stop bits — as on a real bus.
+
+A request with a write function code is counted (``stats.writes``) and refused with exception 01,
+unless the unit is ``writable``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+import termios
+import time
+import tty
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from drivers.modbus import ProfileModel
+from drivers.modbus_rtu import char_time, crc16, inter_frame_silence, rtu_frame
+from simulators.modbus_tcp import Faults, ServerStats, SimDevice, answer
+
+__all__ = ["RtuBus", "RtuFaults", "main_sim_rtu"]
+
+log = logging.getLogger("sluice.sim")
+
+
+@dataclass(slots=True)
+class RtuFaults(Faults):
+    """A unit's faults on a serial bus. ``crc``, ``garbage`` and ``truncate`` are the share
+    (0..1) of replies affected; ``True`` means every reply. ``disconnect`` has no meaning on a
+    bus (use :meth:`RtuBus.vanish` for an unplugged port) and is ignored."""
+
+    crc: float = 0.0
+    garbage: float = 0.0
+    truncate: float = 0.0
+
+
+def _baud_constant(baudrate: int) -> int | None:
+    return getattr(termios, f"B{baudrate}", None)
+
+
+class RtuBus:
+    """A simulated RS485 bus on a pty pair; ``async with`` opens it, leaving closes it."""
+
+    def __init__(self, devices: Iterable[SimDevice], *, link: Path | str | None = None, baudrate: int = 9600,
+                 parity: str = "N", stopbits: int = 1, wire_timing: bool = False, seed: int = 0) -> None:
+        self.devices: dict[int, SimDevice] = {}
+        for dev in devices:
+            if dev.unit_id in self.devices:
+                raise ValueError(f"unit id {dev.unit_id} is used twice on one bus "
+                                 f"({self.devices[dev.unit_id].name}, {dev.name})")
+            if not isinstance(dev.faults, RtuFaults):
+                f = dev.faults
+                dev.faults = RtuFaults(f.no_answer, f.delay, f.exception, f.disconnect)
+            self.devices[dev.unit_id] = dev
+        self.link = Path(link) if link is not None else None
+        self.baudrate, self.parity, self.stopbits = baudrate, parity, stopbits
+        self.wire_timing = wire_timing
+        self.char = char_time(baudrate, 8, parity, stopbits)
+        self.silence = inter_frame_silence(baudrate, 8, parity, stopbits)
+        self.stats = ServerStats()
+        self.bad_requests = 0  # request frames with a wrong CRC or an unknown function code
+        self.wrong_line = 0  # requests ignored because the port was set to other line settings
+        self._rng = random.Random(seed)
+        self._master = self._slave = -1
+        self._tty = ""
+        self._buf = bytearray()
+        self._data = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ the port
+    @property
+    def path(self) -> str:
+        """What the gateway opens: the symlink if one was asked for, else the pty's slave."""
+        return str(self.link) if self.link is not None else self._tty
+
+    @property
+    def present(self) -> bool:
+        return self._master >= 0
+
+    def faults(self, unit_id: int) -> RtuFaults:
+        """The (mutable) faults of a unit: ``bus.faults(3).crc = 1``."""
+        faults = self.devices[unit_id].faults
+        assert isinstance(faults, RtuFaults)
+        return faults
+
+    def set_faults(self, unit_id: int, **faults: Any) -> None:
+        """Replace a unit's faults; no arguments clears them."""
+        self.devices[unit_id].faults = RtuFaults(**faults)
+
+    async def __aenter__(self) -> RtuBus:
+        self.reappear()
+        self._task = asyncio.create_task(self._serve(), name=f"sim-rtu[{self.path}]")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.vanish()
+
+    def vanish(self) -> None:
+        """Unplug: close the pty (the gateway's reads fail) and remove the symlink."""
+        if self._master >= 0:
+            asyncio.get_running_loop().remove_reader(self._master)
+            os.close(self._master)
+            os.close(self._slave)
+            self._master = self._slave = -1
+        if self.link is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.link.unlink()
+        self._buf.clear()
+
+    def reappear(self) -> None:
+        """Plug in (again): a new pty; the symlink, if any, points at it."""
+        if self._master >= 0:
+            return
+        master, slave = os.openpty()
+        # Raw on both sides until the gateway configures its end: no echo, no CR/LF translation.
+        tty.setraw(master)
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        self._master, self._slave, self._tty = master, slave, os.ttyname(slave)
+        if self.link is not None:
+            tmp = self.link.with_name(f".{self.link.name}.{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            tmp.symlink_to(self._tty)
+            tmp.replace(self.link)
+        asyncio.get_running_loop().add_reader(master, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._master, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""  # EIO: nobody has the slave open; nothing to read
+        if data:
+            self._buf += data
+            self._data.set()
+
+    def _line_matches(self) -> bool:
+        """Whether the gateway's end of the pty is set to this bus's baud rate, parity, stop bits."""
+        try:
+            _i, _o, cflag, _l, _ispeed, ospeed, _cc = termios.tcgetattr(self._slave)
+        except termios.error:
+            return True
+        want = _baud_constant(self.baudrate)
+        if want is not None and ospeed != want:
+            return False
+        parity = "N" if not cflag & termios.PARENB else ("O" if cflag & termios.PARODD else "E")
+        stopbits = 2 if cflag & termios.CSTOPB else 1
+        return parity == self.parity and stopbits == self.stopbits
+
+    # ------------------------------------------------------------------ serving
+    async def _serve(self) -> None:
+        while True:
+            await self._data.wait()
+            self._data.clear()
+            while (request := self._next_request()) is not None:
+                await self._handle(request)
+
+    def _next_request(self) -> bytes | None:
+        """The next complete, CRC-valid request in the buffer; skips what cannot be one."""
+        buf = self._buf
+        while len(buf) >= 4:
+            fc = buf[1]
+            if 1 <= fc <= 6:
+                need = 8
+            elif fc in (15, 16):
+                if len(buf) < 7:
+                    return None
+                need = 9 + buf[6]
+            else:
+                need = 0
+            if need and len(buf) < need:
+                return None
+            if need and crc16(memoryview(buf)[:need]) == 0:
+                request = bytes(buf[:need])
+                del buf[:need]
+                return request
+            self.bad_requests += 1
+            del buf[0]
+        return None
+
+    async def _handle(self, request: bytes) -> None:
+        unit, pdu = request[0], request[1:-2]
+        self.stats.requests[(unit, pdu[0])] += 1
+        if self.wire_timing:
+            await asyncio.sleep(len(request) * self.char)  # the request is still on the wire
+            if not self._line_matches():
+                self.wrong_line += 1
+                return  # a device at another baud rate or parity hears only noise
+        device = self.devices.get(unit)
+        if unit == 0 or device is None:
+            return  # broadcast, or nobody with this address on the bus: silence
+        faults = device.faults
+        assert isinstance(faults, RtuFaults)
+        if faults.no_answer:
+            return
+        if faults.delay > 0:
+            await asyncio.sleep(faults.delay)  # a slow unit holds the bus, as on RS485
+        if faults.exception is not None:
+            reply_pdu = bytes((pdu[0] | 0x80, faults.exception))
+        else:
+            reply_pdu = answer(device, pdu)
+        if reply_pdu[0] & 0x80:
+            self.stats.exceptions[(unit, reply_pdu[1])] += 1
+        reply = rtu_frame(unit, reply_pdu)
+        rng = self._rng
+        if faults.truncate and rng.random() < faults.truncate:
+            reply = reply[: max(2, len(reply) // 2)]
+        if faults.crc and rng.random() < faults.crc:
+            reply = reply[:-1] + bytes((reply[-1] ^ 0x5A,))
+        if faults.garbage and rng.random() < faults.garbage:
+            reply = bytes(rng.randrange(256) for _ in range(rng.randint(3, 9))) + reply
+        if self.wire_timing:
+            await asyncio.sleep(len(reply) * self.char)
+        if self._master >= 0:
+            try:
+                os.write(self._master, reply)
+            except OSError:
+                pass  # the gateway closed its end
+
+    def describe(self) -> str:
+        units = ", ".join(f"{u} ({d.name})" for u, d in sorted(self.devices.items()))
+        timing = ", wire-timed" if self.wire_timing else ""
+        return (f"RTU bus on {self.path} at {self.baudrate} 8{self.parity}{self.stopbits}{timing}: "
+                f"{len(self.devices)} units — {units}")
+
+
+# =========================================================================== sluice sim rtu
+def _parse_unit(text: str) -> tuple[int, str]:
+    unit, sep, profile = text.partition("=")
+    if not sep or not unit.strip().isdigit() or not 1 <= int(unit) <= 247 or not profile.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: write UNIT=PROFILE, e.g. 3=energy-meter (unit ids 1..247)")
+    return int(unit), profile.strip()
+
+
+def _parse_fault(text: str) -> tuple[int, str, float]:
+    unit, sep, rest = text.partition(":")
+    name, _, value = rest.partition("=")
+    fields = {"no_answer", "delay", "exception", "crc", "garbage", "truncate"}
+    if not sep or not unit.isdigit() or name not in fields:
+        raise argparse.ArgumentTypeError(f"{text!r}: write UNIT:FAULT[=VALUE], FAULT one of "
+                                         + ", ".join(sorted(fields)) + " (e.g. 2:crc=0.1, 3:no_answer)")
+    try:
+        number = float(value) if value else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a number") from None
+    return int(unit), name, number
+
+
+def main_sim_rtu(argv: Sequence[str] | None = None) -> int:
+    """``sluice sim rtu``: serve units on a pty until SIGINT/SIGTERM; 2 for bad arguments."""
+    parser = argparse.ArgumentParser(
+        prog="sluice sim rtu",
+        description="Simulate a Modbus RTU bus on a pseudo-terminal; prints the port the gateway should open.")
+    parser.add_argument("--unit", dest="units", action="append", type=_parse_unit, required=True,
+                        metavar="UNIT=PROFILE", help="a unit id and the profile it serves (repeat for more units)")
+    parser.add_argument("--profiles", type=Path, default=Path("config/profiles"), help="profile directory")
+    parser.add_argument("--link", type=Path, default=None,
+                        help="also make this path a symlink to the port (stays valid across --flap)")
+    parser.add_argument("--baudrate", type=int, default=9600)
+    parser.add_argument("--parity", choices=["N", "E", "O"], default="N")
+    parser.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
+    parser.add_argument("--wire-timing", action="store_true",
+                        help="each frame takes its transmission time; units ignore other line settings")
+    parser.add_argument("--fault", dest="faults", action="append", type=_parse_fault, default=[],
+                        metavar="UNIT:FAULT[=VALUE]", help="e.g. 2:crc=0.1, 3:no_answer, 4:delay=0.5")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    args = parser.parse_args(argv)
+    from gateway.config import load_profiles
+    from gateway.logs import setup_logging
+    from gateway.yamlpos import ConfigError
+
+    setup_logging(args.log_level)
+    errors: list[ConfigError] = []
+    profiles = load_profiles(args.profiles, errors)
+    for err in errors:
+        print(err, file=sys.stderr)
+    origin = time.time()
+    devices: dict[int, SimDevice] = {}
+    for unit, name in args.units:
+        profile = profiles.get(name)
+        if not isinstance(profile, ProfileModel):
+            print(f"unknown Modbus profile '{name}' in {args.profiles} — available: "
+                  + (", ".join(sorted(p for p, m in profiles.items() if isinstance(m, ProfileModel))) or "none"),
+                  file=sys.stderr)
+            return 2
+        if unit in devices:
+            print(f"unit id {unit} is given twice — one unit id per device on a bus", file=sys.stderr)
+            return 2
+        devices[unit] = SimDevice(profile, unit, name=f"{name}/{unit}", seed=zlib.crc32(f"{name}/{unit}".encode()),
+                                  origin=origin, faults=RtuFaults())
+    for unit, fault, value in args.faults:
+        if unit not in devices:
+            print(f"--fault {unit}:{fault}: no unit {unit} on this bus", file=sys.stderr)
+            return 2
+        faults = devices[unit].faults
+        setattr(faults, fault, int(value) if fault == "exception" else (value != 0 if fault == "no_answer" else value))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with RtuBus(devices.values(), link=args.link, baudrate=args.baudrate, parity=args.parity,
+                          stopbits=args.stopbits, wire_timing=args.wire_timing) as bus:
+            print(bus.describe(), flush=True)
+            print(f"port: {bus.path}", flush=True)
+            await stop.wait()
+
+    asyncio.run(main())
+    return 0
