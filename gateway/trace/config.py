@@ -1,0 +1,255 @@
+"""The ``trace.yaml`` file: lots, locations, thresholds and how reading fields map to GS1 sensor types.
+
+It lives next to ``gateway.yaml`` and is optional (no file: no traceability feed). It is
+validated like the rest of the configuration: every mistake reported as
+``file:line:col: what is wrong — what to do``, all at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway.config import Config, _display, validate_doc
+from gateway.driver import StrictModel
+from gateway.trace.hashing import canonical_id, check_digit
+from gateway.units import Duration, Identifier
+from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
+
+__all__ = ["SENSOR_TYPES", "UNIT_MAP", "TraceConfig", "TraceFile", "load_trace_config"]
+
+# Profile `unit:` strings -> (GS1 measurement type, UN/ECE Rec 20 code). Units not here (h, kWh,
+# A ...) are not traced unless a `points:` entry names their type and uom.
+UNIT_MAP: dict[str, tuple[str, str]] = {
+    "°C": ("Temperature", "CEL"), "degC": ("Temperature", "CEL"), "C": ("Temperature", "CEL"),
+    "°F": ("Temperature", "FAH"), "K": ("Temperature", "KEL"),
+    "%RH": ("RelativeHumidity", "P1"), "%rh": ("RelativeHumidity", "P1"),
+    "kg": ("Mass", "KGM"), "g": ("Mass", "GRM"), "t": ("Mass", "TNE"),
+    "ppm": ("MassConcentration", "59"), "hPa": ("Pressure", "A97"), "Pa": ("Pressure", "PAL"),
+    "lx": ("Illuminance", "LUX"), "m/s": ("Speed", "MTS"),
+}
+# Threshold keys as people write them -> GS1 measurement type.
+SENSOR_TYPES: dict[str, str] = {
+    "temperature": "Temperature", "relative_humidity": "RelativeHumidity", "humidity": "RelativeHumidity",
+    "mass": "Mass", "weight": "Mass", "co2": "MassConcentration", "pressure": "Pressure",
+    "illuminance": "Illuminance", "speed": "Speed",
+}
+_GS1_TYPES = frozenset(t for t, _u in UNIT_MAP.values()) | frozenset(SENSOR_TYPES.values()) | {
+    "AbsoluteHumidity", "Count", "Density", "Dimensionless", "Length", "Voltage", "Volume", "VolumeFraction"}
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
+_LOT_NUMBER = re.compile(r"^[A-Za-z0-9._-]{1,20}$")
+
+
+def _uri(value: str) -> str:
+    if not _URI.match(value):
+        raise ValueError(f"'{value}' is not a URI — use urn:epc:id:sgln:..., https://id.gs1.org/414/<GLN> or any absolute URI")
+    canonical_id(value)  # raises for GS1 forms the event hash cannot normalise
+    return value
+
+
+class Range(StrictModel):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _order(self) -> Range:
+        if self.min is None and self.max is None:
+            raise ValueError("a threshold needs min, max or both — e.g. {min: 0, max: 4}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max} — swap them")
+        return self
+
+
+Thresholds = dict[str, Range]
+
+
+def _check_thresholds(value: Thresholds) -> Thresholds:
+    for key in value:
+        if key not in SENSOR_TYPES:
+            raise ValueError(f"unknown measurement '{key}' — use one of " + ", ".join(sorted(SENSOR_TYPES)))
+    return value
+
+
+class PointMapping(StrictModel):
+    type: str = Field(description="GS1 measurement type, e.g. Temperature")
+    uom: str = Field(pattern=r"^[A-Z0-9]{2,3}$", description="UN/ECE Rec 20 code, e.g. CEL")
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str) -> str:
+        if value not in _GS1_TYPES:
+            raise ValueError(f"'{value}' is not a GS1 measurement type Sluice knows — use one of " + ", ".join(sorted(_GS1_TYPES)))
+        return value
+
+
+class ProductConfig(StrictModel):
+    name: str | None = None
+    thresholds: Thresholds = Field(default_factory=dict)
+    _t = field_validator("thresholds")(_check_thresholds)
+
+
+class LotConfig(StrictModel):
+    product: Identifier | None = None
+    gtin: str | None = Field(default=None, description="GTIN-8/12/13/14 with its check digit")
+    lot_number: str | None = Field(default=None, description="the GS1 lot (AI 10), with gtin")
+    producer: str | None = Field(default=None, description="the producer's entity code")
+    attributes: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    thresholds: Thresholds = Field(default_factory=dict)
+    location: Identifier | None = Field(default=None, description="the location the lot is in at start")
+    _t = field_validator("thresholds")(_check_thresholds)
+
+    @field_validator("gtin")
+    @classmethod
+    def _gtin(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"\d{8}|\d{12}|\d{13}|\d{14}", value):
+            raise ValueError(f"'{value}' is not a GTIN — write 8, 12, 13 or 14 digits, in quotes")
+        if check_digit(value[:-1]) != int(value[-1]):
+            raise ValueError(f"GTIN {value}: wrong check digit (expected {check_digit(value[:-1])}) — copy it from the label")
+        return value.zfill(14)
+
+    @field_validator("lot_number")
+    @classmethod
+    def _lot(cls, value: str | None) -> str | None:
+        if value is not None and not _LOT_NUMBER.match(value):
+            raise ValueError(f"lot number '{value}': use 1 to 20 letters, digits, '.', '_' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _pair(self) -> LotConfig:
+        if (self.gtin is None) != (self.lot_number is None):
+            raise ValueError("gtin and lot_number go together — give both, or neither")
+        return self
+
+
+class LocationConfig(StrictModel):
+    name: str | None = None
+    devices: list[Identifier] = Field(default_factory=list, description="devices that measure this place")
+    scanners: list[Identifier] = Field(default_factory=list,
+                                       description="code readers: a scanned lot code moves the lot here")
+    read_point: str = Field(description="urn:epc:id:sgln:..., https://id.gs1.org/414/<GLN> or a URI")
+    biz_location: str | None = Field(default=None, description="defaults to read_point")
+    biz_step: str = Field(default="storing", description="CBV bizStep of the window reports: storing, transporting ...")
+    points: list[str] | None = Field(default=None, description="reading fields to report; default: every field of a known unit")
+    _u = field_validator("read_point", "biz_location")(lambda v: v if v is None else _uri(v))
+
+    @field_validator("biz_step")
+    @classmethod
+    def _step(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z_]+", value) and not _URI.match(value):
+            raise ValueError(f"'{value}' is not a CBV bizStep — e.g. storing, transporting, sensor_reporting")
+        return value
+
+
+class TraceFile(StrictModel):
+    window: Duration = Field(default=900.0, ge=10, le=86400, description="report period, e.g. 15m")
+    outage_after: Duration | None = Field(default=None, gt=0,
+                                          description="a gap longer than this is a device outage; default 3 × the device's interval")
+    grace: Duration = Field(default=5.0, le=600, description="wait this long after a window for late readings")
+    database: Path = Field(default=Path("trace.db"), description="bindings, chain and event journal; relative to the state directory")
+    key_file: Path = Field(default=Path("trace-ed25519.key"), description="the gateway's signing key, created on first start")
+    lot_uri: str = Field(default="urn:sluice:lot:{producer}:{lot}",
+                         description="identifier of a lot without GTIN; placeholders {producer} {lot}")
+    device_uri: str = Field(default="urn:sluice:device:{gateway}:{device}",
+                            description="sensorMetadata deviceID; placeholders {site} {gateway} {device}")
+    timezone_offset: str = Field(default="+00:00", pattern=r"^[+-](0\d|1[0-3]):[0-5]\d$|^\+14:00$")
+    points: dict[str, PointMapping] = Field(default_factory=dict,
+                                            description="field name -> GS1 type and uom, overriding the profile's unit")
+    products: dict[Identifier, ProductConfig] = Field(default_factory=dict)
+    locations: dict[Identifier, LocationConfig] = Field(default_factory=dict)
+    lots: dict[Identifier, LotConfig] = Field(default_factory=dict)
+    sinks: dict[Identifier, JsonlSinkConfig] = Field(default_factory=dict)
+
+
+class JsonlSinkConfig(StrictModel):
+    type: Literal["jsonl"]
+    path: Path = Field(description="append-only file, one signed EPCIS document per line; relative to the state directory")
+
+
+TraceFile.model_rebuild()
+
+
+@dataclass(frozen=True)
+class TracedPoint:
+    device: str
+    field: str
+    type: str
+    uom: str
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """A validated trace configuration with every location's traced points resolved."""
+
+    path: Path
+    file: TraceFile
+    gateway_id: str
+    site: str
+    points: dict[str, tuple[TracedPoint, ...]]  # location -> points
+    intervals: dict[str, float]  # device -> poll interval (s)
+
+    def outage_after(self, device: str) -> float:
+        return self.file.outage_after or 3 * self.intervals.get(device, 1.0)
+
+
+def load_trace_config(config: Config) -> TraceConfig | None:
+    """``trace.yaml`` next to the gateway file, validated against the devices; None if absent."""
+    path = config.path.parent / "trace.yaml"
+    if not path.exists():
+        return None
+    errors: list[ConfigError] = []
+    doc, errs = load_yaml(path, _display(path))
+    errors += errs
+    if doc is None:
+        raise ConfigErrors(errors)
+    tf: TraceFile | None = validate_doc(doc, TraceFile, errors)
+    if tf is None:
+        raise ConfigErrors(errors)
+    devices = {d.id: d for d in config.devices}
+    points: dict[str, tuple[TracedPoint, ...]] = {}
+    owner: dict[str, str] = {}
+    for name, loc in tf.locations.items():
+        traced: list[TracedPoint] = []
+        for key in ("devices", "scanners"):
+            for i, dev_id in enumerate(getattr(loc, key)):
+                if dev_id not in devices:
+                    errors.append(doc.error(("locations", name, key, i), f"unknown device '{dev_id}'",
+                                            "use the id of an enabled device under devices/"))
+        for i, dev_id in enumerate(loc.devices):
+            if dev_id in owner:
+                errors.append(doc.error(("locations", name, "devices", i), f"device '{dev_id}' is already in location "
+                                        f"'{owner[dev_id]}'", "a device measures one place; give it to one location"))
+                continue
+            owner[dev_id] = name
+            dev = devices.get(dev_id)
+            if dev is None:
+                continue
+            for p in getattr(dev.profile, "points", ()) or ():
+                pname = getattr(p, "name", None)
+                if pname is None or (loc.points is not None and pname not in loc.points):
+                    continue
+                mapped = tf.points.get(pname)
+                kind = (mapped.type, mapped.uom) if mapped else UNIT_MAP.get(getattr(p, "unit", None) or "")
+                if kind is not None:
+                    traced.append(TracedPoint(dev_id, pname, *kind))
+        for i, pname in enumerate(loc.points or ()):
+            if not any(t.field == pname for t in traced):
+                errors.append(doc.error(("locations", name, "points", i), f"no device of '{name}' has a point '{pname}' "
+                                        "with a known unit", "check the name, or add it under `points:` with its type and uom"))
+        points[name] = tuple(traced)
+    for lot_id, lot in tf.lots.items():
+        if lot.product is not None and lot.product not in tf.products:
+            errors.append(doc.error(("lots", lot_id, "product"), f"unknown product '{lot.product}'",
+                                    "add it under `products:`"))
+        if lot.location is not None and lot.location not in tf.locations:
+            errors.append(doc.error(("lots", lot_id, "location"), f"unknown location '{lot.location}'",
+                                    "use one of " + (", ".join(tf.locations) or "the locations (none defined)")))
+    if errors:
+        raise ConfigErrors(errors)
+    intervals = {d.id: float(d.config.interval) for d in config.devices}
+    return TraceConfig(path, tf, config.gateway_id, config.site, points, intervals)

@@ -1,0 +1,162 @@
+"""Sealing and verifying the feed: event ids, the hash chain and Ed25519 signatures.
+
+A sealed line is one EPCIS 2.0 document holding one event, written as canonical JSON (keys
+sorted, no spaces, UTF-8) on one line. The event carries ``sluice:seq`` (1, 2, 3 ... with no
+gap), ``sluice:prev`` (the eventID of the event before it; absent on seq 1) and ``sluice:gateway``;
+its ``eventID`` is the GS1 event hash of everything else in it, so it commits to the chain.
+The document carries ``sluice:signature`` = ``{"key": <key id>, "value": <hex>}``, an Ed25519
+signature over ``b"sluice-trace-1\\n"`` + the canonical JSON of the document without that field.
+Any change to a line — a byte, a removed line, two lines swapped — breaks the canonical form,
+the signature, the eventID or the sequence, and :func:`verify_lines` names the first one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from gateway.trace.engine import CONTEXT
+from gateway.trace.hashing import event_hash
+
+__all__ = ["Problem", "Sealer", "canonical", "key_id", "load_or_create_key", "load_public_key", "verify_lines"]
+
+DOMAIN = b"sluice-trace-1\n"
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_or_create_key(path: Path) -> Ed25519PrivateKey:
+    """The gateway's signing key; created (mode 0600, never overwritten) when absent."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        return key
+    key = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key — move it away; a new key is made on start")
+    return key
+
+
+def public_pem(key: Ed25519PrivateKey) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """A PEM public key (``sluice trace pubkey`` output) or the private key file itself."""
+    data = path.read_bytes()
+    if b"PRIVATE" in data:
+        return serialization.load_pem_private_key(data, password=None).public_key()  # type: ignore[return-value]
+    key = serialization.load_pem_public_key(data)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+class Sealer:
+    """Turns unsealed events into signed lines, continuing the chain at (seq, head)."""
+
+    def __init__(self, key: Ed25519PrivateKey, gateway_id: str, seq: int = 0, head: str | None = None) -> None:
+        self._key = key
+        self._kid = key_id(key.public_key())
+        self._gateway = gateway_id
+        self.seq, self.head = seq, head
+
+    def seal(self, event: dict[str, Any]) -> str:
+        event = dict(event)
+        event["sluice:gateway"] = self._gateway
+        event["sluice:seq"] = self.seq + 1
+        if self.head is not None:
+            event["sluice:prev"] = self.head
+        event.pop("eventID", None)
+        event_id = event_hash(event, CONTEXT)
+        event = {"eventID": event_id, **event}
+        doc = {"@context": CONTEXT, "type": "EPCISDocument", "schemaVersion": "2.0",
+               "creationDate": event["eventTime"], "epcisBody": {"eventList": [event]}}
+        signature = self._key.sign(DOMAIN + canonical(doc).encode())
+        doc["sluice:signature"] = {"key": self._kid, "value": signature.hex()}
+        self.seq, self.head = self.seq + 1, event_id
+        return canonical(doc)
+
+
+@dataclass(frozen=True)
+class Problem:
+    position: int  # 1-based line number in the file
+    seq: int | None
+    message: str
+
+    def __str__(self) -> str:
+        seq = f", seq {self.seq}" if self.seq is not None else ""
+        return f"event #{self.position} (line {self.position}{seq}): {self.message}"
+
+
+def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Any = None) -> tuple[int, Problem | None]:
+    """Check every line; returns (events that verified, the first problem or None).
+
+    ``validate``, if given, is called with each document and returns a list of schema errors."""
+    kid = key_id(public)
+    expected_seq, head = 1, None
+    count = 0
+    for position, line in enumerate(lines, 1):
+        line = line.rstrip("\n")
+        try:
+            doc = json.loads(line)
+        except ValueError as exc:
+            return count, Problem(position, None, f"not JSON ({exc}) — the line was altered or cut")
+        events = doc.get("epcisBody", {}).get("eventList") if isinstance(doc, dict) else None
+        event = events[0] if isinstance(events, list) and len(events) == 1 and isinstance(events[0], dict) else None
+        seq = event.get("sluice:seq") if event else None
+        seq = seq if isinstance(seq, int) else None
+        if canonical(doc) != line:
+            return count, Problem(position, seq, "not in canonical form: the line was edited after it was signed")
+        sig = doc.pop("sluice:signature", None)
+        if not isinstance(sig, dict) or sig.get("key") != kid or not isinstance(sig.get("value"), str):
+            return count, Problem(position, seq, f"no signature by key {kid}")
+        try:
+            public.verify(bytes.fromhex(sig["value"]), DOMAIN + canonical(doc).encode())
+            if bytes.fromhex(sig["value"]).hex() != sig["value"]:
+                raise InvalidSignature
+        except (InvalidSignature, ValueError):
+            return count, Problem(position, seq, "signature does not match: the event was altered")
+        if event is None or seq is None:
+            return count, Problem(position, seq, "not a one-event Sluice document")
+        if validate is not None:
+            errors = validate({**doc})
+            if errors:
+                return count, Problem(position, seq, "does not match the EPCIS 2.0 schema: " + errors[0])
+        if event_hash({k: v for k, v in event.items() if k != "eventID"}, doc.get("@context")) != event.get("eventID"):
+            return count, Problem(position, seq, "eventID is not the hash of the event")
+        if seq != expected_seq:
+            what = (f"{seq - expected_seq} event(s) before it are missing, or events were reordered" if seq > expected_seq
+                    else "it repeats or precedes an earlier event: events were reordered or duplicated")
+            return count, Problem(position, seq, f"expected seq {expected_seq}: {what}")
+        if event.get("sluice:prev") != head:
+            return count, Problem(position, seq, "sluice:prev is not the eventID of the event before it: the chain is broken")
+        expected_seq, head = seq + 1, event["eventID"]
+        count += 1
+    return count, None
