@@ -32,6 +32,18 @@ On-disk invariants (one SQLite file in WAL mode, ``application_id`` 0x536C7563, 
   stays within ~1 % of ``max_bytes``; add the WAL (~4 MiB between automatic checkpoints, cut back
   to 16 MiB after a larger one). Freed pages are reused, never returned to the filesystem.
   ``max_pages`` is a hard cap on the database file for when that estimate is not enough.
+* ``dead_letters(id, sink, time_ns, count, readings, message, resend, attempts)``: batches a sink's
+  far end refused *as data* (a field type conflict, a parse error) — never for a link, auth or
+  server problem. Moving a batch here and moving the sink's position past it are one
+  transaction (:meth:`Outbox.reject`), so a refused batch is always in exactly one of the two
+  tables. ``readings`` is ``marshal`` v4 of ``[[device, measurement, tags, time_ns, quality,
+  fields], ...]`` (self-contained: it does not use ``series``). ``id`` is ``AUTOINCREMENT``: an id
+  the CLI printed never names another letter. ``resend = 1`` marks a letter the operator asked to
+  re-send (``sluice deadletter resend``, which may run while the gateway runs: it only flips this
+  flag); the sink's forwarder sends it before its next batch and deletes it once delivered. Dead
+  letters are not counted in ``bytes``/``max_bytes``; they have their own cap,
+  ``dead_letter_max_bytes`` (oldest letters deleted first, with a WARNING). The table was added
+  without a schema version change: it is created if missing on open, and an older Sluice ignores it.
 * Every change is one transaction (``BEGIN IMMEDIATE`` … ``COMMIT``). A crash or SIGKILL loses
   nothing that was committed (power loss with ``synchronous=normal`` may lose the last commits).
   A file that fails the integrity check on open, or is not a Sluice outbox, is renamed to
@@ -84,6 +96,21 @@ CREATE TABLE readings (seq INTEGER PRIMARY KEY, series INTEGER NOT NULL, data BL
 COMMIT;
 """
 
+# Added after version 1 without a version change: created on open when missing (see the docstring).
+_DEAD_LETTER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sink TEXT NOT NULL,
+    time_ns INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    readings BLOB NOT NULL,
+    message TEXT NOT NULL,
+    resend INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_sink ON dead_letters (sink, resend, id);
+"""
+
 _MARSHAL_VERSION = 4
 _dumps = marshal.dumps
 _loads = marshal.loads
@@ -109,12 +136,27 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A batch a sink's far end refused as data, with the server's message."""
+
+    id: int
+    sink: str
+    time_ns: int  # when it was (last) refused, UTC ns
+    count: int  # readings in it
+    message: str  # the server's answer
+    resend: bool  # marked for re-sending
+    attempts: int  # times the far end refused it
+    readings: tuple[Reading, ...] = ()  # empty unless asked for
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxStats:
     rows: int
     bytes: int  # sum of len(payload) + ROW_OVERHEAD over stored rows: what max_bytes bounds
     oldest_ns: int | None  # time_ns of the oldest stored reading
     dropped: int  # readings dropped by the when_full policy since the file was created (persisted)
     pending: dict[str, int]  # per sink: rows not yet acknowledged by it
+    dead_letters: int = 0  # batches in the dead-letter table (every sink)
 
 
 class Outbox:
@@ -132,7 +174,7 @@ class Outbox:
     def __init__(self, path: Path, sinks: Sequence[str], *, max_bytes: int = 256 * 1024**2,
                  when_full: Literal["drop_oldest", "drop_newest"] = "drop_oldest",
                  synchronous: Literal["full", "normal"] = "full",
-                 max_pages: int | None = None) -> None:
+                 max_pages: int | None = None, dead_letter_max_bytes: int | None = None) -> None:
         if when_full not in ("drop_oldest", "drop_newest"):
             raise ValueError(f"when_full must be drop_oldest or drop_newest, not {when_full!r}")
         if synchronous not in ("full", "normal"):
@@ -145,6 +187,8 @@ class Outbox:
         self.when_full = when_full
         self._synchronous = synchronous
         self._max_pages = max_pages
+        self.dead_letter_max_bytes = max_bytes // 4 if dead_letter_max_bytes is None else dead_letter_max_bytes
+        self._dead_letters = 0
         self._conn: sqlite3.Connection | None = None
         # Mirrors of the persisted state, replaced only after a successful COMMIT.
         self._last_seq = 0
@@ -313,6 +357,11 @@ class Outbox:
             if deleted:
                 self._rows, self._bytes = deleted
             conn.execute("DELETE FROM series WHERE last_seq < ?", (self._first_seq(),))
+            for statement in _DEAD_LETTER_SCHEMA.split(";"):  # not executescript: it would COMMIT
+                if statement.strip():
+                    conn.execute(statement)
+            # Letters of sinks no longer configured stay: they are the operator's to list and resend.
+            self._dead_letters = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
             conn.execute("COMMIT")
             self._oldest_known = False
         except BaseException:
@@ -500,7 +549,107 @@ class Outbox:
         first = self._first_seq()
         pending = {name: self._last_seq - max(acked, first - 1) for name, acked in self._acked.items()}
         return OutboxStats(rows=self._rows, bytes=self._bytes, oldest_ns=self._oldest_ns,
-                           dropped=self._dropped, pending=pending)
+                           dropped=self._dropped, pending=pending, dead_letters=self._dead_letters)
+
+    # -- dead letters ------------------------------------------------------------------------
+
+    def reject(self, sink: str, entries: Sequence[Entry], message: str) -> int:
+        """``sink``'s far end refused ``entries`` as data: store them as one dead letter with the
+        server's ``message`` and move the sink's position past them, in ONE transaction.
+
+        ``entries`` must be the oldest pending entries of ``sink``, as :meth:`fetch` returned them.
+        Returns the letter's id. Older letters are deleted (WARNING) while the letters' readings
+        exceed ``dead_letter_max_bytes``; the new one is always kept. Raises :class:`OutboxError`
+        if SQLite fails (then nothing changed: the batch is still pending).
+        """
+        conn = self._require_open()
+        before = self._position(sink)
+        upto = entries[-1].seq
+        if upto > self._last_seq:
+            raise ValueError(f"sink {sink} rejected seq {upto}, beyond the last stored seq {self._last_seq}")
+        blob = _dumps([_reading_row(e.reading) for e in entries], _MARSHAL_VERSION)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            (letter,) = conn.execute(
+                "INSERT INTO dead_letters (sink, time_ns, count, readings, message) VALUES (?, ?, ?, ?, ?) "
+                "RETURNING id", (sink, time.time_ns(), len(entries), blob, message)).fetchone()
+            trimmed = self._trim_dead_letters(letter)
+            deleted = None
+            if upto > before:
+                conn.execute("UPDATE sinks SET acked=? WHERE name=?", (upto, sink))
+                self._acked[sink] = upto
+                deleted = self._delete_acknowledged()
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._acked[sink] = before
+            self._rollback()
+            raise OutboxError(_describe(self.path, f"moving {len(entries)} readings of sink {sink} to the "
+                                        "dead-letter table", exc)) from exc
+        self._dead_letters += 1 - trimmed
+        if deleted:
+            self._rows, self._bytes = deleted
+            self._oldest_known = False
+        return int(letter)
+
+    def dead_letters(self, sink: str | None = None, *, with_readings: bool = False) -> list[DeadLetter]:
+        """Every dead letter (of ``sink``, if given), oldest first."""
+        return _list_dead_letters(self._require_open(), sink, with_readings)
+
+    def next_resend(self, sink: str) -> DeadLetter | None:
+        """The oldest letter of ``sink`` marked for re-sending, with its readings, or None."""
+        conn = self._require_open()
+        try:
+            row = conn.execute(f"SELECT {_LETTER_COLUMNS}, readings FROM dead_letters WHERE sink=? AND resend=1 "
+                               "ORDER BY id LIMIT 1", (sink,)).fetchone()
+        except sqlite3.Error as exc:
+            raise OutboxError(_describe(self.path, f"reading dead letters of sink {sink}", exc)) from exc
+        return None if row is None else _letter(row, True)
+
+    def resolve(self, letter_id: int) -> None:
+        """The letter was delivered after all: delete it."""
+        self._letter_change("DELETE FROM dead_letters WHERE id=?", (letter_id,), f"deleting dead letter {letter_id}")
+
+    def refused_again(self, letter_id: int, message: str) -> None:
+        """A re-sent letter was refused again: unmark it, keep the new message, count the attempt."""
+        self._letter_change("UPDATE dead_letters SET resend=0, attempts=attempts+1, message=?, time_ns=? WHERE id=?",
+                            (message, time.time_ns(), letter_id), f"updating dead letter {letter_id}")
+
+    def mark_resend(self, ids: Sequence[int] | None = None, sink: str | None = None) -> int:
+        """Mark letters for re-sending (``ids``, or all of ``sink``, or all); returns how many."""
+        return mark_resend(self._require_open(), ids, sink)
+
+    def _letter_change(self, sql: str, args: tuple[Any, ...], what: str) -> None:
+        conn = self._require_open()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            changed = conn.execute(sql, args).rowcount
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise OutboxError(_describe(self.path, what, exc)) from exc
+        if sql.startswith("DELETE"):
+            self._dead_letters -= changed
+
+    def _trim_dead_letters(self, keep: int) -> int:
+        """Inside a transaction: delete the oldest letters (never ``keep``) beyond the cap."""
+        conn = self._conn
+        assert conn is not None
+        (total,) = conn.execute("SELECT coalesce(sum(length(readings)), 0) FROM dead_letters").fetchone()
+        if total <= self.dead_letter_max_bytes:
+            return 0
+        gone = []
+        for letter, size, count, sink in conn.execute(
+                "SELECT id, length(readings), count, sink FROM dead_letters WHERE id != ? ORDER BY id", (keep,)):
+            if total <= self.dead_letter_max_bytes:
+                break
+            total -= size
+            gone.append((letter, count, sink))
+        conn.executemany("DELETE FROM dead_letters WHERE id=?", [(g[0],) for g in gone])
+        for letter, count, sink in gone:
+            log.warning("outbox %s: dead letters exceed %d bytes: deleted letter %d (%d readings refused by "
+                        "sink %s) — resend or inspect dead letters sooner (`sluice deadletter list`)",
+                        self.path, self.dead_letter_max_bytes, letter, count, sink)
+        return len(gone)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -566,6 +715,81 @@ class Outbox:
             log.info("outbox %s no longer full: %d readings were dropped", self.path, self._episode_dropped)
             self._dropping = False
             self._episode_dropped = 0
+
+
+_LETTER_COLUMNS = "id, sink, time_ns, count, message, resend, attempts"
+
+
+def _reading_row(r: Reading) -> list[Any]:
+    fields = r.fields
+    try:
+        _dumps(fields, _MARSHAL_VERSION)
+    except ValueError:
+        fields = _plain(fields)
+    return [r.device, r.measurement, dict(r.tags), int(r.time_ns), str(r.quality), fields]
+
+
+def _letter(row: Sequence[Any], with_readings: bool) -> DeadLetter:
+    readings: tuple[Reading, ...] = ()
+    if with_readings:
+        readings = tuple(Reading(d, t, f, tags, q, m) for d, m, tags, t, q, f in _loads(row[7]))
+    return DeadLetter(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], readings)
+
+
+def _list_dead_letters(conn: sqlite3.Connection, sink: str | None, with_readings: bool) -> list[DeadLetter]:
+    columns = _LETTER_COLUMNS + (", readings" if with_readings else "")
+    where, args = ("WHERE sink=?", (sink,)) if sink is not None else ("", ())
+    return [_letter(row, with_readings)
+            for row in conn.execute(f"SELECT {columns} FROM dead_letters {where} ORDER BY id", args)]
+
+
+def mark_resend(conn: sqlite3.Connection, ids: Sequence[int] | None = None, sink: str | None = None) -> int:
+    """Set ``resend`` on letters (``ids``, or every letter of ``sink``, or every letter); one transaction."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        if ids is not None:
+            n = sum(conn.execute("UPDATE dead_letters SET resend=1 WHERE id=?", (i,)).rowcount for i in ids)
+        elif sink is not None:
+            n = conn.execute("UPDATE dead_letters SET resend=1 WHERE sink=?", (sink,)).rowcount
+        else:
+            n = conn.execute("UPDATE dead_letters SET resend=1").rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return n
+
+
+def open_for_dead_letters(path: Path) -> sqlite3.Connection:
+    """A plain connection to an existing outbox for listing and marking dead letters from another
+    process (``sluice deadletter``) while the gateway may be running. It touches nothing else.
+    Raises :class:`OutboxError` if the file is missing or not an outbox."""
+    if not Path(path).exists():
+        raise OutboxError(f"outbox {path} does not exist — check buffer.path, or the gateway never ran")
+    try:
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=rw", uri=True, isolation_level=None,
+                               timeout=10.0)
+        if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            conn.close()
+            raise OutboxError(f"{path} is not a Sluice outbox")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
+        if "dead_letters" not in tables:  # a file no gateway with dead letters has opened yet
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _DEAD_LETTER_SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise OutboxError(_describe(Path(path), "opening for dead letters", exc)) from exc
+    return conn
+
+
+def list_dead_letters(conn: sqlite3.Connection, sink: str | None = None, *,
+                      with_readings: bool = False) -> list[DeadLetter]:
+    """Every dead letter (of ``sink``, if given), oldest first, on a connection from
+    :func:`open_for_dead_letters`."""
+    return _list_dead_letters(conn, sink, with_readings)
 
 
 def _plain(fields: dict[str, Any]) -> dict[str, Any]:
