@@ -11,7 +11,8 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -127,7 +128,73 @@ class MqttSinkConfig(StrictModel):
         return self.port or (8883 if self.tls else 1883)
 
 
-SinkConfig = Annotated[MqttSinkConfig, Field(discriminator="type")]
+class InfluxSinkConfig(StrictModel):
+    """InfluxDB written directly over HTTP: ``api: v2`` (``/api/v2/write``: InfluxDB 1.8+, 2.x, 3.x,
+    Cloud, VictoriaMetrics) or ``api: v1`` (``/write``: InfluxDB 1.x before 1.8)."""
+
+    # The forwarder's view: one line-protocol payload per message, no topics.
+    format: ClassVar[Literal["influx"]] = "influx"
+    topic: ClassVar[None] = None
+
+    type: Literal["influxdb"]
+    url: str = Field(min_length=1, description="http(s)://host:port of the database")
+    api: Literal["v2", "v1"] = "v2"
+    org: str | None = Field(default=None, description="v2: the organisation (InfluxDB 2.x/Cloud need it)")
+    bucket: str | None = Field(default=None, description="v2: the bucket (InfluxDB 1.8: database/retention)")
+    token: SecretStr | None = Field(default=None, description="v2: an API token with write access")
+    database: str | None = Field(default=None, description="v1: the database")
+    retention_policy: str | None = Field(default=None, description="v1: the retention policy (default: the database's)")
+    username: str | None = Field(default=None, description="v1: user with write access")
+    password: SecretStr | None = None
+    gzip: bool = Field(default=True, description="compress request bodies")
+    timeout: Duration = Field(default=10.0, gt=0, le=600, description="per HTTP request")
+    batch: BatchConfig = BatchConfig(max_readings=5000, max_bytes=1024**2, linger=0.5)
+    retry_min: Duration = Field(default=1.0, gt=0)
+    retry_max: Duration = Field(default=60.0, gt=0)
+    tls: TlsConfig | None = None
+    insecure: bool = Field(default=False, description="allow plaintext HTTP or unverified TLS to a remote host")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"'{v}' is not an http:// or https:// URL — write it like https://influx.example.com:8086")
+        if parts.query or parts.fragment:
+            raise ValueError("the URL has a query or fragment — give only scheme://host:port (and a path prefix)")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InfluxSinkConfig:
+        mine, other = (("org", "bucket", "token"), ("database", "retention_policy", "username", "password"))
+        if self.api == "v1":
+            mine, other = other, mine
+        for key in other:
+            if getattr(self, key) is not None:
+                raise ValueError(f"'{key}' is not used with api: {self.api} — remove it, or set the api "
+                                 f"it belongs to")
+        if self.api == "v2" and not self.bucket:
+            raise ValueError("api v2 needs a bucket — add `bucket: ...` (InfluxDB 1.8: database/retention_policy)")
+        if self.api == "v1" and not self.database:
+            raise ValueError("api v1 needs a database — add `database: ...`")
+        if self.api == "v1" and (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together — give both, or neither")
+        parts = urlsplit(self.url)
+        if not is_loopback(parts.hostname or "") and not self.insecure:
+            if parts.scheme != "https":
+                raise ValueError(f"plaintext HTTP to the remote host '{parts.hostname}' — use an https:// URL "
+                                 "(recommended) or set `insecure: true` if the link is private")
+            if self.tls is not None and not self.tls.verify:
+                raise ValueError("tls.verify is false for a remote host — give the server's CA in tls.ca_file, "
+                                 "or set `insecure: true` to accept an unverified link")
+        if self.tls is not None and parts.scheme != "https":
+            raise ValueError("a `tls:` section with an http:// URL — use https:// or remove `tls:`")
+        if self.retry_max < self.retry_min:
+            raise ValueError("retry_max is smaller than retry_min — swap them")
+        return self
+
+
+SinkConfig = Annotated[MqttSinkConfig | InfluxSinkConfig, Field(discriminator="type")]
 
 
 class LoggingConfig(StrictModel):
@@ -251,7 +318,7 @@ def _describe(err: Any, model: type[StrictModel] | None) -> tuple[str, str]:
         expected = err.get("ctx", {}).get("expected_tags", "")
         return f"unknown type {err.get('ctx', {}).get('tag')!r}", f"use one of {expected}"
     if kind == "union_tag_not_found":
-        return "the 'type' key is missing", "add `type: mqtt`"
+        return "the 'type' key is missing", "add `type: mqtt` or `type: influxdb`"
     if kind == "string_pattern_mismatch":
         return f"{name}: {given!r} is not a valid id", "use letters, digits, '_', '.', '-' (at most 64), starting with a letter or digit"
     if kind == "value_error":
