@@ -128,6 +128,15 @@ class MqttSinkConfig(StrictModel):
         return self.port or (8883 if self.tls else 1883)
 
 
+class HttpBatchConfig(BatchConfig):
+    """Batches for an HTTP write API: one request per message, so bigger ones (InfluxDB suggests ~5000 lines)."""
+
+    max_readings: int = Field(default=5000, ge=1, le=100_000)
+    max_bytes: ByteSize = Field(default=1024**2, ge=1024, le=64 * 1024**2)
+    linger: Duration = Field(default=0.5, le=3600,
+                             description="wait this long for more readings before sending a part-full batch")
+
+
 class InfluxSinkConfig(StrictModel):
     """InfluxDB written directly over HTTP: ``api: v2`` (``/api/v2/write``: InfluxDB 1.8+, 2.x, 3.x,
     Cloud, VictoriaMetrics) or ``api: v1`` (``/write``: InfluxDB 1.x before 1.8)."""
@@ -148,7 +157,7 @@ class InfluxSinkConfig(StrictModel):
     password: SecretStr | None = None
     gzip: bool = Field(default=True, description="compress request bodies")
     timeout: Duration = Field(default=10.0, gt=0, le=600, description="per HTTP request")
-    batch: BatchConfig = BatchConfig(max_readings=5000, max_bytes=1024**2, linger=0.5)
+    batch: HttpBatchConfig = HttpBatchConfig()
     retry_min: Duration = Field(default=1.0, gt=0)
     retry_max: Duration = Field(default=60.0, gt=0)
     tls: TlsConfig | None = None
