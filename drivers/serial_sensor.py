@@ -544,51 +544,73 @@ class BinaryFramer:
 
     def feed(self, data: bytes, now: float) -> list[bytes | FrameError]:
         out: list[bytes | FrameError] = []
-        buf = self._buf
-        if buf and now - self._last > self._gap:
-            out.append(FrameError("truncated", f"a partial frame ({len(buf)} bytes) and then nothing for "
-                                  f"{format_duration(now - self._last)}"))
-            buf.clear()
+        if self._buf and now - self._last > self._gap:
+            # Nothing more is coming for what is buffered: keep any complete frame in it and
+            # drop the rest (a frame cut short, or a false header that claimed more bytes).
+            before = len(self._buf)
+            taken = self._scan(out, final=True)
+            if before - taken > 0:
+                out.append(FrameError("truncated", f"{before - taken} bytes of an incomplete frame, then nothing for "
+                                      f"{format_duration(now - self._last)}"))
+            self._buf.clear()
         self._last = now
-        buf += data
+        self._buf += data
+        self._scan(out, final=False)
+        return out
+
+    def _scan(self, out: list[bytes | FrameError], *, final: bool) -> int:
+        """Take frames from the buffer into ``out``; returns the bytes taken as frames. When
+        ``final``, an incomplete frame is skipped (one byte) instead of waited for."""
+        buf = self._buf
         head = self._header
+        taken = 0
+        rejected = final  # bytes skipped after a rejected frame belong to it: not counted again
         while buf:
             at = buf.find(head)
             if at < 0:
-                keep = len(head) - 1
-                junk = len(buf) - keep
-                if junk > 0 and bytes(buf[:junk]).strip(b"\x00"):
+                junk = len(buf) if final else len(buf) - (len(head) - 1)
+                if junk > 0 and not rejected and bytes(buf[:junk]).strip(b"\x00"):
                     out.append(FrameError("garbage", f"{junk} bytes without a frame header"))
                 if junk > 0:
                     del buf[:junk]
                 break
             if at > 0:
-                out.append(FrameError("garbage", f"{at} bytes before a frame header"))
+                if not rejected:
+                    out.append(FrameError("garbage", f"{at} bytes before a frame header"))
                 del buf[:at]
             if len(buf) < max(self._len_end, len(head)):
+                if final:
+                    del buf[:1]
+                    continue
                 break
             total = self._total(buf)
             if total < self._min or total > self._max:
                 out.append(FrameError("garbage", f"a frame claiming {total} bytes (expected "
                                       f"{self._min}..{self._max}) — check length: in the profile"))
+                rejected = True
                 del buf[:1]
                 continue
             if len(buf) < total:
+                if final:
+                    del buf[:1]
+                    continue
                 break
             frame = bytes(buf[:total])
             if self._checksum is not None:
                 spec = self._checksum
-                covered = frame[spec.start:total - self._csize]
-                want = checksum_bytes(spec, covered)
+                want = checksum_bytes(spec, frame[spec.start:total - self._csize])
                 got = frame[total - self._csize:]
                 if got != want:
                     out.append(FrameError("checksum", f"{spec.type} is {got.hex(' ')}, computed {want.hex(' ')} — "
                                           "check wiring/noise, the baud rate, and checksum: in the profile"))
+                    rejected = True
                     del buf[:1]
                     continue
+            rejected = final
             out.append(frame)
+            taken += total
             del buf[:total]
-        return out
+        return taken
 
 
 # =========================================================================== parsers

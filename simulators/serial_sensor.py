@@ -42,7 +42,6 @@ from drivers.serial_sensor import (
     request_bytes,
     to_big_endian,
 )
-from gateway.config import validate_doc
 from gateway.units import parse_duration
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
 from simulators.signals import Constant, Signal, Step, make_signal
@@ -311,6 +310,8 @@ class SerialSensorSim:
 # =========================================================================== CLI
 def load_profile(path: Path) -> ProfileModel:
     """A profile file validated like the gateway does; raises ConfigErrors."""
+    from gateway.config import validate_doc
+
     errors: list[ConfigError] = []
     doc, errs = load_yaml(path, path)
     errors += errs
