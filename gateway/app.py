@@ -45,6 +45,10 @@ def make_sink(name: str, sink_cfg: object, config: Config) -> Any:
         from gateway.mqtt import MqttSink
 
         return MqttSink(name, sink_cfg, config.gateway_id, config.site)  # type: ignore[arg-type]
+    if kind == "influxdb":
+        from gateway.influx import InfluxSink
+
+        return InfluxSink(name, sink_cfg, config.gateway_id, config.site)  # type: ignore[arg-type]
     raise ValueError(f"no sink implementation for type {kind!r}")
 
 
