@@ -15,6 +15,14 @@ Lifecycle (who calls what):
   the sink to reconnect and fetches again from the same position, so the same entries go out
   again in the same order (the broker may see some twice: duplicates are fine, loss is not).
   Cancellation mid-send leaves the batch unacknowledged for the next start.
+* If the sink raises :class:`SinkRejected` (the far end refused the *data*, e.g. an InfluxDB field
+  type conflict: sending it again cannot succeed), the batch moves to the outbox's dead-letter
+  table and the sink's position past it, in one transaction (:meth:`Outbox.reject`), and the
+  queue flows on. Before each batch the forwarder sends the sink's dead letters that the operator
+  marked for re-sending (``sluice deadletter resend``), oldest first.
+* Messages: a sink config with a ``topic`` template (MQTT) gets one group per topic; one with
+  ``topic = None`` (HTTP sinks) gets the batch in outbox order, split only by ``batch.max_bytes``,
+  with ``""`` as the topic of every message.
 """
 
 from __future__ import annotations
@@ -25,14 +33,15 @@ import string
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from gateway.buffer import Entry, Outbox, OutboxError
-from gateway.config import MqttSinkConfig
+from gateway.config import BatchConfig
 from gateway.encode import make_encoder
 from gateway.reading import Reading
 
-__all__ = ["Forwarder", "ForwarderStats", "Identity", "Message", "Sink", "SinkUnavailable"]
+__all__ = ["Forwarder", "ForwarderStats", "Identity", "Message", "Sink", "SinkConfig", "SinkRejected",
+           "SinkUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,26 @@ class SinkUnavailable(Exception):
     of the batch was acknowledged. Nothing of the batch may be considered delivered."""
 
 
+class SinkRejected(Exception):
+    """The far end refused the batch's data itself (a type conflict, a parse error): sending the same
+    batch again would be refused again. The message is the server's answer, for the dead letter."""
+
+
+class SinkConfig(Protocol):
+    """What a forwarder reads from a sink's configuration."""
+
+    @property
+    def batch(self) -> BatchConfig: ...
+
+    @property
+    def format(self) -> Literal["influx", "json"]: ...
+
+    @property
+    def topic(self) -> str | None:
+        """A topic template, or None: one stream of messages without topics (HTTP sinks)."""
+        ...
+
+
 class Sink(Protocol):
     """What a forwarder needs from a sink (``gateway.mqtt.MqttSink`` is the implementation)."""
 
@@ -62,7 +91,8 @@ class Sink(Protocol):
 
     async def send(self, messages: Sequence[Message]) -> None:
         """Publish all ``messages``; return only when every one was acknowledged by the far end.
-        Raises :class:`SinkUnavailable` otherwise."""
+        Raises :class:`SinkUnavailable` otherwise, or :class:`SinkRejected` if the far end refused
+        the data as such (an MQTT sink never does)."""
         ...
 
 
@@ -83,6 +113,8 @@ class ForwarderStats:
     bytes: int = 0  # payload bytes the sink confirmed
     batches: int = 0
     retries: int = 0  # batches that failed and will be sent again
+    dead_lettered: int = 0  # readings the far end refused as data, moved to the dead-letter table
+    resent: int = 0  # readings from dead letters delivered after all
     last_delivery_ns: int | None = None  # wall-clock time of the last acknowledged batch
 
 
@@ -112,14 +144,14 @@ class _Topics:
 class Forwarder:
     """Moves one sink's readings from the outbox to the sink. See the module docstring."""
 
-    def __init__(self, name: str, outbox: Outbox, sink: Sink, config: MqttSinkConfig,
+    def __init__(self, name: str, outbox: Outbox, sink: Sink, config: SinkConfig,
                  identity: Identity) -> None:
         self.name = name
         self._outbox = outbox
         self._sink = sink
         self._batch = config.batch
         self._encoder = make_encoder(config.format, identity.gateway_id, identity.site)
-        self._topic = _Topics(config.topic, identity.gateway_id, identity.site)
+        self._topic = _Topics(config.topic, identity.gateway_id, identity.site) if config.topic is not None else None
         self._wake = asyncio.Event()
         self.stats = ForwarderStats()
 
@@ -134,6 +166,8 @@ class Forwarder:
             try:
                 if not self._sink.connected:
                     await self._sink.wait_connected()
+                if not await self._resend_dead_letter():
+                    continue
                 entries = await self._next_batch()
                 if not entries:
                     continue
@@ -145,6 +179,13 @@ class Forwarder:
                     log.debug("sink %s: batch of %d readings not delivered (%s); will resend",
                               self.name, len(entries), exc)
                     await self._sink.wait_connected()
+                    continue
+                except SinkRejected as exc:
+                    letter = self._outbox.reject(self.name, entries, str(exc))
+                    self.stats.dead_lettered += len(entries)
+                    log.error("sink %s refused %d readings (seq %d–%d) as data: %s — moved them to dead letter %d "
+                              "and carried on; fix the cause, then `sluice deadletter resend %d`",
+                              self.name, len(entries), entries[0].seq, entries[-1].seq, exc, letter, letter)
                     continue
                 self._outbox.ack(self.name, entries[-1].seq)
                 stats = self.stats
@@ -171,6 +212,28 @@ class Forwarder:
                     failing = True
                 self.stats.retries += 1
                 await asyncio.sleep(ERROR_PAUSE)
+
+    async def _resend_dead_letter(self) -> bool:
+        """Send the oldest dead letter marked for re-sending, if any. False when the sink is
+        unavailable (the caller waits and comes back), True otherwise."""
+        letter = self._outbox.next_resend(self.name)
+        if letter is None:
+            return True
+        try:
+            await self._sink.send(self.build_messages(letter.readings))
+        except SinkUnavailable:
+            self.stats.retries += 1
+            await self._sink.wait_connected()
+            return False
+        except SinkRejected as exc:
+            self._outbox.refused_again(letter.id, str(exc))
+            log.error("sink %s refused dead letter %d (%d readings) again: %s — it stays in the dead-letter table",
+                      self.name, letter.id, letter.count, exc)
+            return True
+        self._outbox.resolve(letter.id)
+        self.stats.resent += letter.count
+        log.info("sink %s: dead letter %d (%d readings) delivered on re-send", self.name, letter.id, letter.count)
+        return True
 
     async def _next_batch(self) -> list[Entry]:
         """Wait for entries, linger for a part-full batch, return the batch (maybe empty)."""
@@ -214,7 +277,9 @@ class Forwarder:
         item = self._encoder.item
         by_topic: dict[str, list[bytes]] = {}
         topic_of = self._topic
-        for reading in readings:
+        if topic_of is None:
+            by_topic[""] = [encoded for encoded in map(item, readings) if encoded]
+        for reading in readings if topic_of is not None else ():
             encoded = item(reading)
             if encoded:
                 topic = topic_of(reading)
@@ -228,6 +293,8 @@ class Forwarder:
         message = self._encoder.message
         out: list[Message] = []
         for topic, items in by_topic.items():
+            if not items:
+                continue
             start, total = 0, 0
             for i, encoded in enumerate(items):
                 if i > start and size(total + len(encoded), i + 1 - start) > limit:

@@ -1,0 +1,300 @@
+"""The direct InfluxDB sink: line-protocol batches from the outbox written over HTTP, acknowledged
+only on a 2xx. The only module that imports influxdb-client (and aiohttp, which it brings).
+
+Two write APIs (``api:`` in the sink's config):
+
+* ``v2`` — ``POST /api/v2/write?org=&bucket=&precision=ns`` with ``Authorization: Token``, through
+  influxdb-client's **async** write API (``InfluxDBClientAsync``). InfluxDB 1.8+, 2.x, 3.x,
+  Cloud, VictoriaMetrics. Why async and not the sync ``WriteApi`` in a thread: the async client
+  runs on aiohttp in our event loop, so a write needs no thread (the sync client would need
+  ``asyncio.to_thread`` per request, or its own batching thread whose retries and buffer would
+  sit outside the outbox and could acknowledge before the server did). The async client has no
+  retry or batching of its own, which is what we want: the outbox and this module own both.
+* ``v1`` — ``POST /write?db=&rp=&precision=ns`` (HTTP basic auth) for InfluxDB 1.x before 1.8,
+  which has no ``/api/v2/write``. influxdb-client cannot speak it, so this is a plain aiohttp
+  request on the same kind of session.
+
+Lifecycle: ``async with InfluxSink(name, config, gateway_id, site) as sink:`` opens the HTTP
+session (no I/O in the constructor; no request until the first ``send``). One forwarder calls
+:meth:`send` at a time; each message (one line-protocol payload, gzip-compressed unless
+``gzip: false``) is one request.
+
+Outcomes of a request:
+
+* 2xx: written. The batch is acknowledged once every message of it was.
+* 429, 503 (and every other 5xx), a timeout or a network error: :class:`SinkUnavailable`. The
+  sink then reports itself not ``connected`` until the retry time: the server's ``Retry-After``
+  (seconds or an HTTP date, capped at one hour) if it sent one, else a capped exponential
+  backoff with jitter between ``retry_min`` and ``retry_max``. The forwarder waits in
+  :meth:`wait_connected` and sends the same batch again.
+* 400/422 whose message says the data is bad (``partial write``, ``unable to parse``,
+  ``field type conflict``, ``points beyond retention`` ...), and 413 (request too large):
+  :class:`SinkRejected` — the forwarder moves the batch to the dead-letter table and goes on.
+  A partial write means the server stored the other points of the request; re-sending the
+  letter later rewrites them identically (same series and timestamp), which is harmless.
+* any other 4xx (401/403 credentials, 404 unknown database/bucket/org, or a 400 we do not
+  recognise as a data error): :class:`SinkUnavailable` with an ERROR naming what to check —
+  a configuration problem must never turn good data into dead letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import gzip
+import json
+import logging
+import random
+import re
+import ssl
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from influxdb_client.client.exceptions import InfluxDBError
+from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+from influxdb_client.client.write_api_async import WriteApiAsync
+from influxdb_client.domain.write_precision import WritePrecision
+
+from gateway.config import InfluxSinkConfig
+from gateway.forwarder import Message, SinkRejected, SinkUnavailable
+
+__all__ = ["InfluxSink", "WriteOutcome", "classify", "retry_after_seconds"]
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_CAP = 3600.0
+"""Longest Retry-After we honour (seconds): a server asking for more is probably misconfigured."""
+GZIP_LEVEL = 1
+"""v1 bodies: level 1 compresses line protocol ~8× at a fraction of level 6's CPU (a Pi matters)."""
+
+_DATA_ERRORS = re.compile(r"partial write|unable to parse|field type conflict|type conflict|invalid field|"
+                          r"invalid number|bad timestamp|points beyond retention|beyond retention policy|"
+                          r"max-values-per-tag|invalid boolean|unbalanced quotes|missing (field|tag)|"
+                          r"invalid tag|invalid measurement", re.IGNORECASE)
+
+
+class WriteOutcome:
+    """How a non-2xx answer is treated: ``retry`` (SinkUnavailable) or ``reject`` (dead letter)."""
+
+    RETRY = "retry"
+    REJECT = "reject"
+
+
+def classify(status: int, message: str) -> str:
+    """:attr:`WriteOutcome.REJECT` when the answer says the data itself is bad, else RETRY."""
+    if status == 413:
+        return WriteOutcome.REJECT
+    if status in (400, 422) and _DATA_ERRORS.search(message):
+        return WriteOutcome.REJECT
+    return WriteOutcome.RETRY
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), capped; None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_CAP)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    delta = when.timestamp() - (time.time() if now is None else now)
+    return min(max(delta, 0.0), RETRY_AFTER_CAP)
+
+
+class _Refused(Exception):
+    """A non-2xx answer: status, the server's message, its Retry-After header."""
+
+    def __init__(self, status: int, message: str, retry_after: str | None) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+class InfluxSink:
+    """InfluxDB (or a compatible server) as a sink. Construct freely; use as an async context manager."""
+
+    def __init__(self, name: str, config: InfluxSinkConfig, gateway_id: str = "", site: str = "") -> None:
+        self.name = name
+        self.config = config
+        parts = urlsplit(config.url)
+        self.address = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        self._session: aiohttp.ClientSession | None = None
+        self._client: InfluxDBClientAsync | None = None
+        self._write_api: WriteApiAsync | None = None
+        self._retry_at = 0.0  # loop time before which we do not try again
+        self._attempt = 0
+        self.last_error: str | None = None
+        self.requests = 0  # successful write requests
+        self.failures = 0  # requests that failed (retried) or were refused (dead-lettered)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> InfluxSink:
+        cfg = self.config
+        timeout_ms = int(cfg.timeout * 1000)
+        if cfg.api == "v2":
+            kwargs: dict[str, Any] = {}
+            if cfg.tls is not None:
+                kwargs["verify_ssl"] = cfg.tls.verify
+                if cfg.tls.ca_file is not None:
+                    kwargs["ssl_ca_cert"] = str(cfg.tls.ca_file)
+                if cfg.tls.cert_file is not None:
+                    kwargs["cert_file"] = str(cfg.tls.cert_file)
+                    kwargs["cert_key_file"] = str(cfg.tls.key_file)
+            self._client = InfluxDBClientAsync(url=cfg.url, token=cfg.token.get_secret_value() if cfg.token else "",
+                                               org=cfg.org, timeout=timeout_ms, enable_gzip=cfg.gzip, **kwargs)
+            self._write_api = self._client.write_api()
+        else:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=cfg.timeout),
+                                                  connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=4))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = self._write_api = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        tls = self.config.tls
+        if tls is None:
+            return True  # aiohttp's default: verify against the system CAs for https
+        if not tls.verify:
+            return False
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+        if tls.cert_file is not None:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        return context
+
+    # -- the forwarder's side ----------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """False while waiting out a backoff or a Retry-After; there is no connection to keep."""
+        return asyncio.get_running_loop().time() >= self._retry_at
+
+    async def wait_connected(self) -> None:
+        delay = self._retry_at - asyncio.get_running_loop().time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def send(self, messages: Sequence[Message]) -> None:
+        """Write every message's payload, in order; see the module docstring for the outcomes."""
+        for _topic, payload in messages:
+            try:
+                await self._write(payload)
+            except _Refused as exc:
+                self.failures += 1
+                if classify(exc.status, exc.message) == WriteOutcome.REJECT:
+                    raise SinkRejected(str(exc)) from None
+                self._back_off(str(exc), retry_after_seconds(exc.retry_after), _hint(exc.status, self.config))
+                raise SinkUnavailable(str(exc)) from None
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self.failures += 1
+                reason = _describe(exc)
+                self._back_off(reason, None, f"check that the database runs and listens at {self.config.url} "
+                                             "(host, port, firewall)")
+                raise SinkUnavailable(reason) from exc
+            self.requests += 1
+        if self.last_error is not None:
+            log.info("InfluxDB sink '%s': writing to %s again", self.name, self.config.url)
+            self.last_error = None
+        self._attempt = 0
+
+    def _back_off(self, reason: str, retry_after: float | None, hint: str) -> None:
+        cfg = self.config
+        if retry_after is None:
+            ceiling = min(cfg.retry_max, cfg.retry_min * 2 ** min(self._attempt, 30))
+            delay = random.uniform(cfg.retry_min, ceiling)
+        else:
+            delay = retry_after
+        self._attempt += 1
+        self._retry_at = asyncio.get_running_loop().time() + delay
+        if reason != self.last_error:
+            log.warning("InfluxDB sink '%s': cannot write to %s: %s — readings are kept in the outbox; retrying "
+                        "in %.1f s%s; %s", self.name, self.config.url, reason, delay,
+                        " (the server's Retry-After)" if retry_after is not None else "", hint)
+        else:
+            log.debug("InfluxDB sink '%s': still cannot write: %s; retrying in %.1f s", self.name, reason, delay)
+        self.last_error = reason
+
+    async def _write(self, payload: bytes) -> None:
+        if self._write_api is not None:
+            cfg = self.config
+            try:
+                await self._write_api.write(bucket=cfg.bucket, org=cfg.org, record=payload,
+                                            write_precision=WritePrecision.NS)
+            except InfluxDBError as exc:
+                status = getattr(exc, "status", None) or (exc.response.status if exc.response is not None else 0)
+                if not status:
+                    raise OSError(exc.message) from exc
+                raise _Refused(int(status), _message(str(exc.message)), exc.retry_after) from None
+            return
+        if self._session is None:
+            raise SinkUnavailable(f"InfluxDB sink '{self.name}' is not open")
+        cfg = self.config
+        params = {"db": cfg.database or "", "precision": "ns"}
+        if cfg.retention_policy:
+            params["rp"] = cfg.retention_policy
+        headers = {"Content-Type": "text/plain; charset=utf-8"}
+        body = payload
+        if cfg.gzip:
+            body = gzip.compress(payload, compresslevel=GZIP_LEVEL, mtime=0)
+            headers["Content-Encoding"] = "gzip"
+        auth = None
+        if cfg.username is not None and cfg.password is not None:
+            auth = aiohttp.BasicAuth(cfg.username, cfg.password.get_secret_value())
+        async with self._session.post(f"{cfg.url}/write", params=params, data=body, headers=headers,
+                                      auth=auth) as response:
+            if 200 <= response.status < 300:
+                return
+            text = await response.text(errors="replace")
+            raise _Refused(response.status, _message(text) or response.reason or "", response.headers.get("Retry-After"))
+
+
+def _message(body: str) -> str:
+    """The server's error text: InfluxDB answers ``{"error": ...}`` (1.x) or ``{"message": ...}`` (2.x)."""
+    body = body.strip()
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body[:500]
+    if isinstance(data, dict):
+        return str(data.get("error") or data.get("message") or body)[:500]
+    return body[:500]
+
+
+def _hint(status: int, cfg: InfluxSinkConfig) -> str:
+    if status in (401, 403):
+        return ("check the token and its write permission on the bucket" if cfg.api == "v2"
+                else "check username and password and the user's WRITE grant on the database")
+    if status == 404:
+        return (f"check that bucket '{cfg.bucket}' and org '{cfg.org}' exist and that the server has /api/v2/write "
+                "(InfluxDB 1.8+; use api: v1 for older 1.x)" if cfg.api == "v2"
+                else f"check that database '{cfg.database}' exists (CREATE DATABASE)")
+    if status in (429, 503):
+        return "the server is overloaded or rate-limiting us; nothing to do but wait"
+    if status >= 500:
+        return "check the database's log"
+    return "check the server's message above"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error is not None:
+        return exc.os_error.strerror or str(exc.os_error)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
