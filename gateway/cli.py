@@ -51,11 +51,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     setup_logging(args.log_level or config.gateway.logging.level, config.gateway.logging.format)
     from gateway.app import Gateway
+    from gateway.trace.config import load_trace_config
+
+    try:
+        trace = load_trace_config(config)
+    except ConfigErrors as exc:
+        for err in exc.errors:
+            print(err, file=sys.stderr)
+        return EXIT_CONFIG
 
     async def main() -> None:
         stop = asyncio.Event()
         _install_stop_signals(asyncio.get_running_loop(), stop)
-        await Gateway(config).run(stop)
+        gateway = Gateway(config)
+        if trace is None:
+            await gateway.run(stop)
+            return
+        from gateway.trace.service import TraceService
+
+        async with TraceService(trace) as service:
+            gateway.on_reading = service.observe
+            task = asyncio.create_task(service.run(), name="trace")
+            try:
+                await gateway.run(stop)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
     return 0
@@ -167,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--config", type=Path, default=None, help="demo configuration (default: the shipped config/)")
     p.set_defaults(func=cmd_demo)
+    from gateway.trace.cli import add_parsers as add_trace_parsers
+
+    add_trace_parsers(sub, with_config)
     return parser
 
 

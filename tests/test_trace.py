@@ -269,3 +269,27 @@ def test_config_errors_are_located(tmp_path):
     text = "\n".join(str(e) for e in err.value.errors)
     assert "trace.yaml:4:" in text and "only sgln and lgtin" in text
     assert "wrong check digit" in text and "unknown measurement 'temprature'" in text
+
+
+async def test_cli_verify_show_pubkey_and_lot(trace_cfg, tmp_path, capsys, monkeypatch):
+    from gateway.cli import main
+
+    (tmp_path / "state" / "out").mkdir(parents=True)
+    _docs, feed = await _scenario(trace_cfg, tmp_path)
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    config = ["-c", str(tmp_path / "config")]
+    assert main(["trace", "pubkey", *config]) == 0
+    pem = tmp_path / "pub.pem"
+    pem.write_text(capsys.readouterr().out)
+    assert main(["trace", "verify", str(feed), "--pubkey", str(pem)]) == 0
+    lines = feed.read_text().splitlines()
+    feed.write_text("\n".join([lines[0], lines[1].replace('"maxValue":6.5', '"maxValue":3.9'), *lines[2:]]) + "\n")
+    capsys.readouterr()
+    assert main(["trace", "verify", str(feed), "--pubkey", str(pem)]) == 1
+    assert "event #2 (line 2, seq 2)" in capsys.readouterr().err
+    assert main(["trace", "show", "LOT-A", *config, "--csv"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("seq,time,what") and len(out) == 6 and "ALARM_CONDITION" in out[2]
+    assert main(["lot", "start", "LOT-B", "cold-room-1", *config]) == 0
+    with Journal(tmp_path / "state" / "trace.db") as j:
+        assert [c[2:5] for c in j.pending_commands()] == [("start", "LOT-B", "cold-room-1")]
