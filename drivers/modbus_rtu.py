@@ -379,8 +379,16 @@ class ModbusRtuClient:
     def _gap_expired(self) -> None:
         """The line went quiet without a valid reply: say what the bytes were."""
         self._gap_timer = None
-        if self._waiter is None or self._waiter.done():
-            return
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(self._damaged())
+
+    def _expired(self, timeout: float) -> None:
+        """The request's timeout: a damaged reply if bytes came, else no answer at all."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(self._damaged() if self._buf else
+                                       ModbusTimeout(f"no answer within {format_duration(timeout)}"))
+
+    def _damaged(self) -> ModbusFrameError:
         buf = self._buf
         unit, function, nbytes = self._expect
         kind = "garbage"
@@ -393,7 +401,7 @@ class ModbusRtuClient:
         shown = bytes(buf[:24]).hex(" ") + (" …" if len(buf) > 24 else "")
         what = {"crc": "a reply that failed its CRC check", "truncated": "a reply that stopped short",
                 "garbage": "bytes that are no reply"}[kind]
-        self._waiter.set_exception(ModbusFrameError(kind, f"{what} ({len(buf)} bytes: {shown})"))
+        return ModbusFrameError(kind, f"{what} ({len(buf)} bytes: {shown})")
 
     # ------------------------------------------------------------------ the transaction
     async def read(self, unit: int, function: int, address: int, count: int, timeout: float) -> bytes:
@@ -425,7 +433,7 @@ class ModbusRtuClient:
         self._expect = (unit, function, nbytes)
         waiter: asyncio.Future[bytes] = loop.create_future()
         self._waiter = waiter
-        handle = loop.call_later(timeout, _expire, waiter, timeout)
+        handle = loop.call_later(timeout, self._expired, timeout)
         try:
             frame = await waiter
         finally:
@@ -436,11 +444,6 @@ class ModbusRtuClient:
         if frame[0] == function:
             return frame[2:]
         raise ModbusExceptionResponse(frame[1])
-
-
-def _expire(future: asyncio.Future[bytes], timeout: float) -> None:
-    if not future.done():
-        future.set_exception(ModbusTimeout(f"no answer within {format_duration(timeout)}"))
 
 
 # =========================================================================== configuration

@@ -10,9 +10,8 @@
   ``exception``) plus the share of replies sent with a wrong CRC (``crc``), preceded by noise
   (``garbage``) or cut short (``truncate``). Mutable while the bus runs.
 * Wire timing (``wire_timing=True``): each frame takes its transmission time at ``baudrate``
-  (request and reply), so a gateway cannot go faster than a real bus; the line settings the
-  gateway put on the port are checked, and a unit does not answer a port opened at another
-  baud rate, parity or stop bits — as on a real bus.
+  (request and reply), so a gateway cannot go faster than a real bus; and a unit does not
+  answer a port opened at another baud rate, as on a real bus.
 
 A request with a write function code is counted (``stats.writes``) and refused with exception 01,
 unless the unit is ``writable``.
@@ -89,6 +88,7 @@ class RtuBus:
         self._buf = bytearray()
         self._data = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._late: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ the port
     @property
@@ -121,6 +121,9 @@ class RtuBus:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for late in list(self._late):
+            late.cancel()
+        await asyncio.gather(*self._late, return_exceptions=True)
         self.vanish()
 
     def vanish(self) -> None:
@@ -165,17 +168,14 @@ class RtuBus:
             self._data.set()
 
     def _line_matches(self) -> bool:
-        """Whether the gateway's end of the pty is set to this bus's baud rate, parity, stop bits."""
+        """Whether the gateway's end of the pty is set to this bus's baud rate. (Linux ptys keep
+        the baud rate but clear the parity bit of the settings, so parity cannot be checked.)"""
         try:
-            _i, _o, cflag, _l, _ispeed, ospeed, _cc = termios.tcgetattr(self._slave)
+            ospeed = termios.tcgetattr(self._slave)[5]
         except termios.error:
             return True
         want = _baud_constant(self.baudrate)
-        if want is not None and ospeed != want:
-            return False
-        parity = "N" if not cflag & termios.PARENB else ("O" if cflag & termios.PARODD else "E")
-        stopbits = 2 if cflag & termios.CSTOPB else 1
-        return parity == self.parity and stopbits == self.stopbits
+        return want is None or ospeed == want
 
     # ------------------------------------------------------------------ serving
     async def _serve(self) -> None:
@@ -224,7 +224,19 @@ class RtuBus:
         if faults.no_answer:
             return
         if faults.delay > 0:
-            await asyncio.sleep(faults.delay)  # a slow unit holds the bus, as on RS485
+            # A slow unit answers late while the others go on hearing requests: its reply may
+            # land in a later transaction, as on a real bus.
+            late = asyncio.create_task(self._reply(device, pdu, faults.delay), name=f"sim-rtu-late[{unit}]")
+            self._late.add(late)
+            late.add_done_callback(self._late.discard)
+            return
+        await self._reply(device, pdu)
+
+    async def _reply(self, device: SimDevice, pdu: bytes, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        unit, faults = device.unit_id, device.faults
+        assert isinstance(faults, RtuFaults)
         if faults.exception is not None:
             reply_pdu = bytes((pdu[0] | 0x80, faults.exception))
         else:
@@ -290,7 +302,7 @@ def main_sim_rtu(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parity", choices=["N", "E", "O"], default="N")
     parser.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
     parser.add_argument("--wire-timing", action="store_true",
-                        help="each frame takes its transmission time; units ignore other line settings")
+                        help="each frame takes its transmission time; units ignore other baud rates")
     parser.add_argument("--fault", dest="faults", action="append", type=_parse_fault, default=[],
                         metavar="UNIT:FAULT[=VALUE]", help="e.g. 2:crc=0.1, 3:no_answer, 4:delay=0.5")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
