@@ -225,3 +225,184 @@ class TcpProxy:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             w.transport.abort()
         self._writers.clear()
+
+
+# --------------------------------------------------------------------------- InfluxDB 1.x and VictoriaMetrics
+INFLUXD = "/usr/bin/influxd"
+VICTORIA_METRICS = "/usr/bin/victoria-metrics"
+
+
+class _HttpServer:
+    """A server process on a free loopback port with its data in ``directory``; ``stop()`` is graceful
+    (SIGTERM, then SIGKILL after 15 s) and ``start()`` again keeps the data and the port."""
+
+    ready_path = "/ping"
+    name = "server"
+
+    def __init__(self, directory: Path, binary: str) -> None:
+        self.binary = binary
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.log = self.directory / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 30.0) -> None:
+        import time
+        import urllib.error
+        import urllib.request
+
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=1.0) as response:
+                    if response.status < 300:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = self.log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{self.name} did not come up on {self.url}; log:\n{tail}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            if proc is not None:
+                proc.wait()
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def request(self, path: str, data: bytes | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+        """A blocking HTTP request (GET, or POST with ``data``) to the server: (status, body)."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.url + path, data=data), timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+
+class Influxd(_HttpServer):
+    """Debian's influxd 1.x: HTTP and RPC on free loopback ports, meta/data/wal in ``directory``,
+    reporting, monitoring and the other background services off."""
+
+    name = "influxd"
+
+    def __init__(self, directory: Path, binary: str = INFLUXD) -> None:
+        super().__init__(directory, binary)
+        self.rpc_port = free_port()
+        self.conf = self.directory / "influxdb.conf"
+        d = self.directory
+        self.conf.write_text(f"""reporting-disabled = true
+bind-address = "127.0.0.1:{self.rpc_port}"
+[meta]
+  dir = "{d}/meta"
+  logging-enabled = false
+[data]
+  dir = "{d}/data"
+  wal-dir = "{d}/wal"
+  query-log-enabled = false
+[monitor]
+  store-enabled = false
+[subscriber]
+  enabled = false
+[continuous_queries]
+  enabled = false
+[retention]
+  enabled = false
+[http]
+  bind-address = "127.0.0.1:{self.port}"
+  log-enabled = false
+  pprof-enabled = false
+[logging]
+  level = "warn"
+  suppress-logo = true
+""")
+
+    def command(self) -> list[str]:
+        return [self.binary, "-config", str(self.conf)]
+
+    def query(self, q: str, db: str | None = None) -> list[dict[str, object]]:
+        """InfluxQL (epoch=ns); the ``series`` of the first statement's result ([] if none)."""
+        import json
+        import urllib.parse
+
+        params = {"q": q, "epoch": "ns"}
+        if db:
+            params["db"] = db
+        status, body = self.request("/query?" + urllib.parse.urlencode(params), data=b"" if q.split()[0].upper()
+                                    in ("CREATE", "DROP") else None)
+        result = json.loads(body)
+        if status != 200 or "error" in result.get("results", [{}])[0]:
+            raise RuntimeError(f"InfluxQL {q!r} failed: {status} {body[:300]!r}")
+        return result["results"][0].get("series", [])
+
+    def create_database(self, name: str) -> None:
+        self.query(f'CREATE DATABASE "{name}"')
+
+
+@pytest.fixture
+def influxd(tmp_path: Path) -> Iterator[Influxd]:
+    """A running influxd 1.x (v1 API: /write, /query; no /api/v2/write) with database ``sluice``."""
+    server = Influxd(tmp_path / "influxd", _need(INFLUXD, "influxdb"))
+    try:
+        server.start()
+        server.create_database("sluice")
+        yield server
+    finally:
+        server.stop()
+
+
+class VictoriaMetrics(_HttpServer):
+    """VictoriaMetrics single-node: InfluxDB line protocol on /write and /api/v2/write, read back with
+    /api/v1/export. It acknowledges before storing: always ``stop()`` it (SIGTERM flushes), never kill."""
+
+    name = "victoria-metrics"
+    ready_path = "/health"
+
+    def __init__(self, directory: Path, binary: str = VICTORIA_METRICS) -> None:
+        super().__init__(directory, binary)
+
+    def command(self) -> list[str]:
+        return [self.binary, f"-httpListenAddr=127.0.0.1:{self.port}", f"-storageDataPath={self.directory}/data",
+                "-loggerLevel=ERROR", "-retentionPeriod=100y"]
+
+    def export(self, match: str = '{__name__=~".+"}') -> list[dict[str, object]]:
+        """Every series matching ``match`` after a flush: [{"metric": {...}, "values": [...], "timestamps": [...]}]."""
+        import json
+        import urllib.parse
+
+        self.request("/internal/force_flush")
+        _status, body = self.request("/api/v1/export?" + urllib.parse.urlencode({"match[]": match}))
+        return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def victoria_metrics(tmp_path: Path) -> Iterator[VictoriaMetrics]:
+    """A running VictoriaMetrics on a free loopback port, stopped gracefully at teardown."""
+    server = VictoriaMetrics(tmp_path / "vm", _need(VICTORIA_METRICS, "victoria-metrics"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
