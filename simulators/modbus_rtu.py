@@ -40,7 +40,7 @@ from drivers.modbus import ProfileModel
 from drivers.modbus_rtu import char_time, crc16, inter_frame_silence, rtu_frame
 from simulators.modbus_tcp import Faults, ServerStats, SimDevice, answer
 
-__all__ = ["RtuBus", "RtuFaults", "main_sim_rtu"]
+__all__ = ["RtuBus", "RtuFaults", "RtuTcpServer", "main_sim_rtu"]
 
 log = logging.getLogger("sluice.sim")
 
@@ -253,9 +253,12 @@ class RtuBus:
             reply = bytes(rng.randrange(256) for _ in range(rng.randint(3, 9))) + reply
         if self.wire_timing:
             await asyncio.sleep(len(reply) * self.char)
+        self._write(reply)
+
+    def _write(self, data: bytes) -> None:
         if self._master >= 0:
             try:
-                os.write(self._master, reply)
+                os.write(self._master, data)
             except OSError:
                 pass  # the gateway closed its end
 
@@ -264,6 +267,88 @@ class RtuBus:
         timing = ", wire-timed" if self.wire_timing else ""
         return (f"RTU bus on {self.path} at {self.baudrate} 8{self.parity}{self.stopbits}{timing}: "
                 f"{len(self.devices)} units — {units}")
+
+
+class RtuTcpServer(RtuBus):
+    """A serial device server in raw mode: the same simulated bus, reached over TCP (RTU frames
+    with CRC, no MBAP header). One client at a time, as most converters allow; a new client
+    replaces the old one. :meth:`break_stream` sends half a frame and drops the connection."""
+
+    def __init__(self, devices: Iterable[SimDevice], *, host: str = "127.0.0.1", port: int = 0,
+                 **options: Any) -> None:
+        super().__init__(devices, **options)
+        self.host, self.port = host, port
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._transport: asyncio.Transport | None = None
+
+    @property
+    def path(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def __aenter__(self) -> RtuTcpServer:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _RawStream(self), self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._task = asyncio.create_task(self._serve(), name=f"sim-rtu-tcp[{self.path}]")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+        self.drop()
+        await super().__aexit__(*exc)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def vanish(self) -> None:
+        self.drop()
+
+    def reappear(self) -> None:
+        pass
+
+    def drop(self) -> None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.abort()
+        self._buf.clear()
+
+    def break_stream(self) -> None:
+        """Half a reply frame, then the connection drops: what a flaky 4G link or converter does."""
+        self._write(bytes.fromhex("010308"))
+        self.drop()
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _line_matches(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        units = ", ".join(f"{u} ({d.name})" for u, d in sorted(self.devices.items()))
+        return f"RTU over TCP on {self.path}: {len(self.devices)} units — {units}"
+
+
+class _RawStream(asyncio.Protocol):
+    def __init__(self, server: RtuTcpServer) -> None:
+        self.server = server
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.server.drop()
+        self.transport = transport
+        self.server._transport = transport  # type: ignore[assignment]
+        self.server.connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is not None and self.server._transport is self.transport:
+            self.server._buf += data
+            self.server._data.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
 
 
 # =========================================================================== sluice sim rtu

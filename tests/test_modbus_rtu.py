@@ -1,5 +1,6 @@
 """Modbus RTU on real pseudo-terminal pairs (simulators.modbus_rtu): CRC and timing tables, a bus
-with a dead unit, every injected fault, a port that vanishes and returns, and no write ever sent."""
+with a dead unit, every injected fault, a port that vanishes and returns, and no write ever sent;
+RTU over TCP (dial-out) against the simulated serial device server, including a broken stream."""
 
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ from drivers.modbus_rtu import (
     make_pollers,
     rtu_frame,
 )
+from drivers.modbus_rtu_tcp import DeviceModel as RtuTcpDeviceModel
+from drivers.modbus_rtu_tcp import make_pollers as make_tcp_pollers
 from gateway.driver import Device
 from gateway.reading import GOOD, Reading
-from simulators.modbus_rtu import RtuBus, RtuFaults
+from simulators.modbus_rtu import RtuBus, RtuFaults, RtuTcpServer
 from simulators.modbus_tcp import SimDevice
 
 PROFILE = ProfileModel.model_validate({
@@ -249,3 +252,43 @@ def test_bus_line_settings_conflict_is_a_config_error() -> None:
     problems = check([a, b, c, d])
     assert [(p.device.id, p.loc) for p in problems] == [("b", ("stopbits",)), ("d", ("unit_id",))]
     assert "runs at 19200 8E1 for 'a'" in problems[0].message and "8E2" in problems[0].message
+
+
+# --------------------------------------------------------------------------- RTU over TCP (dial-out)
+def tcp_device(dev_id: str, server: RtuTcpServer, unit: int, **settings: Any) -> Device:
+    cfg = RtuTcpDeviceModel.model_validate({
+        "id": dev_id, "protocol": "modbus_rtu_tcp", "profile": "p", "host": server.host, "port": server.port,
+        "unit_id": unit, "interval": "100ms", "timeout": "50ms", "retries": 0, "backoff_max": "200ms",
+        **settings})
+    return Device(cfg, PROFILE, "p", {"device": dev_id}, "m", Path(f"{dev_id}.yaml"))
+
+
+async def test_rtu_over_tcp_reads_units_and_checks_crc(caplog: pytest.LogCaptureFixture) -> None:
+    async with RtuTcpServer(sim_units([1, 2, 3])) as server:
+        server.set_faults(2, crc=1.0)
+        server.set_faults(3, garbage=1.0)
+        (poller,) = make_tcp_pollers([tcp_device(f"u{u}", server, u) for u in (1, 2, 3)])
+        assert poller.name == f"{server.path} (RTU over TCP)"
+        async with running(poller) as readings:
+            await until(lambda: sum(r.device == "u3" for r in readings) >= 3
+                        and poller.status["u2"].errors.get("crc", 0) >= 2)
+        assert server.stats.writes == 0 and server.connections == 1
+    assert {r.device for r in readings} == {"u1", "u3"}
+    assert all(r.fields == EXPECTED for r in readings)
+    assert poller.status["u1"].errors == {} and poller.status["u3"].errors == {}
+    (crc,) = warnings_about(caplog, "u2:")
+    assert f"{server.path} (RTU over TCP) unit 2" in crc and "failed its CRC check" in crc
+
+
+async def test_rtu_over_tcp_resyncs_after_a_broken_stream() -> None:
+    async with RtuTcpServer(sim_units([1, 2])) as server:
+        (poller,) = make_tcp_pollers([tcp_device("a", server, 1), tcp_device("b", server, 2)])
+        async with running(poller) as readings:
+            await until(lambda: len(readings) >= 4)
+            for _ in range(3):
+                server.break_stream()  # half a frame, then the connection drops
+                broken = time.time_ns()
+                await until(lambda t=broken: {r.device for r in readings if r.time_ns > t} == {"a", "b"})
+        assert server.connections == 4 and server.stats.writes == 0
+    assert all(r.fields == EXPECTED for r in readings)
+    assert set(poller.status["a"].errors) <= {"disconnected", "truncated"}
