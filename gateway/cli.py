@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--url", default=None, help="the endpoint's host:port instead of health.listen from the configuration")
     p.set_defaults(func=cmd_status)
-    sub.add_parser("sim", help="simulate Modbus devices from their profiles (see `sluice sim --help`)")
+    sub.add_parser("sim", help="simulate Modbus devices from their profiles (see `sluice sim --help`; "
+                   "an RTU bus on a pty: `sluice sim rtu --help`)")
     p = sub.add_parser("demo", help="simulated devices -> gateway -> outbox -> MQTT, live in the terminal")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--config", type=Path, default=None, help="demo configuration (default: the shipped config/)")
@@ -201,6 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from simulators.serial_sensor import main_serial_sim
 
         return main_serial_sim(argv[2:])
+    if argv[:2] == ["sim", "rtu"]:
+        # A Modbus RTU bus on a pseudo-terminal (`sluice sim rtu --help`).
+        from simulators.modbus_rtu import main_sim_rtu
+
+        return main_sim_rtu(argv[2:])
     if argv[:1] == ["sim"]:
         # The simulator has its own parser (`sluice sim --help`); hand it everything after `sim`.
         from simulators.modbus_tcp import main_sim
