@@ -282,6 +282,24 @@ def _resolve_ref(ref: str) -> str:
     return os.environ[ref]
 
 
+class _Expanded(str):
+    """A value with ``${...}`` references resolved. Its repr is the reference as written, so an
+    error message that quotes a rejected value (``port: '${MQTT_PASSWORD}' ...``) never shows
+    the secret it resolved to."""
+
+    __slots__ = ("written",)
+    written: str
+
+    def __repr__(self) -> str:
+        return repr(self.written)
+
+
+def _expanded(value: str, written: str) -> str:
+    out = _Expanded(value)
+    out.written = written
+    return out
+
+
 def expand_secrets(doc: YamlDoc, errors: list[ConfigError]) -> Any:
     """Replace ``${ENV}``, ``${file:/path}`` and ``${cred:NAME}`` in every string value."""
 
@@ -299,7 +317,7 @@ def expand_secrets(doc: YamlDoc, errors: list[ConfigError]) -> Any:
                     errors.append(doc.error(loc, f"cannot resolve {match.group(0)}: {reason}",
                                             "set it in the service's environment or credentials"))
                     return ""
-            return _REF.sub(sub, value)
+            return _expanded(_REF.sub(sub, value), value)
         return value
 
     return walk(doc.data, ())
