@@ -318,6 +318,12 @@ def _hint(reason: str, sink: MqttSink) -> str:
     if "certificate" in low or "ssl" in low or "tls" in low:
         ca = f"tls.ca_file ({cfg.tls.ca_file})" if cfg.tls and cfg.tls.ca_file else "the system CA bundle"
         return f"check {ca} and that the broker's certificate is valid for '{cfg.host}'"
+    if cfg.tls is not None and cfg.tls.cert_file is None and ("timed out" in low or "without an mqtt goodbye" in low
+                                                              or "closed" in low):
+        # TLS 1.3: a broker that requires a client certificate rejects us after the handshake,
+        # which shows up here only as a silent or closed connection.
+        return ("if the broker requires a client certificate (mosquitto: require_certificate), set "
+                f"tls.cert_file and tls.key_file; otherwise check the network path to {sink.address}")
     if "refused" in low or "without an mqtt goodbye" in low:
         return f"check that the broker is running and listening on {sink.address} (host, port, firewall)"
     if "timed out" in low or "timeout" in low or "unreachable" in low:
