@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from simulators.broker import Mosquitto, TlsFiles, free_port
 
-__all__ = ["Mosquitto", "TcpProxy", "TlsFiles", "free_port", "make_ca", "subscriber"]
+__all__ = ["Mosquitto", "TcpProxy", "TlsFiles", "free_port", "make_ca", "make_client_cert", "subscriber"]
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 
@@ -64,6 +64,36 @@ def make_ca(directory: Path, host: str = "127.0.0.1") -> TlsFiles:
     run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
         "-out", str(cert), "-days", "2", "-extfile", str(ext))
     return TlsFiles(ca, cert, key)
+
+
+def make_client_cert(directory: Path, name: str = "sluice-client") -> tuple[Path, Path]:
+    """A client certificate and key signed by the CA that :func:`make_ca` made in ``directory``."""
+    openssl = _need("/usr/bin/openssl", "openssl")
+    key, csr, cert = (directory / f"{name}{ext}" for ext in (".key", ".csr", ".pem"))
+    ext = directory / f"{name}.cnf"
+    ext.write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    for args in (["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                  "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}"],
+                 ["x509", "-req", "-in", str(csr), "-CA", str(directory / "ca.pem"), "-CAkey", str(directory / "ca.key"),
+                  "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext)]):
+        subprocess.run([openssl, *args], check=True, capture_output=True)
+    key.chmod(0o600)
+    return cert, key
+
+
+@pytest.fixture
+def mosquitto_mtls(tmp_path: Path) -> Iterator[Mosquitto]:
+    """Mosquitto with a TLS listener that requires a client certificate from its CA
+    (``broker.tls.ca``); :func:`make_client_cert` on ``broker.tls.ca.parent`` issues one."""
+    binary = _need(MOSQUITTO, "mosquitto")
+    tls = make_ca(tmp_path / "pki")
+    tls.require_certificate = True
+    broker = Mosquitto(tmp_path / "mosquitto", binary=binary, tls=tls)
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.terminate()
 
 
 @pytest.fixture
