@@ -40,6 +40,7 @@ PROFILE = ProfileModel.model_validate({
                 "sim": {"signal": "constant", "value": 100 + i}} for i in range(4)],
 })
 EXPECTED = {f"r{i}": 100 + i for i in range(4)}
+REPO = Path(__file__).resolve().parent.parent
 
 
 def sim_units(units: Sequence[int]) -> list[SimDevice]:
@@ -292,3 +293,42 @@ async def test_rtu_over_tcp_resyncs_after_a_broken_stream() -> None:
         assert server.connections == 4 and server.stats.writes == 0
     assert all(r.fields == EXPECTED for r in readings)
     assert set(poller.status["a"].errors) <= {"disconnected", "truncated"}
+
+
+# --------------------------------------------------------------------------- sluice sim rtu + sluice once
+def test_sluice_sim_rtu_serves_the_gateway(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import subprocess
+    import sys
+
+    from gateway.cli import main
+
+    link = tmp_path / "ttyRTU"
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "sim", "rtu", "--profiles", str(REPO / "config" / "profiles"),
+         "--unit", "1=eastron-sdm630", "--unit", "7=eastron-sdm630", "--fault", "7:no_answer",
+         "--link", str(link), "--baudrate", "19200"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert sim.stdout is not None
+        lines = [sim.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith(f"RTU bus on {link} at 19200 8N1: 2 units"), lines
+        assert lines[1].strip() == f"port: {link}"
+        (tmp_path / "gateway.yaml").write_text("gateway:\n  id: gw1\n  site: farm\n")
+        (tmp_path / "profiles").mkdir()
+        (tmp_path / "profiles" / "eastron-sdm630.yaml").write_text(
+            (REPO / "config" / "profiles" / "eastron-sdm630.yaml").read_text())
+        (tmp_path / "devices").mkdir()
+        for dev_id, unit in (("meter", 1), ("gone", 7)):
+            (tmp_path / "devices" / f"{dev_id}.yaml").write_text(
+                f"id: {dev_id}\nprotocol: modbus_rtu\nprofile: eastron-sdm630\nport: {link}\nbaudrate: 19200\n"
+                f"unit_id: {unit}\ntimeout: 100ms\n")
+        assert main(["once", "-c", str(tmp_path)]) == 1
+        out, err = capsys.readouterr()
+        assert out.startswith("meter (good)") and "gone: no answer" in err
+    finally:
+        sim.terminate()
+        assert sim.wait(timeout=10) == 0, sim.stderr.read() if sim.stderr else ""
+        for stream in (sim.stdout, sim.stderr):
+            if stream is not None:
+                stream.close()
+    assert not link.exists()
