@@ -207,3 +207,13 @@ def test_notifier_abstract_socket_and_absent_socket() -> None:
         assert notifier.send(READY=1, STATUS="two\nlines")
         assert sock.recv(100) == b"READY=1\nSTATUS=two lines"
         notifier.close()
+
+
+def test_readme_documents_exactly_the_metrics_served() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Health endpoint and metrics"):]
+    section = section[:section.index("\n## ")]
+    documented = set(re.findall(r"`((?:sluice|process)_[a-z_]+)`", section))
+    assert documented == set(METRICS)
