@@ -406,20 +406,38 @@ def validate_doc(doc: YamlDoc, model: type[StrictModel], errors: list[ConfigErro
                 loc, at_value = (*loc, "type"), True  # point at the wrong value, not at the block
             message, hint = _describe({**err, "loc": loc if at_value or err["type"] == "missing" else ()}, model)
             if err["type"] in ("extra_forbidden", "missing"):
-                message, hint = _describe({**err, "loc": loc}, _model_at(model, loc[:-1]))
+                message, hint = _describe({**err, "loc": loc}, _model_at(model, loc[:-1], data))
             errors.append(doc.error(loc, message, hint, key=err["type"] == "extra_forbidden"))
         return None
 
 
-def _model_at(model: Any, loc: Sequence[str | int]) -> Any:
+def _model_at(model: Any, loc: Sequence[str | int], data: Any = None) -> Any:
     current = model
+    annotation: Any = None
+    node = data
     for part in loc:
+        node = node.get(part) if isinstance(node, dict) else None
         if current is None or not hasattr(current, "model_fields"):
             return None
         if isinstance(part, str) and part in current.model_fields:
-            nxt = _model_of(current.model_fields[part].annotation)
+            annotation = current.model_fields[part].annotation
+            nxt = _model_of(annotation)
             current = nxt if nxt is not None else current
+    if isinstance(node, dict) and "type" in node and annotation is not None:
+        # A block of a `type:`-discriminated union (sinks): the model its type names.
+        return _model_of_type(annotation, node["type"]) or current
     return current
+
+
+def _model_of_type(annotation: Any, kind: Any) -> Any:
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        field = annotation.model_fields.get("type")
+        return annotation if field is not None and kind in getattr(field.annotation, "__args__", ()) else None
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of_type(arg, kind)
+        if found is not None:
+            return found
+    return None
 
 
 # --------------------------------------------------------------------------- loading
