@@ -54,6 +54,10 @@ def make_sink(name: str, sink_cfg: object, config: Config) -> Any:
 
 @dataclass
 class CommitStats:
+    """Every reading emitted is, at any moment, committed, pending (in memory) or lost:
+    ``received == committed + Committer.pending + lost``."""
+
+    received: int = 0  # readings handed over by the pollers
     committed: int = 0
     commits: int = 0
     failed_commits: int = 0
@@ -92,6 +96,7 @@ class Committer:
 
     def emit(self, reading: Reading) -> None:
         self._pending.append(reading)
+        self.stats.received += 1
         self._wake.set()
 
     async def run(self) -> None:

@@ -194,6 +194,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "sluice_outbox_max_bytes": ("gauge", "buffer.max_bytes"),
     "sluice_outbox_oldest_age_seconds": ("gauge", "Age of the oldest stored reading (0 when empty)"),
     "sluice_outbox_dropped_total": ("counter", "Readings dropped by the when_full policy (persisted in the outbox)"),
+    "sluice_outbox_received_total": ("counter", "Readings the pollers handed over: committed + held in memory + lost"),
     "sluice_outbox_committed_total": ("counter", "Readings committed to the outbox by this process"),
     "sluice_outbox_commit_failures_total": ("counter", "Commits that failed (disk full, I/O error)"),
     "sluice_outbox_unstored_readings": ("gauge", "Readings held in memory because the outbox could not be written"),
@@ -257,6 +258,8 @@ def render_metrics(gw: Gateway) -> str:
     committer = gw.committer
     if committer is not None:
         cs = committer.stats
+        fam("sluice_outbox_received_total")
+        out.sample("sluice_outbox_received_total", cs.received)
         fam("sluice_outbox_committed_total")
         out.sample("sluice_outbox_committed_total", cs.committed)
         fam("sluice_outbox_commit_failures_total")
