@@ -232,7 +232,9 @@ class Gateway:
                 await _cancel([watchdog_task])
                 await _cancel(poll_tasks)
                 await _cancel([commit_task])
-                committer.flush()
+                if not committer.flush():
+                    log.error("%d readings could not be stored in the outbox before stopping and are lost — "
+                              "check free disk space", committer.pending)
                 await _cancel(forward_tasks)
                 await _cancel([stop_task])
                 stats = self.final_stats = outbox.stats()
