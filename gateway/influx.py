@@ -180,6 +180,11 @@ class InfluxSink:
     # -- the forwarder's side ----------------------------------------------------------------
 
     @property
+    def retry_at(self) -> float:
+        """Event-loop time before which no request is made (after a failure; 0 when none)."""
+        return self._retry_at
+
+    @property
     def connected(self) -> bool:
         """False while waiting out a backoff or a Retry-After; there is no connection to keep."""
         return asyncio.get_running_loop().time() >= self._retry_at

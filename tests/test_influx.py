@@ -1,0 +1,302 @@
+"""The direct InfluxDB sink with real servers: influxd 1.x (v1 API) read back with InfluxQL,
+VictoriaMetrics (v2 API through influxdb-client) read back with its export API, dead letters for
+data the server refuses, an influxd outage, and 429/503 with Retry-After from a tiny test server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiohttp import web
+from servers import Influxd, VictoriaMetrics
+
+from gateway.buffer import Outbox
+from gateway.config import InfluxSinkConfig
+from gateway.forwarder import Forwarder
+from gateway.influx import InfluxSink, WriteOutcome, classify, retry_after_seconds
+from gateway.reading import UNCERTAIN, Reading
+
+pytestmark = pytest.mark.usefixtures("close_default_executor")  # asyncio.to_thread stops/starts influxd
+
+T0 = 1_760_000_000_000_000_000
+IDENT = SimpleNamespace(gateway_id="gw1", site="farm")
+
+
+def sink_config(url: str, **overrides: Any) -> InfluxSinkConfig:
+    base: dict[str, Any] = {"type": "influxdb", "url": url, "api": "v1", "database": "sluice",
+                            "retry_min": "20ms", "retry_max": "100ms", "timeout": "5s",
+                            "batch": {"max_readings": 50, "linger": "0ms"}}
+    return InfluxSinkConfig.model_validate(base | overrides)
+
+
+@contextlib.asynccontextmanager
+async def forwarding(outbox: Outbox, cfg: InfluxSinkConfig) -> AsyncIterator[tuple[Forwarder, InfluxSink]]:
+    async with InfluxSink("db", cfg) as sink:
+        fwd = Forwarder("db", outbox, sink, cfg, IDENT)
+        task = asyncio.create_task(fwd.run(), name="forward[db]")
+        try:
+            yield fwd, sink
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def until(condition: Any, timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def outbox(tmp_path: Path):  # type: ignore[no-untyped-def]
+    with Outbox(tmp_path / "outbox.db", ["db"], synchronous="normal") as box:
+        yield box
+
+
+# --------------------------------------------------------------------------- what must survive the trip
+ESCAPES: list[tuple[str, str, dict[str, str], dict[str, Any]]] = [
+    # (device, measurement, extra tags, fields)
+    ("温室-1号", "env", {"room": "东 区"}, {"temperature": 21.5, "humidity": 40, "ok": True}),
+    ("pump 2", "env room", {"loc": "a,b", "eq": "x=y"}, {"temp C": 0.1, "a,b": 1 / 3, "k=v": -1e300}),
+    ("C:\\dev", "m,1", {"path": "C:\\temp\\x"}, {"s": 'say "hi", a=b \\ back\\slash', "n": 2**63 - 1}),
+    ("冷库", "env", {"note": "温度"}, {"s": "line1\nline2\rend", "neg": -(2**63), "f": 5e-324}),
+    ("dev=1", "env", {}, {"s": "", "zero": 0.0, "t": False, "nan": math.nan}),
+    ("dev-q", "env", {}, {"v": 3.0}),  # quality uncertain: a `quality` string field
+]
+
+
+def escaping_readings(rounds: int) -> list[Reading]:
+    out = []
+    for i in range(rounds):
+        for n, (device, measurement, tags, fields) in enumerate(ESCAPES):
+            values = {k: (v + i if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**62 else v)
+                      for k, v in fields.items()}
+            quality = UNCERTAIN if device == "dev-q" else "good"
+            out.append(Reading(device, T0 + i * 1_000_000 + n, values, {"site": "farm", "device": device, **tags},
+                               quality, measurement))
+    return out
+
+
+def expected_row(r: Reading) -> dict[str, Any]:
+    """What InfluxQL's SELECT * gives back for a reading (see gateway/encode.py for the rules)."""
+    row: dict[str, Any] = {"time": r.time_ns}
+    row.update({k: v for k, v in r.tags.items() if v})
+    for name, value in r.fields.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            continue  # NaN/inf cannot be written: left out
+        if isinstance(value, str):
+            value = value.replace("\n", "\\n").replace("\r", "\\r")  # a newline arrives as backslash-n
+        row[name] = value
+    if r.quality != "good":
+        row["quality"] = r.quality
+    return row
+
+
+def read_back(server: Influxd, measurements: set[str]) -> list[dict[str, Any]]:
+    rows = []
+    for measurement in sorted(measurements):
+        quoted = measurement.replace("\\", "\\\\").replace('"', '\\"')
+        for series in server.query(f'SELECT * FROM "{quoted}"', "sluice"):
+            columns = series["columns"]
+            for values in series["values"]:  # type: ignore[union-attr]
+                rows.append({c: v for c, v in zip(columns, values) if v is not None})  # type: ignore[call-overload]
+    return rows
+
+
+def same(got: dict[str, Any], want: dict[str, Any]) -> bool:
+    """Equal values of equal kinds (JSON has one number type: 3.0 comes back as 3)."""
+    if got.keys() != want.keys():
+        return False
+    for key, w in want.items():
+        g = got[key]
+        if isinstance(w, bool) or isinstance(w, str):
+            if g != w or type(g) is not type(w):
+                return False
+        elif g != w:
+            return False
+    return True
+
+
+async def test_every_reading_read_back_exactly_from_influxd(influxd: Influxd, outbox: Outbox) -> None:
+    sent = escaping_readings(20)
+    async with forwarding(outbox, sink_config(influxd.url)) as (fwd, _sink):
+        for i in range(0, len(sent), 25):  # as the committer does: append, then notify
+            outbox.append(sent[i:i + 25])
+            fwd.notify()
+        await until(lambda: outbox.stats().pending["db"] == 0)
+    assert fwd.stats.delivered == len(sent) and fwd.stats.dead_lettered == 0
+    rows = read_back(influxd, {r.measurement for r in sent})
+    by_time = {row["time"]: row for row in rows}
+    assert len(rows) == len(by_time) == len(sent)
+    for reading in sent:
+        want = expected_row(reading)
+        got = by_time[reading.time_ns]
+        assert same(got, want), f"{reading.device}: sent {want}\n got {got}"
+
+
+async def test_v2_api_through_influxdb_client_to_victoria_metrics(victoria_metrics: VictoriaMetrics,
+                                                                  outbox: Outbox) -> None:
+    # VictoriaMetrics keeps numbers (as <measurement>_<field>, milliseconds) and ignores bucket/org.
+    sent = [Reading(dev, T0 + i * 1_000_000_000, {"t": 20.0 + i / 8, "n": i, "on": i % 2 == 0},
+                    {"site": "farm", "device": dev, "room": "东 区"}, measurement="env")
+            for i in range(40) for dev in ("温室-1号", "pump 2")]
+    cfg = sink_config(victoria_metrics.url, api="v2", database=None, bucket="sluice", org="farm", token="t0ken")
+    async with forwarding(outbox, cfg) as (fwd, sink):
+        outbox.append(sent)
+        fwd.notify()
+        await until(lambda: outbox.stats().pending["db"] == 0)
+    assert sink.requests >= 1 and fwd.stats.delivered == len(sent)
+    got: dict[tuple[str, str], dict[int, float]] = {}
+    for series in victoria_metrics.export('{__name__=~"env_.*"}'):
+        metric: dict[str, str] = series["metric"]  # type: ignore[assignment]
+        assert metric["room"] == "东 区" and metric["site"] == "farm"
+        got[(metric["__name__"], metric["device"])] = dict(zip(series["timestamps"], series["values"]))  # type: ignore[call-overload]
+    for r in sent:
+        ms = r.time_ns // 1_000_000
+        assert got[("env_t", r.device)][ms] == r.fields["t"]
+        assert got[("env_n", r.device)][ms] == r.fields["n"]
+        assert got[("env_on", r.device)][ms] == (1 if r.fields["on"] else 0)
+
+
+async def test_type_conflict_goes_to_a_dead_letter_and_the_queue_flows_on(influxd: Influxd, outbox: Outbox) -> None:
+    def batch(start: int, value: Any) -> list[Reading]:
+        return [Reading("boiler", T0 + (start + i) * 1000, {"v": value}, {"device": "boiler"}, measurement="m")
+                for i in range(5)]
+
+    async with forwarding(outbox, sink_config(influxd.url)) as (fwd, _sink):
+        for start, value in ((0, 1.5), (10, "oops"), (20, 2.5)):  # v is a float; then a string
+            outbox.append(batch(start, value))
+            fwd.notify()
+            await until(lambda: outbox.stats().pending["db"] == 0)
+        (letter,) = outbox.dead_letters(with_readings=True)
+        assert letter.count == 5 and list(letter.readings) == batch(10, "oops")
+        assert "type conflict" in letter.message and outbox.stats().dead_letters == 1
+        assert fwd.stats.dead_lettered == 5 and fwd.stats.delivered == 10
+        times = [row["time"] for row in read_back(influxd, {"m"})]
+        assert times == [T0 + i * 1000 for i in (*range(5), *range(20, 25))]
+
+        # Re-sent as is: refused again, stays (attempt 2). After the conflict is gone, delivered.
+        outbox.mark_resend([letter.id])
+        fwd.notify()
+        await until(lambda: outbox.dead_letters()[0].attempts == 2)
+        assert not outbox.dead_letters()[0].resend
+        await asyncio.to_thread(influxd.query, 'DROP MEASUREMENT "m"', "sluice")
+        outbox.mark_resend()
+        fwd.notify()
+        await until(lambda: not outbox.dead_letters())
+    assert fwd.stats.resent == 5
+    assert [row["v"] for row in read_back(influxd, {"m"})] == ["oops"] * 5
+
+
+async def test_influxd_stopped_for_a_while_loses_nothing(influxd: Influxd, outbox: Outbox) -> None:
+    before, during, after = (escaping_readings(30)[i * 60:(i + 1) * 60] for i in range(3))
+    async with forwarding(outbox, sink_config(influxd.url)) as (fwd, sink):
+        outbox.append(before)
+        fwd.notify()
+        await until(lambda: outbox.stats().pending["db"] == 0)
+        await asyncio.to_thread(influxd.stop)
+        for i in range(0, len(during), 20):
+            outbox.append(during[i:i + 20])
+            fwd.notify()
+            await asyncio.sleep(0.05)
+        await until(lambda: fwd.stats.retries >= 3)  # it kept trying, and acknowledged nothing
+        assert outbox.stats().pending["db"] == len(during) and sink.last_error is not None
+        await asyncio.to_thread(influxd.start)
+        outbox.append(after)
+        fwd.notify()
+        await until(lambda: outbox.stats().pending["db"] == 0, timeout=30)
+    everything = before + during + after
+    rows = {row["time"]: row for row in read_back(influxd, {r.measurement for r in everything})}
+    assert len(rows) == len(everything)
+    for reading in everything:
+        assert same(rows[reading.time_ns], expected_row(reading))
+    assert fwd.stats.dead_lettered == 0
+
+
+# --------------------------------------------------------------------------- 429/503 + Retry-After
+class Flaky:
+    """A tiny /write endpoint: answers ``answers`` in turn (status, headers), then 204; keeps bodies."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str]]]) -> None:
+        self.answers = list(answers)
+        self.bodies: list[bytes] = []
+        self.encodings: list[str] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.encodings.append(request.headers.get("Content-Encoding", ""))
+        self.bodies.append(await request.read())  # aiohttp has undone the gzip
+        if self.answers:
+            status, headers = self.answers.pop(0)
+            return web.json_response({"error": "busy"}, status=status, headers=headers)
+        return web.Response(status=204)
+
+    async def __aenter__(self) -> Flaky:
+        app = web.Application()
+        app.router.add_post("/write", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = self.runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_busy_server_retry_after_is_honoured(status: int, outbox: Outbox) -> None:
+    async with Flaky([(status, {"Retry-After": "1"}), (status, {})]) as server:
+        # retry_max is far below Retry-After: only the header can explain a longer wait.
+        async with forwarding(outbox, sink_config(server.url, retry_min="10ms", retry_max="20ms")) as (fwd, sink):
+            outbox.append(escaping_readings(2))
+            fwd.notify()
+            await until(lambda: len(server.bodies) == 1)
+            loop = asyncio.get_running_loop()
+            await until(lambda: sink.last_error is not None)
+            assert sink.retry_at - loop.time() > 0.5  # the server's 1 s, not our 20 ms backoff
+            assert not sink.connected
+            await until(lambda: outbox.stats().pending["db"] == 0)
+    assert len(server.bodies) == 3 and server.bodies[0] == server.bodies[1] == server.bodies[2]
+    assert server.encodings == ["gzip"] * 3
+    assert fwd.stats.retries == 2 and fwd.stats.dead_lettered == 0
+
+
+@pytest.mark.parametrize(("status", "message", "outcome"), [
+    (400, 'partial write: field type conflict: input field "v" on measurement "m" is type string', WriteOutcome.REJECT),
+    (400, "unable to parse 'm v=': missing field value", WriteOutcome.REJECT),
+    (422, "failure writing points to database: partial write: points beyond retention policy dropped=1",
+     WriteOutcome.REJECT),
+    (413, "Request Entity Too Large", WriteOutcome.REJECT),
+    (400, "organization name \"x\" not found", WriteOutcome.RETRY),  # configuration, not data
+    (401, "unable to parse authentication credentials", WriteOutcome.RETRY),
+    (404, "database not found: \"sluice\"", WriteOutcome.RETRY),
+    (429, "too many requests", WriteOutcome.RETRY),
+    (500, "timeout", WriteOutcome.RETRY),
+    (503, "", WriteOutcome.RETRY),
+])
+def test_what_is_refused_data_and_what_is_retried(status: int, message: str, outcome: str) -> None:
+    assert classify(status, message) == outcome
+
+
+def test_retry_after_forms() -> None:
+    now = 1_700_000_000.0
+    assert retry_after_seconds("7", now) == 7.0
+    assert retry_after_seconds("Tue, 14 Nov 2023 22:13:30 GMT", now) == 10.0
+    assert retry_after_seconds("Tue, 14 Nov 2023 22:13:00 GMT", now) == 0.0  # in the past
+    assert retry_after_seconds("999999", now) == 3600.0
+    assert retry_after_seconds("soon", now) is None and retry_after_seconds(None) is None
