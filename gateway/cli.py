@@ -153,6 +153,64 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if code == 200 else 1
 
 
+def cmd_deadletter(args: argparse.Namespace) -> int:
+    """List dead letters, or mark them for re-sending (the running gateway, or the next start, sends them)."""
+    import sqlite3
+    import time as _time
+
+    from gateway.buffer import OutboxError, list_dead_letters, mark_resend, open_for_dead_letters
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    path = config.gateway.buffer.resolved_path()
+    try:
+        conn = open_for_dead_letters(path)
+    except OutboxError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        if args.action == "list":
+            letters = list_dead_letters(conn, args.sink, with_readings=args.readings)
+            if args.json:
+                for d in letters:
+                    item = {"id": d.id, "sink": d.sink, "time_ns": d.time_ns, "count": d.count, "message": d.message,
+                            "resend": d.resend, "attempts": d.attempts}
+                    if args.readings:
+                        item["readings"] = [{"device": r.device, "measurement": r.measurement, "tags": r.tags,
+                                             "time_ns": r.time_ns, "quality": r.quality, "fields": r.fields}
+                                            for r in d.readings]
+                    print(json.dumps(item, ensure_ascii=False))
+                return 0
+            if not letters:
+                print(f"{path}: no dead letters")
+                return 0
+            for d in letters:
+                when = _time.strftime("%Y-%m-%d %H:%M:%SZ", _time.gmtime(d.time_ns / 1e9))
+                mark = " (marked for re-sending)" if d.resend else ""
+                print(f"{d.id:>6}  {d.sink:<12} {when}  {d.count} readings, refused {d.attempts}×{mark}: {d.message}")
+                for r in d.readings:
+                    print(f"        {r.device} {r.measurement} {r.time_ns} {r.fields}")
+            return 0
+        if not args.ids and not args.all:
+            print("name the dead letters to re-send (IDs from `sluice deadletter list`), or give --all",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        marked = mark_resend(conn, args.ids or None, args.sink if args.all else None)
+        missing = len(args.ids) - marked if args.ids else 0
+        print(f"{marked} dead letter{'s' if marked != 1 else ''} marked for re-sending: the running gateway sends "
+              "them within seconds (or at its next start); `sluice deadletter list` shows what is left")
+        if missing:
+            print(f"{missing} of the given IDs do not exist", file=sys.stderr)
+            return 1
+        return 0
+    except sqlite3.Error as exc:
+        print(f"outbox {path}: {exc} — is another process holding it locked?", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -183,6 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--url", default=None, help="the endpoint's host:port instead of health.listen from the configuration")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("deadletter", help="batches a sink refused as data: list them, or re-send them")
+    dl = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = dl.add_parser("list", help="every dead letter: id, sink, time, readings, the server's message")
+    with_config(q)
+    q.add_argument("--sink", default=None, help="only this sink's letters")
+    q.add_argument("--readings", action="store_true", help="also print the readings in each letter")
+    q.add_argument("--json", action="store_true", help="one JSON object per letter")
+    q.set_defaults(func=cmd_deadletter)
+    q = dl.add_parser("resend", help="mark dead letters for re-sending; the gateway sends them before new batches")
+    with_config(q)
+    q.add_argument("ids", nargs="*", type=int, metavar="ID", help="letter ids from `sluice deadletter list`")
+    q.add_argument("--all", action="store_true", help="every letter (of --sink, if given)")
+    q.add_argument("--sink", default=None, help="with --all: only this sink's letters")
+    q.set_defaults(func=cmd_deadletter)
     sub.add_parser("sim", help="simulate Modbus devices from their profiles (see `sluice sim --help`; "
                    "an RTU bus on a pty: `sluice sim rtu --help`)")
     p = sub.add_parser("demo", help="simulated devices -> gateway -> outbox -> MQTT, live in the terminal")
