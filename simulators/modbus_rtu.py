@@ -212,7 +212,9 @@ class RtuBus:
         unit, pdu = request[0], request[1:-2]
         self.stats.requests[(unit, pdu[0])] += 1
         if self.wire_timing:
-            await asyncio.sleep(len(request) * self.char)  # the request is still on the wire
+            # The request is still on the wire, and a unit knows it has ended only after 3.5
+            # characters of silence.
+            await asyncio.sleep(len(request) * self.char + self.silence)
             if not self._line_matches():
                 self.wrong_line += 1
                 return  # a device at another baud rate or parity hears only noise

@@ -413,7 +413,7 @@ def test_health_logs_once_per_state_change(caplog: pytest.LogCaptureFixture) -> 
         ("INFO", "meter: reading every point again after 0ms (exception)"),
         ("INFO", "meter: answering again after 0ms (disconnected)"),
     ]
-    link = Health("connection x", words=("connected", "reconnected"))
+    link = Health("connection x", clock=lambda: clock[0], words=("connected", "reconnected"))
     link.ok()
     link.down("refused", "refused")
     link.ok()
