@@ -105,3 +105,30 @@ def test_cli_side_refuses_a_missing_or_foreign_file(tmp_path: Path) -> None:
     sqlite3.connect(foreign).execute("CREATE TABLE t (x)").connection.close()
     with pytest.raises(OutboxError, match="not a Sluice outbox"):
         open_for_dead_letters(foreign)
+
+
+def test_cli_lists_and_marks_for_resend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    config = tmp_path / "config"
+    for sub in ("devices", "profiles"):
+        (config / sub).mkdir(parents=True)
+    box = tmp_path / "state" / "outbox.db"
+    (config / "gateway.yaml").write_text(f"gateway: {{id: gw1, site: farm}}\nbuffer: {{path: {box}}}\n"
+                                         "sinks:\n  db: {type: influxdb, url: 'http://127.0.0.1:8086', bucket: b}\n")
+    assert main(["deadletter", "list", "-c", str(config)]) == 1  # no outbox yet: said so, not a traceback
+    assert "does not exist" in capsys.readouterr().err
+    with Outbox(box, ["db"]) as ob:
+        ob.append(readings(4))
+        letter = ob.reject("db", ob.fetch("db", 4, 10**6), 'partial write: field type conflict: "s"')
+    assert main(["deadletter", "list", "-c", str(config), "--readings"]) == 0
+    out = capsys.readouterr().out
+    assert f"{letter:>6}  db" in out and "4 readings, refused 1×" in out and "field type conflict" in out
+    assert "冷库-1 env 1700000000000000000" in out
+    assert main(["deadletter", "resend", "-c", str(config)]) == 2  # neither ids nor --all
+    assert main(["deadletter", "resend", "-c", str(config), str(letter), "77"]) == 1
+    assert "1 dead letter marked" in capsys.readouterr().out
+    assert main(["deadletter", "list", "-c", str(config), "--json"]) == 0
+    assert '"resend": true' in capsys.readouterr().out
+    with Outbox(box, ["db"]) as ob:
+        assert ob.next_resend("db").id == letter  # type: ignore[union-attr]
