@@ -15,7 +15,8 @@ from gateway.buffer import Outbox, OutboxError, OutboxStats
 from gateway.config import Config
 from gateway.driver import Device, Poller
 from gateway.health import HealthServer, Progress, status_line, track_gateway
-from gateway.reading import Reading
+from gateway.clock import ClockWatch
+from gateway.reading import CLOCK_UNSYNCED, Reading
 from gateway.sdnotify import Notifier, watchdog_interval
 from gateway.security import startup_warnings
 
@@ -159,6 +160,8 @@ class Gateway:
     """Heartbeats of every loop: the watchdog pings systemd only while none is wedged."""
     stall_margin: float = 10.0
     """Seconds of slack on top of each loop's computed limit before it counts as wedged."""
+    clock: ClockWatch = field(default_factory=ClockWatch)
+    """Whether the system clock is synchronised: readings taken while it is not are flagged."""
     health_port: int | None = None
     """The port the health endpoint listens on once running (None: not serving)."""
 
@@ -202,13 +205,17 @@ class Gateway:
             forward_tasks = [asyncio.create_task(f.run(), name=f"forward[{f.name}]")  # type: ignore[attr-defined]
                              for f in forwarders]
             commit_task = asyncio.create_task(committer.run(), name="commit")
-            emit = committer.emit
-            if self.on_reading is not None:
-                observe = self.on_reading
+            clock = self.clock
+            clock.poll()
+            observe = self.on_reading
+            store = committer.emit
 
-                def emit(reading: Reading) -> None:
+            def emit(reading: Reading) -> None:
+                if clock.synced is False:
+                    reading.quality = CLOCK_UNSYNCED  # its timestamp cannot be trusted
+                if observe is not None:
                     observe(reading)
-                    committer.emit(reading)
+                store(reading)
 
             poll_tasks = [asyncio.create_task(p.run(emit), name=f"poll[{p.name}]")
                           for p in self.pollers]
@@ -221,6 +228,7 @@ class Gateway:
             notifier.send(READY=1, STATUS=status_line(self))
             stop_task = asyncio.create_task(stop.wait(), name="stop")
             watchdog_task = asyncio.create_task(self._watchdog(notifier), name="watchdog")
+            clock_task = asyncio.create_task(clock.run(), name="clock")
             try:
                 done, _ = await asyncio.wait([stop_task, commit_task, *poll_tasks, *forward_tasks],
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -229,7 +237,7 @@ class Gateway:
                         raise task.exception()  # type: ignore[misc]
             finally:
                 notifier.send(STOPPING=1, STATUS="stopping: committing what was read")
-                await _cancel([watchdog_task])
+                await _cancel([watchdog_task, clock_task])
                 await _cancel(poll_tasks)
                 await _cancel([commit_task])
                 if not committer.flush():

@@ -150,6 +150,8 @@ def healthz(gw: Gateway) -> tuple[bool, dict[str, Any]]:
         for dev, st in poller.status.items():
             if not st.up:
                 warnings.append(f"device {dev}: down")
+    if gw.clock.synced is False:
+        warnings.append("system clock not synchronised: readings are flagged clock_unsynced")
     live = not wedged
     body = {"live": live, "ready": ready, "reasons": reasons, "warnings": warnings}
     return live and ready, body
@@ -204,6 +206,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "sluice_sink_retries_total": ("counter", "Batches that failed and are sent again"),
     "sluice_sink_pending_readings": ("gauge", "Readings in the outbox not yet acknowledged by the sink"),
     "sluice_sink_lag_seconds": ("gauge", "Age of the oldest reading the sink has not acknowledged (0 when none)"),
+    "sluice_clock_synchronized": ("gauge", "1 synchronised, 0 not (readings flagged clock_unsynced), -1 unknown"),
+    "sluice_clock_jumps_total": ("counter", "Jumps of the wall clock against the monotonic clock"),
     "sluice_component_stalled": ("gauge", "1 when a loop has work but made no progress (the watchdog stops)"),
     "process_cpu_seconds_total": ("counter", "User and system CPU time of the process"),
     "process_resident_memory_bytes": ("gauge", "Resident set size"),
@@ -287,6 +291,10 @@ def render_metrics(gw: Gateway) -> str:
         for f in fwds:
             out.sample("sluice_sink_lag_seconds", _lag(gw, f.name, now_ns), sink=f.name)  # type: ignore[attr-defined]
 
+    fam("sluice_clock_synchronized")
+    out.sample("sluice_clock_synchronized", {True: 1, False: 0, None: -1}[gw.clock.synced])
+    fam("sluice_clock_jumps_total")
+    out.sample("sluice_clock_jumps_total", gw.clock.jumps)
     fam("sluice_component_stalled")
     stalled = {name for name, _s in gw.progress.wedged()}
     for name in gw.progress.names():
@@ -340,6 +348,8 @@ def status_line(gw: Gateway) -> str:
         parts.append(f"{name} {'connected' if getattr(sink, 'connected', False) else 'DISCONNECTED'}")
     if gw.committer is not None and gw.committer.failing:
         parts.append("OUTBOX NOT WRITABLE")
+    if gw.clock.synced is False:
+        parts.append("clock not synchronised")
     wedged = gw.progress.wedged()
     if wedged:
         parts.append("WEDGED " + ", ".join(name for name, _s in wedged))

@@ -1,0 +1,90 @@
+"""Clock sanity: readings taken while the clock is not synchronised are flagged; jumps are detected."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import marshal
+import sqlite3
+from pathlib import Path
+
+from e2e_support import counter_servers, device_ports, write_config
+from gateway.app import Gateway
+from gateway.clock import ClockWatch, kernel_clock_synced
+from gateway.config import load_config
+from gateway.reading import CLOCK_UNSYNCED, GOOD
+
+
+def test_kernel_state_is_readable() -> None:
+    assert kernel_clock_synced() in (True, False, None)
+
+
+def test_jumps_are_detected_and_counted(caplog) -> None:
+    now = {"wall": 1000.0, "mono": 5.0}
+    watch = ClockWatch(check_sync=lambda: True, wall=lambda: now["wall"], mono=lambda: now["mono"])
+    watch.poll()
+    now["wall"] += 1.0
+    now["mono"] += 1.0
+    watch.poll()
+    assert watch.jumps == 0
+    now["wall"] += 3600.0 + 1.0  # NTP corrected a clock that was an hour behind
+    now["mono"] += 1.0
+    watch.poll()
+    now["wall"] -= 30.0
+    watch.poll()
+    assert watch.jumps == 2 and watch.last_jump == -30.0
+    assert "jumped +3600.0 s" in caplog.text and "jumped -30.0 s" in caplog.text
+
+
+def test_sync_changes_are_logged_once_each(caplog) -> None:
+    caplog.set_level(logging.INFO)
+    states = iter([False, False, False, True, True])
+    watch = ClockWatch(check_sync=lambda: next(states))
+    for _ in range(5):
+        watch.poll()
+    assert caplog.text.count("not synchronised") == 1
+    assert caplog.text.count("is synchronised") == 1
+    assert watch.synced is True
+
+
+async def test_readings_are_flagged_until_the_clock_is_synchronised(tmp_path: Path) -> None:
+    layout = {0: [("tank-a", 1)]}
+    servers = counter_servers(layout)
+    synced = {"now": False}
+    async with contextlib.AsyncExitStack() as stack:
+        for s in servers:
+            await stack.enter_async_context(s)
+        cfg = write_config(tmp_path / "cfg", devices=device_ports(layout, servers), broker_port=None)
+        text = (cfg / "gateway.yaml").read_text() + "health:\n  enabled: false\n"
+        (cfg / "gateway.yaml").write_text(text)
+        gw = Gateway(load_config(cfg), clock=ClockWatch(check_sync=lambda: synced["now"]))
+        seen: list[str] = []
+        changed = asyncio.Event()
+
+        def observe(reading) -> None:
+            seen.append(reading.quality)
+            changed.set()
+
+        async def until(condition) -> None:
+            while not condition():
+                changed.clear()
+                await changed.wait()
+
+        gw.on_reading = observe
+        stop = asyncio.Event()
+        task = asyncio.create_task(gw.run(stop), name="gateway-under-test")
+        try:
+            async with asyncio.timeout(20):
+                await until(lambda: len(seen) >= 3)
+                synced["now"] = True
+                await until(lambda: GOOD in seen)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+    with contextlib.closing(sqlite3.connect(tmp_path / "cfg" / "outbox.db")) as db:
+        stored = [marshal.loads(row[0])[1] for row in db.execute("SELECT data FROM readings ORDER BY seq")]
+    assert stored == seen
+    first_good = stored.index(GOOD)
+    assert first_good >= 3 and set(stored[:first_good]) == {CLOCK_UNSYNCED}
+    assert set(stored[first_good:]) == {GOOD}
