@@ -374,6 +374,24 @@ class Request:
         return f"{self.kind} {self.address}+{self.count}"
 
 
+_FLOAT32 = struct.Struct("<f")
+
+
+def shortest_float32(value: float) -> float:
+    """The shortest decimal that is the same float32 as ``value``: a meter's 230.3 V arrives as
+    the float32 230.3000030517578; we send 230.3 (what the device meant, and 6 bytes on the
+    wire instead of 17). Reading it back as a float32 gives exactly the device's bits."""
+    pack, unpack = _FLOAT32.pack, _FLOAT32.unpack
+    for digits in (6, 7, 8):  # 9 significant digits always round-trip a float32
+        candidate = float(f"{value:.{digits}g}")
+        try:
+            if unpack(pack(candidate))[0] == value:
+                return candidate
+        except OverflowError:
+            break
+    return value
+
+
 class RequestDecoder:
     """Decodes the data bytes of one request's reply into point values, with one ``struct``
     call per byte-order group and one small loop for scale, offset and valid ranges.
@@ -412,7 +430,7 @@ class RequestDecoder:
         self._steps = []
         for p, (layer, idx) in pending:
             op, a, b = self._step(p)
-            self._steps.append((p.name, op, starts[layer] + idx, a, b, p.min, p.max))
+            self._steps.append((p.name, op, starts[layer] + idx, a, b, p.min, p.max, p.type == "float32"))
 
     @staticmethod
     def _place(layers: list[tuple[bool, str, list[tuple[int, str]]]],
@@ -468,8 +486,10 @@ class RequestDecoder:
             for sw, st in self._groups:
                 raw += st.unpack_from(swapped if sw else data)
         invalid: list[str] = []
-        for name, op, idx, a, b, lo, hi in self._steps:
+        for name, op, idx, a, b, lo, hi, short in self._steps:
             value: Any = raw[idx]
+            if short:
+                value = shortest_float32(value)
             if op == _RAW:
                 pass
             elif op == _DIV:

@@ -63,7 +63,7 @@ TABLE = [
     ("float32", "DCBA", [0x0000, 0xC03F], 1.5),
     ("float32", "ABCD", [0xC020, 0x0000], -2.5),
     ("float32", "CDAB", [0x0000, 0xC020], -2.5),
-    ("float32", "ABCD", [0x4366, 0x4CCD], struct.unpack(">f", bytes.fromhex("43664ccd"))[0]),  # 230.3
+    ("float32", "ABCD", [0x4366, 0x4CCD], 230.3),  # the shortest decimal that is this float32
     ("float32", "ABCD", [0x7FC0, 0x0000], OMITTED),  # NaN
     ("float32", "CDAB", [0x0000, 0x7FC0], OMITTED),
     ("float32", "ABCD", [0x7F80, 0x0000], OMITTED),  # +inf: no line protocol or JSON can carry it
@@ -219,3 +219,20 @@ def test_one_request_decodes_mixed_orders_and_overlaps() -> None:
 def test_encode_refuses_values_that_do_not_fit(type_: str, value: float) -> None:
     with pytest.raises(ValueError, match="v:"):
         encode(point(type_), value)
+
+
+def test_shortest_float32_is_the_same_float32_and_never_longer() -> None:
+    import random
+
+    from drivers.modbus import shortest_float32
+
+    rng = random.Random(7)
+    for _ in range(20_000):
+        bits = rng.getrandbits(32)
+        raw = struct.unpack("<f", struct.pack("<I", bits))[0]
+        if raw != raw or raw in (float("inf"), float("-inf")):
+            continue
+        short = shortest_float32(raw)
+        assert struct.pack("<f", short) == struct.pack("<f", raw), (hex(bits), raw, short)
+        assert len(repr(short)) <= len(repr(raw))
+    assert shortest_float32(struct.unpack(">f", bytes.fromhex("43664ccd"))[0]) == 230.3

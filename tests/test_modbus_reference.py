@@ -87,7 +87,7 @@ EXPECTED = {
     "u32_cdab": 100_000, "i64_min": -(2**63), "u64_max": 2**64 - 1, "i64_cdab": 0x0102030405060708,
     "d_abcd": -0.1, "d_cdab": 1.5, "model": "SDM630", "temp": -12.3, "bit0": True, "bit1": False,
     "bit3": True, "bit15": True, "offset": 25.0, "i32_dcba": 0x12345678, "in_u16": 0x1234,
-    "in_f32": 230.3000030517578, "c0": True, "c2": True, "c3": True, "c8": True, "c9": False,
+    "in_f32": 230.3, "c0": True, "c2": True, "c3": True, "c8": True, "c9": False,
     "d0": False, "d1": True,
 }
 
