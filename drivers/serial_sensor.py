@@ -484,15 +484,14 @@ class TextFramer:
                 line = line[:-1]
             if len(line) > self._max:
                 out.append(FrameError("overlong", f"a line of {len(line)} bytes, longer than max_frame "
-                                      f"({self._max}) — check the baud rate and the delimiter"))
+                                      f"({self._max})"))
                 continue
             if line.strip():
                 out.append(line)
         del buf[:start]
         if len(buf) > self._max:
             if not self._skipping:
-                out.append(FrameError("overlong", f"more than {self._max} bytes without a delimiter — check the "
-                                      "baud rate and the profile's delimiter"))
+                out.append(FrameError("overlong", f"more than {self._max} bytes without a delimiter"))
             self._skipping = True
             keep = dlen - 1  # a delimiter may be split between two reads
             del buf[:len(buf) - keep]
@@ -601,8 +600,7 @@ class BinaryFramer:
                 want = checksum_bytes(spec, frame[spec.start:total - self._csize])
                 got = frame[total - self._csize:]
                 if got != want:
-                    out.append(FrameError("checksum", f"{spec.type} is {got.hex(' ')}, computed {want.hex(' ')} — "
-                                          "check wiring/noise, the baud rate, and checksum: in the profile"))
+                    out.append(FrameError("checksum", f"{spec.type} is {got.hex(' ')}, computed {want.hex(' ')}"))
                     rejected = True
                     del buf[:1]
                     continue
@@ -710,7 +708,7 @@ def parse_nmea(profile: ProfileModel, frame: bytes) -> Parsed:
     if star:
         if nmea_checksum(body) != given.strip().upper():
             raise FrameError("checksum", f"NMEA checksum {given[:4]!r}, computed {nmea_checksum(body)} in "
-                             f"{text[:82]!r} — check wiring, noise and the baud rate")
+                             f"{text[:82]!r}")
     elif profile.require_checksum:
         raise FrameError("checksum", f"NMEA sentence without a checksum: {text[:82]!r}")
     parts = body.split(",")
@@ -858,8 +856,31 @@ class Decoder:
             try:
                 out.append(self.parse(item))
             except FrameError as exc:
-                out.append(exc)
+                out.extend(self._recover(item, exc))
         return out
+
+    def _recover(self, frame: bytes, error: FrameError) -> list[Parsed | FrameError]:
+        """Noise glued to the front of a good line (line noise, an RS485 turnaround) is cut off:
+        the line after the last noise byte (or, for NMEA, from the last ``$``) is tried once."""
+        if self.profile.format == "binary":
+            return [error]
+        if self.profile.format == "nmea":
+            start = frame.rfind(b"$")
+        else:
+            ascii_only = codecs.lookup(self.profile.encoding).name == "ascii"
+            start = -1
+            for i in range(len(frame) - 1, -1, -1):
+                b = frame[i]
+                if (b < 0x20 and b != 0x09) or b == 0x7F or (ascii_only and b > 0x7F):
+                    start = i + 1
+                    break
+        if start <= 0 or start >= len(frame):
+            return [error]
+        try:
+            parsed = self.parse(frame[start:])
+        except FrameError:
+            return [error]
+        return [FrameError("garbage", f"{start} bytes of noise before a line: {frame[:start][:40]!r}"), parsed]
 
     def reset(self) -> None:
         self.framer.reset()
@@ -883,7 +904,8 @@ _HINT: Final = {
               "and the baud rate",
     "timeout": "check the cable, that the sensor is powered, the baud rate and the profile's request:",
     "garbage": "check the baud rate, parity and data bits against the sensor's manual, and the profile's pattern",
-    "checksum": "noise on the line or wrong line settings: check the cable, shielding, baud rate and parity",
+    "checksum": "noise on the line or wrong line settings: check the cable, shielding, baud rate and parity, "
+                "and the profile's checksum:",
     "overlong": "check the baud rate and the profile's delimiter",
     "truncated": "bytes are lost: check the cable and the baud rate",
 }

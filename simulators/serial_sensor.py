@@ -218,6 +218,7 @@ class SerialSensorSim:
         self._signals = _signals(profile)
         self._request = request_bytes(profile)
         self._master = self._slave = -1
+        self._out = bytearray()
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random(7)
 
@@ -239,6 +240,10 @@ class SerialSensorSim:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._out:
+            self._out.clear()
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_writer(self._master)
         for fd in (self._master, self._slave):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -254,13 +259,39 @@ class SerialSensorSim:
     def frame(self) -> bytes:
         return render_frame(self.profile, self.sample(), bad_checksum=self.faults.take("bad_checksum"))
 
+    def send_raw(self, data: bytes) -> None:
+        """Put ``data`` on the line as is (noise, an overlong line, a hand-made frame)."""
+        self._write(data)
+
     def _write(self, data: bytes) -> None:
+        """Queue ``data`` for the line; what the pty does not take at once goes when it can. A
+        backlog beyond 64 KiB is dropped: nobody reads the port, and a real sensor talks into
+        the void too."""
+        if self._master < 0:
+            return
+        if not self._out:
+            try:
+                data = data[os.write(self._master, data):]
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                log.debug("sim %s: write failed: %s", self.path, exc)
+                return
+            if not data:
+                return
+            asyncio.get_running_loop().add_writer(self._master, self._flush)
+        if len(self._out) + len(data) <= 65536:
+            self._out += data
+
+    def _flush(self) -> None:
         try:
-            os.write(self._master, data)
+            del self._out[:os.write(self._master, self._out)]
         except BlockingIOError:
-            pass  # nobody reads the port: a real sensor talks into the void too
-        except OSError as exc:
-            log.debug("sim %s: write failed: %s", self.path, exc)
+            return
+        except OSError:
+            self._out.clear()
+        if not self._out:
+            asyncio.get_running_loop().remove_writer(self._master)
 
     async def _send(self) -> None:
         if self.faults.take("garbage"):
