@@ -300,3 +300,47 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds("Tue, 14 Nov 2023 22:13:00 GMT", now) == 0.0  # in the past
     assert retry_after_seconds("999999", now) == 3600.0
     assert retry_after_seconds("soon", now) is None and retry_after_seconds(None) is None
+
+
+# --------------------------------------------------------------------------- the whole gateway
+async def test_gateway_with_an_influxdb_sink_writes_every_counter_value(tmp_path: Path, influxd: Influxd) -> None:
+    import yaml
+    from e2e_support import counter_servers, device_ports, write_config
+
+    from gateway.app import Gateway
+    from gateway.config import load_config
+
+    layout = {0: [("tank-a", 1), ("tank-b", 2)]}
+    servers = counter_servers(layout)
+    async with contextlib.AsyncExitStack() as stack:
+        for server in servers:
+            await stack.enter_async_context(server)
+        config_dir = write_config(tmp_path / "config", devices=device_ports(layout, servers), broker_port=None)
+        gateway_yaml = config_dir / "gateway.yaml"
+        doc = yaml.safe_load(gateway_yaml.read_text())
+        doc["sinks"]["db"] = {"type": "influxdb", "url": influxd.url, "api": "v1", "database": "sluice",
+                              "batch": {"linger": "50ms"}}
+        doc["health"] = {"enabled": False}
+        gateway_yaml.write_text(yaml.safe_dump(doc, allow_unicode=True))
+        stop = asyncio.Event()
+        gateway = Gateway(load_config(config_dir))
+        task = asyncio.create_task(gateway.run(stop), name="gateway-under-test")
+
+        def counts() -> dict[str, list[int]]:
+            out: dict[str, list[int]] = {}
+            for series in influxd.query('SELECT "count" FROM "counters" GROUP BY "device"', "sluice"):
+                out[series["tags"]["device"]] = [v[1] for v in series["values"]]  # type: ignore[index]
+            return out
+
+        try:
+            await asyncio.wait_for(gateway.ready.wait(), 10)
+            await until(lambda: len(counts()) == 2 and all(len(v) >= 10 for v in counts().values()), timeout=30)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+    final = counts()
+    for device, values in final.items():
+        assert values == list(range(1, len(values) + 1)), f"{device}: gap or duplicate in {values}"
+    served = sum(s.stats.count(function=3) for s in servers)
+    assert gateway.final_stats is not None
+    assert sum(map(len, final.values())) <= served <= sum(map(len, final.values())) + gateway.final_stats.rows
