@@ -308,3 +308,103 @@ async def _cancel(tasks: Sequence[asyncio.Task[object]]) -> None:
     for task in tasks:
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s had failed: %r", task.get_name(), task.exception())
+
+
+async def serve(config: Config, load: Callable[[], Config], stop: asyncio.Event, reload: asyncio.Event,
+                on_reload: Callable[[Config], None] | None = None,
+                on_reading: Callable[[Reading], None] | None = None) -> None:
+    """Run ``config`` until ``stop`` is set; each time ``reload`` is set (SIGHUP), load the
+    configuration again with ``load`` and validate it *before* touching the running gateway.
+
+    Invalid: every error is logged and the running configuration stays. Unchanged: nothing
+    happens. Changed: the running gateway stops cleanly — polling stops, everything read is
+    committed, in-flight batches stay unacknowledged in the outbox — and starts again on the new
+    configuration with the same outbox, so no buffered reading is lost (sinks added or removed
+    get or lose their outbox position). ``on_reload`` is called with the new configuration first.
+    """
+    notifier = Notifier()
+    try:
+        while True:
+            run_stop = asyncio.Event()
+            gateway = Gateway(config, on_reading=on_reading)
+            task = asyncio.create_task(gateway.run(run_stop), name="gateway")
+            config = await _until_reload(gateway, task, run_stop, config, load, stop, reload, notifier)
+            if config is None:
+                return
+            if on_reload is not None:
+                on_reload(config)
+    finally:
+        notifier.close()
+
+
+async def _until_reload(gateway: Gateway, task: asyncio.Task[None], run_stop: asyncio.Event, config: Config,
+                        load: Callable[[], Config], stop: asyncio.Event, reload: asyncio.Event,
+                        notifier: Notifier) -> Config | None:
+    """Wait for the run to end, a stop or a valid changed configuration; returns that or None."""
+    from gateway.config import ConfigErrors
+
+    while True:
+        waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(reload.wait())}
+        try:
+            await asyncio.wait({task, *waits}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        if task.done():
+            task.result()  # a failed run raises here
+            return None
+        if stop.is_set():
+            run_stop.set()
+            await task
+            return None
+        reload.clear()
+        log.info("reloading the configuration from %s", config.path)
+        try:
+            new = load()
+        except ConfigErrors as exc:
+            for err in exc.errors:
+                log.error("%s", err)
+            log.error("configuration NOT reloaded: %d error%s — still running the previous configuration; "
+                      "fix the files and reload again", len(exc.errors), "s" if len(exc.errors) != 1 else "")
+            continue
+        changes = describe_changes(config, new)
+        if not changes:
+            log.info("configuration unchanged; nothing to restart")
+            continue
+        log.info("configuration changed (%s): restarting with it; buffered readings stay in the outbox",
+                 "; ".join(changes))
+        notifier.send(RELOADING=1, STATUS="reloading: " + "; ".join(changes))
+        run_stop.set()
+        await task
+        return new
+
+
+def describe_changes(old: Config, new: Config) -> list[str]:
+    """What differs between two configurations, by device id and sink name."""
+    out: list[str] = []
+    before = {d.id: d for d in old.devices}
+    after = {d.id: d for d in new.devices}
+
+    def names(ids: Sequence[str]) -> str:
+        return ", ".join(sorted(ids))
+
+    for what, a, b in (("devices", before, after), ("sinks", old.gateway.sinks, new.gateway.sinks)):
+        added = [k for k in b if k not in a]
+        removed = [k for k in a if k not in b]
+        changed = [k for k in b if k in a and a[k] != b[k]]
+        if added:
+            out.append(f"{what} added: {names(added)}")
+        if removed:
+            out.append(f"{what} removed: {names(removed)}")
+        if changed:
+            out.append(f"{what} changed: {names(changed)}")
+    rest_old = old.gateway.model_copy(update={"sinks": {}})
+    rest_new = new.gateway.model_copy(update={"sinks": {}})
+    if rest_old != rest_new:
+        fields = [f for f in type(rest_new).model_fields if getattr(rest_old, f) != getattr(rest_new, f)]
+        out.append("gateway settings changed: " + ", ".join(fields))
+    if old.gateway.buffer.resolved_path() != new.gateway.buffer.resolved_path():
+        log.warning("buffer.path changed: readings still in %s are not moved to %s — restore the old "
+                    "path to deliver them", old.gateway.buffer.resolved_path(), new.gateway.buffer.resolved_path())
+    return out

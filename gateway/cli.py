@@ -50,7 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     setup_logging(args.log_level or config.gateway.logging.level, config.gateway.logging.format)
-    from gateway.app import Gateway
+    from gateway.app import serve
     from gateway.trace.config import load_trace_config
 
     try:
@@ -62,18 +62,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         stop = asyncio.Event()
-        _install_stop_signals(asyncio.get_running_loop(), stop)
-        gateway = Gateway(config)
+        loop = asyncio.get_running_loop()
+        _install_stop_signals(loop, stop)
+        # SIGHUP (systemctl reload): validate the files again; apply them only if they are valid.
+        reload = asyncio.Event()
+        loop.add_signal_handler(signal.SIGHUP, reload.set)
+
+        def reloaded(new: Config) -> None:
+            setup_logging(args.log_level or new.gateway.logging.level, new.gateway.logging.format)
+
+        def load() -> Config:
+            return load_config(args.config)
+
         if trace is None:
-            await gateway.run(stop)
+            await serve(config, load, stop, reload, reloaded)
             return
         from gateway.trace.service import TraceService
 
         async with TraceService(trace) as service:
-            gateway.on_reading = service.observe
             task = asyncio.create_task(service.run(), name="trace")
             try:
-                await gateway.run(stop)
+                await serve(config, load, stop, reload, reloaded, on_reading=service.observe)
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
