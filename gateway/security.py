@@ -70,6 +70,11 @@ def startup_warnings(config: Config) -> list[str]:
             local = " (a loopback host)" if is_loopback(where) else ""
             out.append(f"sink {name}: `insecure: true` — connecting to {where}{local} {what}; anyone on the "
                        "path can read or alter the data. Remove `insecure` and configure `tls:` when you can")
+    health = config.gateway.health
+    if health.enabled and not is_loopback(health.host):
+        out.append(f"health.listen is {health.listen}: /healthz and /metrics (device ids, sink names, figures) are "
+                   "readable from the network without authentication — prefer 127.0.0.1 and a reverse proxy, "
+                   "or firewall the port; the systemd unit only allows binding port 9108")
     files = [config.path, *sorted({d.source for d in config.devices})]
     base = config.path.parent
     secret_files: set[Path] = set()

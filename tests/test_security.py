@@ -138,6 +138,14 @@ async def test_insecure_warning_is_logged_by_the_gateway(tmp_path: Path, caplog,
         assert [r for r in caplog.records if r.levelno == logging.WARNING and "`insecure: true`" in r.getMessage()]
 
 
+def test_a_health_endpoint_open_to_the_network_warns(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "cfg", devices={}, broker_port=None)
+    gateway_yaml = cfg / "gateway.yaml"
+    assert not [w for w in startup_warnings(load_config(cfg)) if "health.listen" in w]
+    gateway_yaml.write_text(gateway_yaml.read_text() + "health:\n  listen: 0.0.0.0:9108\n")
+    assert [w for w in startup_warnings(load_config(cfg)) if "health.listen is 0.0.0.0:9108" in w]
+
+
 @pytest.mark.parametrize("literal", [True, False])
 def test_secret_files_readable_by_others_warn(tmp_path: Path, monkeypatch, literal: bool) -> None:
     secret = tmp_path / "mqtt-password"
