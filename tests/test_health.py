@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -217,3 +218,52 @@ def test_readme_documents_exactly_the_metrics_served() -> None:
     section = section[:section.index("\n## ")]
     documented = set(re.findall(r"`((?:sluice|process)_[a-z_]+)`", section))
     assert documented == set(METRICS)
+
+
+def test_progress_idle_is_not_wedged_busy_without_progress_is() -> None:
+    from gateway.health import Progress
+
+    now = {"t": 0.0}
+    count = {"n": 0}
+    busy = {"b": False}
+    progress = Progress(clock=lambda: now["t"])
+    progress.track("forward[x]", lambda: count["n"], lambda: busy["b"], limit=10.0)
+    now["t"] = 100.0
+    assert progress.wedged() == []  # idle for long: fine
+    busy["b"] = True
+    now["t"] = 105.0
+    assert progress.wedged() == []
+    now["t"] = 111.0
+    assert progress.wedged() == [("forward[x]", 11.0)]  # busy since 100, no progress
+    count["n"] += 1
+    assert progress.wedged() == []  # it moved
+    assert progress.names() == ["forward[x]"]
+
+
+async def test_sluice_run_notifies_ready_and_stopping(tmp_path: Path, close_default_executor) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    servers = counter_servers(LAYOUT)
+    fake = _FakeSystemd(tmp_path / "notify.sock")
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for s in servers:
+                await stack.enter_async_context(s)
+            cfg = _config(tmp_path, servers, None, health_port=free_port(), dead=False)
+            env = {**os.environ, "NOTIFY_SOCKET": str(fake.path), "WATCHDOG_USEC": "2000000"}
+            env.pop("WATCHDOG_PID", None)
+            proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            try:
+                ready = await fake.wait_for(lambda m: "READY" in m, timeout=30)
+                assert ready["READY"] == "1"
+                await fake.wait_for(lambda m: m.get("WATCHDOG") == "1", timeout=30)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+        assert proc.returncode == 0, out
+        await fake.wait_for(lambda m: m.get("STOPPING") == "1", timeout=5)
+    finally:
+        fake.sock.close()
