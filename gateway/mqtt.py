@@ -9,7 +9,9 @@ after any loss with a capped exponential backoff with jitter (``reconnect_min`` 
 ``reconnect_max``). Entering does not wait for the broker: the gateway runs (and buffers) while
 it is unreachable. Leaving publishes ``offline`` (retained) and disconnects cleanly.
 
-:meth:`MqttSink.send` is called by one forwarder at a time. The session is persistent
+:meth:`MqttSink.send` is called by one forwarder at a time. :meth:`MqttSink.subscribe`, called
+before entering, adds a topic filter that is subscribed (QoS 1) on every connection; its handler
+is called on the event loop with each message's topic and payload (the trace command topic). The session is persistent
 (``clean_session=False`` for MQTT 3.1.1; ``clean_start=False`` and a session expiry for MQTT 5)
 with client id ``sluice-<gateway id>`` unless configured. A fresh aiomqtt client is made for
 every connection attempt: aiomqtt 2.5 does not reset its state when a connection drops.
@@ -24,7 +26,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aiomqtt
@@ -81,6 +83,12 @@ class MqttSink:
         self.connects = 0  # successful connections so far
         self._down_since = time.monotonic()
         self.last_error: str | None = None
+        self._subscriptions: dict[str, Callable[[str, bytes], None]] = {}
+
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
+        """Subscribe to ``topic_filter`` on every connection; ``handler(topic, payload)`` must not
+        block. Call before entering. Handler errors are logged and do not touch the connection."""
+        self._subscriptions[topic_filter] = handler
 
     # -- the forwarder's side ----------------------------------------------------------------
 
@@ -232,6 +240,8 @@ class MqttSink:
         try:
             async with client:
                 await client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+                for topic_filter in self._subscriptions:
+                    await client.subscribe(topic_filter, qos=1)
                 link = self._link = _Link(client)
                 self.connects += 1
                 if self.last_error is None:
@@ -267,13 +277,18 @@ class MqttSink:
                 link.drop("closed")
             self._link = None
 
-    @staticmethod
-    async def _watch(client: aiomqtt.Client, link: _Link) -> None:
-        # aiomqtt ends message iteration with an MqttError when the connection drops; we
-        # subscribe to nothing, so this is purely a disconnect detector on its public API.
+    async def _watch(self, client: aiomqtt.Client, link: _Link) -> None:
+        # aiomqtt ends message iteration with an MqttError when the connection drops: this is the
+        # disconnect detector, and it hands messages of our subscriptions (if any) to their handlers.
         try:
-            async for _message in client.messages:
-                pass
+            async for message in client.messages:
+                for topic_filter, handler in self._subscriptions.items():
+                    if message.topic.matches(topic_filter):
+                        payload = message.payload
+                        try:
+                            handler(str(message.topic), payload if isinstance(payload, bytes) else str(payload).encode())
+                        except Exception:
+                            log.exception("MQTT sink '%s': handler for %s failed", self.name, topic_filter)
         except MqttError as exc:
             link.drop(_describe_error(exc))
 

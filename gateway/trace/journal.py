@@ -13,6 +13,10 @@ On-disk invariants
   window; rewritten with the events that changed it.
 * ``sinks(name, acked)``: sink ``name`` has every event with ``seq <= acked``; it only grows.
   Events go out in seq order and are sent again after any failure (the same rule as the outbox).
+* ``dead_letters(id, sink, seq, time_ns, message)``: an event a sink's far end refused as a
+  document (an EPCIS repository's 4xx). Written in the same transaction that moves the sink's
+  position past it, so a refused event never blocks the ones after it; the event itself stays
+  in ``events`` (the chain is never cut).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ CREATE TABLE IF NOT EXISTS bindings (lot TEXT PRIMARY KEY, location TEXT NOT NUL
     start_ns INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sinks (name TEXT PRIMARY KEY, acked INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS applied (lot TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY, sink TEXT NOT NULL, seq INTEGER NOT NULL,
+    time_ns INTEGER NOT NULL, message TEXT NOT NULL);
 """
 
 
@@ -121,6 +127,29 @@ class Journal:
 
     def ack(self, sink: str, seq: int) -> None:
         self.conn.execute("UPDATE sinks SET acked=max(acked, ?) WHERE name=?", (seq, sink))
+
+    def dead_letter(self, sink: str, seq: int, message: str) -> None:
+        """Record that ``sink`` refused event ``seq`` and move its position past it, at once."""
+        conn = self.conn
+        self.position(sink)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("INSERT INTO dead_letters (sink, seq, time_ns, message) VALUES (?, ?, ?, ?)",
+                         (sink, seq, time.time_ns(), message))
+            conn.execute("UPDATE sinks SET acked=max(acked, ?) WHERE name=?", (seq, sink))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def dead_letters(self, sink: str | None = None) -> list[tuple[int, str, int, int, str]]:
+        """(id, sink, seq, time_ns, message), oldest first."""
+        return self.conn.execute("SELECT id, sink, seq, time_ns, message FROM dead_letters WHERE ? IS NULL OR sink=? "
+                                 "ORDER BY id", (sink, sink)).fetchall()
+
+    def line(self, seq: int) -> str | None:
+        row = self.conn.execute("SELECT line FROM events WHERE seq=?", (seq,)).fetchone()
+        return row[0] if row else None
 
     def lot_lines(self, lot: str) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT line FROM events WHERE lot=? ORDER BY seq", (lot,))]

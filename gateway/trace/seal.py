@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from gateway.trace.engine import CONTEXT
 from gateway.trace.hashing import event_hash
 
-__all__ = ["Problem", "Sealer", "canonical", "key_id", "load_or_create_key", "load_public_key", "verify_lines"]
+__all__ = ["Problem", "Sealer", "canonical", "key_id", "load_or_create_key", "load_public_key", "verify_events",
+           "verify_lines"]
 
 DOMAIN = b"sluice-trace-1\n"
 
@@ -157,6 +158,46 @@ def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Any =
             return count, Problem(position, seq, f"expected seq {expected_seq}: {what}")
         if event.get("sluice:prev") != head:
             return count, Problem(position, seq, "sluice:prev is not the eventID of the event before it: the chain is broken")
+        expected_seq, head = seq + 1, event["eventID"]
+        count += 1
+    return count, None
+
+
+REPOSITORY_FIELDS = frozenset({"recordTime", "@context"})
+"""Fields an EPCIS repository adds to an event it returns; not part of what Sluice sealed."""
+
+
+def verify_events(events: list[Any], validate: Any = None) -> tuple[int, Problem | None]:
+    """Check events returned by an EPCIS query (an EPCISQueryDocument's eventList).
+
+    A repository keeps events, not the documents the signatures cover, and returns them in no
+    promised order: the events are put in ``sluice:seq`` order, and each is checked for its
+    eventID (the hash of its content), the sequence (1, 2, 3 ... with no gap or repeat) and the
+    chain (``sluice:prev``); each is re-wrapped as the one-event document it was sent in for the
+    schema check. ``Problem.position`` is the seq's place in that order."""
+    items = []
+    for index, event in enumerate(events, 1):
+        seq = event.get("sluice:seq") if isinstance(event, dict) else None
+        if not isinstance(seq, int):
+            return 0, Problem(index, None, f"event {index} of the answer has no sluice:seq — not a Sluice event")
+        items.append((seq, {k: v for k, v in event.items() if k not in REPOSITORY_FIELDS}))
+    items.sort(key=lambda item: item[0])
+    expected_seq, head, count = 1, None, 0
+    for position, (seq, event) in enumerate(items, 1):
+        if seq != expected_seq:
+            what = (f"{seq - expected_seq} event(s) before it are missing" if seq > expected_seq
+                    else "it repeats an earlier seq")
+            return count, Problem(position, seq, f"expected seq {expected_seq}: {what}")
+        if event_hash({k: v for k, v in event.items() if k != "eventID"}, CONTEXT) != event.get("eventID"):
+            return count, Problem(position, seq, "eventID is not the hash of the event: the event was altered")
+        if event.get("sluice:prev") != head:
+            return count, Problem(position, seq, "sluice:prev is not the eventID of the event before it: the chain is broken")
+        if validate is not None:
+            doc = {"@context": CONTEXT, "type": "EPCISDocument", "schemaVersion": "2.0",
+                   "creationDate": event.get("eventTime"), "epcisBody": {"eventList": [event]}}
+            errors = validate(doc)
+            if errors:
+                return count, Problem(position, seq, "does not match the EPCIS 2.0 schema: " + errors[0])
         expected_seq, head = seq + 1, event["eventID"]
         count += 1
     return count, None

@@ -7,16 +7,29 @@ locations once) -> :meth:`observe` is called with every reading (the gateway's `
 hook; never blocks) -> :meth:`run` until cancelled. Everything runs on the event loop.
 
 Delivery follows the outbox's rule: a sink's position moves only after the sink confirmed
-(the JSON Lines sink: after ``fsync``); on failure the same events are sent again, in order.
+(the JSON Lines sink: after ``fsync``; MQTT: PUBACK; EPCIS capture: a 2xx); on failure the same
+events are sent again, in order. The JSON Lines sink is written in :meth:`step`; each network
+sink (``gateway/trace/sinks.py``) has its own task ``trace-sink[<name>]``, started on entering,
+woken by every commit. An event an EPCIS repository refuses as a document becomes a dead letter
+in ``trace.db`` (``sluice trace deadletters``) and the sink goes on with the next one.
+
+Binding commands arrive from the CLI (queued in ``trace.db`` by another process) and from the
+MQTT command topic of an MQTT trace sink: ``{"op": "start|move|end", "lot": ..., "location":
+..., "id": <anything, echoed>}``. A valid command is queued in ``trace.db`` and applied at once
+like the CLI's; the answer (``{"id", "ok", "status"}``, ``status`` ``done`` or ``refused: why``,
+or the error for an invalid message) goes to the sink's reply topic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import time
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +105,11 @@ class TraceService:
         self._pending: list[dict[str, Any]] = []
         self._journal: Journal | None = None
         self._failing: set[str] = set()
+        self._stack: AsyncExitStack | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake: dict[str, asyncio.Event] = {}
+        self._net: dict[str, Any] = {}
+        self._replies: set[asyncio.Task[None]] = set()
         self.core: TraceCore | None = None
         self.sealer: Sealer | None = None
 
@@ -103,21 +121,47 @@ class TraceService:
         self.sealer = Sealer(key, self.cfg.gateway_id, seq, head)
         self.core = TraceCore(self.cfg, journal.bindings())
         if self._sinks is None:
+            from gateway.trace.sinks import make_sink
+
             self._sinks = {name: JsonlSink(name, resolve(s.path, self.state))
                            for name, s in self.cfg.file.sinks.items() if isinstance(s, JsonlSinkConfig)}
+            self._net = {name: make_sink(name, s, self.cfg.gateway_id, self.cfg.site)
+                         for name, s in self.cfg.file.sinks.items() if not isinstance(s, JsonlSinkConfig)}
         done = journal.applied()
         for lot_id, lot in self.cfg.file.lots.items():
             if lot.location is not None and lot_id not in done and lot_id not in self.core.lots:
                 journal.queue("start", lot_id, lot.location, "config", self._clock())
         journal.commit([], (self.sealer.seq, self.sealer.head), self.core.state(),
                        applied=[k for k, v in self.cfg.file.lots.items() if v.location])
+        self._stack = AsyncExitStack()
+        try:
+            for name, sink in self._net.items():
+                if hasattr(sink, "subscribe"):
+                    sink.subscribe(lambda topic, payload, sink=sink: self._on_command(sink, payload))
+                await self._stack.enter_async_context(sink)
+                self._wake[name] = asyncio.Event()
+                self._tasks.append(asyncio.create_task(self._deliver_net(name, sink), name=f"trace-sink[{name}]"))
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._journal is not None:
-            try:
+        try:
+            if self._journal is not None:
                 self.step()
-            finally:
+        finally:
+            tasks, self._tasks = self._tasks, []
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            stack, self._stack = self._stack, None
+            if stack is not None:
+                await stack.aclose()
+            for task in list(self._replies):
+                task.cancel()
+            await asyncio.gather(*self._replies, return_exceptions=True)
+            if self._journal is not None:
                 self._journal.__exit__()
                 self._journal = None
 
@@ -161,6 +205,9 @@ class TraceService:
         except BaseException:
             sealer.seq, sealer.head = seq, head  # nothing stored: the chain continues from the stored head
             raise
+        if events:
+            for wake in self._wake.values():
+                wake.set()
 
     def deliver(self) -> None:
         journal = self._journal
@@ -182,6 +229,95 @@ class TraceService:
                 if name in self._failing:
                     log.info("trace sink %s: delivering again", name)
                     self._failing.discard(name)
+
+    async def _deliver_net(self, name: str, sink: Any) -> None:
+        """Deliver to one network sink for ever: oldest unacknowledged events first, in order."""
+        from gateway.forwarder import SinkUnavailable
+        from gateway.trace.sinks import Rejected
+
+        journal, wake = self._journal, self._wake[name]
+        assert journal is not None
+
+        def ack(seq: int) -> None:
+            journal.ack(name, seq)
+
+        while True:
+            batch = journal.fetch(name, limit=100)
+            if not batch:
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TICK):
+                        await wake.wait()
+                continue
+            await sink.wait_connected()
+            try:
+                await sink.send(batch, ack)
+            except Rejected as exc:
+                log.error("trace sink %s: event %d was refused as a document: %s — recorded as a dead letter in %s "
+                          "(`sluice trace deadletters`); delivering the events after it", name, exc.seq, exc,
+                          journal.path)
+                journal.dead_letter(name, exc.seq, str(exc))
+                continue
+            except SinkUnavailable as exc:
+                if name not in self._failing:
+                    log.warning("trace sink %s: %s — events are kept in %s and sent when it works again",
+                                name, exc, journal.path)
+                    self._failing.add(name)
+                await asyncio.sleep(0.2)  # the sink's own wait_connected paces the retries; never spin
+                continue
+            if name in self._failing:
+                log.info("trace sink %s: delivering again", name)
+                self._failing.discard(name)
+
+    # -- MQTT commands -------------------------------------------------------------------
+    def _on_command(self, sink: Any, payload: bytes) -> None:
+        """A message on the command topic. Invalid ones are logged and answered; never raises."""
+        request_id: Any = None
+        try:
+            try:
+                msg = json.loads(payload)
+            except ValueError as exc:
+                raise ValueError(f"not JSON: {exc}") from None
+            if not isinstance(msg, dict):
+                raise ValueError('expected a JSON object like {"op": "move", "lot": "LOT-1", "location": "truck-7"}')
+            request_id = msg.get("id")
+            op, lot, location = msg.get("op"), msg.get("lot"), msg.get("location")
+            unknown = sorted(set(msg) - {"op", "lot", "location", "id"})
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join(unknown)} — use op, lot, location, id")
+            if op not in ("start", "move", "end"):
+                raise ValueError(f"op {op!r} — use start, move or end")
+            if not isinstance(lot, str) or not lot.strip() or len(lot) > 200:
+                raise ValueError("lot must be the lot's id (a non-empty string)")
+            if op == "end":
+                if location is not None:
+                    raise ValueError("end takes no location")
+            elif not isinstance(location, str) or location not in self.cfg.file.locations:
+                raise ValueError(f"location {location!r} is unknown — use one of " + ", ".join(self.cfg.file.locations))
+            assert self._journal is not None
+            cid = self._journal.queue(op, lot.strip(), location, "mqtt", self._clock())
+            self.step()
+            status = self._journal.command_status(cid) or "queued"
+            reply = {"id": request_id, "ok": status == "done", "op": op, "lot": lot.strip(), "status": status}
+        except ValueError as exc:
+            log.warning("trace command on MQTT refused: %s (message: %.200r)", exc, payload)
+            reply = {"id": request_id, "ok": False, "status": f"invalid: {exc}"}
+        except Exception as exc:  # a journal failure must not end the MQTT connection
+            log.exception("trace command on MQTT failed")
+            reply = {"id": request_id, "ok": False, "status": f"failed: {exc}"}
+        task = asyncio.get_running_loop().create_task(self._reply(sink, json.dumps(reply).encode()),
+                                                      name="trace-reply")
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    @staticmethod
+    async def _reply(sink: Any, payload: bytes) -> None:
+        from gateway.forwarder import SinkUnavailable
+
+        try:
+            await sink.reply(payload)
+        except SinkUnavailable as exc:
+            log.info("trace command reply not sent (%s); the command itself was handled", exc)
 
     async def run(self) -> None:
         """Step every :data:`TICK` seconds until cancelled."""
