@@ -95,11 +95,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
+    from gateway.trace.config import load_trace_config
+
+    try:
+        trace = load_trace_config(config)
+    except ConfigErrors as exc:
+        for err in exc.errors:
+            print(err, file=sys.stderr)
+        n = len(exc.errors)
+        print(f"{n} error{'s' if n != 1 else ''} in {config.path.parent / 'trace.yaml'}", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"{config.path}: OK — gateway {config.gateway_id} at {config.site}, "
           f"{len(config.devices)} devices, {len(config.profiles)} profiles, "
           f"{len(config.gateway.sinks)} sinks")
     for dev in config.devices:
         print(f"  {dev.id:<24} {dev.config.protocol:<12} profile {dev.profile_name}, every {dev.config.interval:g}s")
+    if trace is not None:
+        print(f"{trace.path}: OK — {len(trace.file.locations)} locations, {len(trace.file.lots)} lots, "
+              f"{len(trace.file.sinks)} trace sinks")
     return 0
 
 
