@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sink", default=None, help="with --all: only this sink's letters")
     q.set_defaults(func=cmd_deadletter)
     sub.add_parser("sim", help="simulate Modbus devices from their profiles (see `sluice sim --help`; "
-                   "an RTU bus on a pty: `sluice sim rtu --help`)")
+                   "an RTU bus on a pty: `sluice sim rtu --help`; a DTU dialling in: `sluice sim dtu --help`)")
     p = sub.add_parser("demo", help="simulated devices -> gateway -> outbox -> MQTT, live in the terminal")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--config", type=Path, default=None, help="demo configuration (default: the shipped config/)")
@@ -301,6 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from simulators.modbus_rtu import main_sim_rtu
 
         return main_sim_rtu(argv[2:])
+    if argv[:2] == ["sim", "dtu"]:
+        # A 4G/5G DTU that dials in to the gateway's DTU listener (`sluice sim dtu --help`).
+        from simulators.modbus_dtu import main_sim_dtu
+
+        return main_sim_dtu(argv[2:])
     if argv[:1] == ["sim"]:
         # The simulator has its own parser (`sluice sim --help`); hand it everything after `sim`.
         from simulators.modbus_tcp import main_sim

@@ -40,7 +40,7 @@ from drivers.modbus import ProfileModel
 from drivers.modbus_rtu import char_time, crc16, inter_frame_silence, rtu_frame
 from simulators.modbus_tcp import Faults, ServerStats, SimDevice, answer
 
-__all__ = ["RtuBus", "RtuFaults", "RtuTcpServer", "main_sim_rtu"]
+__all__ = ["RtuBus", "RtuFaults", "RtuTcpServer", "main_sim_rtu", "sim_units_from_args"]
 
 log = logging.getLogger("sluice.sim")
 
@@ -375,6 +375,40 @@ def _parse_fault(text: str) -> tuple[int, str, float]:
     return int(unit), name, number
 
 
+def sim_units_from_args(profiles_dir: Path, units: Sequence[tuple[int, str]],
+                        faults: Sequence[tuple[int, str, float]]) -> dict[int, SimDevice] | None:
+    """``--unit UNIT=PROFILE`` and ``--fault UNIT:FAULT[=VALUE]`` -> the units of a simulated bus
+    (``sluice sim rtu``, ``sluice sim dtu``); None after printing what is wrong."""
+    from gateway.config import load_profiles
+    from gateway.yamlpos import ConfigError
+
+    errors: list[ConfigError] = []
+    profiles = load_profiles(profiles_dir, errors)
+    for err in errors:
+        print(err, file=sys.stderr)
+    origin = time.time()
+    devices: dict[int, SimDevice] = {}
+    for unit, name in units:
+        profile = profiles.get(name)
+        if not isinstance(profile, ProfileModel):
+            print(f"unknown Modbus profile '{name}' in {profiles_dir} — available: "
+                  + (", ".join(sorted(p for p, m in profiles.items() if isinstance(m, ProfileModel))) or "none"),
+                  file=sys.stderr)
+            return None
+        if unit in devices:
+            print(f"unit id {unit} is given twice — one unit id per device on a bus", file=sys.stderr)
+            return None
+        devices[unit] = SimDevice(profile, unit, name=f"{name}/{unit}", seed=zlib.crc32(f"{name}/{unit}".encode()),
+                                  origin=origin, faults=RtuFaults())
+    for unit, fault, value in faults:
+        if unit not in devices:
+            print(f"--fault {unit}:{fault}: no unit {unit} on this bus", file=sys.stderr)
+            return None
+        setattr(devices[unit].faults, fault,
+                int(value) if fault == "exception" else (value != 0 if fault == "no_answer" else value))
+    return devices
+
+
 def main_sim_rtu(argv: Sequence[str] | None = None) -> int:
     """``sluice sim rtu``: serve units on a pty until SIGINT/SIGTERM; 2 for bad arguments."""
     parser = argparse.ArgumentParser(
@@ -394,35 +428,12 @@ def main_sim_rtu(argv: Sequence[str] | None = None) -> int:
                         metavar="UNIT:FAULT[=VALUE]", help="e.g. 2:crc=0.1, 3:no_answer, 4:delay=0.5")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     args = parser.parse_args(argv)
-    from gateway.config import load_profiles
     from gateway.logs import setup_logging
-    from gateway.yamlpos import ConfigError
 
     setup_logging(args.log_level)
-    errors: list[ConfigError] = []
-    profiles = load_profiles(args.profiles, errors)
-    for err in errors:
-        print(err, file=sys.stderr)
-    origin = time.time()
-    devices: dict[int, SimDevice] = {}
-    for unit, name in args.units:
-        profile = profiles.get(name)
-        if not isinstance(profile, ProfileModel):
-            print(f"unknown Modbus profile '{name}' in {args.profiles} — available: "
-                  + (", ".join(sorted(p for p, m in profiles.items() if isinstance(m, ProfileModel))) or "none"),
-                  file=sys.stderr)
-            return 2
-        if unit in devices:
-            print(f"unit id {unit} is given twice — one unit id per device on a bus", file=sys.stderr)
-            return 2
-        devices[unit] = SimDevice(profile, unit, name=f"{name}/{unit}", seed=zlib.crc32(f"{name}/{unit}".encode()),
-                                  origin=origin, faults=RtuFaults())
-    for unit, fault, value in args.faults:
-        if unit not in devices:
-            print(f"--fault {unit}:{fault}: no unit {unit} on this bus", file=sys.stderr)
-            return 2
-        faults = devices[unit].faults
-        setattr(faults, fault, int(value) if fault == "exception" else (value != 0 if fault == "no_answer" else value))
+    devices = sim_units_from_args(args.profiles, args.units, args.faults)
+    if devices is None:
+        return 2
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -1,0 +1,222 @@
+"""A simulated cellular DTU that dials in to the gateway (``protocol: modbus_rtu_dtu``): it connects
+to the gateway's listen address, sends its registration packet, sends heartbeats, and serves the
+units of an RTU bus (:class:`~simulators.modbus_rtu.RtuBus`'s framing, faults and
+:func:`~simulators.modbus_tcp.answer`) over the connection; ``sluice sim dtu``.
+
+Faults: the bus's per-unit faults (``no_answer``, ``delay``, ``exception``, ``crc``, ``garbage``,
+``truncate``), plus the DTU's own: :meth:`DtuSim.drop` (the connection drops; it dials in again
+after ``reconnect_delay``), ``register=False`` (connects and says nothing), a heartbeat written
+just before every reply (``heartbeat_before_reply``), and ``drop_every`` in ``sluice sim dtu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from simulators.modbus_rtu import RtuBus, _parse_fault, _parse_unit, log, sim_units_from_args
+from simulators.modbus_tcp import SimDevice
+
+__all__ = ["DtuSim", "main_sim_dtu"]
+
+
+class DtuSim(RtuBus):
+    """A DTU with an RTU bus behind it that dials in to ``host:port``. ``async with`` starts
+    dialling (and redialling after every drop); leaving hangs up for good."""
+
+    def __init__(self, devices: Iterable[SimDevice], *, host: str, port: int, registration: bytes | None,
+                 heartbeat: bytes | None = None, heartbeat_interval: float = 30.0, reconnect_delay: float = 1.0,
+                 heartbeat_before_reply: bool = False, **options: Any) -> None:
+        super().__init__(devices, **options)
+        self.host, self.port = host, port
+        self.registration = registration
+        self.heartbeat = heartbeat
+        self.heartbeat_interval = heartbeat_interval
+        self.reconnect_delay = reconnect_delay
+        self.heartbeat_before_reply = heartbeat_before_reply
+        self.connections = 0  # successful dial-ins
+        self.heartbeats = 0
+        self.connected = asyncio.Event()
+        self._transport: asyncio.Transport | None = None
+        self._dialler: asyncio.Task[None] | None = None
+
+    @property
+    def path(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def __aenter__(self) -> DtuSim:
+        self._task = asyncio.create_task(self._serve(), name=f"sim-dtu[{self.path}]")
+        self._dialler = asyncio.create_task(self._dial(), name=f"sim-dtu-dial[{self.path}]")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._dialler is not None:
+            self._dialler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dialler
+            self._dialler = None
+        await super().__aexit__(*exc)
+
+    def vanish(self) -> None:
+        self.drop()
+
+    def reappear(self) -> None:
+        pass
+
+    def drop(self) -> None:
+        """The connection drops (coverage lost); the DTU dials in again after ``reconnect_delay``."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.abort()
+        self._buf.clear()
+
+    async def _dial(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            lost: asyncio.Future[None] = loop.create_future()
+            try:
+                transport, _stream = await loop.create_connection(lambda lost=lost: _DtuStream(self, lost), self.host, self.port)
+            except OSError as exc:
+                log.debug("sim DTU: cannot reach %s (%s); retrying", self.path, exc)
+                await asyncio.sleep(self.reconnect_delay)
+                continue
+            self._transport = transport  # type: ignore[assignment]
+            self.connections += 1
+            if self.registration is not None:
+                transport.write(self.registration)  # type: ignore[attr-defined]
+            self.connected.set()
+            try:
+                while not lost.done():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.heartbeat_interval):
+                            await asyncio.shield(lost)
+                    if not lost.done() and self.heartbeat is not None:
+                        self._send(self.heartbeat)
+                        self.heartbeats += 1
+            finally:
+                self.connected.clear()
+                if self._transport is transport:
+                    self.drop()
+            await asyncio.sleep(self.reconnect_delay)
+
+    def _send(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _write(self, data: bytes) -> None:
+        if self.heartbeat_before_reply and self.heartbeat is not None:
+            self._send(self.heartbeat)
+            self.heartbeats += 1
+        self._send(data)
+
+    def _line_matches(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        units = ", ".join(f"{u} ({d.name})" for u, d in sorted(self.devices.items()))
+        who = repr(self.registration) if self.registration is not None else "nothing (no registration)"
+        return f"DTU dialling in to {self.path}, registering as {who}: {len(self.devices)} units — {units}"
+
+
+class _DtuStream(asyncio.Protocol):
+    def __init__(self, sim: DtuSim, lost: asyncio.Future[None]) -> None:
+        self.sim = sim
+        self.lost = lost
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.sim._transport is self.transport:
+            self.sim._buf += data
+            self.sim._data.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+# =========================================================================== sluice sim dtu
+def _packet(text: str | None, hex_text: str | None, what: str) -> bytes | None:
+    if hex_text is not None:
+        try:
+            return bytes.fromhex("".join(hex_text.split()))
+        except ValueError:
+            raise SystemExit(f"sluice sim dtu: --{what}-hex {hex_text!r} is not hex bytes") from None
+    return text.encode("utf-8") if text is not None else None
+
+
+def _seconds(text: str) -> float:
+    from gateway.units import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def main_sim_dtu(argv: Sequence[str] | None = None) -> int:
+    """``sluice sim dtu``: dial in to a gateway and serve units until SIGINT/SIGTERM; 2 for bad arguments."""
+    parser = argparse.ArgumentParser(
+        prog="sluice sim dtu",
+        description="Simulate a 4G/5G DTU that dials in to the gateway's DTU listener (protocol: modbus_rtu_dtu), "
+                    "registers, sends heartbeats and serves Modbus RTU units from profiles.")
+    parser.add_argument("--connect", required=True, metavar="HOST:PORT", help="the gateway's listen address")
+    reg = parser.add_mutually_exclusive_group(required=True)
+    reg.add_argument("--registration", metavar="TEXT", help="registration packet as text")
+    reg.add_argument("--registration-hex", metavar="HEX", help="registration packet as hex bytes")
+    hb = parser.add_mutually_exclusive_group()
+    hb.add_argument("--heartbeat", metavar="TEXT", help="heartbeat packet as text")
+    hb.add_argument("--heartbeat-hex", metavar="HEX", help="heartbeat packet as hex bytes")
+    parser.add_argument("--heartbeat-interval", type=_seconds, default=30.0, metavar="DURATION",
+                        help="time between heartbeats (default 30s)")
+    parser.add_argument("--reconnect-delay", type=_seconds, default=5.0, metavar="DURATION",
+                        help="wait before dialling in again after a drop (default 5s)")
+    parser.add_argument("--drop-every", type=_seconds, default=None, metavar="DURATION",
+                        help="fault: drop the connection this often (it dials in again)")
+    parser.add_argument("--unit", dest="units", action="append", type=_parse_unit, required=True,
+                        metavar="UNIT=PROFILE", help="a unit id and the profile it serves (repeat for more units)")
+    parser.add_argument("--profiles", type=Path, default=Path("config/profiles"), help="profile directory")
+    parser.add_argument("--fault", dest="faults", action="append", type=_parse_fault, default=[],
+                        metavar="UNIT:FAULT[=VALUE]", help="e.g. 2:crc=0.1, 3:no_answer, 4:delay=0.5")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    args = parser.parse_args(argv)
+    from gateway.logs import setup_logging
+
+    host, sep, port = args.connect.rpartition(":")
+    if not sep or not port.isdigit():
+        print(f"--connect {args.connect!r}: write HOST:PORT, e.g. 127.0.0.1:9000", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level)
+    devices = sim_units_from_args(args.profiles, args.units, args.faults)
+    if devices is None:
+        return 2
+    registration = _packet(args.registration, args.registration_hex, "registration")
+    heartbeat = _packet(args.heartbeat, args.heartbeat_hex, "heartbeat")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with DtuSim(devices.values(), host=host.strip("[]"), port=int(port), registration=registration,
+                          heartbeat=heartbeat, heartbeat_interval=args.heartbeat_interval,
+                          reconnect_delay=args.reconnect_delay) as sim:
+            print(sim.describe(), flush=True)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(args.drop_every):
+                        await stop.wait()
+                if not stop.is_set():
+                    log.info("sim DTU: dropping the connection (--drop-every)")
+                    sim.drop()
+
+    asyncio.run(main())
+    return 0
