@@ -1,0 +1,182 @@
+"""Configuration of ``sluice ingest`` (``ingest.yaml``): validated like gateway.yaml, with every
+error reported as ``file:line:col: what is wrong — what to do``. The ``influxdb:`` block takes
+the keys of the gateway's influxdb sink (see gateway/config.py), except ``batch``, which is a
+top-level block here because it also bounds what is held unacknowledged at the broker."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from gateway.config import (
+    InfluxSinkConfig,
+    LoggingConfig,
+    TlsConfig,
+    _display,
+    expand_secrets,
+    is_loopback,
+    validate_doc,
+)
+from gateway.driver import StrictModel
+from gateway.units import ByteSize, Duration
+from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
+
+__all__ = ["IngestConfig", "load_ingest_config"]
+
+
+def _check_filter(value: str) -> str:
+    if not value or value.startswith("$share/"):
+        raise ValueError(f"'{value}': give the plain topic filter — `group:` adds the $share/<group>/ prefix")
+    levels = value.split("/")
+    for i, level in enumerate(levels):
+        if ("#" in level and (level != "#" or i != len(levels) - 1)) or ("+" in level and level != "+"):
+            raise ValueError(f"'{value}' is not a valid topic filter — '+' must be a whole level and '#' the "
+                             "whole last level")
+    return value
+
+
+class IngestMqttConfig(StrictModel):
+    host: str = Field(min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535, description="1883, or 8883 with tls")
+    client_id: str | None = Field(default=None, max_length=128,
+                                  description="stable id of this worker's persistent session; default sluice-ingest-<hostname>")
+    username: str | None = None
+    password: SecretStr | None = None
+    group: str | None = Field(default=None, pattern=r"^[^/+#]{1,64}$",
+                              description="shared-subscription group: workers with the same group share the messages")
+    topics: list[str] = Field(default_factory=lambda: ["sluice/+/+/+"], min_length=1)
+    qos: Literal[1] = Field(default=1, description="QoS of the subscription (1: at least once, acknowledged after the write)")
+    keepalive: Duration = Field(default=30.0, ge=5, le=3600)
+    session_expiry: Duration = Field(default=7 * 86400.0, ge=60, le=2**32 - 1,
+                                     description="how long the broker keeps this worker's session and messages while it is away")
+    reconnect_min: Duration = Field(default=0.5, gt=0)
+    reconnect_max: Duration = Field(default=30.0, gt=0)
+    tls: TlsConfig | None = None
+    insecure: bool = Field(default=False, description="allow plaintext or unverified TLS to a remote host")
+
+    _topics = field_validator("topics")(lambda v: [_check_filter(t) for t in v])
+
+    @model_validator(mode="after")
+    def _secure(self) -> IngestMqttConfig:
+        if not is_loopback(self.host) and not self.insecure:
+            if self.tls is None:
+                raise ValueError(f"plaintext MQTT to the remote host '{self.host}' — add a `tls:` section "
+                                 "(recommended) or set `insecure: true` if the link is private")
+            if not self.tls.verify:
+                raise ValueError("tls.verify is false for a remote host — give the broker's CA in "
+                                 "tls.ca_file, or set `insecure: true` to accept an unverified link")
+        if self.reconnect_max < self.reconnect_min:
+            raise ValueError("reconnect_max is smaller than reconnect_min — swap them")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together — give both, or neither")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (8883 if self.tls else 1883)
+
+    @property
+    def effective_client_id(self) -> str:
+        return self.client_id or f"sluice-ingest-{socket.gethostname()}"
+
+    def subscriptions(self) -> list[str]:
+        return [f"$share/{self.group}/{t}" if self.group else t for t in self.topics]
+
+
+class IngestInfluxConfig(InfluxSinkConfig):
+    """The influxdb sink's keys; ``type`` is implied and ``batch`` lives at the top level."""
+
+    type: Literal["influxdb"] = "influxdb"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_batch(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "batch" in data:
+            raise ValueError("`batch` is a top-level block in ingest.yaml — move it out of `influxdb:`")
+        return data
+
+
+class IngestBatchConfig(StrictModel):
+    max_points: int = Field(default=5000, ge=1, le=1_000_000, description="points per write request")
+    max_bytes: ByteSize = Field(default=1024**2, ge=1024, le=64 * 1024**2, description="line protocol per write request")
+    linger: Duration = Field(default=0.2, le=60, description="wait this long for more messages before a part-full write")
+    max_unacked: int = Field(default=1000, ge=1, le=65535,
+                             description="messages the broker may hand us before we acknowledge (MQTT 5 receive maximum): "
+                                         "the bound on what is held in memory")
+
+
+class MetricsConfig(StrictModel):
+    listen: str = Field(default="127.0.0.1:9466", description="host:port of GET /metrics (loopback unless you mean it)")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"'{v}' is not host:port — write it like 127.0.0.1:9466")
+        host = host.strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host != "localhost":
+                raise ValueError(f"'{host}' is not an IP address — give the address to listen on, e.g. 127.0.0.1") from None
+        return v
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class IngestConfig(StrictModel):
+    mqtt: IngestMqttConfig
+    influxdb: IngestInfluxConfig
+    batch: IngestBatchConfig = IngestBatchConfig()
+    format: Literal["auto", "influx", "json"] = Field(
+        default="auto", description="payload format; auto: JSON when it starts with '{', else line protocol")
+    dead_letter_topic: str = Field(default="sluice-dlq/{topic}", min_length=1,
+                                   description="where malformed messages go; {topic} is the original topic")
+    metrics: MetricsConfig | None = None
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("dead_letter_topic")
+    @classmethod
+    def _dlq(cls, v: str) -> str:
+        if "+" in v or "#" in v:
+            raise ValueError(f"'{v}' contains a wildcard — a topic to publish to cannot")
+        if v.replace("{topic}", "").count("{") or v.replace("{topic}", "").count("}"):
+            raise ValueError(f"'{v}': the only placeholder is {{topic}}")
+        return v
+
+    @model_validator(mode="after")
+    def _no_loop(self) -> IngestConfig:
+        from paho.mqtt.client import topic_matches_sub
+
+        for depth in range(1, 6):
+            sample = self.dead_letter_topic.format(topic="/".join(["x"] * depth))
+            for filt in self.mqtt.topics:
+                if topic_matches_sub(filt, sample):
+                    raise ValueError(f"dead_letter_topic '{self.dead_letter_topic}' falls under the subscription "
+                                     f"'{filt}' — dead letters would be read again; choose a topic outside it")
+        return self
+
+
+def load_ingest_config(path: Path | str) -> IngestConfig:
+    """Load and validate ``ingest.yaml``; raise :class:`ConfigErrors` with every problem."""
+    path = Path(path)
+    errors: list[ConfigError] = []
+    doc, errs = load_yaml(path, _display(path))
+    errors += errs
+    if doc is None:
+        raise ConfigErrors(errors)
+    config = validate_doc(doc, IngestConfig, errors, expand_secrets(doc, errors))
+    if errors or config is None:
+        raise ConfigErrors(errors or [ConfigError(_display(path), 1, 1, "invalid configuration")])
+    return config  # type: ignore[no-any-return]
