@@ -134,6 +134,7 @@ async def test_cold_room_scenario_events_are_exactly_the_expected_ones(trace_cfg
         (5, "end", "shipping", "truck-7", _iso(T0 + 25 * M)),
     ]
     assert events[0]["sluice:source"] == "scan:door-scanner"
+    assert events[0]["sluice:code"] == "(01)04012345123456(10)A1"  # what was scanned, kept as evidence (and hashed)
     assert events[0]["quantityList"] == [{"epcClass": "https://id.gs1.org/01/04012345123456/10/A1"}]
     assert events[0]["sluice:attributes"] == {"field": "north-3", "harvest_date": "2024-05-01"}
     assert "sensorElementList" not in events[0]
