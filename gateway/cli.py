@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.trace.cli import add_parsers as add_trace_parsers
 
     add_trace_parsers(sub, with_config)
+    from gateway.commission import add_parsers as add_commission_parsers
+
+    add_commission_parsers(sub)  # sluice read, sluice scan
     return parser
 
 

@@ -1,0 +1,455 @@
+"""Commissioning tools for technicians: ``sluice read`` (one range, every interpretation) and
+``sluice scan`` (which unit ids answer, at which line settings).
+
+Both talk through the gateway's own transports — :class:`~drivers.modbus_rtu.ModbusRtuClient`
+over a :class:`~drivers.modbus_rtu.SerialLink` or :class:`~drivers.modbus_rtu_tcp.TcpLink`, or
+:class:`~drivers.modbus.ModbusTcpClient` — so what they see is what the gateway will see, and
+they can only send read function codes. A serial port is opened with the same exclusive lock as
+the gateway's: while the gateway (or another tool) holds the port they refuse to run and say so.
+
+A TARGET is a serial port (``/dev/ttyUSB0``) or ``HOST:PORT`` (Modbus TCP; with ``--rtu``, raw RTU
+frames to a serial device server).
+
+Time bound of a scan: every probe is one request with ``--timeout`` (a garbled reply ends it
+sooner), plus the inter-frame silence on a serial line, so a silent bus costs at most
+``units × baud rates × (timeout + 4 ms)`` plus opening the port once per baud rate; a Modbus TCP
+target that drops the connection is reconnected within another ``timeout``. The bound is printed
+before the scan starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from drivers.modbus import (
+    BIT_KINDS,
+    FUNCTION,
+    ModbusClient,
+    ModbusConnectionError,
+    ModbusExceptionResponse,
+    ModbusFrameError,
+    ModbusTcpClient,
+    ModbusTimeout,
+    parse_register_reference,
+    shortest_float32,
+)
+from drivers.modbus_rtu import ModbusRtuClient, SerialLink, char_time, inter_frame_silence
+from drivers.modbus_rtu_tcp import RTU_TCP_HINTS, TcpLink
+from gateway.polling import format_duration
+from gateway.units import parse_duration
+
+__all__ = ["ORDERS", "add_parsers", "interpret_pairs", "interpret_registers", "read_command", "reorder",
+           "scan_command"]
+
+EXIT_NO_ANSWER = 1
+EXIT_USAGE = 2
+EXIT_CANNOT_OPEN = 3
+ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
+_REF_DIGIT = {"coil": 0, "discrete": 1, "input": 3, "holding": 4}
+_GATEWAY_NO_UNIT = (10, 11)  # a Modbus TCP gateway saying "no such unit behind me"
+
+
+# =========================================================================== interpretations
+def reorder(wire: bytes, order: str) -> bytes:
+    """The 4 bytes of a 32-bit value as they arrived (``order`` as the manual prints it) ->
+    big endian (ABCD); the same rule as the driver's ``byte_order:``."""
+    if order == "ABCD":
+        return wire
+    if order == "CDAB":
+        return wire[2:4] + wire[0:2]
+    if order == "BADC":
+        return bytes((wire[1], wire[0], wire[3], wire[2]))
+    if order == "DCBA":
+        return wire[::-1]
+    raise ValueError(f"unknown byte order {order!r}")
+
+
+def _ascii(data: bytes) -> str:
+    return "".join(chr(b) if 32 <= b < 127 else "." for b in data)
+
+
+def _number(value: float) -> float | str:
+    """JSON has no NaN or infinity: those go out as text."""
+    return value if math.isfinite(value) else str(value)
+
+
+def interpret_registers(address: int, data: bytes, kind: str) -> list[dict[str, Any]]:
+    """One row per register: address, manual reference, hex, uint16, int16, its two characters."""
+    rows = []
+    digit = _REF_DIGIT[kind]
+    for i in range(len(data) // 2):
+        word = data[2 * i:2 * i + 2]
+        rows.append({"address": address + i, "reference": f"{digit}{address + i + 1:04d}" if address + i < 9999
+                     else f"{digit}{address + i + 1:05d}", "hex": word.hex(" "),
+                     "uint16": struct.unpack(">H", word)[0], "int16": struct.unpack(">h", word)[0],
+                     "ascii": _ascii(word)})
+    return rows
+
+
+def interpret_pairs(address: int, data: bytes) -> list[dict[str, Any]]:
+    """For every two neighbouring registers and every byte order: int32, uint32, float32."""
+    rows = []
+    for i in range(len(data) // 2 - 1):
+        wire = data[2 * i:2 * i + 4]
+        for order in ORDERS:
+            be = reorder(wire, order)
+            rows.append({"address": address + i, "order": order, "hex": wire.hex(" "),
+                         "int32": struct.unpack(">i", be)[0], "uint32": struct.unpack(">I", be)[0],
+                         "float32": _number(shortest_float32(struct.unpack(">f", be)[0]))})
+    return rows
+
+
+def _bits(data: bytes, count: int) -> list[int]:
+    word = int.from_bytes(data, "little")
+    return [(word >> i) & 1 for i in range(count)]
+
+
+# =========================================================================== targets and ports
+@dataclass(slots=True)
+class Target:
+    text: str
+    serial: bool
+    host: str = ""
+    port: int = 0
+    rtu: bool = False
+
+    def client(self, baudrate: int, parity: str, stopbits: int) -> ModbusClient:
+        if self.serial:
+            line = (baudrate, 8, parity, stopbits)
+            return ModbusRtuClient(SerialLink(self.text, baudrate, parity, stopbits), char=char_time(*line),
+                                   silence=inter_frame_silence(*line))
+        if self.rtu:
+            return ModbusRtuClient(TcpLink(self.host, self.port), hints=RTU_TCP_HINTS)
+        return ModbusTcpClient(self.host, self.port)
+
+    def describe(self, baudrate: int, parity: str, stopbits: int) -> str:
+        if self.serial:
+            return f"{self.text} at {baudrate} 8{parity}{stopbits}"
+        return f"{self.host}:{self.port} ({'RTU over TCP' if self.rtu else 'Modbus TCP'})"
+
+
+def parse_target(text: str, rtu: bool) -> Target:
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and not text.startswith("/"):
+        return Target(text, False, host.strip("[]"), int(port), rtu)
+    if rtu:
+        raise ValueError(f"--rtu is for HOST:PORT targets; {text} is a serial port, which speaks RTU anyway")
+    return Target(text, True)
+
+
+def port_holder(path: str) -> tuple[int, str] | None:
+    """The process (pid, command line) that has the serial port open, if /proc lets us see it."""
+    real = os.path.realpath(path)
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.path.realpath(fd) == real:
+                    cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return int(entry.name), cmd
+        except OSError:
+            continue
+    return None
+
+
+def held_message(path: str) -> str:
+    holder = port_holder(path)
+    if holder is not None and ("sluice" in holder[1] or "gateway.cli" in holder[1]):
+        who = f"the running gateway (pid {holder[0]}: {holder[1]})"
+    elif holder is not None:
+        who = f"another program (pid {holder[0]}: {holder[1]})"
+    else:
+        who = "another program — most likely the running gateway"
+    return (f"serial port {path} is held by {who}. The gateway keeps its serial ports while it runs, and one bus "
+            "has one master: stop it first (sudo systemctl stop sluice), run sluice read/scan, then start it "
+            "again (sudo systemctl start sluice)")
+
+
+async def _open(client: ModbusClient, target: Target, timeout: float, err: TextIO) -> bool:
+    try:
+        await client.connect(timeout)
+    except ModbusConnectionError as exc:
+        if exc.kind == "busy" and target.serial:
+            print(f"sluice: {held_message(target.text)}", file=err)
+        else:
+            print(f"sluice: {exc} — {client.hints.get(exc.kind, '')}", file=err)
+        return False
+    return True
+
+
+def _error_text(exc: Exception, client: ModbusClient) -> str:
+    if isinstance(exc, ModbusExceptionResponse):
+        return f"the device answered {exc} — {exc.hint}"
+    kind = getattr(exc, "kind", "")
+    return f"{exc} — {client.hints.get(kind, '')}"
+
+
+# =========================================================================== sluice read
+async def read_command(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        target = parse_target(args.target, args.rtu)
+        kind, address = (parse_register_reference(args.ref) if args.ref is not None else (args.kind, args.address))
+    except ValueError as exc:
+        print(f"sluice read: {exc}", file=err)
+        return EXIT_USAGE
+    limit = 2000 if kind in BIT_KINDS else 125
+    if not 1 <= args.count <= limit or address + args.count > 65536:
+        print(f"sluice read: --count must be 1..{limit} for {kind} and stay below address 65536", file=err)
+        return EXIT_USAGE
+    client = target.client(args.baudrate, args.parity, args.stopbits)
+    where = target.describe(args.baudrate, args.parity, args.stopbits)
+    if not await _open(client, target, args.timeout, err):
+        return EXIT_CANNOT_OPEN
+    try:
+        data = await client.read(args.unit, FUNCTION[kind], address, args.count, args.timeout)
+    except (ModbusTimeout, ModbusFrameError, ModbusExceptionResponse, ModbusConnectionError) as exc:
+        print(f"sluice read: {where} unit {args.unit}, {kind} {address}+{args.count}: {_error_text(exc, client)}",
+              file=err)
+        return EXIT_NO_ANSWER
+    finally:
+        await client.close()
+    head = {"target": where, "unit": args.unit, "kind": kind, "address": address, "count": args.count}
+    if kind in BIT_KINDS:
+        bits = _bits(data, args.count)
+        if args.json:
+            print(json.dumps({**head, "bits": bits}), file=out)
+            return 0
+        print(f"{where} unit {args.unit}: {kind} {address}..{address + args.count - 1}", file=out)
+        for i, bit in enumerate(bits):
+            print(f"  {address + i:>5}  {_REF_DIGIT[kind]}{address + i + 1:04d}  {bit}", file=out)
+        return 0
+    registers = interpret_registers(address, data, kind)
+    pairs = interpret_pairs(address, data)
+    strings = {"ABCD": _ascii(data), "BADC": _ascii(reorder_all(data))}
+    if args.json:
+        print(json.dumps({**head, "registers": registers, "pairs": pairs, "ascii": strings}), file=out)
+        return 0
+    print(f"{where} unit {args.unit}: {kind} registers {address}..{address + args.count - 1} "
+          f"({registers[0]['reference']}..{registers[-1]['reference']})", file=out)
+    print(f"\n  {'address':>7}  {'ref':>6}  {'hex':<5}  {'uint16':>6}  {'int16':>6}  ascii", file=out)
+    for r in registers:
+        print(f"  {r['address']:>7}  {r['reference']:>6}  {r['hex']:<5}  {r['uint16']:>6}  {r['int16']:>6}  "
+              f"{r['ascii']}", file=out)
+    if pairs:
+        print(f"\n  {'address':>7}  {'order':<5}  {'hex':<11}  {'int32':>11}  {'uint32':>10}  float32", file=out)
+        for r in pairs:
+            first = r["order"] == "ABCD"
+            print(f"  {str(r['address']) + '+1' if first else '':>7}  {r['order']:<5}  "
+                  f"{r['hex'] if first else '':<11}  {r['int32']:>11}  {r['uint32']:>10}  {r['float32']}", file=out)
+    print(f"\n  ascii ABCD (first character in the high byte): {strings['ABCD']!r}", file=out)
+    print(f"  ascii BADC (first character in the low byte):  {strings['BADC']!r}", file=out)
+    return 0
+
+
+def reorder_all(data: bytes) -> bytes:
+    """Every register's two bytes swapped (a BADC string)."""
+    swapped = bytearray(data)
+    swapped[0::2], swapped[1::2] = data[1::2], data[0::2]
+    return bytes(swapped)
+
+
+# =========================================================================== sluice scan
+@dataclass(slots=True)
+class Found:
+    unit: int
+    settings: str
+    registers: list[int] = field(default_factory=list)
+    exception: str | None = None
+
+
+@dataclass(slots=True)
+class Noise:
+    settings: str
+    units: list[int] = field(default_factory=list)
+    kinds: set[str] = field(default_factory=set)
+
+
+class Progress:
+    """A bar redrawn in place on a terminal; on anything else, a plain line per event."""
+
+    def __init__(self, stream: TextIO, total: int) -> None:
+        self.stream = stream
+        self.total = total
+        self.done = 0
+        self.tty = stream.isatty()
+
+    def step(self, settings: str, unit: int, found: int) -> None:
+        self.done += 1
+        if self.tty:
+            width = 30
+            filled = width * self.done // max(self.total, 1)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}  {settings}  "
+                              f"unit {unit:<3}  found {found}\x1b[K")
+            self.stream.flush()
+
+    def line(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        print(text, file=self.stream, flush=True)
+
+    def end(self) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def parse_units(text: str, tcp: bool) -> list[int]:
+    """``1-247``, ``5``, ``1-10,20,30-32`` -> unit ids (0..255 on Modbus TCP, 1..247 on RTU)."""
+    low, high = (0, 255) if tcp else (1, 247)
+    units: list[int] = []
+    for part in text.split(","):
+        a, sep, b = part.strip().partition("-")
+        if not a.isdigit() or (sep and not b.isdigit()):
+            raise ValueError(f"--units {text!r}: write ids and ranges, e.g. 1-247 or 1-10,20")
+        first, last = int(a), int(b) if sep else int(a)
+        if not low <= first <= last <= high:
+            raise ValueError(f"--units {text!r}: unit ids are {low}..{high} here")
+        units.extend(u for u in range(first, last + 1) if u not in units)
+    return units
+
+
+async def scan_command(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        target = parse_target(args.target, args.rtu)
+        units = parse_units(args.units, tcp=not target.serial and not target.rtu)
+        bauds = [int(b) for b in args.baudrates.split(",")] if args.baudrates else [9600]
+    except ValueError as exc:
+        print(f"sluice scan: {exc}", file=err)
+        return EXIT_USAGE
+    if not target.serial:
+        bauds = bauds[:1]  # the line settings are the converter's, not ours
+    timeout = args.timeout
+    per_probe = timeout + (max(inter_frame_silence(b, 8, args.parity, args.stopbits) for b in bauds)
+                           if target.serial else 0.0)
+    bound = len(units) * len(bauds) * per_probe
+    progress = Progress(err, len(units) * len(bauds))
+    progress.line(f"scanning {len(units)} unit ids × {len(bauds)} setting(s) on {args.target}, "
+                  f"{format_duration(timeout)} per probe: at most {format_duration(bound)} plus opening the port")
+    found: list[Found] = []
+    noise: list[Noise] = []
+    function = FUNCTION[args.kind]
+    for baud in bauds:
+        settings = target.describe(baud, args.parity, args.stopbits)
+        client = target.client(baud, args.parity, args.stopbits)
+        if not await _open(client, target, timeout, err):
+            progress.end()
+            return EXIT_CANNOT_OPEN
+        heard = Noise(settings)
+        try:
+            for unit in units:
+                try:
+                    if not client.connected and not await _open(client, target, timeout, err):
+                        progress.end()
+                        return EXIT_CANNOT_OPEN
+                    data = await client.read(unit, function, args.address, args.count, timeout)
+                except ModbusExceptionResponse as exc:
+                    if exc.code not in _GATEWAY_NO_UNIT:
+                        found.append(Found(unit, settings, exception=str(exc)))
+                        progress.line(f"unit {unit} answered at {settings} with {exc}")
+                except ModbusFrameError as exc:
+                    heard.units.append(unit)
+                    heard.kinds.add(exc.kind)
+                except (ModbusTimeout, ModbusConnectionError):
+                    pass
+                else:
+                    registers = list(struct.unpack(f">{len(data) // 2}H", data)) if function > 2 else \
+                        _bits(data, args.count)
+                    found.append(Found(unit, settings, registers))
+                    progress.line(f"unit {unit} answered at {settings}: {registers}")
+                progress.step(settings, unit, len(found))
+        finally:
+            await client.close()
+        if heard.units:
+            noise.append(heard)
+    progress.end()
+    if args.json:
+        print(json.dumps({"target": args.target, "kind": args.kind, "address": args.address, "count": args.count,
+                          "found": [{"unit": f.unit, "settings": f.settings, "registers": f.registers,
+                                     "exception": f.exception} for f in found],
+                          "garbled": [{"settings": n.settings, "units": n.units, "kinds": sorted(n.kinds)}
+                                      for n in noise]}), file=out)
+    elif found:
+        print(f"{len(found)} unit(s) answered ({args.kind} {args.address}+{args.count}):", file=out)
+        for f in found:
+            what = f"answered {f.exception} — a device is there; try another --kind/--address" if f.exception \
+                else " ".join(str(v) for v in f.registers)
+            print(f"  unit {f.unit:>3}  {f.settings}  {what}", file=out)
+    else:
+        print(f"no unit answered on {args.target} — check the wiring (A/B), power, and the line settings "
+              "(try --baudrates 9600,19200,38400 and --parity E)", file=out)
+    for n in noise:
+        print(f"  garbled replies ({', '.join(sorted(n.kinds))}) at {n.settings} from unit(s) "
+              f"{', '.join(map(str, n.units[:10]))}{' …' if len(n.units) > 10 else ''}: something is on the "
+              "line at other settings (baud rate, parity), or two devices share a unit id", file=out)
+    return 0 if found else EXIT_NO_ANSWER
+
+
+# =========================================================================== the parsers
+def _duration(text: str) -> float:
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _line_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="TARGET", help="serial port (/dev/ttyUSB0) or HOST:PORT")
+    p.add_argument("--rtu", action="store_true", help="HOST:PORT is a serial device server in raw mode (RTU over "
+                   "TCP), not Modbus TCP")
+    p.add_argument("--parity", choices=["N", "E", "O"], default="N", help="serial parity (default N)")
+    p.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
+    p.add_argument("--kind", choices=list(FUNCTION), default="holding", help="register type (default holding)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    return asyncio.run(read_command(args))
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    code = asyncio.run(scan_command(args))
+    print(f"scan took {format_duration(time.monotonic() - started)}", file=sys.stderr)
+    return code
+
+
+def add_parsers(sub: Any) -> None:
+    """``sluice read`` and ``sluice scan`` on the main parser's subcommands."""
+    p = sub.add_parser("read", help="read an address range once and show every interpretation "
+                       "(int16/uint16, int32/uint32/float32 in each byte order, ASCII)")
+    _line_options(p)
+    p.add_argument("--baudrate", type=int, default=9600, help="serial baud rate (default 9600)")
+    p.add_argument("--unit", type=int, default=1, help="unit (slave) id (default 1)")
+    p.add_argument("--address", type=int, default=0, help="0-based protocol address (default 0)")
+    p.add_argument("--ref", default=None, help="or the manual's reference instead of --kind/--address: 40001, 30010")
+    p.add_argument("--count", type=int, default=10, help="registers (or bits) to read (default 10)")
+    p.add_argument("--timeout", type=_duration, default=1.0, metavar="DURATION", help="default 1s")
+    p.set_defaults(func=cmd_read)
+    p = sub.add_parser("scan", help="find which unit ids answer, at which baud rates; bounded time on a silent bus")
+    _line_options(p)
+    p.add_argument("--units", default="1-247", help="unit ids to try: 1-247 (default), 1-10,20")
+    p.add_argument("--baudrates", default=None, help="serial baud rates to try, e.g. 9600,19200 (default 9600)")
+    p.add_argument("--address", type=int, default=0, help="address each probe reads (default 0)")
+    p.add_argument("--count", type=int, default=2, help="registers each probe reads (default 2)")
+    p.add_argument("--timeout", type=_duration, default=0.1, metavar="DURATION",
+                   help="per probe (default 100ms); total at most units × baud rates × timeout")
+    p.set_defaults(func=cmd_scan)
