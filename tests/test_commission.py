@@ -1,0 +1,157 @@
+"""sluice read and sluice scan (gateway.commission) against the simulators: a pty RTU bus with a
+few units, the Modbus TCP simulator, a silent bus (every unit id probed exactly once, one attempt
+each), a serial port the gateway holds (refused, saying so), and the byte-order table checked
+against the driver's own encoder."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import struct
+from typing import Any
+
+import pytest
+
+from drivers.modbus import ProfileModel, encode, points_of
+from drivers.modbus_rtu import SerialLink
+from gateway.cli import build_parser
+from gateway.commission import Progress, interpret_pairs, read_command, scan_command
+from simulators.modbus_rtu import RtuBus, RtuFaults
+from simulators.modbus_tcp import ModbusTcpServer, SimDevice
+
+PROFILE = ProfileModel.model_validate({"protocol": "modbus", "points": [
+    {"name": "volts", "kind": "holding", "address": 0, "type": "float32", "byte_order": "CDAB",
+     "sim": {"signal": "constant", "value": 230.3}},
+    {"name": "model", "kind": "holding", "address": 2, "type": "string", "length": 4,
+     "sim": {"signal": "constant", "value": "SDM630"}},
+    {"name": "alarm", "kind": "coil", "address": 3, "sim": {"signal": "constant", "value": 1}},
+]})
+
+
+def args(*argv: str) -> Any:
+    return build_parser().parse_args(list(argv))
+
+
+def unit(n: int) -> SimDevice:
+    return SimDevice(PROFILE, n, name=f"meter{n}", faults=RtuFaults())
+
+
+async def run(command: Any, *argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    async with asyncio.timeout(30):  # a hang guard, not a timing assertion
+        code = await command(args(*argv), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+# --------------------------------------------------------------------------- interpretations
+@pytest.mark.parametrize("order", ["ABCD", "CDAB", "BADC", "DCBA"])
+@pytest.mark.parametrize(("type_", "value"), [("float32", 230.3), ("int32", -123456789), ("uint32", 3_000_000_000)])
+def test_every_byte_order_reads_back_what_the_driver_encodes(order: str, type_: str, value: float) -> None:
+    profile = ProfileModel.model_validate({"protocol": "modbus", "points": [
+        {"name": "x", "kind": "holding", "address": 7, "type": type_, "byte_order": order}]})
+    (point,) = points_of(profile)
+    wire = struct.pack(">2H", *encode(point, value))
+    rows = {r["order"]: r for r in interpret_pairs(7, wire)}
+    assert rows[order][type_] == value
+    assert rows[order]["address"] == 7
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, plain = Tty(), io.StringIO()
+    for stream in (tty, plain):
+        bar = Progress(stream, 4)
+        bar.step("9600 8N1", 1, 0)
+        bar.line("unit 2 answered")
+        bar.step("9600 8N1", 2, 1)
+        bar.end()
+    assert "\r[" + "#" * 15 + "." * 15 + "] 2/4" in tty.getvalue()
+    assert plain.getvalue() == "unit 2 answered\n"
+
+
+# --------------------------------------------------------------------------- sluice read
+async def test_read_shows_the_value_in_the_byte_order_the_manual_names() -> None:
+    async with RtuBus([unit(3)]) as bus:
+        code, out, err = await run(read_command, "read", bus.path, "--unit", "3", "--ref", "40001", "--count", "6")
+        assert code == 0, err
+        code, js, err = await run(read_command, "read", bus.path, "--unit", "3", "--count", "6", "--json")
+        assert code == 0, err
+        code, bits, err = await run(read_command, "read", bus.path, "--unit", "3", "--kind", "coil", "--count", "4",
+                                    "--json")
+        assert code == 0, err
+        assert bus.stats.writes == 0
+    assert "holding registers 0..5 (40001..40006)" in out
+    assert any(line.split()[:1] == ["CDAB"] and line.endswith(" 230.3") for line in out.splitlines())
+    assert "ascii ABCD (first character in the high byte): 'L.CfSDM630..'" in out
+    doc = json.loads(js)
+    cdab = next(r for r in doc["pairs"] if r["address"] == 0 and r["order"] == "CDAB")
+    assert cdab["float32"] == 230.3
+    assert doc["registers"][2] == {"address": 2, "reference": "40003", "hex": "53 44", "uint16": 21316,
+                                   "int16": 21316, "ascii": "SD"}
+    assert doc["ascii"]["ABCD"].startswith("L.CfSDM630")
+    assert json.loads(bits)["bits"] == [0, 0, 0, 1]
+
+
+async def test_read_over_modbus_tcp_and_a_unit_that_does_not_answer() -> None:
+    async with ModbusTcpServer([SimDevice(PROFILE, 1)], unknown_unit="silent") as server:
+        code, out, err = await run(read_command, "read", f"127.0.0.1:{server.port}", "--count", "2", "--json")
+        assert code == 0, err
+        assert json.loads(out)["pairs"][1]["float32"] == 230.3  # CDAB
+        code, out, err = await run(read_command, "read", f"127.0.0.1:{server.port}", "--unit", "9", "--timeout",
+                                   "50ms")
+    assert code == 1 and out == ""
+    assert "unit 9, holding 0+10: no answer within 50ms" in err
+
+
+# --------------------------------------------------------------------------- sluice scan
+async def test_scan_finds_the_units_of_a_bus_and_reports_garble() -> None:
+    async with RtuBus([unit(2), unit(5), unit(7)]) as bus:
+        bus.set_faults(7, crc=1.0)
+        code, out, err = await run(scan_command, "scan", bus.path, "--units", "1-8", "--timeout", "50ms")
+        assert bus.stats.count() == 8  # one probe per unit id, no retries
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "2 unit(s) answered (holding 0+2):"
+    assert lines[1].split()[:2] == ["unit", "2"] and lines[1].endswith("19661 17254")
+    assert lines[2].split()[:2] == ["unit", "5"]
+    assert "garbled replies (crc)" in lines[3] and "unit(s) 7" in lines[3]
+    assert "at most" in err and "unit 2 answered" in err
+
+
+async def test_scan_of_a_silent_bus_probes_each_id_once_per_baud_rate_and_ends() -> None:
+    async with RtuBus([]) as bus:
+        code, out, err = await run(scan_command, "scan", bus.path, "--units", "1-12", "--baudrates", "9600,19200",
+                                   "--timeout", "20ms", "--json")
+        assert bus.stats.count() == 24
+    assert code == 1
+    assert json.loads(out)["found"] == []
+    # the bound printed up front: 24 probes × (20 ms + the 9600-baud inter-frame silence)
+    assert "12 unit ids × 2 setting(s)" in err and "20ms per probe: at most 568ms" in err
+
+
+async def test_scan_over_modbus_tcp_ignores_gateway_no_unit_exceptions() -> None:
+    async with ModbusTcpServer([SimDevice(PROFILE, 1), SimDevice(PROFILE, 4)]) as server:  # others: exception 0x0B
+        code, out, err = await run(scan_command, "scan", f"127.0.0.1:{server.port}", "--units", "0-5", "--json")
+    assert code == 0, err
+    assert [f["unit"] for f in json.loads(out)["found"]] == [1, 4]
+
+
+async def test_read_and_scan_refuse_a_port_the_gateway_holds() -> None:
+    async with RtuBus([unit(1)]) as bus:
+        gateway = SerialLink(bus.path)
+        await gateway.open(lambda data: None, lambda exc: None, 1.0)
+        try:
+            results = [await run(read_command, "read", bus.path),
+                       await run(scan_command, "scan", bus.path, "--units", "1-3")]
+        finally:
+            gateway.close()
+        assert bus.stats.count() == 0
+        code, _out, err = await run(read_command, "read", bus.path, "--count", "2")  # free again
+        assert code == 0, err
+    for code, out, err in results:
+        assert code == 3 and out == ""
+        assert f"serial port {bus.path} is held by" in err and "stop it first (sudo systemctl stop sluice)" in err
