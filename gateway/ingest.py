@@ -1,0 +1,752 @@
+"""``sluice ingest``: the cloud side of the MQTT path — gateway messages from the broker into InfluxDB,
+each acknowledged to the broker only after its points are written. The only module besides
+gateway/mqtt.py that imports paho-mqtt (aiomqtt 2.5 cannot acknowledge manually).
+
+Delivery contract:
+
+* One persistent MQTT 5 session (``clean_start=False``, a session expiry) subscribed at QoS 1
+  with ``manual_ack``: the broker keeps every message until we send its PUBACK, and re-sends
+  unacknowledged ones when we reconnect. A message is acknowledged after its points were
+  written (a 2xx from the database), after it was published to the dead-letter topic (and that
+  publish was acknowledged by the broker), or when it is ignored (retained ``online``/``offline``
+  on a ``.../status`` topic). PUBACKs go out in the order the messages arrived.
+* Backpressure is MQTT 5's *receive maximum* (``batch.max_unacked``): the broker never has more
+  than that many messages in flight to us, so while the database is down we hold at most that
+  many in memory and the rest wait in the broker's queue for this session.
+* A crash (SIGKILL) loses nothing: unacknowledged messages are re-sent to the next connection
+  with the same client id. Points written but not yet acknowledged are written again; identical
+  series and timestamp make that an overwrite, not a duplicate. When the connection drops,
+  messages not yet written are forgotten (the broker re-sends them) and acknowledgements of
+  the old connection are never sent on the new one (packet ids are per connection).
+* Messages are coalesced into one write request of at most ``batch.max_points`` points and
+  ``batch.max_bytes`` bytes, sent when full, when the broker cannot hand us more
+  (``max_unacked`` reached) or ``batch.linger`` after the first message. One write at a time.
+* Malformed payloads (gateway/lineproto.py judges them without asking the database) and
+  messages the database refuses as data (found by splitting a refused write in halves until the
+  refused message stands alone) are published unchanged to the dead-letter topic with the reason
+  in MQTT 5 user properties (``reason``, ``kind``, ``topic``), counted, logged once per kind per
+  minute, and acknowledged. Database outages (network errors, 5xx, 429) are retried with the
+  influxdb sink's backoff; nothing is acknowledged meanwhile.
+* SIGTERM/SIGINT: the in-flight write is abandoned unacknowledged, then a clean DISCONNECT.
+
+Bridging paho into asyncio (no thread of our own): paho's socket callbacks register the socket
+with ``loop.add_reader``/``add_writer`` and ``loop_misc`` runs every second for keepalives, as
+aiomqtt does. The one blocking call, ``connect()`` (DNS, TCP and TLS handshakes), runs in the
+loop's default executor; callbacks it triggers reach the loop through ``call_soon_threadsafe``.
+Everything else — message callbacks, parsing, acknowledgements — runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+import signal
+import ssl
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from gateway.encode import InfluxEncoder
+from gateway.forwarder import SinkRejected, SinkUnavailable
+from gateway.influx import InfluxSink
+from gateway.ingest_config import IngestConfig, load_ingest_config
+from gateway.lineproto import Malformed, Points, to_lines
+from gateway.yamlpos import ConfigErrors
+
+__all__ = ["Ingest", "IngestStats", "add_parsers"]
+
+log = logging.getLogger("gateway.ingest")  # also when run as python -m gateway.ingest
+
+CONNECT_TIMEOUT = 15.0
+"""Seconds for TCP + TLS + CONNACK + SUBACK before the attempt counts as failed."""
+PUBLISH_TIMEOUT = 30.0
+"""Seconds a dead-letter publish may wait for its PUBACK before the connection is dropped."""
+CLOSE_TIMEOUT = 5.0
+LOG_PERIOD = 60.0
+"""A kind of malformed payload is logged at most once per this many seconds."""
+REASON_LIMIT = 400
+"""Characters of a reason carried in the dead letter's user property."""
+STATUS_PAYLOADS = (b"online", b"offline")
+
+
+@dataclass(slots=True)
+class _Msg:
+    mid: int
+    qos: int
+    topic: str
+    gen: int  # the connection it arrived on
+    points: Points | None = None
+    problem: Malformed | None = None
+    payload: bytes = b""  # the original, for a dead letter (for line protocol, the same object as points.data)
+
+
+@dataclass
+class IngestStats:
+    received: int = 0  # messages
+    acked: int = 0
+    points_written: int = 0
+    write_requests: int = 0
+    retries: int = 0  # write requests that failed and were sent again
+    ignored: int = 0  # status messages
+    dead_letters: Counter[str] = field(default_factory=Counter)  # by kind
+    newest_ns: int = 0  # newest point time written
+    connects: int = 0
+
+
+class _Limiter:
+    """Log a kind of problem at most once per period; say how many were not logged."""
+
+    def __init__(self, period: float = LOG_PERIOD, clock: Callable[[], float] = time.monotonic) -> None:
+        self._period, self._clock = period, clock
+        self._last: dict[str, float] = {}
+        self._quiet: Counter[str] = Counter()
+
+    def warning(self, kind: str, message: str, *args: object) -> None:
+        now = self._clock()
+        if now - self._last.get(kind, -self._period) < self._period:
+            self._quiet[kind] += 1
+            return
+        self._last[kind] = now
+        more = self._quiet.pop(kind, 0)
+        log.warning(message + (" (and %d more of this kind in the last minute)" if more else ""), *args,
+                    *((more,) if more else ()))
+
+
+class Ingest:
+    """The ingest service. Construct freely (no I/O); ``await run(stop)`` until ``stop`` is set."""
+
+    def __init__(self, config: IngestConfig, client_id: str | None = None) -> None:
+        self.config = config
+        self.client_id = client_id or config.mqtt.effective_client_id
+        self.address = f"{config.mqtt.host}:{config.mqtt.effective_port}"
+        self.stats = IngestStats()
+        self._encoder = InfluxEncoder()
+        self._limiter = _Limiter()
+        self._pending: deque[_Msg] = deque()
+        self._pending_points = 0
+        self._pending_bytes = 0
+        self._first_at = 0.0  # loop time the oldest pending message arrived
+        self._wake = asyncio.Event()
+        self._gen = 0
+        self._client: mqtt.Client | None = None  # while connected and subscribed
+        self._lost: asyncio.Event | None = None
+        self._lost_reason = ""
+        self._publishes: dict[int, asyncio.Future[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self.last_error: str | None = None
+        self.metrics_port: int | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
+        """Ingest until ``stop`` is set; ``ready`` is called once the metrics endpoint (if any) listens."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        async with contextlib.AsyncExitStack() as stack:
+            sink = await stack.enter_async_context(InfluxSink("ingest", self.config.influxdb))
+            if self.config.metrics is not None:
+                server = await stack.enter_async_context(MetricsServer(self, self.config.metrics.host,
+                                                                       self.config.metrics.port))
+                self.metrics_port = server.port
+            writer = asyncio.create_task(self._write_loop(sink), name="write[ingest]")
+            mqtt_task = asyncio.create_task(self._supervise(), name="mqtt[ingest]")
+            if ready is not None:
+                ready()
+            waiter = asyncio.ensure_future(stop.wait())
+            try:
+                done, _ = await asyncio.wait((waiter, writer, mqtt_task), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                # The in-flight write is abandoned: its messages stay unacknowledged at the broker.
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+                mqtt_task.cancel()
+                await asyncio.gather(mqtt_task, waiter, return_exceptions=True)
+            for task in (writer, mqtt_task):
+                if task in done and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+
+    # -- MQTT: connection ----------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        cfg = self.config.mqtt
+        attempt = 0
+        reported: str | None = None
+        while True:
+            connects = self.stats.connects
+            try:
+                reason = await self._connect_once()
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                reason = f"TLS set-up failed: {exc}"
+            if self.stats.connects > connects:
+                attempt = 0
+                log.warning("ingest: lost connection to %s: %s — unacknowledged messages stay at the broker; "
+                            "reconnecting", self.address, reason)
+            elif reason != reported:
+                log.warning("ingest: cannot connect to %s: %s — retrying every %g–%g s; %s", self.address, reason,
+                            cfg.reconnect_min, cfg.reconnect_max, _hint(reason, self.address))
+            reported = self.last_error = reason
+            ceiling = min(cfg.reconnect_max, cfg.reconnect_min * 2 ** min(attempt, 30))
+            attempt += 1
+            await asyncio.sleep(random.uniform(cfg.reconnect_min, ceiling))
+
+    def _make_client(self) -> mqtt.Client:
+        cfg = self.config.mqtt
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
+                             manual_ack=True, reconnect_on_failure=False)
+        client.connect_timeout = CONNECT_TIMEOUT
+        client.max_inflight_messages_set(20)  # our own publishes: dead letters only
+        if cfg.username is not None and cfg.password is not None:
+            client.username_pw_set(cfg.username, cfg.password.get_secret_value())
+        if cfg.tls is not None:
+            client.tls_set_context(_tls_context(cfg.tls))
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        return client
+
+    async def _connect_once(self) -> str:
+        """One connection, held until it is lost; returns the reason (raises CancelledError on stop)."""
+        cfg = self.config.mqtt
+        loop = asyncio.get_running_loop()
+        client = self._make_client()
+        self._connack: asyncio.Future[Any] = loop.create_future()
+        self._suback: asyncio.Future[Any] = loop.create_future()
+        lost = self._lost = asyncio.Event()
+        self._lost_reason = ""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = int(cfg.session_expiry)
+        props.ReceiveMaximum = self.config.batch.max_unacked
+        misc: asyncio.Task[None] | None = None
+        try:
+            try:
+                await loop.run_in_executor(None, functools.partial(
+                    client.connect, cfg.host, cfg.effective_port, max(int(cfg.keepalive), 5), clean_start=False,
+                    properties=props))
+            except (OSError, mqtt.WebsocketConnectionError) as exc:
+                return _describe(exc)
+            misc = loop.create_task(self._misc_loop(client), name="mqtt-keepalive[ingest]")
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    waits = (self._connack, asyncio.ensure_future(lost.wait()))
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    waits[1].cancel()
+                    if not self._connack.done():
+                        return self._lost_reason or "connection closed before CONNACK"
+                    session_present = self._connack.result()
+                    options = SubscribeOptions(qos=cfg.qos)
+                    client.subscribe([(topic, options) for topic in cfg.subscriptions()])
+                    waits = (self._suback, asyncio.ensure_future(lost.wait()))
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    waits[1].cancel()
+                    if not self._suback.done():
+                        return self._lost_reason or "connection closed before SUBACK"
+                    self._suback.result()
+            except TimeoutError:
+                return f"no answer within {CONNECT_TIMEOUT:.0f} s"
+            except _Refused as exc:
+                return str(exc)
+            self._client = client
+            self.stats.connects += 1
+            log.info("ingest: connected to %s as %s (%s), subscribed to %s", self.address, self.client_id,
+                     "session resumed" if session_present else "new session", ", ".join(cfg.subscriptions()))
+            self.last_error = None
+            self._wake.set()
+            await lost.wait()
+            return self._lost_reason
+        finally:
+            self._client = None
+            if not lost.is_set():  # we are leaving (stop or failed set-up): say goodbye
+                client.disconnect()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await asyncio.shield(lost.wait())
+                if not lost.is_set():
+                    self._drop("closed")
+            if misc is not None:
+                misc.cancel()
+                await asyncio.gather(misc, return_exceptions=True)
+            client.on_socket_close = None
+            sock = client.socket()
+            if sock is not None:  # a half-open attempt: release the socket and its reader
+                self._unregister(sock)
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    async def _misc_loop(self, client: mqtt.Client) -> None:
+        # A timer, not an event: keepalive pings and their timeouts are paho's clock.
+        while client.loop_misc() == MQTTErrorCode.MQTT_ERR_SUCCESS:  # noqa: ASYNC110
+            await asyncio.sleep(1.0)
+
+    def _drop(self, reason: str) -> None:
+        """The connection is gone: forget what was not written (the broker re-sends it)."""
+        self._gen += 1
+        self._client = None
+        self._pending.clear()
+        self._pending_points = self._pending_bytes = 0
+        for fut in self._publishes.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(reason))
+        self._publishes.clear()
+        for fut in (getattr(self, "_connack", None), getattr(self, "_suback", None)):
+            if fut is not None and not fut.done():
+                fut.set_exception(_Refused(reason))
+                fut.exception()  # retrieved: nobody may be waiting any more
+        if self._lost is not None and not self._lost.is_set():
+            self._lost_reason = reason
+            self._lost.set()
+
+    # paho callbacks (on the loop thread, except socket callbacks during connect())
+
+    def _call(self, func: Callable[..., Any], *args: Any) -> None:
+        assert self._loop is not None
+        if threading.get_ident() == self._loop_thread:
+            func(*args)
+        else:
+            self._loop.call_soon_threadsafe(func, *args)
+
+    def _on_socket_open(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        def readable() -> None:
+            client.loop_read()
+            # An SSL socket may hold decrypted bytes that select() does not see.
+            while getattr(sock, "pending", None) is not None and sock.pending() > 0:
+                if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+
+        self._call(self._add_reader, sock, readable)
+
+    def _add_reader(self, sock: Any, callback: Callable[[], None]) -> None:
+        assert self._loop is not None
+        if sock.fileno() >= 0:
+            self._loop.add_reader(sock.fileno(), callback)
+
+    def _on_socket_close(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._call(self._unregister, sock)
+
+    def _unregister(self, sock: Any) -> None:
+        assert self._loop is not None
+        fd = sock.fileno()
+        if fd >= 0:
+            self._loop.remove_reader(fd)
+            self._loop.remove_writer(fd)
+
+    def _on_socket_register_write(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        def writable() -> None:
+            client.loop_write()
+
+        def add() -> None:
+            assert self._loop is not None
+            if sock.fileno() >= 0:
+                self._loop.add_writer(sock.fileno(), writable)
+
+        self._call(add)
+
+    def _on_socket_unregister_write(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        def remove() -> None:
+            assert self._loop is not None
+            if sock.fileno() >= 0:
+                self._loop.remove_writer(sock.fileno())
+
+        self._call(remove)
+
+    def _on_connect(self, _client: mqtt.Client, _userdata: Any, flags: Any, reason: ReasonCode, _props: Any) -> None:
+        if reason.is_failure:
+            self._call(self._fail, self._connack, f"the broker refused the connection: {reason}")
+        else:
+            self._call(self._resolve, self._connack, bool(flags.session_present))
+
+    def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: list[ReasonCode],
+                      _props: Any) -> None:
+        refused = [f"{topic}: {rc}" for topic, rc in zip(self.config.mqtt.subscriptions(), reasons) if rc.is_failure]
+        if refused:
+            self._fail(self._suback, "the broker refused the subscription (" + "; ".join(refused) +
+                       ") — check the broker's ACL for this user")
+        else:
+            self._resolve(self._suback, None)
+
+    @staticmethod
+    def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
+        if not fut.done():
+            fut.set_result(value)
+
+    @staticmethod
+    def _fail(fut: asyncio.Future[Any], reason: str) -> None:
+        if not fut.done():
+            fut.set_exception(_Refused(reason))
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any) -> None:
+        text = str(reason)
+        if text in ("Unspecified error", "Normal disconnection") or not reason.is_failure:
+            text = ("the connection closed without an MQTT goodbye (broker stopped, network cut, or keepalive expired)"
+                    if reason.is_failure else "disconnected")
+        self._call(self._drop, text)
+
+    def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: ReasonCode, _props: Any) -> None:
+        fut = self._publishes.pop(mid, None)
+        if fut is not None and not fut.done():
+            if reason.is_failure:
+                fut.set_exception(ConnectionError(f"the broker refused the dead letter: {reason}"))
+            else:
+                fut.set_result(None)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        stats = self.stats
+        stats.received += 1
+        payload = message.payload
+        topic = message.topic
+        msg = _Msg(message.mid, message.qos, topic, self._gen)
+        if topic.endswith("/status") and payload in STATUS_PAYLOADS:
+            stats.ignored += 1
+        else:
+            try:
+                msg.points = to_lines(payload, self._encoder, self.config.format)
+            except Malformed as exc:
+                msg.problem = exc
+            msg.payload = payload
+        if not self._pending:
+            assert self._loop is not None
+            self._first_at = self._loop.time()
+        self._pending.append(msg)
+        if msg.points is not None:
+            self._pending_points += msg.points.count
+            self._pending_bytes += len(msg.points.data)
+        batch = self.config.batch
+        if (len(self._pending) >= batch.max_unacked or self._pending_points >= batch.max_points
+                or self._pending_bytes >= batch.max_bytes or len(self._pending) == 1):
+            self._wake.set()
+
+    # -- writing and acknowledging ----------------------------------------------------------------
+
+    async def _next_batch(self) -> list[_Msg]:
+        batch = self.config.batch
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            full = (len(self._pending) >= batch.max_unacked or self._pending_points >= batch.max_points
+                    or self._pending_bytes >= batch.max_bytes)
+            remaining = self._first_at + batch.linger - loop.time()
+            if full or remaining <= 0:
+                break
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+        out: list[_Msg] = []
+        points = size = 0
+        while self._pending:
+            msg = self._pending[0]
+            n, b = (msg.points.count, len(msg.points.data)) if msg.points is not None else (0, 0)
+            if out and (points + n > batch.max_points or size + b > batch.max_bytes):
+                break
+            self._pending.popleft()
+            out.append(msg)
+            points += n
+            size += b
+        self._pending_points -= points
+        self._pending_bytes -= size
+        self._first_at = loop.time()
+        return out
+
+    async def _write_loop(self, sink: InfluxSink) -> None:
+        while True:
+            batch = await self._next_batch()
+            await self._write(sink, [m for m in batch if m.points is not None and m.points.count])
+            for msg in batch:
+                if msg.problem is not None and not await self._dead_letter(msg):
+                    continue  # not acknowledged: the broker re-sends it after the reconnect
+                self._ack(msg)
+
+    async def _write(self, sink: InfluxSink, messages: list[_Msg]) -> None:
+        """Write the messages' points; one the database refuses as data gets its ``problem`` set."""
+        parts = [messages] if messages else []
+        while parts:
+            part = parts.pop()
+            payload = b"".join(m.points.data for m in part)  # type: ignore[union-attr]
+            while True:
+                if all(m.gen != self._gen for m in part):
+                    break  # the connection they came on is gone: the broker re-sends them
+                try:
+                    await sink.send([("", payload)])
+                except SinkUnavailable:
+                    self.stats.retries += 1
+                    await sink.wait_connected()
+                    continue
+                except SinkRejected as exc:
+                    if len(part) == 1:
+                        part[0].problem = Malformed("rejected", f"the database refused it: {exc}")
+                    else:  # find the refused message(s): halves, first half first
+                        half = len(part) // 2
+                        parts += [part[half:], part[:half]]
+                    break
+                self.stats.write_requests += 1
+                self.stats.points_written += sum(m.points.count for m in part)  # type: ignore[union-attr]
+                self.stats.newest_ns = max(self.stats.newest_ns, *(m.points.newest_ns for m in part))  # type: ignore[union-attr]
+                break
+
+    async def _dead_letter(self, msg: _Msg) -> bool:
+        """Publish ``msg`` to the dead-letter topic; True once the broker acknowledged it."""
+        problem = msg.problem
+        assert problem is not None
+        client = self._client
+        if client is None or msg.gen != self._gen:
+            return False
+        topic = self.config.dead_letter_topic.format(topic=msg.topic)
+        self._limiter.warning(problem.kind, "ingest: message on %s not written: %s — published to %s and "
+                              "acknowledged", msg.topic, problem.reason, topic)
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("reason", problem.reason[:REASON_LIMIT]), ("kind", problem.kind), ("topic", msg.topic)]
+        payload = msg.payload
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        info = client.publish(topic, payload, qos=1, properties=props)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return False
+        if info.is_published():
+            fut.set_result(None)
+        else:
+            self._publishes[info.mid] = fut
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                await fut
+        except (ConnectionError, TimeoutError):
+            return False
+        self.stats.dead_letters[problem.kind] += 1
+        return True
+
+    def _ack(self, msg: _Msg) -> None:
+        client = self._client
+        if client is None or msg.gen != self._gen:
+            return  # acknowledgements belong to the connection the message came on
+        if msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
+        self.stats.acked += 1
+
+
+class _Refused(Exception):
+    """The broker refused the connection or the subscription."""
+
+
+def _tls_context(tls: Any) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if tls.cert_file is not None and tls.key_file is not None:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _hint(reason: str, address: str) -> str:
+    low = reason.lower()
+    if "not authori" in low or "bad user" in low or "refused the connection" in low:
+        return "check the username and password (and the broker's ACL for this client id)"
+    if "certificate" in low or "ssl" in low or "tls" in low:
+        return "check tls.ca_file and that the broker's certificate is valid for the host name"
+    if "refused" in low:
+        return f"check that the broker is running and listening on {address} (host, port, firewall)"
+    return f"check the network path to {address} and the broker's log"
+
+
+# --------------------------------------------------------------------------- metrics
+METRICS: dict[str, tuple[str, str]] = {
+    "sluice_ingest_connected": ("gauge", "1 while connected and subscribed to the broker"),
+    "sluice_ingest_messages_received_total": ("counter", "MQTT messages received (re-sent ones included)"),
+    "sluice_ingest_messages_acked_total": ("counter", "MQTT messages acknowledged to the broker"),
+    "sluice_ingest_points_written_total": ("counter", "Points written to the database"),
+    "sluice_ingest_write_requests_total": ("counter", "Successful write requests"),
+    "sluice_ingest_write_retries_total": ("counter", "Write requests that failed and are sent again"),
+    "sluice_ingest_dead_letters_total": ("counter", "Messages published to the dead-letter topic, by kind"),
+    "sluice_ingest_ignored_total": ("counter", "Status messages (online/offline) acknowledged and not written"),
+    "sluice_ingest_pending_messages": ("gauge", "Messages received and not yet acknowledged"),
+    "sluice_ingest_lag_seconds": ("gauge", "Now minus the time of the newest point written (0 before the first)"),
+    "process_cpu_seconds_total": ("counter", "User and system CPU time of the process"),
+}
+
+
+def render_metrics(ingest: Ingest) -> str:
+    """Prometheus text exposition format 0.0.4 (the gateway's renderer helpers)."""
+    from gateway.health import _Out, _process
+
+    out = _Out()
+    stats = ingest.stats
+
+    def sample(name: str, value: float, **labels: str) -> None:
+        out.family(name, *METRICS[name])
+        out.sample(name, value, **labels)
+
+    sample("sluice_ingest_connected", ingest.connected)
+    sample("sluice_ingest_messages_received_total", stats.received)
+    sample("sluice_ingest_messages_acked_total", stats.acked)
+    sample("sluice_ingest_points_written_total", stats.points_written)
+    sample("sluice_ingest_write_requests_total", stats.write_requests)
+    sample("sluice_ingest_write_retries_total", stats.retries)
+    out.family("sluice_ingest_dead_letters_total", *METRICS["sluice_ingest_dead_letters_total"])
+    for kind, n in sorted(stats.dead_letters.items()):
+        out.sample("sluice_ingest_dead_letters_total", n, kind=kind)
+    sample("sluice_ingest_ignored_total", stats.ignored)
+    sample("sluice_ingest_pending_messages", ingest.pending)
+    lag = max(0.0, (time.time_ns() - stats.newest_ns) / 1e9) if stats.newest_ns else 0.0
+    sample("sluice_ingest_lag_seconds", lag)
+    sample("process_cpu_seconds_total", _process()["cpu"])
+    return "\n".join(out.lines) + "\n"
+
+
+class MetricsServer:
+    """``async with MetricsServer(ingest, host, port):`` answers ``GET /metrics`` (Connection: close)."""
+
+    def __init__(self, ingest: Ingest, host: str, port: int) -> None:
+        self._ingest = ingest
+        self.host, self.port = host, port
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> MetricsServer:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("ingest: metrics on http://%s:%d/metrics", self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5.0):
+                request = await reader.readline()
+                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    if len(line) > 8192:
+                        return
+            parts = request.decode("latin-1").split()
+            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?", 1)[0] == "/metrics":
+                status, ctype, body = "200 OK", "text/plain; version=0.0.4; charset=utf-8", render_metrics(self._ingest).encode()
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"try GET /metrics\n"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (TimeoutError, OSError, ValueError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+# --------------------------------------------------------------------------- CLI
+EXIT_CONFIG = 2
+
+
+def _load(path: Path) -> IngestConfig | None:
+    try:
+        return load_ingest_config(path)
+    except ConfigErrors as exc:
+        for err in exc.errors:
+            print(err, file=sys.stderr)
+        n = len(exc.errors)
+        print(f"{n} error{'s' if n != 1 else ''} in {path}; nothing was started", file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    m, db = config.mqtt, config.influxdb
+    target = f"bucket {db.bucket}" if db.api == "v2" else f"database {db.database}"
+    print(f"{args.config}: OK — {', '.join(m.subscriptions())} on {m.host}:{m.effective_port} as "
+          f"{args.client_id or m.effective_client_id} → {db.url} ({db.api}, {target}); dead letters to "
+          f"{config.dead_letter_topic}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from gateway.logs import setup_logging
+
+    setup_logging(args.log_level or config.logging.level, config.logging.format)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        ingest = Ingest(config, client_id=args.client_id)
+        await ingest.run(stop)
+        log.info("ingest: stopped — %d points written, %d messages acknowledged, %d dead letters",
+                 ingest.stats.points_written, ingest.stats.acked, sum(ingest.stats.dead_letters.values()))
+
+    asyncio.run(main())
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """``sluice ingest check|run -c ingest.yaml`` on the ``sluice`` command's subparsers."""
+    p = sub.add_parser("ingest", help="MQTT → InfluxDB ingest service (the cloud side): check or run")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, func, text in (("check", cmd_check, "validate ingest.yaml; non-zero exit on errors"),
+                             ("run", cmd_run, "run until SIGTERM/SIGINT")):
+        q = actions.add_parser(name, help=text)
+        q.add_argument("-c", "--config", type=Path, default=Path("/etc/sluice/ingest.yaml"),
+                       help="the ingest configuration file (default: /etc/sluice/ingest.yaml)")
+        q.add_argument("--client-id", default=None,
+                       help="override mqtt.client_id (each worker of a group needs its own, stable id)")
+        q.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+        q.set_defaults(func=func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gateway.ingest check|run ...`` (the same as ``sluice ingest ...``)."""
+    parser = argparse.ArgumentParser(prog="sluice")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["ingest", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
