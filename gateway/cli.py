@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.trace.cli import add_parsers as add_trace_parsers
 
     add_trace_parsers(sub, with_config)
+    from gateway.ingest import add_parsers as add_ingest_parsers
+
+    add_ingest_parsers(sub)  # `sluice ingest check|run -c ingest.yaml`: its own config file
     from gateway.commission import add_parsers as add_commission_parsers
 
     add_commission_parsers(sub)  # sluice read, sluice scan
