@@ -145,6 +145,9 @@ class Ingest:
         self._wake = asyncio.Event()
         self._gen = 0
         self._client: mqtt.Client | None = None  # while connected and subscribed
+        # From CONNACK on: a resumed session's queued messages arrive before the SUBACK, and they
+        # must be acknowledged on this connection too (else they wait for the next reconnect).
+        self._session: mqtt.Client | None = None
         self._lost: asyncio.Event | None = None
         self._lost_reason = ""
         self._publishes: dict[int, asyncio.Future[None]] = {}
@@ -265,6 +268,7 @@ class Ingest:
                     if not self._connack.done():
                         return self._lost_reason or "connection closed before CONNACK"
                     session_present = self._connack.result()
+                    self._session = client
                     options = SubscribeOptions(qos=cfg.qos)
                     client.subscribe([(topic, options) for topic in cfg.subscriptions()])
                     waits = (self._suback, asyncio.ensure_future(lost.wait()))
@@ -286,7 +290,7 @@ class Ingest:
             await lost.wait()
             return self._lost_reason
         finally:
-            self._client = None
+            self._client = self._session = None
             if not lost.is_set():  # we are leaving (stop or failed set-up): say goodbye
                 client.disconnect()
                 with contextlib.suppress(TimeoutError):
@@ -312,7 +316,7 @@ class Ingest:
     def _drop(self, reason: str) -> None:
         """The connection is gone: forget what was not written (the broker re-sends it)."""
         self._gen += 1
-        self._client = None
+        self._client = self._session = None
         self._pending.clear()
         self._pending_points = self._pending_bytes = 0
         for fut in self._publishes.values():
@@ -520,7 +524,7 @@ class Ingest:
         """Publish ``msg`` to the dead-letter topic; True once the broker acknowledged it."""
         problem = msg.problem
         assert problem is not None
-        client = self._client
+        client = self._session
         if client is None or msg.gen != self._gen:
             return False
         topic = self.config.dead_letter_topic.format(topic=msg.topic)
@@ -547,7 +551,7 @@ class Ingest:
         return True
 
     def _ack(self, msg: _Msg) -> None:
-        client = self._client
+        client = self._session
         if client is None or msg.gen != self._gen:
             return  # acknowledgements belong to the connection the message came on
         if msg.qos > 0:

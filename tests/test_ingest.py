@@ -362,3 +362,22 @@ async def test_two_workers_share_the_load_and_one_may_die(tmp_path: Path, mosqui
             w.stop()
     assert all(s > 0 for s in shares), f"both workers should have written a share: {shares}"
     assert stored_counts(influxd) == list(range(2000))
+
+
+async def test_messages_queued_while_away_are_written_and_acknowledged_on_resume(
+        tmp_path: Path, mosquitto: Mosquitto, influxd: Influxd) -> None:
+    # A resumed session's queued messages arrive before the SUBACK: they must be acknowledged on
+    # this connection, not left for the next reconnect.
+    cfg = write_config(tmp_path / "ingest.yaml", mosquitto, v1(influxd), batch={"linger": "0ms"})
+    async with running(cfg):
+        pass  # creates the persistent session and its subscription
+    messages = counter_payloads(30, 400)  # ~1 MiB: Mosquitto sends the queue before the SUBACK
+    async with publisher(mosquitto) as pub:
+        await publish_all(pub, messages)
+    async with running(cfg) as ingest:
+        await until(lambda: ingest.stats.points_written >= 12000, what="all written")
+        await until(lambda: ingest.stats.acked == 30, 5, what="all 30 acknowledged")
+    async with running(cfg) as again:
+        await asyncio.sleep(0.5)
+        assert again.stats.received == 0, "acknowledged messages were delivered again"
+    assert stored_counts(influxd) == list(range(12000))
