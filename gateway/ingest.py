@@ -64,6 +64,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.encode import InfluxEncoder
 from gateway.forwarder import SinkRejected, SinkUnavailable
+from gateway.sdnotify import Notifier, watchdog_interval
 from gateway.influx import InfluxSink
 from gateway.ingest_config import IngestConfig, load_ingest_config
 from gateway.lineproto import Malformed, Points, to_lines
@@ -718,12 +719,56 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         ingest = Ingest(config, client_id=args.client_id)
-        await ingest.run(stop)
+        notifier = Notifier()
+
+        def ready() -> None:
+            notifier.send(READY=1, STATUS=f"ingesting {', '.join(config.mqtt.subscriptions())} into "
+                                          f"{config.influxdb.url}")
+
+        watchdog = asyncio.create_task(_watchdog(ingest, notifier), name="watchdog[ingest]")
+        try:
+            await ingest.run(stop, ready=ready)
+        finally:
+            notifier.send(STOPPING=1)
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+            notifier.close()
         log.info("ingest: stopped — %d points written, %d messages acknowledged, %d dead letters",
                  ingest.stats.points_written, ingest.stats.acked, sum(ingest.stats.dead_letters.values()))
 
     asyncio.run(main())
     return 0
+
+
+def _progress(ingest: Ingest) -> tuple[int, ...]:
+    st = ingest.stats
+    return (st.received, st.acked, st.write_requests, st.retries, sum(st.dead_letters.values()))
+
+
+def _wedged(pending: int, quiet_for: float, limit: float) -> bool:
+    """Messages wait and nothing at all has happened to them (no write, no retry, no ack) for
+    ``limit`` seconds. Idle (nothing pending) is never wedged; a database that is down is not
+    either, since the writer keeps retrying it."""
+    return pending > 0 and quiet_for > limit
+
+
+async def _watchdog(ingest: Ingest, notifier: Notifier) -> None:
+    """WATCHDOG=1 every half ``WatchdogSec=`` while the ingest makes progress (see :func:`_wedged`)."""
+    interval = watchdog_interval()
+    if interval is None:
+        return
+    limit = max(60.0, 3 * ingest.config.influxdb.retry_max)
+    last, since = _progress(ingest), time.monotonic()
+    while True:
+        await asyncio.sleep(interval)
+        now = _progress(ingest)
+        if now != last:
+            last, since = now, time.monotonic()
+        if _wedged(ingest.pending, time.monotonic() - since, limit):
+            notifier.send(STATUS=f"WEDGED: {ingest.pending} messages waiting, no write for "
+                                 f"{time.monotonic() - since:.0f} s")
+            continue
+        notifier.send(WATCHDOG=1)
 
 
 def add_parsers(sub: Any) -> None:
