@@ -377,18 +377,19 @@ class Request:
 _FLOAT32 = struct.Struct("<f")
 
 
-def shortest_float32(value: float) -> float:
-    """The shortest decimal that is the same float32 as ``value``: a meter's 230.3 V arrives as
-    the float32 230.3000030517578; we send 230.3 (what the device meant, and 6 bytes on the
-    wire instead of 17). Reading it back as a float32 gives exactly the device's bits."""
-    pack, unpack = _FLOAT32.pack, _FLOAT32.unpack
-    for digits in (6, 7, 8):  # 9 significant digits always round-trip a float32
-        candidate = float(f"{value:.{digits}g}")
-        try:
-            if unpack(pack(candidate))[0] == value:
-                return candidate
-        except OverflowError:
-            break
+def shortest_float32(value: float, _pack: Any = _FLOAT32.pack, _unpack: Any = _FLOAT32.unpack) -> float:
+    """A short decimal that is the same float32 as ``value``: a meter's 230.3 V arrives as the
+    float32 230.3000030517578; we send 230.3 (what the device meant, and 6 bytes on the wire
+    instead of 17). Reading it back as a float32 gives exactly the device's bits.
+
+    7 significant digits (trailing zeros dropped) round-trip almost every float32; 8 the rest
+    but a few, which keep their full float64 form. This is on the hot path: ~2 µs a value."""
+    candidate = float("%.7g" % value)  # noqa: UP031 - the fastest formatting here
+    if _unpack(_pack(candidate))[0] == value:
+        return candidate
+    candidate = float("%.8g" % value)  # noqa: UP031
+    if _unpack(_pack(candidate))[0] == value:
+        return candidate
     return value
 
 
