@@ -239,7 +239,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = frozenset({"run", "check", "once", "status", "deadletter", "demo"})
+"""Commands whose parser is built without importing the others' modules (trace: cryptography;
+ingest: paho, aiohttp, influxdb-client): `sluice run` should not carry them in memory."""
+
+
+def build_parser(extensions: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description="Sluice edge gateway: field devices -> durable outbox -> MQTT")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -283,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--config", type=Path, default=None, help="demo configuration (default: the shipped config/)")
     p.set_defaults(func=cmd_demo)
+    if not extensions:
+        return parser
     from gateway.trace.cli import add_parsers as add_trace_parsers
 
     add_trace_parsers(sub, with_config)
@@ -317,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from simulators.modbus_tcp import main_sim
 
         return main_sim(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser(extensions=not (argv[:1] and argv[0] in CORE_COMMANDS)).parse_args(argv)
     if getattr(args, "config", "unset") is None and args.command != "demo":
         args.config = default_config_dir()
     try:
