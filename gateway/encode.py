@@ -115,7 +115,7 @@ def escape_string(text: str) -> str:
 class _Series:
     """What stays the same across readings of one device: tags, prefix, and a line template."""
 
-    __slots__ = ("keys", "prefix", "tags", "template", "types")
+    __slots__ = ("keys", "prefix", "qtemplates", "tags", "template", "types")
 
     def __init__(self, tags: dict[str, str], prefix: str) -> None:
         self.tags = tags
@@ -123,6 +123,14 @@ class _Series:
         self.keys: tuple[str, ...] = ()
         self.types: tuple[type, ...] = ()
         self.template = ""
+        self.qtemplates: dict[str, str] = {}  # the template with a `quality` field, per quality
+
+    def with_quality(self, quality: str) -> str:
+        template = self.qtemplates.get(quality)
+        if template is None:
+            extra = f',quality="{escape_string(quality)}"'.replace("%", "%%")
+            template = self.qtemplates[quality] = self.template[: -len(" %d\n")] + extra + " %d\n"
+        return template
 
 
 _TEMPLATE_TYPES = {float: "%r", int: "%di"}
@@ -166,7 +174,7 @@ class InfluxEncoder:
         """The reading as one line (with its ``\\n``), or ``""`` when it has no field to write."""
         series = self._series_of(reading)
         fields = reading.fields
-        if reading.quality == GOOD:
+        if fields:
             keys = tuple(fields)
             values = tuple(fields.values())
             types = tuple(map(type, values))
@@ -176,11 +184,14 @@ class InfluxEncoder:
                 total = sum(values)  # finite iff every value is (or it overflowed: general path)
                 if total - total == 0 and (int not in types or (
                         _INT64_MIN <= min(values) and max(values) <= _INT64_MAX)):
-                    return series.template % (*values, reading.time_ns)
+                    quality = reading.quality
+                    template = series.template if quality == GOOD else series.with_quality(quality)
+                    return template % (*values, reading.time_ns)
         return self._general(series.prefix, reading)
 
     def _retemplate(self, series: _Series, keys: tuple[str, ...], types: tuple[type, ...]) -> None:
         series.keys, series.types = keys, types
+        series.qtemplates.clear()
         if not keys or any(t not in _TEMPLATE_TYPES for t in types):
             series.template = ""
             return

@@ -239,3 +239,13 @@ def test_size_is_exact(encoder: InfluxEncoder | JsonEncoder) -> None:
     items = [encoder.item(Reading(f"d{i}", T, {"v": float(i)}, {"device": f"d{i}"})) for i in range(5)]
     for n in range(1, 6):
         assert len(encoder.message(items[:n])) == encoder.size(sum(map(len, items[:n])), n)
+
+
+def test_template_path_with_a_quality_matches_the_general_path() -> None:
+    enc = InfluxEncoder()
+    tags = {"device": "d 1", "site": "s"}
+    for quality in ("uncertain", "clock_unsynced", "good", "clock_unsynced"):
+        reading = Reading("d 1", 1_700_000_000_000_000_000, {"a": 1.5, "b": 7, "c%": 2.25}, tags, quality, "m")
+        fast = enc.line(reading)
+        assert fast == enc._general(enc._series_of(reading).prefix, reading)
+        assert ('quality="' in fast) is (quality != "good")
