@@ -243,7 +243,9 @@ class Forwarder:
         if not entries:
             await self._wait_wake(RECHECK_INTERVAL)
             return []
-        if len(entries) < batch.max_readings and batch.linger > 0:
+        # The first batch of a run goes at once: lingering is for steady state, and an operator
+        # watching a new install should see the first value as soon as it is read.
+        if len(entries) < batch.max_readings and batch.linger > 0 and self.stats.batches:
             # Linger from the oldest reading's time, so a backlog (old readings) goes at once.
             age = (time.time_ns() - entries[0].reading.time_ns) / 1e9
             deadline = asyncio.get_running_loop().time() + min(batch.linger - age, batch.linger)
