@@ -51,14 +51,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     setup_logging(args.log_level or config.gateway.logging.level, config.gateway.logging.format)
     from gateway.app import serve
-    from gateway.trace.config import load_trace_config
 
-    try:
-        trace = load_trace_config(config)
-    except ConfigErrors as exc:
-        for err in exc.errors:
-            print(err, file=sys.stderr)
-        return EXIT_CONFIG
+    trace = None
+    if (config.path.parent / "trace.yaml").exists():  # its models cost start-up time: only if used
+        from gateway.trace.config import load_trace_config
+
+        try:
+            trace = load_trace_config(config)
+        except ConfigErrors as exc:
+            for err in exc.errors:
+                print(err, file=sys.stderr)
+            return EXIT_CONFIG
 
     async def main() -> None:
         stop = asyncio.Event()
