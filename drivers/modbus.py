@@ -48,7 +48,7 @@ from typing import Any, Final, Literal, Protocol
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from gateway.driver import Device, DeviceConfig, DeviceStatus, Emit, Problem, ProfileConfig, StrictModel
+from gateway.driver import Device, DeviceConfig, DeviceStatus, Emit, Problem, ProfileConfig, StrictModel, ValidRange
 from gateway.polling import Backoff, Health, Schedule, format_duration
 from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading
 from simulators.signals import SignalSpec
@@ -143,17 +143,6 @@ def parse_register_reference(ref: int | str) -> tuple[str, int]:
         raise ValueError(f"{ref!r} is outside {digit}0001..{digit}65536 — references count from 1; "
                          "check the manual")
     return _REF_KIND[digit], number - 1
-
-
-class ValidRange(StrictModel):
-    min: float | None = Field(default=None, description="lowest plausible value")
-    max: float | None = Field(default=None, description="highest plausible value")
-
-    @model_validator(mode="after")
-    def _order(self) -> ValidRange:
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"min {self.min} is above max {self.max} — swap them")
-        return self
 
 
 class PointModel(StrictModel):

@@ -57,7 +57,7 @@ from typing import Any, Final, Literal
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from gateway.driver import Device, DeviceConfig, DeviceStatus, Emit, Problem, ProfileConfig, StrictModel
+from gateway.driver import Device, DeviceConfig, DeviceStatus, Emit, Problem, ProfileConfig, StrictModel, ValidRange
 from gateway.polling import Backoff, Health, Schedule, format_duration, next_aligned
 from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading
 from gateway.units import Duration
@@ -123,17 +123,6 @@ def parse_hex(text: str) -> bytes:
         return bytes.fromhex(cleaned)
     except ValueError:
         raise ValueError(f"{text!r} is not hex bytes — write them as the manual prints them, e.g. \"AA 55\"") from None
-
-
-class ValidRange(StrictModel):
-    min: float | None = Field(default=None, description="lowest plausible value")
-    max: float | None = Field(default=None, description="highest plausible value")
-
-    @model_validator(mode="after")
-    def _order(self) -> ValidRange:
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"min {self.min} is above max {self.max} — swap them")
-        return self
 
 
 class FieldSpec(StrictModel):

@@ -29,7 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway.reading import Reading
 from gateway.units import Duration, Identifier
@@ -68,6 +68,20 @@ class ProfileConfig(StrictModel):
     description: str | None = None
     measurement: str | None = Field(default=None, min_length=1,
                                     description="InfluxDB measurement; defaults to the profile's name")
+
+
+class ValidRange(StrictModel):
+    """A point's plausible values (``valid: {min, max}``): outside them it is left out of the
+    reading and the reading is marked uncertain. Shared by every driver's profiles."""
+
+    min: float | None = Field(default=None, description="lowest plausible value")
+    max: float | None = Field(default=None, description="highest plausible value")
+
+    @model_validator(mode="after")
+    def _order(self) -> ValidRange:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max} — swap them")
+        return self
 
 
 @dataclass(frozen=True, slots=True)
