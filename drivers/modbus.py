@@ -41,9 +41,9 @@ import math
 import re
 import struct
 import time
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -83,6 +83,8 @@ __all__ = [
 
 PROTOCOLS: Final = frozenset({"modbus_tcp"})
 PROFILE_KIND: Final = "modbus"
+
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 log = logging.getLogger(__name__)
 
@@ -731,6 +733,23 @@ def _expire(future: asyncio.Future[bytes], timeout: float) -> None:
         future.set_exception(ModbusTimeout(f"no answer within {format_duration(timeout)}"))
 
 
+async def open_tcp(factory: Callable[[], _P], host: str, port: int, timeout: float, name: str = "") -> _P:
+    """A TCP connection whose failures are the :class:`ModbusConnectionError` kinds the poller
+    tells apart: ``refused`` (nothing listens) and ``unreachable`` (no answer, no route)."""
+    where = name or f"{host}:{port}"
+    try:
+        async with asyncio.timeout(timeout):
+            _transport, protocol = await asyncio.get_running_loop().create_connection(factory, host, port)
+    except ConnectionRefusedError:
+        raise ModbusConnectionError("refused", f"connection to {where} refused") from None
+    except TimeoutError:
+        raise ModbusConnectionError("unreachable", f"no answer connecting to {where} within "
+                                    f"{format_duration(timeout)}") from None
+    except OSError as exc:
+        raise ModbusConnectionError("unreachable", f"cannot connect to {where}: {exc.strerror or exc}") from None
+    return protocol
+
+
 class ModbusTcpClient:
     """A Modbus TCP client for one host:port that can only read.
 
@@ -766,20 +785,7 @@ class ModbusTcpClient:
     async def connect(self, timeout: float) -> None:
         """Open the connection; raises :class:`ModbusConnectionError` (``refused``/``unreachable``)."""
         await self.close()
-        loop = asyncio.get_running_loop()
-        where = f"{self.host}:{self.port}"
-        try:
-            async with asyncio.timeout(timeout):
-                _transport, conn = await loop.create_connection(_Connection, self.host, self.port)
-        except ConnectionRefusedError:
-            raise ModbusConnectionError("refused", f"connection to {where} refused") from None
-        except TimeoutError:
-            raise ModbusConnectionError("unreachable", f"no answer connecting to {where} within "
-                                        f"{format_duration(timeout)}") from None
-        except OSError as exc:
-            raise ModbusConnectionError("unreachable", f"cannot connect to {where}: "
-                                        f"{exc.strerror or exc}") from None
-        self._conn = conn
+        self._conn = await open_tcp(_Connection, self.host, self.port, timeout)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None

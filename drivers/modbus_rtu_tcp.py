@@ -19,10 +19,9 @@ from typing import Final, Literal
 
 from pydantic import Field
 
-from drivers.modbus import ModbusConnectionError, ModbusPoller, ProfileModel, plan_summary
+from drivers.modbus import ModbusConnectionError, ModbusPoller, ProfileModel, open_tcp, plan_summary
 from drivers.modbus_rtu import RTU_HINTS, LineSettings, ModbusRtuClient, OnData, OnLost, pauses_of
 from gateway.driver import Device, Problem
-from gateway.polling import format_duration
 
 __all__ = ["PROFILE_KIND", "PROTOCOLS", "RTU_TCP_HINTS", "DeviceModel", "ProfileModel", "TcpLink", "check",
            "make_pollers"]
@@ -76,19 +75,7 @@ class TcpLink:
 
     async def open(self, on_data: OnData, on_lost: OnLost, timeout: float) -> None:
         self.close()
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                _t, stream = await loop.create_connection(lambda: _Stream(on_data, on_lost), self.host, self.port)
-        except ConnectionRefusedError:
-            raise ModbusConnectionError("refused", f"connection to {self.name} refused") from None
-        except TimeoutError:
-            raise ModbusConnectionError("unreachable", f"no answer connecting to {self.name} within "
-                                        f"{format_duration(timeout)}") from None
-        except OSError as exc:
-            raise ModbusConnectionError("unreachable", f"cannot connect to {self.name}: "
-                                        f"{exc.strerror or exc}") from None
-        self._stream = stream
+        self._stream = await open_tcp(lambda: _Stream(on_data, on_lost), self.host, self.port, timeout, self.name)
 
     def write(self, data: bytes) -> None:
         stream = self._stream
