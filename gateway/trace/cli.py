@@ -196,9 +196,14 @@ def cmd_show(args: argparse.Namespace) -> int:
             for r in element["sensorReport"]:
                 if "exception" in r:
                     notes.append(f"{r['exception']} {r.get('sluice:point', r['type'])} {meta.get('startTime')}..{meta.get('endTime')}")
+                elif "minValue" not in r:  # one value: a weighing
+                    notes.append(f"{r.get('sluice:point', r['type'])} {r.get('value')} {r.get('uom', '')}"
+                                 + (" net" if r.get("sluice:net") else ""))
                 else:
                     notes.append(f"{r.get('sluice:point', r['type'])} min {r.get('minValue')} max {r.get('maxValue')} "
                                  f"mean {r.get('meanValue')} last {r.get('value')} {r.get('uom', '')}")
+        if event.get("sluice:reason") == "code":
+            notes.append(f"code {event.get('sluice:code')}")
         rows.append([event["sluice:seq"], event["eventTime"], event["sluice:reason"], event["bizStep"],
                      event.get("sluice:location", ""), "; ".join(notes)])
     if args.csv:

@@ -31,7 +31,7 @@ UNIT_MAP: dict[str, tuple[str, str]] = {
     "°C": ("Temperature", "CEL"), "degC": ("Temperature", "CEL"), "C": ("Temperature", "CEL"),
     "°F": ("Temperature", "FAH"), "K": ("Temperature", "KEL"),
     "%RH": ("RelativeHumidity", "P1"), "%rh": ("RelativeHumidity", "P1"),
-    "kg": ("Mass", "KGM"), "g": ("Mass", "GRM"), "t": ("Mass", "TNE"),
+    "kg": ("Mass", "KGM"), "g": ("Mass", "GRM"), "t": ("Mass", "TNE"), "lb": ("Mass", "LBR"),
     "ppm": ("MassConcentration", "59"), "hPa": ("Pressure", "A97"), "Pa": ("Pressure", "PAL"),
     "lx": ("Illuminance", "LUX"), "m/s": ("Speed", "MTS"),
 }
@@ -135,6 +135,11 @@ class LocationConfig(StrictModel):
     devices: list[Identifier] = Field(default_factory=list, description="devices that measure this place")
     scanners: list[Identifier] = Field(default_factory=list,
                                        description="code readers: a scanned lot code moves the lot here")
+    scales: list[Identifier] = Field(default_factory=list,
+                                     description="weighing scales (format: scale): each stable weight is recorded "
+                                                 "for the lot that entered here last")
+    record_codes: bool = Field(default=False, description="a scanner's code that is no known lot (a packaging code) "
+                                                          "is recorded for the lot that entered here last")
     read_point: str = Field(description="urn:epc:id:sgln:..., https://id.gs1.org/414/<GLN> or a URI")
     biz_location: str | None = Field(default=None, description="defaults to read_point")
     biz_step: str = Field(default="storing", description="CBV bizStep of the window reports: storing, transporting ...")
@@ -276,13 +281,19 @@ def load_trace_config(config: Config) -> TraceConfig | None:
     devices = {d.id: d for d in config.devices}
     points: dict[str, tuple[TracedPoint, ...]] = {}
     owner: dict[str, str] = {}
+    scale_owner: dict[str, str] = {}
     for name, loc in tf.locations.items():
         traced: list[TracedPoint] = []
-        for key in ("devices", "scanners"):
+        for key in ("devices", "scanners", "scales"):
             for i, dev_id in enumerate(getattr(loc, key)):
                 if dev_id not in devices:
                     errors.append(doc.error(("locations", name, key, i), f"unknown device '{dev_id}'",
                                             "use the id of an enabled device under devices/"))
+        for i, dev_id in enumerate(loc.scales):
+            if dev_id in scale_owner:
+                errors.append(doc.error(("locations", name, "scales", i), f"scale '{dev_id}' is already in location "
+                                        f"'{scale_owner[dev_id]}'", "a scale weighs in one place; give it to one location"))
+            scale_owner.setdefault(dev_id, name)
         for i, dev_id in enumerate(loc.devices):
             if dev_id in owner:
                 errors.append(doc.error(("locations", name, "devices", i), f"device '{dev_id}' is already in location "

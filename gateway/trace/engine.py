@@ -11,6 +11,16 @@ min/max/mean/last; per excursion outside the lot's thresholds an ``ALARM_CONDITI
 the excursion's span (first to last out-of-range reading); per gap longer than ``outage_after``
 in a point's readings (device down, or the point failing) an ``ERROR_CONDITION`` report with
 the gap's span. A reading for a window already closed is counted in ``late`` and not used.
+
+Weighings and codes are discrete events of the lot that entered the location last (at a packing
+station: the lot whose label was scanned last; a lot that entered after the reading's time does
+not count). A location's ``scales`` record each *stable* weight above zero (``weight`` and
+``unit`` from a ``format: scale`` device; unstable and overload readings never) as an event with
+the weight in ``quantityList`` (``quantity``, Rec 20 ``uom``) and as a ``Mass`` sensor report
+whose ``sensorMetadata`` names the scale. A scale prints its stable weight again and again while
+the load rests: a weighing is recorded once, and the next one needs another weight or an
+unstable/overload/zero reading in between. With ``record_codes``, a scanner's code that is no
+known lot (a packaging code) becomes an event of the lot present, with ``sluice:code``.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.reading import Reading
-from gateway.trace.config import SENSOR_TYPES, LotConfig, TraceConfig, TracedPoint
+from gateway.trace.config import SENSOR_TYPES, UNIT_MAP, LotConfig, TraceConfig, TracedPoint
 
 __all__ = ["CONTEXT", "NS", "Command", "TraceCore", "iso", "lot_uri"]
 
@@ -32,7 +42,7 @@ NS = "https://ns.sluice.dev/trace/"
 """Namespace of Sluice's extension fields (``sluice:seq``, ``sluice:prev`` ...)."""
 CONTEXT: list[Any] = ["https://ref.gs1.org/standards/epcis/2.0.0/epcis-context.jsonld", {"sluice": NS}]
 
-ENTER, LEAVE, END, WINDOW = "enter", "leave", "end", "window"
+ENTER, LEAVE, END, WINDOW, WEIGHT, CODE = "enter", "leave", "end", "window", "weight", "code"
 _STEP = {ENTER: "arriving", LEAVE: "departing", END: "shipping"}
 
 
@@ -104,6 +114,10 @@ class TraceCore:
         self.lots: dict[str, _Lot] = {}
         self.late = 0
         self.unknown_codes = 0
+        self.unbound = 0  # weighings and codes with no lot present: not recorded
+        self._scales = {dev: name for name, loc in cfg.file.locations.items() for dev in loc.scales}
+        self._weighing: dict[str, float | None] = {}  # scale -> the stable weight on it now (recorded once)
+        self._unit_warned: set[tuple[str, str]] = set()
         self._scanners = {dev: name for name, loc in cfg.file.locations.items() for dev in loc.scanners}
         self._location_of = {dev: name for name, loc in cfg.file.locations.items() for dev in loc.devices}
         for lot_id, (location, since, start) in (bindings or {}).items():
@@ -122,13 +136,18 @@ class TraceCore:
         if where is not None and isinstance(code, str):
             scanned = code.strip().replace("\x1d", "")
             lot_id = self._match(scanned)
-            if lot_id is None:
+            present = self._present(where, reading.time_ns) if self.cfg.file.locations[where].record_codes else None
+            if lot_id is None and present is not None:
+                events += self._discrete(present, CODE, reading, code=scanned)
+            elif lot_id is None:
                 self.unknown_codes += 1
                 log.warning("code reader %s scanned '%s', which is no known lot — add the lot to trace.yaml "
                             "or start it with `sluice lot start`", reading.device, code)
             else:
                 kind = "move" if lot_id in self.lots else "start"
                 events += self.command(Command(kind, lot_id, where, reading.time_ns, f"scan:{reading.device}", scanned))
+        if reading.device in self._scales:
+            events += self._weigh(reading, self._scales[reading.device])
         location = self._location_of.get(reading.device)
         if location is None:
             return events
@@ -190,6 +209,57 @@ class TraceCore:
                 if (lot.gtin, lot.lot_number) == m.groups():
                     return lot_id
         return None
+
+    def _present(self, location: str, t: int) -> _Lot | None:
+        """The lot that entered ``location`` last, at or before ``t``."""
+        here = [lot for lot in self.lots.values() if lot.location == location and lot.since_ns <= t]
+        return max(reversed(here), key=lambda lot: lot.since_ns) if here else None
+
+    def _weigh(self, reading: Reading, location: str) -> list[dict[str, Any]]:
+        fields, dev = reading.fields, reading.device
+        weight = fields.get("weight")
+        if (fields.get("overload") is True or fields.get("stable") is not True or isinstance(weight, bool)
+                or not isinstance(weight, (int, float)) or weight != weight):
+            self._weighing[dev] = None  # moving or overloaded: the next stable weight is a new weighing
+            return []
+        if self._weighing.get(dev) == weight:
+            return []  # the same load, still resting on the scale
+        self._weighing[dev] = weight
+        if weight <= 0:
+            return []  # empty (or tared) scale
+        unit = fields.get("unit")
+        mapped = self.cfg.file.points.get("weight")
+        kind = (mapped.type, mapped.uom) if mapped else UNIT_MAP.get(unit) if isinstance(unit, str) else None
+        if kind is None or kind[0] != "Mass":
+            if (dev, str(unit)) not in self._unit_warned:
+                self._unit_warned.add((dev, str(unit)))
+                log.warning("scale %s: weight in unit %r is not recorded — use kg, g, t or lb, or map the field in "
+                            "trace.yaml: `points: {weight: {type: Mass, uom: KGM}}`", dev, unit)
+            return []
+        lot = self._present(location, reading.time_ns)
+        if lot is None:
+            self.unbound += 1
+            log.info("scale %s: %s %s with no lot in %s — not recorded", dev, weight, unit, location)
+            return []
+        return self._discrete(lot, WEIGHT, reading, weight=(float(weight), kind[1]))
+
+    def _discrete(self, lot: _Lot, reason: str, reading: Reading, code: str | None = None,
+                  weight: tuple[float, str] | None = None) -> list[dict[str, Any]]:
+        """A weighing or a code: one event of ``lot``, at once (it leaves the open window alone: the
+        window's event follows when the window closes, as always)."""
+        t = reading.time_ns
+        sensors = None
+        if weight is not None:
+            report: dict[str, Any] = {"type": "Mass", "value": _exact(weight[0]), "uom": weight[1], "sluice:point": "weight"}
+            if isinstance(reading.fields.get("net"), bool):
+                report["sluice:net"] = reading.fields["net"]
+            sensors = [{"sensorMetadata": {"time": iso(t), "deviceID": self._device_uri(reading.device)},
+                        "sensorReport": [report]}]
+        event = self._event(lot, reason, t, t, t, source=f"{'scan' if code is not None else 'scale'}:{reading.device}",
+                            sensors=sensors, quantity=weight)
+        if code is not None:
+            event["sluice:code"] = code
+        return [event]
 
     def _end(self, lot: _Lot) -> int:
         return lot.start_ns - lot.start_ns % self.window_ns + self.window_ns
@@ -280,18 +350,22 @@ class TraceCore:
                  "sensorReport": reports} for (dev, g0, g1), reports in errors.items()]
         return out
 
-    def _event(self, lot: _Lot, reason: str, start: int, end: int, at: int, source: str | None = None) -> dict[str, Any]:
+    def _event(self, lot: _Lot, reason: str, start: int, end: int, at: int, source: str | None = None,
+               sensors: list[dict[str, Any]] | None = None, quantity: tuple[float, str] | None = None) -> dict[str, Any]:
         loc = self.cfg.file.locations[lot.location]
+        element: dict[str, Any] = {"epcClass": lot_uri(lot.id, lot.config, self.cfg.file.lot_uri)}
+        if quantity is not None:
+            element["quantity"], element["uom"] = _exact(quantity[0]), quantity[1]
         event: dict[str, Any] = {
             "type": "ObjectEvent", "eventTime": iso(at), "eventTimeZoneOffset": self.cfg.file.timezone_offset,
-            "quantityList": [{"epcClass": lot_uri(lot.id, lot.config, self.cfg.file.lot_uri)}],
-            "action": "OBSERVE", "bizStep": loc.biz_step if reason == WINDOW else _STEP[reason],
+            "quantityList": [element],
+            "action": "OBSERVE", "bizStep": _STEP.get(reason, loc.biz_step),
             "readPoint": {"id": loc.read_point}, "bizLocation": {"id": loc.biz_location or loc.read_point},
         }
         if reason != ENTER and end > start:
             sensors = self._sensors(lot, start, end)
-            if sensors:
-                event["sensorElementList"] = sensors
+        if sensors:
+            event["sensorElementList"] = sensors
         event["sluice:lot"] = lot.id
         event["sluice:location"] = lot.location
         event["sluice:reason"] = reason
@@ -306,6 +380,11 @@ class TraceCore:
             if cfg.attributes:
                 event["sluice:attributes"] = {k: cfg.attributes[k] for k in sorted(cfg.attributes)}
         return event
+
+
+def _exact(value: float) -> float | int:
+    """A weight as the scale printed it (no rounding), integral ones without ``.0``."""
+    return int(value) if value == int(value) else value
 
 
 def _num(value: float) -> float | int:

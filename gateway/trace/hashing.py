@@ -14,7 +14,8 @@ step, because the hash is only useful if a platform that recomputes it gets the 
 
 Only the identifier forms that :func:`canonical_id` knows are supported; the trace
 configuration refuses the others, so every event Sluice writes can be hashed here.
-Cross-checked against the reference package in ``tests/test_trace_hash.py``.
+Cross-checked against the reference package in ``tests/test_trace.py``
+(``test_every_document_validates_and_event_ids_match_the_reference``) and ``tests/test_trace_scale.py``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ MQTT command topic of an MQTT trace sink: ``{"op": "start|move|end", "lot": ...,
 ..., "id": <anything, echoed>}``. A valid command is queued in ``trace.db`` and applied at once
 like the CLI's; the answer (``{"id", "ok", "status"}``, ``status`` ``done`` or ``refused: why``,
 or the error for an invalid message) goes to the sink's reply topic.
+
+Late readings (for a window that had already closed: grace too short, or a lot that left early)
+are not used; :attr:`TraceService.late` counts them since start (for the health module) and a
+WARNING names the new ones, at most once per window.
 """
 
 from __future__ import annotations
@@ -112,6 +116,13 @@ class TraceService:
         self._replies: set[asyncio.Task[None]] = set()
         self.core: TraceCore | None = None
         self.sealer: Sealer | None = None
+        self._late_logged = 0
+        self._late_window: int | None = None
+
+    @property
+    def late(self) -> int:
+        """Readings dropped since start because their window had already closed (a counter)."""
+        return self.core.late if self.core is not None else 0
 
     async def __aenter__(self) -> TraceService:
         journal = Journal(resolve(self.cfg.file.database, self.state)).__enter__()
@@ -187,8 +198,19 @@ class TraceService:
                 self._commit([], (cid, f"refused: {exc}"))
                 continue
             self._commit(events, (cid, "done"))
-        self._commit(core.tick(self._clock()))
+        now = self._clock()
+        self._commit(core.tick(now))
+        self._log_late(now)
         self.deliver()
+
+    def _log_late(self, now: int) -> None:
+        assert self.core is not None
+        window = now // self.core.window_ns
+        if self.core.late > self._late_logged and window != self._late_window:
+            log.warning("trace: %d reading(s) arrived after their window had closed and were not used (%d since "
+                        "start) — raise `grace` in trace.yaml if the devices report late", self.core.late - self._late_logged,
+                        self.core.late)
+            self._late_logged, self._late_window = self.core.late, window
 
     def _commit(self, events: list[dict[str, Any]], command: tuple[int, str] | None = None) -> None:
         if not events and command is None:
