@@ -245,6 +245,40 @@ class Outbox:
         """The highest seq ever committed to this file (0 for a new file)."""
         return self._last_seq
 
+    def set_sinks(self, sinks: Sequence[str]) -> None:
+        """Change the configured sinks of an open outbox (a reload), as :meth:`open` would: a new
+        sink starts at the oldest stored row; a sink no longer configured loses its position, and
+        rows only it was holding back are deleted now. One transaction; raises
+        :class:`OutboxError` if SQLite fails (nothing changed then)."""
+        if len(set(sinks)) != len(sinks):
+            raise ValueError(f"sink names must be unique: {list(sinks)}")
+        conn = self._require_open()
+        gone = [name for name in self._acked if name not in sinks]
+        new = [(name, self._first_seq() - 1) for name in sinks if name not in self._acked]
+        if not gone and not new:
+            self._sink_names = list(sinks)
+            return
+        before = dict(self._acked)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("DELETE FROM sinks WHERE name=?", [(n,) for n in gone])
+            conn.executemany("INSERT INTO sinks VALUES (?, ?)", new)
+            for name in gone:
+                del self._acked[name]
+            self._acked.update(new)
+            deleted = self._delete_acknowledged()
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._acked = before
+            self._rollback()
+            raise OutboxError(_describe(self.path, "changing the configured sinks", exc)) from exc
+        self._sink_names = list(sinks)
+        for name in gone:
+            log.info("outbox %s: sink %s is no longer configured; forgetting its position", self.path, name)
+        if deleted:
+            self._rows, self._bytes = deleted
+            self._oldest_known = False
+
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per call.
         conn = sqlite3.connect(self.path, isolation_level=None)
