@@ -25,6 +25,15 @@ On-disk invariants (one SQLite file in WAL mode, ``application_id`` 0x536C7563, 
   pending readings are those with ``seq > acked``. A position never moves backwards. On open,
   sinks no longer configured are removed (their rows can then be deleted) and a new sink starts
   at the oldest stored row. With no sink configured nothing is deleted except by ``when_full``.
+* ``sink_sent(name, sent)`` (sinks with end-to-end receipts only, e.g. MQTT with
+  ``delivery: end_to_end``): sink ``name`` has *published* every reading with ``seq <= sent``;
+  the far end's broker acknowledged them but the final consumer has not yet confirmed them with
+  a receipt, so they still count as pending and are not deleted. ``acked <= sent <= last_seq``
+  always: :meth:`Outbox.ack` raises ``sent`` with ``acked``, and on open a ``sent`` below
+  ``acked`` (or above ``last_seq``) is clamped. Unlike ``acked``, ``sent`` may move back (to
+  ``acked``, :meth:`Outbox.rewind_sent`) when receipts did not come in time and the readings are
+  published again. It never decides what is deleted. The table was added without a schema version
+  change (created if missing on open; an older Sluice ignores it and re-sends from ``acked``).
 * ``state`` (one row) holds ``last_seq``, ``rows``, ``bytes`` and ``dropped``, updated in the same
   transaction as the rows they describe. ``bytes`` is the size budget that ``max_bytes`` bounds:
   the sum over stored rows of ``len(data) + ROW_OVERHEAD`` — the payload, not the file, so it
@@ -109,6 +118,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     attempts INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_sink ON dead_letters (sink, resend, id);
+CREATE TABLE IF NOT EXISTS sink_sent (name TEXT PRIMARY KEY, sent INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 _MARSHAL_VERSION = 4
@@ -196,6 +206,7 @@ class Outbox:
         self._bytes = 0
         self._dropped = 0
         self._acked: dict[str, int] = {}
+        self._sent: dict[str, int] = {}  # sinks with a persisted sent position (sink_sent)
         self._oldest_ns: int | None = None
         self._oldest_known = False
         self._series_ids: dict[tuple[Any, ...], int] = {}  # (device, measurement, tag items) -> id
@@ -263,8 +274,11 @@ class Outbox:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany("DELETE FROM sinks WHERE name=?", [(n,) for n in gone])
             conn.executemany("INSERT INTO sinks VALUES (?, ?)", new)
+            conn.executemany("DELETE FROM sink_sent WHERE name=?", [(n,) for n in gone + [m for m, _s in new]])
             for name in gone:
                 del self._acked[name]
+            for name in gone + [m for m, _s in new]:
+                self._sent.pop(name, None)
             self._acked.update(new)
             deleted = self._delete_acknowledged()
             conn.execute("COMMIT")
@@ -394,6 +408,12 @@ class Outbox:
             for statement in _DEAD_LETTER_SCHEMA.split(";"):  # not executescript: it would COMMIT
                 if statement.strip():
                     conn.execute(statement)
+            conn.executemany("DELETE FROM sink_sent WHERE name=?", [(n,) for n in gone])
+            sent = {}
+            for name, seq in conn.execute("SELECT name, sent FROM sink_sent").fetchall():
+                if name in acked:
+                    sent[name] = min(max(seq, acked[name]), last_seq)
+            self._sent = sent
             # Letters of sinks no longer configured stay: they are the operator's to list and resend.
             self._dead_letters = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
             conn.execute("COMMIT")
@@ -506,15 +526,16 @@ class Outbox:
         self._note_drops(dropped_now)
         return len(rows)
 
-    def fetch(self, sink: str, max_rows: int, max_bytes: int) -> list[Entry]:
+    def fetch(self, sink: str, max_rows: int, max_bytes: int, *, after: int | None = None) -> list[Entry]:
         """The oldest entries not yet acknowledged by ``sink``, in seq order (at least one if any).
 
         At most ``max_rows`` entries whose payloads (counted as in :attr:`OutboxStats.bytes`)
-        total at most ``max_bytes`` — except that the first entry is always returned. Raises
+        total at most ``max_bytes`` — except that the first entry is always returned. ``after``
+        (a seq at or beyond the sink's position, e.g. its sent position) starts later. Raises
         ``ValueError`` for an unknown sink, :class:`OutboxError` if SQLite fails.
         """
         conn = self._require_open()
-        after = self._position(sink)
+        after = max(self._position(sink), after or 0)
         if after >= self._last_seq:
             return []
         out: list[Entry] = []
@@ -555,9 +576,12 @@ class Outbox:
                              f"seq {self._last_seq}")
         if upto_seq <= before:
             return
+        sent_before = self._sent.get(sink)
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("UPDATE sinks SET acked=? WHERE name=?", (upto_seq, sink))
+            if sent_before is not None and sent_before < upto_seq:
+                conn.execute("UPDATE sink_sent SET sent=? WHERE name=?", (upto_seq, sink))
             self._acked[sink] = upto_seq
             deleted = self._delete_acknowledged()
             conn.execute("COMMIT")
@@ -566,9 +590,49 @@ class Outbox:
             self._rollback()
             raise OutboxError(_describe(self.path, f"acknowledging up to seq {upto_seq} for sink {sink}",
                                         exc)) from exc
+        if sent_before is not None and sent_before < upto_seq:
+            self._sent[sink] = upto_seq
         if deleted:
             self._rows, self._bytes = deleted
             self._oldest_known = False
+
+    # -- sent positions (end-to-end receipts) ------------------------------------------------
+
+    def position(self, sink: str) -> int:
+        """``sink``'s acknowledged position: every seq up to it was delivered (see ``sinks``)."""
+        return self._position(sink)
+
+    def sent(self, sink: str) -> int:
+        """``sink``'s sent position: every seq up to it was published (at least ``acked``)."""
+        return max(self._position(sink), self._sent.get(sink, 0))
+
+    def mark_sent(self, sink: str, upto_seq: int) -> None:
+        """``sink``'s broker acknowledged every entry with seq <= ``upto_seq``; nothing is deleted.
+        Marking less than before is a no-op. Raises like :meth:`ack`."""
+        self._set_sent(sink, upto_seq, forward=True)
+
+    def rewind_sent(self, sink: str) -> None:
+        """Receipts did not come: the sent position goes back to ``acked`` (published again)."""
+        self._set_sent(sink, self._position(sink), forward=False)
+
+    def _set_sent(self, sink: str, seq: int, *, forward: bool) -> None:
+        conn = self._require_open()
+        acked = self._position(sink)
+        if seq > self._last_seq:
+            raise ValueError(f"sink {sink} sent seq {seq}, beyond the last stored seq {self._last_seq}")
+        current = self.sent(sink)
+        seq = max(seq, acked)
+        if (forward and seq <= current) or (not forward and seq == current and sink in self._sent):
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO sink_sent VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET sent=excluded.sent",
+                         (sink, seq))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise OutboxError(_describe(self.path, f"recording seq {seq} as sent for sink {sink}", exc)) from exc
+        self._sent[sink] = seq
 
     def stats(self) -> OutboxStats:
         """Counters kept in memory (no table scan); at most one indexed row read for oldest_ns."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gateway import driver as drivers
 from gateway.driver import Device, StrictModel
@@ -105,10 +105,31 @@ class MqttSinkConfig(StrictModel):
     reconnect_max: Duration = Field(default=30.0, gt=0)
     tls: TlsConfig | None = None
     insecure: bool = Field(default=False, description="allow plaintext or unverified TLS to a remote host")
+    delivery: Literal["broker", "end_to_end"] = Field(
+        default="broker", description="broker: done at the broker's PUBACK; end_to_end: kept in the outbox "
+                                      "until `sluice ingest` sends a receipt after its database write (MQTT 5)")
+    receipt_topic: str = Field(default="sluice-receipts/{site}/{gateway}",
+                               description="end_to_end: where ingest publishes receipts for this gateway")
+    receipt_timeout: Duration = Field(default=60.0, ge=1, le=86400,
+                                      description="end_to_end: re-send what has no receipt after this long")
+    receipt_window: int = Field(default=20_000, ge=1, le=10_000_000,
+                                description="end_to_end: readings published but not yet confirmed, at most")
 
     _topic = field_validator("topic")(lambda v: _check_template(v, TOPIC_FIELDS))
     _status = field_validator("status_topic")(
         lambda v: _check_template(v, frozenset({"site", "gateway"})))
+    _receipts = field_validator("receipt_topic")(
+        lambda v: _check_template(v, frozenset({"site", "gateway"})))
+
+    @field_validator("delivery")
+    @classmethod
+    def _delivery(cls, v: str, info: ValidationInfo) -> str:
+        # The batch identity travels as MQTT 5 properties (correlation data, response topic), so the
+        # payload and topic stay exactly what Telegraf and other consumers read; 3.1.1 has no properties.
+        if v == "end_to_end" and info.data.get("protocol") != "5":
+            raise ValueError("end_to_end delivery needs MQTT 5 (the batch id travels in MQTT 5 properties) "
+                             "— add `protocol: \"5\"` to this sink, or use `delivery: broker`")
+        return v
 
     @model_validator(mode="after")
     def _secure(self) -> MqttSinkConfig:

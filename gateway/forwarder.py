@@ -20,6 +20,18 @@ Lifecycle (who calls what):
   table and the sink's position past it, in one transaction (:meth:`Outbox.reject`), and the
   queue flows on. Before each batch the forwarder sends the sink's dead letters that the operator
   marked for re-sending (``sluice deadletter resend``), oldest first.
+* ``delivery: end_to_end`` (MQTT 5 sinks): a PUBACK only moves the sink's *sent* position
+  (:meth:`Outbox.mark_sent`); nothing is deleted. Every message of a batch carries the batch id
+  ``<first>-<last>:<part>/<parts>`` (ASCII; ``first``..``last`` the outbox seq range the batch
+  covers, contiguous with the previous batch; ``part`` 1-based of ``parts`` messages) as MQTT 5
+  correlation data, with the sink's receipt topic as response topic. ``sluice ingest`` publishes
+  ``{"written": [ids...], "dead_lettered": [ids...]}`` (JSON) there once a message's points are in
+  the database (or in its dead-letter topic). A range whose every part has a receipt is confirmed;
+  the sink's ``acked`` position moves over confirmed ranges that join it (receipts may come in any
+  order, from several ingest workers, and from before a restart). When the oldest sent batch has
+  no complete receipt ``receipt_timeout`` after it was sent, the sent position goes back to
+  ``acked`` and everything unconfirmed is published again (duplicates overwrite identical points).
+  At most ``receipt_window`` readings are sent but unconfirmed at once.
 * Messages: a sink config with a ``topic`` template (MQTT) gets one group per topic; one with
   ``topic = None`` (HTTP sinks) gets the batch in outbox order, split only by ``batch.max_bytes``,
   with ``""`` as the topic of every message.
@@ -28,9 +40,12 @@ Lifecycle (who calls what):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import string
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -116,6 +131,38 @@ class ForwarderStats:
     dead_lettered: int = 0  # readings the far end refused as data, moved to the dead-letter table
     resent: int = 0  # readings from dead letters delivered after all
     last_delivery_ns: int | None = None  # wall-clock time of the last acknowledged batch
+    receipts: int = 0  # end_to_end: batch ids confirmed by receipts
+    receipt_timeouts: int = 0  # end_to_end: times unconfirmed readings were published again
+
+
+_BATCH_ID = re.compile(r"(\d+)-(\d+):(\d+)/(\d+)")
+
+
+def batch_ids(first: int, last: int, parts: int) -> list[bytes]:
+    """The correlation data of each of the ``parts`` messages of the batch covering seqs first..last."""
+    return [f"{first}-{last}:{i}/{parts}".encode() for i in range(1, parts + 1)]
+
+
+def parse_batch_id(text: str) -> tuple[int, int, int, int] | None:
+    """(first, last, part, parts) of a batch id, or None if it is not one."""
+    m = _BATCH_ID.fullmatch(text)
+    if m is None:
+        return None
+    first, last, part, parts = map(int, m.groups())
+    if not (0 < first <= last and 0 < part <= parts):
+        return None
+    return first, last, part, parts
+
+
+class _Receipts:
+    """end_to_end bookkeeping of one forwarder: sent batches awaiting receipts, confirmed ranges."""
+
+    def __init__(self, timeout: float, window: int) -> None:
+        self.timeout = timeout
+        self.window = window
+        self.outstanding: deque[tuple[int, int, float]] = deque()  # (first, last, deadline), oldest first
+        self.parts: dict[tuple[int, int], set[int]] = {}  # incomplete ranges: parts received
+        self.confirmed: dict[int, int] = {}  # complete ranges not yet joined to acked: first -> last
 
 
 class _Topics:
@@ -154,24 +201,146 @@ class Forwarder:
         self._topic = _Topics(config.topic, identity.gateway_id, identity.site) if config.topic is not None else None
         self._wake = asyncio.Event()
         self.stats = ForwarderStats()
+        self._receipts: _Receipts | None = None
+        if getattr(config, "delivery", "broker") == "end_to_end":
+            self._receipts = _Receipts(config.receipt_timeout, config.receipt_window)  # type: ignore[attr-defined]
+            sink.receipt_handler = self.on_receipt  # type: ignore[attr-defined]
 
     def notify(self) -> None:
         """New entries were committed to the outbox. Never blocks."""
         self._wake.set()
 
+    # -- end-to-end receipts -------------------------------------------------------------------
+
+    def on_receipt(self, payload: bytes) -> None:
+        """A receipt from ``sluice ingest`` (see the module docstring). Never raises on bad input."""
+        rec = self._receipts
+        if rec is None:
+            return
+        try:
+            doc = json.loads(payload)
+            ids = [*doc.get("written", ()), *doc.get("dead_lettered", ())]
+        except (ValueError, AttributeError, TypeError):
+            log.warning("sink %s: ignoring a receipt that is not JSON with written/dead_lettered lists: %.200r",
+                        self.name, payload)
+            return
+        if doc.get("dead_lettered"):
+            log.warning("sink %s: ingest dead-lettered messages of batches %s — see its dead-letter topic",
+                        self.name, ", ".join(map(str, doc["dead_lettered"]))[:400])
+        acked = self._outbox_position()
+        for text in ids:
+            parsed = parse_batch_id(str(text))
+            if parsed is None:
+                continue
+            first, last, part, parts = parsed
+            if last <= acked:
+                continue
+            key = (first, last)
+            got = rec.parts.setdefault(key, set())
+            got.add(part)
+            if len(got) >= parts:
+                del rec.parts[key]
+                rec.confirmed[first] = max(last, rec.confirmed.get(first, 0))
+                self.stats.receipts += 1
+        self._advance()
+
+    def _outbox_position(self) -> int:
+        return self._outbox.position(self.name)
+
+    def _advance(self) -> None:
+        """Move ``acked`` over confirmed ranges that join it."""
+        rec = self._receipts
+        assert rec is not None
+        start = pos = self._outbox_position()
+        moved = True
+        while moved:
+            moved = False
+            for first, last in list(rec.confirmed.items()):
+                if last <= pos:
+                    del rec.confirmed[first]
+                elif first <= pos + 1:
+                    pos = last
+                    del rec.confirmed[first]
+                    moved = True
+        if pos <= start:
+            return
+        pos = min(pos, self._outbox.last_seq)
+        try:
+            self._outbox.ack(self.name, pos)
+        except OutboxError as exc:  # the receipt is lost; the readings are published again later
+            log.error("sink %s: outbox error while recording a receipt: %s", self.name, exc)
+            return
+        for key in [k for k in rec.parts if k[1] <= pos]:
+            del rec.parts[key]
+        while rec.outstanding and rec.outstanding[0][1] <= pos:
+            rec.outstanding.popleft()
+        self.stats.delivered += pos - start
+        self.stats.last_delivery_ns = time.time_ns()
+        self._wake.set()
+
+    def _check_receipts(self) -> float | None:
+        """Re-send after a receipt timeout; returns seconds to wait when the window is full, else None."""
+        rec = self._receipts
+        if rec is None:
+            return None
+        now = asyncio.get_running_loop().time()
+        if rec.outstanding and rec.outstanding[0][2] <= now:
+            first, last, _deadline = rec.outstanding[0]
+            sent = self._outbox.sent(self.name)
+            log.warning("sink %s: no receipt for readings seq %d–%d within %g s — publishing the %d readings "
+                        "not yet confirmed again (is `sluice ingest` running and writing?)", self.name, first, last,
+                        rec.timeout, sent - self._outbox_position())
+            rec.outstanding.clear()
+            self._outbox.rewind_sent(self.name)
+            self.stats.receipt_timeouts += 1
+            return None
+        if self._outbox.sent(self.name) - self._outbox_position() >= rec.window and rec.outstanding:
+            return max(rec.outstanding[0][2] - now, 0.01)
+        return None
+
     async def run(self) -> None:
         """Deliver forever; cancel to stop (an unacknowledged batch stays in the outbox)."""
         failing = False
+        rec = self._receipts
+        if rec is not None:
+            sent, acked = self._outbox.sent(self.name), self._outbox_position()
+            if sent > acked:  # sent before a restart: wait for their receipts before sending again
+                rec.outstanding.append((acked + 1, sent, asyncio.get_running_loop().time() + rec.timeout))
         while True:
             try:
                 if not self._sink.connected:
                     await self._sink.wait_connected()
                 if not await self._resend_dead_letter():
                     continue
+                wait = self._check_receipts()
+                if wait is not None:
+                    self._wake.clear()
+                    await self._wait_wake(wait)
+                    continue
                 entries = await self._next_batch()
                 if not entries:
                     continue
                 messages = self.build_messages([e.reading for e in entries])
+                if rec is not None:
+                    first = min(entries[0].seq, self._outbox.sent(self.name) + 1)
+                    try:
+                        await self._sink.send(messages, batch_ids(first, entries[-1].seq,  # type: ignore[call-arg]
+                                                                  len(messages)))
+                    except SinkUnavailable as exc:
+                        self.stats.retries += 1
+                        log.debug("sink %s: batch of %d readings not published (%s); will resend",
+                                  self.name, len(entries), exc)
+                        await self._sink.wait_connected()
+                        continue
+                    self._outbox.mark_sent(self.name, entries[-1].seq)
+                    if self._outbox_position() < entries[-1].seq:
+                        rec.outstanding.append((first, entries[-1].seq,
+                                                asyncio.get_running_loop().time() + rec.timeout))
+                    stats = self.stats
+                    stats.messages += len(messages)
+                    stats.bytes += sum(len(payload) for _topic, payload in messages)
+                    stats.batches += 1
+                    continue
                 try:
                     await self._sink.send(messages)
                 except SinkUnavailable as exc:
@@ -239,7 +408,8 @@ class Forwarder:
         """Wait for entries, linger for a part-full batch, return the batch (maybe empty)."""
         batch = self._batch
         self._wake.clear()  # cleared before the fetch: a commit after it wakes us again
-        entries = self._outbox.fetch(self.name, batch.max_readings, batch.max_bytes)
+        after = self._outbox.sent(self.name) if self._receipts is not None else None
+        entries = self._outbox.fetch(self.name, batch.max_readings, batch.max_bytes, after=after)
         if not entries:
             await self._wait_wake(RECHECK_INTERVAL)
             return []
@@ -256,7 +426,7 @@ class Forwarder:
                 self._wake.clear()
                 if not await self._wait_wake(remaining):
                     break  # nothing committed meanwhile: send what we have
-                more = self._outbox.fetch(self.name, batch.max_readings, batch.max_bytes)
+                more = self._outbox.fetch(self.name, batch.max_readings, batch.max_bytes, after=after)
                 if len(more) == len(entries):  # limited by max_bytes: full already
                     entries = more
                     break

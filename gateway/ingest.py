@@ -28,6 +28,12 @@ Delivery contract:
   minute, and acknowledged. Database outages (network errors, 5xx, 429) are retried with the
   influxdb sink's backoff; nothing is acknowledged meanwhile.
 * SIGTERM/SIGINT: the in-flight write is abandoned unacknowledged, then a clean DISCONNECT.
+* End-to-end receipts (gateways with ``delivery: end_to_end``): a message with MQTT 5 *correlation
+  data* and a *response topic* matching one of ``receipt_topics`` is answered, after its points
+  were written (or it went to the dead-letter topic) and before its PUBACK, by a QoS 1 publish
+  to the response topic: ``{"written": [correlation data...], "dead_lettered": [...]}`` (JSON,
+  one per response topic per write). Receipts are not waited for: a lost receipt only makes the
+  gateway send the batch again. A response topic outside ``receipt_topics`` is not answered.
 
 Bridging paho into asyncio (no thread of our own): paho's socket callbacks register the socket
 with ``loop.add_reader``/``add_writer`` and ``loop_misc`` runs every second for keepalives, as
@@ -42,6 +48,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import random
 import signal
@@ -95,6 +102,8 @@ class _Msg:
     points: Points | None = None
     problem: Malformed | None = None
     payload: bytes = b""  # the original, for a dead letter (for line protocol, the same object as points.data)
+    reply: str | None = None  # end-to-end receipts: response topic and correlation data
+    corr: str | None = None
 
 
 @dataclass
@@ -107,6 +116,7 @@ class IngestStats:
     ignored: int = 0  # status messages
     dead_letters: Counter[str] = field(default_factory=Counter)  # by kind
     newest_ns: int = 0  # newest point time written
+    receipts: int = 0  # receipt messages published
     connects: int = 0
 
 
@@ -439,6 +449,11 @@ class Ingest:
             except Malformed as exc:
                 msg.problem = exc
             msg.payload = payload
+            props = message.properties
+            reply = getattr(props, "ResponseTopic", None) if props is not None else None
+            corr = getattr(props, "CorrelationData", None) if props is not None else None
+            if reply and corr:
+                msg.reply, msg.corr = reply, corr.decode("ascii", "replace")
         if not self._pending:
             assert self._loop is not None
             self._first_at = self._loop.time()
@@ -489,10 +504,35 @@ class Ingest:
         while True:
             batch = await self._next_batch()
             await self._write(sink, [m for m in batch if m.points is not None and m.points.count])
+            done = []
             for msg in batch:
                 if msg.problem is not None and not await self._dead_letter(msg):
                     continue  # not acknowledged: the broker re-sends it after the reconnect
+                done.append(msg)
+            self._send_receipts(done)
+            for msg in done:
                 self._ack(msg)
+
+    def _send_receipts(self, done: list[_Msg]) -> None:
+        """Publish the receipts of written / dead-lettered messages (see the module docstring)."""
+        client = self._session
+        if client is None:
+            return
+        allowed = self.config.receipt_topics
+        by_topic: dict[str, dict[str, list[str]]] = {}
+        for msg in done:
+            if msg.reply is None or msg.gen != self._gen:
+                continue
+            if not any(mqtt.topic_matches_sub(f, msg.reply) for f in allowed):
+                self._limiter.warning("receipt-topic", "ingest: not answering receipts on %s (from a message on "
+                                      "%s): it is outside receipt_topics %s", msg.reply, msg.topic, allowed)
+                continue
+            kind = "written" if msg.problem is None else "dead_lettered"
+            by_topic.setdefault(msg.reply, {}).setdefault(kind, []).append(msg.corr or "")
+        for topic, receipt in by_topic.items():
+            info = client.publish(topic, json.dumps(receipt, separators=(",", ":")).encode(), qos=1)
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self.stats.receipts += 1
 
     async def _write(self, sink: InfluxSink, messages: list[_Msg]) -> None:
         """Write the messages' points; one the database refuses as data gets its ``problem`` set."""

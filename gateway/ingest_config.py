@@ -143,8 +143,13 @@ class IngestConfig(StrictModel):
         default="auto", description="payload format; auto: JSON when it starts with '{', else line protocol")
     dead_letter_topic: str = Field(default="sluice-dlq/{topic}", min_length=1,
                                    description="where malformed messages go; {topic} is the original topic")
+    receipt_topics: list[str] = Field(
+        default_factory=lambda: ["sluice-receipts/#"],
+        description="end-to-end receipts are published only to response topics under these filters ([] : none)")
     metrics: MetricsConfig | None = None
     logging: LoggingConfig = LoggingConfig()
+
+    _receipt_topics = field_validator("receipt_topics")(lambda v: [_check_filter(t) for t in v])
 
     @field_validator("dead_letter_topic")
     @classmethod

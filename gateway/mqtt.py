@@ -73,6 +73,7 @@ class MqttSink:
         self.config = config
         self.client_id = config.client_id or f"sluice-{gateway_id}"
         self.status_topic = config.status_topic.format(site=site, gateway=gateway_id)
+        self.receipt_topic = config.receipt_topic.format(site=site, gateway=gateway_id)
         self.address = f"{config.host}:{config.effective_port}"
         # A stuck broker (TCP up, no PUBACK) is normally caught by the keepalive; this is the backstop.
         self.ack_timeout = max(2.5 * config.keepalive, 10.0)
@@ -84,6 +85,13 @@ class MqttSink:
         self._down_since = time.monotonic()
         self.last_error: str | None = None
         self._subscriptions: dict[str, Callable[[str, bytes], None]] = {}
+        self.receipt_handler: Callable[[bytes], None] | None = None
+        if config.delivery == "end_to_end":  # subscribed from the first connection on
+            self._subscriptions[self.receipt_topic] = self._receipt
+
+    def _receipt(self, _topic: str, payload: bytes) -> None:
+        if self.receipt_handler is not None:
+            self.receipt_handler(payload)
 
     def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
         """Subscribe to ``topic_filter`` on every connection; ``handler(topic, payload)`` must not
@@ -101,26 +109,39 @@ class MqttSink:
             self._up.clear()
             await self._up.wait()
 
-    async def send(self, messages: Sequence[Message]) -> None:
+    async def send(self, messages: Sequence[Message], correlation: Sequence[bytes] | None = None) -> None:
         """Publish ``messages`` at the configured QoS with up to ``max_inflight`` unacknowledged at
         once, in order; return when the broker acknowledged all of them. Raises
         :class:`SinkUnavailable` if not connected or if the link drops first (some may have
-        arrived: the caller sends the batch again)."""
+        arrived: the caller sends the batch again).
+
+        ``correlation`` (``delivery: end_to_end``, MQTT 5): one batch id per message, sent as the
+        message's *correlation data* with :attr:`receipt_topic` as its *response topic*; payload
+        and topic are unchanged."""
         if not messages:
             return
+        if correlation is not None:
+            tagged = []
+            for (topic, payload), corr in zip(messages, correlation, strict=True):
+                props = Properties(PacketTypes.PUBLISH)
+                props.ResponseTopic = self.receipt_topic
+                props.CorrelationData = corr
+                tagged.append((topic, payload, props))
+        else:
+            tagged = [(topic, payload, None) for topic, payload in messages]
         link = self._link
         if link is None or link.lost.is_set():
             raise SinkUnavailable(f"not connected to {self.address}")
         publish = link.client.publish
         qos = self.config.qos
         timeout = self.ack_timeout
-        pending = iter(messages)
+        pending = iter(tagged)
 
         async def worker() -> None:
             # Each worker takes the next message when its previous one is acknowledged, so
             # messages reach the socket in order.
-            for topic, payload in pending:
-                await publish(topic, payload, qos=qos, timeout=timeout)
+            for topic, payload, props in pending:
+                await publish(topic, payload, qos=qos, properties=props, timeout=timeout)
 
         workers = [asyncio.ensure_future(worker()) for _ in range(min(self.config.max_inflight, len(messages)))]
         all_done = asyncio.gather(*workers)
