@@ -164,6 +164,13 @@ class Gateway:
     """Whether the system clock is synchronised: readings taken while it is not are flagged."""
     health_port: int | None = None
     """The port the health endpoint listens on once running (None: not serving)."""
+    _poll_tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict, repr=False)
+    _poller_stacks: dict[int, AsyncExitStack] = field(default_factory=dict, repr=False)
+    _forward_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict, repr=False)
+    _sink_stacks: dict[str, AsyncExitStack] = field(default_factory=dict, repr=False)
+    _ended: asyncio.Future[None] | None = field(default=None, repr=False)
+    """Set when a poll or forward task ends by itself (a failure): the run ends with it."""
+    _emit: Callable[[Reading], None] | None = field(default=None, repr=False)
 
     def outbox_stats(self) -> OutboxStats | None:
         """Live figures while running, the final ones after the stop, None before the start."""
@@ -172,8 +179,6 @@ class Gateway:
         return self.outbox.stats() if self.outbox is not None else None
 
     async def run(self, stop: asyncio.Event) -> None:
-        from gateway.forwarder import Forwarder
-
         cfg = self.config
         buf = cfg.gateway.buffer
         self.started_ns = time.time_ns()
@@ -187,10 +192,14 @@ class Gateway:
                                                 max_bytes=buf.max_bytes, when_full=buf.when_full,
                                                 synchronous=buf.synchronous))
             self.outbox = outbox
-            for name, sink_cfg in cfg.gateway.sinks.items():
-                sink = await stack.enter_async_context(make_sink(name, sink_cfg, cfg))
-                self.sinks[name] = sink
-                self.forwarders.append(Forwarder(name, outbox, sink, sink_cfg, cfg))
+            self._forward_tasks = {}
+            self._sink_stacks = {}
+            self._poll_tasks = {}
+            self._poller_stacks = {}
+            self._ended = asyncio.get_running_loop().create_future()
+            stack.push_async_callback(self._stop_forwarders)
+            for name in cfg.gateway.sinks:
+                await self._start_sink(name, cfg)
             forwarders = self.forwarders
 
             def wake_forwarders() -> None:
@@ -198,12 +207,6 @@ class Gateway:
                     fwd.notify()  # type: ignore[attr-defined]
 
             self.committer = committer = Committer(outbox, wake_forwarders, buf.commit_delay)
-            self.pollers = make_pollers(cfg.devices)
-            for poller in self.pollers:
-                await stack.enter_async_context(poller)
-
-            forward_tasks = [asyncio.create_task(f.run(), name=f"forward[{f.name}]")  # type: ignore[attr-defined]
-                             for f in forwarders]
             commit_task = asyncio.create_task(committer.run(), name="commit")
             clock = self.clock
             clock.poll()
@@ -217,8 +220,12 @@ class Gateway:
                     observe(reading)
                 store(reading)
 
-            poll_tasks = [asyncio.create_task(p.run(emit), name=f"poll[{p.name}]")
-                          for p in self.pollers]
+            self._emit = emit
+            stack.push_async_callback(self._stop_pollers)
+            for poller in make_pollers(cfg.devices):
+                await self._start_poller(poller)
+            for poller in self.pollers:
+                self._run_poller(poller)
             track_gateway(self.progress, self, self.stall_margin)
             await self._serve_health(stack)
             log.info("gateway %s at %s running: %d devices on %d connections, %d sinks, outbox %s",
@@ -230,7 +237,7 @@ class Gateway:
             watchdog_task = asyncio.create_task(self._watchdog(notifier), name="watchdog")
             clock_task = asyncio.create_task(clock.run(5.0), name="clock")  # jumps accumulate: 5 s is enough
             try:
-                done, _ = await asyncio.wait([stop_task, commit_task, *poll_tasks, *forward_tasks],
+                done, _ = await asyncio.wait([stop_task, commit_task, self._ended],
                                              return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     if task is not stop_task and task.exception() is not None:
@@ -238,16 +245,128 @@ class Gateway:
             finally:
                 notifier.send(STOPPING=1, STATUS="stopping: committing what was read")
                 await _cancel([watchdog_task, clock_task])
-                await _cancel(poll_tasks)
+                await self._stop_pollers()
                 await _cancel([commit_task])
                 if not committer.flush():
                     log.error("%d readings could not be stored in the outbox before stopping and are lost — "
                               "check free disk space", committer.pending)
-                await _cancel(forward_tasks)
+                await self._stop_forwarders()
                 await _cancel([stop_task])
                 stats = self.final_stats = outbox.stats()
                 log.info("gateway stopped: %d readings committed this run, %d left in the outbox",
                          committer.stats.committed, stats.rows)
+
+    # -- pieces that a reload starts and stops one by one ----------------------------------------
+
+    def _watch(self, task: asyncio.Task[None]) -> None:
+        """A poll or forward task that ends (other than by being cancelled) ends the run."""
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled() or self._ended.done():
+                return
+            exc = t.exception()
+            if exc is not None:
+                self._ended.set_exception(exc)
+            else:
+                self._ended.set_result(None)
+        task.add_done_callback(done)
+
+    async def _start_sink(self, name: str, cfg: Config) -> None:
+        from gateway.forwarder import Forwarder
+
+        assert self.outbox is not None
+        sink_cfg = cfg.gateway.sinks[name]
+        stack = AsyncExitStack()
+        sink = await stack.enter_async_context(make_sink(name, sink_cfg, cfg))
+        self._sink_stacks[name] = stack
+        self.sinks[name] = sink
+        fwd = Forwarder(name, self.outbox, sink, sink_cfg, cfg)
+        self.forwarders.append(fwd)
+        task = asyncio.create_task(fwd.run(), name=f"forward[{name}]")  # type: ignore[attr-defined]
+        self._forward_tasks[name] = task
+        self._watch(task)
+
+    async def _stop_sink(self, name: str) -> None:
+        """Cancel the forwarder (its in-flight batch stays unacknowledged) and close the sink."""
+        task = self._forward_tasks.pop(name, None)
+        if task is not None:
+            await _cancel([task])
+        self.forwarders[:] = [f for f in self.forwarders if f.name != name]  # type: ignore[attr-defined]
+        self.sinks.pop(name, None)
+        stack = self._sink_stacks.pop(name, None)
+        if stack is not None:
+            await stack.aclose()
+
+    async def _stop_forwarders(self) -> None:
+        for name in list(self._sink_stacks):
+            await self._stop_sink(name)
+
+    async def _start_poller(self, poller: Poller) -> None:
+        stack = AsyncExitStack()
+        await stack.enter_async_context(poller)
+        self._poller_stacks[id(poller)] = stack
+        self.pollers.append(poller)
+
+    def _run_poller(self, poller: Poller) -> None:
+        task = asyncio.create_task(poller.run(self._emit), name=f"poll[{poller.name}]")
+        self._poll_tasks[id(poller)] = task
+        self._watch(task)
+
+    async def _stop_poller(self, poller: Poller) -> None:
+        task = self._poll_tasks.pop(id(poller), None)
+        if task is not None:
+            await _cancel([task])
+        self.pollers[:] = [p for p in self.pollers if p is not poller]
+        stack = self._poller_stacks.pop(id(poller), None)
+        if stack is not None:
+            await stack.aclose()
+
+    async def _stop_pollers(self) -> None:
+        for poller in list(self.pollers):
+            await self._stop_poller(poller)
+
+    def poll_task(self, poller: Poller) -> asyncio.Task[None] | None:
+        """The task running ``poller`` (tests: an unchanged poller keeps its task across a reload)."""
+        return self._poll_tasks.get(id(poller))
+
+    async def apply(self, new: Config) -> None:
+        """Apply ``new`` to the running gateway, restarting only what changed (see :func:`serve`).
+        ``new`` must differ from the running configuration only in devices, profiles and sinks
+        (:func:`needs_full_restart` is False). The outbox, committer and health endpoint stay."""
+        old = self.config
+        assert self.outbox is not None
+        # Pollers: a new poller whose device set and devices equal a running one's is not needed.
+        before = {d.id: d for d in old.devices}
+        after = {d.id: d for d in new.devices}
+        keep: list[Poller] = []
+        start: list[Poller] = []
+        running = {frozenset(p.status): p for p in self.pollers}
+        for candidate in make_pollers(new.devices):
+            ids = frozenset(candidate.status)
+            same = running.get(ids)
+            if same is not None and same.name == candidate.name and all(before.get(i) == after[i] for i in ids):
+                keep.append(same)
+            else:
+                start.append(candidate)
+        for poller in [p for p in self.pollers if not any(p is k for k in keep)]:
+            await self._stop_poller(poller)  # before the new ones: a port or connection is exclusive
+        # Sinks: unchanged ones keep their connection and forwarder.
+        old_sinks, new_sinks = old.gateway.sinks, new.gateway.sinks
+        for name in old_sinks:
+            if name not in new_sinks or old_sinks[name] != new_sinks[name]:
+                await self._stop_sink(name)
+        self.outbox.set_sinks(list(new_sinks))  # added sinks start at the oldest row; removed ones let go
+        self.config = new
+        for name in new_sinks:
+            if name not in self._sink_stacks:
+                await self._start_sink(name, new)
+        for poller in start:
+            await self._start_poller(poller)
+            self._run_poller(poller)
+        track_gateway(self.progress, self, self.stall_margin)
+        for fwd in self.forwarders:
+            fwd.notify()  # type: ignore[attr-defined]
+        log.info("configuration applied: %d pollers kept, %d started; %d devices on %d connections, %d sinks",
+                 len(keep), len(start), len(new.devices), len(self.pollers), len(self.forwarders))
 
     async def _serve_health(self, stack: AsyncExitStack) -> None:
         """Start the /healthz and /metrics endpoint. A port that cannot be bound is logged, not
@@ -312,35 +431,45 @@ async def _cancel(tasks: Sequence[asyncio.Task[object]]) -> None:
 
 async def serve(config: Config, load: Callable[[], Config], stop: asyncio.Event, reload: asyncio.Event,
                 on_reload: Callable[[Config], None] | None = None,
-                on_reading: Callable[[Reading], None] | None = None) -> None:
+                on_reading: Callable[[Reading], None] | None = None,
+                on_gateway: Callable[[Gateway], None] | None = None) -> None:
     """Run ``config`` until ``stop`` is set; each time ``reload`` is set (SIGHUP), load the
     configuration again with ``load`` and validate it *before* touching the running gateway.
 
     Invalid: every error is logged and the running configuration stays. Unchanged: nothing
-    happens. Changed: the running gateway stops cleanly — polling stops, everything read is
-    committed, in-flight batches stay unacknowledged in the outbox — and starts again on the new
-    configuration with the same outbox, so no buffered reading is lost (sinks added or removed
-    get or lose their outbox position). ``on_reload`` is called with the new configuration first.
+    happens. Changed only in devices, profiles or sinks: :meth:`Gateway.apply` restarts just
+    those — a poller whose devices (and their profiles) are all unchanged keeps running, a
+    connection with any changed, added or removed device is rebuilt; an unchanged sink keeps its
+    connection and forwarder, a changed one is restarted on its outbox position, an added one
+    starts at the oldest stored row, a removed one's position is dropped. The outbox, the
+    committer, the health endpoint and the metrics of what was kept stay. Any other change
+    (gateway id, site, buffer, logging, health, …: :func:`needs_full_restart`) stops the whole
+    gateway cleanly — polling stops, everything read is committed, in-flight batches stay
+    unacknowledged — and starts it again on the same outbox. ``on_reload`` is called with the
+    new configuration before it is applied; ``on_gateway`` with every Gateway started (tests).
+    Reloads requested while one is being applied are coalesced into one more reload after it.
+    systemd gets RELOADING=1 before and READY=1 after.
     """
     notifier = Notifier()
     try:
         while True:
             run_stop = asyncio.Event()
             gateway = Gateway(config, on_reading=on_reading)
+            if on_gateway is not None:
+                on_gateway(gateway)
             task = asyncio.create_task(gateway.run(run_stop), name="gateway")
-            config = await _until_reload(gateway, task, run_stop, config, load, stop, reload, notifier)
+            config = await _until_reload(gateway, task, run_stop, config, load, stop, reload, notifier, on_reload)
             if config is None:
                 return
-            if on_reload is not None:
-                on_reload(config)
     finally:
         notifier.close()
 
 
 async def _until_reload(gateway: Gateway, task: asyncio.Task[None], run_stop: asyncio.Event, config: Config,
                         load: Callable[[], Config], stop: asyncio.Event, reload: asyncio.Event,
-                        notifier: Notifier) -> Config | None:
-    """Wait for the run to end, a stop or a valid changed configuration; returns that or None."""
+                        notifier: Notifier, on_reload: Callable[[Config], None] | None) -> Config | None:
+    """Wait for the run to end, a stop or a valid changed configuration; apply what can be
+    applied in place; returns a configuration that needs a full restart, or None."""
     from gateway.config import ConfigErrors
 
     while True:
@@ -372,12 +501,41 @@ async def _until_reload(gateway: Gateway, task: asyncio.Task[None], run_stop: as
         if not changes:
             log.info("configuration unchanged; nothing to restart")
             continue
-        log.info("configuration changed (%s): restarting with it; buffered readings stay in the outbox",
-                 "; ".join(changes))
+        full = needs_full_restart(config, new)
         notifier.send(RELOADING=1, STATUS="reloading: " + "; ".join(changes))
-        run_stop.set()
-        await task
-        return new
+        if on_reload is not None:
+            on_reload(new)
+        if full or not gateway.ready.is_set():
+            log.info("configuration changed (%s): restarting the whole gateway (%s); buffered readings stay "
+                     "in the outbox", "; ".join(changes), full or "not running yet")
+            run_stop.set()
+            await task
+            return new  # the new run sends READY=1
+        log.info("configuration changed (%s): restarting only what changed; buffered readings stay in the outbox",
+                 "; ".join(changes))
+        try:
+            await gateway.apply(new)
+        except Exception:
+            log.exception("applying the new configuration failed; restarting the whole gateway with it")
+            run_stop.set()
+            await task
+            return new
+        config = new
+        notifier.send(READY=1, STATUS=status_line(gateway))
+
+
+def needs_full_restart(old: Config, new: Config) -> str:
+    """Why ``new`` cannot be applied in place (empty: it can). Anything in ``gateway.yaml`` except
+    ``sinks:`` — the identity (gateway id, site), buffer, logging, health — restarts everything."""
+    rest_old = old.gateway.model_copy(update={"sinks": {}})
+    rest_new = new.gateway.model_copy(update={"sinks": {}})
+    if rest_old != rest_new:
+        fields = [f for f in type(rest_new).model_fields if getattr(rest_old, f) != getattr(rest_new, f)]
+        return "gateway settings changed: " + ", ".join(fields)
+    for attr in ("gateway_id", "site", "path"):
+        if getattr(old, attr, None) != getattr(new, attr, None):
+            return f"{attr} changed"
+    return ""
 
 
 def describe_changes(old: Config, new: Config) -> list[str]:

@@ -109,3 +109,139 @@ async def test_sighup_with_a_broken_config_keeps_the_process_running(tmp_path: P
             out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
     assert proc.returncode == 0, out
     assert "tank-a.yaml:1:1: required key 'host' is missing" in out and "configuration NOT reloaded: " in out, out
+
+
+# --------------------------------------------------------------------------- in-place reload (issue 5)
+TWO = {0: [("tank-a", 1)], 1: [("tank-b", 1)]}
+
+
+def _device_yaml(cfg: Path, dev: str, **changes: object) -> None:
+    path = cfg / "devices" / f"{dev}.yaml"
+    data = yaml.safe_load(path.read_text())
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+async def _until(cond, what: str) -> None:
+    for _ in range(1200):
+        if cond():
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _poller_of(gw, dev: str):
+    return next(p for p in gw.pollers if dev in p.status)
+
+
+async def test_reload_restarts_only_the_changed_poller_and_a_full_restart_loses_nothing(
+        tmp_path: Path, close_default_executor, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    servers = counter_servers(TWO)
+    async with contextlib.AsyncExitStack() as stack:
+        for s in servers:
+            await stack.enter_async_context(s)
+        cfg = _write(tmp_path / "cfg", device_ports(TWO, servers), ["tank-a", "tank-b"], None)
+        seen: dict[str, list[int]] = {}
+        gateways: list = []
+
+        def observe(r) -> None:
+            seen.setdefault(r.device, []).append(r.fields["count"])
+
+        stop, reload = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(serve(load_config(cfg), lambda: load_config(cfg), stop, reload,
+                                         on_reading=observe, on_gateway=gateways.append), name="serve")
+        try:
+            await _until(lambda: len(seen.get("tank-a", [])) >= 3 and len(seen.get("tank-b", [])) >= 3, "polls")
+            gw = gateways[0]
+            a_poller, b_poller = _poller_of(gw, "tank-a"), _poller_of(gw, "tank-b")
+            a_task, a_status = gw.poll_task(a_poller), a_poller.status["tank-a"]
+            sink_free = gw.outbox
+
+            # tank-b changes: only its poller is rebuilt, with the new settings.
+            _device_yaml(cfg, "tank-b", interval="200ms")
+            reload.set()
+            await _until(lambda: "configuration applied" in caplog.text, "the reload")
+            assert len(gateways) == 1 and gw.outbox is sink_free
+            assert _poller_of(gw, "tank-a") is a_poller and gw.poll_task(a_poller) is a_task
+            assert not a_task.done() and a_poller.status["tank-a"] is a_status
+            new_b = _poller_of(gw, "tank-b")
+            assert new_b is not b_poller and gw.poll_task(new_b) is not None
+            assert next(d for d in gw.config.devices if d.id == "tank-b").config.interval == 0.2
+            n = len(seen["tank-a"])
+            await _until(lambda: len(seen["tank-a"]) >= n + 3 and len(seen["tank-b"]) >= 6, "polls after")
+            a_values = seen["tank-a"]
+            assert a_values == list(range(a_values[0], a_values[0] + len(a_values)))  # no gap, no restart
+
+            # An invalid configuration changes nothing.
+            caplog.clear()
+            _device_yaml(cfg, "tank-a", profile="nope")
+            reload.set()
+            await _until(lambda: "configuration NOT reloaded" in caplog.text, "the refusal")
+            assert _poller_of(gw, "tank-a") is a_poller and gw.poll_task(a_poller) is a_task
+            assert _poller_of(gw, "tank-b") is new_b and len(gateways) == 1
+            _device_yaml(cfg, "tank-a", profile="counter")
+
+            # An identity change restarts everything on the same outbox.
+            data = yaml.safe_load((cfg / "gateway.yaml").read_text())
+            data["gateway"]["site"] = "lab2"
+            (cfg / "gateway.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+            reload.set()
+            await _until(lambda: len(gateways) == 2 and gateways[1].ready.is_set(), "the full restart")
+            assert "restarting the whole gateway (gateway settings changed: gateway)" in caplog.text
+            n = len(seen["tank-a"])
+            await _until(lambda: len(seen["tank-a"]) >= n + 3, "polls after the restart")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    # No sink: nothing leaves the outbox, so every reading observed must be stored in it.
+    assert gateways[1].final_stats.rows == sum(len(v) for v in seen.values())
+    a_values = sorted(set(seen["tank-a"]))
+    assert a_values == list(range(a_values[0], a_values[-1] + 1))
+
+
+async def test_reload_adds_a_sink_from_the_oldest_row_and_a_removed_sink_lets_rows_go(
+        tmp_path: Path, mosquitto, close_default_executor, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    layout = {0: [("tank-a", 1)]}
+    servers = counter_servers(layout)
+    async with contextlib.AsyncExitStack() as stack:
+        for s in servers:
+            await stack.enter_async_context(s)
+        cfg = _write(tmp_path / "cfg", device_ports(layout, servers), ["tank-a"], mosquitto.port)
+        data = yaml.safe_load((cfg / "gateway.yaml").read_text())
+        live = data["sinks"]["broker"]
+        data["sinks"]["dead"] = {**live, "port": free_port()}  # nothing listens: it holds every row back
+        (cfg / "gateway.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        late = await stack.enter_async_context(subscriber(mosquitto.host, mosquitto.port, "late/#"))
+        seen: list[int] = []
+        gateways: list = []
+        stop, reload = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(serve(load_config(cfg), lambda: load_config(cfg), stop, reload,
+                                         on_reading=lambda r: seen.append(r.fields["count"]),
+                                         on_gateway=gateways.append), name="serve")
+        try:
+            await _until(lambda: gateways and gateways[0].outbox is not None and gateways[0].ready.is_set()
+                         and gateways[0].outbox.stats().rows >= 8, "rows held back by the dead sink")
+            gw = gateways[0]
+            broker_sink, broker_fwd = gw.sinks["broker"], next(f for f in gw.forwarders if f.name == "broker")
+            before = list(seen)
+            del data["sinks"]["dead"]
+            data["sinks"]["late"] = {**live, "topic": "late/{site}/{gateway}/{device}",
+                                     "status_topic": "late/{site}/{gateway}/status"}
+            (cfg / "gateway.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+            reload.set()
+            await _until(lambda: "configuration applied" in caplog.text, "the reload")
+            assert len(gateways) == 1
+            assert gw.sinks["broker"] is broker_sink and broker_fwd in gw.forwarders  # kept its connection
+            assert set(gw.outbox.stats().pending) == {"broker", "late"}
+
+            def late_values() -> list[int]:
+                return counts_by_device([m.payload for m in late.messages
+                                         if not m.topic.endswith("/status")]).get("tank-a", [])
+
+            await late.wait_until(lambda _m: set(before) <= set(late_values()))  # everything buffered
+            await _until(lambda: gw.outbox.stats().rows < 8, "rows let go once the dead sink is gone")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
