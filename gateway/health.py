@@ -357,18 +357,25 @@ def status_line(gw: Gateway) -> str:
 
 
 # --------------------------------------------------------------------------- HTTP
-class HealthServer:
-    """``async with HealthServer(gateway, host, port):`` serves /healthz and /metrics."""
+Answer = tuple[str, str, bytes]
+"""An HTTP status line, a content type and a body."""
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
-    def __init__(self, gw: Gateway, host: str, port: int) -> None:
-        self._gw = gw
-        self.host, self.port = host, port
+
+class LocalHttpServer:
+    """A tiny GET-only HTTP/1.1 responder (Connection: close) for local endpoints: ``routes``
+    maps a path to a function giving the answer. Used by the gateway's health endpoint and the
+    ingest service's metrics; an async context manager, port 0 picks a free port."""
+
+    def __init__(self, routes: dict[str, Callable[[], Answer]], host: str, port: int, name: str) -> None:
+        self._routes = routes
+        self.host, self.port, self.name = host, port, name
         self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> HealthServer:
+    async def __aenter__(self) -> LocalHttpServer:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("health endpoint on http://%s:%d/healthz and /metrics", self.host, self.port)
+        log.info("%s on %s", self.name, ", ".join(f"http://{self.host}:{self.port}{p}" for p in self._routes))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -385,29 +392,37 @@ class HealthServer:
                     if len(line) > 8192:
                         return
             parts = request.decode("latin-1").split()
-            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+            route = self._routes.get(parts[1].split("?", 1)[0]) if len(parts) >= 2 else None
             if len(parts) < 2 or parts[0] != "GET":
                 status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
-            elif path == "/metrics":
-                status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
-                body = render_metrics(self._gw).encode()
-            elif path == "/healthz":
-                ok, data = healthz(self._gw)
-                status = "200 OK" if ok else "503 Service Unavailable"
-                ctype, body = "application/json", (json.dumps(data) + "\n").encode()
+            elif route is None:
+                status, ctype, body = "404 Not Found", "text/plain", ("try " + " or ".join(self._routes) + "\n").encode()
             else:
-                status, ctype, body = "404 Not Found", "text/plain", b"try /healthz or /metrics\n"
+                status, ctype, body = route()
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + body)
             await writer.drain()
         except (TimeoutError, OSError, ValueError):
             pass
         except Exception:
-            log.exception("health endpoint: failed to answer a request")
+            log.exception("%s: failed to answer a request", self.name)
         finally:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+
+def HealthServer(gw: Gateway, host: str, port: int) -> LocalHttpServer:
+    """``async with HealthServer(gateway, host, port):`` serves /healthz and /metrics."""
+
+    def metrics() -> Answer:
+        return "200 OK", PROMETHEUS_TEXT, render_metrics(gw).encode()
+
+    def health() -> Answer:
+        ok, data = healthz(gw)
+        return ("200 OK" if ok else "503 Service Unavailable"), "application/json", (json.dumps(data) + "\n").encode()
+
+    return LocalHttpServer({"/healthz": health, "/metrics": metrics}, host, port, "health endpoint")
 
 
 # --------------------------------------------------------------------------- `sluice status`

@@ -72,6 +72,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from gateway.encode import InfluxEncoder
 from gateway.forwarder import SinkRejected, SinkUnavailable
 from gateway.sdnotify import Notifier, watchdog_interval
+from gateway.health import PROMETHEUS_TEXT, LocalHttpServer
 from gateway.influx import InfluxSink
 from gateway.ingest_config import IngestConfig, load_ingest_config
 from gateway.lineproto import Malformed, Points, to_lines
@@ -675,47 +676,10 @@ def render_metrics(ingest: Ingest) -> str:
     return "\n".join(out.lines) + "\n"
 
 
-class MetricsServer:
-    """``async with MetricsServer(ingest, host, port):`` answers ``GET /metrics`` (Connection: close)."""
-
-    def __init__(self, ingest: Ingest, host: str, port: int) -> None:
-        self._ingest = ingest
-        self.host, self.port = host, port
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> MetricsServer:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        log.info("ingest: metrics on http://%s:%d/metrics", self.host, self.port)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(5.0):
-                request = await reader.readline()
-                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    if len(line) > 8192:
-                        return
-            parts = request.decode("latin-1").split()
-            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?", 1)[0] == "/metrics":
-                status, ctype, body = "200 OK", "text/plain; version=0.0.4; charset=utf-8", render_metrics(self._ingest).encode()
-            else:
-                status, ctype, body = "404 Not Found", "text/plain", b"try GET /metrics\n"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (TimeoutError, OSError, ValueError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+def MetricsServer(ingest: Ingest, host: str, port: int) -> LocalHttpServer:
+    """``async with MetricsServer(ingest, host, port):`` answers ``GET /metrics``."""
+    return LocalHttpServer({"/metrics": lambda: ("200 OK", PROMETHEUS_TEXT, render_metrics(ingest).encode())},
+                           host, port, "ingest: metrics")
 
 
 # --------------------------------------------------------------------------- CLI
