@@ -7,6 +7,7 @@ import difflib
 import ipaddress
 import os
 import re
+import ssl
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +67,18 @@ class TlsConfig(StrictModel):
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together — give both for mutual TLS, or neither")
         return self
+
+
+def ssl_context(tls: Any) -> ssl.SSLContext:
+    """The client TLS context for a ``tls:`` block (``ca_file`` or the system CAs, an optional
+    client certificate, verification unless ``verify: false``) — one for every sink and ingest."""
+    ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if tls.cert_file is not None and tls.key_file is not None:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 class BatchConfig(StrictModel):

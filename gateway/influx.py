@@ -58,7 +58,7 @@ from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.client.write_api_async import WriteApiAsync
 from influxdb_client.domain.write_precision import WritePrecision
 
-from gateway.config import InfluxSinkConfig
+from gateway.config import InfluxSinkConfig, ssl_context
 from gateway.forwarder import Message, SinkRejected, SinkUnavailable
 
 __all__ = ["InfluxSink", "WriteOutcome", "classify", "retry_after_seconds"]
@@ -172,10 +172,7 @@ class InfluxSink:
             return True  # aiohttp's default: verify against the system CAs for https
         if not tls.verify:
             return False
-        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-        if tls.cert_file is not None:
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        return context
+        return ssl_context(tls)
 
     # -- the forwarder's side ----------------------------------------------------------------
 

@@ -72,6 +72,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from gateway.encode import InfluxEncoder
 from gateway.forwarder import SinkRejected, SinkUnavailable
 from gateway.sdnotify import Notifier, watchdog_interval
+from gateway.config import ssl_context
 from gateway.health import PROMETHEUS_TEXT, LocalHttpServer
 from gateway.influx import InfluxSink
 from gateway.ingest_config import IngestConfig, load_ingest_config
@@ -239,7 +240,7 @@ class Ingest:
         if cfg.username is not None and cfg.password is not None:
             client.username_pw_set(cfg.username, cfg.password.get_secret_value())
         if cfg.tls is not None:
-            client.tls_set_context(_tls_context(cfg.tls))
+            client.tls_set_context(ssl_context(cfg.tls))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -603,16 +604,6 @@ class Ingest:
 
 class _Refused(Exception):
     """The broker refused the connection or the subscription."""
-
-
-def _tls_context(tls: Any) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    if tls.cert_file is not None and tls.key_file is not None:
-        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    if not tls.verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def _describe(exc: BaseException) -> str:

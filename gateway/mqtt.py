@@ -34,7 +34,7 @@ from aiomqtt import MqttError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.config import MqttSinkConfig
+from gateway.config import MqttSinkConfig, ssl_context
 from gateway.forwarder import Message, SinkUnavailable
 
 __all__ = ["MqttSink", "SinkUnavailable", "watch"]
@@ -214,15 +214,8 @@ class MqttSink:
         return client
 
     def _tls_context(self) -> ssl.SSLContext:
-        tls = self.config.tls
-        assert tls is not None
-        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-        if tls.cert_file is not None and tls.key_file is not None:
-            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        if not tls.verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+        assert self.config.tls is not None
+        return ssl_context(self.config.tls)
 
     async def _supervise(self) -> None:
         attempt = 0

@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.config import ssl_context
 from gateway.forwarder import SinkUnavailable
 from gateway.influx import _describe, _message, retry_after_seconds
 from gateway.mqtt import MqttSink
@@ -152,10 +153,7 @@ class EpcisSink:
             return True
         if not tls.verify:
             return False
-        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-        if tls.cert_file is not None:
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        return context
+        return ssl_context(tls)
 
     async def wait_connected(self) -> None:
         delay = self._retry_at - asyncio.get_running_loop().time()
