@@ -146,3 +146,20 @@ async def test_mqtt5_session_and_status(mosquitto: Mosquitto, request: pytest.Fi
             await sink.send([(f"sluice/{site}/gw1/d", b"v5")])
             await sub.wait_until(lambda ms: any(m.payload == b"v5" for m in ms))
         await sub.wait_until(lambda ms: [m.payload for m in sub.on(f"sluice/{site}/gw1/status")] == [b"online", b"offline"])
+
+
+def test_aiomqtt_internals_the_sink_relies_on() -> None:
+    """MqttSink.send hands a batch to paho at once and counts PUBACKs through aiomqtt's
+    ``_pending_publishes`` (aiomqtt calls ``.set()`` on the entry of each acknowledged mid): an
+    aiomqtt upgrade that renames either must fail here, not silently in production."""
+    import inspect
+
+    import aiomqtt
+
+    async def make() -> aiomqtt.Client:
+        return aiomqtt.Client("127.0.0.1", 1)
+
+    client = asyncio.run(make())
+    assert isinstance(client._pending_publishes, dict)
+    assert hasattr(client._client, "publish")
+    assert "_pending_publishes.pop(mid).set()" in inspect.getsource(aiomqtt.Client._on_publish)
