@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 RECHECK_INTERVAL = 5.0
 """Seconds between outbox checks when nobody calls notify() (a lost wake-up costs at most this)."""
+RESEND_CHECK_INTERVAL = 2.0
+"""Seconds between looks for dead letters an operator marked for re-sending (another process marks them)."""
 ERROR_PAUSE = 5.0
 """Seconds to wait after an outbox error or an unexpected failure before trying again."""
 
@@ -200,6 +202,7 @@ class Forwarder:
         self._encoder = make_encoder(config.format, identity.gateway_id, identity.site)
         self._topic = _Topics(config.topic, identity.gateway_id, identity.site) if config.topic is not None else None
         self._wake = asyncio.Event()
+        self._resend_check_at = 0.0  # loop time of the next look for dead letters to re-send
         self.stats = ForwarderStats()
         self._receipts: _Receipts | None = None
         if getattr(config, "delivery", "broker") == "end_to_end":
@@ -385,8 +388,12 @@ class Forwarder:
     async def _resend_dead_letter(self) -> bool:
         """Send the oldest dead letter marked for re-sending, if any. False when the sink is
         unavailable (the caller waits and comes back), True otherwise."""
+        now = asyncio.get_running_loop().time()
+        if now < self._resend_check_at:
+            return True
         letter = self._outbox.next_resend(self.name)
         if letter is None:
+            self._resend_check_at = now + RESEND_CHECK_INTERVAL
             return True
         try:
             await self._sink.send(self.build_messages(letter.readings))

@@ -130,6 +130,49 @@ def test_two_sinks_have_independent_positions(tmp_path: Path) -> None:
         assert sqlite3.connect(path).execute("SELECT count(*) FROM series").fetchone()[0] == 1
 
 
+def _file_positions(path: Path) -> dict[str, int]:
+    """What another process would read from the file: the positions actually written."""
+    conn = sqlite3.connect(path)
+    try:
+        return dict(conn.execute("SELECT name, acked FROM sinks").fetchall())
+    finally:
+        conn.close()
+
+
+def test_acknowledged_positions_reach_the_file_with_the_next_commit_or_at_close(tmp_path: Path) -> None:
+    """An ack counts at once in memory and is written with the next commit of readings (one
+    transaction and fsync for both), by a later ack after ACK_WRITE_DELAY, or at close."""
+    path = tmp_path / "o.db"
+    with Outbox(path, ["a", "b"]) as ob:
+        ob.append(readings(10))
+        ob.ack("a", 4)
+        assert ob.position("a") == 4 and ob.fetch("a", 100, 10**6)[0].seq == 5
+        assert _file_positions(path) == {"a": 0, "b": 0}  # not written yet: no transaction of its own
+        ob.append(readings(2, 10))
+        assert _file_positions(path) == {"a": 4, "b": 0}  # went with the commit of readings
+        ob.ack("a", 6)
+        ob.ack("b", 6)  # every sink has 1..6: deleted in the transaction that writes the positions
+        assert _file_positions(path) == {"a": 4, "b": 0}
+    assert _file_positions(path) == {"a": 6, "b": 6}  # written at close
+    with Outbox(path, ["a", "b"]) as ob:
+        assert (ob.position("a"), ob.position("b"), ob.stats().rows) == (6, 6, 6)
+
+
+def test_an_ack_not_yet_written_is_delivered_again_after_a_crash_never_lost(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    ob = Outbox(path, ["a"])
+    ob.open()
+    ob.append(readings(5))
+    ob.ack("a", 5)
+    # A crash now (no close): the file still says nothing was delivered.
+    conn, ob._conn = ob._conn, None
+    assert conn is not None
+    conn.close()
+    with Outbox(path, ["a"]) as again:
+        assert drain(again, "a") == [0, 1, 2, 3, 4]  # sent again: duplicates, not loss
+
+
+
 @pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
 def test_full_outbox_counts_every_drop(tmp_path: Path, policy: str, caplog: pytest.LogCaptureFixture) -> None:
     path, produced, max_bytes = tmp_path / "o.db", 3000, 20_000
