@@ -82,6 +82,7 @@ class Committer:
         self._delay = delay
         self._pending: list[Reading] = []
         self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
         self._failing = False
         self.stats = CommitStats()
 
@@ -98,14 +99,17 @@ class Committer:
     def emit(self, reading: Reading) -> None:
         self._pending.append(reading)
         self.stats.received += 1
-        self._wake.set()
+        if self._timer is None:  # the first reading of a cycle: commit ``delay`` from now
+            if self._delay:
+                self._timer = asyncio.get_running_loop().call_later(self._delay, self._wake.set)
+            else:
+                self._wake.set()
 
     async def run(self) -> None:
         while True:
-            await self._wake.wait()
-            if self._delay:
-                await asyncio.sleep(self._delay)
+            await self._wake.wait()  # one timer per cycle wakes us (not a wake-up and then a sleep)
             self._wake.clear()
+            self._timer = None
             if not self.flush() and self._pending:
                 await asyncio.sleep(1.0)  # the outbox is failing: retry shortly, without spinning
                 self._wake.set()
