@@ -124,6 +124,54 @@ async def test_registration_and_heartbeats_mixed_with_replies_are_filtered() -> 
     assert dtu.link.registrations == 1
 
 
+async def test_registration_and_heartbeats_split_across_tcp_segments_are_recognised() -> None:
+    (poller,) = make_pollers([device("a", 1, BARN)])
+    (dtu,) = poller.pollers
+    async with running(poller) as (port, readings):
+        # Each packet in 3 writes 20 ms apart (separate TCP segments), so pieces land between and
+        # during transactions.
+        async with DtuSim(units([1]), host="127.0.0.1", port=port, registration=b"BARN-0001",
+                          heartbeat=bytes.fromhex("fefe4842"), heartbeat_interval=0.03, segments=3,
+                          segment_pause=0.02) as sim:
+            await until(lambda: len(readings) >= 5 and sim.heartbeats >= 10)
+            sent = sim.heartbeats
+        await until(lambda: dtu.link.heartbeats >= sent)
+    assert dtu.link.registrations == 1
+    assert all(r.fields == EXPECTED for r in readings)
+    assert set(poller.status["a"].errors) <= {"offline"}
+    assert dtu.client.discarded == 0  # no piece of a heartbeat reached the Modbus stream
+
+
+async def test_a_dtu_that_stays_connected_but_goes_silent_is_hung_up_on(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    spec = {**BARN, "heartbeat_timeout": "400ms"}
+    (poller,) = make_pollers([device("a", 1, spec), device("b", 2, spec)])
+    (dtu,) = poller.pollers
+    async with running(poller) as (port, readings):
+        async with DtuSim(units([1, 2]), host="127.0.0.1", port=port, registration=b"BARN-0001",
+                          heartbeat=bytes.fromhex("fefe4842"), heartbeat_interval=0.05, reconnect_delay=0.05) as sim:
+            await until(lambda: {"a", "b"} <= since(readings, 0))
+            # Heartbeats every 50 ms keep it alive through a whole heartbeat timeout and more.
+            await asyncio.sleep(0.6)
+            assert dtu.link.silent == 0 and sim.connections == 1
+            sim.hung = True  # modem hung: no heartbeat, no reply, the TCP connection stays up
+            await until(lambda: dtu.link.silent == 1 and sim.connections == 2)
+            sim.hung = False  # the DTU dialled in again after the gateway hung up on it
+            back = time.time_ns()
+            await until(lambda: {"a", "b"} <= since(readings, back))
+        assert sim.connections == 2
+    (silent,) = warnings_about(caplog, "nothing from")
+    assert "DTU barn: nothing from 127.0.0.1:" in silent and "for 400ms (no heartbeat, no reply): hanging up" in silent
+    assert any("connection DTU barn: reconnected" in r.getMessage() for r in caplog.records)
+    assert all(r.fields == EXPECTED for r in readings)
+
+
+def test_heartbeat_timeout_default_follows_the_heartbeat() -> None:
+    assert device("a", 1, BARN).config.dtu.silence_limit == 180.0
+    assert device("s", 1, SHED).config.dtu.silence_limit is None
+    assert device("s", 1, {**SHED, "heartbeat_timeout": "2m"}).config.dtu.silence_limit == 120.0
+
+
 async def test_a_dtu_that_drops_and_dials_in_again_resumes_its_bus(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     (poller,) = make_pollers([device("a", 1, BARN)])
