@@ -72,6 +72,8 @@ __all__ = [
     "char_time",
     "check",
     "crc16",
+    "damage_kind",
+    "find_reply",
     "inter_frame_silence",
     "make_pollers",
     "rtu_frame",
@@ -116,6 +118,40 @@ def rtu_frame(unit: int, pdu: bytes) -> bytes:
     """Unit id + PDU + CRC (low byte first)."""
     body = bytes((unit,)) + pdu
     return body + struct.pack("<H", crc16(body))
+
+
+def find_reply(buf: bytes | bytearray, unit: int, function: int, nbytes: int) -> tuple[int, int] | None:
+    """Where the reply to a read of ``nbytes`` data bytes from ``unit`` with ``function`` lies in
+    ``buf`` (``start, end``): the first span that starts with the unit id and the function code
+    (or its exception code 0x80 | function), has the reply's length (byte count ``nbytes``, or
+    5 bytes for an exception) and whose CRC checks. None if there is none (yet). Never raises."""
+    size = len(buf)
+    view = memoryview(buf)
+    i = buf.find(unit)
+    while 0 <= i < size - 1:
+        fc = buf[i + 1]
+        need = 0
+        if fc == function:
+            need = 5 + nbytes
+            if i + 2 < size and buf[i + 2] != nbytes:
+                need = 0
+        elif fc == function | 0x80:
+            need = 5
+        if need and i + need <= size and crc16(view[i:i + need]) == 0:
+            return i, i + need
+        i = buf.find(unit, i + 1)
+    return None
+
+
+def damage_kind(buf: bytes | bytearray, unit: int, function: int, nbytes: int) -> Literal["crc", "truncated", "garbage"]:
+    """What bytes without a valid reply (:func:`find_reply` found none) were: ``crc`` if a reply
+    of full length starts in them, ``truncated`` if one starts but stops short, else ``garbage``."""
+    for i in range(len(buf) - 1):
+        if buf[i] != unit or buf[i + 1] not in (function, function | 0x80):
+            continue
+        need = 5 if buf[i + 1] & 0x80 else 5 + nbytes
+        return "crc" if len(buf) - i >= need else "truncated"
+    return "garbage"
 
 
 def char_time(baudrate: int, bytesize: int = 8, parity: str = "N", stopbits: float = 1) -> float:
@@ -347,27 +383,16 @@ class ModbusRtuClient:
         """Look for the awaited reply anywhere in the buffer; if it is not there yet, (re)arm
         the frame-gap timer that gives up on what has arrived."""
         buf = self._buf
-        unit, function, nbytes = self._expect
-        size = len(buf)
-        i = buf.find(unit)
-        while 0 <= i < size - 1:
-            fc = buf[i + 1]
-            need = 0
-            if fc == function:
-                need = 5 + nbytes
-                if i + 2 < size and buf[i + 2] != nbytes:
-                    need = 0
-            elif fc == function | 0x80:
-                need = 5
-            if need and i + need <= size and crc16(memoryview(buf)[i:i + need]) == 0:
-                frame = bytes(buf[i + 1:i + need - 2])  # function code onward, without the CRC
-                self.discarded += i + (size - i - need)
-                buf.clear()
-                self._cancel_gap()
-                assert self._waiter is not None
-                self._waiter.set_result(frame)
-                return
-            i = buf.find(unit, i + 1)
+        found = find_reply(buf, *self._expect)
+        if found is not None:
+            start, end = found
+            frame = bytes(buf[start + 1:end - 2])  # function code onward, without the CRC
+            self.discarded += len(buf) - (end - start)
+            buf.clear()
+            self._cancel_gap()
+            assert self._waiter is not None
+            self._waiter.set_result(frame)
+            return
         self._cancel_gap()
         self._gap_timer = asyncio.get_running_loop().call_later(self.frame_gap, self._gap_expired)
 
@@ -390,14 +415,7 @@ class ModbusRtuClient:
 
     def _damaged(self) -> ModbusFrameError:
         buf = self._buf
-        unit, function, nbytes = self._expect
-        kind = "garbage"
-        for i in range(len(buf) - 1):
-            if buf[i] != unit or buf[i + 1] not in (function, function | 0x80):
-                continue
-            need = 5 if buf[i + 1] & 0x80 else 5 + nbytes
-            kind = "crc" if len(buf) - i >= need else "truncated"
-            break
+        kind = damage_kind(buf, *self._expect)
         shown = bytes(buf[:24]).hex(" ") + (" …" if len(buf) > 24 else "")
         what = {"crc": "a reply that failed its CRC check", "truncated": "a reply that stopped short",
                 "garbage": "bytes that are no reply"}[kind]
