@@ -14,6 +14,8 @@ A device file::
       registration: {text: "BARN-0001"}     # or {hex: "fe 01 42"} or {regex: "^SN[0-9]{8}"}
       registration_timeout: 10s   # a connection that has not registered by then is closed
       heartbeat: {hex: "fe"}      # optional; recognised and dropped from the Modbus stream
+      heartbeat_timeout: 3m       # nothing at all from the DTU this long: hang up (default 3m with a
+                                  # heartbeat:, else off)
 
 Design, top to bottom:
 
@@ -27,8 +29,13 @@ Design, top to bottom:
 * **Heartbeats** are recognised at the start of a received TCP segment (a DTU sends one as a
   packet of its own; when it travels in one segment with a reply it is in front of it) and
   dropped, repeatedly; so is a literal registration packet sent again (some DTUs prefix it to
-  every packet). A heartbeat literal that could be the start of a reply from one of the DTU's
-  units is a configuration error.
+  every packet). A segment that is the first part of a literal packet is held until the next
+  one completes it (a packet cut by the network; :class:`PacketFilter`). A heartbeat literal
+  that could be the start of a reply from one of the DTU's units is a configuration error.
+* **Dead DTUs**: a DTU can stay connected — its TCP stack answering keepalives — while its modem
+  or serial side hangs. A registered connection from which nothing arrives (no heartbeat, no
+  reply) for ``heartbeat_timeout`` is hung up on, with one warning; the DTU's devices go down
+  with the connection, and polling resumes when it dials in again.
 * **Links** (:class:`DtuLink`, an :class:`~drivers.modbus_rtu.RtuLink`): one per DTU. The socket
   belongs to the listener; the client binds to the DTU's current connection. A DTU that dials in
   again replaces its old connection (closed; the request in flight fails as ``disconnected``)
@@ -621,7 +628,7 @@ class DtuListenerPoller:
 
 
 # =========================================================================== driver entry points
-_DTU_KEYS: Final = ("registration", "registration_timeout", "heartbeat")
+_DTU_KEYS: Final = ("registration", "registration_timeout", "heartbeat", "heartbeat_timeout")
 
 
 def _packet_key(packet: PacketModel) -> tuple[str, str]:
