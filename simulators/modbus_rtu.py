@@ -37,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from drivers.modbus import ProfileModel
-from drivers.modbus_rtu import char_time, crc16, inter_frame_silence, rtu_frame
-from simulators.modbus_tcp import Faults, ServerStats, SimDevice, answer
+from drivers.modbus_rtu import bus_key, char_time, crc16, inter_frame_silence, rtu_frame
+from gateway.config import is_loopback
+from gateway.driver import Device
+from simulators.modbus_tcp import Faults, ServerStats, SimDevice, answer, sim_device_for
 
-__all__ = ["RtuBus", "RtuFaults", "RtuTcpServer", "main_sim_rtu", "sim_units_from_args"]
+__all__ = ["RtuBus", "RtuFaults", "RtuTcpServer", "buses_for_config", "main_sim_rtu", "sim_units_from_args"]
 
 log = logging.getLogger("sluice.sim")
 
@@ -64,7 +66,8 @@ class RtuBus:
     """A simulated RS485 bus on a pty pair; ``async with`` opens it, leaving closes it."""
 
     def __init__(self, devices: Iterable[SimDevice], *, link: Path | str | None = None, baudrate: int = 9600,
-                 parity: str = "N", stopbits: int = 1, wire_timing: bool = False, seed: int = 0) -> None:
+                 parity: str = "N", stopbits: int = 1, wire_timing: bool = False, seed: int = 0,
+                 serial_port: str | None = None) -> None:
         self.devices: dict[int, SimDevice] = {}
         for dev in devices:
             if dev.unit_id in self.devices:
@@ -75,6 +78,8 @@ class RtuBus:
                 dev.faults = RtuFaults(f.no_answer, f.delay, f.exception, f.disconnect)
             self.devices[dev.unit_id] = dev
         self.link = Path(link) if link is not None else None
+        self.serial_port = serial_port
+        self._serial: Any = None
         self.baudrate, self.parity, self.stopbits = baudrate, parity, stopbits
         self.wire_timing = wire_timing
         self.char = char_time(baudrate, 8, parity, stopbits)
@@ -130,8 +135,12 @@ class RtuBus:
         """Unplug: close the pty (the gateway's reads fail) and remove the symlink."""
         if self._master >= 0:
             asyncio.get_running_loop().remove_reader(self._master)
-            os.close(self._master)
-            os.close(self._slave)
+            if self._serial is not None:
+                self._serial.close()
+                self._serial = None
+            else:
+                os.close(self._master)
+                os.close(self._slave)
             self._master = self._slave = -1
         if self.link is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -141,6 +150,9 @@ class RtuBus:
     def reappear(self) -> None:
         """Plug in (again): a new pty; the symlink, if any, points at it."""
         if self._master >= 0:
+            return
+        if self.serial_port is not None:
+            self._open_serial(self.serial_port)
             return
         master, slave = os.openpty()
         # Raw on both sides until the gateway configures its end: no echo, no CR/LF translation.
@@ -156,6 +168,15 @@ class RtuBus:
             tmp.replace(self.link)
         asyncio.get_running_loop().add_reader(master, self._readable)
 
+    def _open_serial(self, port: str) -> None:
+        """Serve on a real serial port (the master side is the port; there is no slave)."""
+        import serial
+
+        ser = serial.Serial(port, self.baudrate, parity=self.parity, stopbits=self.stopbits, timeout=0,
+                            exclusive=True)
+        self._serial, self._master, self._slave, self._tty = ser, ser.fileno(), -1, port
+        asyncio.get_running_loop().add_reader(self._master, self._readable)
+
     def _readable(self) -> None:
         try:
             data = os.read(self._master, 4096)
@@ -169,7 +190,10 @@ class RtuBus:
 
     def _line_matches(self) -> bool:
         """Whether the gateway's end of the pty is set to this bus's baud rate. (Linux ptys keep
-        the baud rate but clear the parity bit of the settings, so parity cannot be checked.)"""
+        the baud rate but clear the parity bit of the settings, so parity cannot be checked.) On a
+        real serial port the hardware decides."""
+        if self._slave < 0:
+            return True
         try:
             ospeed = termios.tcgetattr(self._slave)[5]
         except termios.error:
@@ -351,6 +375,62 @@ class _RawStream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         pass
+
+
+# =========================================================================== from a gateway configuration
+def _link_for(port: str) -> Path | None:
+    """The configured port path if the simulator may make it a symlink to its pty, so that the
+    gateway configuration works as written: a free path (or an earlier simulator's dangling or
+    /dev/pts link) in a writable directory outside /dev. Never a real device."""
+    path = Path(port).absolute()
+    if path.parts[1:2] == ("dev",) or not os.access(path.parent, os.W_OK):
+        return None
+    if path.is_symlink():
+        return path if os.readlink(path).startswith("/dev/pts/") or not path.exists() else None
+    return None if path.exists() else path
+
+
+def buses_for_config(devices: Sequence[Device], origin: float) -> list[RtuBus]:
+    """The RTU side of a gateway configuration: one bus per serial port (``modbus_rtu``) at its
+    line settings, serving exactly its devices' units and profiles; one simulated serial device
+    server per loopback ``host:port`` (``modbus_rtu_tcp``). A bus is served on a new pty, linked
+    at the configured port path when that is possible (:func:`_link_for`); else a warning says
+    to point the devices at the pty path printed at start."""
+    serial: dict[str, list[Device]] = {}
+    tcp: dict[tuple[str, int], list[Device]] = {}
+    for dev in devices:
+        cfg = dev.config
+        if cfg.protocol == "modbus_rtu":
+            serial.setdefault(bus_key(cfg.port), []).append(dev)
+        elif cfg.protocol == "modbus_rtu_tcp":
+            if is_loopback(cfg.host):
+                tcp.setdefault(("127.0.0.1" if cfg.host == "localhost" else cfg.host, cfg.port), []).append(dev)
+            else:
+                log.warning("not simulating %s: its host %s is not this machine", dev.id, cfg.host)
+    buses: list[RtuBus] = []
+    for group in serial.values():
+        cfg = group[0].config
+        link = _link_for(cfg.port)
+        if link is None:
+            log.warning("devices %s use %s, which the simulator cannot take over (a real device, or a directory "
+                        "it cannot write): serving them on a new pseudo-terminal — point their port: at the path "
+                        "printed below", ", ".join(d.id for d in group), cfg.port)
+        buses.append(RtuBus(_units(group, origin), link=link, baudrate=cfg.baudrate, parity=cfg.parity,
+                            stopbits=cfg.stopbits))
+    buses += [RtuTcpServer(_units(group, origin), host=host, port=port) for (host, port), group in tcp.items()]
+    return buses
+
+
+def _units(group: Sequence[Device], origin: float) -> list[SimDevice]:
+    units: dict[int, SimDevice] = {}
+    for dev in group:
+        unit = dev.config.unit_id
+        if unit in units:
+            log.warning("not simulating %s: unit id %d is already simulated on its bus for %s", dev.id, unit,
+                        units[unit].name)
+            continue
+        units[unit] = sim_device_for(dev, origin, RtuFaults())
+    return list(units.values())
 
 
 # =========================================================================== sluice sim rtu

@@ -9,8 +9,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -254,15 +252,13 @@ def _free_port() -> int:
 
 def test_sluice_sim_dtu_dials_in_to_sluice_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from gateway.cli import main
+    from servers import sluice_process
 
     port = _free_port()
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "sim", "dtu", "--connect", f"127.0.0.1:{port}",
-         "--registration-hex", "4241524e", "--heartbeat", "HB", "--heartbeat-interval", "50ms",
-         "--reconnect-delay", "100ms", "--profiles", str(REPO / "config" / "profiles"),
-         "--unit", "1=eastron-sdm630", "--unit", "7=eastron-sdm630", "--fault", "7:no_answer"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
+    with sluice_process("sim", "dtu", "--connect", f"127.0.0.1:{port}", "--registration-hex", "4241524e",
+                        "--heartbeat", "HB", "--heartbeat-interval", "50ms", "--reconnect-delay", "100ms",
+                        "--profiles", str(REPO / "config" / "profiles"), "--unit", "1=eastron-sdm630",
+                        "--unit", "7=eastron-sdm630", "--fault", "7:no_answer") as sim:
         assert sim.stdout is not None
         line = sim.stdout.readline()
         assert line.startswith(f"DTU dialling in to 127.0.0.1:{port}, registering as b'BARN': 2 units"), line
@@ -280,9 +276,3 @@ def test_sluice_sim_dtu_dials_in_to_sluice_once(tmp_path: Path, capsys: pytest.C
         assert main(["once", "-c", str(tmp_path)]) == 1
         out, err = capsys.readouterr()
         assert out.startswith("meter (good)") and "gone: no answer" in err
-    finally:
-        sim.terminate()
-        assert sim.wait(timeout=10) == 0, sim.stderr.read() if sim.stderr else ""
-        for stream in (sim.stdout, sim.stderr):
-            if stream is not None:
-                stream.close()
