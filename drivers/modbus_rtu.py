@@ -201,6 +201,8 @@ class SerialLink:
         self._on_lost: OnLost | None = None
 
     async def open(self, on_data: OnData, on_lost: OnLost, timeout: float) -> None:
+        import termios
+
         import serial  # pyserial: imported here so that config checks never need it
 
         self.close()
@@ -215,6 +217,10 @@ class SerialLink:
         ser.exclusive = True  # flock: a second gateway or `sluice read` cannot share the bus
         try:
             ser.open()
+        except termios.error as exc:  # the driver refused the line settings (not an OSError)
+            reason = exc.args[1] if len(exc.args) > 1 else exc
+            raise ModbusConnectionError("settings", f"serial port {self.port} refused {self.baudrate} "
+                                        f"{self.bytesize}{self.parity}{self.stopbits}: {reason}") from None
         except (serial.SerialException, OSError, ValueError) as exc:
             raise _open_error(self.port, exc) from None
         self._serial, self._fd = ser, ser.fileno()
@@ -301,6 +307,8 @@ RTU_HINTS: Final[Mapping[str, str]] = {
                "device, and that no other master or device chatters on the bus",
     "absent": "check the USB cable or adapter; /dev/serial/by-id/ names stay the same after re-plugging",
     "permission": "add the gateway's user to the dialout group (or give it access to the port)",
+    "settings": "the adapter (or its driver) does not support these line settings — check baud rate, parity "
+                "and stop bits against what the adapter can do",
     "busy": "another program holds the port — a second gateway, `sluice read`/`scan`, or ModemManager",
     "disconnected": "the serial port went away — check the USB cable or adapter",
     "bad_response": "the answer did not fit the request — check the unit id and the profile",
