@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.modbus import ProfileModel
-from drivers.modbus_rtu import bus_key, char_time, crc16, inter_frame_silence, rtu_frame
+from drivers.modbus_rtu import PreciseSleep, bus_key, char_time, crc16, inter_frame_silence, rtu_frame
 from gateway.config import is_loopback
 from gateway.driver import Device
 from simulators.modbus_tcp import Faults, ServerStats, SimDevice, answer, sim_device_for
@@ -91,6 +91,8 @@ class RtuBus:
         self._master = self._slave = -1
         self._tty = ""
         self._buf = bytearray()
+        self._arrived = 0.0  # loop time the last bytes came in
+        self._sleep = PreciseSleep()  # wire timing to the microsecond, not epoll's millisecond
         self._data = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._late: set[asyncio.Task[None]] = set()
@@ -129,6 +131,7 @@ class RtuBus:
         for late in list(self._late):
             late.cancel()
         await asyncio.gather(*self._late, return_exceptions=True)
+        self._sleep.close()
         self.vanish()
 
     def vanish(self) -> None:
@@ -186,6 +189,7 @@ class RtuBus:
             data = b""  # EIO: nobody has the slave open; nothing to read
         if data:
             self._buf += data
+            self._arrived = asyncio.get_running_loop().time()
             self._data.set()
 
     def _line_matches(self) -> bool:
@@ -235,10 +239,13 @@ class RtuBus:
     async def _handle(self, request: bytes) -> None:
         unit, pdu = request[0], request[1:-2]
         self.stats.requests[(unit, pdu[0])] += 1
+        heard = None
         if self.wire_timing:
-            # The request is still on the wire, and a unit knows it has ended only after 3.5
-            # characters of silence.
-            await asyncio.sleep(len(request) * self.char + self.silence)
+            # The request is still on the wire when it arrives here, and a unit knows it has ended
+            # only after 3.5 characters of silence: from then on its reply takes its own
+            # transmission time (_reply). One deadline from the arrival, so that this
+            # simulator's own work and timer rounding are not added to the wire time.
+            heard = self._arrived + len(request) * self.char + self.silence
             if not self._line_matches():
                 self.wrong_line += 1
                 return  # a device at another baud rate or parity hears only noise
@@ -256,11 +263,13 @@ class RtuBus:
             self._late.add(late)
             late.add_done_callback(self._late.discard)
             return
-        await self._reply(device, pdu)
+        await self._reply(device, pdu, heard=heard)
 
-    async def _reply(self, device: SimDevice, pdu: bytes, delay: float = 0.0) -> None:
+    async def _reply(self, device: SimDevice, pdu: bytes, delay: float = 0.0, heard: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
         if delay:
             await asyncio.sleep(delay)
+            heard = None
         unit, faults = device.unit_id, device.faults
         assert isinstance(faults, RtuFaults)
         if faults.exception is not None:
@@ -278,7 +287,9 @@ class RtuBus:
         if faults.garbage and rng.random() < faults.garbage:
             reply = bytes(rng.randrange(256) for _ in range(rng.randint(3, 9))) + reply
         if self.wire_timing:
-            await asyncio.sleep(len(reply) * self.char)
+            wait = (heard if heard is not None else loop.time()) + len(reply) * self.char - loop.time()
+            if wait > 0:
+                await self._sleep.sleep(wait)
         self._write(reply)
 
     def _write(self, data: bytes) -> None:

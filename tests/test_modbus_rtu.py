@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -20,6 +21,7 @@ from drivers.modbus import ModbusPoller, ProfileModel
 from drivers.modbus_rtu import (
     DeviceModel,
     ModbusRtuClient,
+    PreciseSleep,
     SerialLink,
     char_time,
     crc16,
@@ -321,3 +323,17 @@ def test_sluice_sim_rtu_serves_the_gateway(tmp_path: Path, capsys: pytest.Captur
         out, err = capsys.readouterr()
         assert out.startswith("meter (good)") and "gone: no answer" in err
     assert not link.exists()
+
+
+async def test_precise_sleep_never_ends_early_and_releases_its_descriptor() -> None:
+    """The inter-frame silence is a minimum: a sleep may end late (the scheduler), never early."""
+    sleep = PreciseSleep()
+    loop = asyncio.get_running_loop()
+    for seconds in (0.0003, 0.00175, 0.004):
+        start = loop.time()
+        await sleep.sleep(seconds)
+        assert loop.time() - start >= seconds
+    fd = sleep._fd
+    assert fd >= 0 and os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[timerfd]"
+    sleep.close()
+    assert sleep._fd == -1 and not os.path.exists(f"/proc/self/fd/{fd}")
