@@ -153,13 +153,18 @@ async def test_a_dtu_that_stays_connected_but_goes_silent_is_hung_up_on(caplog: 
             await asyncio.sleep(0.6)
             assert dtu.link.silent == 0 and sim.connections == 1
             sim.hung = True  # modem hung: no heartbeat, no reply, the TCP connection stays up
-            await until(lambda: dtu.link.silent == 1 and sim.connections == 2)
-            sim.hung = False  # the DTU dialled in again after the gateway hung up on it
+            await until(lambda: dtu.link.silent == 1)
+            sim.hung = False  # it notices the hang-up and dials in again
+            await until(lambda: sim.connections == 2)
             back = time.time_ns()
             await until(lambda: {"a", "b"} <= since(readings, back))
         assert sim.connections == 2
     (silent,) = warnings_about(caplog, "nothing from")
     assert "DTU barn: nothing from 127.0.0.1:" in silent and "for 400ms (no heartbeat, no reply): hanging up" in silent
+    # The devices went down with the connection: one line for both, before the first dial-in and
+    # after the hang-up (once per state change), and back with it.
+    assert len(warnings_about(caplog, "connection DTU barn: DTU barn has not dialled in")) == 2
+    assert all("(devices a, b)" in w for w in warnings_about(caplog, "has not dialled in"))
     assert any("connection DTU barn: reconnected" in r.getMessage() for r in caplog.records)
     assert all(r.fields == EXPECTED for r in readings)
 
