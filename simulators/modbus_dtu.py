@@ -135,13 +135,15 @@ class DtuSim(RtuBus):
     def _write(self, data: bytes) -> None:
         if self.hung:
             return
-        if self._held is not None:
-            self._held += data
-            return
+        chunks = [data]
         if self.heartbeat_before_reply and self.heartbeat is not None:
-            self._send(self.heartbeat)
+            chunks.insert(0, self.heartbeat)
             self.heartbeats += 1
-        self._send(data)
+        for chunk in chunks:
+            if self._held is not None:
+                self._held += chunk  # after the packet being sent in pieces
+            else:
+                self._send(chunk)
 
     def _line_matches(self) -> bool:
         return True
@@ -207,6 +209,10 @@ def main_sim_dtu(argv: Sequence[str] | None = None) -> int:
                         help="time between heartbeats (default 30s)")
     parser.add_argument("--reconnect-delay", type=_seconds, default=5.0, metavar="DURATION",
                         help="wait before dialling in again after a drop (default 5s)")
+    parser.add_argument("--segments", type=int, default=1, metavar="N",
+                        help="fault: write registration and heartbeats in N pieces (TCP segments)")
+    parser.add_argument("--segment-pause", type=_seconds, default=0.05, metavar="DURATION",
+                        help="time between those pieces (default 50ms)")
     parser.add_argument("--drop-every", type=_seconds, default=None, metavar="DURATION",
                         help="fault: drop the connection this often (it dials in again)")
     parser.add_argument("--unit", dest="units", action="append", type=_parse_unit, required=True,
@@ -236,7 +242,8 @@ def main_sim_dtu(argv: Sequence[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         async with DtuSim(devices.values(), host=host.strip("[]"), port=int(port), registration=registration,
                           heartbeat=heartbeat, heartbeat_interval=args.heartbeat_interval,
-                          reconnect_delay=args.reconnect_delay) as sim:
+                          reconnect_delay=args.reconnect_delay, segments=args.segments,
+                          segment_pause=args.segment_pause) as sim:
             print(sim.describe(), flush=True)
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):

@@ -262,6 +262,7 @@ def test_sluice_sim_dtu_dials_in_to_sluice_once(tmp_path: Path, capsys: pytest.C
     port = _free_port()
     with sluice_process("sim", "dtu", "--connect", f"127.0.0.1:{port}", "--registration-hex", "4241524e",
                         "--heartbeat", "HB", "--heartbeat-interval", "50ms", "--reconnect-delay", "100ms",
+                        "--segments", "2", "--segment-pause", "20ms",
                         "--profiles", str(REPO / "config" / "profiles"), "--unit", "1=eastron-sdm630",
                         "--unit", "7=eastron-sdm630", "--fault", "7:no_answer") as sim:
         assert sim.stdout is not None
