@@ -10,12 +10,14 @@ physical limit of one transaction is its request (8 bytes) and reply (5 + 20 byt
 plus two silences of 3.5 characters: the unit knows the request has ended only after one, and
 the master may send the next request only after the other.
 
-Measured on a 2-core VM (figures vary ±3 % between runs): before the timerfd silence and the
-one-deadline simulator, 9600 baud 92-93 % and 115200 baud 61-68 % of the limit; after, 97-98 %
-and 85-90 %. CPU per transaction (~0.45-0.6 ms here) did not change: the RTU framing is ~7 µs
+Measured on a 2-core VM (10 s per rate, two runs each): before the timerfd silence and the
+one-deadline simulator, 9600 baud 93 % and 115200 baud 66-67 % of the limit; after, 97 % and
+89-90 %. CPU per transaction (0.39-0.52 ms here, exact) did not change: the RTU framing is ~7 µs
 of it (request CRC 2 µs, reply search and CRC 5 µs), the poller's decode/reading/schedule
 ~90 µs, and the rest is the event loop's iterations and each wake-up from sleep — the same
 client costs 0.32 ms per transaction back to back, 0.45 ms at 105/s and 0.57 ms at 22/s.
+Real USB adapters add their latency timer (FTDI: 16 ms) unless the port is in low-latency
+mode, which the serial link asks for.
 
     .venv/bin/python bench/rtu_bus.py [--seconds 10]
 

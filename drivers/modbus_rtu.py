@@ -298,6 +298,11 @@ class SerialLink:
                                         f"{self.bytesize}{self.parity}{self.stopbits}: {reason}") from None
         except (serial.SerialException, OSError, ValueError) as exc:
             raise _open_error(self.port, exc) from None
+        # USB adapters (FTDI) hold received bytes up to their 16 ms latency timer unless the port is
+        # in low-latency mode: at 115200 baud that is longer than a whole transaction. A port
+        # without the setting (a pty, some drivers) keeps its default.
+        with contextlib.suppress(ValueError, AttributeError):
+            ser.set_low_latency_mode(True)
         self._serial, self._fd = ser, ser.fileno()
         self._on_data, self._on_lost = on_data, on_lost
         asyncio.get_running_loop().add_reader(self._fd, self._readable)
