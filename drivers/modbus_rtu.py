@@ -220,8 +220,10 @@ class PreciseSleep:
             loop.add_reader(fd, self._expired)
         ns = max(int(seconds * 1e9), 1)
         spec = _Itimerspec(_Timespec(0, 0), _Timespec(ns // 1_000_000_000, ns % 1_000_000_000))
+        if _TIMERFD[1](self._fd, 0, ctypes.byref(spec), None) != 0:
+            await asyncio.sleep(seconds)  # cannot happen with a valid descriptor; never hang on it
+            return
         self._waiter = loop.create_future()
-        _TIMERFD[1](self._fd, 0, ctypes.byref(spec), None)
         try:
             await self._waiter
         finally:
