@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from drivers.modbus import MAX_BITS, MAX_REGISTERS, Point, ProfileModel, encode_into, points_of
 from gateway.config import load_profiles, is_loopback, load_config, validate_doc
@@ -479,6 +479,12 @@ class SimBusModel(StrictModel):
     stopbits: Literal[1, 2] = 1
     wire_timing: bool = Field(default=False, description="each frame takes its transmission time at baudrate")
     devices: list[SimUnitModel] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_port(self) -> SimBusModel:
+        if self.link is not None and self.serial_port is not None:
+            raise ValueError("give link: (a pty, linked there) or serial_port: (a real port), not both")
+        return self
 
 
 class ServerOptions(StrictModel):

@@ -122,6 +122,8 @@ buses:
         "sim.yaml:5:19: unknown profile 'pari' — did you mean 'pair'?",
         "sim.yaml:6:34: unit id 1 is already on this bus (pair/1) — give each device on one bus its own unit_id",
     ]
+    (tmp_path / "sim.yaml").write_text("buses:\n  - link: a\n    serial_port: /dev/ttyS9\n    devices: [{profile: pair, unit_id: 1}]\n")
+    assert errors_of(path) == ["sim.yaml:2:5: give link: (a pty, linked there) or serial_port: (a real port), not both"]
     (tmp_path / "sim.yaml").write_text("host: 127.0.0.1\n")
     assert errors_of(path) == [
         "sim.yaml:1:1: nothing to simulate — add `devices:` (Modbus TCP) or `buses:` (Modbus RTU)"]
