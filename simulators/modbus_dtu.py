@@ -33,6 +33,8 @@ class DtuSim(RtuBus):
     """A DTU with an RTU bus behind it that dials in to ``host:port``. ``async with`` starts
     dialling (and redialling after every drop); leaving hangs up for good."""
 
+    on_serial = False
+
     def __init__(self, devices: Iterable[SimDevice], *, host: str, port: int, registration: bytes | None,
                  heartbeat: bytes | None = None, heartbeat_interval: float = 30.0, reconnect_delay: float = 1.0,
                  heartbeat_before_reply: bool = False, segments: int = 1, segment_pause: float = 0.0,

@@ -38,6 +38,7 @@ from typing import Any
 
 from drivers.modbus import ProfileModel
 from drivers.modbus_rtu import PreciseSleep, bus_key, char_time, crc16, inter_frame_silence, rtu_frame
+from drivers.modbus_rtu_dtu import parse_listen
 from gateway.config import is_loopback
 from gateway.driver import Device
 from simulators.modbus_tcp import Faults, ServerStats, SimDevice, answer, sim_device_for
@@ -64,6 +65,8 @@ def _baud_constant(baudrate: int) -> int | None:
 
 class RtuBus:
     """A simulated RS485 bus on a pty pair; ``async with`` opens it, leaving closes it."""
+
+    on_serial = True  # the gateway opens :attr:`path` as a serial port (not so for the subclasses)
 
     def __init__(self, devices: Iterable[SimDevice], *, link: Path | str | None = None, baudrate: int = 9600,
                  parity: str = "N", stopbits: int = 1, wire_timing: bool = False, seed: int = 0,
@@ -311,6 +314,8 @@ class RtuTcpServer(RtuBus):
     with CRC, no MBAP header). One client at a time, as most converters allow; a new client
     replaces the old one. :meth:`break_stream` sends half a frame and drops the connection."""
 
+    on_serial = False
+
     def __init__(self, devices: Iterable[SimDevice], *, host: str = "127.0.0.1", port: int = 0,
                  **options: Any) -> None:
         super().__init__(devices, **options)
@@ -404,14 +409,21 @@ def _link_for(port: str) -> Path | None:
 def buses_for_config(devices: Sequence[Device], origin: float) -> list[RtuBus]:
     """The RTU side of a gateway configuration: one bus per serial port (``modbus_rtu``) at its
     line settings, serving exactly its devices' units and profiles; one simulated serial device
-    server per loopback ``host:port`` (``modbus_rtu_tcp``). A bus is served on a new pty, linked
-    at the configured port path when that is possible (:func:`_link_for`); else a warning says
-    to point the devices at the pty path printed at start."""
+    server per loopback ``host:port`` (``modbus_rtu_tcp``); one DTU per ``dtu.id``
+    (``modbus_rtu_dtu``) that dials in to the listen address and registers with its literal
+    registration packet. A bus is served on a new pty, linked at the configured port path when
+    that is possible (:func:`_link_for`); else a warning says to point the devices at the pty
+    path printed at start."""
+    from simulators.modbus_dtu import DtuSim  # it builds on this module
+
     serial: dict[str, list[Device]] = {}
     tcp: dict[tuple[str, int], list[Device]] = {}
+    dtus: dict[str, list[Device]] = {}
     for dev in devices:
         cfg = dev.config
-        if cfg.protocol == "modbus_rtu":
+        if cfg.protocol == "modbus_rtu_dtu":
+            dtus.setdefault(cfg.dtu.id, []).append(dev)
+        elif cfg.protocol == "modbus_rtu":
             serial.setdefault(bus_key(cfg.port), []).append(dev)
         elif cfg.protocol == "modbus_rtu_tcp":
             if is_loopback(cfg.host):
@@ -429,7 +441,26 @@ def buses_for_config(devices: Sequence[Device], origin: float) -> list[RtuBus]:
         buses.append(RtuBus(_units(group, origin), link=link, baudrate=cfg.baudrate, parity=cfg.parity,
                             stopbits=cfg.stopbits))
     buses += [RtuTcpServer(_units(group, origin), host=host, port=port) for (host, port), group in tcp.items()]
+    for dtu_id, group in dtus.items():
+        cfg = group[0].config
+        registration, heartbeat = _literal(cfg.dtu.registration), cfg.dtu.heartbeat
+        if registration is None:
+            log.warning("not simulating DTU %s: its registration is a regex — run `sluice sim dtu --registration "
+                        "...` with a packet that matches it", dtu_id)
+            continue
+        host, port = parse_listen(cfg.listen)
+        limit = cfg.dtu.silence_limit
+        buses.append(DtuSim(_units(group, origin), host="127.0.0.1" if host in ("0.0.0.0", "::") else host, port=port,
+                            registration=registration, heartbeat=None if heartbeat is None else _literal(heartbeat),
+                            heartbeat_interval=min(30.0, limit / 3) if limit else 30.0))
     return buses
+
+
+def _literal(packet: Any) -> bytes | None:
+    """The bytes of a DTU packet given as text: or hex:; None for a regex."""
+    if packet.hex is not None:
+        return bytes.fromhex(packet.hex)
+    return packet.text.encode("utf-8") if packet.text is not None else None
 
 
 def _units(group: Sequence[Device], origin: float) -> list[SimDevice]:

@@ -531,7 +531,8 @@ def load_simulation(path: Path | str) -> list[SimServer]:
     enabled ``modbus_tcp`` device whose host is a loopback address, at its port and unit id; the
     Modbus RTU devices of every serial port on a bus of their own
     (:func:`simulators.modbus_rtu.buses_for_config`); every ``modbus_rtu_tcp`` device on a
-    loopback host behind a simulated serial device server at its port.
+    loopback host behind a simulated serial device server at its port; every DTU with a literal
+    registration dialling in to its ``listen:`` address.
     Raises :class:`ConfigErrors` with every problem located as ``file:line:col``.
     """
     path = Path(path)
@@ -652,14 +653,14 @@ async def run_simulator(config_path: Path | str, *, ready: Callable[[list[SimSer
     RTU bus ``port: <path>``, the port the gateway opens), then calls ``ready(servers)``.
     Raises :class:`ConfigErrors` for a bad configuration and :class:`OSError` if a port is taken.
     """
-    from simulators.modbus_rtu import RtuBus, RtuTcpServer
+    from simulators.modbus_rtu import RtuBus
 
     servers = load_simulation(config_path)
     async with contextlib.AsyncExitStack() as stack:
         for server in servers:
             await stack.enter_async_context(server)
             print(server.describe(), flush=True)
-            if isinstance(server, RtuBus) and not isinstance(server, RtuTcpServer):
+            if isinstance(server, RtuBus) and server.on_serial:
                 print(f"port: {server.path}", flush=True)
         if not servers:
             print(f"nothing to simulate in {config_path}: no Modbus TCP or RTU-over-TCP device on a loopback "

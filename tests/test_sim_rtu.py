@@ -157,23 +157,26 @@ async def test_sim_yaml_bus_on_a_serial_port(tmp_path: Path, socat_pair: tuple[P
 
 
 def test_sluice_sim_serves_a_gateway_configs_rtu_devices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`sluice sim -c DIR` serves the serial buses and RTU-over-TCP converters of a gateway
+    """`sluice sim -c DIR` serves the serial buses, RTU-over-TCP converters and DTUs of a gateway
     configuration as written; `sluice once -c DIR` then reads every device."""
     from gateway.cli import main
 
-    bus, tcp_port = tmp_path / "ttyRS485", free_port()
+    bus, tcp_port, dtu_port = tmp_path / "ttyRS485", free_port(), free_port()
+    dtu = f"protocol: modbus_rtu_dtu\nlisten: 127.0.0.1:{dtu_port}\ndtu: {{id: barn, registration: {{text: BARN}}}}"
     write_gateway_config(tmp_path, {
         "m1": f"protocol: modbus_rtu\nport: {bus}\nbaudrate: 38400\nparity: odd\nunit_id: 1\ntimeout: 500ms",
         "m2": f"protocol: modbus_rtu\nport: {bus}\nbaudrate: 38400\nparity: odd\nunit_id: 2\ntimeout: 500ms",
-        "c7": f"protocol: modbus_rtu_tcp\nhost: 127.0.0.1\nport: {tcp_port}\nunit_id: 7\ntimeout: 500ms"})
+        "c7": f"protocol: modbus_rtu_tcp\nhost: 127.0.0.1\nport: {tcp_port}\nunit_id: 7\ntimeout: 500ms",
+        "d3": f"{dtu}\nunit_id: 3\ntimeout: 500ms"})
     with sluice_process("sim", "-c", str(tmp_path)) as sim:
         assert sim.stdout is not None
-        lines = [sim.stdout.readline().strip() for _ in range(3)]
+        lines = [sim.stdout.readline().strip() for _ in range(4)]
         assert lines == [f"RTU bus on {bus} at 38400 8O1: 2 units — 1 (m1), 2 (m2)", f"port: {bus}",
-                         f"RTU over TCP on 127.0.0.1:{tcp_port}: 1 units — 7 (c7)"], lines
+                         f"RTU over TCP on 127.0.0.1:{tcp_port}: 1 units — 7 (c7)",
+                         f"DTU dialling in to 127.0.0.1:{dtu_port}, registering as b'BARN': 1 units — 3 (d3)"], lines
         assert main(["once", "-c", str(tmp_path)]) == 0
         out = capsys.readouterr().out
-        for dev_id in ("m1", "m2", "c7"):
+        for dev_id in ("m1", "m2", "c7", "d3"):
             assert f"{dev_id} (good)" in out, out
     assert not bus.exists()
 
