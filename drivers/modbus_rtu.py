@@ -33,6 +33,8 @@ unplugged, pty closed): the link closes and the poller reopens the same path wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -66,12 +68,15 @@ __all__ = [
     "DeviceModel",
     "LineSettings",
     "ModbusRtuClient",
+    "PreciseSleep",
     "ProfileModel",
     "RtuLink",
     "SerialLink",
     "char_time",
     "check",
     "crc16",
+    "damage_kind",
+    "find_reply",
     "inter_frame_silence",
     "make_pollers",
     "rtu_frame",
@@ -118,6 +123,40 @@ def rtu_frame(unit: int, pdu: bytes) -> bytes:
     return body + struct.pack("<H", crc16(body))
 
 
+def find_reply(buf: bytes | bytearray, unit: int, function: int, nbytes: int) -> tuple[int, int] | None:
+    """Where the reply to a read of ``nbytes`` data bytes from ``unit`` with ``function`` lies in
+    ``buf`` (``start, end``): the first span that starts with the unit id and the function code
+    (or its exception code 0x80 | function), has the reply's length (byte count ``nbytes``, or
+    5 bytes for an exception) and whose CRC checks. None if there is none (yet). Never raises."""
+    size = len(buf)
+    view = memoryview(buf)
+    i = buf.find(unit)
+    while 0 <= i < size - 1:
+        fc = buf[i + 1]
+        need = 0
+        if fc == function:
+            need = 5 + nbytes
+            if i + 2 < size and buf[i + 2] != nbytes:
+                need = 0
+        elif fc == function | 0x80:
+            need = 5
+        if need and i + need <= size and crc16(view[i:i + need]) == 0:
+            return i, i + need
+        i = buf.find(unit, i + 1)
+    return None
+
+
+def damage_kind(buf: bytes | bytearray, unit: int, function: int, nbytes: int) -> Literal["crc", "truncated", "garbage"]:
+    """What bytes without a valid reply (:func:`find_reply` found none) were: ``crc`` if a reply
+    of full length starts in them, ``truncated`` if one starts but stops short, else ``garbage``."""
+    for i in range(len(buf) - 1):
+        if buf[i] != unit or buf[i + 1] not in (function, function | 0x80):
+            continue
+        need = 5 if buf[i + 1] & 0x80 else 5 + nbytes
+        return "crc" if len(buf) - i >= need else "truncated"
+    return "garbage"
+
+
 def char_time(baudrate: int, bytesize: int = 8, parity: str = "N", stopbits: float = 1) -> float:
     """Seconds one character takes on the line: start bit, data bits, parity bit, stop bits."""
     return (1 + bytesize + (0 if parity == "N" else 1) + stopbits) / baudrate
@@ -129,6 +168,80 @@ def inter_frame_silence(baudrate: int, bytesize: int = 8, parity: str = "N", sto
     if baudrate > 19200:
         return 0.00175
     return 3.5 * char_time(baudrate, bytesize, parity, stopbits)
+
+
+# =========================================================================== precise waits
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+def _libc_timerfd() -> tuple[Callable[..., int], Callable[..., int]] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.timerfd_create, libc.timerfd_settime
+    except (OSError, AttributeError):
+        return None  # not Linux: asyncio's own timers
+
+
+_TIMERFD: Final = _libc_timerfd()
+_CLOCK_MONOTONIC: Final = 1
+_TFD_FLAGS: Final = os.O_NONBLOCK | os.O_CLOEXEC  # TFD_NONBLOCK | TFD_CLOEXEC have the same values
+
+
+class PreciseSleep:
+    """Sleeps of a few milliseconds that end on time. asyncio's timers wake through epoll, whose
+    timeout is whole milliseconds rounded up, so the 1.75 ms inter-frame silence became 2-3 ms —
+    a third of a transaction at 115200 baud. A Linux timerfd on the event loop wakes it within
+    microseconds, without a thread or a busy wait. Elsewhere (no timerfd), for a second or more,
+    or while another sleep of the same object runs, it is ``asyncio.sleep``. ``close`` releases
+    the descriptor."""
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def sleep(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        if _TIMERFD is None or seconds <= 0 or seconds > 1.0 or self._waiter is not None:
+            await asyncio.sleep(max(seconds, 0))
+            return
+        if self._loop is not loop:
+            self.close()
+            fd = _TIMERFD[0](_CLOCK_MONOTONIC, _TFD_FLAGS)
+            if fd < 0:
+                await asyncio.sleep(seconds)
+                return
+            self._fd, self._loop = fd, loop
+            loop.add_reader(fd, self._expired)
+        ns = max(int(seconds * 1e9), 1)
+        spec = _Itimerspec(_Timespec(0, 0), _Timespec(ns // 1_000_000_000, ns % 1_000_000_000))
+        if _TIMERFD[1](self._fd, 0, ctypes.byref(spec), None) != 0:
+            await asyncio.sleep(seconds)  # cannot happen with a valid descriptor; never hang on it
+            return
+        self._waiter = loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _expired(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._fd, 8)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(fd)
+            os.close(fd)
+        self._loop = None
 
 
 # =========================================================================== links
@@ -165,6 +278,8 @@ class SerialLink:
         self._on_lost: OnLost | None = None
 
     async def open(self, on_data: OnData, on_lost: OnLost, timeout: float) -> None:
+        import termios
+
         import serial  # pyserial: imported here so that config checks never need it
 
         self.close()
@@ -179,8 +294,17 @@ class SerialLink:
         ser.exclusive = True  # flock: a second gateway or `sluice read` cannot share the bus
         try:
             ser.open()
+        except termios.error as exc:  # the driver refused the line settings (not an OSError)
+            reason = exc.args[1] if len(exc.args) > 1 else exc
+            raise ModbusConnectionError("settings", f"serial port {self.port} refused {self.baudrate} "
+                                        f"{self.bytesize}{self.parity}{self.stopbits}: {reason}") from None
         except (serial.SerialException, OSError, ValueError) as exc:
             raise _open_error(self.port, exc) from None
+        # USB adapters (FTDI) hold received bytes up to their 16 ms latency timer unless the port is
+        # in low-latency mode: at 115200 baud that is longer than a whole transaction. A port
+        # without the setting (a pty, some drivers) keeps its default.
+        with contextlib.suppress(ValueError, AttributeError):
+            ser.set_low_latency_mode(True)
         self._serial, self._fd = ser, ser.fileno()
         self._on_data, self._on_lost = on_data, on_lost
         asyncio.get_running_loop().add_reader(self._fd, self._readable)
@@ -265,6 +389,8 @@ RTU_HINTS: Final[Mapping[str, str]] = {
                "device, and that no other master or device chatters on the bus",
     "absent": "check the USB cable or adapter; /dev/serial/by-id/ names stay the same after re-plugging",
     "permission": "add the gateway's user to the dialout group (or give it access to the port)",
+    "settings": "the adapter (or its driver) does not support these line settings — check baud rate, parity "
+                "and stop bits against what the adapter can do",
     "busy": "another program holds the port — a second gateway, `sluice read`/`scan`, or ModemManager",
     "disconnected": "the serial port went away — check the USB cable or adapter",
     "bad_response": "the answer did not fit the request — check the unit id and the profile",
@@ -300,6 +426,7 @@ class ModbusRtuClient:
         self._waiter: asyncio.Future[bytes] | None = None
         self._expect = (0, 0, 0)  # unit, function, data bytes
         self._gap_timer: asyncio.TimerHandle | None = None
+        self._sleep = PreciseSleep()
 
     @property
     def connected(self) -> bool:
@@ -319,6 +446,7 @@ class ModbusRtuClient:
     async def close(self) -> None:
         self._open = self._was_open = False
         self.link.close()
+        self._sleep.close()
         self._fail(ModbusConnectionError("disconnected", f"{self.name} closed"))
 
     async def __aenter__(self) -> ModbusRtuClient:
@@ -347,27 +475,16 @@ class ModbusRtuClient:
         """Look for the awaited reply anywhere in the buffer; if it is not there yet, (re)arm
         the frame-gap timer that gives up on what has arrived."""
         buf = self._buf
-        unit, function, nbytes = self._expect
-        size = len(buf)
-        i = buf.find(unit)
-        while 0 <= i < size - 1:
-            fc = buf[i + 1]
-            need = 0
-            if fc == function:
-                need = 5 + nbytes
-                if i + 2 < size and buf[i + 2] != nbytes:
-                    need = 0
-            elif fc == function | 0x80:
-                need = 5
-            if need and i + need <= size and crc16(memoryview(buf)[i:i + need]) == 0:
-                frame = bytes(buf[i + 1:i + need - 2])  # function code onward, without the CRC
-                self.discarded += i + (size - i - need)
-                buf.clear()
-                self._cancel_gap()
-                assert self._waiter is not None
-                self._waiter.set_result(frame)
-                return
-            i = buf.find(unit, i + 1)
+        found = find_reply(buf, *self._expect)
+        if found is not None:
+            start, end = found
+            frame = bytes(buf[start + 1:end - 2])  # function code onward, without the CRC
+            self.discarded += len(buf) - (end - start)
+            buf.clear()
+            self._cancel_gap()
+            assert self._waiter is not None
+            self._waiter.set_result(frame)
+            return
         self._cancel_gap()
         self._gap_timer = asyncio.get_running_loop().call_later(self.frame_gap, self._gap_expired)
 
@@ -390,14 +507,7 @@ class ModbusRtuClient:
 
     def _damaged(self) -> ModbusFrameError:
         buf = self._buf
-        unit, function, nbytes = self._expect
-        kind = "garbage"
-        for i in range(len(buf) - 1):
-            if buf[i] != unit or buf[i + 1] not in (function, function | 0x80):
-                continue
-            need = 5 if buf[i + 1] & 0x80 else 5 + nbytes
-            kind = "crc" if len(buf) - i >= need else "truncated"
-            break
+        kind = damage_kind(buf, *self._expect)
         shown = bytes(buf[:24]).hex(" ") + (" …" if len(buf) > 24 else "")
         what = {"crc": "a reply that failed its CRC check", "truncated": "a reply that stopped short",
                 "garbage": "bytes that are no reply"}[kind]
@@ -419,7 +529,7 @@ class ModbusRtuClient:
         pause = self.pauses.get(unit, 0.0)
         wait = self._quiet_since + self.silence + max(pause, self._last_pause) - time.monotonic()
         if wait > 0:
-            await asyncio.sleep(wait)
+            await self._sleep.sleep(wait)
             if not self._open:
                 raise ModbusConnectionError("disconnected", f"{self.name} went away")
         if self._buf:  # a late reply or noise between transactions: never part of this answer

@@ -14,6 +14,8 @@ A device file::
       registration: {text: "BARN-0001"}     # or {hex: "fe 01 42"} or {regex: "^SN[0-9]{8}"}
       registration_timeout: 10s   # a connection that has not registered by then is closed
       heartbeat: {hex: "fe"}      # optional; recognised and dropped from the Modbus stream
+      heartbeat_timeout: 3m       # nothing at all from the DTU this long: hang up (default 3m with a
+                                  # heartbeat:, else off)
 
 Design, top to bottom:
 
@@ -27,8 +29,13 @@ Design, top to bottom:
 * **Heartbeats** are recognised at the start of a received TCP segment (a DTU sends one as a
   packet of its own; when it travels in one segment with a reply it is in front of it) and
   dropped, repeatedly; so is a literal registration packet sent again (some DTUs prefix it to
-  every packet). A heartbeat literal that could be the start of a reply from one of the DTU's
-  units is a configuration error.
+  every packet). A segment that is the first part of a literal packet is held until the next
+  one completes it (a packet cut by the network; :class:`PacketFilter`). A heartbeat literal
+  that could be the start of a reply from one of the DTU's units is a configuration error.
+* **Dead DTUs**: a DTU can stay connected — its TCP stack answering keepalives — while its modem
+  or serial side hangs. A registered connection from which nothing arrives (no heartbeat, no
+  reply) for ``heartbeat_timeout`` is hung up on, with one warning; the DTU's devices go down
+  with the connection, and polling resumes when it dials in again.
 * **Links** (:class:`DtuLink`, an :class:`~drivers.modbus_rtu.RtuLink`): one per DTU. The socket
   belongs to the listener; the client binds to the DTU's current connection. A DTU that dials in
   again replaces its old connection (closed; the request in flight fails as ``disconnected``)
@@ -74,6 +81,8 @@ MAX_REGISTRATION: Final = 512
 DTU_FRAME_GAP: Final = 0.25
 """A reply crossing a cellular link may arrive in several segments with gaps far above a serial
 line's; a started reply is given up after this much quiet (not the 50 ms of a local bus)."""
+DEFAULT_HEARTBEAT_TIMEOUT: Final = 180.0
+"""Three missed heartbeats at the 60 s most DTUs are shipped with."""
 _REPLY_FUNCTIONS: Final = frozenset({1, 2, 3, 4, 0x81, 0x82, 0x83, 0x84})
 
 DTU_HINTS: Final[Mapping[str, str]] = {
@@ -169,6 +178,41 @@ class Packet:
         return found.end() if found is not None and found.end() > 0 else 0
 
 
+class PacketFilter:
+    """Drops heartbeats (and repeated literal registrations) from the start of each received
+    segment, over and over, and hands on what follows. A segment that is the first part of a
+    literal packet (a heartbeat split across TCP segments) is held until the next one says what
+    it was: the rest of the packet (dropped) or anything else (handed on, held bytes first).
+    Regex packets have no partial match in ``re``: they must arrive in one segment."""
+
+    __slots__ = ("dropped", "held", "packets")
+
+    def __init__(self, packets: Sequence[Packet]) -> None:
+        self.packets = tuple(packets)
+        self.dropped = 0
+        self.held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes of ``data`` (after what was held) that are not packets; never raises."""
+        if self.held:
+            data, self.held = self.held + data, b""
+        while data:
+            partial = False
+            for packet in self.packets:
+                n = packet.match(data)
+                if n > 0:
+                    data = data[n:]
+                    self.dropped += 1
+                    break
+                partial = partial or (n == 0 and packet.literal is not None)
+            else:
+                if partial:
+                    self.held = data
+                    return b""
+                return data
+        return b""
+
+
 def show_bytes(data: bytes | bytearray, limit: int = 32) -> str:
     """Bytes as a technician compares them with a DTU's settings page: text if printable, else hex."""
     head = bytes(data[:limit])
@@ -187,6 +231,18 @@ class DtuModel(StrictModel):
     registration_timeout: Duration = Field(default=10.0, gt=0, le=300,
                                            description="how long a new connection may take to register")
     heartbeat: PacketModel | None = Field(default=None, description="a keep-alive packet the DTU sends; dropped")
+    heartbeat_timeout: Duration | None = Field(
+        default=None, gt=0, le=86400,
+        description="a registered DTU from which nothing (no heartbeat, no reply) arrives for this long is hung "
+                    f"up on; default {DEFAULT_HEARTBEAT_TIMEOUT:g}s with a heartbeat:, else only TCP keepalive")
+
+    @property
+    def silence_limit(self) -> float | None:
+        """The heartbeat timeout in effect: the configured one, the default when the DTU sends
+        heartbeats, else None (a DTU without heartbeats may be quiet between polls)."""
+        if self.heartbeat_timeout is not None:
+            return self.heartbeat_timeout
+        return DEFAULT_HEARTBEAT_TIMEOUT if self.heartbeat is not None else None
 
 
 def parse_listen(value: Any) -> tuple[str, int]:
@@ -231,15 +287,20 @@ class DtuLink:
         filters = [Packet(spec.heartbeat)] if spec.heartbeat is not None else []
         if self.registration.literal is not None:
             filters.append(self.registration)
-        self._filters = filters
+        self._filter = PacketFilter(filters)
         self.wait = 0.0
         self.online = asyncio.Event()
-        self.heartbeats = 0  # heartbeats (and repeated registrations) dropped
         self.registrations = 0
+        self.silent = 0  # connections hung up on because nothing arrived for the heartbeat timeout
         self._peer: _Peer | None = None
         self._bound: _Peer | None = None
         self._on_data: OnData | None = None
         self._on_lost: OnLost | None = None
+
+    @property
+    def heartbeats(self) -> int:
+        """Heartbeats (and repeated registrations) dropped."""
+        return self._filter.dropped
 
     @property
     def peer(self) -> str | None:
@@ -249,6 +310,7 @@ class DtuLink:
     def attach(self, peer: _Peer, rest: bytes) -> None:
         old, self._peer = self._peer, peer
         self.registrations += 1
+        self._filter.held = b""
         self.online.set()
         if old is not None:
             log.info("%s dialled in again from %s; its old connection from %s is closed", self.name,
@@ -264,10 +326,7 @@ class DtuLink:
     def receive(self, peer: _Peer, data: bytes) -> None:
         if peer is not self._peer:
             return
-        for packet in self._filters:
-            while data and (n := packet.match(data)) > 0:
-                data = data[n:]
-                self.heartbeats += 1
+        data = self._filter.feed(data)
         if data and self._bound is peer and self._on_data is not None:
             self._on_data(data)
 
@@ -318,6 +377,7 @@ class _Peer(asyncio.Protocol):
         self.link: DtuLink | None = None
         self._buf = bytearray()
         self._timer: asyncio.TimerHandle | None = None
+        self._heard = 0.0  # loop time of the last byte received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -339,6 +399,7 @@ class _Peer(asyncio.Protocol):
             self.listener.refuse(self, f"{what} within {format_duration(self.listener.registration_timeout)}")
 
     def data_received(self, data: bytes) -> None:
+        self._heard = asyncio.get_running_loop().time()
         if self.link is not None:
             self.link.receive(self, data)
             return
@@ -359,7 +420,25 @@ class _Peer(asyncio.Protocol):
         rest = bytes(self._buf[n:])
         self._buf.clear()
         self.listener.registered(self)
+        limit = link.spec.silence_limit
+        if limit is not None:
+            self._timer = asyncio.get_running_loop().call_later(limit, self._watch, limit)
         link.attach(self, rest)
+
+    def _watch(self, limit: float) -> None:
+        """The heartbeat timeout: a DTU can stay connected (its TCP stack answering keepalives)
+        while its modem or serial side hangs; nothing arriving for ``limit`` means it is dead."""
+        quiet = asyncio.get_running_loop().time() - self._heard
+        if quiet < limit:
+            self._timer = asyncio.get_running_loop().call_later(limit - quiet, self._watch, limit)
+            return
+        self._timer = None
+        assert self.link is not None
+        self.link.silent += 1
+        log.warning("%s: nothing from %s for %s (no heartbeat, no reply): hanging up — a DTU normally dials in "
+                    "again; if not, check its power, SIM and signal, and that dtu.heartbeat_timeout is longer "
+                    "than the DTU's heartbeat interval", self.link.name, self.address, format_duration(limit))
+        self.hang_up()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -549,7 +628,7 @@ class DtuListenerPoller:
 
 
 # =========================================================================== driver entry points
-_DTU_KEYS: Final = ("registration", "registration_timeout", "heartbeat")
+_DTU_KEYS: Final = ("registration", "registration_timeout", "heartbeat", "heartbeat_timeout")
 
 
 def _packet_key(packet: PacketModel) -> tuple[str, str]:

@@ -12,7 +12,8 @@ frames to a serial device server).
 
 Time bound of a scan: every probe is one request with ``--timeout`` (a garbled reply ends it
 sooner), plus the inter-frame silence on a serial line, so a silent bus costs at most
-``units × baud rates × (timeout + 4 ms)`` plus opening the port once per baud rate; a Modbus TCP
+``units × baud rates × parities × (timeout + 4 ms)`` plus opening the port once per setting (a
+setting the adapter refuses is reported and skipped); a Modbus TCP
 target that drops the connection is reconnected within another ``timeout``. The bound is printed
 before the scan starts.
 """
@@ -181,12 +182,16 @@ async def _open(client: ModbusClient, target: Target, timeout: float, err: TextI
     try:
         await client.connect(timeout)
     except ModbusConnectionError as exc:
-        if exc.kind == "busy" and target.serial:
-            print(f"sluice: {held_message(target.text)}", file=err)
-        else:
-            print(f"sluice: {exc} — {client.hints.get(exc.kind, '')}", file=err)
+        _cannot_open(exc, client, target, err)
         return False
     return True
+
+
+def _cannot_open(exc: ModbusConnectionError, client: ModbusClient, target: Target, err: TextIO) -> None:
+    if exc.kind == "busy" and target.serial:
+        print(f"sluice: {held_message(target.text)}", file=err)
+    else:
+        print(f"sluice: {exc} — {client.hints.get(exc.kind, '')}", file=err)
 
 
 def _error_text(exc: Exception, client: ModbusClient) -> str:
@@ -329,27 +334,38 @@ async def scan_command(args: argparse.Namespace, out: TextIO | None = None, err:
         target = parse_target(args.target, args.rtu)
         units = parse_units(args.units, tcp=not target.serial and not target.rtu)
         bauds = [int(b) for b in args.baudrates.split(",")] if args.baudrates else [9600]
+        parities = _parities(args.parity)
     except ValueError as exc:
         print(f"sluice scan: {exc}", file=err)
         return EXIT_USAGE
+    lines = [(baud, parity) for baud in bauds for parity in parities]
     if not target.serial:
-        bauds = bauds[:1]  # the line settings are the converter's, not ours
+        lines = lines[:1]  # the line settings are the converter's, not ours
     timeout = args.timeout
-    per_probe = timeout + (max(inter_frame_silence(b, 8, args.parity, args.stopbits) for b in bauds)
+    per_probe = timeout + (max(inter_frame_silence(b, 8, p, args.stopbits) for b, p in lines)
                            if target.serial else 0.0)
-    bound = len(units) * len(bauds) * per_probe
-    progress = Progress(err, len(units) * len(bauds))
-    progress.line(f"scanning {len(units)} unit ids × {len(bauds)} setting(s) on {args.target}, "
+    bound = len(units) * len(lines) * per_probe
+    progress = Progress(err, len(units) * len(lines))
+    progress.line(f"scanning {len(units)} unit ids × {len(lines)} setting(s) on {args.target}, "
                   f"{format_duration(timeout)} per probe: at most {format_duration(bound)} plus opening the port")
     found: list[Found] = []
     noise: list[Noise] = []
+    refused: list[str] = []
     function = FUNCTION[args.kind]
-    for baud in bauds:
-        settings = target.describe(baud, args.parity, args.stopbits)
-        client = target.client(baud, args.parity, args.stopbits)
-        if not await _open(client, target, timeout, err):
-            progress.end()
-            return EXIT_CANNOT_OPEN
+    for baud, parity in lines:
+        settings = target.describe(baud, parity, args.stopbits)
+        client = target.client(baud, parity, args.stopbits)
+        try:
+            await client.connect(timeout)
+        except ModbusConnectionError as exc:
+            if exc.kind != "settings":
+                progress.end()
+                _cannot_open(exc, client, target, err)
+                return EXIT_CANNOT_OPEN
+            refused.append(settings)
+            progress.line(f"{exc} — skipped")
+            progress.step(settings, 0, len(found))
+            continue
         heard = Noise(settings)
         try:
             for unit in units:
@@ -383,8 +399,17 @@ async def scan_command(args: argparse.Namespace, out: TextIO | None = None, err:
                           "found": [{"unit": f.unit, "settings": f.settings, "registers": f.registers,
                                      "exception": f.exception} for f in found],
                           "garbled": [{"settings": n.settings, "units": n.units, "kinds": sorted(n.kinds)}
-                                      for n in noise]}), file=out)
-    elif found:
+                                      for n in noise],
+                          "refused_settings": refused}), file=out)
+    else:
+        _report(out, args, found, noise, refused, several=len(lines) > 1)
+    return 0 if found else EXIT_NO_ANSWER
+
+
+def _report(out: TextIO, args: argparse.Namespace, found: list[Found], noise: list[Noise], refused: list[str],
+            several: bool) -> None:
+    """The scan's table: every answer, then (several settings tried) which units answered at which."""
+    if found:
         print(f"{len(found)} unit(s) answered ({args.kind} {args.address}+{args.count}):", file=out)
         for f in found:
             what = f"answered {f.exception} — a device is there; try another --kind/--address" if f.exception \
@@ -392,12 +417,19 @@ async def scan_command(args: argparse.Namespace, out: TextIO | None = None, err:
             print(f"  unit {f.unit:>3}  {f.settings}  {what}", file=out)
     else:
         print(f"no unit answered on {args.target} — check the wiring (A/B), power, and the line settings "
-              "(try --baudrates 9600,19200,38400 and --parity E)", file=out)
+              "(try --baudrates 9600,19200,38400 --parity N,E,O)", file=out)
+    if several and found:
+        by_settings: dict[str, list[int]] = {}
+        for f in found:
+            by_settings.setdefault(f.settings, []).append(f.unit)
+        for settings, answered in by_settings.items():
+            print(f"  at {settings}: unit(s) {', '.join(map(str, answered))}", file=out)
+    for settings in refused:
+        print(f"  not tried: the port refused {settings}", file=out)
     for n in noise:
         print(f"  garbled replies ({', '.join(sorted(n.kinds))}) at {n.settings} from unit(s) "
               f"{', '.join(map(str, n.units[:10]))}{' …' if len(n.units) > 10 else ''}: something is on the "
               "line at other settings (baud rate, parity), or two devices share a unit id", file=out)
-    return 0 if found else EXIT_NO_ANSWER
 
 
 # =========================================================================== the parsers
@@ -411,11 +443,29 @@ def _duration(text: str) -> float:
     return value
 
 
-def _line_options(p: argparse.ArgumentParser) -> None:
+def _parities(text: str) -> list[str]:
+    """``N``, ``N,E,O`` or ``all`` -> parities to try, in order."""
+    if text.strip().lower() == "all":
+        return ["N", "E", "O"]
+    parities: list[str] = []
+    for part in text.split(","):
+        parity = part.strip().upper()
+        if parity not in ("N", "E", "O"):
+            raise ValueError(f"--parity {text!r}: write N, E or O, several as N,E,O, or all")
+        if parity not in parities:
+            parities.append(parity)
+    return parities
+
+
+def _line_options(p: argparse.ArgumentParser, *, scan: bool = False) -> None:
     p.add_argument("target", metavar="TARGET", help="serial port (/dev/ttyUSB0) or HOST:PORT")
     p.add_argument("--rtu", action="store_true", help="HOST:PORT is a serial device server in raw mode (RTU over "
                    "TCP), not Modbus TCP")
-    p.add_argument("--parity", choices=["N", "E", "O"], default="N", help="serial parity (default N)")
+    if scan:
+        p.add_argument("--parity", default="N", help="serial parities to try: N (default), E, O, several as N,E,O, "
+                       "or all; each with every --baudrates")
+    else:
+        p.add_argument("--parity", choices=["N", "E", "O"], default="N", help="serial parity (default N)")
     p.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
     p.add_argument("--kind", choices=list(FUNCTION), default="holding", help="register type (default holding)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
@@ -444,12 +494,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--count", type=int, default=10, help="registers (or bits) to read (default 10)")
     p.add_argument("--timeout", type=_duration, default=1.0, metavar="DURATION", help="default 1s")
     p.set_defaults(func=cmd_read)
-    p = sub.add_parser("scan", help="find which unit ids answer, at which baud rates; bounded time on a silent bus")
-    _line_options(p)
+    p = sub.add_parser("scan", help="find which unit ids answer, at which baud rates and parities; bounded time on "
+                       "a silent bus")
+    _line_options(p, scan=True)
     p.add_argument("--units", default="1-247", help="unit ids to try: 1-247 (default), 1-10,20")
     p.add_argument("--baudrates", default=None, help="serial baud rates to try, e.g. 9600,19200 (default 9600)")
     p.add_argument("--address", type=int, default=0, help="address each probe reads (default 0)")
     p.add_argument("--count", type=int, default=2, help="registers each probe reads (default 2)")
     p.add_argument("--timeout", type=_duration, default=0.1, metavar="DURATION",
-                   help="per probe (default 100ms); total at most units × baud rates × timeout")
+                   help="per probe (default 100ms); total at most units × baud rates × parities × timeout")
     p.set_defaults(func=cmd_scan)

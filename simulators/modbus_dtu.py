@@ -6,7 +6,10 @@ units of an RTU bus (:class:`~simulators.modbus_rtu.RtuBus`'s framing, faults an
 Faults: the bus's per-unit faults (``no_answer``, ``delay``, ``exception``, ``crc``, ``garbage``,
 ``truncate``), plus the DTU's own: :meth:`DtuSim.drop` (the connection drops; it dials in again
 after ``reconnect_delay``), ``register=False`` (connects and says nothing), a heartbeat written
-just before every reply (``heartbeat_before_reply``), and ``drop_every`` in ``sluice sim dtu``.
+just before every reply (``heartbeat_before_reply``), registration and heartbeats written in
+``segments`` TCP writes ``segment_pause`` apart (a packet split across TCP segments), :attr:`DtuSim.hung`
+(stays connected but sends nothing: no heartbeat, no reply — a DTU whose modem hangs), and
+``drop_every`` in ``sluice sim dtu``.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ class DtuSim(RtuBus):
     """A DTU with an RTU bus behind it that dials in to ``host:port``. ``async with`` starts
     dialling (and redialling after every drop); leaving hangs up for good."""
 
+    on_serial = False
+
     def __init__(self, devices: Iterable[SimDevice], *, host: str, port: int, registration: bytes | None,
                  heartbeat: bytes | None = None, heartbeat_interval: float = 30.0, reconnect_delay: float = 1.0,
-                 heartbeat_before_reply: bool = False, **options: Any) -> None:
+                 heartbeat_before_reply: bool = False, segments: int = 1, segment_pause: float = 0.0,
+                 **options: Any) -> None:
         super().__init__(devices, **options)
         self.host, self.port = host, port
         self.registration = registration
@@ -40,6 +46,9 @@ class DtuSim(RtuBus):
         self.heartbeat_interval = heartbeat_interval
         self.reconnect_delay = reconnect_delay
         self.heartbeat_before_reply = heartbeat_before_reply
+        self.segments, self.segment_pause = segments, segment_pause
+        self.hung = False  # connected, but sends nothing at all
+        self._held: bytearray | None = None  # replies waiting for a split packet to be sent
         self.connections = 0  # successful dial-ins
         self.heartbeats = 0
         self.connected = asyncio.Event()
@@ -88,16 +97,16 @@ class DtuSim(RtuBus):
                 continue
             self._transport = transport  # type: ignore[assignment]
             self.connections += 1
-            if self.registration is not None:
-                transport.write(self.registration)  # type: ignore[attr-defined]
-            self.connected.set()
             try:
+                if self.registration is not None:
+                    await self._send_split(self.registration)
+                self.connected.set()
                 while not lost.done():
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self.heartbeat_interval):
                             await asyncio.shield(lost)
-                    if not lost.done() and self.heartbeat is not None:
-                        self._send(self.heartbeat)
+                    if not lost.done() and self.heartbeat is not None and not self.hung:
+                        await self._send_split(self.heartbeat)
                         self.heartbeats += 1
             finally:
                 self.connected.clear()
@@ -109,11 +118,34 @@ class DtuSim(RtuBus):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
+    async def _send_split(self, packet: bytes) -> None:
+        """``packet`` in ``segments`` writes ``segment_pause`` apart (asyncio sets TCP_NODELAY, so
+        each write leaves as a segment of its own). A reply due meanwhile follows the packet, as
+        a DTU sends a packet whole however the network cuts it."""
+        step = max(1, -(-len(packet) // max(1, self.segments)))
+        self._held = bytearray()
+        try:
+            for start in range(0, len(packet), step):
+                if start:
+                    await asyncio.sleep(self.segment_pause)
+                self._send(packet[start:start + step])
+        finally:
+            held, self._held = self._held, None
+        if held:
+            self._send(bytes(held))
+
     def _write(self, data: bytes) -> None:
+        if self.hung:
+            return
+        chunks = [data]
         if self.heartbeat_before_reply and self.heartbeat is not None:
-            self._send(self.heartbeat)
+            chunks.insert(0, self.heartbeat)
             self.heartbeats += 1
-        self._send(data)
+        for chunk in chunks:
+            if self._held is not None:
+                self._held += chunk  # after the packet being sent in pieces
+            else:
+                self._send(chunk)
 
     def _line_matches(self) -> bool:
         return True
@@ -179,6 +211,10 @@ def main_sim_dtu(argv: Sequence[str] | None = None) -> int:
                         help="time between heartbeats (default 30s)")
     parser.add_argument("--reconnect-delay", type=_seconds, default=5.0, metavar="DURATION",
                         help="wait before dialling in again after a drop (default 5s)")
+    parser.add_argument("--segments", type=int, default=1, metavar="N",
+                        help="fault: write registration and heartbeats in N pieces (TCP segments)")
+    parser.add_argument("--segment-pause", type=_seconds, default=0.05, metavar="DURATION",
+                        help="time between those pieces (default 50ms)")
     parser.add_argument("--drop-every", type=_seconds, default=None, metavar="DURATION",
                         help="fault: drop the connection this often (it dials in again)")
     parser.add_argument("--unit", dest="units", action="append", type=_parse_unit, required=True,
@@ -208,7 +244,8 @@ def main_sim_dtu(argv: Sequence[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         async with DtuSim(devices.values(), host=host.strip("[]"), port=int(port), registration=registration,
                           heartbeat=heartbeat, heartbeat_interval=args.heartbeat_interval,
-                          reconnect_delay=args.reconnect_delay) as sim:
+                          reconnect_delay=args.reconnect_delay, segments=args.segments,
+                          segment_pause=args.segment_pause) as sim:
             print(sim.describe(), flush=True)
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):

@@ -37,10 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from drivers.modbus import ProfileModel
-from drivers.modbus_rtu import char_time, crc16, inter_frame_silence, rtu_frame
-from simulators.modbus_tcp import Faults, ServerStats, SimDevice, answer
+from drivers.modbus_rtu import PreciseSleep, bus_key, char_time, crc16, inter_frame_silence, rtu_frame
+from drivers.modbus_rtu_dtu import parse_listen
+from gateway.config import is_loopback
+from gateway.driver import Device
+from simulators.modbus_tcp import Faults, ServerStats, SimDevice, answer, sim_device_for
 
-__all__ = ["RtuBus", "RtuFaults", "RtuTcpServer", "main_sim_rtu", "sim_units_from_args"]
+__all__ = ["RtuBus", "RtuFaults", "RtuTcpServer", "buses_for_config", "main_sim_rtu", "sim_units_from_args"]
 
 log = logging.getLogger("sluice.sim")
 
@@ -63,8 +66,11 @@ def _baud_constant(baudrate: int) -> int | None:
 class RtuBus:
     """A simulated RS485 bus on a pty pair; ``async with`` opens it, leaving closes it."""
 
+    on_serial = True  # the gateway opens :attr:`path` as a serial port (not so for the subclasses)
+
     def __init__(self, devices: Iterable[SimDevice], *, link: Path | str | None = None, baudrate: int = 9600,
-                 parity: str = "N", stopbits: int = 1, wire_timing: bool = False, seed: int = 0) -> None:
+                 parity: str = "N", stopbits: int = 1, wire_timing: bool = False, seed: int = 0,
+                 serial_port: str | None = None) -> None:
         self.devices: dict[int, SimDevice] = {}
         for dev in devices:
             if dev.unit_id in self.devices:
@@ -75,6 +81,8 @@ class RtuBus:
                 dev.faults = RtuFaults(f.no_answer, f.delay, f.exception, f.disconnect)
             self.devices[dev.unit_id] = dev
         self.link = Path(link) if link is not None else None
+        self.serial_port = serial_port
+        self._serial: Any = None
         self.baudrate, self.parity, self.stopbits = baudrate, parity, stopbits
         self.wire_timing = wire_timing
         self.char = char_time(baudrate, 8, parity, stopbits)
@@ -86,6 +94,8 @@ class RtuBus:
         self._master = self._slave = -1
         self._tty = ""
         self._buf = bytearray()
+        self._arrived = 0.0  # loop time the last bytes came in
+        self._sleep = PreciseSleep()  # wire timing to the microsecond, not epoll's millisecond
         self._data = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._late: set[asyncio.Task[None]] = set()
@@ -124,14 +134,19 @@ class RtuBus:
         for late in list(self._late):
             late.cancel()
         await asyncio.gather(*self._late, return_exceptions=True)
+        self._sleep.close()
         self.vanish()
 
     def vanish(self) -> None:
         """Unplug: close the pty (the gateway's reads fail) and remove the symlink."""
         if self._master >= 0:
             asyncio.get_running_loop().remove_reader(self._master)
-            os.close(self._master)
-            os.close(self._slave)
+            if self._serial is not None:
+                self._serial.close()
+                self._serial = None
+            else:
+                os.close(self._master)
+                os.close(self._slave)
             self._master = self._slave = -1
         if self.link is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -141,6 +156,9 @@ class RtuBus:
     def reappear(self) -> None:
         """Plug in (again): a new pty; the symlink, if any, points at it."""
         if self._master >= 0:
+            return
+        if self.serial_port is not None:
+            self._open_serial(self.serial_port)
             return
         master, slave = os.openpty()
         # Raw on both sides until the gateway configures its end: no echo, no CR/LF translation.
@@ -156,6 +174,15 @@ class RtuBus:
             tmp.replace(self.link)
         asyncio.get_running_loop().add_reader(master, self._readable)
 
+    def _open_serial(self, port: str) -> None:
+        """Serve on a real serial port (the master side is the port; there is no slave)."""
+        import serial
+
+        ser = serial.Serial(port, self.baudrate, parity=self.parity, stopbits=self.stopbits, timeout=0,
+                            exclusive=True)
+        self._serial, self._master, self._slave, self._tty = ser, ser.fileno(), -1, port
+        asyncio.get_running_loop().add_reader(self._master, self._readable)
+
     def _readable(self) -> None:
         try:
             data = os.read(self._master, 4096)
@@ -165,11 +192,15 @@ class RtuBus:
             data = b""  # EIO: nobody has the slave open; nothing to read
         if data:
             self._buf += data
+            self._arrived = asyncio.get_running_loop().time()
             self._data.set()
 
     def _line_matches(self) -> bool:
         """Whether the gateway's end of the pty is set to this bus's baud rate. (Linux ptys keep
-        the baud rate but clear the parity bit of the settings, so parity cannot be checked.)"""
+        the baud rate but clear the parity bit of the settings, so parity cannot be checked.) On a
+        real serial port the hardware decides."""
+        if self._slave < 0:
+            return True
         try:
             ospeed = termios.tcgetattr(self._slave)[5]
         except termios.error:
@@ -211,10 +242,13 @@ class RtuBus:
     async def _handle(self, request: bytes) -> None:
         unit, pdu = request[0], request[1:-2]
         self.stats.requests[(unit, pdu[0])] += 1
+        heard = None
         if self.wire_timing:
-            # The request is still on the wire, and a unit knows it has ended only after 3.5
-            # characters of silence.
-            await asyncio.sleep(len(request) * self.char + self.silence)
+            # The request is still on the wire when it arrives here, and a unit knows it has ended
+            # only after 3.5 characters of silence: from then on its reply takes its own
+            # transmission time (_reply). One deadline from the arrival, so that this
+            # simulator's own work and timer rounding are not added to the wire time.
+            heard = self._arrived + len(request) * self.char + self.silence
             if not self._line_matches():
                 self.wrong_line += 1
                 return  # a device at another baud rate or parity hears only noise
@@ -232,11 +266,13 @@ class RtuBus:
             self._late.add(late)
             late.add_done_callback(self._late.discard)
             return
-        await self._reply(device, pdu)
+        await self._reply(device, pdu, heard=heard)
 
-    async def _reply(self, device: SimDevice, pdu: bytes, delay: float = 0.0) -> None:
+    async def _reply(self, device: SimDevice, pdu: bytes, delay: float = 0.0, heard: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
         if delay:
             await asyncio.sleep(delay)
+            heard = None
         unit, faults = device.unit_id, device.faults
         assert isinstance(faults, RtuFaults)
         if faults.exception is not None:
@@ -254,7 +290,9 @@ class RtuBus:
         if faults.garbage and rng.random() < faults.garbage:
             reply = bytes(rng.randrange(256) for _ in range(rng.randint(3, 9))) + reply
         if self.wire_timing:
-            await asyncio.sleep(len(reply) * self.char)
+            wait = (heard if heard is not None else loop.time()) + len(reply) * self.char - loop.time()
+            if wait > 0:
+                await self._sleep.sleep(wait)
         self._write(reply)
 
     def _write(self, data: bytes) -> None:
@@ -275,6 +313,8 @@ class RtuTcpServer(RtuBus):
     """A serial device server in raw mode: the same simulated bus, reached over TCP (RTU frames
     with CRC, no MBAP header). One client at a time, as most converters allow; a new client
     replaces the old one. :meth:`break_stream` sends half a frame and drops the connection."""
+
+    on_serial = False
 
     def __init__(self, devices: Iterable[SimDevice], *, host: str = "127.0.0.1", port: int = 0,
                  **options: Any) -> None:
@@ -351,6 +391,88 @@ class _RawStream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         pass
+
+
+# =========================================================================== from a gateway configuration
+def _link_for(port: str) -> Path | None:
+    """The configured port path if the simulator may make it a symlink to its pty, so that the
+    gateway configuration works as written: a free path (or an earlier simulator's dangling or
+    /dev/pts link) in a writable directory outside /dev. Never a real device."""
+    path = Path(port).absolute()
+    if path.parts[1:2] == ("dev",) or not os.access(path.parent, os.W_OK):
+        return None
+    if path.is_symlink():
+        return path if os.readlink(path).startswith("/dev/pts/") or not path.exists() else None
+    return None if path.exists() else path
+
+
+def buses_for_config(devices: Sequence[Device], origin: float) -> list[RtuBus]:
+    """The RTU side of a gateway configuration: one bus per serial port (``modbus_rtu``) at its
+    line settings, serving exactly its devices' units and profiles; one simulated serial device
+    server per loopback ``host:port`` (``modbus_rtu_tcp``); one DTU per ``dtu.id``
+    (``modbus_rtu_dtu``) that dials in to the listen address and registers with its literal
+    registration packet. A bus is served on a new pty, linked at the configured port path when
+    that is possible (:func:`_link_for`); else a warning says to point the devices at the pty
+    path printed at start."""
+    from simulators.modbus_dtu import DtuSim  # it builds on this module
+
+    serial: dict[str, list[Device]] = {}
+    tcp: dict[tuple[str, int], list[Device]] = {}
+    dtus: dict[str, list[Device]] = {}
+    for dev in devices:
+        cfg = dev.config
+        if cfg.protocol == "modbus_rtu_dtu":
+            dtus.setdefault(cfg.dtu.id, []).append(dev)
+        elif cfg.protocol == "modbus_rtu":
+            serial.setdefault(bus_key(cfg.port), []).append(dev)
+        elif cfg.protocol == "modbus_rtu_tcp":
+            if is_loopback(cfg.host):
+                tcp.setdefault(("127.0.0.1" if cfg.host == "localhost" else cfg.host, cfg.port), []).append(dev)
+            else:
+                log.warning("not simulating %s: its host %s is not this machine", dev.id, cfg.host)
+    buses: list[RtuBus] = []
+    for group in serial.values():
+        cfg = group[0].config
+        link = _link_for(cfg.port)
+        if link is None:
+            log.warning("devices %s use %s, which the simulator cannot take over (a real device, or a directory "
+                        "it cannot write): serving them on a new pseudo-terminal — point their port: at the path "
+                        "printed below", ", ".join(d.id for d in group), cfg.port)
+        buses.append(RtuBus(_units(group, origin), link=link, baudrate=cfg.baudrate, parity=cfg.parity,
+                            stopbits=cfg.stopbits))
+    buses += [RtuTcpServer(_units(group, origin), host=host, port=port) for (host, port), group in tcp.items()]
+    for dtu_id, group in dtus.items():
+        cfg = group[0].config
+        registration, heartbeat = _literal(cfg.dtu.registration), cfg.dtu.heartbeat
+        if registration is None:
+            log.warning("not simulating DTU %s: its registration is a regex — run `sluice sim dtu --registration "
+                        "...` with a packet that matches it", dtu_id)
+            continue
+        host, port = parse_listen(cfg.listen)
+        limit = cfg.dtu.silence_limit
+        buses.append(DtuSim(_units(group, origin), host="127.0.0.1" if host in ("0.0.0.0", "::") else host, port=port,
+                            registration=registration, heartbeat=None if heartbeat is None else _literal(heartbeat),
+                            heartbeat_interval=min(30.0, limit / 3) if limit else 30.0))
+    return buses
+
+
+def _literal(packet: Any) -> bytes | None:
+    """The bytes of a DTU packet given as text: or hex:; None for a regex."""
+    if packet.hex is not None:
+        return bytes.fromhex(packet.hex)
+    return packet.text.encode("utf-8") if packet.text is not None else None
+
+
+def _units(group: Sequence[Device], origin: float) -> list[SimDevice]:
+    units: dict[int, SimDevice] = {}
+    for dev in group:
+        unit = dev.config.unit_id
+        if unit in units:
+            log.warning("not simulating %s: unit id %d is already simulated on its bus for %s", dev.id, unit,
+                        units[unit].name)
+            continue
+        units[unit] = sim_device_for(dev, origin, RtuFaults())
+    return list(units.values())
 
 
 # =========================================================================== sluice sim rtu

@@ -36,13 +36,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from drivers.modbus import MAX_BITS, MAX_REGISTERS, Point, ProfileModel, encode_into, points_of
 from gateway.config import load_profiles, is_loopback, load_config, validate_doc
-from gateway.driver import StrictModel
+from gateway.driver import Device, StrictModel
 from gateway.units import Duration, Identifier
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
 from simulators.signals import Signal, SignalSpec, default_spec, make_signal
@@ -451,6 +451,42 @@ class SimDeviceModel(StrictModel):
     faults: FaultsModel = FaultsModel()
 
 
+class RtuFaultsModel(FaultsModel):
+    crc: float = Field(default=0.0, ge=0, le=1, description="share of replies sent with a wrong CRC")
+    garbage: float = Field(default=0.0, ge=0, le=1, description="share of replies preceded by noise")
+    truncate: float = Field(default=0.0, ge=0, le=1, description="share of replies cut short")
+
+
+class SimUnitModel(StrictModel):
+    profile: str = Field(min_length=1, description="a file of profiles_dir, without .yaml")
+    unit_id: int = Field(ge=1, le=247)
+    name: Identifier | None = Field(default=None, description="for messages; defaults to <profile>/<unit>")
+    seed: int = Field(default=0, description="seeds the random walks")
+    writable: bool = Field(default=False, description="accept writes (5, 6, 15, 16) instead of exception 01")
+    faults: RtuFaultsModel = RtuFaultsModel()
+
+
+class SimBusModel(StrictModel):
+    """An RTU bus: served on a new pseudo-terminal (its path is printed), or on a serial port."""
+
+    link: Path | None = Field(default=None, description="also make this path a symlink to the pty; relative to "
+                                                        "this file")
+    serial_port: str | None = Field(default=None, min_length=1,
+                                    description="serve on this serial port instead of a pty (a null-modem "
+                                                "cable or a socat pty pair to the gateway's port)")
+    baudrate: int = Field(default=9600, ge=300, le=4_000_000)
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    wire_timing: bool = Field(default=False, description="each frame takes its transmission time at baudrate")
+    devices: list[SimUnitModel] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_port(self) -> SimBusModel:
+        if self.link is not None and self.serial_port is not None:
+            raise ValueError("give link: (a pty, linked there) or serial_port: (a real port), not both")
+        return self
+
+
 class ServerOptions(StrictModel):
     unknown_unit: UnknownUnit = "exception"
 
@@ -463,7 +499,8 @@ class SimFile(StrictModel):
     unknown_unit: UnknownUnit = Field(default="exception",
                                       description="exception: answer 0x0B; silent: answer nothing")
     servers: dict[int, ServerOptions] = Field(default_factory=dict, description="per-port options")
-    devices: list[SimDeviceModel] = Field(min_length=1)
+    devices: list[SimDeviceModel] = Field(default_factory=list, description="Modbus TCP devices")
+    buses: list[SimBusModel] = Field(default_factory=list, description="Modbus RTU buses")
 
 
 def _display(path: Path) -> Path:
@@ -477,11 +514,25 @@ def _is_gateway_config(path: Path) -> bool:
     return path.is_dir() or path.name == "gateway.yaml"
 
 
-def load_simulation(path: Path | str) -> list[ModbusTcpServer]:
-    """Servers (not started) for a ``sim.yaml`` file or a gateway configuration directory.
+class SimServer(Protocol):
+    """What ``sluice sim`` runs: a TCP server or an RTU bus (``async with`` serves it)."""
+
+    devices: dict[int, SimDevice]
+
+    async def __aenter__(self) -> Any: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+    def describe(self) -> str: ...
+
+
+def load_simulation(path: Path | str) -> list[SimServer]:
+    """Servers and buses (not started) for a ``sim.yaml`` file or a gateway configuration directory.
 
     A gateway configuration (a directory, or its ``gateway.yaml``) is served as written: every
-    enabled ``modbus_tcp`` device whose host is a loopback address, at its port and unit id.
+    enabled ``modbus_tcp`` device whose host is a loopback address, at its port and unit id; the
+    Modbus RTU devices of every serial port on a bus of their own
+    (:func:`simulators.modbus_rtu.buses_for_config`); every ``modbus_rtu_tcp`` device on a
+    loopback host behind a simulated serial device server at its port; every DTU with a literal
+    registration dialling in to its ``listen:`` address.
     Raises :class:`ConfigErrors` with every problem located as ``file:line:col``.
     """
     path = Path(path)
@@ -500,18 +551,26 @@ def load_simulation(path: Path | str) -> list[ModbusTcpServer]:
     groups: dict[int, list[SimDevice]] = {}
     free: list[SimDevice] = []
     seen: dict[tuple[int, int], int] = {}
+    if not sim.devices and not sim.buses:
+        errors.append(doc.error((), "nothing to simulate", "add `devices:` (Modbus TCP) or `buses:` (Modbus RTU)"))
+
+    def modbus_profile(loc: tuple[str | int, ...], name: str) -> ProfileModel | None:
+        profile = profiles.get(name)
+        if isinstance(profile, ProfileModel):
+            return profile
+        if name in profiles:
+            errors.append(doc.error(loc, f"profile '{name}' is not a Modbus profile",
+                                    "choose a profile with `protocol: modbus`"))
+        elif profiles or not errors:
+            close = difflib.get_close_matches(name, list(profiles), n=1)
+            errors.append(doc.error(loc, f"unknown profile '{name}'", f"did you mean '{close[0]}'?" if close else
+                                    f"add {sim.profiles_dir}/{name}.yaml; available: "
+                                    + (", ".join(sorted(profiles)) or "none")))
+        return None
+
     for i, dev in enumerate(sim.devices):
-        profile = profiles.get(dev.profile)
-        if not isinstance(profile, ProfileModel):
-            if dev.profile in profiles:
-                errors.append(doc.error(("devices", i, "profile"), f"profile '{dev.profile}' is not a Modbus "
-                                        "profile", "choose a profile with `protocol: modbus`"))
-            elif profiles or not errors:
-                close = difflib.get_close_matches(dev.profile, list(profiles), n=1)
-                errors.append(doc.error(("devices", i, "profile"), f"unknown profile '{dev.profile}'",
-                                        f"did you mean '{close[0]}'?" if close else
-                                        f"add {sim.profiles_dir}/{dev.profile}.yaml; available: "
-                                        + (", ".join(sorted(profiles)) or "none")))
+        profile = modbus_profile(("devices", i, "profile"), dev.profile)
+        if profile is None:
             continue
         if dev.port and (dev.port, dev.unit_id) in seen:
             errors.append(doc.error(("devices", i, "unit_id"), f"port {dev.port} unit id {dev.unit_id} is "
@@ -527,16 +586,43 @@ def load_simulation(path: Path | str) -> list[ModbusTcpServer]:
         if port not in groups:
             errors.append(doc.error(("servers", port), f"no device is simulated on port {port}",
                                     "remove these options or fix the port number", key=True))
+    from simulators.modbus_rtu import RtuBus, RtuFaults
+
+    buses: list[SimServer] = []
+    for b, bus in enumerate(sim.buses):
+        units: dict[int, SimDevice] = {}
+        for j, unit in enumerate(bus.devices):
+            profile = modbus_profile(("buses", b, "devices", j, "profile"), unit.profile)
+            if unit.unit_id in units:
+                errors.append(doc.error(("buses", b, "devices", j, "unit_id"), f"unit id {unit.unit_id} is already "
+                                        f"on this bus ({units[unit.unit_id].name})",
+                                        "give each device on one bus its own unit_id"))
+            elif profile is not None:
+                units[unit.unit_id] = SimDevice(profile, unit.unit_id, name=unit.name or f"{unit.profile}/{unit.unit_id}",
+                                                seed=unit.seed, origin=origin, writable=unit.writable,
+                                                faults=RtuFaults(**unit.faults.model_dump()))
+        link = path.parent / bus.link if bus.link is not None else None
+        buses.append(RtuBus(units.values(), link=link, serial_port=bus.serial_port, baudrate=bus.baudrate,
+                            parity=bus.parity, stopbits=bus.stopbits, wire_timing=bus.wire_timing))
     if errors:
         raise ConfigErrors(errors)
     options = {port: sim.servers.get(port, ServerOptions(unknown_unit=sim.unknown_unit)) for port in groups}
-    servers = [ModbusTcpServer(devs, host=sim.host, port=port, unknown_unit=options[port].unknown_unit)
-               for port, devs in groups.items()]
+    servers: list[SimServer] = [ModbusTcpServer(devs, host=sim.host, port=port, unknown_unit=options[port].unknown_unit)
+                                for port, devs in groups.items()]
     servers += [ModbusTcpServer([dev], host=sim.host, port=0, unknown_unit=sim.unknown_unit) for dev in free]
-    return servers
+    return servers + buses
 
 
-def _from_gateway_config(path: Path) -> list[ModbusTcpServer]:
+def sim_device_for(dev: Device, origin: float, faults: Faults | None = None) -> SimDevice:
+    """A gateway device's unit, served from its profile; seeded by its id, so the same
+    configuration gives the same random walks every run."""
+    return SimDevice(dev.profile, dev.config.unit_id, name=dev.id, seed=zlib.crc32(dev.id.encode()), origin=origin,
+                     faults=faults)
+
+
+def _from_gateway_config(path: Path) -> list[SimServer]:
+    from simulators.modbus_rtu import buses_for_config
+
     config = load_config(path)
     origin = time.time()
     groups: dict[tuple[str, int], list[SimDevice]] = {}
@@ -553,27 +639,32 @@ def _from_gateway_config(path: Path) -> list[ModbusTcpServer]:
             log.warning("not simulating %s: unit id %d on %s:%d is already simulated for another device",
                         dev.id, cfg.unit_id, host, cfg.port)
             continue
-        # A stable seed per device id: the same config gives the same random walks every run.
-        group.append(SimDevice(dev.profile, cfg.unit_id, name=dev.id, seed=zlib.crc32(dev.id.encode()),
-                               origin=origin))
-    return [ModbusTcpServer(devs, host=host, port=port) for (host, port), devs in groups.items()]
+        group.append(sim_device_for(dev, origin))
+    servers: list[SimServer] = [ModbusTcpServer(devs, host=host, port=port) for (host, port), devs in groups.items()]
+    return servers + buses_for_config(config.devices, origin)
 
 
-async def run_simulator(config_path: Path | str, *, ready: Callable[[list[ModbusTcpServer]], Any] | None = None,
+async def run_simulator(config_path: Path | str, *, ready: Callable[[list[SimServer]], Any] | None = None,
                         stop: asyncio.Event | None = None) -> None:
     """Serve what ``config_path`` declares until ``stop`` is set (or the task is cancelled).
 
     ``config_path`` is a ``sim.yaml`` file or a gateway configuration directory (see
-    :func:`load_simulation`). Prints one line per server, then calls ``ready(servers)``.
+    :func:`load_simulation`). Prints one line per server (and for an
+    RTU bus ``port: <path>``, the port the gateway opens), then calls ``ready(servers)``.
     Raises :class:`ConfigErrors` for a bad configuration and :class:`OSError` if a port is taken.
     """
+    from simulators.modbus_rtu import RtuBus
+
     servers = load_simulation(config_path)
     async with contextlib.AsyncExitStack() as stack:
         for server in servers:
             await stack.enter_async_context(server)
             print(server.describe(), flush=True)
+            if isinstance(server, RtuBus) and server.on_serial:
+                print(f"port: {server.path}", flush=True)
         if not servers:
-            print(f"nothing to simulate in {config_path}: no Modbus TCP device on a loopback host", flush=True)
+            print(f"nothing to simulate in {config_path}: no Modbus TCP or RTU-over-TCP device on a loopback "
+                  "host, no Modbus RTU device", flush=True)
         if ready is not None:
             ready(servers)
         if stop is None:
@@ -585,10 +676,12 @@ async def run_simulator(config_path: Path | str, *, ready: Callable[[list[Modbus
 def main_sim(argv: Sequence[str] | None = None) -> int:
     """``sluice sim``: 0 after SIGINT/SIGTERM, 1 if a port is taken, 2 for configuration errors."""
     parser = argparse.ArgumentParser(
-        prog="sluice sim", description="Simulate Modbus TCP devices from their profiles until Ctrl-C.")
+        prog="sluice sim", description="Simulate Modbus TCP devices and Modbus RTU buses (on pseudo-terminals, whose "
+                                       "paths are printed) from their profiles until Ctrl-C.")
     parser.add_argument("file", nargs="?", type=Path, help="a simulator file (see config/sim.yaml)")
     parser.add_argument("-c", "--config", type=Path, default=None,
-                        help="a gateway configuration directory: simulate its Modbus TCP devices on this machine "
+                        help="a gateway configuration directory: simulate its Modbus TCP, RTU and RTU-over-TCP "
+                             "devices on this machine "
                              "(default when no file is given: the same directory `sluice run` uses)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ import pytest_asyncio
 
 from simulators.broker import Mosquitto, TlsFiles, free_port
 
-__all__ = ["Mosquitto", "TcpProxy", "TlsFiles", "free_port", "make_ca", "make_client_cert", "subscriber"]
+__all__ = ["Mosquitto", "TcpProxy", "TlsFiles", "free_port", "make_ca", "make_client_cert", "sluice_process",
+           "subscriber"]
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 
@@ -32,6 +34,22 @@ def _need(binary: str, package: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@contextlib.contextmanager
+def sluice_process(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """``python -m gateway.cli ARGS`` (a simulator, say) with text pipes, run from the repository;
+    on leaving it is terminated, must exit 0 (else its stderr is shown), and its pipes are closed."""
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0, proc.stderr.read() if proc.stderr else ""
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 @pytest.fixture

@@ -133,6 +133,42 @@ async def test_scan_of_a_silent_bus_probes_each_id_once_per_baud_rate_and_ends()
     assert "12 unit ids × 2 setting(s)" in err and "20ms per probe: at most 568ms" in err
 
 
+async def test_scan_tries_every_baud_rate_and_parity_and_says_what_answered_where() -> None:
+    # Wire-timed: the units hear only a port set to 19200 baud. (A pty cannot carry parity, so
+    # they answer at either parity here; on RS485 only the matching one answers.)
+    async with RtuBus([unit(2), unit(5)], baudrate=19200, wire_timing=True) as bus:
+        code, out, err = await run(scan_command, "scan", bus.path, "--units", "1-6", "--baudrates", "9600,19200",
+                                   "--parity", "N,O", "--timeout", "50ms")
+        assert bus.wrong_line == 6 * sum(f"refused {bus.path} at 9600 8{p}1" not in out for p in "NO")
+        assert bus.stats.count() == 6 * (4 - out.count("not tried"))  # each id once per setting tried
+        code_json, out_json, _ = await run(scan_command, "scan", bus.path, "--units", "2", "--baudrates",
+                                           "19200,9600", "--parity", "all", "--timeout", "50ms", "--json")
+    assert code == 0, err
+    assert "6 unit ids × 4 setting(s)" in err
+    lines = out.splitlines()
+    assert f"  at {bus.path} at 19200 8N1: unit(s) 2, 5" in lines
+    assert (f"  at {bus.path} at 19200 8O1: unit(s) 2, 5" in lines) != (
+        f"  not tried: the port refused {bus.path} at 19200 8O1" in lines)
+    assert [line.split()[:2] for line in lines[1:3]] == [["unit", "2"], ["unit", "5"]] and "19200 8N1" in lines[1]
+    assert not any("9600 8" in line for line in lines if "unit(s)" in line)
+    assert code_json == 0
+    report = json.loads(out_json)
+    # Every setting either answered or was refused by the port (this kernel's ptys refuse some
+    # parity changes with EINVAL: reported, skipped, and the scan goes on); 9600 never answered.
+    answered = [f["settings"].split(" at ")[1] for f in report["found"]]
+    refused = [s.split(" at ")[1] for s in report["refused_settings"]]
+    assert "19200 8N1" in answered and not any(s.startswith("9600") for s in answered)
+    assert sorted(answered + [s for s in refused if s.startswith("19200")]) == ["19200 8E1", "19200 8N1", "19200 8O1"]
+
+
+def test_scan_parity_list_is_checked() -> None:
+    from gateway.commission import _parities
+
+    assert _parities("n,e,N") == ["N", "E"] and _parities("all") == ["N", "E", "O"]
+    with pytest.raises(ValueError, match="write N, E or O"):
+        _parities("N,X")
+
+
 async def test_scan_over_modbus_tcp_ignores_gateway_no_unit_exceptions() -> None:
     async with ModbusTcpServer([SimDevice(PROFILE, 1), SimDevice(PROFILE, 4)]) as server:  # others: exception 0x0B
         code, out, err = await run(scan_command, "scan", f"127.0.0.1:{server.port}", "--units", "0-5", "--json")

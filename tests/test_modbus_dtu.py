@@ -9,8 +9,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -124,6 +122,59 @@ async def test_registration_and_heartbeats_mixed_with_replies_are_filtered() -> 
     assert dtu.link.registrations == 1
 
 
+async def test_registration_and_heartbeats_split_across_tcp_segments_are_recognised() -> None:
+    (poller,) = make_pollers([device("a", 1, BARN)])
+    (dtu,) = poller.pollers
+    async with running(poller) as (port, readings):
+        # Each packet in 3 writes 20 ms apart (separate TCP segments), so pieces land between and
+        # during transactions.
+        async with DtuSim(units([1]), host="127.0.0.1", port=port, registration=b"BARN-0001",
+                          heartbeat=bytes.fromhex("fefe4842"), heartbeat_interval=0.03, segments=3,
+                          segment_pause=0.02) as sim:
+            await until(lambda: len(readings) >= 5 and sim.heartbeats >= 10)
+            sent = sim.heartbeats
+        await until(lambda: dtu.link.heartbeats >= sent)
+    assert dtu.link.registrations == 1
+    assert all(r.fields == EXPECTED for r in readings)
+    assert set(poller.status["a"].errors) <= {"offline"}
+    assert dtu.client.discarded == 0  # no piece of a heartbeat reached the Modbus stream
+
+
+async def test_a_dtu_that_stays_connected_but_goes_silent_is_hung_up_on(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    spec = {**BARN, "heartbeat_timeout": "400ms"}
+    (poller,) = make_pollers([device("a", 1, spec), device("b", 2, spec)])
+    (dtu,) = poller.pollers
+    async with running(poller) as (port, readings):
+        async with DtuSim(units([1, 2]), host="127.0.0.1", port=port, registration=b"BARN-0001",
+                          heartbeat=bytes.fromhex("fefe4842"), heartbeat_interval=0.05, reconnect_delay=0.05) as sim:
+            await until(lambda: {"a", "b"} <= since(readings, 0))
+            # Heartbeats every 50 ms keep it alive through a whole heartbeat timeout and more.
+            await asyncio.sleep(0.6)
+            assert dtu.link.silent == 0 and sim.connections == 1
+            sim.hung = True  # modem hung: no heartbeat, no reply, the TCP connection stays up
+            await until(lambda: dtu.link.silent == 1)
+            sim.hung = False  # it notices the hang-up and dials in again
+            await until(lambda: sim.connections == 2)
+            back = time.time_ns()
+            await until(lambda: {"a", "b"} <= since(readings, back))
+        assert sim.connections == 2
+    (silent,) = warnings_about(caplog, "nothing from")
+    assert "DTU barn: nothing from 127.0.0.1:" in silent and "for 400ms (no heartbeat, no reply): hanging up" in silent
+    # The devices went down with the connection: one line for both, before the first dial-in and
+    # after the hang-up (once per state change), and back with it.
+    assert len(warnings_about(caplog, "connection DTU barn: DTU barn has not dialled in")) == 2
+    assert all("(devices a, b)" in w for w in warnings_about(caplog, "has not dialled in"))
+    assert any("connection DTU barn: reconnected" in r.getMessage() for r in caplog.records)
+    assert all(r.fields == EXPECTED for r in readings)
+
+
+def test_heartbeat_timeout_default_follows_the_heartbeat() -> None:
+    assert device("a", 1, BARN).config.dtu.silence_limit == 180.0
+    assert device("s", 1, SHED).config.dtu.silence_limit is None
+    assert device("s", 1, {**SHED, "heartbeat_timeout": "2m"}).config.dtu.silence_limit == 120.0
+
+
 async def test_a_dtu_that_drops_and_dials_in_again_resumes_its_bus(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     (poller,) = make_pollers([device("a", 1, BARN)])
@@ -206,15 +257,14 @@ def _free_port() -> int:
 
 def test_sluice_sim_dtu_dials_in_to_sluice_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from gateway.cli import main
+    from servers import sluice_process
 
     port = _free_port()
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "sim", "dtu", "--connect", f"127.0.0.1:{port}",
-         "--registration-hex", "4241524e", "--heartbeat", "HB", "--heartbeat-interval", "50ms",
-         "--reconnect-delay", "100ms", "--profiles", str(REPO / "config" / "profiles"),
-         "--unit", "1=eastron-sdm630", "--unit", "7=eastron-sdm630", "--fault", "7:no_answer"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
+    with sluice_process("sim", "dtu", "--connect", f"127.0.0.1:{port}", "--registration-hex", "4241524e",
+                        "--heartbeat", "HB", "--heartbeat-interval", "50ms", "--reconnect-delay", "100ms",
+                        "--segments", "2", "--segment-pause", "20ms",
+                        "--profiles", str(REPO / "config" / "profiles"), "--unit", "1=eastron-sdm630",
+                        "--unit", "7=eastron-sdm630", "--fault", "7:no_answer") as sim:
         assert sim.stdout is not None
         line = sim.stdout.readline()
         assert line.startswith(f"DTU dialling in to 127.0.0.1:{port}, registering as b'BARN': 2 units"), line
@@ -232,9 +282,3 @@ def test_sluice_sim_dtu_dials_in_to_sluice_once(tmp_path: Path, capsys: pytest.C
         assert main(["once", "-c", str(tmp_path)]) == 1
         out, err = capsys.readouterr()
         assert out.startswith("meter (good)") and "gone: no answer" in err
-    finally:
-        sim.terminate()
-        assert sim.wait(timeout=10) == 0, sim.stderr.read() if sim.stderr else ""
-        for stream in (sim.stdout, sim.stderr):
-            if stream is not None:
-                stream.close()

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -20,6 +21,7 @@ from drivers.modbus import ModbusPoller, ProfileModel
 from drivers.modbus_rtu import (
     DeviceModel,
     ModbusRtuClient,
+    PreciseSleep,
     SerialLink,
     char_time,
     crc16,
@@ -297,18 +299,13 @@ async def test_rtu_over_tcp_resyncs_after_a_broken_stream() -> None:
 
 # --------------------------------------------------------------------------- sluice sim rtu + sluice once
 def test_sluice_sim_rtu_serves_the_gateway(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import subprocess
-    import sys
-
     from gateway.cli import main
+    from servers import sluice_process
 
     link = tmp_path / "ttyRTU"
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "sim", "rtu", "--profiles", str(REPO / "config" / "profiles"),
-         "--unit", "1=eastron-sdm630", "--unit", "7=eastron-sdm630", "--fault", "7:no_answer",
-         "--link", str(link), "--baudrate", "19200"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    try:
+    with sluice_process("sim", "rtu", "--profiles", str(REPO / "config" / "profiles"), "--unit", "1=eastron-sdm630",
+                        "--unit", "7=eastron-sdm630", "--fault", "7:no_answer", "--link", str(link),
+                        "--baudrate", "19200") as sim:
         assert sim.stdout is not None
         lines = [sim.stdout.readline() for _ in range(2)]
         assert lines[0].startswith(f"RTU bus on {link} at 19200 8N1: 2 units"), lines
@@ -325,10 +322,18 @@ def test_sluice_sim_rtu_serves_the_gateway(tmp_path: Path, capsys: pytest.Captur
         assert main(["once", "-c", str(tmp_path)]) == 1
         out, err = capsys.readouterr()
         assert out.startswith("meter (good)") and "gone: no answer" in err
-    finally:
-        sim.terminate()
-        assert sim.wait(timeout=10) == 0, sim.stderr.read() if sim.stderr else ""
-        for stream in (sim.stdout, sim.stderr):
-            if stream is not None:
-                stream.close()
     assert not link.exists()
+
+
+async def test_precise_sleep_never_ends_early_and_releases_its_descriptor() -> None:
+    """The inter-frame silence is a minimum: a sleep may end late (the scheduler), never early."""
+    sleep = PreciseSleep()
+    loop = asyncio.get_running_loop()
+    for seconds in (0.0003, 0.00175, 0.004):
+        start = loop.time()
+        await sleep.sleep(seconds)
+        assert loop.time() - start >= seconds
+    fd = sleep._fd
+    assert fd >= 0 and os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[timerfd]"
+    sleep.close()
+    assert sleep._fd == -1 and not os.path.exists(f"/proc/self/fd/{fd}")
