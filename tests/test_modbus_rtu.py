@@ -270,7 +270,9 @@ async def test_rtu_over_tcp_reads_units_and_checks_crc(caplog: pytest.LogCapture
     async with RtuTcpServer(sim_units([1, 2, 3])) as server:
         server.set_faults(2, crc=1.0)
         server.set_faults(3, garbage=1.0)
-        (poller,) = make_tcp_pollers([tcp_device(f"u{u}", server, u) for u in (1, 2, 3)])
+        # A generous timeout: under load a 50 ms connect can time out, and the reconnect would
+        # be counted below as a second connection.
+        (poller,) = make_tcp_pollers([tcp_device(f"u{u}", server, u, timeout="1s") for u in (1, 2, 3)])
         assert poller.name == f"{server.path} (RTU over TCP)"
         async with running(poller) as readings:
             await until(lambda: sum(r.device == "u3" for r in readings) >= 3
