@@ -19,9 +19,9 @@ from typing import Final, Literal
 
 from pydantic import Field
 
-from drivers.modbus import ModbusConnectionError, ModbusPoller, ProfileModel, open_tcp, plan_summary
+from drivers.modbus import ModbusConnectionError, ModbusPoller, ProfileModel, check, open_tcp, plan_summary
 from drivers.modbus_rtu import RTU_HINTS, LineSettings, ModbusRtuClient, OnData, OnLost, pauses_of
-from gateway.driver import Device, Problem
+from gateway.driver import Device
 
 __all__ = ["PROFILE_KIND", "PROTOCOLS", "RTU_TCP_HINTS", "DeviceModel", "ProfileModel", "TcpLink", "check",
            "make_pollers"]
@@ -96,24 +96,6 @@ class DeviceModel(LineSettings):
     protocol: Literal["modbus_rtu_tcp"]
     host: str = Field(min_length=1, description="IP address or name of the serial device server")
     port: int = Field(ge=1, le=65535, description="its raw TCP port (Moxa 4001, USR 8234/502, ...)")
-
-
-def check(devices: Sequence[Device]) -> list[Problem]:
-    """One unit is not polled twice with the same profile on one converter."""
-    problems: list[Problem] = []
-    seen: dict[tuple[str, int, int, str], Device] = {}
-    for dev in devices:
-        cfg = dev.config
-        key = (cfg.host.lower(), cfg.port, cfg.unit_id, dev.profile_name)
-        if key in seen:
-            problems.append(Problem(
-                dev, ("unit_id",),
-                f"{cfg.host}:{cfg.port} unit {cfg.unit_id} is already polled as '{seen[key].id}' "
-                f"({seen[key].source}) with the same profile",
-                "a copied file? give this device its own unit_id, or remove one of them"))
-        else:
-            seen[key] = dev
-    return problems
 
 
 def make_pollers(devices: Sequence[Device]) -> list[ModbusPoller]:
