@@ -224,6 +224,8 @@ async def test_verify_url_reads_an_epcis_query_answer_and_a_jsonl_url(tmp_path, 
         capsys.readouterr()
         assert await asyncio.to_thread(main, ["trace", "verify", f"{base}/epcis/events"]) == 0
         assert "OK — 2 events" in capsys.readouterr().out
+        assert await asyncio.to_thread(main, ["trace", "verify", f"{base}/epcis/events", "--pubkey", str(pem)]) == 0
+        assert "OK — 2 events" in (out := capsys.readouterr().out) and "every event's signature valid" in out
         assert await asyncio.to_thread(main, ["trace", "verify", f"{base}/feed.jsonl", "--pubkey", str(pem)]) == 0
         assert "every signature valid" in capsys.readouterr().out
         server.documents[1]["epcisBody"]["eventList"][0]["sensorElementList"][0]["sensorReport"][0]["maxValue"] = 1.0
