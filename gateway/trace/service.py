@@ -43,12 +43,24 @@ from gateway.trace.engine import Command, TraceCore
 from gateway.trace.journal import Journal
 from gateway.trace.seal import Sealer, load_or_create_key
 
-__all__ = ["JsonlSink", "TraceService", "state_dir"]
+__all__ = ["METRICS", "JsonlSink", "TraceService", "state_dir"]
 
 log = logging.getLogger(__name__)
 
 TICK = 1.0
 """Seconds between looks at the command table, the clock and the sinks."""
+
+
+METRICS: dict[str, tuple[str, str]] = {
+    # name: (type, help) — added to the gateway's /metrics while the feed runs; the README lists them.
+    "sluice_trace_events_total": ("counter", "Trace events sealed and stored in trace.db by this process"),
+    "sluice_trace_chain_seq": ("gauge", "Sequence number of the chain head (the last event in trace.db)"),
+    "sluice_trace_last_event_timestamp_seconds": ("gauge", "Unix time the last trace event was sealed (0: none)"),
+    "sluice_trace_late_readings_total": ("counter", "Readings not used because their window had already closed"),
+    "sluice_trace_sink_delivered_total": ("counter", "Trace events the sink acknowledged (all time, from trace.db)"),
+    "sluice_trace_sink_pending_events": ("gauge", "Trace events in trace.db not yet acknowledged by the sink"),
+    "sluice_trace_sink_dead_letters_total": ("counter", "Trace events the sink's far end refused (dead letters)"),
+}
 
 
 def state_dir() -> Path:
@@ -118,6 +130,10 @@ class TraceService:
         self.sealer: Sealer | None = None
         self._late_logged = 0
         self._late_window: int | None = None
+        self.emitted = 0
+        """Events sealed and stored since start."""
+        self.last_sealed_ns = 0
+        self._unregister: Any = None
 
     @property
     def late(self) -> int:
@@ -144,6 +160,10 @@ class TraceService:
                 journal.queue("start", lot_id, lot.location, "config", self._clock())
         journal.commit([], (self.sealer.seq, self.sealer.head), self.core.state(),
                        applied=[k for k, v in self.cfg.file.lots.items() if v.location])
+        self.last_sealed_ns = journal.last_sealed_ns()
+        from gateway.health import add_metrics
+
+        self._unregister = add_metrics(self.metrics)
         self._stack = AsyncExitStack()
         try:
             for name, sink in self._net.items():
@@ -162,6 +182,9 @@ class TraceService:
             if self._journal is not None:
                 self.step()
         finally:
+            if self._unregister is not None:
+                self._unregister()
+                self._unregister = None
             tasks, self._tasks = self._tasks, []
             for task in tasks:
                 task.cancel()
@@ -175,6 +198,24 @@ class TraceService:
             if self._journal is not None:
                 self._journal.__exit__()
                 self._journal = None
+
+    def metrics(self) -> list[tuple[str, str, str, list[tuple[dict[str, str], float]]]]:
+        """The feed's figures for /metrics (:func:`gateway.health.add_metrics`): counters in memory,
+        positions and dead letters from trace.db (one small query per sink)."""
+        journal, sealer = self._journal, self.sealer
+        if journal is None or sealer is None:
+            return []
+        delivery = journal.delivery([*(self._sinks or {}), *self._net])
+        figures: dict[str, list[tuple[dict[str, str], float]]] = {
+            "sluice_trace_events_total": [({}, self.emitted)],
+            "sluice_trace_chain_seq": [({}, sealer.seq)],
+            "sluice_trace_last_event_timestamp_seconds": [({}, self.last_sealed_ns / 1e9)],
+            "sluice_trace_late_readings_total": [({}, self.late)],
+            "sluice_trace_sink_delivered_total": [({"sink": n}, acked - dead) for n, (acked, dead) in delivery.items()],
+            "sluice_trace_sink_pending_events": [({"sink": n}, sealer.seq - acked) for n, (acked, _d) in delivery.items()],
+            "sluice_trace_sink_dead_letters_total": [({"sink": n}, dead) for n, (_a, dead) in delivery.items()],
+        }
+        return [(name, *METRICS[name], samples) for name, samples in figures.items()]
 
     def observe(self, reading: Reading) -> None:
         """Every reading, as it is read. Never blocks, never raises."""
@@ -218,16 +259,19 @@ class TraceService:
         sealer, journal, core = self.sealer, self._journal, self.core
         assert sealer is not None and journal is not None and core is not None
         seq, head = sealer.seq, sealer.head
+        now = self._clock()
         try:
             sealed = []
             for event in events:
                 line = sealer.seal(event)
-                sealed.append((sealer.seq, event["sluice:lot"], 0, line))
+                sealed.append((sealer.seq, event["sluice:lot"], now, line))
             journal.commit(sealed, (sealer.seq, sealer.head), core.state(), command)
         except BaseException:
             sealer.seq, sealer.head = seq, head  # nothing stored: the chain continues from the stored head
             raise
         if events:
+            self.emitted += len(events)
+            self.last_sealed_ns = now
             for wake in self._wake.values():
                 wake.set()
 
