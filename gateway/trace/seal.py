@@ -92,12 +92,12 @@ class Sealer:
     def __init__(self, key: Ed25519PrivateKey, gateway_id: str, seq: int = 0, head: str | None = None) -> None:
         self._key = key
         self._kid = key_id(key.public_key())
-        self._gateway = gateway_id
+        self.gateway_id = gateway_id
         self.seq, self.head = seq, head
 
     def seal(self, event: dict[str, Any]) -> str:
         event = dict(event)
-        event["sluice:gateway"] = self._gateway
+        event["sluice:gateway"] = self.gateway_id
         event["sluice:seq"] = self.seq + 1
         if self.head is not None:
             event["sluice:prev"] = self.head
