@@ -127,3 +127,39 @@ async def test_reload_starts_a_new_network_sink_from_seq_1_and_stops_a_removed_o
             assert svc._resink is not None
             await svc._resink
             assert not svc._net and "bus" not in svc._wake
+
+
+async def test_sluice_run_reloads_trace_yaml_on_sighup(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cfg = _config_dir(tmp_path)
+    log_file = tmp_path / "run.log"
+    env = {**os.environ, "STATE_DIRECTORY": str(tmp_path / "state")}
+    (tmp_path / "state" / "out").mkdir(parents=True)
+
+    async def logged(text: str) -> None:
+        async with asyncio.timeout(30):
+            while text not in log_file.read_text():  # noqa: ASYNC110 - another process's log
+                await asyncio.sleep(0.05)
+
+    with log_file.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)], stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+    try:
+        await logged("running:")
+        (cfg / "trace.yaml").write_text(TRACE_YAML.replace("window: 15m", "window: 15 minutes"))
+        proc.send_signal(signal.SIGHUP)
+        await logged("configuration NOT reloaded")
+        (cfg / "trace.yaml").write_text(TRACE_YAML.replace("window: 15m", "window: 5m"))
+        proc.send_signal(signal.SIGHUP)
+        await logged("trace.yaml reloaded")
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 30)
+    text = log_file.read_text()
+    assert proc.returncode == 0, text
+    assert "trace.yaml:1:9: " in text and "the chain continues at seq 0" in text, text
