@@ -13,7 +13,8 @@ Contracts:
   indexed outbox row per sink for its lag); they never contain configuration values other than
   names (device ids, sink names, error kinds), so no secret can reach them.
 * :func:`add_metrics` lets a part that runs beside the gateway (the trace feed) add families
-  to ``/metrics`` while it runs; the same rules apply to what it returns.
+  to ``/metrics`` while it runs: names only, as above; in-memory figures or a few small indexed
+  queries of its own database (the trace feed: one per sink in trace.db).
 * :class:`HealthServer` is an async context manager; it answers ``GET /healthz`` and
   ``GET /metrics`` with ``Connection: close`` and nothing else.
 """
@@ -223,8 +224,8 @@ _providers: list[Callable[[], list[MetricFamily]]] = []
 
 
 def add_metrics(provider: Callable[[], list[MetricFamily]]) -> Callable[[], None]:
-    """Add ``provider``'s families to every /metrics answer (in-memory figures, names only, never
-    raises for long: a failing provider is logged and left out); returns the function removing it."""
+    """Add ``provider``'s families to every /metrics answer (see the module docstring; a provider
+    that raises is logged and left out of that answer); returns the function removing it."""
     _providers.append(provider)
     return lambda: _providers.remove(provider) if provider in _providers else None
 
