@@ -367,3 +367,11 @@ async def test_a_query_answer_is_verified_event_by_event_with_the_event_signatur
     path.write_text(json.dumps(answer))
     assert main(["trace", "verify", str(path), *key]) == 0
     assert "every event's signature valid" in capsys.readouterr().out
+    # a filtered query (say, one lot's events): --partial allows gaps; each event stands on its signature
+    path.write_text(json.dumps(_query_answer([events[0], events[2], events[4]])))
+    assert main(["trace", "verify", str(path), *key]) == 1
+    assert main(["trace", "verify", str(path), "--partial", *key]) == 0
+    assert "2 gap(s)" in capsys.readouterr().out
+    path.write_text(json.dumps(_query_answer([events[0], forged[2], events[4]])))
+    assert main(["trace", "verify", str(path), "--partial", *key]) == 1
+    assert "seq 3" in capsys.readouterr().err

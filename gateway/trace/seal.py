@@ -198,7 +198,8 @@ REPOSITORY_FIELDS = frozenset({"recordTime", "@context"})
 """Fields an EPCIS repository adds to an event it returns; not part of what Sluice sealed."""
 
 
-def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: Any = None) -> tuple[int, Problem | None]:
+def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: Any = None,
+                  partial: bool = False) -> tuple[int, Problem | None]:
     """Check events returned by an EPCIS query (an EPCISQueryDocument's eventList).
 
     A repository keeps events, not the documents, and returns them in no promised order: the
@@ -206,7 +207,9 @@ def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: 
     content), its own signature (``sluice:eventSignature``, when ``public`` is given: without the
     key anyone could recompute ids and links), the sequence (1, 2, 3 ... with no gap or repeat)
     and the chain (``sluice:prev``); each is re-wrapped as the one-event document it was sent in
-    for the schema check. ``Problem.position`` is the seq's place in that order."""
+    for the schema check. ``Problem.position`` is the seq's place in that order. ``partial``: the
+    answer of a filtered query (one lot's events): gaps in the sequence are allowed, and the
+    chain is checked between consecutive seqs only — each event still stands on its signature."""
     items = []
     for index, event in enumerate(events, 1):
         seq = event.get("sluice:seq") if isinstance(event, dict) else None
@@ -216,6 +219,8 @@ def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: 
     items.sort(key=lambda item: item[0])
     expected_seq, head, count = 1, None, 0
     for position, (seq, event) in enumerate(items, 1):
+        if partial and seq > expected_seq:
+            expected_seq, head = seq, event.get("sluice:prev")  # a gap: the link is not checkable
         if seq != expected_seq:
             what = (f"{seq - expected_seq} event(s) before it are missing" if seq > expected_seq
                     else "it repeats an earlier seq")
