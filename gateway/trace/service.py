@@ -37,7 +37,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Config
+from gateway.config import Config, ConfigErrors
 from gateway.reading import Reading
 from gateway.trace.config import JsonlSinkConfig, TraceConfig, load_trace_config
 from gateway.trace.engine import Command, TraceCore
@@ -231,7 +231,8 @@ class TraceService:
         if not self._injected:
             self._sinks = self._jsonl_sinks()
             names = set(self._net_names(old)) | set(self._net_names(cfg))
-            changed = sorted(n for n in names if old.file.sinks.get(n) != cfg.file.sinks.get(n))
+            renamed = (old.gateway_id, old.site) != (cfg.gateway_id, cfg.site)  # in topics and client ids
+            changed = sorted(n for n in names if renamed or old.file.sinks.get(n) != cfg.file.sinks.get(n))
             if changed:
                 previous = self._resink
                 self._resink = asyncio.get_running_loop().create_task(self._swap_net(changed, previous),
@@ -486,7 +487,13 @@ def reloading(load: Callable[[], Config], service: TraceService | None) -> Calla
             log.warning("%s is gone: the traceability feed keeps running with the previous one until the gateway "
                         "restarts", service.cfg.path)
         elif service is not None and trace is not None:
-            service.reload(trace)
+            try:
+                service.reload(trace)
+            except ConfigErrors:
+                raise
+            except Exception:  # never let the feed end the gateway's reload loop
+                log.exception("trace.yaml could not be applied in full; the feed keeps running — restart the "
+                              "gateway if it misbehaves")
         return config
 
     return load_all
