@@ -80,12 +80,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if trace is None:
             await serve(config, load, stop, reload, reloaded)
             return
-        from gateway.trace.service import TraceService
+        from gateway.trace.service import TraceService, reloading
 
         async with TraceService(trace) as service:
             task = asyncio.create_task(service.run(), name="trace")
-            try:
-                await serve(config, load, stop, reload, reloaded, on_reading=service.observe)
+            try:  # a reload re-reads and applies trace.yaml too
+                await serve(config, reloading(load, service), stop, reload, reloaded, on_reading=service.observe)
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -12,6 +12,9 @@ Contracts:
 * :func:`render_metrics` and :func:`healthz` read in-memory figures only (plus at most one
   indexed outbox row per sink for its lag); they never contain configuration values other than
   names (device ids, sink names, error kinds), so no secret can reach them.
+* :func:`add_metrics` lets a part that runs beside the gateway (the trace feed) add families
+  to ``/metrics`` while it runs: names only, as above; in-memory figures or a few small indexed
+  queries of its own database (the trace feed: one per sink in trace.db).
 * :class:`HealthServer` is an async context manager; it answers ``GET /healthz`` and
   ``GET /metrics`` with ``Connection: close`` and nothing else.
 """
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-__all__ = ["HealthServer", "Progress", "healthz", "render_metrics", "status_line"]
+__all__ = ["HealthServer", "MetricFamily", "Progress", "add_metrics", "healthz", "render_metrics", "status_line"]
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +218,31 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 
 
+MetricFamily = tuple[str, str, str, list[tuple[dict[str, str], float]]]
+"""(name, type, help, [(labels, value)]): one family a provider adds to /metrics."""
+_providers: list[Callable[[], list[MetricFamily]]] = []
+
+
+def add_metrics(provider: Callable[[], list[MetricFamily]]) -> Callable[[], None]:
+    """Add ``provider``'s families to every /metrics answer (see the module docstring; a provider
+    that raises is logged and left out of that answer); returns the function removing it."""
+    _providers.append(provider)
+    return lambda: _providers.remove(provider) if provider in _providers else None
+
+
+def _provided(out: _Out) -> None:
+    for provider in list(_providers):
+        try:
+            families = provider()
+        except Exception:
+            log.exception("metrics provider %r failed; its figures are left out of /metrics", provider)
+            continue
+        for name, kind, help_text, samples in families:
+            out.family(name, kind, help_text)
+            for labels, value in samples:
+                out.sample(name, value, **labels)
+
+
 def render_metrics(gw: Gateway) -> str:
     """Prometheus text exposition format 0.0.4."""
     out = _Out()
@@ -300,6 +328,7 @@ def render_metrics(gw: Gateway) -> str:
     for name in gw.progress.names():
         out.sample("sluice_component_stalled", name in stalled, component=name)
 
+    _provided(out)
     proc = _process()
     fam("process_cpu_seconds_total")
     out.sample("process_cpu_seconds_total", proc["cpu"])
@@ -466,7 +495,10 @@ def format_status(health: dict[str, Any], metrics_text: str, now: float | None =
     by: dict[str, dict[str, dict[str, float]]] = {}
     errors: dict[str, dict[str, float]] = {}
     info: dict[str, str] = {}
+    trace = [(name, labels, value) for name, labels, value in samples if name.startswith("sluice_trace_")]
     for name, labels, value in samples:
+        if name.startswith("sluice_trace_"):
+            continue  # their own section below
         if name == "sluice_info":
             info = labels
         elif name == "sluice_device_errors_total":
@@ -505,6 +537,8 @@ def format_status(health: dict[str, Any], metrics_text: str, now: float | None =
             lines.append(f"{name:<{width}}  {'connected' if m.get('sluice_sink_connected') else 'DISCONNECTED':<12}  "
                          f"{m.get('sluice_sink_delivered_total', 0):>10.0f}  {m.get('sluice_sink_pending_readings', 0):>8.0f}  "
                          f"{_ago(m.get('sluice_sink_lag_seconds', 0)):>8}  {m.get('sluice_sink_retries_total', 0):.0f}")
+    if trace:
+        lines += ["", *_trace_status(trace, now)]
     lines.append("")
     lines.append(f"process: cpu {single.get('process_cpu_seconds_total', 0):.1f} s, "
                  f"rss {_size(single.get('process_resident_memory_bytes', 0))}")
@@ -513,6 +547,27 @@ def format_status(health: dict[str, Any], metrics_text: str, now: float | None =
     for warning in health.get("warnings", []):
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+def _trace_status(samples: list[tuple[str, dict[str, str], float]], now: float) -> list[str]:
+    """The traceability feed's lines of ``sluice status`` (``sluice_trace_*``, see gateway/trace/service.py)."""
+    single = {name: value for name, labels, value in samples if not labels}
+    sinks: dict[str, dict[str, float]] = {}
+    for name, labels, value in samples:
+        if "sink" in labels:
+            sinks.setdefault(labels["sink"], {})[name] = value
+    last = single.get("sluice_trace_last_event_timestamp_seconds", 0)
+    lines = [f"trace: chain at seq {single.get('sluice_trace_chain_seq', 0):.0f}, last event "
+             f"{(_ago(now - last) + ' ago') if last else 'never'}, {single.get('sluice_trace_events_total', 0):.0f} "
+             f"events this run, {single.get('sluice_trace_late_readings_total', 0):.0f} late readings"]
+    if sinks:
+        width = max(10, *(len(s) for s in sinks))
+        lines.append(f"{'TRACE SINK':<{width}}  {'DELIVERED':>10}  {'PENDING':>8}  DEAD LETTERS")
+        for name, m in sorted(sinks.items()):
+            lines.append(f"{name:<{width}}  {m.get('sluice_trace_sink_delivered_total', 0):>10.0f}  "
+                         f"{m.get('sluice_trace_sink_pending_events', 0):>8.0f}  "
+                         f"{m.get('sluice_trace_sink_dead_letters_total', 0):.0f}")
+    return lines
 
 
 def fetch(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:

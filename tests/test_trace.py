@@ -294,3 +294,84 @@ async def test_cli_verify_show_pubkey_and_lot(trace_cfg, tmp_path, capsys, monke
     assert main(["lot", "start", "LOT-B", "cold-room-1", *config]) == 0
     with Journal(tmp_path / "state" / "trace.db") as j:
         assert [c[2:5] for c in j.pending_commands()] == [("start", "LOT-B", "cold-room-1")]
+
+
+# --------------------------------------------------------------------------- EPCIS query answers
+def _query_answer(events: list[dict]) -> dict:
+    """What an EPCIS 2.0 repository returns for a query: the events it stored (no documents, no
+    document signature), each with its recordTime, in an order of its choosing."""
+    from gateway.trace.engine import CONTEXT
+
+    return {"@context": CONTEXT, "type": "EPCISQueryDocument", "schemaVersion": "2.0",
+            "creationDate": "2024-05-01T07:00:00.000Z",
+            "epcisBody": {"queryResults": {"queryName": "SimpleEventQuery", "resultsBody": {
+                "eventList": [dict(e, recordTime="2024-05-01T06:30:00.000Z") for e in events]}}}}
+
+
+def _relinked(events: list[dict], start: int) -> list[dict]:
+    """``events`` with the ids and links from ``start`` on recomputed, as a forger with write access
+    to a repository (but not the gateway's key) would."""
+    from gateway.trace.engine import CONTEXT
+
+    out = [dict(e) for e in events]
+    for i in range(start, len(out)):
+        content = {k: v for k, v in out[i].items() if k != "eventID"}
+        if i > 0:
+            content["sluice:prev"] = out[i - 1]["eventID"]
+        out[i] = {"eventID": event_hash(content, CONTEXT), **content}
+    return out
+
+
+async def test_a_query_answer_is_verified_event_by_event_with_the_event_signatures(trace_cfg, tmp_path, capsys):
+    jsonschema = pytest.importorskip("jsonschema")
+    from gateway.cli import main
+    from gateway.trace.seal import verify_events
+
+    (tmp_path / "state" / "out").mkdir(parents=True)
+    docs, _feed = await _scenario(trace_cfg, tmp_path)
+    public = load_public_key(tmp_path / "state" / "trace-ed25519.key")
+    events = [doc["epcisBody"]["eventList"][0] for doc in docs]
+    answer = _query_answer(list(reversed(events)))  # a repository promises no order
+    validator = jsonschema.Draft7Validator(_schema(), format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)
+    assert not [e.message for e in validator.iter_errors(answer)]
+    assert verify_events(answer["epcisBody"]["queryResults"]["resultsBody"]["eventList"], public) == (5, None)
+
+    def check(changed: list[dict]) -> tuple[int, object]:
+        return verify_events(_query_answer(changed)["epcisBody"]["queryResults"]["resultsBody"]["eventList"], public)
+
+    # altered, with its eventID recomputed (and the next event's link): only the signature tells
+    forged = json.loads(json.dumps(events))
+    forged[1]["sensorElementList"][0]["sensorReport"][0]["maxValue"] = 3.9
+    forged = _relinked(forged, 1)
+    count, problem = check(forged)
+    assert count == 1 and problem.seq == 2 and "eventSignature does not match" in problem.message
+    # removed: a gap in the chain
+    count, problem = check([events[0], *events[2:]])
+    assert count == 1 and problem.seq == 3 and "1 event(s) before it are missing" in problem.message
+    # reordered: two events' places in the chain swapped (seq and links rewritten, ids recomputed)
+    swapped = json.loads(json.dumps(events))
+    swapped[1], swapped[2] = {**swapped[2], "sluice:seq": 2}, {**swapped[1], "sluice:seq": 3}
+    swapped = _relinked(swapped, 1)
+    count, problem = check(swapped)
+    assert count == 1 and problem.seq == 2 and "eventSignature does not match" in problem.message
+    # without the key, the forgery passes: the CLI says so and asks for --pubkey
+    path = tmp_path / "answer.json"
+    path.write_text(json.dumps(_query_answer(forged)))
+    capsys.readouterr()
+    assert main(["trace", "verify", str(path)]) == 0
+    assert "signatures NOT checked" in capsys.readouterr().out
+    key = ["--pubkey", str(tmp_path / "state" / "trace-ed25519.key")]
+    assert main(["trace", "verify", str(path), *key]) == 1
+    err = capsys.readouterr().err
+    assert "seq 2" in err and "eventSignature does not match" in err
+    path.write_text(json.dumps(answer))
+    assert main(["trace", "verify", str(path), *key]) == 0
+    assert "every event's signature valid" in capsys.readouterr().out
+    # a filtered query (say, one lot's events): --partial allows gaps; each event stands on its signature
+    path.write_text(json.dumps(_query_answer([events[0], events[2], events[4]])))
+    assert main(["trace", "verify", str(path), *key]) == 1
+    assert main(["trace", "verify", str(path), "--partial", *key]) == 0
+    assert "2 gap(s)" in capsys.readouterr().out
+    path.write_text(json.dumps(_query_answer([events[0], forged[2], events[4]])))
+    assert main(["trace", "verify", str(path), "--partial", *key]) == 1
+    assert "seq 3" in capsys.readouterr().err

