@@ -502,8 +502,10 @@ async def _until_reload(gateway: Gateway, task: asyncio.Task[None], run_stop: as
                       "fix the files and reload again", len(exc.errors), "s" if len(exc.errors) != 1 else "")
             continue
         changes = describe_changes(config, new)
-        if not changes:
-            log.info("configuration unchanged; nothing to restart")
+        if not changes:  # load() may have applied trace.yaml: systemd still sees a whole reload
+            notifier.send(RELOADING=1, STATUS="reloading")
+            log.info("configuration unchanged (gateway.yaml, devices, profiles); nothing to restart")
+            notifier.send(READY=1, STATUS=status_line(gateway))
             continue
         full = needs_full_restart(config, new)
         notifier.send(RELOADING=1, STATUS="reloading: " + "; ".join(changes))
