@@ -81,6 +81,53 @@ def ssl_context(tls: Any) -> ssl.SSLContext:
     return ctx
 
 
+def check_http_url(v: str, example: str, only: str) -> str:
+    """An http:// or https:// URL with a host and no query or fragment (``example`` shows the form,
+    ``only`` says what to give instead); returned without a trailing slash."""
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"'{v}' is not an http:// or https:// URL — write it like {example}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"the URL has a query or fragment — give only {only}")
+    return v.rstrip("/")
+
+
+def check_remote_link(host: str, *, plaintext: bool, tls: TlsConfig | None, insecure: bool, protocol: str,
+                      fix: str, peer: str) -> None:
+    """The security rule for every outgoing link: to a host that is not loopback, no plaintext and
+    no unverified TLS unless the operator set ``insecure: true``."""
+    if is_loopback(host) or insecure:
+        return
+    if plaintext:
+        raise ValueError(f"plaintext {protocol} to the remote host '{host}' — {fix} (recommended) or set "
+                         "`insecure: true` if the link is private")
+    if tls is not None and not tls.verify:
+        raise ValueError(f"tls.verify is false for a remote host — give the {peer}'s CA in tls.ca_file, or set "
+                         "`insecure: true` to accept an unverified link")
+
+
+class ListenConfig(StrictModel):
+    """A ``listen: host:port`` address of a local HTTP endpoint (subclasses give the field)."""
+
+    listen: str
+
+    @staticmethod
+    def split_listen(v: str, example: str) -> tuple[str, int]:
+        host, sep, port = v.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"'{v}' is not host:port — write it like {example}")
+        return host, int(port)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
 class BatchConfig(StrictModel):
     max_readings: int = Field(default=500, ge=1, le=100_000)
     max_bytes: ByteSize = Field(default=64 * 1024, ge=1024, le=64 * 1024**2)
@@ -146,13 +193,8 @@ class MqttSinkConfig(StrictModel):
 
     @model_validator(mode="after")
     def _secure(self) -> MqttSinkConfig:
-        if not is_loopback(self.host) and not self.insecure:
-            if self.tls is None:
-                raise ValueError(f"plaintext MQTT to the remote host '{self.host}' — add a `tls:` section "
-                                 "(recommended) or set `insecure: true` if the link is private")
-            if not self.tls.verify:
-                raise ValueError("tls.verify is false for a remote host — give the broker's CA in "
-                                 "tls.ca_file, or set `insecure: true` to accept an unverified link")
+        check_remote_link(self.host, plaintext=self.tls is None, tls=self.tls, insecure=self.insecure,
+                          protocol="MQTT", fix="add a `tls:` section", peer="broker")
         if self.reconnect_max < self.reconnect_min:
             raise ValueError("reconnect_max is smaller than reconnect_min — swap them")
         return self
@@ -200,12 +242,7 @@ class InfluxSinkConfig(StrictModel):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"'{v}' is not an http:// or https:// URL — write it like https://influx.example.com:8086")
-        if parts.query or parts.fragment:
-            raise ValueError("the URL has a query or fragment — give only scheme://host:port (and a path prefix)")
-        return v.rstrip("/")
+        return check_http_url(v, "https://influx.example.com:8086", "scheme://host:port (and a path prefix)")
 
     @model_validator(mode="after")
     def _consistent(self) -> InfluxSinkConfig:
@@ -223,13 +260,8 @@ class InfluxSinkConfig(StrictModel):
         if self.api == "v1" and (self.username is None) != (self.password is None):
             raise ValueError("username and password go together — give both, or neither")
         parts = urlsplit(self.url)
-        if not is_loopback(parts.hostname or "") and not self.insecure:
-            if parts.scheme != "https":
-                raise ValueError(f"plaintext HTTP to the remote host '{parts.hostname}' — use an https:// URL "
-                                 "(recommended) or set `insecure: true` if the link is private")
-            if self.tls is not None and not self.tls.verify:
-                raise ValueError("tls.verify is false for a remote host — give the server's CA in tls.ca_file, "
-                                 "or set `insecure: true` to accept an unverified link")
+        check_remote_link(parts.hostname or "", plaintext=parts.scheme != "https", tls=self.tls,
+                          insecure=self.insecure, protocol="HTTP", fix="use an https:// URL", peer="server")
         if self.tls is not None and parts.scheme != "https":
             raise ValueError("a `tls:` section with an http:// URL — use https:// or remove `tls:`")
         if self.retry_max < self.retry_min:
@@ -246,7 +278,7 @@ class LoggingConfig(StrictModel):
         default="auto", description="journal: no timestamps, syslog levels; auto: journal under systemd")
 
 
-class HealthConfig(StrictModel):
+class HealthConfig(ListenConfig):
     enabled: bool = Field(default=True, description="serve /healthz and /metrics over HTTP")
     listen: str = Field(default="127.0.0.1:9108",
                         description="host:port of the health endpoint; loopback unless you need it remote")
@@ -254,19 +286,8 @@ class HealthConfig(StrictModel):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"'{v}' is not host:port — write it like 127.0.0.1:9108 or [::1]:9108")
+        cls.split_listen(v, "127.0.0.1:9108 or [::1]:9108")
         return v
-
-    @property
-    def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
 
 
 class GatewayFile(StrictModel):

@@ -14,11 +14,12 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.config import (
     InfluxSinkConfig,
+    ListenConfig,
     LoggingConfig,
     TlsConfig,
     _display,
+    check_remote_link,
     expand_secrets,
-    is_loopback,
     validate_doc,
 )
 from gateway.driver import StrictModel
@@ -62,13 +63,8 @@ class IngestMqttConfig(StrictModel):
 
     @model_validator(mode="after")
     def _secure(self) -> IngestMqttConfig:
-        if not is_loopback(self.host) and not self.insecure:
-            if self.tls is None:
-                raise ValueError(f"plaintext MQTT to the remote host '{self.host}' — add a `tls:` section "
-                                 "(recommended) or set `insecure: true` if the link is private")
-            if not self.tls.verify:
-                raise ValueError("tls.verify is false for a remote host — give the broker's CA in "
-                                 "tls.ca_file, or set `insecure: true` to accept an unverified link")
+        check_remote_link(self.host, plaintext=self.tls is None, tls=self.tls, insecure=self.insecure,
+                          protocol="MQTT", fix="add a `tls:` section", peer="broker")
         if self.reconnect_max < self.reconnect_min:
             raise ValueError("reconnect_max is smaller than reconnect_min — swap them")
         if (self.username is None) != (self.password is None):
@@ -109,30 +105,19 @@ class IngestBatchConfig(StrictModel):
                                          "the bound on what is held in memory")
 
 
-class MetricsConfig(StrictModel):
+class MetricsConfig(ListenConfig):
     listen: str = Field(default="127.0.0.1:9466", description="host:port of GET /metrics (loopback unless you mean it)")
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"'{v}' is not host:port — write it like 127.0.0.1:9466")
-        host = host.strip("[]")
+        host, _port = cls.split_listen(v, "127.0.0.1:9466")
         try:
             ipaddress.ip_address(host)
         except ValueError:
             if host != "localhost":
                 raise ValueError(f"'{host}' is not an IP address — give the address to listen on, e.g. 127.0.0.1") from None
         return v
-
-    @property
-    def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
 
 
 class IngestConfig(StrictModel):

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.config import Config, MqttSinkConfig, TlsConfig, _check_template, _display, expand_secrets, \
-    is_loopback, validate_doc
+from gateway.config import Config, MqttSinkConfig, TlsConfig, _check_template, _display, check_http_url, \
+    check_remote_link, expand_secrets, validate_doc
 from gateway.driver import StrictModel
 from gateway.trace.hashing import canonical_id, check_digit
 from gateway.units import Duration, Identifier
@@ -217,23 +217,12 @@ class EpcisSinkConfig(StrictModel):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"'{v}' is not an http:// or https:// URL — e.g. https://epcis.example.com/epcis")
-        if parts.query or parts.fragment:
-            raise ValueError("the URL has a query or fragment — give the base of the EPCIS interface only")
-        return v.rstrip("/")
+        return check_http_url(v, "https://epcis.example.com/epcis", "the base of the EPCIS interface")
 
     @model_validator(mode="after")
     def _secure(self) -> EpcisSinkConfig:
-        host = urlsplit(self.url).hostname or ""
-        if not is_loopback(host) and not self.insecure:
-            if self.url.startswith("http://"):
-                raise ValueError(f"plaintext HTTP to the remote host '{host}' — use https:// (recommended) or set "
-                                 "`insecure: true` if the link is private")
-            if self.tls is not None and not self.tls.verify:
-                raise ValueError("tls.verify is false for a remote host — give the server's CA in tls.ca_file, "
-                                 "or set `insecure: true`")
+        check_remote_link(urlsplit(self.url).hostname or "", plaintext=self.url.startswith("http://"), tls=self.tls,
+                          insecure=self.insecure, protocol="HTTP", fix="use https://", peer="server")
         if self.retry_max < self.retry_min:
             raise ValueError("retry_max is smaller than retry_min — swap them")
         return self
