@@ -28,15 +28,19 @@ def default_config_dir() -> Path:
     return Path("/etc/sluice") if Path("/etc/sluice/gateway.yaml").exists() else Path("config")
 
 
+def report_config_errors(exc: ConfigErrors, where: str) -> None:
+    """Every located error on stderr, then one line counting them (``where``: "in <path>; ...")."""
+    for err in exc.errors:
+        print(err, file=sys.stderr)
+    n = len(exc.errors)
+    print(f"{n} error{'s' if n != 1 else ''} {where}", file=sys.stderr)
+
+
 def _load(path: Path) -> Config | None:
     try:
         return load_config(path)
     except ConfigErrors as exc:
-        for err in exc.errors:
-            print(err, file=sys.stderr)
-        n = len(exc.errors)
-        print(f"{n} error{'s' if n != 1 else ''} in the configuration at {path}; nothing was started",
-              file=sys.stderr)
+        report_config_errors(exc, f"in the configuration at {path}; nothing was started")
         return None
 
 
@@ -103,10 +107,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         trace = load_trace_config(config)
     except ConfigErrors as exc:
-        for err in exc.errors:
-            print(err, file=sys.stderr)
-        n = len(exc.errors)
-        print(f"{n} error{'s' if n != 1 else ''} in {config.path.parent / 'trace.yaml'}", file=sys.stderr)
+        report_config_errors(exc, f"in {config.path.parent / 'trace.yaml'}")
         return EXIT_CONFIG
     print(f"{config.path}: OK — gateway {config.gateway_id} at {config.site}, "
           f"{len(config.devices)} devices, {len(config.profiles)} profiles, "

@@ -21,7 +21,7 @@ __all__ = ["add_parsers"]
 
 
 def _trace_config(args: argparse.Namespace) -> TraceConfig | None:
-    from gateway.cli import _load
+    from gateway.cli import _load, report_config_errors
 
     config = _load(args.config)
     if config is None:
@@ -31,8 +31,7 @@ def _trace_config(args: argparse.Namespace) -> TraceConfig | None:
     try:
         cfg = load_trace_config(config)
     except ConfigErrors as exc:
-        for err in exc.errors:
-            print(err, file=sys.stderr)
+        report_config_errors(exc, f"in {config.path.parent / 'trace.yaml'}")
         return None
     if cfg is None:
         print(f"no trace.yaml next to {config.path} — the traceability feed is not configured", file=sys.stderr)
