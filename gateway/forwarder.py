@@ -31,7 +31,8 @@ Lifecycle (who calls what):
   order, from several ingest workers, and from before a restart). When the oldest sent batch has
   no complete receipt ``receipt_timeout`` after it was sent, the sent position goes back to
   ``acked`` and everything unconfirmed is published again (duplicates overwrite identical points).
-  At most ``receipt_window`` readings are sent but unconfirmed at once.
+  At most ``receipt_window`` readings are sent but unconfirmed at once. With ``receipt_secret`` a
+  receipt counts only if its ``"mac"`` is :func:`receipt_mac` of it (others are counted, ignored).
 * Messages: a sink config with a ``topic`` template (MQTT) gets one group per topic; one with
   ``topic = None`` (HTTP sinks) gets the batch in outbox order, split only by ``batch.max_bytes``,
   with ``""`` as the topic of every message.
@@ -40,6 +41,8 @@ Lifecycle (who calls what):
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -133,6 +136,8 @@ class ForwarderStats:
     last_delivery_ns: int | None = None  # wall-clock time of the last acknowledged batch
     receipts: int = 0  # end_to_end: batch ids confirmed by receipts
     receipt_timeouts: int = 0  # end_to_end: times unconfirmed readings were published again
+    receipt_resent: int = 0  # end_to_end: readings published again after a receipt timeout
+    receipts_refused: int = 0  # end_to_end with receipt_secret: receipts without a valid mac, ignored
 
 
 _BATCH_ID = re.compile(r"(\d+)-(\d+):(\d+)/(\d+)")
@@ -141,6 +146,15 @@ _BATCH_ID = re.compile(r"(\d+)-(\d+):(\d+)/(\d+)")
 def batch_ids(first: int, last: int, parts: int) -> list[bytes]:
     """The correlation data of each of the ``parts`` messages of the batch covering seqs first..last."""
     return [f"{first}-{last}:{i}/{parts}".encode() for i in range(1, parts + 1)]
+
+
+def receipt_mac(key: bytes, topic: str, written: Sequence[str], dead_lettered: Sequence[str]) -> str:
+    """The ``mac`` of a receipt (``receipt_secret``): HMAC-SHA256, hex, over the receipt topic and
+    the id lists in a fixed serialisation, so a receipt cannot be moved to another gateway's topic.
+    Replaying an old receipt confirms nothing new: batch ids are outbox seqs, never reused."""
+    text = topic + "\n" + json.dumps({"written": list(written), "dead_lettered": list(dead_lettered)},
+                                     separators=(",", ":"))
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 
 
 def parse_batch_id(text: str) -> tuple[int, int, int, int] | None:
@@ -202,9 +216,14 @@ class Forwarder:
         self._wake = asyncio.Event()
         self.stats = ForwarderStats()
         self._receipts: _Receipts | None = None
+        self._receipt_key: tuple[bytes, str] | None = None  # (secret, receipt topic)
+        self._refused_logged = 0.0  # monotonic time a refused receipt was last logged
         if getattr(config, "delivery", "broker") == "end_to_end":
             self._receipts = _Receipts(config.receipt_timeout, config.receipt_window)  # type: ignore[attr-defined]
             sink.receipt_handler = self.on_receipt  # type: ignore[attr-defined]
+            secret = getattr(config, "receipt_secret", None)
+            if secret is not None:
+                self._receipt_key = (secret.get_secret_value().encode(), str(sink.receipt_topic))  # type: ignore[attr-defined]
 
     def notify(self) -> None:
         """New entries were committed to the outbox. Never blocks."""
@@ -223,6 +242,8 @@ class Forwarder:
         except (ValueError, AttributeError, TypeError):
             log.warning("sink %s: ignoring a receipt that is not JSON with written/dead_lettered lists: %.200r",
                         self.name, payload)
+            return
+        if self._receipt_key is not None and not self._authentic(doc):
             return
         if doc.get("dead_lettered"):
             log.warning("sink %s: ingest dead-lettered messages of batches %s — see its dead-letter topic",
@@ -243,6 +264,27 @@ class Forwarder:
                 rec.confirmed[first] = max(last, rec.confirmed.get(first, 0))
                 self.stats.receipts += 1
         self._advance()
+
+    def _authentic(self, doc: dict[str, object]) -> bool:
+        """The receipt carries the mac of ``receipt_secret``; else it is counted, logged (at most once
+        a minute) and ignored — a forged receipt must never delete readings."""
+        assert self._receipt_key is not None
+        key, topic = self._receipt_key
+        mac = doc.get("mac")
+        try:
+            expected = receipt_mac(key, topic, doc.get("written", []), doc.get("dead_lettered", []))  # type: ignore[arg-type]
+        except TypeError:
+            expected = ""
+        if isinstance(mac, str) and expected and hmac.compare_digest(mac, expected):
+            return True
+        self.stats.receipts_refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 60.0:
+            self._refused_logged = now
+            log.warning("sink %s: ignored a receipt on %s %s (%d so far) — set the same receipt_secret in "
+                        "ingest.yaml, and restrict with broker ACLs who may publish there", self.name, topic,
+                        "without a mac" if mac is None else "with a wrong mac", self.stats.receipts_refused)
+        return False
 
     def _outbox_position(self) -> int:
         return self._outbox.position(self.name)
@@ -293,6 +335,7 @@ class Forwarder:
             rec.outstanding.clear()
             self._outbox.rewind_sent(self.name)
             self.stats.receipt_timeouts += 1
+            self.stats.receipt_resent += sent - self._outbox_position()
             return None
         if self._outbox.sent(self.name) - self._outbox_position() >= rec.window and rec.outstanding:
             return max(rec.outstanding[0][2] - now, 0.01)

@@ -33,7 +33,9 @@ Delivery contract:
   were written (or it went to the dead-letter topic) and before its PUBACK, by a QoS 1 publish
   to the response topic: ``{"written": [correlation data...], "dead_lettered": [...]}`` (JSON,
   one per response topic per write). Receipts are not waited for: a lost receipt only makes the
-  gateway send the batch again. A response topic outside ``receipt_topics`` is not answered.
+  gateway send the batch again. A response topic outside ``receipt_topics`` is not answered. With
+  ``receipt_secret`` the receipt also carries ``"mac"``: HMAC-SHA256 of the response topic and the
+  lists (:func:`gateway.forwarder.receipt_mac`); a gateway with a secret ignores receipts without it.
 
 Bridging paho into asyncio (no thread of our own): paho's socket callbacks register the socket
 with ``loop.add_reader``/``add_writer`` and ``loop_misc`` runs every second for keepalives, as
@@ -70,7 +72,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.encode import InfluxEncoder
-from gateway.forwarder import SinkRejected, SinkUnavailable
+from gateway.forwarder import SinkRejected, SinkUnavailable, receipt_mac
 from gateway.sdnotify import Notifier, watchdog_interval
 from gateway.config import ssl_context
 from gateway.health import PROMETHEUS_TEXT, LocalHttpServer
@@ -531,7 +533,11 @@ class Ingest:
                 continue
             kind = "written" if msg.problem is None else "dead_lettered"
             by_topic.setdefault(msg.reply, {}).setdefault(kind, []).append(msg.corr or "")
+        secret = self.config.receipt_secret
         for topic, receipt in by_topic.items():
+            if secret is not None:
+                receipt["mac"] = receipt_mac(secret.get_secret_value().encode(), topic,  # type: ignore[assignment]
+                                             receipt.get("written", []), receipt.get("dead_lettered", []))
             info = client.publish(topic, json.dumps(receipt, separators=(",", ":")).encode(), qos=1)
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self.stats.receipts += 1
