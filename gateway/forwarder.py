@@ -16,9 +16,10 @@ Lifecycle (who calls what):
   again in the same order (the broker may see some twice: duplicates are fine, loss is not).
   Cancellation mid-send leaves the batch unacknowledged for the next start.
 * If the sink raises :class:`SinkRejected` (the far end refused the *data*, e.g. an InfluxDB field
-  type conflict: sending it again cannot succeed), the batch moves to the outbox's dead-letter
-  table and the sink's position past it, in one transaction (:meth:`Outbox.reject`), and the
-  queue flows on. Before each batch the forwarder sends the sink's dead letters that the operator
+  type conflict: sending it again cannot succeed), the batch is sent again in halves until the
+  refused readings stand alone (:func:`isolate_refused`); those move to the outbox's dead-letter
+  table and the sink's position past the batch, in one transaction (:meth:`Outbox.reject`), and
+  the queue flows on. Before each batch the forwarder sends the sink's dead letters that the operator
   marked for re-sending (``sluice deadletter resend``), oldest first.
 * ``delivery: end_to_end`` (MQTT 5 sinks): a PUBACK only moves the sink's *sent* position
   (:meth:`Outbox.mark_sent`); nothing is deleted. Every message of a batch carries the batch id
@@ -49,9 +50,9 @@ import re
 import string
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from gateway.buffer import Entry, Outbox, OutboxError
 from gateway.config import BatchConfig
@@ -166,6 +167,39 @@ def parse_batch_id(text: str) -> tuple[int, int, int, int] | None:
     if not (0 < first <= last and 0 < part <= parts):
         return None
     return first, last, part, parts
+
+
+SPLIT_REQUESTS = 64
+"""Most requests spent finding the refused readings of one refused batch; then what is still
+refused goes to the dead letters in parts (a batch of all-bad readings must not cost 2n requests)."""
+
+T = TypeVar("T")
+
+
+async def isolate_refused(items: Sequence[T], message: str, send: Callable[[Sequence[T]], Awaitable[None]],
+                          budget: int = SPLIT_REQUESTS) -> list[tuple[list[T], str]]:
+    """``items`` were refused as data together (the server said ``message``): send them again in
+    halves (first half first) until every refused part is a single item; after ``budget`` requests
+    a refused part is not split further. Returns the refused parts, in order, each with the
+    server's message; the rest was written. Raises what ``send`` raises other than
+    :class:`SinkRejected` (the caller then sends the whole batch again later: harmless)."""
+    refused: list[tuple[list[T], str]] = []
+    stack: list[tuple[list[T], str | None]] = [(list(items), message)]  # None: not sent yet
+    while stack:
+        part, answer = stack.pop()
+        if answer is None:
+            budget -= 1
+            try:
+                await send(part)
+                continue
+            except SinkRejected as exc:
+                answer = str(exc)
+        if len(part) == 1 or budget <= 0:
+            refused.append((part, answer))
+        else:
+            half = len(part) // 2
+            stack += [(part[half:], None), (part[:half], None)]
+    return refused
 
 
 class _Receipts:
@@ -393,11 +427,7 @@ class Forwarder:
                     await self._sink.wait_connected()
                     continue
                 except SinkRejected as exc:
-                    letter = self._outbox.reject(self.name, entries, str(exc))
-                    self.stats.dead_lettered += len(entries)
-                    log.error("sink %s refused %d readings (seq %d–%d) as data: %s — moved them to dead letter %d "
-                              "and carried on; fix the cause, then `sluice deadletter resend %d`",
-                              self.name, len(entries), entries[0].seq, entries[-1].seq, exc, letter, letter)
+                    await self._reject(entries, str(exc))
                     continue
                 self._outbox.ack(self.name, entries[-1].seq)
                 stats = self.stats
@@ -424,6 +454,30 @@ class Forwarder:
                     failing = True
                 self.stats.retries += 1
                 await asyncio.sleep(ERROR_PAUSE)
+
+    async def _reject(self, entries: list[Entry], message: str) -> None:
+        """The far end refused the batch as data: find the refused readings (:func:`isolate_refused`),
+        move them to one dead letter and the position past the batch; the rest was written."""
+        async def send(part: Sequence[Entry]) -> None:
+            await self._sink.send(self.build_messages([e.reading for e in part]))
+
+        try:
+            refused = await isolate_refused(entries, message, send)
+        except SinkUnavailable as exc:  # the whole batch goes again (and is refused again)
+            self.stats.retries += 1
+            log.debug("sink %s: lost while isolating refused readings (%s); will resend", self.name, exc)
+            await self._sink.wait_connected()
+            return
+        bad = [e for part, _answer in refused for e in part]
+        reasons = "; ".join(dict.fromkeys(answer for _part, answer in refused))[:2000]
+        letter = self._outbox.reject(self.name, bad, reasons, upto=entries[-1].seq)
+        stats = self.stats
+        stats.dead_lettered += len(bad)
+        stats.delivered += len(entries) - len(bad)
+        stats.last_delivery_ns = time.time_ns()
+        log.error("sink %s refused %d of %d readings (seq %d–%d) as data: %s — moved them to dead letter %d, "
+                  "wrote the others and carried on; fix the cause, then `sluice deadletter resend %d`",
+                  self.name, len(bad), len(entries), entries[0].seq, entries[-1].seq, reasons, letter, letter)
 
     async def _resend_dead_letter(self) -> bool:
         """Send the oldest dead letter marked for re-sending, if any. False when the sink is

@@ -23,9 +23,10 @@ Delivery contract:
   (``max_unacked`` reached) or ``batch.linger`` after the first message. One write at a time.
 * Malformed payloads (gateway/lineproto.py judges them without asking the database) and
   messages the database refuses as data (found by splitting a refused write in halves until the
-  refused message stands alone) are published unchanged to the dead-letter topic with the reason
-  in MQTT 5 user properties (``reason``, ``kind``, ``topic``), counted, logged once per kind per
-  minute, and acknowledged. Database outages (network errors, 5xx, 429) are retried with the
+  refused message stands alone, then its lines the same way: the lines it takes are written and
+  the dead letter holds only the refused ones, as line protocol) are published to the dead-letter
+  topic with the reason in MQTT 5 user properties (``reason``, ``kind``, ``topic``), counted,
+  logged once per kind per minute, and acknowledged. Database outages (network errors, 5xx, 429) are retried with the
   influxdb sink's backoff; nothing is acknowledged meanwhile.
 * SIGTERM/SIGINT: the in-flight write is abandoned unacknowledged, then a clean DISCONNECT.
 * End-to-end receipts (gateways with ``delivery: end_to_end``): a message with MQTT 5 *correlation
@@ -59,7 +60,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.encode import InfluxEncoder
-from gateway.forwarder import SinkRejected, SinkUnavailable, receipt_mac
+from gateway.forwarder import SinkRejected, SinkUnavailable, isolate_refused, receipt_mac
 from gateway.sdnotify import Notifier, watchdog_interval
 from gateway.config import ssl_context
 from gateway.health import PROMETHEUS_TEXT, LocalHttpServer
@@ -559,7 +560,7 @@ class Ingest:
                     continue
                 except SinkRejected as exc:
                     if len(part) == 1:
-                        part[0].problem = Malformed("rejected", f"the database refused it: {exc}")
+                        await self._split_message(sink, part[0], str(exc))
                     else:  # find the refused message(s): halves, first half first
                         half = len(part) // 2
                         parts += [part[half:], part[:half]]
@@ -568,6 +569,38 @@ class Ingest:
                 self.stats.points_written += sum(m.points.count for m in part)  # type: ignore[union-attr]
                 self.stats.newest_ns = max(self.stats.newest_ns, *(m.points.newest_ns for m in part))  # type: ignore[union-attr]
                 break
+
+    async def _split_message(self, sink: InfluxSink, msg: _Msg, message: str) -> None:
+        """The database refused ``msg`` as data: write the lines it takes (:func:`isolate_refused`);
+        the refused lines become the message's dead letter (the original payload if all were)."""
+        assert msg.points is not None
+        lines = msg.points.data.splitlines(keepends=True)
+
+        async def send(part: Sequence[bytes]) -> None:
+            while msg.gen == self._gen:
+                try:
+                    await sink.send([("", b"".join(part))])
+                except SinkUnavailable:
+                    self.stats.retries += 1
+                    await sink.wait_connected()
+                    continue
+                self.stats.write_requests += 1
+                self.stats.points_written += len(part)
+                return
+            raise SinkUnavailable("the connection the message came on is gone")
+
+        try:
+            refused = await isolate_refused(lines, message, send)
+        except SinkUnavailable:
+            return  # not acknowledged: the broker re-sends it after the reconnect
+        bad = [line for part, _answer in refused for line in part]
+        reasons = "; ".join(dict.fromkeys(answer for _part, answer in refused))
+        if len(bad) < len(lines):
+            msg.payload = b"".join(bad)
+            msg.problem = Malformed("rejected", f"the database refused {len(bad)} of {len(lines)} points (the "
+                                                f"others were written): {reasons}")
+        else:
+            msg.problem = Malformed("rejected", f"the database refused it: {reasons}")
 
     async def _dead_letter(self, msg: _Msg) -> bool:
         """Publish ``msg`` to the dead-letter topic; True once the broker acknowledged it."""

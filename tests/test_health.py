@@ -277,8 +277,6 @@ async def test_receipt_metrics_status_and_forged_receipts(tmp_path: Path, mosqui
     genuine receipts empty the outbox. /metrics (parsed with prometheus_client) and ``sluice
     status`` show it all, and never the secret."""
     import aiomqtt
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
 
     from gateway.forwarder import receipt_mac
 
