@@ -672,6 +672,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "sluice_ingest_write_retries_total": ("counter", "Write requests that failed and are sent again"),
     "sluice_ingest_dead_letters_total": ("counter", "Messages published to the dead-letter topic, by kind"),
     "sluice_ingest_ignored_total": ("counter", "Status messages (online/offline) acknowledged and not written"),
+    "sluice_ingest_receipts_total": ("counter", "End-to-end receipts published to gateways"),
     "sluice_ingest_pending_messages": ("gauge", "Messages received and not yet acknowledged"),
     "sluice_ingest_lag_seconds": ("gauge", "Now minus the time of the newest point written (0 before the first)"),
     "process_cpu_seconds_total": ("counter", "User and system CPU time of the process"),
@@ -699,6 +700,7 @@ def render_metrics(ingest: Ingest) -> str:
     for kind, n in sorted(stats.dead_letters.items()):
         out.sample("sluice_ingest_dead_letters_total", n, kind=kind)
     sample("sluice_ingest_ignored_total", stats.ignored)
+    sample("sluice_ingest_receipts_total", stats.receipts)
     sample("sluice_ingest_pending_messages", ingest.pending)
     lag = max(0.0, (time.time_ns() - stats.newest_ns) / 1e9) if stats.newest_ns else 0.0
     sample("sluice_ingest_lag_seconds", lag)

@@ -198,6 +198,7 @@ async def test_gateway_payloads_are_written_value_by_value(tmp_path: Path, mosqu
     metrics = {name: value for name, labels, value in parse_metrics(text) if not labels}
     assert metrics["sluice_ingest_points_written_total"] == len(readings)
     assert metrics["sluice_ingest_ignored_total"] == 1 and metrics["sluice_ingest_messages_acked_total"] == 3
+    assert metrics["sluice_ingest_receipts_total"] == 0  # no gateway asked for receipts
     assert ingest.stats.dead_letters == {}
     got = read_back(influxd, {r.measurement for r in readings})
     want = [expected_row(r) for r in readings]
