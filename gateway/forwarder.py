@@ -469,9 +469,16 @@ class Forwarder:
             await self._sink.wait_connected()
             return
         bad = [e for part, _answer in refused for e in part]
+        stats = self.stats
+        if not bad:  # every half was taken (a request too large, HTTP 413): all written
+            self._outbox.ack(self.name, entries[-1].seq)
+            stats.delivered += len(entries)
+            stats.last_delivery_ns = time.time_ns()
+            log.info("sink %s: a batch of %d readings refused whole (%s) was taken in parts", self.name,
+                     len(entries), message)
+            return
         reasons = "; ".join(dict.fromkeys(answer for _part, answer in refused))[:2000]
         letter = self._outbox.reject(self.name, bad, reasons, upto=entries[-1].seq)
-        stats = self.stats
         stats.dead_lettered += len(bad)
         stats.delivered += len(entries) - len(bad)
         stats.last_delivery_ns = time.time_ns()

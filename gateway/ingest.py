@@ -594,6 +594,8 @@ class Ingest:
         except SinkUnavailable:
             return  # not acknowledged: the broker re-sends it after the reconnect
         bad = [line for part, _answer in refused for line in part]
+        if not bad:  # taken in parts after all (a request too large): written
+            return
         reasons = "; ".join(dict.fromkeys(answer for _part, answer in refused))
         if len(bad) < len(lines):
             msg.payload = b"".join(bad)

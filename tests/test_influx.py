@@ -394,3 +394,15 @@ async def test_gateway_with_an_influxdb_sink_writes_every_counter_value(tmp_path
     served = sum(s.stats.count(function=3) for s in servers)
     assert gateway.final_stats is not None
     assert sum(map(len, final.values())) <= served <= sum(map(len, final.values())) + gateway.final_stats.rows
+
+
+async def test_a_batch_too_large_for_the_server_is_taken_in_halves(outbox: Outbox) -> None:
+    """413 for the whole batch, 2xx for its halves: nothing becomes a dead letter."""
+    async with Flaky([(413, {})]) as server:
+        async with forwarding(outbox, sink_config(server.url)) as (fwd, _sink):
+            outbox.append(escaping_readings(2))
+            fwd.notify()
+            await until(lambda: outbox.stats().pending["db"] == 0)
+    assert len(server.bodies) == 3 and server.bodies[0] == server.bodies[1] + server.bodies[2]
+    assert not outbox.dead_letters() and fwd.stats.dead_lettered == 0
+    assert fwd.stats.delivered == len(escaping_readings(2))
