@@ -26,8 +26,8 @@ Delivery contract:
   refused message stands alone, then its lines the same way: the lines it takes are written and
   the dead letter holds only the refused ones, as line protocol) are published to the dead-letter
   topic with the reason in MQTT 5 user properties (``reason``, ``kind``, ``topic``), counted,
-  logged once per kind per minute, and acknowledged. Database outages (network errors, 5xx, 429) are retried with the
-  influxdb sink's backoff; nothing is acknowledged meanwhile.
+  logged once per kind per minute, and acknowledged. Database outages (network errors, 5xx, 429)
+  are retried with the influxdb sink's backoff; nothing is acknowledged meanwhile.
 * SIGTERM/SIGINT: the in-flight write is abandoned unacknowledged, then a clean DISCONNECT.
 * End-to-end receipts (gateways with ``delivery: end_to_end``): a message with MQTT 5 *correlation
   data* and a *response topic* matching one of ``receipt_topics`` is answered, after its points
