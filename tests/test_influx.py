@@ -406,3 +406,15 @@ async def test_a_batch_too_large_for_the_server_is_taken_in_halves(outbox: Outbo
     assert len(server.bodies) == 3 and server.bodies[0] == server.bodies[1] + server.bodies[2]
     assert not outbox.dead_letters() and fwd.stats.dead_lettered == 0
     assert fwd.stats.delivered == len(escaping_readings(2))
+
+
+async def test_v2_bodies_are_gzipped_at_our_level_not_the_clients_level_9() -> None:
+    import gzip
+
+    cfg = sink_config("http://127.0.0.1:9", api="v2", database=None, bucket="b", org="o", token="t")
+    body = b"m,device=a v=1.5 1\n" * 100
+    async with InfluxSink("db", cfg) as sink:
+        conf = sink._client.conf  # type: ignore[union-attr]
+        packed = conf.update_request_body("/api/v2/write", body)
+        assert gzip.decompress(packed) == body and packed[8] == 4  # XFL 4: the fastest level
+        assert conf.update_request_body("/api/v2/query", "q") == "q"
