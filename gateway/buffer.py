@@ -681,18 +681,19 @@ class Outbox:
 
     # -- dead letters ------------------------------------------------------------------------
 
-    def reject(self, sink: str, entries: Sequence[Entry], message: str) -> int:
+    def reject(self, sink: str, entries: Sequence[Entry], message: str, *, upto: int | None = None) -> int:
         """``sink``'s far end refused ``entries`` as data: store them as one dead letter with the
-        server's ``message`` and move the sink's position past them, in ONE transaction.
+        server's ``message`` and move the sink's position past them (or to ``upto``: the end of
+        the batch they were refused from, whose other readings were written), in ONE transaction.
 
-        ``entries`` must be the oldest pending entries of ``sink``, as :meth:`fetch` returned them.
+        ``entries`` must be (some of) the oldest pending entries of ``sink``, as :meth:`fetch` returned them.
         Returns the letter's id. Older letters are deleted (WARNING) while the letters' readings
         exceed ``dead_letter_max_bytes``; the new one is always kept. Raises :class:`OutboxError`
         if SQLite fails (then nothing changed: the batch is still pending).
         """
         conn = self._require_open()
         before = self._position(sink)
-        upto = entries[-1].seq
+        upto = max(entries[-1].seq, upto or 0)
         if upto > self._last_seq:
             raise ValueError(f"sink {sink} rejected seq {upto}, beyond the last stored seq {self._last_seq}")
         blob = _dumps([_reading_row(e.reading) for e in entries], _MARSHAL_VERSION)

@@ -146,6 +146,17 @@ def _check_template(template: str, allowed: frozenset[str]) -> str:
     return template
 
 
+RECEIPT_SECRET_MIN = 16
+
+
+def check_receipt_secret(value: SecretStr | None) -> SecretStr | None:
+    """A receipt secret must be long enough to be one (the value is never echoed)."""
+    if value is not None and len(value.get_secret_value()) < RECEIPT_SECRET_MIN:
+        raise ValueError(f"receipt_secret is shorter than {RECEIPT_SECRET_MIN} characters — use a random one, e.g. "
+                         "`openssl rand -hex 32` in a file read with ${file:...}")
+    return value
+
+
 class MqttSinkConfig(StrictModel):
     type: Literal["mqtt"]
     host: str = Field(min_length=1)
@@ -174,12 +185,15 @@ class MqttSinkConfig(StrictModel):
                                       description="end_to_end: re-send what has no receipt after this long")
     receipt_window: int = Field(default=20_000, ge=1, le=10_000_000,
                                 description="end_to_end: readings published but not yet confirmed, at most")
+    receipt_secret: SecretStr | None = Field(
+        default=None, description="end_to_end: shared with `sluice ingest`; receipts without its HMAC are ignored")
 
     _topic = field_validator("topic")(lambda v: _check_template(v, TOPIC_FIELDS))
     _status = field_validator("status_topic")(
         lambda v: _check_template(v, frozenset({"site", "gateway"})))
     _receipts = field_validator("receipt_topic")(
         lambda v: _check_template(v, frozenset({"site", "gateway"})))
+    _receipt_secret = field_validator("receipt_secret")(lambda v: check_receipt_secret(v))
 
     @field_validator("delivery")
     @classmethod

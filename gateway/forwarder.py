@@ -16,9 +16,10 @@ Lifecycle (who calls what):
   again in the same order (the broker may see some twice: duplicates are fine, loss is not).
   Cancellation mid-send leaves the batch unacknowledged for the next start.
 * If the sink raises :class:`SinkRejected` (the far end refused the *data*, e.g. an InfluxDB field
-  type conflict: sending it again cannot succeed), the batch moves to the outbox's dead-letter
-  table and the sink's position past it, in one transaction (:meth:`Outbox.reject`), and the
-  queue flows on. Before each batch the forwarder sends the sink's dead letters that the operator
+  type conflict: sending it again cannot succeed), the batch is sent again in halves until the
+  refused readings stand alone (:func:`isolate_refused`); those move to the outbox's dead-letter
+  table and the sink's position past the batch, in one transaction (:meth:`Outbox.reject`), and
+  the queue flows on. Before each batch the forwarder sends the sink's dead letters that the operator
   marked for re-sending (``sluice deadletter resend``), oldest first.
 * ``delivery: end_to_end`` (MQTT 5 sinks): a PUBACK only moves the sink's *sent* position
   (:meth:`Outbox.mark_sent`); nothing is deleted. Every message of a batch carries the batch id
@@ -31,7 +32,8 @@ Lifecycle (who calls what):
   order, from several ingest workers, and from before a restart). When the oldest sent batch has
   no complete receipt ``receipt_timeout`` after it was sent, the sent position goes back to
   ``acked`` and everything unconfirmed is published again (duplicates overwrite identical points).
-  At most ``receipt_window`` readings are sent but unconfirmed at once.
+  At most ``receipt_window`` readings are sent but unconfirmed at once. With ``receipt_secret`` a
+  receipt counts only if its ``"mac"`` is :func:`receipt_mac` of it (others are counted, ignored).
 * Messages: a sink config with a ``topic`` template (MQTT) gets one group per topic; one with
   ``topic = None`` (HTTP sinks) gets the batch in outbox order, split only by ``batch.max_bytes``,
   with ``""`` as the topic of every message.
@@ -40,15 +42,17 @@ Lifecycle (who calls what):
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import re
 import string
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from gateway.buffer import Entry, Outbox, OutboxError
 from gateway.config import BatchConfig
@@ -135,6 +139,8 @@ class ForwarderStats:
     last_delivery_ns: int | None = None  # wall-clock time of the last acknowledged batch
     receipts: int = 0  # end_to_end: batch ids confirmed by receipts
     receipt_timeouts: int = 0  # end_to_end: times unconfirmed readings were published again
+    receipt_resent: int = 0  # end_to_end: readings published again after a receipt timeout
+    receipts_refused: int = 0  # end_to_end with receipt_secret: receipts without a valid mac, ignored
 
 
 _BATCH_ID = re.compile(r"(\d+)-(\d+):(\d+)/(\d+)")
@@ -143,6 +149,15 @@ _BATCH_ID = re.compile(r"(\d+)-(\d+):(\d+)/(\d+)")
 def batch_ids(first: int, last: int, parts: int) -> list[bytes]:
     """The correlation data of each of the ``parts`` messages of the batch covering seqs first..last."""
     return [f"{first}-{last}:{i}/{parts}".encode() for i in range(1, parts + 1)]
+
+
+def receipt_mac(key: bytes, topic: str, written: Sequence[str], dead_lettered: Sequence[str]) -> str:
+    """The ``mac`` of a receipt (``receipt_secret``): HMAC-SHA256, hex, over the receipt topic and
+    the id lists in a fixed serialisation, so a receipt cannot be moved to another gateway's topic.
+    Replaying an old receipt confirms nothing new: batch ids are outbox seqs, never reused."""
+    text = topic + "\n" + json.dumps({"written": list(written), "dead_lettered": list(dead_lettered)},
+                                     separators=(",", ":"))
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 
 
 def parse_batch_id(text: str) -> tuple[int, int, int, int] | None:
@@ -154,6 +169,39 @@ def parse_batch_id(text: str) -> tuple[int, int, int, int] | None:
     if not (0 < first <= last and 0 < part <= parts):
         return None
     return first, last, part, parts
+
+
+SPLIT_REQUESTS = 64
+"""Most requests spent finding the refused readings of one refused batch; then what is still
+refused goes to the dead letters in parts (a batch of all-bad readings must not cost 2n requests)."""
+
+T = TypeVar("T")
+
+
+async def isolate_refused(items: Sequence[T], message: str, send: Callable[[Sequence[T]], Awaitable[None]],
+                          budget: int = SPLIT_REQUESTS) -> list[tuple[list[T], str]]:
+    """``items`` were refused as data together (the server said ``message``): send them again in
+    halves (first half first) until every refused part is a single item; after ``budget`` requests
+    a refused part is not split further. Returns the refused parts, in order, each with the
+    server's message; the rest was written. Raises what ``send`` raises other than
+    :class:`SinkRejected` (the caller then sends the whole batch again later: harmless)."""
+    refused: list[tuple[list[T], str]] = []
+    stack: list[tuple[list[T], str | None]] = [(list(items), message)]  # None: not sent yet
+    while stack:
+        part, answer = stack.pop()
+        if answer is None:
+            budget -= 1
+            try:
+                await send(part)
+                continue
+            except SinkRejected as exc:
+                answer = str(exc)
+        if len(part) == 1 or budget <= 0:
+            refused.append((part, answer))
+        else:
+            half = len(part) // 2
+            stack += [(part[half:], None), (part[:half], None)]
+    return refused
 
 
 class _Receipts:
@@ -205,9 +253,14 @@ class Forwarder:
         self._resend_check_at = 0.0  # loop time of the next look for dead letters to re-send
         self.stats = ForwarderStats()
         self._receipts: _Receipts | None = None
+        self._receipt_key: tuple[bytes, str] | None = None  # (secret, receipt topic)
+        self._refused_logged = 0.0  # monotonic time a refused receipt was last logged
         if getattr(config, "delivery", "broker") == "end_to_end":
             self._receipts = _Receipts(config.receipt_timeout, config.receipt_window)  # type: ignore[attr-defined]
             sink.receipt_handler = self.on_receipt  # type: ignore[attr-defined]
+            secret = getattr(config, "receipt_secret", None)
+            if secret is not None:
+                self._receipt_key = (secret.get_secret_value().encode(), str(sink.receipt_topic))  # type: ignore[attr-defined]
 
     def notify(self) -> None:
         """New entries were committed to the outbox. Never blocks."""
@@ -226,6 +279,8 @@ class Forwarder:
         except (ValueError, AttributeError, TypeError):
             log.warning("sink %s: ignoring a receipt that is not JSON with written/dead_lettered lists: %.200r",
                         self.name, payload)
+            return
+        if self._receipt_key is not None and not self._authentic(doc):
             return
         if doc.get("dead_lettered"):
             log.warning("sink %s: ingest dead-lettered messages of batches %s — see its dead-letter topic",
@@ -246,6 +301,27 @@ class Forwarder:
                 rec.confirmed[first] = max(last, rec.confirmed.get(first, 0))
                 self.stats.receipts += 1
         self._advance()
+
+    def _authentic(self, doc: dict[str, object]) -> bool:
+        """The receipt carries the mac of ``receipt_secret``; else it is counted, logged (at most once
+        a minute) and ignored — a forged receipt must never delete readings."""
+        assert self._receipt_key is not None
+        key, topic = self._receipt_key
+        mac = doc.get("mac")
+        try:
+            expected = receipt_mac(key, topic, doc.get("written", []), doc.get("dead_lettered", []))  # type: ignore[arg-type]
+        except TypeError:
+            expected = ""
+        if isinstance(mac, str) and expected and hmac.compare_digest(mac, expected):
+            return True
+        self.stats.receipts_refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 60.0:
+            self._refused_logged = now
+            log.warning("sink %s: ignored a receipt on %s %s (%d so far) — set the same receipt_secret in "
+                        "ingest.yaml, and restrict with broker ACLs who may publish there", self.name, topic,
+                        "without a mac" if mac is None else "with a wrong mac", self.stats.receipts_refused)
+        return False
 
     def _outbox_position(self) -> int:
         return self._outbox.position(self.name)
@@ -296,6 +372,7 @@ class Forwarder:
             rec.outstanding.clear()
             self._outbox.rewind_sent(self.name)
             self.stats.receipt_timeouts += 1
+            self.stats.receipt_resent += sent - self._outbox_position()
             return None
         if self._outbox.sent(self.name) - self._outbox_position() >= rec.window and rec.outstanding:
             return max(rec.outstanding[0][2] - now, 0.01)
@@ -353,11 +430,7 @@ class Forwarder:
                     await self._sink.wait_connected()
                     continue
                 except SinkRejected as exc:
-                    letter = self._outbox.reject(self.name, entries, str(exc))
-                    self.stats.dead_lettered += len(entries)
-                    log.error("sink %s refused %d readings (seq %d–%d) as data: %s — moved them to dead letter %d "
-                              "and carried on; fix the cause, then `sluice deadletter resend %d`",
-                              self.name, len(entries), entries[0].seq, entries[-1].seq, exc, letter, letter)
+                    await self._reject(entries, str(exc))
                     continue
                 self._outbox.ack(self.name, entries[-1].seq)
                 stats = self.stats
@@ -384,6 +457,37 @@ class Forwarder:
                     failing = True
                 self.stats.retries += 1
                 await asyncio.sleep(ERROR_PAUSE)
+
+    async def _reject(self, entries: list[Entry], message: str) -> None:
+        """The far end refused the batch as data: find the refused readings (:func:`isolate_refused`),
+        move them to one dead letter and the position past the batch; the rest was written."""
+        async def send(part: Sequence[Entry]) -> None:
+            await self._sink.send(self.build_messages([e.reading for e in part]))
+
+        try:
+            refused = await isolate_refused(entries, message, send)
+        except SinkUnavailable as exc:  # the whole batch goes again (and is refused again)
+            self.stats.retries += 1
+            log.debug("sink %s: lost while isolating refused readings (%s); will resend", self.name, exc)
+            await self._sink.wait_connected()
+            return
+        bad = [e for part, _answer in refused for e in part]
+        stats = self.stats
+        if not bad:  # every half was taken (a request too large, HTTP 413): all written
+            self._outbox.ack(self.name, entries[-1].seq)
+            stats.delivered += len(entries)
+            stats.last_delivery_ns = time.time_ns()
+            log.info("sink %s: a batch of %d readings refused whole (%s) was taken in parts", self.name,
+                     len(entries), message)
+            return
+        reasons = "; ".join(dict.fromkeys(answer for _part, answer in refused))[:2000]
+        letter = self._outbox.reject(self.name, bad, reasons, upto=entries[-1].seq)
+        stats.dead_lettered += len(bad)
+        stats.delivered += len(entries) - len(bad)
+        stats.last_delivery_ns = time.time_ns()
+        log.error("sink %s refused %d of %d readings (seq %d–%d) as data: %s — moved them to dead letter %d, "
+                  "wrote the others and carried on; fix the cause, then `sluice deadletter resend %d`",
+                  self.name, len(bad), len(entries), entries[0].seq, entries[-1].seq, reasons, letter, letter)
 
     async def _resend_dead_letter(self) -> bool:
         """Send the oldest dead letter marked for re-sending, if any. False when the sink is

@@ -209,6 +209,12 @@ METRICS: dict[str, tuple[str, str]] = {
     "sluice_sink_retries_total": ("counter", "Batches that failed and are sent again"),
     "sluice_sink_pending_readings": ("gauge", "Readings in the outbox not yet acknowledged by the sink"),
     "sluice_sink_lag_seconds": ("gauge", "Age of the oldest reading the sink has not acknowledged (0 when none)"),
+    "sluice_sink_dead_lettered_total": ("counter", "Readings the far end refused as data, moved to the dead-letter table"),
+    "sluice_sink_unconfirmed_readings": ("gauge", "end_to_end: readings the broker acknowledged that await a receipt"),
+    "sluice_sink_receipts_total": ("counter", "end_to_end: batch ids confirmed by receipts"),
+    "sluice_sink_receipt_timeouts_total": ("counter", "end_to_end: times no receipt came within receipt_timeout"),
+    "sluice_sink_receipt_resent_readings_total": ("counter", "end_to_end: readings published again after a receipt timeout"),
+    "sluice_sink_receipts_refused_total": ("counter", "end_to_end: receipts ignored for a missing or wrong mac (receipt_secret)"),
     "sluice_clock_synchronized": ("gauge", "1 synchronised, 0 not (readings flagged clock_unsynced), -1 unknown"),
     "sluice_clock_jumps_total": ("counter", "Jumps of the wall clock against the monotonic clock"),
     "sluice_component_stalled": ("gauge", "1 when a loop has work but made no progress (the watchdog stops)"),
@@ -318,6 +324,17 @@ def render_metrics(gw: Gateway) -> str:
         fam("sluice_sink_lag_seconds")
         for f in fwds:
             out.sample("sluice_sink_lag_seconds", _lag(gw, f.name, now_ns), sink=f.name)  # type: ignore[attr-defined]
+        fam("sluice_sink_unconfirmed_readings")
+        for f in fwds:
+            out.sample("sluice_sink_unconfirmed_readings", _unconfirmed(gw, f.name), sink=f.name)  # type: ignore[attr-defined]
+        for metric, attr in (("sluice_sink_dead_lettered_total", "dead_lettered"),
+                             ("sluice_sink_receipts_total", "receipts"),
+                             ("sluice_sink_receipt_timeouts_total", "receipt_timeouts"),
+                             ("sluice_sink_receipt_resent_readings_total", "receipt_resent"),
+                             ("sluice_sink_receipts_refused_total", "receipts_refused")):
+            fam(metric)
+            for f in fwds:
+                out.sample(metric, getattr(f.stats, attr), sink=f.name)  # type: ignore[attr-defined]
 
     fam("sluice_clock_synchronized")
     out.sample("sluice_clock_synchronized", {True: 1, False: 0, None: -1}[gw.clock.synced])
@@ -348,6 +365,17 @@ def _lag(gw: Gateway, sink: str, now_ns: int) -> float:
     except Exception:  # the outbox failing is reported elsewhere; lag is then unknown
         return 0.0
     return max(0.0, (now_ns - oldest[0].reading.time_ns) / 1e9) if oldest else 0.0
+
+
+def _unconfirmed(gw: Gateway, sink: str) -> int:
+    """Sent minus acknowledged (0 unless ``delivery: end_to_end``)."""
+    outbox = gw.outbox
+    if outbox is None:
+        return 0
+    try:
+        return outbox.sent(sink) - outbox.position(sink)
+    except ValueError:  # a sink removed by a reload a moment ago
+        return 0
 
 
 def _process_start() -> float:
@@ -487,6 +515,10 @@ def _ago(seconds: float) -> str:
     return format_duration(max(0.0, seconds))
 
 
+_RECEIPT_METRICS = ("sluice_sink_unconfirmed_readings", "sluice_sink_receipts_total", "sluice_sink_receipt_timeouts_total",
+                    "sluice_sink_receipt_resent_readings_total", "sluice_sink_receipts_refused_total")
+
+
 def format_status(health: dict[str, Any], metrics_text: str, now: float | None = None) -> str:
     """The readable table ``sluice status`` prints: the same figures as /healthz and /metrics."""
     now = time.time() if now is None else now
@@ -532,11 +564,19 @@ def format_status(health: dict[str, Any], metrics_text: str, now: float | None =
     if sinks:
         width = max(6, *(len(s) for s in sinks))
         lines.append("")
-        lines.append(f"{'SINK':<{width}}  {'LINK':<12}  {'DELIVERED':>10}  {'PENDING':>8}  {'LAG':>8}  RETRIES")
+        lines.append(f"{'SINK':<{width}}  {'LINK':<12}  {'DELIVERED':>10}  {'PENDING':>8}  {'LAG':>8}  {'RETRIES':>7}  "
+                     "DEAD-LETTERED")
         for name, m in sorted(sinks.items()):
             lines.append(f"{name:<{width}}  {'connected' if m.get('sluice_sink_connected') else 'DISCONNECTED':<12}  "
                          f"{m.get('sluice_sink_delivered_total', 0):>10.0f}  {m.get('sluice_sink_pending_readings', 0):>8.0f}  "
-                         f"{_ago(m.get('sluice_sink_lag_seconds', 0)):>8}  {m.get('sluice_sink_retries_total', 0):.0f}")
+                         f"{_ago(m.get('sluice_sink_lag_seconds', 0)):>8}  {m.get('sluice_sink_retries_total', 0):>7.0f}  "
+                         f"{m.get('sluice_sink_dead_lettered_total', 0):.0f}")
+        for name, m in sorted(sinks.items()):
+            receipts = [m.get(k, 0) for k in _RECEIPT_METRICS]
+            if any(receipts):
+                lines.append(f"{name}: end-to-end receipts — {receipts[0]:.0f} readings await a receipt, "
+                             f"{receipts[1]:.0f} receipts, {receipts[2]:.0f} timeouts ({receipts[3]:.0f} readings "
+                             f"re-sent), {receipts[4]:.0f} receipts refused")
     if trace:
         lines += ["", *_trace_status(trace, now)]
     lines.append("")

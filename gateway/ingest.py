@@ -23,17 +23,20 @@ Delivery contract:
   (``max_unacked`` reached) or ``batch.linger`` after the first message. One write at a time.
 * Malformed payloads (gateway/lineproto.py judges them without asking the database) and
   messages the database refuses as data (found by splitting a refused write in halves until the
-  refused message stands alone) are published unchanged to the dead-letter topic with the reason
-  in MQTT 5 user properties (``reason``, ``kind``, ``topic``), counted, logged once per kind per
-  minute, and acknowledged. Database outages (network errors, 5xx, 429) are retried with the
-  influxdb sink's backoff; nothing is acknowledged meanwhile.
+  refused message stands alone, then its lines the same way: the lines it takes are written and
+  the dead letter holds only the refused ones, as line protocol) are published to the dead-letter
+  topic with the reason in MQTT 5 user properties (``reason``, ``kind``, ``topic``), counted,
+  logged once per kind per minute, and acknowledged. Database outages (network errors, 5xx, 429)
+  are retried with the influxdb sink's backoff; nothing is acknowledged meanwhile.
 * SIGTERM/SIGINT: the in-flight write is abandoned unacknowledged, then a clean DISCONNECT.
 * End-to-end receipts (gateways with ``delivery: end_to_end``): a message with MQTT 5 *correlation
   data* and a *response topic* matching one of ``receipt_topics`` is answered, after its points
   were written (or it went to the dead-letter topic) and before its PUBACK, by a QoS 1 publish
   to the response topic: ``{"written": [correlation data...], "dead_lettered": [...]}`` (JSON,
   one per response topic per write). Receipts are not waited for: a lost receipt only makes the
-  gateway send the batch again. A response topic outside ``receipt_topics`` is not answered.
+  gateway send the batch again. A response topic outside ``receipt_topics`` is not answered. With
+  ``receipt_secret`` the receipt also carries ``"mac"``: HMAC-SHA256 of the response topic and the
+  lists (:func:`gateway.forwarder.receipt_mac`); a gateway with a secret ignores receipts without it.
 
 Bridging paho into asyncio (no thread of our own): paho's socket callbacks register the socket
 with ``loop.add_reader``/``add_writer`` and ``loop_misc`` runs every second for keepalives, as
@@ -57,7 +60,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +73,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.encode import InfluxEncoder
-from gateway.forwarder import SinkRejected, SinkUnavailable
+from gateway.forwarder import SinkRejected, SinkUnavailable, isolate_refused, receipt_mac
 from gateway.sdnotify import Notifier, watchdog_interval
 from gateway.config import ssl_context
 from gateway.health import PROMETHEUS_TEXT, LocalHttpServer
@@ -531,7 +534,11 @@ class Ingest:
                 continue
             kind = "written" if msg.problem is None else "dead_lettered"
             by_topic.setdefault(msg.reply, {}).setdefault(kind, []).append(msg.corr or "")
+        secret = self.config.receipt_secret
         for topic, receipt in by_topic.items():
+            if secret is not None:
+                receipt["mac"] = receipt_mac(secret.get_secret_value().encode(), topic,  # type: ignore[assignment]
+                                             receipt.get("written", []), receipt.get("dead_lettered", []))
             info = client.publish(topic, json.dumps(receipt, separators=(",", ":")).encode(), qos=1)
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self.stats.receipts += 1
@@ -553,7 +560,7 @@ class Ingest:
                     continue
                 except SinkRejected as exc:
                     if len(part) == 1:
-                        part[0].problem = Malformed("rejected", f"the database refused it: {exc}")
+                        await self._split_message(sink, part[0], str(exc))
                     else:  # find the refused message(s): halves, first half first
                         half = len(part) // 2
                         parts += [part[half:], part[:half]]
@@ -562,6 +569,40 @@ class Ingest:
                 self.stats.points_written += sum(m.points.count for m in part)  # type: ignore[union-attr]
                 self.stats.newest_ns = max(self.stats.newest_ns, *(m.points.newest_ns for m in part))  # type: ignore[union-attr]
                 break
+
+    async def _split_message(self, sink: InfluxSink, msg: _Msg, message: str) -> None:
+        """The database refused ``msg`` as data: write the lines it takes (:func:`isolate_refused`);
+        the refused lines become the message's dead letter (the original payload if all were)."""
+        assert msg.points is not None
+        lines = msg.points.data.splitlines(keepends=True)
+
+        async def send(part: Sequence[bytes]) -> None:
+            while msg.gen == self._gen:
+                try:
+                    await sink.send([("", b"".join(part))])
+                except SinkUnavailable:
+                    self.stats.retries += 1
+                    await sink.wait_connected()
+                    continue
+                self.stats.write_requests += 1
+                self.stats.points_written += len(part)
+                return
+            raise SinkUnavailable("the connection the message came on is gone")
+
+        try:
+            refused = await isolate_refused(lines, message, send)
+        except SinkUnavailable:
+            return  # not acknowledged: the broker re-sends it after the reconnect
+        bad = [line for part, _answer in refused for line in part]
+        if not bad:  # taken in parts after all (a request too large): written
+            return
+        reasons = "; ".join(dict.fromkeys(answer for _part, answer in refused))
+        if len(bad) < len(lines):
+            msg.payload = b"".join(bad)
+            msg.problem = Malformed("rejected", f"the database refused {len(bad)} of {len(lines)} points (the "
+                                                f"others were written): {reasons}")
+        else:
+            msg.problem = Malformed("rejected", f"the database refused it: {reasons}")
 
     async def _dead_letter(self, msg: _Msg) -> bool:
         """Publish ``msg`` to the dead-letter topic; True once the broker acknowledged it."""
@@ -633,6 +674,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "sluice_ingest_write_retries_total": ("counter", "Write requests that failed and are sent again"),
     "sluice_ingest_dead_letters_total": ("counter", "Messages published to the dead-letter topic, by kind"),
     "sluice_ingest_ignored_total": ("counter", "Status messages (online/offline) acknowledged and not written"),
+    "sluice_ingest_receipts_total": ("counter", "End-to-end receipts published to gateways"),
     "sluice_ingest_pending_messages": ("gauge", "Messages received and not yet acknowledged"),
     "sluice_ingest_lag_seconds": ("gauge", "Now minus the time of the newest point written (0 before the first)"),
     "process_cpu_seconds_total": ("counter", "User and system CPU time of the process"),
@@ -660,6 +702,7 @@ def render_metrics(ingest: Ingest) -> str:
     for kind, n in sorted(stats.dead_letters.items()):
         out.sample("sluice_ingest_dead_letters_total", n, kind=kind)
     sample("sluice_ingest_ignored_total", stats.ignored)
+    sample("sluice_ingest_receipts_total", stats.receipts)
     sample("sluice_ingest_pending_messages", ingest.pending)
     lag = max(0.0, (time.time_ns() - stats.newest_ns) / 1e9) if stats.newest_ns else 0.0
     sample("sluice_ingest_lag_seconds", lag)

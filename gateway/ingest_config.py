@@ -18,6 +18,7 @@ from gateway.config import (
     LoggingConfig,
     TlsConfig,
     _display,
+    check_receipt_secret,
     check_remote_link,
     expand_secrets,
     validate_doc,
@@ -131,10 +132,13 @@ class IngestConfig(StrictModel):
     receipt_topics: list[str] = Field(
         default_factory=lambda: ["sluice-receipts/#"],
         description="end-to-end receipts are published only to response topics under these filters ([] : none)")
+    receipt_secret: SecretStr | None = Field(
+        default=None, description="HMAC key of the receipts; the same as the gateways' sinks' receipt_secret")
     metrics: MetricsConfig | None = None
     logging: LoggingConfig = LoggingConfig()
 
     _receipt_topics = field_validator("receipt_topics")(lambda v: [_check_filter(t) for t in v])
+    _receipt_secret = field_validator("receipt_secret")(lambda v: check_receipt_secret(v))
 
     @field_validator("dead_letter_topic")
     @classmethod

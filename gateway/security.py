@@ -70,6 +70,11 @@ def startup_warnings(config: Config) -> list[str]:
             local = " (a loopback host)" if is_loopback(where) else ""
             out.append(f"sink {name}: `insecure: true` — connecting to {where}{local} {what}; anyone on the "
                        "path can read or alter the data. Remove `insecure` and configure `tls:` when you can")
+        if getattr(sink, "delivery", "broker") == "end_to_end" and getattr(sink, "receipt_secret", None) is None:
+            topic = str(getattr(sink, "receipt_topic", "")).format(site=config.site, gateway=config.gateway_id)
+            out.append(f"sink {name}: end-to-end receipts are not authenticated — whoever may publish on {topic} "
+                       "can make the gateway delete readings; set `receipt_secret` (the same in ingest.yaml) and "
+                       "restrict that topic with the broker's ACLs")
     health = config.gateway.health
     if health.enabled and not is_loopback(health.host):
         out.append(f"health.listen is {health.listen}: /healthz and /metrics (device ids, sink names, figures) are "

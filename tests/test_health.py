@@ -269,3 +269,82 @@ async def test_sluice_run_notifies_ready_and_stopping(tmp_path: Path, close_defa
         await fake.wait_for(lambda m: m.get("STOPPING") == "1", timeout=5)
     finally:
         fake.sock.close()
+
+
+async def test_receipt_metrics_status_and_forged_receipts(tmp_path: Path, mosquitto, close_default_executor, capsys,
+                                                          caplog) -> None:
+    """``delivery: end_to_end`` with ``receipt_secret`` (read with ${file:}) through a real Mosquitto;
+    this test plays the ingest: a receipt without a mac, one with another key's mac and one made
+    for another gateway's topic are refused and counted; silence makes a receipt timeout; then
+    genuine receipts empty the outbox. /metrics (parsed with prometheus_client) and ``sluice
+    status`` show it all, and never the secret."""
+    import aiomqtt
+
+    from gateway.forwarder import receipt_mac
+
+    secret = "canary-receipt-secret-" + os.urandom(8).hex()
+    secret_file = tmp_path / "receipt.key"
+    secret_file.write_text(secret + "\n")
+    secret_file.chmod(0o600)
+    servers = counter_servers(LAYOUT)
+    port = free_port()
+    extra = {"protocol": "5", "delivery": "end_to_end", "receipt_timeout": "1s",
+             "receipt_secret": f"${{file:{secret_file}}}"}
+    key = secret.encode()
+    topic = "sluice-receipts/lab/gw-test"
+    async with contextlib.AsyncExitStack() as stack:
+        for s in servers:
+            await stack.enter_async_context(s)
+        gw = Gateway(load_config(_config(tmp_path, servers, mosquitto.port, health_port=port, dead=False,
+                                         sink_extra=extra)))
+        ingest = await stack.enter_async_context(aiomqtt.Client("127.0.0.1", mosquitto.port,
+                                                                protocol=aiomqtt.ProtocolVersion.V5))
+        await ingest.subscribe("sluice/lab/gw-test/+", qos=1)
+        await stack.enter_async_context(_running(gw))
+        fwd = gw.forwarders[0]
+        answer = asyncio.Event()
+        ids: list[str] = []
+
+        async def play_ingest() -> None:
+            async for message in ingest.messages:
+                props = message.properties
+                if props is None or not hasattr(props, "CorrelationData"):
+                    continue
+                assert props.ResponseTopic == topic
+                ids.append(props.CorrelationData.decode())
+                if answer.is_set():
+                    written = [props.CorrelationData.decode()]
+                    await ingest.publish(topic, json.dumps({"written": written, "mac": receipt_mac(
+                        key, topic, written, [])}), qos=1)
+
+        player = asyncio.create_task(play_ingest())
+        stack.push_async_callback(lambda: asyncio.gather(player, return_exceptions=True))
+        stack.callback(player.cancel)
+        await _until(lambda: len(ids) >= 1)
+        forged = [{"written": ids[:1]},
+                  {"written": ids[:1], "mac": receipt_mac(b"another key of 16+ chars", topic, ids[:1], [])},
+                  {"written": ids[:1], "mac": receipt_mac(key, "sluice-receipts/lab/other-gw", ids[:1], [])}]
+        for doc in forged:
+            await ingest.publish(topic, json.dumps(doc), qos=1)
+        await _until(lambda: fwd.stats.receipts_refused >= 3 and fwd.stats.receipt_timeouts >= 1)
+        assert fwd.stats.receipts == 0 and gw.outbox.position("broker") == 0
+        answer.set()
+        await _until(lambda: fwd.stats.receipts >= 2 and gw.outbox.position("broker") > 0)
+
+        code, body = await asyncio.to_thread(fetch, "127.0.0.1", port, "/metrics")
+        assert code == 200
+        samples = {(s.name, s.labels.get("sink")): s.value
+                   for f in text_string_to_metric_families(body) for s in f.samples}
+        assert samples[("sluice_sink_receipts_refused_total", "broker")] == 3
+        assert samples[("sluice_sink_receipts_total", "broker")] >= 2
+        assert samples[("sluice_sink_receipt_timeouts_total", "broker")] >= 1
+        assert samples[("sluice_sink_receipt_resent_readings_total", "broker")] >= 1
+        assert samples[("sluice_sink_dead_lettered_total", "broker")] == 0
+        assert ("sluice_sink_unconfirmed_readings", "broker") in samples
+        rc = await asyncio.to_thread(cli.main, ["status", "--url", f"127.0.0.1:{port}"])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        assert "broker: end-to-end receipts" in out and "3 receipts refused" in out, out
+    assert "ignored a receipt on sluice-receipts/lab/gw-test without a mac" in caplog.text
+    for text in (body, out, caplog.text):
+        assert secret not in text

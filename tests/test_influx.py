@@ -168,6 +168,56 @@ async def test_v2_api_through_influxdb_client_to_victoria_metrics(victoria_metri
         assert got[("env_on", r.device)][ms] == (1 if r.fields["on"] else 0)
 
 
+async def test_only_the_refused_readings_of_a_batch_become_a_dead_letter(influxd: Influxd, outbox: Outbox) -> None:
+    """One batch of 20 readings, 3 of them with a field type conflict (v is a float in this series;
+    these send a string and a bool): real influxd answers "partial write" for the whole request; the
+    forwarder splits until the three stand alone, they are the dead letter, the 17 others are stored."""
+    bad_at = {3, 11, 19}
+    first = Reading("boiler", T0, {"v": 0.5}, {"device": "boiler"}, measurement="m")
+    batch = [Reading("boiler", T0 + i * 1000, {"v": ("oops" if i == 3 else i % 2 == 0) if i in bad_at else i / 4},
+                     {"device": "boiler"}, measurement="m") for i in range(1, 21)]
+    async with forwarding(outbox, sink_config(influxd.url)) as (fwd, sink):
+        outbox.append([first])
+        fwd.notify()
+        await until(lambda: outbox.stats().pending["db"] == 0)
+        outbox.append(batch)
+        fwd.notify()
+        await until(lambda: outbox.stats().pending["db"] == 0)
+    (letter,) = outbox.dead_letters(with_readings=True)
+    assert list(letter.readings) == [batch[i - 1] for i in sorted(bad_at)]
+    assert "type conflict" in letter.message
+    assert fwd.stats.dead_lettered == 3 and fwd.stats.delivered == 18
+    rows = read_back(influxd, {"m"})
+    assert [row["time"] for row in rows] == [T0] + [T0 + i * 1000 for i in range(1, 21) if i not in bad_at]
+    assert [row["v"] for row in rows[1:]] == [i / 4 for i in range(1, 21) if i not in bad_at]
+    assert sink.requests + sink.failures < 2 * len(batch)  # bisection, not one request per reading
+
+
+async def test_isolate_refused_finds_every_refused_item_and_keeps_to_its_budget() -> None:
+    from gateway.forwarder import SinkRejected, isolate_refused
+
+    written: list[int] = []
+    requests = 0
+
+    async def send(part: Any) -> None:
+        nonlocal requests
+        requests += 1
+        bad = [i for i in part if i % 17 == 5]
+        if bad:
+            raise SinkRejected(f"bad {bad[0]}")
+        written.extend(part)
+
+    items = list(range(100))
+    refused = await isolate_refused(items, "bad", send)
+    assert [part for part, _m in refused] == [[5], [22], [39], [56], [73], [90]]
+    assert [m for _p, m in refused] == [f"bad {i}" for i in (5, 22, 39, 56, 73, 90)]
+    assert sorted(written) == [i for i in items if i % 17 != 5]
+    written.clear()
+    refused = await isolate_refused(items, "bad", send, budget=4)  # then refused parts stay whole
+    assert sorted([i for part, _m in refused for i in part] + written) == items
+    assert all(i % 17 != 5 for i in written) and len(refused) < 6
+
+
 async def test_type_conflict_goes_to_a_dead_letter_and_the_queue_flows_on(influxd: Influxd, outbox: Outbox) -> None:
     def batch(start: int, value: Any) -> list[Reading]:
         return [Reading("boiler", T0 + (start + i) * 1000, {"v": value}, {"device": "boiler"}, measurement="m")
@@ -344,3 +394,27 @@ async def test_gateway_with_an_influxdb_sink_writes_every_counter_value(tmp_path
     served = sum(s.stats.count(function=3) for s in servers)
     assert gateway.final_stats is not None
     assert sum(map(len, final.values())) <= served <= sum(map(len, final.values())) + gateway.final_stats.rows
+
+
+async def test_a_batch_too_large_for_the_server_is_taken_in_halves(outbox: Outbox) -> None:
+    """413 for the whole batch, 2xx for its halves: nothing becomes a dead letter."""
+    async with Flaky([(413, {})]) as server:
+        async with forwarding(outbox, sink_config(server.url)) as (fwd, _sink):
+            outbox.append(escaping_readings(2))
+            fwd.notify()
+            await until(lambda: outbox.stats().pending["db"] == 0)
+    assert len(server.bodies) == 3 and server.bodies[0] == server.bodies[1] + server.bodies[2]
+    assert not outbox.dead_letters() and fwd.stats.dead_lettered == 0
+    assert fwd.stats.delivered == len(escaping_readings(2))
+
+
+async def test_v2_bodies_are_gzipped_at_our_level_not_the_clients_level_9() -> None:
+    import gzip
+
+    cfg = sink_config("http://127.0.0.1:9", api="v2", database=None, bucket="b", org="o", token="t")
+    body = b"m,device=a v=1.5 1\n" * 100
+    async with InfluxSink("db", cfg) as sink:
+        conf = sink._client.conf  # type: ignore[union-attr]
+        packed = conf.update_request_body("/api/v2/write", body)
+        assert gzip.decompress(packed) == body and packed[8] == 4  # XFL 4: the fastest level
+        assert conf.update_request_body("/api/v2/query", "q") == "q"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,8 @@ from typing import Any
 import aiomqtt
 import pytest
 import yaml
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from servers import Influxd, Mosquitto, VictoriaMetrics, free_port
 from test_influx import T0, escaping_readings, expected_row, read_back, same
 
@@ -79,6 +82,26 @@ async def publisher(broker: Mosquitto) -> AsyncIterator[aiomqtt.Client]:
     async with aiomqtt.Client(broker.host, broker.port, identifier=f"pub-{os.getpid()}", clean_session=True) as client:
         client.pending_calls_threshold = 1000
         yield client
+
+
+@contextlib.asynccontextmanager
+async def collecting(broker: Mosquitto, *filters: str) -> AsyncIterator[list[aiomqtt.Message]]:
+    """MQTT 5 messages on ``filters`` (with their properties), collected until the block ends."""
+    got: list[aiomqtt.Message] = []
+    async with aiomqtt.Client(broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V5) as sub:
+        for topic_filter in filters:
+            await sub.subscribe(topic_filter, qos=1)
+
+        async def collect() -> None:
+            async for message in sub.messages:
+                got.append(message)
+
+        collector = asyncio.create_task(collect(), name="collector")
+        try:
+            yield got
+        finally:
+            collector.cancel()
+            await asyncio.gather(collector, return_exceptions=True)
 
 
 def counter_payloads(n_messages: int, per_message: int, devices: int = 3) -> list[tuple[str, bytes]]:
@@ -175,6 +198,7 @@ async def test_gateway_payloads_are_written_value_by_value(tmp_path: Path, mosqu
     metrics = {name: value for name, labels, value in parse_metrics(text) if not labels}
     assert metrics["sluice_ingest_points_written_total"] == len(readings)
     assert metrics["sluice_ingest_ignored_total"] == 1 and metrics["sluice_ingest_messages_acked_total"] == 3
+    assert metrics["sluice_ingest_receipts_total"] == 0  # no gateway asked for receipts
     assert ingest.stats.dead_letters == {}
     got = read_back(influxd, {r.measurement for r in readings})
     want = [expected_row(r) for r in readings]
@@ -194,24 +218,12 @@ async def test_malformed_payloads_go_to_the_dead_letter_topic_and_the_rest_flows
            ("sluice/lab/gw1/dev0", b'counters,device=dev0,gateway=gw1,site=lab count="text",v=1.0 ' +
             str(T0 + 7).encode())]
     messages = good[:3] + bad + good[3:] + [bad[0]] * 5
-    dlq: list[aiomqtt.Message] = []
-    async with aiomqtt.Client(mosquitto.host, mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as sub:
-        await sub.subscribe("sluice-dlq/#", qos=1)
-
-        async def collect() -> None:
-            async for message in sub.messages:
-                dlq.append(message)
-
-        collector = asyncio.create_task(collect(), name="dlq-collector")
-        try:
-            async with running(cfg) as ingest, publisher(mosquitto) as pub:
-                for topic, payload in messages:
-                    await pub.publish(topic, payload, qos=1)
-                await until(lambda: ingest.stats.acked == len(messages), what="every message acknowledged")
-                await until(lambda: len(dlq) == 9, what="9 dead letters")
-        finally:
-            collector.cancel()
-            await asyncio.gather(collector, return_exceptions=True)
+    async with collecting(mosquitto, "sluice-dlq/#") as dlq:
+        async with running(cfg) as ingest, publisher(mosquitto) as pub:
+            for topic, payload in messages:
+                await pub.publish(topic, payload, qos=1)
+            await until(lambda: ingest.stats.acked == len(messages), what="every message acknowledged")
+            await until(lambda: len(dlq) == 9, what="9 dead letters")
     assert stored_counts(influxd) == list(range(30))
     assert ingest.stats.dead_letters == {"line_protocol": 7, "json": 1, "rejected": 1}
     by_topic = {(str(m.topic), bytes(m.payload)): dict(m.properties.UserProperty) for m in dlq}  # type: ignore[union-attr, arg-type]
@@ -224,6 +236,37 @@ async def test_malformed_payloads_go_to_the_dead_letter_topic_and_the_rest_flows
     # Logged once per kind per minute, not once per message.
     logged = [r for r in caplog.records if r.name == "gateway.ingest" and "not written" in r.getMessage()]
     assert len(logged) == 3
+
+
+async def test_a_refused_message_is_split_so_only_its_refused_points_are_dead_lettered(
+        tmp_path: Path, mosquitto: Mosquitto, influxd: Influxd) -> None:
+    """One message of 8 points, 2 with a field type conflict that only influxd sees: the 6 others
+    are written, the dead letter holds just the 2 refused lines, and the gateway's receipt says
+    dead_lettered (so it warns)."""
+    cfg = write_config(tmp_path / "ingest.yaml", mosquitto, v1(influxd))
+    (first,) = counter_payloads(1, 1)
+    lines = [f"counters,device=dev0,gateway=gw1,site=lab count={i}i,v={i / 4} {T0 + 1000 * i}".encode()
+             for i in range(1, 9)]
+    for i in (2, 6):
+        lines[i] = f'counters,device=dev0,gateway=gw1,site=lab count={i + 1}i,v="x{i}" {T0 + 1000 * (i + 1)}'.encode()
+    mixed = b"\n".join(lines) + b"\n"
+    async with collecting(mosquitto, "sluice-dlq/#", "sluice-receipts/#") as dlq:
+        async with running(cfg) as ingest, aiomqtt.Client(
+                mosquitto.host, mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as pub:
+            await pub.publish(*first, qos=1)
+            await until(lambda: ingest.stats.acked == 1)
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = "sluice-receipts/lab/gw1"
+            props.CorrelationData = b"2-2:1/1"
+            await pub.publish("sluice/lab/gw1/dev0", mixed, qos=1, properties=props)
+            await until(lambda: ingest.stats.acked == 2 and len(dlq) == 2, what="dead letter and receipt")
+    assert stored_counts(influxd) == [0, 1, 2, 4, 5, 6, 8]
+    (letter,) = [m for m in dlq if str(m.topic).startswith("sluice-dlq/")]
+    assert bytes(letter.payload) == lines[2] + b"\n" + lines[6] + b"\n"  # type: ignore[arg-type]
+    reason = dict(letter.properties.UserProperty)["reason"]  # type: ignore[union-attr]
+    assert "refused 2 of 8 points" in reason and "type conflict" in reason
+    (receipt,) = [m for m in dlq if str(m.topic).startswith("sluice-receipts/")]
+    assert json.loads(bytes(receipt.payload)) == {"dead_lettered": ["2-2:1/1"]}  # type: ignore[arg-type]
 
 
 async def test_influxd_outage_nothing_acknowledged_then_everything_written(

@@ -314,3 +314,58 @@ async def test_mosquitto_sigkill_with_queued_messages(delivery: str, tmp_path: P
     else:
         print(f"delivery: broker — {missing} readings lost with the broker's queue")  # documented, not asserted
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("ingest_secret", ["same", "none"])
+async def test_receipt_secret_between_real_gateway_and_ingest(ingest_secret: str, tmp_path: Path, mosquitto: Any,
+                                                              influxd: Any, close_default_executor: None,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sluice run`` and ``sluice ingest`` with the same ``receipt_secret`` (from the environment):
+    receipts are accepted and the outbox empties. An ingest without the secret sends receipts
+    the gateway ignores: nothing is deleted, and the log says what to fix (never the secret)."""
+    from e2e_support import counter_servers, device_ports, write_config
+    from test_ingest import running, v1
+    from test_ingest import write_config as write_ingest_config
+
+    secret = "env-receipt-secret-" + "7" * 20
+    monkeypatch.setenv("SLUICE_TEST_RECEIPT_KEY", secret)
+    servers = counter_servers(LAYOUT)
+    outbox_path = tmp_path / "outbox.db"
+    log = tmp_path / "gateway.log"
+    extra = {} if ingest_secret == "none" else {"receipt_secret": "${SLUICE_TEST_RECEIPT_KEY}"}
+    ingest_cfg = write_ingest_config(tmp_path / "ingest.yaml", mosquitto, v1(influxd), batch={"linger": "50ms"},
+                                     **extra)
+    async with contextlib.AsyncExitStack() as stack:
+        for server in servers:
+            await stack.enter_async_context(server)
+        ingest = await stack.enter_async_context(running(ingest_cfg))
+        config = write_config(tmp_path / "config", devices=device_ports(LAYOUT, servers), broker_port=mosquitto.port,
+                              interval="50ms", outbox=outbox_path,
+                              sink_extra={"protocol": "5", "delivery": "end_to_end", "receipt_timeout": "2s",
+                                          "receipt_secret": "${SLUICE_TEST_RECEIPT_KEY}"})
+        proc = _gateway(config, log)
+        try:
+            if ingest_secret == "same":
+                await until(lambda: _positions(outbox_path)[0] >= 60, 30, "receipts accepted")
+            else:
+                await until(lambda: "ignored a receipt" in log.read_text(), 30, "receipts refused")
+                assert ingest.stats.receipts > 0
+                assert _positions(outbox_path)[0] == 0
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert secret not in text and "Traceback" not in text
+    assert ("ignored a receipt" in text) == (ingest_secret == "none")
+
+
+def test_a_short_receipt_secret_is_a_located_error_that_never_shows_it(tmp_path: Path) -> None:
+    from e2e_support import write_config
+
+    config = write_config(tmp_path, devices={}, broker_port=1883,
+                          sink_extra={"protocol": "5", "delivery": "end_to_end", "receipt_secret": "canary-short"})
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(config)
+    text = "\n".join(map(str, caught.value.errors))
+    assert "receipt_secret is shorter than 16 characters" in text and "gateway.yaml:" in text
+    assert "canary-short" not in text

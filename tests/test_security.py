@@ -171,3 +171,15 @@ def test_a_password_from_the_environment_is_not_a_secret_in_the_file(tmp_path: P
                        sink_extra={"username": "gw", "password": "${SLUICE_TEST_PASSWORD}"})
     (cfg / "gateway.yaml").chmod(0o644)
     assert not [w for w in startup_warnings(load_config(cfg)) if "readable" in w]
+
+
+def test_unauthenticated_receipts_warn_until_a_secret_is_set(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SLUICE_TEST_RECEIPT_KEY", CANARY * 2)
+    e2e = {"protocol": "5", "delivery": "end_to_end"}
+    cfg = write_config(tmp_path / "a", devices={}, broker_port=1883, sink_extra=e2e)
+    assert [w for w in startup_warnings(load_config(cfg)) if "publish on sluice-receipts/lab/gw-test can" in w]
+    cfg = write_config(tmp_path / "b", devices={}, broker_port=1883,
+                       sink_extra={**e2e, "receipt_secret": "${SLUICE_TEST_RECEIPT_KEY}"})
+    warnings = startup_warnings(load_config(cfg))
+    assert not [w for w in warnings if "receipts are not authenticated" in w]
+    assert not any(CANARY in w for w in warnings)
