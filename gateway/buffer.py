@@ -80,11 +80,11 @@ log = logging.getLogger(__name__)
 APPLICATION_ID = 0x536C7563  # "Sluc": marks the file as a Sluice outbox
 SCHEMA_VERSION = 1
 ROW_OVERHEAD = 16
+"""Bytes counted per row on top of its payload (seq, series id, record and cell headers)."""
 ACK_WRITE_DELAY = 2.0
 """Seconds an acknowledged position may stay in memory only: it is written with the next commit of
 readings, or by the first ack after this delay, or at close. A crash re-sends at most that much
 (duplicates, never loss); it saves a transaction and an fsync per delivered batch."""
-"""Bytes counted per row on top of its payload (seq, series id, record and cell headers)."""
 FULL_CHECK_BELOW = 32 * 1024**2
 """Files smaller than this get ``PRAGMA integrity_check`` on open; larger ones ``quick_check``."""
 

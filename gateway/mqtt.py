@@ -188,6 +188,8 @@ class MqttSink:
                 pending.pop(mid, None)
             if not acks.done.done():
                 acks.done.cancel()
+            elif not acks.done.cancelled():
+                acks.done.exception()  # retrieved: a drop or expiry after a failed publish is not "never retrieved"
 
     # -- lifecycle -----------------------------------------------------------------------------
 
