@@ -53,6 +53,11 @@ On-disk invariants (one SQLite file in WAL mode, ``application_id`` 0x536C7563, 
   letters are not counted in ``bytes``/``max_bytes``; they have their own cap,
   ``dead_letter_max_bytes`` (oldest letters deleted first, with a WARNING). The table was added
   without a schema version change: it is created if missing on open, and an older Sluice ignores it.
+* ``trace_*`` tables belong to the traceability feed (``gateway/trace/journal.py``): its events
+  go through this same file with the same commit and acknowledgement rules, on their own
+  connection. This class never reads or changes them; they are not counted in ``bytes`` and
+  ``when_full`` never drops them (trace events are evidence). :func:`prepare` lets that module
+  (and the ``sluice lot`` CLI, before the gateway's first start) create the outbox file.
 * Every change is one transaction (``BEGIN IMMEDIATE`` … ``COMMIT``). A crash or SIGKILL loses
   nothing that was committed (power loss with ``synchronous=normal`` may lose the last commits).
   A file that fails the integrity check on open, or is not a Sluice outbox, is renamed to
@@ -92,7 +97,6 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 _CORRUPT_CODES = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
 
 _SCHEMA = f"""
-BEGIN IMMEDIATE;
 PRAGMA application_id = {APPLICATION_ID};
 PRAGMA user_version = {SCHEMA_VERSION};
 CREATE TABLE state (
@@ -106,7 +110,6 @@ INSERT INTO state VALUES (0, 0, 0, 0, 0);
 CREATE TABLE sinks (name TEXT PRIMARY KEY, acked INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE series (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, last_seq INTEGER NOT NULL);
 CREATE TABLE readings (seq INTEGER PRIMARY KEY, series INTEGER NOT NULL, data BLOB NOT NULL);
-COMMIT;
 """
 
 # Added after version 1 without a version change: created on open when missing (see the docstring).
@@ -176,7 +179,9 @@ class OutboxStats:
 class Outbox:
     """SQLite (WAL) outbox. Synchronous methods, called from the event loop; no I/O in __init__.
 
-    Use as ``with Outbox(...) as outbox:``. One writer process per file.
+    Use as ``with Outbox(...) as outbox:``. One writer of readings per file (the gateway); the
+    trace journal writes its own tables beside them (the ``sluice lot`` CLI from another process),
+    each transaction short, so a writer waits at most milliseconds for the other.
 
     ``max_bytes`` bounds :attr:`OutboxStats.bytes` (see the module docstring); ``when_full``
     decides what goes when a batch would exceed it. ``max_pages``, if given, is also applied as
@@ -235,11 +240,7 @@ class Outbox:
             raise RuntimeError("outbox already open")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            problem = self._check_existing()
-            if problem is not None:
-                aside = self._move_aside()
-                log.error("outbox %s is unusable (%s): moved it to %s and started an empty outbox; "
-                          "readings not yet delivered are in the old file", self.path, problem, aside)
+            _vet(self.path)
             self._conn = self._connect()
             self._setup()
         except (sqlite3.Error, OSError) as exc:
@@ -321,68 +322,10 @@ class Outbox:
             raise
         return conn
 
-    def _check_existing(self) -> str | None:
-        """Why the existing file cannot be used as our outbox, or None (missing files are fine)."""
-        try:
-            with open(self.path, "rb") as f:
-                head = f.read(100)
-        except FileNotFoundError:
-            return None
-        if not head:
-            return None  # an empty file is a valid, empty SQLite database
-        if not head.startswith(_SQLITE_MAGIC):
-            return "not an SQLite database"
-        size = os.path.getsize(self.path)
-        # Read-only: a read-write connection would checkpoint the WAL into (and then delete it
-        # next to) a file we may be about to move aside, changing the evidence.
-        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
-        try:
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
-            if app_id != APPLICATION_ID:
-                if tables:
-                    return f"an SQLite database of something else (application_id {app_id:#x})"
-                return None
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version != SCHEMA_VERSION:
-                raise sqlite3.OperationalError(
-                    f"outbox schema version {version}, this Sluice reads {SCHEMA_VERSION} — "
-                    "run the Sluice version that wrote it to deliver its readings first")
-            check = "integrity_check" if size < FULL_CHECK_BELOW else "quick_check"
-            result = [r[0] for r in conn.execute(f"PRAGMA {check}(20)")]
-            if result != ["ok"]:
-                return f"{check} failed: {'; '.join(result[:3])}"
-            if not {"state", "sinks", "series", "readings"} <= tables:
-                return "outbox tables missing"
-            return None
-        except sqlite3.DatabaseError as exc:
-            if getattr(exc, "sqlite_errorname", None) in _CORRUPT_CODES:
-                return str(exc)
-            raise
-        finally:
-            conn.close()
-
-    def _move_aside(self) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        n = 1
-        while aside.exists():
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}.{n}")
-            n += 1
-        # The WAL first: the db must never sit next to a WAL that is not its own.
-        for suffix in ("-wal", "-shm"):
-            side = Path(f"{self.path}{suffix}")
-            if side.exists():
-                os.replace(side, Path(f"{aside}{suffix}"))
-        os.replace(self.path, aside)
-        _fsync_dir(self.path.parent)
-        return aside
-
     def _setup(self) -> None:
         conn = self._conn
         assert conn is not None
-        if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
-            conn.executescript(_SCHEMA)  # a new (or empty) file: _check_existing vetted it
+        _create(conn)  # a new (or empty) file: _vet checked it
         conn.execute("BEGIN IMMEDIATE")
         try:
             last_seq, rows, nbytes, dropped = conn.execute(
@@ -901,6 +844,118 @@ def mark_resend(conn: sqlite3.Connection, ids: Sequence[int] | None = None, sink
             conn.execute("ROLLBACK")
         raise
     return n
+
+
+def prepare(path: Path, *, check: bool) -> None:
+    """Make ``path`` an outbox file that another module may keep its own tables in (the trace
+    journal's ``trace_*`` tables), before or while :class:`Outbox` has it open: a missing or empty
+    file gets the outbox schema (what :meth:`Outbox.open` would create; the Outbox later opens it
+    as a new, empty outbox). With ``check`` (the gateway's own process, before anything else opens
+    the file) an unusable file is first moved aside exactly as :meth:`Outbox.open` does; without
+    it (a CLI next to a running gateway) a file that is not a Sluice outbox raises
+    :class:`OutboxError` and nothing is touched."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if check:
+            _vet(path)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            if app_id != APPLICATION_ID and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
+                raise OutboxError(f"{path} is not a Sluice outbox (application_id {app_id:#x}) — "
+                                  "check buffer.path in gateway.yaml")
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise sqlite3.OperationalError(f"cannot switch to WAL mode (journal_mode={mode})")
+            if app_id != APPLICATION_ID:
+                _create(conn)
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as exc:
+        raise OutboxError(_describe(path, "preparing", exc)) from exc
+
+
+def _vet(path: Path) -> None:
+    """Move ``path`` aside (with a clear ERROR) if it cannot be used as an outbox."""
+    problem = _check_existing(path)
+    if problem is not None:
+        aside = _move_aside(path)
+        log.error("outbox %s is unusable (%s): moved it to %s and started an empty outbox; readings "
+                  "not yet delivered and the trace journal (events, chain) are in the old file", path, problem, aside)
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    """Give an empty database the outbox schema; a no-op if another connection did it first."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _check_existing(path: Path) -> str | None:
+    """Why the existing file cannot be used as our outbox, or None (missing files are fine)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except FileNotFoundError:
+        return None
+    if not head:
+        return None  # an empty file is a valid, empty SQLite database
+    if not head.startswith(_SQLITE_MAGIC):
+        return "not an SQLite database"
+    size = os.path.getsize(path)
+    # Read-only: a read-write connection would checkpoint the WAL into (and then delete it
+    # next to) a file we may be about to move aside, changing the evidence.
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
+        if app_id != APPLICATION_ID:
+            if tables:
+                return f"an SQLite database of something else (application_id {app_id:#x})"
+            return None
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise sqlite3.OperationalError(
+                f"outbox schema version {version}, this Sluice reads {SCHEMA_VERSION} — "
+                "run the Sluice version that wrote it to deliver its readings first")
+        check = "integrity_check" if size < FULL_CHECK_BELOW else "quick_check"
+        result = [r[0] for r in conn.execute(f"PRAGMA {check}(20)")]
+        if result != ["ok"]:
+            return f"{check} failed: {'; '.join(result[:3])}"
+        if not {"state", "sinks", "series", "readings"} <= tables:
+            return "outbox tables missing"
+        return None
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorname", None) in _CORRUPT_CODES:
+            return str(exc)
+        raise
+    finally:
+        conn.close()
+
+def _move_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}.{n}")
+        n += 1
+    # The WAL first: the db must never sit next to a WAL that is not its own.
+    for suffix in ("-wal", "-shm"):
+        side = Path(f"{path}{suffix}")
+        if side.exists():
+            os.replace(side, Path(f"{aside}{suffix}"))
+    os.replace(path, aside)
+    _fsync_dir(path.parent)
+    return aside
 
 
 def open_for_dead_letters(path: Path) -> sqlite3.Connection:

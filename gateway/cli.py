@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway.buffer import OutboxError
 from gateway.config import Config, ConfigErrors, load_config
 from gateway.logs import setup_logging
 
@@ -335,6 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except OutboxError as exc:  # the state directory is unusable: say so, no traceback
+        print(f"sluice {args.command}: {exc} — check buffer.path in gateway.yaml and that the state directory "
+              "exists and is writable by this user", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Contracts:
   names (device ids, sink names, error kinds), so no secret can reach them.
 * :func:`add_metrics` lets a part that runs beside the gateway (the trace feed) add families
   to ``/metrics`` while it runs: names only, as above; in-memory figures or a few small indexed
-  queries of its own database (the trace feed: one per sink in trace.db).
+  queries of its own database (the trace feed: one per sink in the outbox's trace tables).
 * :class:`HealthServer` is an async context manager; it answers ``GET /healthz`` and
   ``GET /metrics`` with ``Connection: close`` and nothing else.
 """

@@ -45,6 +45,19 @@ async def test_once_reports_silent_devices_and_exits_non_zero(tmp_path: Path) ->
     await asyncio.get_running_loop().shutdown_default_executor()
 
 
+async def test_run_and_lot_on_an_unusable_state_directory_say_so_without_a_traceback(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    config = write_config(tmp_path, devices={}, broker_port=None, outbox=blocker / "outbox.db")
+    (config / "trace.yaml").write_text("locations: {room: {read_point: \"urn:epc:id:sgln:4012345.00001.0\"}}\n")
+    for args in (("run",), ("lot", "start", "LOT-1", "room")):
+        proc = await _run(*args, "-c", str(config))
+        assert proc.returncode == 1, proc.stderr
+        assert f"outbox {blocker / 'outbox.db'}" in proc.stderr and "check buffer.path in gateway.yaml" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    await asyncio.get_running_loop().shutdown_default_executor()
+
+
 async def test_run_stops_cleanly_on_sigterm_and_keeps_what_it_read(tmp_path: Path) -> None:
     servers = counter_servers(LAYOUT)
     async with contextlib.AsyncExitStack() as stack:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from gateway.buffer import Outbox, OutboxError
 from gateway.config import load_config
 from gateway.reading import Reading
 from gateway.trace.config import load_trace_config
@@ -102,13 +104,13 @@ async def _scenario(trace_cfg, tmp_path: Path) -> tuple[list[dict], Path]:
         svc.step()
         for t in range(T0 + 15 * M, T0 + 20 * M, 30 * S):
             svc.observe(_cold(t, 3.0))
-        with Journal(state / "trace.db") as cli:  # what `sluice lot move` does, from another process
+        with Journal(state / "outbox.db") as cli:  # what `sluice lot move` does, from another process
             cli.queue("move", "LOT-A", "truck-7", time_ns=T0 + 20 * M)
         clock.now = T0 + 20 * M + S
         svc.step()
         for t in range(T0 + 20 * M + 30 * S, T0 + 25 * M, 30 * S):
             svc.observe(Reading("truck-th", t, {"temperature": 3.5, "humidity": 80.0}))
-        with Journal(state / "trace.db") as cli:
+        with Journal(state / "outbox.db") as cli:
             cli.queue("end", "LOT-A", None, time_ns=T0 + 25 * M)
         clock.now = T0 + 25 * M + S
         svc.step()
@@ -227,7 +229,7 @@ async def test_sink_outage_keeps_events_and_delivers_them_later_in_order(trace_c
         svc.observe(_cold(T0 + 2 * M, 3.0))
         clock.now = T0 + 15 * M + 6 * S
         svc.step()
-        with Journal(state / "trace.db") as j:
+        with Journal(state / "outbox.db") as j:
             assert len(j.all_lines()) == 2 and j.position("feed") == 0
         (state / "out").mkdir()
         svc.observe(_cold(T0 + 16 * M, 3.0))
@@ -244,8 +246,8 @@ async def test_restart_continues_the_chain_and_the_sink_file_gets_no_duplicates(
     clock = Clock()
     async with TraceService(trace_cfg, state, clock=clock) as svc:
         svc.observe(Reading("door-scanner", T0 + M, {"code": "LOT-A"}))
-    with Journal(state / "trace.db") as j:  # as if the ack was lost: the file has seq 1, the journal says 0
-        j.conn.execute("UPDATE sinks SET acked=0")
+    with Journal(state / "outbox.db") as j:  # as if the ack was lost: the file has seq 1, the journal says 0
+        j.conn.execute("UPDATE trace_sinks SET acked=0")
     clock.now = T0 + 15 * M + 6 * S
     async with TraceService(trace_cfg, state, clock=clock) as svc:
         svc.step()
@@ -254,6 +256,50 @@ async def test_restart_continues_the_chain_and_the_sink_file_gets_no_duplicates(
     window = json.loads(lines[1])["epcisBody"]["eventList"][0]
     # the reading-less window is reported as an outage, not left out
     assert window["sensorElementList"][0]["sensorReport"][0]["exception"] == "ERROR_CONDITION"
+
+
+def test_the_journal_lives_in_the_readings_outbox_and_neither_side_disturbs_the_other(tmp_path, caplog):
+    path = tmp_path / "outbox.db"
+    with Journal(path) as cli:  # `sluice lot start` before the gateway ever ran creates the outbox
+        cli.queue("start", "LOT-A", "cold-room-1")
+        cli.commit([(1, "LOT-A", T0, "{\"seq\": 1}")], (1, "ni:///sha-256;x"), {"LOT-A": ("cold-room-1", T0, T0)})
+    with Outbox(path, ["broker"], max_bytes=64 * 1024) as outbox:  # the gateway's outbox takes it as its own
+        assert outbox.append([Reading("meter", T0 + i, {"kwh": float(i)}) for i in range(100)]) == 100
+        outbox.ack("broker", outbox.last_seq)  # delivered: every reading leaves
+        for n in range(50):  # full: drop_oldest runs, and it drops readings only
+            outbox.append([Reading("meter", T0 + n * 1000 + i, {"text": "x" * 1000}) for i in range(20)])
+        assert outbox.stats().dropped > 0
+    assert not list(tmp_path.glob("*.corrupt-*"))
+    with Journal(path, check=True) as j:  # and the gateway's own open of the journal keeps it
+        assert j.all_lines() == ['{"seq": 1}'] and j.chain() == (1, "ni:///sha-256;x")
+        assert [c[2:5] for c in j.pending_commands()] == [("start", "LOT-A", "cold-room-1")]
+    with sqlite3.connect(path) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
+    assert {"readings", "sinks", "trace_events", "trace_chain", "trace_sinks"} <= tables
+
+
+def test_the_journal_refuses_a_file_that_is_not_an_outbox_and_leaves_it_alone(tmp_path):
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (x)")
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(OutboxError, match="not a Sluice outbox .* check buffer.path"), Journal(path):
+        pass
+    assert path.read_bytes() == before
+
+
+def test_an_unusable_outbox_is_moved_aside_with_the_journal_in_it_and_a_new_one_started(tmp_path, caplog):
+    path = tmp_path / "outbox.db"
+    path.write_bytes(b"this is not SQLite" * 100)
+    with Journal(path, check=True) as j:  # the gateway's process: vetted as the Outbox would
+        assert j.chain() == (0, None)
+    aside = list(tmp_path.glob("outbox.db.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == b"this is not SQLite" * 100
+    assert "the trace journal (events, chain) are in the old file" in caplog.text
+    with Outbox(path, ["broker"]) as outbox:  # a valid, empty outbox now
+        assert outbox.stats().rows == 0
+    assert len(list(tmp_path.glob("outbox.db.corrupt-*"))) == 1
 
 
 def test_config_errors_are_located(tmp_path):
@@ -292,7 +338,7 @@ async def test_cli_verify_show_pubkey_and_lot(trace_cfg, tmp_path, capsys, monke
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("seq,time,what") and len(out) == 6 and "ALARM_CONDITION" in out[2]
     assert main(["lot", "start", "LOT-B", "cold-room-1", *config]) == 0
-    with Journal(tmp_path / "state" / "trace.db") as j:
+    with Journal(tmp_path / "state" / "outbox.db") as j:
         assert [c[2:5] for c in j.pending_commands()] == [("start", "LOT-B", "cold-room-1")]
 
 

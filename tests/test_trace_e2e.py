@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
 from gateway.app import Gateway
@@ -77,6 +78,12 @@ async def test_a_scan_at_the_door_becomes_the_binding_event_in_the_feed(tmp_path
     assert event["quantityList"] == [{"epcClass": "urn:sluice:lot:CN-FARM-001:LOT-2026-0042"}]
     assert event["sluice:attributes"] == {"variety": "Albion"}
     assert verify_lines(lines, load_public_key(state / "trace-ed25519.key")) == (1, None)
+    with sqlite3.connect(tmp_path / "outbox.db") as db:  # one durable outbox holds the readings and the events
+        assert db.execute("SELECT count(*) FROM readings").fetchone()[0] >= 1
+        assert [r[0] for r in db.execute("SELECT line FROM trace_events ORDER BY seq")] == lines
+        assert db.execute("SELECT acked FROM trace_sinks WHERE name='feed'").fetchone()[0] == 1
+    db.close()
+    assert sorted(p.name for p in tmp_path.rglob("*.db")) == ["outbox.db"]
 
 
 def test_check_reports_trace_yaml_errors_with_their_place(tmp_path, capsys):

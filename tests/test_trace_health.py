@@ -45,7 +45,7 @@ async def test_trace_figures_are_in_metrics_and_status(tmp_path, capsys):
     state, clock, port = tmp_path / "state", Clock(), free_port()
     async with server.running(), _gateway(tmp_path, port), TraceService(trace, state, clock=clock) as svc:
         _lot_a_in_and_one_window(svc, clock)
-        with Journal(state / "trace.db") as j:
+        with Journal(state / "outbox.db") as j:
             await _until(lambda: j.position("repo") == 2)
         code, body = await asyncio.to_thread(fetch, "127.0.0.1", port, "/metrics")
         assert code == 200

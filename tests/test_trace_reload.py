@@ -67,11 +67,20 @@ async def test_sighup_reloads_trace_yaml_and_the_chain_continues(tmp_path, caplo
             assert svc.cfg is first
 
             # cannot change while running: refused, located
-            (cfg / "trace.yaml").write_text("database: other.db\n" + TRACE_YAML)
+            (cfg / "trace.yaml").write_text("key_file: other.key\n" + TRACE_YAML)
             reload.set()
             await _until_logged(caplog, "configuration NOT reloaded", 2)
-            assert "trace.yaml:1:11: database cannot change while the gateway runs" in caplog.text
+            assert "trace.yaml:1:11: key_file cannot change while the gateway runs" in caplog.text
             assert svc.cfg is first
+            # the journal lives in the outbox: moving the outbox is refused too, located in gateway.yaml
+            (cfg / "trace.yaml").write_text(TRACE_YAML)
+            gateway_yaml = (cfg / "gateway.yaml").read_text()
+            (cfg / "gateway.yaml").write_text(gateway_yaml.replace("outbox.db", "elsewhere.db"))
+            reload.set()
+            await _until_logged(caplog, "configuration NOT reloaded", 3)
+            assert "gateway.yaml:2:16: buffer.path cannot change while the trace feed runs" in caplog.text
+            assert svc.cfg is first
+            (cfg / "gateway.yaml").write_text(gateway_yaml)
 
             # valid: a tighter threshold, a lot placed by the file, a second sink
             clock.now = T0 + 3 * M

@@ -97,7 +97,7 @@ async def _packing(tmp_path: Path) -> tuple[list[dict], list[str], TraceService]
             svc.observe(r)
         clock.now = T0 + 3 * M + S
         svc.step()
-        with Journal(state / "trace.db") as cli:
+        with Journal(state / "outbox.db") as cli:
             cli.queue("start", "LOT-B", "packing-1", time_ns=T0 + 5 * M)
         clock.now = T0 + 5 * M + S
         svc.step()
@@ -105,7 +105,7 @@ async def _packing(tmp_path: Path) -> tuple[list[dict], list[str], TraceService]
         svc.observe(_weight(T0 + 6 * M + S, 8.5))            # LOT-B entered last: its weight
         svc.observe(_weight(T0 + 6 * M + 2 * S, 0.0))
         svc.observe(_weight(T0 + 6 * M + 3 * S, 9.0, unit="oz"))  # no Rec 20 mass unit known: not recorded
-        with Journal(state / "trace.db") as cli:
+        with Journal(state / "outbox.db") as cli:
             cli.queue("end", "LOT-A", None, time_ns=T0 + 8 * M)
             cli.queue("end", "LOT-B", None, time_ns=T0 + 8 * M)
         clock.now = T0 + 8 * M + S
@@ -185,7 +185,7 @@ async def test_late_readings_are_counted_and_logged_once_per_window(tmp_path, ca
     state.mkdir()
     cold = "room_temperature"
     async with TraceService(cfg, state, clock=clock) as svc:
-        with Journal(state / "trace.db") as cli:
+        with Journal(state / "outbox.db") as cli:
             cli.queue("start", "LOT-B", "cold-room-1", time_ns=T0)
         svc.step()
         svc.observe(Reading("coldroom-1", T0 + M, {cold: 2.0}))

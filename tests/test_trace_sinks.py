@@ -47,7 +47,7 @@ def _lot_a_in_and_one_window(svc: TraceService, clock: Clock) -> None:
 
 
 async def _until(condition, timeout: float = 15.0) -> None:
-    """Poll ``condition`` (a trace.db position: another connection's writes, no event to wait on)."""
+    """Poll ``condition`` (an outbox trace position: another connection's writes, no event to wait on)."""
     async with asyncio.timeout(timeout):
         while not condition():  # noqa: ASYNC110 - polling SQLite; nothing to await
             await asyncio.sleep(0.05)
@@ -63,22 +63,22 @@ async def test_mqtt_sink_delivers_each_event_after_puback_and_survives_a_broker_
             svc.observe(Reading("door-scanner", T0 + M, {"code": "LOT-A"}))
             svc.step()
             await sub.wait_until(lambda ms: len(ms) == 1)
-            with Journal(state / "trace.db") as j:
+            with Journal(state / "outbox.db") as j:
                 await _until(lambda: j.position("bus") == 1)
             mosquitto.stop()  # outage: events are sealed and kept, not acknowledged
             svc.observe(_cold(T0 + 2 * M, 3.0))
             clock.now = T0 + 15 * M + 6 * S
             svc.step()
-            with Journal(state / "trace.db") as cli:
+            with Journal(state / "outbox.db") as cli:
                 cli.queue("end", "LOT-A", None, time_ns=T0 + 16 * M)
             clock.now = T0 + 16 * M + S
             svc.step()
             await asyncio.sleep(0.3)
-            with Journal(state / "trace.db") as j:
+            with Journal(state / "outbox.db") as j:
                 assert len(j.all_lines()) == 3 and j.position("bus") == 1
             mosquitto.start()
             await sub.wait_until(lambda ms: len(ms) >= 3, timeout=20)
-            with Journal(state / "trace.db") as j:
+            with Journal(state / "outbox.db") as j:
                 await _until(lambda: j.position("bus") == 3)
                 stored = j.all_lines()
     lines = [m.payload.decode() for m in sub.messages]
@@ -114,7 +114,7 @@ async def test_mqtt_commands_are_applied_recorded_and_answered(mosquitto, tmp_pa
         assert got[4]["status"].startswith("refused: lot 'LOT-Z' is in no location")
         assert "colour" in got[6]["status"] and got[7]["status"].startswith("invalid: not JSON")
         assert svc.core is not None and svc.core.lots["LOT-A"].location == "truck-7"  # the gateway is still fine
-    with Journal(state / "trace.db") as j:
+    with Journal(state / "outbox.db") as j:
         events = [json.loads(x)["epcisBody"]["eventList"][0] for x in j.all_lines()]
     assert [(e["sluice:reason"], e["sluice:location"], e.get("sluice:source")) for e in events] == [
         ("enter", "cold-room-1", "mqtt"), ("leave", "cold-room-1", "mqtt"), ("enter", "truck-7", "mqtt")]
@@ -187,17 +187,17 @@ async def test_epcis_capture_outage_retry_after_and_dead_letter(tmp_path, monkey
     server.refuse = {2}
     async with server.running(), TraceService(trace, state, clock=clock) as svc:
         _lot_a_in_and_one_window(svc, clock)
-        with Journal(state / "trace.db") as cli:
+        with Journal(state / "outbox.db") as cli:
             cli.queue("end", "LOT-A", None, time_ns=T0 + 16 * M)
         clock.now = T0 + 16 * M + S
         svc.step()
-        with Journal(state / "trace.db") as j:
+        with Journal(state / "outbox.db") as j:
             await _until(lambda: j.position("repo") == 3)
     # two 503s (Retry-After: 1 honoured), then seq 1, seq 2 refused -> dead letter, seq 3 delivered
     assert [d["epcisBody"]["eventList"][0]["sluice:seq"] for d in server.documents] == [1, 3]
     assert len(server.requests) == 5
     assert set(server.requests) == {("/epcis/capture", "application/ld+json", "Bearer s3cret")}
-    with Journal(state / "trace.db") as j:
+    with Journal(state / "outbox.db") as j:
         (letter,) = j.dead_letters()
         assert letter[1:3] == ("repo", 2) and "HTTP 400" in letter[4] and "bad document" in letter[4]
         assert len(j.all_lines()) == 3  # the refused event stays in the local record: the chain is whole
@@ -217,7 +217,7 @@ async def test_verify_url_reads_an_epcis_query_answer_and_a_jsonl_url(tmp_path, 
     async with server.running():
         async with TraceService(trace, state, clock=clock) as svc:
             _lot_a_in_and_one_window(svc, clock)
-            with Journal(state / "trace.db") as j:
+            with Journal(state / "outbox.db") as j:
                 await _until(lambda: j.position("repo") == 2)
         from gateway.cli import main
 

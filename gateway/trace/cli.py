@@ -47,7 +47,7 @@ def cmd_lot(args: argparse.Namespace) -> int:
         print(f"unknown location '{location}' — use one of {', '.join(cfg.file.locations)}", file=sys.stderr)
         return 2
     kind = {"start": "start", "move": "move", "end": "end"}[args.lot_command]
-    with Journal(resolve(cfg.file.database, state_dir())) as journal:
+    with Journal(resolve(cfg.database, state_dir())) as journal:
         cid = journal.queue(kind, args.lot, location)
     print(f"queued {kind} of lot {args.lot} (command {cid}); the running gateway records it within a second, "
           "or at its next start")
@@ -168,7 +168,7 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
         return 2
     import time
 
-    with Journal(resolve(cfg.file.database, state_dir())) as journal:
+    with Journal(resolve(cfg.database, state_dir())) as journal:
         letters = journal.dead_letters(args.sink)
         for lid, sink, seq, time_ns, message in letters:
             if args.json:
@@ -189,7 +189,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         cfg = _trace_config(args)
         if cfg is None:
             return 2
-        with Journal(resolve(cfg.file.database, state_dir())) as journal:
+        with Journal(resolve(cfg.database, state_dir())) as journal:
             lines = journal.lot_lines(args.lot)
     rows = []
     for line in lines:
@@ -261,7 +261,7 @@ def add_parsers(sub: argparse._SubParsersAction, with_config) -> None:  # type: 
     p = traces.add_parser("show", help="a lot's history as a timeline")
     with_config(p)
     p.add_argument("lot")
-    p.add_argument("--file", type=Path, default=None, help="read a JSON Lines feed instead of trace.db")
+    p.add_argument("--file", type=Path, default=None, help="read a JSON Lines feed instead of the outbox")
     p.add_argument("--csv", action="store_true")
     p.set_defaults(func=cmd_show)
     p = traces.add_parser("pubkey", help="print the gateway's public key (PEM); creates the key pair if needed")

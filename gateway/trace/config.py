@@ -159,7 +159,6 @@ class TraceFile(StrictModel):
     outage_after: Duration | None = Field(default=None, gt=0,
                                           description="a gap longer than this is a device outage; default 3 × the device's interval")
     grace: Duration = Field(default=5.0, le=600, description="wait this long after a window for late readings")
-    database: Path = Field(default=Path("trace.db"), description="bindings, chain and event journal; relative to the state directory")
     key_file: Path = Field(default=Path("trace-ed25519.key"), description="the gateway's signing key, created on first start")
     lot_uri: str = Field(default="urn:sluice:lot:{producer}:{lot}",
                          description="identifier of a lot without GTIN; placeholders {producer} {lot}")
@@ -185,7 +184,7 @@ _TRACE_TOPIC_FIELDS = frozenset({"site", "gateway"})
 
 class TraceMqttSinkConfig(MqttSinkConfig):
     """An MQTT broker for the feed: every sealed event is one QoS 1 message (the signed one-event
-    document, byte for byte the JSON Lines line), acknowledged to trace.db after its PUBACK. The
+    document, byte for byte the JSON Lines line), acknowledged in the outbox after its PUBACK. The
     same connection takes binding commands on ``command_topic`` and answers on ``reply_topic``."""
 
     topic: str = Field(default="sluice/{site}/{gateway}/trace/events", description="where events are published")
@@ -249,6 +248,8 @@ class TraceConfig:
     site: str
     points: dict[str, tuple[TracedPoint, ...]]  # location -> points
     intervals: dict[str, float]  # device -> poll interval (s)
+    database: Path  # the gateway's outbox (buffer.path, relative to the state directory): the journal's tables live there
+    gateway_file: Path  # the gateway.yaml that named it
 
     def outage_after(self, device: str) -> float:
         return self.file.outage_after or 3 * self.intervals.get(device, 1.0)
@@ -315,20 +316,26 @@ def load_trace_config(config: Config) -> TraceConfig | None:
     if errors:
         raise ConfigErrors(errors)
     intervals = {d.id: float(d.config.interval) for d in config.devices}
-    return TraceConfig(path, tf, config.gateway_id, config.site, points, intervals)
+    return TraceConfig(path, tf, config.gateway_id, config.site, points, intervals, config.gateway.buffer.path,
+                       config.path)
 
 
 def check_reload(old: TraceConfig, new: TraceConfig, present: dict[str, str]) -> None:
     """Raise ConfigErrors, located in the new trace.yaml, for what a running feed cannot take on a
-    reload: another journal or key (the chain lives there), or a removed location that a lot
+    reload: another outbox file or key (the chain lives there), or a removed location that a lot
     (``present``: lot -> location) is still in."""
     doc, errors = load_yaml(new.path, _display(new.path))
     if doc is None:
         raise ConfigErrors(errors)
-    for key in ("database", "key_file"):
-        if getattr(old.file, key) != getattr(new.file, key):
-            errors.append(doc.error((key,), f"{key} cannot change while the gateway runs (the chain continues in "
-                                    f"{getattr(old.file, key)})", "restore it, or restart the gateway to use the new one"))
+    if old.file.key_file != new.file.key_file:
+        errors.append(doc.error(("key_file",), f"key_file cannot change while the gateway runs (the chain is signed with "
+                                f"{old.file.key_file})", "restore it, or restart the gateway to use the new one"))
+    if old.database != new.database:
+        gdoc, gerrs = load_yaml(new.gateway_file, _display(new.gateway_file))
+        errors += gerrs
+        if gdoc is not None:
+            errors.append(gdoc.error(("buffer", "path"), f"buffer.path cannot change while the trace feed runs (its "
+                                     f"journal and chain continue in {old.database})", "restore it, or restart the gateway"))
     for lot, location in sorted(present.items()):
         if location not in new.file.locations:
             errors.append(doc.error(("locations",), f"location '{location}' is removed, but lot '{lot}' is in it",

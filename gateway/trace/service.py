@@ -1,5 +1,5 @@
 """The running trace engine: observes readings, applies queued binding commands, seals events
-into ``trace.db`` and delivers them, in order, to the trace sinks.
+into the gateway's durable outbox (its ``trace_*`` tables, ``gateway/trace/journal.py``) and delivers them, in order, to the trace sinks.
 
 Lifecycle: ``TraceService(cfg, state_dir)`` (no I/O) -> ``async with service`` (opens the
 journal, loads or creates the signing key, restores bindings, applies the lots' configured
@@ -11,11 +11,11 @@ Delivery follows the outbox's rule: a sink's position moves only after the sink 
 events are sent again, in order. The JSON Lines sink is written in :meth:`step`; each network
 sink (``gateway/trace/sinks.py``) has its own task ``trace-sink[<name>]``, started on entering,
 woken by every commit. An event an EPCIS repository refuses as a document becomes a dead letter
-in ``trace.db`` (``sluice trace deadletters``) and the sink goes on with the next one.
+in the outbox (``sluice trace deadletters``) and the sink goes on with the next one.
 
-Binding commands arrive from the CLI (queued in ``trace.db`` by another process) and from the
+Binding commands arrive from the CLI (queued in the outbox by another process) and from the
 MQTT command topic of an MQTT trace sink: ``{"op": "start|move|end", "lot": ..., "location":
-..., "id": <anything, echoed>}``. A valid command is queued in ``trace.db`` and applied at once
+..., "id": <anything, echoed>}``. A valid command is queued in the outbox and applied at once
 like the CLI's; the answer (``{"id", "ok", "status"}``, ``status`` ``done`` or ``refused: why``,
 or the error for an invalid message) goes to the sink's reply topic.
 
@@ -54,12 +54,12 @@ TICK = 1.0
 
 METRICS: dict[str, tuple[str, str]] = {
     # name: (type, help) — added to the gateway's /metrics while the feed runs; the README lists them.
-    "sluice_trace_events_total": ("counter", "Trace events sealed and stored in trace.db by this process"),
-    "sluice_trace_chain_seq": ("gauge", "Sequence number of the chain head (the last event in trace.db)"),
+    "sluice_trace_events_total": ("counter", "Trace events sealed and stored in the outbox by this process"),
+    "sluice_trace_chain_seq": ("gauge", "Sequence number of the chain head (the last event in the outbox)"),
     "sluice_trace_last_event_timestamp_seconds": ("gauge", "Unix time the last trace event was sealed (0: none)"),
     "sluice_trace_late_readings_total": ("counter", "Readings not used because their window had already closed"),
-    "sluice_trace_sink_delivered_total": ("counter", "Trace events the sink acknowledged (all time, from trace.db)"),
-    "sluice_trace_sink_pending_events": ("gauge", "Trace events in trace.db not yet acknowledged by the sink"),
+    "sluice_trace_sink_delivered_total": ("counter", "Trace events the sink acknowledged (all time, from the outbox)"),
+    "sluice_trace_sink_pending_events": ("gauge", "Trace events in the outbox not yet acknowledged by the sink"),
     "sluice_trace_sink_dead_letters_total": ("counter", "Trace events the sink's far end refused (dead letters)"),
 }
 
@@ -144,7 +144,7 @@ class TraceService:
         return self.core.late if self.core is not None else 0
 
     async def __aenter__(self) -> TraceService:
-        journal = Journal(resolve(self.cfg.file.database, self.state)).__enter__()
+        journal = Journal(resolve(self.cfg.database, self.state), check=True).__enter__()
         self._journal = journal
         key = load_or_create_key(resolve(self.cfg.file.key_file, self.state))
         seq, head = journal.chain()
@@ -198,7 +198,7 @@ class TraceService:
         self._net_tasks[name] = asyncio.create_task(self._deliver_net(name, sink), name=f"trace-sink[{name}]")
 
     async def _stop_net(self, name: str) -> None:
-        """Stop delivering to ``name`` (its unacknowledged events stay in trace.db) and close it."""
+        """Stop delivering to ``name`` (its unacknowledged events stay in the outbox) and close it."""
         task = self._net_tasks.pop(name, None)
         if task is not None:
             task.cancel()
@@ -215,7 +215,7 @@ class TraceService:
         while running (:func:`gateway.trace.config.check_reload`). Lots keep their location and
         open window (:meth:`TraceCore.reconfigure`); lots newly placed by trace.yaml start there;
         JSON Lines sinks follow the new file at once; changed, added or removed network sinks are
-        restarted, started or stopped by a task (each keeps its position in trace.db)."""
+        restarted, started or stopped by a task (each keeps its position in the outbox)."""
         from gateway.trace.config import check_reload
 
         core, sealer = self.core, self.sealer
@@ -240,7 +240,7 @@ class TraceService:
         self._queue_config_lots()
         log.info("trace.yaml reloaded from %s: %d locations, %d lots, %d sinks; the chain continues at seq %d in %s",
                  cfg.path, len(cfg.file.locations), len(cfg.file.lots), len(cfg.file.sinks), sealer.seq,
-                 resolve(cfg.file.database, self.state))
+                 resolve(cfg.database, self.state))
 
     async def _swap_net(self, names: list[str], previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
@@ -251,10 +251,10 @@ class TraceService:
                 try:
                     await self._start_net(name)
                 except Exception:
-                    log.exception("trace sink %s could not be started after the reload; its events stay in trace.db "
+                    log.exception("trace sink %s could not be started after the reload; its events stay in the outbox "
                                   "— fix trace.yaml and reload again", name)
             else:
-                log.info("trace sink %s removed; its position stays in trace.db", name)
+                log.info("trace sink %s removed; its position stays in the outbox", name)
 
     async def __aexit__(self, *exc: object) -> None:
         try:
@@ -279,7 +279,7 @@ class TraceService:
 
     def metrics(self) -> list[tuple[str, str, str, list[tuple[dict[str, str], float]]]]:
         """The feed's figures for /metrics (:func:`gateway.health.add_metrics`): counters in memory,
-        positions and dead letters from trace.db (one small query per sink)."""
+        positions and dead letters from the outbox (one small query per sink)."""
         journal, sealer = self._journal, self.sealer
         if journal is None or sealer is None:
             return []

@@ -2,11 +2,11 @@
 
 Contract (the same as the JSON Lines sink's, and the outbox's): the service calls
 :meth:`send` with the oldest unacknowledged sealed events ``(seq, line)`` of this sink, one call
-at a time, and ``ack(seq)`` moves the sink's position in ``trace.db``. A sink calls ``ack`` only
+at a time, and ``ack(seq)`` moves the sink's position in the outbox. A sink calls ``ack`` only
 after the far end confirmed (MQTT: PUBACK; HTTP: a 2xx). It raises
 :class:`~gateway.forwarder.SinkUnavailable` to have the rest sent again later, in order, and
 :class:`Rejected` when the far end refused one event *as a document* (it then becomes a dead
-letter in ``trace.db`` and the position moves past it). :meth:`wait_connected` returns when a
+letter in the outbox and the position moves past it). :meth:`wait_connected` returns when a
 send is worth trying (MQTT: connected; HTTP: the backoff or the server's Retry-After is over).
 
 Why one event per message and per request, not batches: every sealed line is a complete EPCIS
@@ -202,7 +202,7 @@ class EpcisSink:
         self._attempt += 1
         self._retry_at = asyncio.get_running_loop().time() + delay
         if reason != self.last_error:
-            log.warning("EPCIS sink '%s': cannot capture to %s: %s — events are kept in trace.db; retrying in %.1f s%s; %s",
+            log.warning("EPCIS sink '%s': cannot capture to %s: %s — events are kept in the outbox; retrying in %.1f s%s; %s",
                         self.name, self.endpoint, reason, delay,
                         " (the server's Retry-After)" if retry_after is not None else "", hint)
         self.last_error = reason
