@@ -284,7 +284,7 @@ def test_the_journal_refuses_a_file_that_is_not_an_outbox_and_leaves_it_alone(tm
         db.execute("CREATE TABLE t (x)")
     db.close()
     before = path.read_bytes()
-    with pytest.raises(OutboxError, match="not a Sluice outbox .* check buffer.path"), Journal(path):
+    with pytest.raises(OutboxError, match=r"not a Sluice outbox .* check buffer\.path"), Journal(path):
         pass
     assert path.read_bytes() == before
 
