@@ -11,10 +11,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.buffer import OutboxError
 from gateway.config import Config, ConfigErrors, load_config
 from gateway.logs import setup_logging
+
+if TYPE_CHECKING:
+    from gateway.trace.config import TraceConfig
 
 log = logging.getLogger("sluice")
 
@@ -37,6 +41,21 @@ def report_config_errors(exc: ConfigErrors, where: str) -> None:
     print(f"{n} error{'s' if n != 1 else ''} {where}", file=sys.stderr)
 
 
+def load_trace(config: Config) -> tuple[bool, TraceConfig | None]:
+    """``trace.yaml`` next to the gateway file: ``(True, None)`` when there is none, ``(False, None)``
+    after reporting its errors on stderr. Its models cost start-up time: imported only if it exists."""
+    path = config.path.parent / "trace.yaml"
+    if not path.exists():
+        return True, None
+    from gateway.trace.config import load_trace_config
+
+    try:
+        return True, load_trace_config(config)
+    except ConfigErrors as exc:
+        report_config_errors(exc, f"in {path}")
+        return False, None
+
+
 def _load(path: Path) -> Config | None:
     try:
         return load_config(path)
@@ -57,16 +76,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or config.gateway.logging.level, config.gateway.logging.format)
     from gateway.app import serve
 
-    trace = None
-    if (config.path.parent / "trace.yaml").exists():  # its models cost start-up time: only if used
-        from gateway.trace.config import load_trace_config
-
-        try:
-            trace = load_trace_config(config)
-        except ConfigErrors as exc:
-            for err in exc.errors:
-                print(err, file=sys.stderr)
-            return EXIT_CONFIG
+    ok, trace = load_trace(config)
+    if not ok:
+        return EXIT_CONFIG
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -103,12 +115,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    from gateway.trace.config import load_trace_config
-
-    try:
-        trace = load_trace_config(config)
-    except ConfigErrors as exc:
-        report_config_errors(exc, f"in {config.path.parent / 'trace.yaml'}")
+    ok, trace = load_trace(config)
+    if not ok:
         return EXIT_CONFIG
     print(f"{config.path}: OK — gateway {config.gateway_id} at {config.site}, "
           f"{len(config.devices)} devices, {len(config.profiles)} profiles, "

@@ -12,7 +12,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from gateway.trace.config import TraceConfig, load_trace_config
+from gateway.trace.config import TraceConfig
 from gateway.trace.journal import Journal
 from gateway.trace.seal import load_or_create_key, load_public_key, public_pem, verify_events, verify_lines
 from gateway.trace.service import resolve, state_dir
@@ -21,19 +21,13 @@ __all__ = ["add_parsers"]
 
 
 def _trace_config(args: argparse.Namespace) -> TraceConfig | None:
-    from gateway.cli import _load, report_config_errors
+    from gateway.cli import _load, load_trace
 
     config = _load(args.config)
     if config is None:
         return None
-    from gateway.config import ConfigErrors
-
-    try:
-        cfg = load_trace_config(config)
-    except ConfigErrors as exc:
-        report_config_errors(exc, f"in {config.path.parent / 'trace.yaml'}")
-        return None
-    if cfg is None:
+    ok, cfg = load_trace(config)
+    if ok and cfg is None:
         print(f"no trace.yaml next to {config.path} — the traceability feed is not configured", file=sys.stderr)
     return cfg
 
