@@ -7,6 +7,7 @@ user's bug report about a confusing message becomes a folder, not code.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,20 @@ def test_shipped_example_config_is_valid(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["check", "-c", str(REPO / "config")]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "OK" in out and "workshop-meter" in out
+
+
+def test_shipped_trace_example_is_valid_for_the_shipped_devices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.trace.config import load_trace_config
+
+    config = tmp_path / "config"
+    shutil.copytree(REPO / "config", config)
+    shutil.copy(config / "examples" / "trace.yaml", config / "trace.yaml")
+    assert main(["check", "-c", str(config)]) == 0, capsys.readouterr().err
+    assert "3 locations, 2 lots, 1 trace sinks" in capsys.readouterr().out
+    trace = load_trace_config(load_config(config))
+    assert trace is not None
+    assert [(p.device, p.field, p.type, p.uom) for p in trace.points["cold-room-1"]] == [("coldroom-1", "room_temperature", "Temperature", "CEL")]
+    assert {p.field for p in trace.points["greenhouse-1"]} == {"temperature", "humidity"}
 
 
 def test_check_exits_non_zero_as_a_process() -> None:
