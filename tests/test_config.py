@@ -52,7 +52,8 @@ def test_shipped_trace_example_is_valid_for_the_shipped_devices(tmp_path: Path, 
     assert "3 locations, 2 lots, 1 trace sinks" in capsys.readouterr().out
     trace = load_trace_config(load_config(config))
     assert trace is not None
-    assert [(p.device, p.field, p.type, p.uom) for p in trace.points["cold-room-1"]] == [("coldroom-1", "room_temperature", "Temperature", "CEL")]
+    assert [(p.device, p.field, p.type, p.uom) for p in trace.points["cold-room-1"]] == [
+        ("coldroom-1", "room_temperature", "Temperature", "CEL")]
     assert {p.field for p in trace.points["greenhouse-1"]} == {"temperature", "humidity"}
 
 
