@@ -309,9 +309,7 @@ class Outbox:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per call.
         conn = sqlite3.connect(self.path, isolation_level=None)
         try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
-                raise sqlite3.OperationalError(f"cannot switch to WAL mode (journal_mode={mode})")
+            _use_wal(conn)
             conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
             # Keep a WAL grown by one big transaction from staying big after the checkpoint.
             conn.execute("PRAGMA journal_size_limit=16777216")
@@ -865,15 +863,20 @@ def prepare(path: Path, *, check: bool) -> None:
             if app_id != APPLICATION_ID and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
                 raise OutboxError(f"{path} is not a Sluice outbox (application_id {app_id:#x}) — "
                                   "check buffer.path in gateway.yaml")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
-                raise sqlite3.OperationalError(f"cannot switch to WAL mode (journal_mode={mode})")
+            _use_wal(conn)
             if app_id != APPLICATION_ID:
                 _create(conn)
         finally:
             conn.close()
     except (sqlite3.Error, OSError) as exc:
         raise OutboxError(_describe(path, "preparing", exc)) from exc
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch ``conn``'s database to WAL mode (persistent in the file), or raise."""
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode != "wal":
+        raise sqlite3.OperationalError(f"cannot switch to WAL mode (journal_mode={mode})")
 
 
 def _vet(path: Path) -> None:
@@ -940,6 +943,7 @@ def _check_existing(path: Path) -> str | None:
         raise
     finally:
         conn.close()
+
 
 def _move_aside(path: Path) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

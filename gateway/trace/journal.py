@@ -71,9 +71,8 @@ class Journal:
         self._conn: sqlite3.Connection | None = None
 
     def __enter__(self) -> Journal:
-        prepare(self.path, check=self.check)
+        prepare(self.path, check=self.check)  # an outbox file, in WAL mode (persistent)
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=10)
-        conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
         self._conn = conn
