@@ -633,7 +633,7 @@ class Outbox:
         upto = max(entries[-1].seq, upto or 0)
         if upto > self._last_seq:
             raise ValueError(f"sink {sink} rejected seq {upto}, beyond the last stored seq {self._last_seq}")
-        blob = _dumps([_reading_row(e.reading) for e in entries], _MARSHAL_VERSION)
+        blob = encode_letter([e.reading for e in entries])
         try:
             conn.execute("BEGIN IMMEDIATE")
             (letter,) = conn.execute(
@@ -688,13 +688,14 @@ class Outbox:
         conn = self._require_open()
         try:
             conn.execute("BEGIN IMMEDIATE")
-            changed = conn.execute(sql, args).rowcount
+            conn.execute(sql, args)
+            # Counted, not decremented: `sluice outbox salvage` adds letters from another process.
+            (count,) = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
             raise OutboxError(_describe(self.path, what, exc)) from exc
-        if sql.startswith("DELETE"):
-            self._dead_letters -= changed
+        self._dead_letters = count
 
     def _trim_dead_letters(self, keep: int) -> int:
         """Inside a transaction: delete the oldest letters (never ``keep``) beyond the cap."""
@@ -806,6 +807,11 @@ def _reading_row(r: Reading) -> list[Any]:
     except ValueError:
         fields = _plain(fields)
     return [r.device, r.measurement, dict(r.tags), int(r.time_ns), str(r.quality), fields]
+
+
+def encode_letter(readings: Sequence[Reading]) -> bytes:
+    """The ``readings`` blob of a dead letter (``dead_letters`` in the module docstring)."""
+    return _dumps([_reading_row(r) for r in readings], _MARSHAL_VERSION)
 
 
 def _letter(row: Sequence[Any], with_readings: bool) -> DeadLetter:
