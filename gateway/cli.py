@@ -194,11 +194,13 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     import time as _time
 
     from gateway.buffer import OutboxError, list_dead_letters, mark_resend, open_for_dead_letters
+    from gateway.outbox_file import identity
 
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
     path = config.gateway.buffer.resolved_path()
+    ident = identity(path)
     try:
         conn = open_for_dead_letters(path)
     except OutboxError as exc:
@@ -232,6 +234,10 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_CONFIG
         marked = mark_resend(conn, args.ids or None, args.sink if args.all else None)
+        if identity(path) != ident:  # a starting gateway moved the file aside as unusable while we marked
+            print(f"outbox {path} was replaced while marking (the gateway moved it aside at its start: see its "
+                  "log) — run this again", file=sys.stderr)
+            return 1
         missing = len(args.ids) - marked if args.ids else 0
         print(f"{marked} dead letter{'s' if marked != 1 else ''} marked for re-sending: the running gateway sends "
               "them within seconds (or at its next start); `sluice deadletter list` shows what is left")

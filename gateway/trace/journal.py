@@ -61,10 +61,11 @@ CREATE TABLE IF NOT EXISTS trace_dead_letters (id INTEGER PRIMARY KEY, sink TEXT
 class Journal:
     """Open with ``with Journal(path) as j:``; every method is one transaction.
 
-    ``path`` is the outbox file. ``check=True`` (the gateway's own process, before the outbox is
-    opened) vets it first as :class:`~gateway.buffer.Outbox` does; a CLI next to a running gateway
-    leaves that to the gateway. Raises :class:`~gateway.buffer.OutboxError` if the file is not a
-    Sluice outbox or cannot be prepared."""
+    ``path`` is the outbox file. ``check=True`` (the gateway's own process) vets it as
+    :class:`~gateway.buffer.Outbox` does if this process has no connection to it yet (whichever of
+    the two opens first vets; ``gateway/outbox_file.py``); a CLI next to a running gateway leaves
+    that to the gateway, and checks :meth:`moved` after writing. Raises
+    :class:`~gateway.buffer.OutboxError` if the file is not a Sluice outbox or cannot be prepared."""
 
     def __init__(self, path: Path, *, check: bool = False) -> None:
         self.path = path
