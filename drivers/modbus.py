@@ -48,9 +48,10 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from gateway.driver import Device, DeviceConfig, DeviceStatus, Emit, Problem, ProfileConfig, StrictModel, ValidRange
+from gateway.driver import (Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig, StrictModel,
+                            ValidRange)
 from gateway.polling import Backoff, Health, Schedule, format_duration
-from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading
+from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading, shortest_float32
 from simulators.signals import SignalSpec
 
 __all__ = [
@@ -260,6 +261,9 @@ class ProfileModel(ProfileConfig):
                          description="unused registers read to merge two requests into one")
     points: list[PointModel] = Field(min_length=1)
 
+    def field_info(self) -> dict[str, FieldInfo]:
+        return {p.name: FieldInfo(p.unit, p.point_type == "float32") for p in self.points}
+
     @model_validator(mode="after")
     def _unique(self) -> ProfileModel:
         seen: dict[str, int] = {}
@@ -363,25 +367,6 @@ class Request:
 
     def __str__(self) -> str:
         return f"{self.kind} {self.address}+{self.count}"
-
-
-_FLOAT32 = struct.Struct("<f")
-
-
-def shortest_float32(value: float, _pack: Any = _FLOAT32.pack, _unpack: Any = _FLOAT32.unpack) -> float:
-    """A short decimal that is the same float32 as ``value``: a meter's 230.3 V arrives as the
-    float32 230.3000030517578; we send 230.3 (what the device meant, and 6 bytes on the wire
-    instead of 17). Reading it back as a float32 gives exactly the device's bits.
-
-    7 significant digits (trailing zeros dropped) round-trip almost every float32; 8 the rest
-    but a few, which keep their full float64 form. This is on the hot path: ~2 µs a value."""
-    candidate = float("%.7g" % value)  # noqa: UP031 - the fastest formatting here
-    if _unpack(_pack(candidate))[0] == value:
-        return candidate
-    candidate = float("%.8g" % value)  # noqa: UP031
-    if _unpack(_pack(candidate))[0] == value:
-        return candidate
-    return value
 
 
 class RequestDecoder:

@@ -57,7 +57,8 @@ from typing import Any, Final, Literal
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from gateway.driver import Device, DeviceConfig, DeviceStatus, Emit, Problem, ProfileConfig, StrictModel, ValidRange
+from gateway.driver import (Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig, StrictModel,
+                            ValidRange)
 from gateway.polling import Backoff, Health, Schedule, format_duration, next_aligned
 from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading
 from gateway.units import Duration
@@ -223,6 +224,10 @@ class ProfileModel(ProfileConfig):
     frame_gap: Duration = Field(default=0.5, gt=0, le=60,
                                 description="a partial frame older than this when new bytes arrive was truncated")
     sim: SimSettings = SimSettings()
+
+    def field_info(self) -> dict[str, FieldInfo]:
+        return {name: FieldInfo(spec.unit, spec.type == "float32")
+                for name, spec in self.fields.items()}
 
     @model_validator(mode="before")
     @classmethod

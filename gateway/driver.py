@@ -59,6 +59,15 @@ class DeviceConfig(StrictModel):
     tags: dict[str, str] = Field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class FieldInfo:
+    """How to show one field of a reading to a person: its unit, and whether it is a float32
+    (printed with the float32's own precision, not as the float64 that carries it)."""
+
+    unit: str | None = None
+    float32: bool = False
+
+
 class ProfileConfig(StrictModel):
     """What every device profile has. Drivers subclass it with their point maps."""
 
@@ -68,6 +77,10 @@ class ProfileConfig(StrictModel):
     description: str | None = None
     measurement: str | None = Field(default=None, min_length=1,
                                     description="InfluxDB measurement; defaults to the profile's name")
+
+    def field_info(self) -> dict[str, FieldInfo]:
+        """Unit and precision of the fields this profile declares (for `sluice once`); none by default."""
+        return {}
 
 
 class ValidRange(StrictModel):

@@ -1,0 +1,80 @@
+"""What a technician meets on site: `sluice once` output, a reader that stops early (`| head`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from drivers.modbus import ProfileModel
+from simulators.modbus_tcp import ModbusTcpServer, SimDevice
+
+SLUICE = [sys.executable, "-m", "gateway.cli"]
+
+METER = """\
+protocol: modbus
+measurement: energy
+points:
+  - {name: energy, kind: holding, address: 0, type: float32, unit: kWh, sim: {signal: constant, value: 14785.4794921875}}
+  - {name: power, kind: holding, address: 2, type: float32, unit: W, sim: {signal: constant, value: 4928.493}}
+  - {name: tenths, kind: holding, address: 4, type: float32, scale: 0.1, unit: V, sim: {signal: constant, value: 230.3}}
+  - {name: precise, kind: holding, address: 6, type: float64, sim: {signal: constant, value: 0.1}}
+  - {name: count, kind: holding, address: 10, type: uint32, sim: {signal: constant, value: 70000}}
+"""
+
+
+def meter_config(directory: Path, port: int) -> Path:
+    (directory / "profiles").mkdir(parents=True)
+    (directory / "devices").mkdir()
+    (directory / "profiles" / "meter.yaml").write_text(METER)
+    (directory / "gateway.yaml").write_text(yaml.safe_dump({
+        "gateway": {"id": "gw", "site": "lab"}, "buffer": {"path": str(directory / "outbox.db")},
+        "health": {"enabled": False}}))
+    (directory / "devices" / "meter.yaml").write_text(yaml.safe_dump({
+        "id": "meter", "protocol": "modbus_tcp", "profile": "meter", "host": "127.0.0.1", "port": port,
+        "interval": "1s", "timeout": "2s"}))
+    return directory
+
+
+def meter_server() -> ModbusTcpServer:
+    return ModbusTcpServer([SimDevice(ProfileModel.model_validate(yaml.safe_load(METER)), 1)])
+
+
+async def test_once_prints_units_and_each_value_at_its_types_precision(tmp_path: Path) -> None:
+    async with meter_server() as server:
+        config = meter_config(tmp_path, server.port)
+        proc = await asyncio.create_subprocess_exec(*SLUICE, "once", "-c", str(config), stdout=subprocess.PIPE,
+                                                    stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err
+    lines = [line.split() for line in out.decode().splitlines()[1:]]
+    assert lines == [["energy", "14785.4795", "kWh"], ["power", "4928.493", "W"], ["tenths", "230.3", "V"],
+                     ["precise", "0.1"], ["count", "70000"]], out.decode()
+
+
+def _closed_early(args: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """Run ``args`` with stdout a pipe whose reader is gone before anything is written."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(args, stdout=write, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write)
+    return proc
+
+
+async def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    async with meter_server() as server:
+        config = meter_config(tmp_path, server.port)
+        runs = [await asyncio.to_thread(_closed_early, [*SLUICE, *args]) for args in (
+            ["once", "-c", str(config)],
+            ["read", f"127.0.0.1:{server.port}", "--kind", "holding", "--address", "0", "--count", "12"])]
+    await asyncio.get_running_loop().shutdown_default_executor()
+    for proc in runs:
+        assert b"Traceback" not in proc.stderr and b"BrokenPipe" not in proc.stderr, proc.stderr.decode()
+        assert proc.stderr == b"", proc.stderr.decode()
+        assert proc.returncode == 1
