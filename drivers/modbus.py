@@ -49,7 +49,7 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from gateway.driver import (Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig, StrictModel,
-                            ValidRange)
+                            ValidRange, slow_timeout)
 from gateway.polling import Backoff, Health, Schedule, format_duration
 from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading, shortest_float32
 from simulators.signals import SignalSpec
@@ -204,6 +204,15 @@ class PointModel(StrictModel):
                         f"{self.address - first}), or address: {self.address - first}; for a device that really "
                         f"uses addresses this high (SunSpec), write register: {digit}{self.address + 1:05d}",
                         self.address)
+        for other, (low, high) in (("input", (30001, 39999)), ("holding", (40001, 49999))):
+            if self.reference is None and self.kind not in (other, *BIT_KINDS) and low <= self.address <= high:
+                digit = _KIND_DIGIT[other]
+                raise _fail(("address",), f"{self.address} looks like the manual's {digit}xxxx reference, which means "
+                            f"{'an' if other == 'input' else 'a'} {other} register ({other} address {self.address - low}), "
+                            f"not {'an' if self.kind == 'input' else 'a'} {self.kind} register "
+                            f"— write register: {self.address} (and no kind:) if the manual says {self.address}; for a "
+                            f"device that really has {self.kind} registers this high, write register: "
+                            f"{_KIND_DIGIT[self.kind]}{self.address + 1:05d}", self.address)
         kind_is_bits = self.kind in BIT_KINDS
         ptype = self.type or ("bool" if kind_is_bits or self.bit is not None else None)
         if ptype is None:
@@ -1062,6 +1071,7 @@ def check(devices: Sequence[Device]) -> list[Problem]:
     """Cross-device checks: the same unit polled twice with the same profile (a copied file)."""
     problems: list[Problem] = []
     seen: dict[tuple[str, int, int, str], Device] = {}
+    problems += filter(None, map(slow_timeout, devices))
     for dev in devices:
         cfg = dev.config
         key = (cfg.host.lower(), cfg.port, cfg.unit_id, dev.profile_name)

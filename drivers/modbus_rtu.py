@@ -56,7 +56,7 @@ from drivers.modbus import (
     ProfileModel,  # the profiles are the Modbus TCP driver's: one register map, every transport
     plan_summary,
 )
-from gateway.driver import Device, DeviceConfig, Problem
+from gateway.driver import Device, DeviceConfig, Problem, parity_letter, slow_timeout
 from gateway.polling import format_duration
 from gateway.units import Duration
 
@@ -558,13 +558,20 @@ class ModbusRtuClient:
 
 # =========================================================================== configuration
 Parity = Literal["N", "E", "O"]
-_PARITY_WORDS: Final = {"none": "N", "even": "E", "odd": "O", "n": "N", "e": "E", "o": "O"}
 
 
 class LineSettings(DeviceConfig):
     """What every device on one serial line must agree on, and the RTU unit settings."""
 
     unit_id: int = Field(default=1, ge=1, le=247, description="Modbus unit (slave) id, 1..247")
+
+    @field_validator("unit_id", mode="before")
+    @classmethod
+    def _not_broadcast(cls, value: Any) -> Any:
+        if value == 0 and not isinstance(value, bool):
+            raise ValueError("0 is the broadcast address on a serial bus: every device listens and none answers "
+                             "— set the device's own unit id (1..247; see its display or manual)")
+        return value
     pause: Duration = Field(default=0.0, ge=0, le=10,
                             description="extra silence before and after this unit's transactions")
     max_gap: int | None = Field(default=None, ge=0, le=MAX_REGISTERS - 1,
@@ -583,10 +590,8 @@ class DeviceModel(LineSettings):
 
     @field_validator("parity", mode="before")
     @classmethod
-    def _parity_words(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return _PARITY_WORDS.get(value.strip().lower(), value)
-        return value
+    def _parity(cls, value: Any) -> Any:
+        return parity_letter(value, "NEO")
 
     @field_validator("bytesize")
     @classmethod
@@ -616,6 +621,7 @@ def check(devices: Sequence[Device]) -> list[Problem]:
     problems: list[Problem] = []
     first: dict[str, Device] = {}
     seen: dict[tuple[str, int, str], Device] = {}
+    problems += filter(None, map(slow_timeout, devices))
     for dev in devices:
         cfg = dev.config
         bus = bus_key(cfg.port)

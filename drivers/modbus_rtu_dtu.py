@@ -62,7 +62,7 @@ from pydantic import Field, field_validator, model_validator
 
 from drivers.modbus import ModbusConnectionError, ModbusPoller, ProfileModel, plan_summary
 from drivers.modbus_rtu import RTU_HINTS, LineSettings, ModbusRtuClient, OnData, OnLost, pauses_of
-from gateway.driver import Device, DeviceStatus, Emit, Problem, StrictModel
+from gateway.driver import Device, DeviceStatus, Emit, Problem, StrictModel, slow_timeout
 from gateway.polling import Backoff, Health, format_duration
 from gateway.reading import Reading
 from gateway.units import Duration, Identifier
@@ -644,6 +644,7 @@ def check(devices: Sequence[Device]) -> list[Problem]:
     first: dict[str, Device] = {}
     registrations: dict[tuple[str, tuple[str, str]], Device] = {}
     seen: dict[tuple[str, int, str], Device] = {}
+    problems += filter(None, map(slow_timeout, devices))
     for dev in devices:
         cfg = dev.config
         dtu = cfg.dtu

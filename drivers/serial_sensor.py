@@ -54,11 +54,11 @@ from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any, Final, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from gateway.driver import (Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig, StrictModel,
-                            ValidRange)
+                            ValidRange, parity_letter, slow_timeout)
 from gateway.polling import Backoff, Health, Schedule, format_duration, next_aligned
 from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading
 from gateway.units import Duration
@@ -340,9 +340,14 @@ class DeviceModel(DeviceConfig):
     protocol: Literal["serial"]
     port: str = Field(min_length=1, description="/dev/ttyUSB0, /dev/serial/by-id/..., /dev/ttyAMA0")
     baudrate: int = Field(default=9600, ge=50, le=4_000_000)
-    parity: Literal["none", "even", "odd", "mark", "space"] = "none"
+    parity: Literal["N", "E", "O", "M", "S"] = Field(default="N", description="N (none), E (even), O (odd), M, S")
     stopbits: Literal[1, 1.5, 2] = 1
     bytesize: Literal[5, 6, 7, 8] = 8
+
+    @field_validator("parity", mode="before")
+    @classmethod
+    def _parity(cls, value: Any) -> Any:
+        return parity_letter(value, "NEOMS")
 
 
 # =========================================================================== checksums
@@ -917,9 +922,6 @@ class _Window:
     errors: int = 0
 
 
-_PARITY: Final = {"none": "N", "even": "E", "odd": "O", "mark": "M", "space": "S"}
-
-
 class SerialSensorPoller:
     """Owns one serial port and the one sensor on it (see :class:`gateway.driver.Poller`).
 
@@ -963,7 +965,7 @@ class SerialSensorPoller:
         cfg = self.device.config
         try:
             port = serial.Serial(port=None, baudrate=cfg.baudrate, bytesize=cfg.bytesize,
-                                 parity=_PARITY[cfg.parity], stopbits=cfg.stopbits, timeout=0, exclusive=True)
+                                 parity=cfg.parity, stopbits=cfg.stopbits, timeout=0, exclusive=True)
             port.port = cfg.port
             port.open()
         except (OSError, ValueError, serial.SerialException) as exc:
@@ -981,7 +983,7 @@ class SerialSensorPoller:
         self._lost.clear()
         self._last_good = time.monotonic()
         asyncio.get_running_loop().add_reader(self._fd, self._on_readable)
-        self._link.ok(detail=f"{cfg.baudrate} baud {cfg.bytesize}{_PARITY[cfg.parity]}{cfg.stopbits:g}, "
+        self._link.ok(detail=f"{cfg.baudrate} baud {cfg.bytesize}{cfg.parity}{cfg.stopbits:g}, "
                       f"device {self.device.id}")
         self._reopen.reset()
         return True
@@ -1222,6 +1224,8 @@ def make_pollers(devices: Sequence[Device]) -> list[SerialSensorPoller]:
 def check(devices: Sequence[Device]) -> list[Problem]:
     """A serial sensor owns its port: two devices on one port is a mistake."""
     problems: list[Problem] = []
+    # A streaming sensor's timeout is how long it may stay quiet: longer than its interval is normal.
+    problems += filter(None, (slow_timeout(d) for d in devices if d.profile.request is not None))
     seen: dict[str, Device] = {}
     for dev in devices:
         key = os.path.normpath(dev.config.port)

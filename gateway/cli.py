@@ -39,7 +39,7 @@ def report_config_errors(exc: ConfigErrors, where: str) -> None:
     """Every located error on stderr, then one line counting them (``where``: "in <path>; ...")."""
     for err in exc.errors:
         print(err, file=sys.stderr)
-    n = len(exc.errors)
+    n = sum(not err.warning for err in exc.errors)
     print(f"{n} error{'s' if n != 1 else ''} {where}", file=sys.stderr)
 
 
@@ -76,6 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     setup_logging(args.log_level or config.gateway.logging.level, config.gateway.logging.format)
+    for warning in config.warnings:
+        log.warning("%s", warning)
     from gateway.app import serve
 
     ok, trace = load_trace(config)
@@ -120,6 +122,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     ok, trace = load_trace(config)
     if not ok:
         return EXIT_CONFIG
+    for warning in config.warnings:
+        print(warning, file=sys.stderr)
     print(f"{config.path}: OK — gateway {config.gateway_id} at {config.site}, "
           f"{len(config.devices)} devices, {len(config.profiles)} profiles, "
           f"{len(config.gateway.sinks)} sinks")

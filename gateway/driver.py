@@ -68,6 +68,21 @@ class FieldInfo:
     float32: bool = False
 
 
+_PARITY_WORDS = {"none": "N", "even": "E", "odd": "O", "mark": "M", "space": "S"}
+
+
+def parity_letter(value: Any, allowed: str) -> Any:
+    """``parity:`` of every serial driver is the letter manuals print in ``9600 8N1`` (one of
+    ``allowed``, e.g. ``NEO``); a word or a small letter is refused with the spelling to use
+    (a pydantic "before" validator: what is not a string is left for the type check)."""
+    if isinstance(value, str):
+        letter = _PARITY_WORDS.get(value.strip().lower(), value.strip().upper())
+        if letter in allowed and value != letter:
+            raise ValueError(f"{value!r} is not how parity is written here — write parity: {letter} (the letter of "
+                             f"8{letter}1, the same for every serial device: {', '.join(allowed)})")
+    return value
+
+
 class ProfileConfig(StrictModel):
     """What every device profile has. Drivers subclass it with their point maps."""
 
@@ -121,6 +136,19 @@ class Problem:
     loc: tuple[str | int, ...]
     message: str
     hint: str = ""
+    warning: bool = False  # reported by `sluice check` and at start, but not fatal
+
+
+def slow_timeout(device: Device) -> Problem | None:
+    """A warning for a request/response device whose ``timeout`` is longer than its ``interval``:
+    a device that does not answer then holds up its connection past its next poll."""
+    cfg = device.config
+    if cfg.timeout <= cfg.interval:
+        return None
+    return Problem(device, ("timeout",), f"timeout {cfg.timeout:g}s is longer than interval {cfg.interval:g}s: a "
+                   "device that does not answer delays its next poll and the other devices on its connection",
+                   "make the timeout shorter than the interval (a device answers in well under a second), or "
+                   "poll less often", warning=True)
 
 
 @dataclass(slots=True)

@@ -78,3 +78,15 @@ async def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> No
         assert b"Traceback" not in proc.stderr and b"BrokenPipe" not in proc.stderr, proc.stderr.decode()
         assert proc.stderr == b"", proc.stderr.decode()
         assert proc.returncode == 1
+
+
+def test_a_warning_is_located_and_check_still_passes(tmp_path: Path, capsys) -> None:
+    from gateway.cli import main
+
+    config = meter_config(tmp_path, 5020)
+    device = tmp_path / "devices" / "meter.yaml"
+    device.write_text(device.read_text().replace("timeout: 2s", "timeout: 3s"))
+    assert main(["check", "-c", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert f"{device}:" in err or "devices/meter.yaml:" in err
+    assert ": warning: timeout 3s is longer than interval 1s" in err, err
