@@ -48,8 +48,8 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from gateway.driver import (Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig, StrictModel,
-                            ValidRange, slow_timeout)
+from gateway.driver import (Claim, Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig, StrictModel,
+                            ValidRange, slow_timeout, tcp_claim)
 from gateway.polling import Backoff, Health, Schedule, format_duration
 from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading, shortest_float32
 from simulators.signals import SignalSpec
@@ -74,6 +74,7 @@ __all__ = [
     "Request",
     "RequestDecoder",
     "check",
+    "claims",
     "encode",
     "encode_into",
     "make_pollers",
@@ -1065,6 +1066,11 @@ def make_pollers(devices: Sequence[Device]) -> list[ModbusTcpPoller]:
         for device_id, requests in poller.plans.items():
             log.info("%s", plan_summary(device_id, requests))
     return pollers
+
+
+def claims(device: Device) -> list[Claim]:
+    """The host:port the device is reached at (shared by every unit id behind it)."""
+    return [tcp_claim(device.config.host, device.config.port)]
 
 
 def check(devices: Sequence[Device]) -> list[Problem]:

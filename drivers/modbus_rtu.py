@@ -56,7 +56,7 @@ from drivers.modbus import (
     ProfileModel,  # the profiles are the Modbus TCP driver's: one register map, every transport
     plan_summary,
 )
-from gateway.driver import Device, DeviceConfig, Problem, parity_letter, slow_timeout
+from gateway.driver import Claim, Device, DeviceConfig, Problem, parity_letter, serial_claim, slow_timeout
 from gateway.polling import format_duration
 from gateway.units import Duration
 
@@ -74,6 +74,7 @@ __all__ = [
     "SerialLink",
     "char_time",
     "check",
+    "claims",
     "crc16",
     "damage_kind",
     "find_reply",
@@ -614,6 +615,11 @@ def bus_key(port: str) -> str:
 
 
 _LINE_KEYS: Final = ("baudrate", "parity", "stopbits", "bytesize")
+
+
+def claims(device: Device) -> list[Claim]:
+    """The serial port (shared by every unit on the bus)."""
+    return [serial_claim(device.config.port)]
 
 
 def check(devices: Sequence[Device]) -> list[Problem]:

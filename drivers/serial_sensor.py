@@ -57,8 +57,8 @@ from typing import Any, Final, Literal
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from gateway.driver import (Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig, StrictModel,
-                            ValidRange, parity_letter, slow_timeout)
+from gateway.driver import (Claim, Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig, StrictModel,
+                            ValidRange, parity_letter, serial_claim, slow_timeout)
 from gateway.polling import Backoff, Health, Schedule, format_duration, next_aligned
 from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading
 from gateway.units import Duration
@@ -75,6 +75,7 @@ __all__ = [
     "SerialSensorPoller",
     "TextFramer",
     "check",
+    "claims",
     "make_decoder",
     "make_pollers",
     "parse_binary",
@@ -1219,6 +1220,11 @@ class SerialSensorPoller:
 def make_pollers(devices: Sequence[Device]) -> list[SerialSensorPoller]:
     """One poller (one task) per port; :func:`check` makes sure no port has two sensors."""
     return [SerialSensorPoller(dev) for dev in devices]
+
+
+def claims(device: Device) -> list[Claim]:
+    """The serial port (a sensor owns it: :func:`check` refuses a second one on it)."""
+    return [serial_claim(device.config.port)]
 
 
 def check(devices: Sequence[Device]) -> list[Problem]:

@@ -641,6 +641,17 @@ def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFil
     by_module: dict[str, list[Device]] = {}
     for dev in devices:
         by_module.setdefault(drivers.driver_for_protocol(dev.config.protocol).__name__, []).append(dev)  # type: ignore[union-attr]
+    claimed: dict[str, tuple[Device, tuple[str | int, ...]]] = {}
+    for dev in devices:
+        module = drivers.driver_for_protocol(dev.config.protocol)
+        for claim in module.claims(dev):  # type: ignore[union-attr]
+            first, loc = claimed.setdefault(claim.resource, (dev, claim.loc))
+            if first.config.protocol != dev.config.protocol:
+                line, col = docs[first.id].position(loc)
+                errors.append(docs[dev.id].error(claim.loc, f"{claim.resource} is already used by '{first.id}' "
+                                                 f"({first.source}:{line}:{col}, {first.config.protocol})",
+                                                 "one connection speaks one protocol: give each device its own port "
+                                                 "or address, or use the same protocol for both"))
     for name, group in by_module.items():
         module = next(m for m in drivers.driver_modules() if m.__name__ == name)
         for problem in module.check(group):

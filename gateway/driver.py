@@ -12,6 +12,12 @@ A driver is one module under ``drivers/`` that defines, at module level:
 ``check(devices: Sequence[Device]) -> list[Problem]``
     cross-device checks that one file cannot see (two devices on one serial port with different
     line settings, a profile point the device's unit cannot address, ...).
+``claims(device: Device) -> list[Claim]``
+    the physical resources the device uses (a serial port with its path resolved, a TCP
+    ``host:port`` it connects to, an address it listens on), each with the key path that names it.
+    Devices of one protocol may share a resource (their driver's ``check`` says how); the core
+    refuses a resource claimed by two protocols (a ``modbus_rtu`` and a ``serial`` device on one
+    port).
 ``make_pollers(devices: Sequence[Device]) -> list[Poller]``
     groups the devices by physical connection (one host:port, one serial bus) and returns one
     :class:`Poller` per connection. Constructors do no I/O.
@@ -22,6 +28,7 @@ The core never imports a driver by name: adding ``drivers/foo.py`` is all a new 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,6 +133,25 @@ class Device:
     @property
     def id(self) -> str:
         return str(self.config.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A resource a device uses: ``resource`` names it exactly (``serial /dev/ttyUSB0``, ``tcp
+    10.0.0.5:502``, ``listen 0.0.0.0:9000``), ``loc`` is the key that names it in the device's file."""
+
+    resource: str
+    loc: tuple[str | int, ...]
+
+
+def serial_claim(port: str, loc: tuple[str | int, ...] = ("port",)) -> Claim:
+    """A serial port, by the device it is (a /dev/serial/by-id/ link resolved)."""
+    return Claim(f"serial port {os.path.realpath(port)}", loc)
+
+
+def tcp_claim(host: str, port: int, loc: tuple[str | int, ...] = ("host",)) -> Claim:
+    """A TCP endpoint the gateway connects to."""
+    return Claim(f"TCP endpoint {host.lower()}:{port}", loc)
 
 
 @dataclass(frozen=True, slots=True)
