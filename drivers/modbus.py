@@ -45,11 +45,10 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import Field, model_validator
 
-from gateway.driver import (Claim, Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig, StrictModel,
-                            ValidRange, slow_timeout, tcp_claim)
+from gateway.driver import (Claim, Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig,
+                            StrictModel, ValidRange, fail_at, slow_timeout, tcp_claim)
 from gateway.polling import Backoff, Health, Schedule, format_duration
 from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading, shortest_float32
 from simulators.signals import SignalSpec
@@ -118,11 +117,7 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 
 # =========================================================================== configuration
-def _fail(loc: tuple[str | int, ...], message: str, given: Any = None) -> ValidationError:
-    """A validation error located at ``loc`` inside the model being validated (pydantic prefixes
-    the enclosing path), so gateway.config reports it at that key's file:line:col."""
-    return ValidationError.from_exception_data("modbus", [InitErrorDetails(
-        type=PydanticCustomError("value_error", "{text}", {"text": message}), loc=loc, input=given)])
+_fail = fail_at
 
 
 def parse_register_reference(ref: int | str) -> tuple[str, int]:

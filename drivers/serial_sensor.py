@@ -54,11 +54,10 @@ from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any, Final, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from gateway.driver import (Claim, Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig, StrictModel,
-                            ValidRange, parity_letter, serial_claim, slow_timeout)
+from gateway.driver import (Claim, Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig,
+                            StrictModel, ValidRange, fail_at, parity_letter, serial_claim, slow_timeout)
 from gateway.polling import Backoff, Health, Schedule, format_duration, next_aligned
 from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading
 from gateway.units import Duration
@@ -112,10 +111,7 @@ signed weight, unit."""
 
 
 # =========================================================================== configuration
-def _fail(loc: tuple[str | int, ...], message: str, given: Any = None) -> ValidationError:
-    """A validation error at ``loc`` inside the model, reported by gateway.config at that key."""
-    return ValidationError.from_exception_data("serial", [InitErrorDetails(
-        type=PydanticCustomError("value_error", "{text}", {"text": message}), loc=loc, input=given)])
+_fail = fail_at
 
 
 def parse_hex(text: str) -> bytes:

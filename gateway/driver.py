@@ -30,19 +30,40 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from gateway.encode import tag_problem
 
 from gateway.reading import Reading
 from gateway.units import Duration, Identifier
 
 Emit = Callable[[Reading], None]
 """How a poller hands a reading to the core. Never blocks, never raises; the core commits it."""
+
+
+def fail_at(loc: tuple[str | int, ...], message: str, given: Any = None) -> ValidationError:
+    """A validation error at ``loc`` inside the model being validated (pydantic prefixes the
+    enclosing path), so gateway.config reports it at that key's file:line:col. Raise it from a
+    model validator."""
+    return fail_at_all([(loc, message, given)])
+
+
+def fail_at_all(found: Sequence[tuple[tuple[str | int, ...], str, Any]]) -> ValidationError:
+    """:func:`fail_at` for several ``(loc, message, given)`` at once: each is reported."""
+    return ValidationError.from_exception_data("config", [InitErrorDetails(
+        type=PydanticCustomError("value_error", "{text}", {"text": message}), loc=loc, input=given)
+        for loc, message, given in found])
+
+
+ExactText = Annotated[str, StringConstraints(strip_whitespace=False)]
+"""Text kept exactly as written, leading and trailing spaces included (tag keys and values)."""
 
 
 class StrictModel(BaseModel):
@@ -63,7 +84,19 @@ class DeviceConfig(StrictModel):
     retries: int = Field(default=1, ge=0, le=10, description="extra attempts within one poll")
     backoff_max: Duration = Field(default=60.0, gt=0, description="longest wait between polls of a device that is down")
     measurement: str | None = Field(default=None, min_length=1, description="overrides the profile's measurement")
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[ExactText, ExactText] = Field(default_factory=dict,
+                                             description="stored with every reading, exactly as written")
+
+    @model_validator(mode="after")
+    def _storable_tags(self) -> DeviceConfig:
+        found = [(("tags", key), f"{what} '{text}' {problem} — write it without that backslash (e.g. '/' instead)",
+                  text)
+                 for key, value in self.tags.items()
+                 for text, what in ((key, "tag key"), (value, "tag value"))
+                 if (problem := tag_problem(text, key=what == "tag key")) is not None]
+        if found:
+            raise fail_at_all(found)
+        return self
 
 
 @dataclass(frozen=True, slots=True)

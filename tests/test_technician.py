@@ -90,3 +90,55 @@ def test_a_warning_is_located_and_check_still_passes(tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err
     assert f"{device}:" in err or "devices/meter.yaml:" in err
     assert ": warning: timeout 3s is longer than interval 1s" in err, err
+
+
+# --------------------------------------------------------------------------- tag values stored exactly
+STORABLE = ["plain", " cold room 1 ", "a b", "a,b", "a=b", "C:\\temp", "x\\y\\z", "温室 一号", "q\"uote",
+            "=lead", ",lead", "trail=", "trail,"]
+STORABLE_VALUES = ["a\\=b"]  # as a value only: a key with a backslash before '=' splits in VictoriaMetrics
+REFUSED = ["ends\\", "a\\,b", "a\\ b", "a\\\\b", "\\\\"]
+
+
+def _tagged_line(i: int, value: str, key: str) -> bytes:
+    from gateway.encode import InfluxEncoder
+    from gateway.reading import Reading
+
+    reading = Reading(f"d{i}", 1_700_000_000_000_000_000 + i, {"x": 1.0}, {"n": str(i), "v": value, key: "k"},
+                      measurement="tagged")
+    return InfluxEncoder().item(reading)
+
+
+def test_tag_values_are_refused_exactly_when_influxdb_and_victoriametrics_would_differ() -> None:
+    from gateway.encode import tag_problem
+
+    assert [v for v in STORABLE if tag_problem(v) or tag_problem(v, key=True)] == []
+    assert [v for v in STORABLE_VALUES if tag_problem(v) or not tag_problem(v, key=True)] == []
+    assert [v for v in REFUSED if tag_problem(v) is None or tag_problem(v, key=True) is None] == []
+
+
+def test_every_storable_tag_is_stored_exactly_by_influxd_and_victoriametrics(influxd, victoria_metrics) -> None:
+    cases = [(v, v) for v in STORABLE] + [(v, "key") for v in STORABLE_VALUES]
+    lines = [_tagged_line(i, value, key) for i, (value, key) in enumerate(cases)]
+    for line in lines:  # one request per line: a refused line names itself
+        assert influxd.request("/write?db=sluice", line)[0] == 204, line
+        assert victoria_metrics.request("/write", line)[0] == 204, line
+    got_influx: dict[int, tuple[object, object]] = {}
+    for series in influxd.query("SELECT * FROM tagged", db="sluice"):
+        for row in series["values"]:
+            r = dict(zip(series["columns"], row))
+            got_influx[int(r["n"])] = (r["v"], next(k for k, v in r.items() if v == "k"))
+    got_vm = {int(e["metric"]["n"]): (e["metric"]["v"], next(k for k, v in e["metric"].items() if v == "k"))
+              for e in victoria_metrics.export('{__name__=~"tagged.*"}')}
+    expected = dict(enumerate(cases))
+    assert got_influx == expected
+    assert got_vm == expected
+
+
+def test_a_devices_tags_keep_their_spaces(tmp_path: Path) -> None:
+    from gateway.config import load_config
+
+    config = meter_config(tmp_path, 5020)
+    device = tmp_path / "devices" / "meter.yaml"
+    device.write_text(device.read_text() + "tags: {room: ' cold room 1 ', ' odd key': x}\n")
+    tags = load_config(config).devices[0].tags
+    assert tags["room"] == " cold room 1 " and tags[" odd key"] == "x"
