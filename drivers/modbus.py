@@ -626,11 +626,13 @@ class ModbusConnectionError(ModbusError):
         self.kind = kind
 
 
+ILLEGAL_ADDRESS: Final = 2
+"""The exception a device answers for a read that touches a register it does not have."""
+
 EXCEPTION_CODES: Final[dict[int, tuple[str, str]]] = {
     1: ("illegal function", "the device does not serve this register type — check kind: in the profile"),
     2: ("illegal data address", "the device has no register at some address of this request — check the "
-        "profile's addresses against the manual; if the device refuses reads across unused registers, "
-        "set max_gap: 0"),
+        "profile's addresses against the manual"),
     3: ("illegal data value", "the device refuses this many registers at once — lower max_registers in "
         "the profile"),
     4: ("device failure", "the device reports an internal fault — check it on site"),
@@ -982,7 +984,9 @@ class ModbusPoller:
         time_ns: int | None = None
         problem: tuple[str, str] | None = None
         invalid: list[str] = []
-        for request, decoder in zip(unit.requests, unit.decoders):
+        pending = list(zip(unit.requests, unit.decoders))
+        while pending:
+            request, decoder = pending.pop(0)
             error: ModbusError | None = None
             for _attempt in range(attempts):
                 try:
@@ -994,6 +998,9 @@ class ModbusPoller:
                     error = exc
                     if exc.code in (5, 6):
                         continue  # busy: worth another attempt
+                    if exc.code == ILLEGAL_ADDRESS and (parts := self._split(unit, request)):
+                        pending[:0] = parts  # read its parts now; the next polls read them as planned
+                        error = None
                     break
                 except (ModbusConnectionError, ModbusProtocolError) as exc:
                     error = exc
@@ -1030,6 +1037,24 @@ class ModbusPoller:
         dev = unit.device
         return Reading(dev.id, time_ns, fields, dict(dev.tags),
                        UNCERTAIN if problem is not None or invalid else GOOD, dev.measurement)
+
+    def _split(self, unit: _Unit, request: Request) -> list[tuple[Request, RequestDecoder]]:
+        """A request the planner merged across unused registers that the device refused with
+        exception 2 (it has no registers there): its parts, which replace it in the device's plan
+        from now on (logged once, here). Empty when the request was not merged."""
+        parts = plan(request.points, 0, unit.device.profile.max_registers)
+        if len(parts) < 2:
+            return []
+        at = unit.requests.index(request)
+        decoders = [RequestDecoder(p) for p in parts]
+        unit.requests[at:at + 1] = parts
+        unit.decoders[at:at + 1] = decoders
+        gap = min(b.address - (a.address + a.count) for a, b in zip(parts, parts[1:]))
+        log.warning("%s: %s refused %s with exception 2 (illegal data address): it has no registers in the gaps "
+                    "between its points; reading %s separately from now on — set max_gap: %d in the profile (or "
+                    "the device) to plan it so from the start", unit.device.id, unit.where, request,
+                    ", ".join(map(str, parts)), gap - 1)
+        return list(zip(parts, decoders))
 
     def _describe(self, unit: _Unit, request: Request, error: ModbusError) -> str:
         what = f"{unit.where}, {request} (address {request.address})"
