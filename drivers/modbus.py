@@ -36,6 +36,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import re
@@ -1049,7 +1050,7 @@ class ModbusPoller:
         decoders = [RequestDecoder(p) for p in parts]
         unit.requests[at:at + 1] = parts
         unit.decoders[at:at + 1] = decoders
-        gap = min(b.address - (a.address + a.count) for a, b in zip(parts, parts[1:]))
+        gap = min(b.address - (a.address + a.count) for a, b in itertools.pairwise(parts))
         log.warning("%s: %s refused %s with exception 2 (illegal data address): it has no registers in the gaps "
                     "between its points; reading %s separately from now on — set max_gap: %d in the profile (or "
                     "the device) to plan it so from the start", unit.device.id, unit.where, request,
