@@ -36,6 +36,16 @@ When a device is down
     a polled device is down when a request gets no good reply after its retries. A code reader
     is never down for being quiet: nobody may be scanning. Health is judged once per interval
     and logged once per state change (:class:`gateway.polling.Health`).
+
+A noisy line
+    Bad frames of every kind (garbage, checksum, truncated, overlong) are counted per kind in the
+    device's status (``sluice_device_errors_total`` in /metrics), never logged one by one. Bad
+    frames between good ones put the sensor in one state, ``degraded:bad_frames``, logged once
+    with the counts; it counts as clean again only after ``NOISE_SETTLE`` (60 s, at least ten
+    intervals) without a bad frame, and that line carries the counts of the noisy spell.
+
+A scale's frame is its whole state: the latest frame of an interval replaces the earlier ones
+(an overload line has no weight, and the weight before it is not kept).
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ import os
 import re
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
@@ -907,6 +918,32 @@ _HINT: Final = {
 }
 
 
+NOISE: Final = "bad_frames"
+"""The state of a sensor whose line brings bad frames (of any kind): one state, so that garbage
+and checksum errors taking turns do not log a line each."""
+NOISE_SETTLE: Final = 60.0
+"""Seconds without a bad frame (at least ten intervals) before a noisy line counts as clean again."""
+
+
+@dataclass(slots=True)
+class _Noise:
+    """Bad and good frames since the sensor's line was last clean (the counts its log lines carry)."""
+
+    bad: Counter[str] = field(default_factory=Counter)
+    good: int = 0
+    last_bad: float = -math.inf  # monotonic time of the last bad frame
+
+    def text(self) -> str:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in self.bad.most_common())
+        return f"{sum(self.bad.values())} bad: {kinds}; {self.good} good"
+
+    def example(self, error: FrameError | None) -> str:
+        return error.message if error is not None else "none in the last interval"
+
+    def hint(self) -> str:
+        return _HINT.get(self.bad.most_common(1)[0][0], "") if self.bad else ""
+
+
 @dataclass(slots=True)
 class _Window:
     """What arrived since the last interval tick (streaming) or the last request (polled)."""
@@ -945,6 +982,8 @@ class SerialSensorPoller:
         self._lost = asyncio.Event()
         self._arrived = asyncio.Event()
         self._window = _Window()
+        self._noise = _Noise()
+        self._whole_frames = device.profile.format == "scale"  # each frame is the whole state: replaces
         self._last_good = time.monotonic()
         self._emit: Emit | None = None
         self._where = f"{cfg.port} ({device.profile_name})"
@@ -1026,21 +1065,38 @@ class SerialSensorPoller:
         if isinstance(item, FrameError):
             w.errors += 1
             w.error = item
+            self._noise.bad[item.kind] += 1
+            self._noise.last_bad = time.monotonic()
             self._health.count(item.kind, f"{self._where}: {item.message}")
             return
         fields, invalid = item
         w.good += 1
+        self._noise.good += 1
         self._last_good = time.monotonic()
         if invalid:
             self._health.count("invalid", f"invalid values: {', '.join(invalid)}")
         if self._codes and fields and self._emit is not None:
-            self._health.ok(now_ns, self._where)
+            if not self._settling():
+                self._clean(now_ns)
             self._emit(self._reading(fields, now_ns, invalid=()))
             return
-        if fields:
+        if fields and self._whole_frames:
+            w.fields = dict(fields)  # a scale's overload line has no weight: the last one must not stay
+            w.time_ns = now_ns
+        elif fields:
             w.fields.update(fields)
             w.time_ns = now_ns
         w.invalid.update(invalid)
+
+    def _settling(self) -> bool:
+        """The line is noisy and a bad frame arrived too recently for it to count as clean again."""
+        settle = max(NOISE_SETTLE, 10 * self.device.config.interval)
+        return self._health.state == f"degraded:{NOISE}" and time.monotonic() - self._noise.last_bad < settle
+
+    def _clean(self, time_ns: int | None) -> None:
+        """Everything arrived well: ok (with the counts of the noise it leaves, if any)."""
+        noise, self._noise = self._noise, _Noise(last_bad=self._noise.last_bad)
+        self._health.ok(time_ns, self._where, summary=noise.text() if noise.bad else "")
 
     def _reading(self, fields: dict[str, FieldValue], time_ns: int, invalid: Any) -> Reading:
         dev = self.device
@@ -1082,25 +1138,25 @@ class SerialSensorPoller:
         if w.fields:
             emit(self._reading(w.fields, w.time_ns, w.invalid))
         if w.good:
-            if w.error is not None:
-                self._health.degraded(w.error.kind, f"{self._where}: {w.errors} bad frame(s) between good ones, "
-                                      f"e.g. {w.error.message} — {_HINT.get(w.error.kind, '')}", w.time_ns or None)
+            if w.error is not None or self._settling():
+                self._health.degraded(NOISE, f"{self._where}: bad frames between good ones ({self._noise.text()}), "
+                                      f"e.g. {self._noise.example(w.error)} — {self._noise.hint()}; counted in "
+                                      "/metrics, logged again when the line is clean", w.time_ns or None)
             elif w.invalid:
                 self._health.degraded("invalid", f"{self._where}: {', '.join(sorted(w.invalid))} outside the valid "
                                       "range; left out of the reading — check the sensor and the profile's valid:",
                                       w.time_ns or None)
             elif not self._codes or w.fields:
-                self._health.ok(w.time_ns or None, self._where)
+                self._clean(w.time_ns or None)
             return
         quiet = time.monotonic() - self._last_good
         if w.error is not None and (self._codes or quiet >= self.device.config.timeout):
-            verb = "degraded" if self._codes else "down"
-            message = (f"{self._where}: only bad frames for {format_duration(quiet)}, e.g. {w.error.message} — "
-                       f"{_HINT.get(w.error.kind, '')}")
-            if verb == "down":
-                self._health.down(w.error.kind, message)
+            message = (f"{self._where}: only bad frames for {format_duration(quiet)} ({self._noise.text()}), e.g. "
+                       f"{w.error.message} — {self._noise.hint()}")
+            if self._codes:
+                self._health.degraded(NOISE, message)
             else:
-                self._health.degraded(w.error.kind, message)
+                self._health.down(NOISE, message)
         elif not self._codes and quiet >= self.device.config.timeout:
             self._health.count("silent", "no frame")
             self._health.down("silent", f"{self._where}: no complete frame for {format_duration(quiet)} — "
@@ -1153,7 +1209,7 @@ class SerialSensorPoller:
                         self._health.degraded("invalid", f"{self._where}: {', '.join(sorted(w.invalid))} outside "
                                               "the valid range; left out — check the sensor and valid:", w.time_ns)
                     else:
-                        self._health.ok(w.time_ns, self._where)
+                        self._clean(w.time_ns)
                     return self._reading(w.fields, w.time_ns, w.invalid)
                 problem = FrameError("garbage", "a reply without any value")
             elif w.error is not None:
