@@ -611,11 +611,12 @@ class ModbusProtocolError(ModbusError):
 class ModbusFrameError(ModbusError):
     """A serial (RTU) reply that arrived damaged: ``kind`` is ``crc`` (checksum wrong),
     ``truncated`` (the frame stopped short) or ``garbage`` (bytes that are no frame). The link
-    stays usable, so the request is worth another attempt."""
+    stays usable, so the request is worth another attempt. ``data``: the bytes that came."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, data: bytes = b"") -> None:
         super().__init__(message)
         self.kind = kind
+        self.data = data
 
 
 class ModbusConnectionError(ModbusError):
