@@ -642,7 +642,7 @@ def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFil
     for dev in devices:
         by_module.setdefault(drivers.driver_for_protocol(dev.config.protocol).__name__, []).append(dev)  # type: ignore[union-attr]
     claimed: dict[str, tuple[Device, tuple[str | int, ...]]] = {}
-    for dev in devices:
+    for dev in (d for d in devices if d.config.enabled):  # a disabled device holds nothing
         module = drivers.driver_for_protocol(dev.config.protocol)
         for claim in module.claims(dev):  # type: ignore[union-attr]
             first, loc = claimed.setdefault(claim.resource, (dev, claim.loc))

@@ -36,10 +36,12 @@ class ConfigErrors(Exception):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that keeps timestamps and 'yes/no' as strings: a technician's `on` stays `on`."""
+    """SafeLoader that keeps timestamps as strings. `yes/no/on/off` stay YAML 1.1 booleans (bool
+    keys take them); where text is expected, gateway.config reports one with the hint to quote
+    it, from :meth:`YamlDoc.plain_scalar`."""
 
 
-# YAML 1.1 turns `no`, `off`, `2024-01-01` into bool/date; config values must be what was written.
+# YAML 1.1 turns `2024-01-01` into a date; config values must be what was written.
 _Loader.yaml_implicit_resolvers = {
     k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:timestamp",)]
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
