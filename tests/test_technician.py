@@ -36,7 +36,7 @@ def meter_config(directory: Path, port: int) -> Path:
         "health": {"enabled": False}}))
     (directory / "devices" / "meter.yaml").write_text(yaml.safe_dump({
         "id": "meter", "protocol": "modbus_tcp", "profile": "meter", "host": "127.0.0.1", "port": port,
-        "interval": "1s", "timeout": "2s"}))
+        "interval": "5s", "timeout": "2s"}))
     return directory
 
 
@@ -85,11 +85,11 @@ def test_a_warning_is_located_and_check_still_passes(tmp_path: Path, capsys) -> 
 
     config = meter_config(tmp_path, 5020)
     device = tmp_path / "devices" / "meter.yaml"
-    device.write_text(device.read_text().replace("timeout: 2s", "timeout: 3s"))
+    device.write_text(device.read_text().replace("timeout: 2s", "timeout: 9s"))
     assert main(["check", "-c", str(config)]) == 0
     err = capsys.readouterr().err
     assert f"{device}:" in err or "devices/meter.yaml:" in err
-    assert ": warning: timeout 3s is longer than interval 1s" in err, err
+    assert ": warning: timeout 9s is longer than interval 5s" in err, err
 
 
 # --------------------------------------------------------------------------- tag values stored exactly
@@ -142,3 +142,29 @@ def test_a_devices_tags_keep_their_spaces(tmp_path: Path) -> None:
     device.write_text(device.read_text() + "tags: {room: ' cold room 1 ', ' odd key': x}\n")
     tags = load_config(config).devices[0].tags
     assert tags["room"] == " cold room 1 " and tags[" odd key"] == "x"
+
+
+def test_one_serial_port_under_two_names_is_claimed_twice(tmp_path: Path) -> None:
+    """A /dev/serial/by-id/ link and the port it points at are one port: a Modbus RTU device on one
+    and a serial sensor on the other are refused, at the second claim, naming the first."""
+    from gateway.config import ConfigErrors, load_config
+
+    config = meter_config(tmp_path, 5020)
+    port = tmp_path / "ttyUSB0"
+    port.write_text("")
+    (tmp_path / "by-id").mkdir()
+    (tmp_path / "by-id" / "usb-FTDI-port0").symlink_to(port)
+    (tmp_path / "profiles" / "th.yaml").write_text(
+        "protocol: serial\nformat: lines\npattern: '^T=(?P<t>[-0-9.]+)$'\nfields: {t: {type: float}}\n")
+    (tmp_path / "devices" / "pump.yaml").write_text(
+        f"id: pump\nprotocol: modbus_rtu\nprofile: meter\nport: {tmp_path / 'by-id' / 'usb-FTDI-port0'}\n")
+    (tmp_path / "devices" / "th.yaml").write_text(f"id: th\nprotocol: serial\nprofile: th\nport: {port}\n")
+    try:
+        load_config(config)
+    except ConfigErrors as exc:
+        (error,) = exc.errors
+    else:
+        raise AssertionError("the port was claimed twice without an error")
+    assert error.file.name == "th.yaml" and (error.line, error.col) == (4, 7)
+    assert f"serial port {port} is already used by 'pump' (" in error.message
+    assert "pump.yaml:4:7, modbus_rtu)" in error.message
