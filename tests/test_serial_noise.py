@@ -32,8 +32,8 @@ def _said(caplog: pytest.LogCaptureFixture, level: int, start: str) -> list[str]
 async def test_a_noisy_line_logs_once_with_counters_then_once_when_clean(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
-    monkeypatch.setattr(serial_sensor, "NOISE_SETTLE", 0.5)  # clean after 10 intervals (2 s) without a bad frame
-    dev = device(tmp_path, "gps-nmea")
+    monkeypatch.setattr(serial_sensor, "NOISE_SETTLE", 0.5)  # clean after 10 intervals (5 s) without a bad frame
+    dev = device(tmp_path, "gps-nmea", interval="500ms", timeout="10s")  # a stall under load is not silence
     faults = Faults(rates={"garbage": 0.25, "bad_checksum": 0.25})
     async with SerialSensorSim(dev.profile, every=0.03, faults=faults, values=NMEA_VALUES) as sim:
         plug(tmp_path, sim)
@@ -97,7 +97,7 @@ async def test_three_noisy_sensors_under_sluice_run_log_a_line_each_and_count_in
     try:
         for i, sim in enumerate(sims):
             (config / "devices" / f"gps{i}.yaml").write_text(
-                f"id: gps{i}\nprotocol: serial\nprofile: gps-nmea\nport: {sim.path}\ninterval: 200ms\ntimeout: 1s\n")
+                f"id: gps{i}\nprotocol: serial\nprofile: gps-nmea\nport: {sim.path}\ninterval: 200ms\ntimeout: 10s\n")
         proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
