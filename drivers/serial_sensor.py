@@ -40,9 +40,10 @@ When a device is down
 A noisy line
     Bad frames of every kind (garbage, checksum, truncated, overlong) are counted per kind in the
     device's status (``sluice_device_errors_total`` in /metrics), never logged one by one. Bad
-    frames between good ones put the sensor in one state, ``degraded:bad_frames``, logged once
-    with the counts; it counts as clean again only after ``NOISE_SETTLE`` (60 s, at least ten
-    intervals) without a bad frame, and that line carries the counts of the noisy spell.
+    frames between good ones — or, for a polled sensor that has answered, a poll whose replies
+    were all spoilt — put the sensor in one state, ``degraded:bad_frames``, logged once with the
+    counts; it counts as clean again only after ``NOISE_SETTLE`` (60 s, at least ten intervals)
+    without a bad frame, and that line carries the counts of the noisy spell.
 
 A scale's frame is its whole state: the latest frame of an interval replaces the earlier ones
 (an overload line has no weight, and the weight before it is not kept).
@@ -1093,6 +1094,10 @@ class SerialSensorPoller:
         settle = max(NOISE_SETTLE, 10 * self.device.config.interval)
         return self._health.state == f"degraded:{NOISE}" and time.monotonic() - self._noise.last_bad < settle
 
+    def _noisy(self, example: str) -> str:
+        return (f"{self._where}: bad frames between good ones ({self._noise.text()}), e.g. {example} — "
+                f"{self._noise.hint()}; counted in /metrics, logged again when the line is clean")
+
     def _clean(self, time_ns: int | None) -> None:
         """Everything arrived well: ok (with the counts of the noise it leaves, if any)."""
         noise, self._noise = self._noise, _Noise(last_bad=self._noise.last_bad)
@@ -1139,9 +1144,7 @@ class SerialSensorPoller:
             emit(self._reading(w.fields, w.time_ns, w.invalid))
         if w.good:
             if w.error is not None or self._settling():
-                self._health.degraded(NOISE, f"{self._where}: bad frames between good ones ({self._noise.text()}), "
-                                      f"e.g. {self._noise.example(w.error)} — {self._noise.hint()}; counted in "
-                                      "/metrics, logged again when the line is clean", w.time_ns or None)
+                self._health.degraded(NOISE, self._noisy(self._noise.example(w.error)), w.time_ns or None)
             elif w.invalid:
                 self._health.degraded("invalid", f"{self._where}: {', '.join(sorted(w.invalid))} outside the valid "
                                       "range; left out of the reading — check the sensor and the profile's valid:",
@@ -1208,6 +1211,8 @@ class SerialSensorPoller:
                     if w.invalid:
                         self._health.degraded("invalid", f"{self._where}: {', '.join(sorted(w.invalid))} outside "
                                               "the valid range; left out — check the sensor and valid:", w.time_ns)
+                    elif self._settling():
+                        self._health.degraded(NOISE, self._noisy("none in this reply"), w.time_ns)  # not logged again
                     else:
                         self._clean(w.time_ns)
                     return self._reading(w.fields, w.time_ns, w.invalid)
@@ -1221,8 +1226,15 @@ class SerialSensorPoller:
                     f" within {format_duration(cfg.timeout)}"
                 problem = FrameError(kind, what)
                 self._health.count(kind, f"{self._where}: {what}")
+                if partial:
+                    self._noise.bad[kind] += 1
+                    self._noise.last_bad = time.monotonic()
         assert problem is not None
         tries = "" if attempts == 1 else f" ({attempts} attempts)"
+        if problem.kind != "timeout" and self._noise.bad and self._health.state in ("ok", f"degraded:{NOISE}"):
+            # It answers, but the line spoils replies: a noisy line (one state), not a device going up and down.
+            self._health.degraded(NOISE, self._noisy(f"{problem.message}{tries}"), self._health.status.last_success_ns)
+            return None
         self._health.down(problem.kind, f"{self._where}: {problem.message}{tries} — {_HINT.get(problem.kind, '')}")
         return None
 

@@ -125,3 +125,22 @@ async def test_three_noisy_sensors_under_sluice_run_log_a_line_each_and_count_in
     warnings = [line for line in about if "WARNING" in line]
     assert len(warnings) == 3, "\n".join(about)  # one per sensor, however many bad frames
     assert not [line for line in about if "reading every point again" in line], "\n".join(about)
+
+
+async def test_a_polled_sensor_on_a_noisy_line_is_one_state_not_up_and_down(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    dev = device(tmp_path, "serial-co2-request", interval="200ms", timeout="300ms", retries="0")
+    faults = Faults(rates={"truncate": 0.5})
+    async with SerialSensorSim(dev.profile, faults=faults) as sim:
+        plug(tmp_path, sim)
+        poller = SerialSensorPoller(dev)
+        errors = poller.status["dev1"].errors
+        async with running(poller) as readings:
+            await wait_for(lambda: errors.get("truncated", 0) >= 6 and len(readings) >= 6, timeout=60,
+                           what=lambda: (errors, len(readings)))
+    said = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.getMessage().startswith("dev1:")]
+    # The first poll may be spoilt too (then: down, answering again); once it has answered, one line.
+    first = next(i for i, m in enumerate(said) if m.startswith("dev1: answering"))
+    after = said[first + 1:]
+    assert len(after) == 1 and "bad frames between good ones" in after[0] and "truncated" in after[0], said
