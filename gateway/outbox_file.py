@@ -18,11 +18,12 @@ process goes on with its own copy of the database ("How To Corrupt An SQLite Dat
   read-only SQLite connection (``SQLITE_NOTADB`` means "not a database"), never a plain
   descriptor; SQLite keeps the locks of a process's other connections when one of them closes.
 
-Another process may hold the file while the gateway moves it aside at start (a ``sluice lot`` run
-at that moment): renaming never disturbs its connection (its descriptors follow the file to its
-new name), but what it writes then lands in the old file. :func:`identity` lets such a process
-notice: the file at the path before it connected and after its commit must be the same inode
-(a moved-aside file never comes back under the path), otherwise it writes again.
+An unusable file another process has open (its SQLite connection holds a POSIX lock, seen in
+/proc/locks) is not moved aside under it: :func:`vet` waits up to :data:`OTHERS_WAIT` for it to
+let go, then refuses (the gateway exits; systemd starts it again). A process that connects in the
+instant before the rename still writes into the old file: :func:`identity` lets it notice — the
+file at the path before it connected and after its commit must be the same inode (a moved-aside
+file never comes back under the path) — and write again.
 """
 
 from __future__ import annotations
@@ -116,11 +117,54 @@ def vet(path: Path) -> Path | None:
     problem = check_existing(path)
     if problem is None:
         return None
+    _wait_for_others(path, problem)
     aside = move_aside(path)
     log.error("outbox %s is unusable (%s): moved it to %s and started an empty outbox; readings not yet "
               "delivered and the trace journal (events, chain) are in the old file — `sluice outbox salvage %s` "
               "copies what can still be read back into the outbox", path, problem, aside, aside)
     return aside
+
+
+class HeldByOthers(OSError):
+    """The file is unusable, but another process has it open: it is not moved aside under it."""
+
+
+OTHERS_WAIT = 10.0
+"""Seconds :func:`vet` waits for other processes to let go of an unusable file before giving up."""
+
+
+def posix_locks(path: Path) -> list[tuple[int, str]]:
+    """(pid, line of /proc/locks) for every POSIX lock held (not waited for) on the file at ``path``;
+    empty where the kernel does not say. An SQLite connection in WAL mode holds one from its first
+    read to its close."""
+    try:
+        ino = os.stat(path).st_ino
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return []
+    held = []
+    for line in table.splitlines():
+        fields = line.split()  # "1: POSIX  ADVISORY  READ 1234 fe:00:5678 1073741826 1073742335"; waiters have "->"
+        if len(fields) >= 6 and fields[1] == "POSIX" and fields[5].rsplit(":", 1)[-1] == str(ino):
+            held.append((int(fields[4]), line))
+    return held
+
+
+def lock_holders(path: Path) -> set[int]:
+    """Pids of other processes holding a POSIX lock on the file at ``path``."""
+    return {pid for pid, _line in posix_locks(path)} - {os.getpid()}
+
+
+def _wait_for_others(path: Path, problem: str) -> None:
+    """Moving the file aside under another process's connection would leave it writing to the old
+    file (e.g. a `sluice lot` queueing a command): wait for it to finish, or refuse."""
+    deadline = time.monotonic() + OTHERS_WAIT
+    while holders := lock_holders(path):
+        if time.monotonic() >= deadline:
+            raise HeldByOthers(f"{path} is unusable ({problem}) but process(es) {sorted(holders)} have it open — "
+                               "not moving it aside under them; stop them (another gateway on the same "
+                               "buffer.path?) and start again")
+        time.sleep(0.05)
 
 
 def check_existing(path: Path) -> str | None:

@@ -5,19 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from gateway import outbox_file
+
 
 def posix_locks(path: Path, pid: int) -> list[str]:
     """The POSIX record locks ``pid`` holds (not waits for) on the file at ``path`` now."""
-    ino = os.stat(path).st_ino
-    held = []
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if len(fields) < 6 or fields[1] == "->" or fields[1] != "POSIX":  # "->": a waiter, not a holder
-            continue
-        owner, dev_ino = fields[4], fields[5]
-        if owner == str(pid) and int(dev_ino.rsplit(":", 1)[1]) == ino:
-            held.append(line)
-    return held
+    return [line for owner, line in outbox_file.posix_locks(path) if owner == pid]
 
 
 def deleted_files(pid: int, name: str) -> list[str]:

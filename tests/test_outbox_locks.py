@@ -119,3 +119,37 @@ def test_a_cli_notices_when_a_starting_gateway_moved_the_file_under_it(tmp_path:
             pass
         os.replace(tmp_path / "fresh.db", path)
         assert cli.moved()
+
+
+_HOLD = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1])
+conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()  # WAL mode: holds its lock from here on
+print("holding", flush=True)
+sys.stdin.readline()
+conn.close()
+"""
+
+
+def test_an_unusable_file_another_process_has_open_is_not_moved_under_it(tmp_path: Path, monkeypatch) -> None:
+    import gateway.outbox_file as outbox_file
+    from gateway.buffer import OutboxError
+
+    path = tmp_path / "outbox.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE precious (x)")  # an SQLite file of something else: unusable as an outbox
+    conn.close()
+    monkeypatch.setattr(outbox_file, "OTHERS_WAIT", 1.0)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        with pytest.raises(OutboxError, match=r"have it open — not moving it aside"), Outbox(path, ["a"]):
+            pass
+        assert path.exists() and not list(tmp_path.glob("*.corrupt-*"))
+    finally:
+        holder.communicate("\n", timeout=60)
+    with Outbox(path, ["a"]) as ob:  # once it let go, the file goes aside as before
+        assert ob.stats().rows == 0
+    assert len([p for p in tmp_path.glob("outbox.db.corrupt-*") if not p.name.endswith(("-wal", "-shm"))]) == 1
