@@ -221,7 +221,7 @@ def _decode_reading(series: dict[int, tuple[str, str, dict[str, str]]], sid: int
 
 
 def salvage(damaged: Path, live: Path, sinks: Sequence[str], *, letter_budget: int,
-            events_out: Path | None = None, log: Callable[[str], None] = lambda _line: None) -> SalvageReport:
+            events_out: Path | None = None) -> SalvageReport:
     """Copy what ``damaged`` still holds into the live outbox ``live`` (see the module docstring).
     Raises :class:`OutboxError` when either file cannot be used at all."""
     damaged, live = Path(damaged), Path(live)
@@ -245,7 +245,7 @@ def salvage(damaged: Path, live: Path, sinks: Sequence[str], *, letter_budget: i
                 side.unlink(missing_ok=True)
     dst = open_for_dead_letters(live)
     try:
-        _write(dst, report, sinks, found, letter_budget, log)
+        _write(dst, report, sinks, found, letter_budget)
     except sqlite3.Error as exc:
         raise OutboxError(f"outbox {live}: writing what was salvaged failed: {exc} — run it again: "
                           "what was written is not written twice") from exc
@@ -369,8 +369,7 @@ def _safe_rows(conn: sqlite3.Connection, sql: str) -> list[Any]:
         return []
 
 
-def _write(dst: sqlite3.Connection, report: SalvageReport, sinks: Sequence[str], found: _Found, budget: int,
-           log: Callable[[str], None]) -> None:
+def _write(dst: sqlite3.Connection, report: SalvageReport, sinks: Sequence[str], found: _Found, budget: int) -> None:
     readings, positions, events = found.readings, found.positions, found.events
     source = report.source
     _transaction(dst, lambda: [dst.execute(s) for s in _SCHEMA.split(";") if s.strip()])
@@ -400,7 +399,6 @@ def _write(dst: sqlite3.Connection, report: SalvageReport, sinks: Sequence[str],
             room -= len(blob)
             copied += len(part)
             report.letters += 1
-            log(f"sink {sink}: readings seq {first}–{last} → dead letter (marked for re-sending)")
         report.readings_copied[sink] = copied
         report.readings_left[sink] = len(todo) - copied
     # the damaged file's own dead letters: as they were, once
