@@ -1,4 +1,4 @@
-"""The `sluice` command: run, check, once, status, sim, demo."""
+"""The `sluice` command: run, check, once, status, deadletter, outbox, sim, demo."""
 
 from __future__ import annotations
 
@@ -214,11 +214,13 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     import time as _time
 
     from gateway.buffer import OutboxError, list_dead_letters, mark_resend, open_for_dead_letters
+    from gateway.outbox_file import identity
 
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
     path = config.gateway.buffer.resolved_path()
+    ident = identity(path)
     try:
         conn = open_for_dead_letters(path)
     except OutboxError as exc:
@@ -252,6 +254,10 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_CONFIG
         marked = mark_resend(conn, args.ids or None, args.sink if args.all else None)
+        if identity(path) != ident:  # a starting gateway moved the file aside as unusable while we marked
+            print(f"outbox {path} was replaced while marking (the gateway moved it aside at its start: see its "
+                  "log) — run this again", file=sys.stderr)
+            return 1
         missing = len(args.ids) - marked if args.ids else 0
         print(f"{marked} dead letter{'s' if marked != 1 else ''} marked for re-sending: the running gateway sends "
               "them within seconds (or at its next start); `sluice deadletter list` shows what is left")
@@ -266,13 +272,29 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
         conn.close()
 
 
+def cmd_salvage(args: argparse.Namespace) -> int:
+    """Copy what a damaged outbox still holds into the live one (gateway/salvage.py); 0 when all of it was."""
+    from gateway.salvage import salvage
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    buf = config.gateway.buffer
+    report = salvage(args.file, buf.resolved_path(), list(config.gateway.sinks), letter_budget=buf.max_bytes // 4,
+                     events_out=args.events)
+    print("\n".join(report.lines()))
+    if args.events is not None:
+        print(f"the old chain's events that could be read are in {args.events} (JSON Lines, seq order)")
+    return 0 if report.complete else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     return run_demo(args)
 
 
-CORE_COMMANDS = frozenset({"run", "check", "once", "status", "deadletter", "demo"})
+CORE_COMMANDS = frozenset({"run", "check", "once", "status", "deadletter", "outbox", "demo"})
 """Commands whose parser is built without importing the others' modules (trace: cryptography;
 ingest: paho, aiohttp, influxdb-client): `sluice run` should not carry them in memory."""
 
@@ -315,6 +337,15 @@ def build_parser(extensions: bool = True) -> argparse.ArgumentParser:
     q.add_argument("--all", action="store_true", help="every letter (of --sink, if given)")
     q.add_argument("--sink", default=None, help="with --all: only this sink's letters")
     q.set_defaults(func=cmd_deadletter)
+    p = sub.add_parser("outbox", help="the outbox file: salvage what a damaged one still holds")
+    ob = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = ob.add_parser("salvage", help="copy the readings and trace events a damaged outbox (one moved aside as "
+                      "<name>.corrupt-<time>) still holds into the live outbox; safe while the gateway runs, and twice")
+    with_config(q)
+    q.add_argument("file", type=Path, metavar="FILE", help="the damaged outbox file")
+    q.add_argument("--events", type=Path, default=None, metavar="JSONL",
+                   help="also write the old chain's readable trace events here (JSON Lines, in seq order)")
+    q.set_defaults(func=cmd_salvage)
     sub.add_parser("sim", help="simulate Modbus devices from their profiles (see `sluice sim --help`; "
                    "an RTU bus on a pty: `sluice sim rtu --help`; a DTU dialling in: `sluice sim dtu --help`)")
     p = sub.add_parser("demo", help="simulated devices -> gateway -> outbox -> MQTT, live in the terminal")
