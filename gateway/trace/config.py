@@ -190,6 +190,9 @@ class TraceFile(StrictModel):
                                           description="a gap longer than this is a device outage; default 3 × the device's interval")
     grace: Duration = Field(default=5.0, le=600, description="wait this long after a window for late readings")
     key_file: Path = Field(default=Path("trace-ed25519.key"), description="the gateway's signing key, created on first start")
+    head_interval: Duration = Field(default=300.0, ge=1, le=86400,
+                                    description="a signed chain head is published to every sink that takes one when "
+                                                "its position moves, and at least this often")
     lot_uri: str = Field(default="urn:sluice:lot:{producer}:{lot}",
                          description="identifier of a lot without GTIN; placeholders {producer} {lot}")
     device_uri: str = Field(default="urn:sluice:device:{gateway}:{device}",
@@ -224,9 +227,11 @@ class TraceMqttSinkConfig(MqttSinkConfig):
     command_topic: str | None = Field(default="sluice/{site}/{gateway}/trace/cmd",
                                       description="lot bindings as JSON {op, lot, location}; null: no commands")
     reply_topic: str = Field(default="sluice/{site}/{gateway}/trace/cmd/reply", description="answers to commands")
+    head_topic: str | None = Field(default="sluice/{site}/{gateway}/trace/head",
+                                   description="signed chain heads (QoS 1); null: none published")
     qos: Literal[1] = 1
 
-    _topics = field_validator("topic", "command_topic", "reply_topic")(
+    _topics = field_validator("topic", "command_topic", "reply_topic", "head_topic")(
         lambda v: v if v is None else _check_template(v, _TRACE_TOPIC_FIELDS))
 
 
