@@ -5,6 +5,7 @@ verifier without one cannot see is said, not hidden. Also: `--schema` without js
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,35 @@ async def test_the_jsonl_sink_writes_the_head_with_each_delivery(trace_cfg, tmp_
         second = read_head(head_file.read_text(), public)
     assert (first.seq, second.seq) == (1, 2)
     assert verify_lines((state / "out" / "feed.jsonl").read_text().splitlines(), public, heads=[second]) == (2, None)
+
+
+# --------------------------------------------------------------------------- the documented procedure
+def _documented_verifier() -> dict:
+    """The reference code of docs/trace-verification.md, run as written: the page is the contract."""
+    page = (REPO / "docs" / "trace-verification.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert "gateway" not in code  # independent of Sluice: cryptography, rfc8785, GS1's hash generator only
+    namespace: dict = {}
+    exec(compile(code, "docs/trace-verification.md", "exec"), namespace)
+    return namespace
+
+
+async def test_a_feed_verifies_with_only_what_the_documentation_says(trace_cfg, tmp_path):
+    from cryptography.exceptions import InvalidSignature
+
+    (tmp_path / "state" / "out").mkdir(parents=True)
+    _docs, feed = await _scenario(trace_cfg, tmp_path)
+    lines = feed.read_text().splitlines()
+    pem = _cli("trace", "pubkey", "-c", str(trace_cfg.gateway_file.parent), cwd=tmp_path).stdout.encode()
+    head = feed.with_name(feed.name + ".head").read_text()
+    verify_feed = _documented_verifier()["verify_feed"]
+    assert verify_feed(lines, pem, [head]) == 5
+    # ... and it finds what the feed's own verifier finds
+    with pytest.raises(ValueError, match="cut off the end"):
+        verify_feed(lines[:-3], pem, [head])
+    with pytest.raises(ValueError, match="chain is broken"):
+        verify_feed([lines[0], *lines[2:]], pem)
+    edited = lines[1].replace('"sellable_not_accessible"', '"sellable_accessible"')
+    assert edited != lines[1]
+    with pytest.raises((ValueError, InvalidSignature)):
+        verify_feed([lines[0], edited, *lines[2:]], pem)

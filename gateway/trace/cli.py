@@ -256,6 +256,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                                  f"mean {r.get('meanValue')} last {r.get('value')} {r.get('uom', '')}")
         if event.get("sluice:reason") == "code":
             notes.append(f"code {event.get('sluice:code')}")
+        if "sluice:quality" in event:  # e.g. read while the clock was not synchronised: its times may be wrong
+            notes.append(f"readings {event['sluice:quality']}")
         rows.append([event["sluice:seq"], event["eventTime"], event["sluice:reason"], event["bizStep"],
                      event.get("sluice:location", ""), "; ".join(notes)])
     if args.csv:
