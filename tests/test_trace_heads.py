@@ -167,3 +167,16 @@ async def test_a_feed_verifies_with_only_what_the_documentation_says(trace_cfg, 
     assert edited != lines[1]
     with pytest.raises((ValueError, InvalidSignature)):
         verify_feed([lines[0], edited, *lines[2:]], pem)
+
+
+async def test_a_query_answer_cut_short_is_found_with_a_head(trace_cfg, tmp_path):
+    from gateway.trace.seal import verify_events
+
+    (tmp_path / "state" / "out").mkdir(parents=True)
+    docs, feed = await _scenario(trace_cfg, tmp_path)
+    public = load_public_key(tmp_path / "state" / "trace-ed25519.key")
+    head = read_head(feed.with_name(feed.name + ".head").read_text(), public)
+    events = [{**d["epcisBody"]["eventList"][0], "recordTime": "2026-01-01T00:00:00.000Z"} for d in docs]
+    assert verify_events(list(reversed(events)), public, heads=[head]) == (5, None)
+    count, problem = verify_events(events[:4], public, heads=[head])
+    assert count == 4 and problem is not None and "1 event(s) were cut off the end" in problem.message
