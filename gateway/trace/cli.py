@@ -101,7 +101,11 @@ def cmd_head(args: argparse.Namespace) -> int:
         return 2
     import time
 
-    key = load_or_create_key(resolve(cfg.file.key_file, state_dir()))
+    key_file = resolve(cfg.file.key_file, state_dir())
+    if not key_file.exists():  # a new key would sign heads of a chain it never signed
+        print(f"no signing key at {key_file}: the feed has not started here yet — nothing to sign", file=sys.stderr)
+        return 2
+    key = load_or_create_key(key_file)
     with Journal(resolve(cfg.database, state_dir())) as journal:
         seq, head = journal.chain()
     print(Sealer(key, cfg.gateway_id).signed_head(seq, head, time.time_ns()))

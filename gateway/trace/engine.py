@@ -1,6 +1,7 @@
 """The trace engine's core: readings and binding commands in, unsealed EPCIS 2.0 events out.
 
-Pure and synchronous (no I/O, no clock): :class:`TraceCore` is fed readings (:meth:`feed`),
+Pure and synchronous (no I/O, no clock; only the system's time-zone rules are read, for
+``eventTimeZoneOffset``): :class:`TraceCore` is fed readings (:meth:`feed`),
 binding commands (:meth:`command`) and the time (:meth:`tick`), and returns the events those
 produce, in order. The service (``gateway/trace/service.py``) seals, stores and delivers them.
 

@@ -387,11 +387,16 @@ class TraceService:
                     self._failing.discard(name)
             head = self._head_due(name) if hasattr(sink, "send_head") else None
             if head is not None:
+                state = f"{name}:head"
                 try:
                     sink.send_head(head[1])
                 except OSError as exc:
-                    log.warning("trace sink %s: the signed head could not be written (%s); trying again in %.0f s",
-                                name, exc, self.cfg.file.head_interval)
+                    if state not in self._failing:
+                        log.warning("trace sink %s: the signed head could not be written (%s); trying again every "
+                                    "%.0f s", name, exc, self.cfg.file.head_interval)
+                        self._failing.add(state)
+                else:
+                    self._failing.discard(state)
                 self._heads[name] = (head[0], time.monotonic())
 
     async def _deliver_net(self, name: str, sink: Any) -> None:
