@@ -4,13 +4,15 @@ event time zone. Checked on the pure engine; GS1's schema and hash are checked b
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
-from test_trace import T0, TRACE_YAML, M, S, _iso, trace_config
+from test_trace import T0, TRACE_YAML, M, S, _iso, _schema, trace_config
 
 from gateway.reading import CLOCK_UNSYNCED, UNCERTAIN, Reading, quality
-from gateway.trace.engine import Command, TraceCore
+from gateway.trace.engine import CONTEXT, Command, TraceCore
+from gateway.trace.hashing import event_hash
 
 DEV = "urn:sluice:device:gw-1:coldroom-1"
 
@@ -26,6 +28,21 @@ def _errors(events: list[dict]) -> list[tuple[str, str]]:
     return [(el["sensorMetadata"]["startTime"], el["sensorMetadata"]["endTime"])
             for e in events for el in e.get("sensorElementList", ())
             if el["sensorReport"][0].get("exception") == "ERROR_CONDITION"]
+
+
+def _valid_and_hashed_as_gs1_does(events: list[dict]) -> None:
+    """GS1's schema accepts the events and GS1's reference generator hashes them as Sluice does."""
+    import jsonschema  # test dependencies: missing is a failure, never a skip
+    from epcis_event_hash_generator import hash_generator, json_to_py
+
+    validator = jsonschema.Draft7Validator(_schema(), format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)
+    for event in events:
+        doc = {"@context": CONTEXT, "type": "EPCISDocument", "schemaVersion": "2.0", "creationDate": event["eventTime"],
+               "epcisBody": {"eventList": [event]}}
+        assert not [e.message for e in validator.iter_errors(doc)]
+        reference = hash_generator.epcis_hashes_from_events(json_to_py.event_list_from_epcis_document_json(
+            json.loads(json.dumps(doc))))
+        assert reference == [event_hash(event, CONTEXT)]
 
 
 def _cold(t: int, q: str = "good") -> Reading:
@@ -62,6 +79,7 @@ def test_events_say_when_their_readings_were_taken_on_an_unsynchronised_clock(tm
         ("window", _iso(T0 + 15 * M), None),  # synchronised clock: no flag
         ("window", _iso(T0 + 30 * M), "clock_unsynced,uncertain"),  # the union of the readings' flags
     ]
+    _valid_and_hashed_as_gs1_does(events)
     # a scan (a reading taken on an unsynchronised clock) moves a lot: its enter event says so
     scanned = TraceCore(trace_config(tmp_path / "scan")).feed(
         Reading("door-scanner", T0 + M, {"code": "(01)04012345123456(10)A1"}, quality=CLOCK_UNSYNCED))
@@ -85,6 +103,7 @@ def test_co2_in_ppm_is_a_volume_fraction(tmp_path):
                 if el["sensorReport"][0].get("exception") == "ALARM_CONDITION"]
     assert alarm["sensorMetadata"]["bizRules"] == "urn:sluice:threshold:product:strawberries:co2"
     assert alarm["sensorReport"][0]["sluice:limitMax"] == 5000 and "sluice:limitMin" not in alarm["sensorReport"][0]
+    _valid_and_hashed_as_gs1_does(events)
 
 
 def test_an_alarm_names_a_configured_rule_and_a_location_its_disposition(tmp_path):
@@ -98,6 +117,7 @@ def test_an_alarm_names_a_configured_rule_and_a_location_its_disposition(tmp_pat
     (alarm,) = [el for el in window["sensorElementList"] if el["sensorReport"][0].get("exception") == "ALARM_CONDITION"]
     assert alarm["sensorMetadata"]["bizRules"] == "https://spec.example/strawberry#cold"
     assert (alarm["sensorReport"][0]["sluice:limitMin"], alarm["sensorReport"][0]["sluice:limitMax"]) == (0, 4)
+    _valid_and_hashed_as_gs1_does(events)
 
 
 @pytest.fixture
@@ -116,5 +136,6 @@ def test_the_event_time_zone_is_the_systems_at_the_events_time(tmp_path, berlin)
     winter = core.command(Command("move", "LOT-A", "truck-7", T0 - 120 * 86400 * S))  # early January: CET
     assert summer[0]["eventTimeZoneOffset"] == "+02:00"
     assert {e["eventTimeZoneOffset"] for e in winter} == {"+01:00"}
+    _valid_and_hashed_as_gs1_does(summer + winter)
     fixed = TraceCore(trace_config(tmp_path / "fixed", "timezone_offset: '-05:00'\n" + TRACE_YAML))
     assert fixed.command(Command("start", "LOT-A", "cold-room-1", T0))[0]["eventTimeZoneOffset"] == "-05:00"
