@@ -65,6 +65,11 @@ async def test_events_cut_off_the_end_are_found_with_a_signed_head_and_not_witho
     whole = _cli("trace", "verify", str(feed), "--pubkey", str(pem), "--head", str(sink_head), cwd=tmp_path)
     assert whole.returncode == 0 and "reaches the signed head seq 5" in whole.stdout, whole.stderr
     assert _cli("trace", "verify", str(cut), "--pubkey", str(pem), "--head", str(sink_head), cwd=tmp_path).returncode == 1
+    beside = _cli("trace", "verify", str(feed), "--pubkey", str(pem), cwd=tmp_path)  # <feed>.head is found by itself
+    assert beside.returncode == 0 and "reaches the signed head seq 5" in beside.stdout, beside.stderr
+    (tmp_path / "cut.jsonl.head").write_text(sink_head.read_text())  # a feed cut short, its head left beside it
+    assert "3 event(s) were cut off the end" in _cli("trace", "verify", str(cut), "--pubkey", str(pem), cwd=tmp_path).stderr
+    (tmp_path / "cut.jsonl.head").unlink()
 
     # A head is checked like everything else: altered, or without the key, it is refused in one line.
     altered = json.loads(head.stdout)

