@@ -16,7 +16,7 @@ from gateway.config import Config
 from gateway.driver import Device, Poller
 from gateway.health import HealthServer, Progress, status_line, track_gateway
 from gateway.clock import ClockWatch
-from gateway.reading import CLOCK_UNSYNCED, Reading
+from gateway.reading import CLOCK_UNSYNCED, Reading, quality
 from gateway.sdnotify import Notifier, watchdog_interval
 from gateway.security import startup_warnings
 
@@ -219,7 +219,8 @@ class Gateway:
 
             def emit(reading: Reading) -> None:
                 if clock.synced is False:
-                    reading.quality = CLOCK_UNSYNCED  # its timestamp cannot be trusted
+                    # its timestamp cannot be trusted; the driver's own flags (uncertain) stay
+                    reading.quality = quality(reading.quality, CLOCK_UNSYNCED)
                 if observe is not None:
                     observe(reading)
                 store(reading)

@@ -8,8 +8,11 @@ On-disk invariants (one SQLite file in WAL mode, ``application_id`` 0x536C7563, 
   was deleted and the process restarted. (A plain ``INTEGER PRIMARY KEY`` would restart at
   ``max(seq)+1`` and could hand out a seq a sink has already acknowledged; ``AUTOINCREMENT``
   would give the same guarantee as our counter at the cost of a second table write per row.)
-* ``data`` is ``marshal`` format version 4 of ``[time_ns, quality, fields]``: ints stay ints
-  (any size), floats floats (8-byte binary, exact), bools bools, strings strings (UTF-8).
+* ``data`` is ``marshal`` format version 4 of ``[time_ns, quality, fields]``; ``quality`` is the
+  reading's set of flags as its canonical string (``good``, ``uncertain``, ``clock_unsynced``,
+  ``clock_unsynced,uncertain``: :func:`gateway.reading.quality`), so rows written before quality
+  became a set (one flag) read as the same set. Ints stay ints (any size), floats floats
+  (8-byte binary, exact), bools bools, strings strings (UTF-8).
   Version 4 is pinned when writing and every Python since 3.4 reads it. (Compact JSON was
   measured 8x slower to encode and 5x slower to decode here — float formatting dominates — and
   50 % larger; pickle could run code from a tampered file.) A row that cannot be decoded is
