@@ -117,7 +117,8 @@ def cmd_head(args: argparse.Namespace) -> int:
     key = load_or_create_key(key_file)
     with Journal(resolve(cfg.database, state_dir())) as journal:
         seq, head = journal.chain()
-    print(Sealer(key, cfg.gateway_id).signed_head(seq, head, time.time_ns()))
+        chain = journal.chain_id()
+    print(Sealer(key, cfg.gateway_id, chain=chain).signed_head(seq, head, time.time_ns()))
     return 0
 
 
