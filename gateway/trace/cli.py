@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gateway.trace.config import TraceConfig
 from gateway.trace.journal import Journal
-from gateway.trace.seal import Head, Sealer, load_or_create_key, load_public_key, public_pem, read_head, verify_events, \
+from gateway.trace.seal import CHAIN, Head, Sealer, load_or_create_key, load_public_key, public_pem, read_head, verify_events, \
     verify_lines
 from gateway.trace.service import resolve, state_dir
 
@@ -144,6 +144,21 @@ def _heads(values: list[str], public: object) -> list[Head] | str:
     return heads
 
 
+def _line_chain(line: str) -> str | None:
+    try:
+        return json.loads(line)["epcisBody"]["eventList"][0].get(CHAIN)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def _chains(chains: set[str | None]) -> str:
+    """How the verify report names the chain(s) it checked."""
+    if len(chains) > 1:
+        return f"{len(chains)} chains ({', '.join(sorted(c or 'without an id' for c in chains))}), each checked on its own:"
+    chain = next(iter(chains), None)
+    return f"chain {chain}:" if chain is not None else "chain (without an id):"
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     source = args.file
     validate = None
@@ -197,7 +212,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 2
     if query is not None:
         count, problem = verify_events(_events(query), public, validate, partial=args.partial, heads=heads)
-        what = ("chain intact, every eventID matches, every event's signature valid" if public is not None else
+        what = _chains({e.get(CHAIN) if isinstance(e, dict) else None for e in _events(query)}) + " "
+        what += ("chain intact, every eventID matches, every event's signature valid" if public is not None else
                 "chain intact, every eventID matches; signatures NOT checked (give --pubkey: without the key "
                 "anyone can recompute ids and links)")
         if args.partial:
@@ -209,8 +225,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print("a JSON Lines feed is verified against the gateway's key: give --pubkey (`sluice trace pubkey`)",
                   file=sys.stderr)
             return 2
-        count, problem = verify_lines(text.splitlines(), load_public_key(args.pubkey), validate, heads=heads)
-        what = "chain intact, every signature valid"
+        lines = text.splitlines()
+        count, problem = verify_lines(lines, load_public_key(args.pubkey), validate, heads=heads)
+        what = _chains({_line_chain(lines[0])} if lines else set()) + " chain intact, every signature valid"
     newest = max(heads, key=lambda h: h.seq, default=None)
     what += (f"; reaches the signed head {newest} (events after it cannot be checked)" if newest is not None else
              "; the end of the feed is NOT checked: events cut off after its last one cannot be seen without a "
