@@ -77,6 +77,19 @@ def test_the_sink_moves_the_old_chains_file_aside_and_writes_every_event_of_the_
     assert verify_lines(aside.read_text().splitlines(), public) == (7, None)
 
 
+def test_a_move_cut_short_by_a_crash_is_finished_under_the_same_name(tmp_path) -> None:
+    key, feed = tmp_path / "key", tmp_path / "feed.jsonl"
+    old_sealer, old = _chain(key, "20261202T090000Z-aaaaaaaa", 3)
+    JsonlSink("feed", feed).send(old)
+    head = tmp_path / "feed.jsonl.chain-20261202T090000Z-aaaaaaaa.head"
+    head.write_text(old_sealer.signed_head(3, old_sealer.head, T0) + "\n")  # the head went aside, then the crash
+    _s, new = _chain(key, "20261202T101500Z-bbbbbbbb", 2)
+    JsonlSink("feed", feed).send(new)
+    assert sorted(p.name for p in tmp_path.glob("feed.jsonl*")) == [
+        "feed.jsonl", "feed.jsonl.chain-20261202T090000Z-aaaaaaaa", head.name]
+    assert feed.read_text().splitlines() == [line for _s, line in new]
+
+
 def test_a_feed_of_a_chain_without_an_id_is_moved_aside_too(tmp_path) -> None:
     key, feed = tmp_path / "key", tmp_path / "feed.jsonl"
     _s, legacy = _chain(key, None, 3)  # written by a Sluice before chain ids
@@ -118,6 +131,29 @@ def test_verifiers_tell_a_new_chain_from_tampering(tmp_path) -> None:
     assert verify_events(events, public, heads=[old_head, new_head]) == (8, None)
     count, problem = verify_events(events[1:], public, heads=[old_head, new_head])  # new chain's seq 3 cut off
     assert problem is not None and "chain 20261202T101500Z-bbbbbbbb" in problem.message and "cut off" in problem.message
+
+
+def test_trace_verify_checks_a_repositorys_answer_chain_by_chain(tmp_path, capsys) -> None:
+    from test_trace import _query_answer
+
+    from gateway.cli import main
+
+    key = tmp_path / "key"
+    _o, old = _chain(key, "20261202T090000Z-aaaaaaaa", 4)
+    _n, new = _chain(key, "20261202T101500Z-bbbbbbbb", 3)
+    events = [json.loads(line)["epcisBody"]["eventList"][0] for _s, line in old + new]
+    answer = tmp_path / "answer.json"
+    answer.write_text(json.dumps(_query_answer(events[::-1])))
+    assert main(["trace", "verify", str(answer), "--pubkey", str(key)]) == 0
+    out = capsys.readouterr().out
+    assert "OK — 7 events, 2 chains (20261202T090000Z-aaaaaaaa, 20261202T101500Z-bbbbbbbb)" in out, out
+    answer.write_text(json.dumps(_query_answer([events[0], events[2], events[4], events[6]])))  # one lot's events
+    assert main(["trace", "verify", str(answer), "--pubkey", str(key), "--partial"]) == 0
+    assert "2 gap(s)" in capsys.readouterr().out  # seq 2 of the old chain, seq 2 of the new one
+    answer.write_text(json.dumps(_query_answer([events[0], events[2], events[3], events[4], events[6]])))
+    assert main(["trace", "verify", str(answer), "--pubkey", str(key)]) == 1
+    err = capsys.readouterr().err
+    assert "chain 20261202T090000Z-aaaaaaaa: expected seq 2" in err, err
 
 
 def test_the_documented_verifier_tells_a_new_chain_from_tampering(tmp_path) -> None:
@@ -263,6 +299,7 @@ def test_a_new_chain_after_a_damaged_outbox_reaches_the_feed_and_the_old_one_is_
         done = _sluice("trace", "verify", str(path), "--pubkey", str(pubkey), env=env)
         assert done.returncode == 0 and "reaches the signed head" in done.stdout and chain in done.stdout, done
     assert read_head(Path(f"{feed}.head").read_text(), load_public_key(pubkey)).chain == new_chain
+    assert read_head(_sluice("trace", "head", *cfg, env=env).stdout, load_public_key(pubkey)).chain == new_chain
     # the two files together are two chains, said as such
     both = tmp_path / "both.jsonl"
     both.write_text("".join(line + "\n" for line in [*delivered, *new_lines]))

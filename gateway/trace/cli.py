@@ -217,8 +217,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 "chain intact, every eventID matches; signatures NOT checked (give --pubkey: without the key "
                 "anyone can recompute ids and links)")
         if args.partial:
-            seqs = sorted(e.get("sluice:seq", 0) for e in _events(query))
-            gaps = sum(1 for a, b in zip([0, *seqs], seqs, strict=False) if b != a + 1)
+            per_chain: dict[object, list[int]] = {}
+            for e in _events(query):
+                per_chain.setdefault(e.get(CHAIN), []).append(e.get("sluice:seq", 0))
+            gaps = sum(1 for seqs in map(sorted, per_chain.values()) for a, b in zip([0, *seqs], seqs, strict=False)
+                       if b != a + 1)
             what += f"; --partial: {gaps} gap(s) in the sequence not checked (events of the chain not in this answer)"
     else:
         if args.pubkey is None:

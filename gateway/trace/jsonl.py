@@ -15,9 +15,9 @@ in seq order, the same events again after any failure, and acknowledges a batch 
   files and the salvage command for the old chain's events the feed never received, and the new
   chain starts a new file at ``path``. Nothing is deleted or rewritten: each file verifies on its own
   (``sluice trace verify <path>.chain-<id>`` uses its ``.head`` by itself).
-* Only ``os.replace`` renames: a crash between the two renames leaves the old head at
-  ``<path>.head`` until the new chain's first head replaces it; a verifier then says the head is of
-  another chain, never that the feed was cut.
+* Only ``os.replace`` renames, the head first: a crash between the two renames leaves the old
+  chain's file at ``path`` with no ``.head`` and its head already aside; the next start finds the
+  old chain there again and finishes the move under the same name.
 """
 
 from __future__ import annotations
@@ -110,20 +110,20 @@ class JsonlSink:
     def _switch(self, old: _Tail, chain: str | None, seq: int) -> None:
         """Move the old chain's file and head aside (see the module docstring)."""
         label = old.chain if old.chain is not None else "unnamed-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = self.path.with_name(f"{self.path.name}.chain-{label}")
-        n = 1
-        while aside.exists() or aside.with_name(aside.name + ".head").exists():
-            aside = self.path.with_name(f"{self.path.name}.chain-{label}.{n}")
+        n = 0
+        while True:  # a free name, or the one a move cut short by a crash left its head under
+            aside = self.path.with_name(f"{self.path.name}.chain-{label}" + (f".{n}" if n else ""))
+            head = aside.with_name(aside.name + ".head")
+            if not aside.exists() and not (head.exists() and self.head_path.exists()):
+                break
             n += 1
-        os.replace(self.path, aside)
-        head = aside.with_name(aside.name + ".head")
         try:
             os.replace(self.head_path, head)
         except FileNotFoundError:
-            head_note = "it had no signed head"
-        else:
-            head_note = f"its signed head is {head}"
+            pass
+        os.replace(self.path, aside)
         fsync_dir(self.path.parent)
+        head_note = f"its signed head is {head}" if head.exists() else "it had no signed head"
         outbox = _newest_aside(self.outbox)
         where = (f"the moved-aside outbox {outbox}" if outbox is not None else
                  "the outbox file moved aside as unusable (<outbox>.corrupt-<time>)")
