@@ -811,6 +811,8 @@ async def _watchdog(ingest: Ingest, notifier: Notifier) -> None:
 
 def add_parsers(sub: Any) -> None:
     """``sluice ingest check|run -c ingest.yaml`` on the ``sluice`` command's subparsers."""
+    from gateway.logs import add_log_level
+
     p = sub.add_parser("ingest", help="MQTT → InfluxDB ingest service (the cloud side): check or run")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, func, text in (("check", cmd_check, "validate ingest.yaml; non-zero exit on errors"),
@@ -820,7 +822,7 @@ def add_parsers(sub: Any) -> None:
                        help="the ingest configuration file (default: /etc/sluice/ingest.yaml)")
         q.add_argument("--client-id", default=None,
                        help="override mqtt.client_id (each worker of a group needs its own, stable id)")
-        q.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+        add_log_level(q)
         q.set_defaults(func=func)
 
 
