@@ -34,3 +34,5 @@ python3 -m venv "$stage/venv"
     2>"$stage/pip.log" || { cat "$stage/pip.log" >&2; exit 1; }
 "$stage/venv/bin/python" -m pip check >/dev/null || { "$stage/venv/bin/python" -m pip check; exit 1; }
 bash scripts/smoke.sh "$stage/venv"
+# The offline bundle: built for x86_64, installed and smoke-tested with no network (unshare -n).
+bash scripts/offline-test.sh
