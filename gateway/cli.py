@@ -95,7 +95,7 @@ def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config, secrets=True, given=args.config_given)
+    config = _load(args.config, secrets=True, given=getattr(args, "config_given", True))
     if config is None:
         return EXIT_CONFIG
     setup_logging(args.log_level or config.gateway.logging.level, config.gateway.logging.format)
@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args.config, secrets=args.secrets, given=args.config_given)
+    config = _load(args.config, secrets=getattr(args, "secrets", False), given=getattr(args, "config_given", True))
     if config is None:
         return EXIT_CONFIG
     ok, trace = load_trace(config)
@@ -164,7 +164,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_once(args: argparse.Namespace) -> int:
-    config = _load(args.config, given=args.config_given)
+    config = _load(args.config, given=getattr(args, "config_given", True))
     if config is None:
         return EXIT_CONFIG
     setup_logging(args.log_level or "warning", "text")
@@ -202,7 +202,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         host, _sep, port = args.url.removeprefix("http://").rstrip("/").rpartition(":")
         host = host.strip("[]")
     else:
-        config = _load(args.config, given=args.config_given)
+        config = _load(args.config, given=getattr(args, "config_given", True))
         if config is None:
             return EXIT_CONFIG
         health = config.gateway.health
@@ -229,7 +229,7 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
 
     from gateway.buffer import OutboxError, list_dead_letters, mark_resend, open_for_dead_letters
 
-    config = _load(args.config, given=args.config_given)
+    config = _load(args.config, given=getattr(args, "config_given", True))
     if config is None:
         return EXIT_CONFIG
     path = config.gateway.buffer.resolved_path()

@@ -163,15 +163,16 @@ class IngestConfig(StrictModel):
         return self
 
 
-def load_ingest_config(path: Path | str) -> IngestConfig:
-    """Load and validate ``ingest.yaml``; raise :class:`ConfigErrors` with every problem."""
+def load_ingest_config(path: Path | str, *, secrets: bool = True) -> IngestConfig:
+    """Load and validate ``ingest.yaml``; raise :class:`ConfigErrors` with every problem.
+    ``secrets=False``: files and credentials are not read (gateway/secretref.py)."""
     path = Path(path)
     errors: list[ConfigError] = []
     doc, errs = load_yaml(path, _display(path))
     errors += errs
     if doc is None:
         raise ConfigErrors(errors)
-    config = validate_doc(doc, IngestConfig, errors, expand_secrets(doc, errors))
+    config = validate_doc(doc, IngestConfig, errors, expand_secrets(doc, errors, None if secrets else []))
     if errors or config is None:
         raise ConfigErrors(errors or [ConfigError(_display(path), 1, 1, "invalid configuration")])
     return config  # type: ignore[no-any-return]

@@ -199,3 +199,14 @@ def test_default_config_dir_is_unchanged_for_the_service(monkeypatch, no_service
     monkeypatch.setenv("CONFIGURATION_DIRECTORY", "/etc/sluice")
     assert cli.default_config_dir() == Path("/etc/sluice")
     assert os.environ["CONFIGURATION_DIRECTORY"] == "/etc/sluice"
+
+
+def test_ingest_check_reads_no_secret_unless_asked(tmp_path: Path, capsys, no_service_env) -> None:
+    ingest = tmp_path / "ingest.yaml"
+    ingest.write_text("mqtt:\n  host: 127.0.0.1\n  username: ingest\n  password: ${cred:mqtt_password}\n"
+                      "  topics: ['sluice/#']\ninfluxdb:\n  url: http://127.0.0.1:8086\n  bucket: b\n"
+                      f"  token: ${{file:{tmp_path / 'token-only-the-service-reads'}}}\n")
+    assert main(["ingest", "check", "-c", str(ingest)]) == 0, capsys.readouterr().err
+    assert main(["ingest", "check", "-c", str(ingest), "--secrets"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resolve ${cred:mqtt_password}" in err and "token-only-the-service-reads}: No such file" in err
