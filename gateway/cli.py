@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 from gateway.buffer import OutboxError
 from gateway.config import Config, ConfigErrors, load_config
+from gateway.driver import FieldInfo
 from gateway.logs import add_log_level, setup_logging
+from gateway.reading import float32_text
 from gateway.units import duration_arg
 
 if TYPE_CHECKING:
@@ -56,7 +58,7 @@ def report_config_errors(exc: ConfigErrors, where: str) -> None:
     """Every located error on stderr, then one line counting them (``where``: "in <path>; ...")."""
     for err in exc.errors:
         print(err, file=sys.stderr)
-    n = len(exc.errors)
+    n = sum(not err.warning for err in exc.errors)
     print(f"{n} error{'s' if n != 1 else ''} {where}", file=sys.stderr)
 
 
@@ -99,6 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     setup_logging(args.log_level or config.gateway.logging.level, config.gateway.logging.format)
+    for warning in config.warnings:
+        log.warning("%s", warning)
     from gateway.app import serve
 
     ok, trace = load_trace(config)
@@ -143,6 +147,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     ok, trace = load_trace(config)
     if not ok:
         return EXIT_CONFIG
+    for warning in config.warnings:
+        print(warning, file=sys.stderr)
     from gateway.security import startup_warnings
 
     for warning in startup_warnings(config):  # what `run` warns about at every start
@@ -184,14 +190,28 @@ def cmd_once(args: argparse.Namespace) -> int:
             print(json.dumps({"device": r.device, "time_ns": r.time_ns, "quality": r.quality,
                               "fields": r.fields, "tags": r.tags}, ensure_ascii=False))
     else:
+        info = {d.id: d.profile.field_info() for d in config.devices}
         for r in readings:
             print(f"{r.device} ({r.quality})")
             for name, value in r.fields.items():
-                print(f"  {name:<28} {value!r}")
+                print(f"  {name:<28} {show_value(value, info[r.device].get(name))}".rstrip())
     silent = [d.id for d in config.devices if d.id not in answered]
     for dev_id in silent:
         print(f"{dev_id}: no answer", file=sys.stderr)
     return 1 if silent else 0
+
+
+def show_value(value: object, info: FieldInfo | None) -> str:
+    """A field's value for people: a float32 at float32 precision (14785.4795, not
+    14785.4794921875), a float64 as its shortest repr, integers as integers, then the unit."""
+    if isinstance(value, float) and info is not None and info.float32:
+        text = float32_text(value)
+    elif isinstance(value, str):
+        text = repr(value)
+    else:
+        text = str(value)
+    unit = info.unit if info is not None else None
+    return f"{text} {unit}" if unit else text
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -405,6 +425,16 @@ def command_paths() -> list[list[str]]:
     return walk(build_parser(), []) + [["sim", name] for name in SIM_COMMANDS]
 
 
+def _stdout_closed() -> int:
+    """Whoever read our output stopped (`sluice once | head`): that is no error of ours. Point
+    stdout at /dev/null so that the interpreter's final flush cannot fail again, and exit
+    quietly with status 1 (the recipe of the Python documentation's note on SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sim"] and argv[1:2] and argv[1] in SIM_COMMANDS:
@@ -422,7 +452,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "config", "unset") is None and args.command != "demo":
         args.config = default_config_dir()
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a reader that went away (`| head`) shows up here, not at exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         return 130
     except OutboxError as exc:  # the state directory is unusable: say so, no traceback
