@@ -208,11 +208,12 @@ class PointModel(StrictModel):
                         f"{meant}), or address: {meant}; for a device that really "
                         f"uses addresses this high (SunSpec), write register: {digit}{self.address + 1:05d}",
                         self.address)
-        for other, (low, high) in (("input", (30001, 39999)), ("holding", (40001, 49999))):
-            if self.reference is None and self.kind not in (other, *BIT_KINDS) and low <= self.address <= high:
+        for other in ("input", "holding"):
+            other_meant = looks_like_reference(other, self.address)
+            if self.reference is None and self.kind not in (other, *BIT_KINDS) and other_meant is not None:
                 digit = _KIND_DIGIT[other]
                 raise _fail(("address",), f"{self.address} looks like the manual's {digit}xxxx reference, which means "
-                            f"{'an' if other == 'input' else 'a'} {other} register ({other} address {self.address - low}), "
+                            f"{'an' if other == 'input' else 'a'} {other} register ({other} address {other_meant}), "
                             f"not {'an' if self.kind == 'input' else 'a'} {self.kind} register "
                             f"— write register: {self.address} (and no kind:) if the manual says {self.address}; for a "
                             f"device that really has {self.kind} registers this high, write register: "

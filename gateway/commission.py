@@ -223,10 +223,12 @@ def _register_range(args: argparse.Namespace) -> tuple[str, int]:
         return kind, address
     kind = args.kind or "holding"
     address = 0 if args.address is None else args.address
-    meant = looks_like_reference(kind, address)
-    if meant is not None:
-        raise ValueError(f"--address {address} looks like the manual's {_REF_DIGIT[kind]}xxxx reference, not a "
-                         f"0-based address — give --ref {address} (= {kind} address {meant}), or --address {meant}")
+    for meant_kind in dict.fromkeys((kind, "holding", "input", "discrete")):  # its own kind first
+        meant = looks_like_reference(meant_kind, address)
+        if meant is not None:
+            raise ValueError(f"--address {address} looks like the manual's {_REF_DIGIT[meant_kind]}xxxx reference, "
+                             f"not a 0-based address — give --ref {address} (= {meant_kind} address {meant}), or "
+                             f"--kind {meant_kind} --address {meant}")
     return kind, address
 
 

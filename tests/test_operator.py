@@ -190,9 +190,11 @@ def test_read_refuses_a_conflicting_kind_and_explains_a_reference_given_as_addre
     assert main(["read", "/dev/ttyUSB9", "--address", "40001"]) == 2
     err = capsys.readouterr().err
     assert "--address 40001 looks like the manual's 4xxxx reference, not a 0-based address" in err
-    assert "give --ref 40001 (= holding address 0), or --address 0" in err
+    assert "give --ref 40001 (= holding address 0), or --kind holding --address 0" in err
     assert main(["read", "/dev/ttyUSB9", "--kind", "input", "--address", "30005"]) == 2
     assert "--ref 30005 (= input address 4)" in capsys.readouterr().err
+    assert main(["read", "/dev/ttyUSB9", "--address", "30005"]) == 2  # holding by default, but a 3xxxx form
+    assert "--ref 30005 (= input address 4), or --kind input --address 4" in capsys.readouterr().err
 
 
 def test_default_config_dir_is_unchanged_for_the_service(monkeypatch, no_service_env) -> None:
