@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -383,8 +384,11 @@ class Gateway:
         try:
             server = await stack.enter_async_context(HealthServer(self, health.host, health.port))
         except OSError as exc:
-            log.error("health endpoint: cannot listen on %s: %s — running without /healthz and /metrics; "
-                      "choose another health.listen", health.listen, exc.strerror or exc)
+            # One line, and the gateway goes on: it still reads and delivers; only watching it is lost.
+            busy = " (another Sluice gateway or demo on this machine?)" if exc.errno == errno.EADDRINUSE else ""
+            log.error("health endpoint: cannot listen on %s: %s%s — the gateway runs on without /healthz and "
+                      "/metrics (and `sluice status`); set health.listen in %s to a free port (and the unit's "
+                      "SocketBindAllow= with it)", health.listen, exc.strerror or exc, busy, self.config.path)
             return
         self.health_port = server.port
 

@@ -24,7 +24,7 @@ __all__ = ["add_parsers"]
 def _trace_config(args: argparse.Namespace) -> TraceConfig | None:
     from gateway.cli import _load, load_trace
 
-    config = _load(args.config)
+    config = _load(args.config, given=getattr(args, "config_given", True))
     if config is None:
         return None
     ok, cfg = load_trace(config)

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gateway.config import Config, MqttSinkConfig, TlsConfig, _check_template, _display, check_http_url, \
     check_remote_link, expand_secrets, validate_doc
 from gateway.driver import StrictModel
+from gateway.secretref import Secret
 from gateway.trace.hashing import canonical_id, check_digit
 from gateway.units import Duration, Identifier
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
@@ -243,7 +244,7 @@ class EpcisSinkConfig(StrictModel):
     url: str = Field(min_length=1, description="base URL of the EPCIS 2.0 REST interface, e.g. https://epcis.example.com/epcis")
     path: Literal["/capture", "/events"] = Field(default="/capture", description="capture endpoint")
     auth_header: str = Field(default="Authorization", description="header that carries `auth`")
-    auth: SecretStr | None = Field(default=None, description="header value, e.g. 'Bearer ${file:/etc/sluice/epcis.token}'")
+    auth: Secret | None = Field(default=None, description="header value, e.g. 'Bearer ${file:/etc/sluice/epcis.token}'")
     timeout: Duration = Field(default=15.0, gt=0, le=600, description="per HTTP request")
     retry_min: Duration = Field(default=1.0, gt=0)
     retry_max: Duration = Field(default=300.0, gt=0)
@@ -302,7 +303,7 @@ def load_trace_config(config: Config) -> TraceConfig | None:
     errors += errs
     if doc is None:
         raise ConfigErrors(errors)
-    tf: TraceFile | None = validate_doc(doc, TraceFile, errors, expand_secrets(doc, errors))
+    tf: TraceFile | None = validate_doc(doc, TraceFile, errors, expand_secrets(doc, errors, None if config.secrets_read else []))
     if tf is None:
         raise ConfigErrors(errors)
     devices = {d.id: d for d in config.devices}
