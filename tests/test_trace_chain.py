@@ -119,6 +119,8 @@ def test_verifiers_tell_a_new_chain_from_tampering(tmp_path) -> None:
     assert count == 5 and problem is not None and problem.position == 6
     assert "new chain started here" in problem.message and "20261202T101500Z-bbbbbbbb" in problem.message
     assert "20261202T090000Z-aaaaaaaa" in problem.message
+    count, problem = verify_lines(spliced[:5] + spliced[6:], public)  # the new chain without its first event
+    assert count == 5 and problem is not None and "events of two chains were mixed" in problem.message
     # a head of the other chain is named as such, never as events cut off
     old_head = read_head(old_sealer.signed_head(5, old_sealer.head, T0), public)
     new_head = read_head(new_sealer.signed_head(3, new_sealer.head, T0), public)

@@ -179,8 +179,12 @@ def _chain_name(chain: str | None) -> str:
     return f"chain {chain}" if chain is not None else "a chain without an id (begun before chain ids)"
 
 
-def another_chain(first: str | None, this: str | None) -> str:
-    """What a verifier says when an event of chain ``this`` follows events of chain ``first``."""
+def another_chain(first: str | None, this: str | None, seq: int | None) -> str:
+    """What a verifier says when event ``seq`` of chain ``this`` follows events of chain ``first``."""
+    if seq != 1:  # a chain begins at seq 1: this is not a new chain starting but events of two chains mixed
+        return (f"this event belongs to {_chain_name(this)}, the events before it to {_chain_name(first)}, and it is "
+                "not the first event of its chain: events of two chains were mixed — verify each chain's events on "
+                "their own")
     return (f"this event belongs to {_chain_name(this)}, the events before it to {_chain_name(first)}: a new chain "
             "started here (a gateway whose outbox was moved aside as unusable starts a new one at seq 1; the old "
             "chain's remaining events are in that moved-aside file, `sluice outbox salvage FILE --events OUT` "
@@ -294,7 +298,7 @@ def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Any =
             if wrong is not None:
                 return count, Problem(position, seq, wrong)
         elif event.get(CHAIN) != chain:
-            return count, Problem(position, seq, another_chain(chain, event.get(CHAIN)))
+            return count, Problem(position, seq, another_chain(chain, event.get(CHAIN), seq))
         if seq != expected_seq:
             what = (f"{seq - expected_seq} event(s) before it are missing, or events were reordered" if seq > expected_seq
                     else "it repeats or precedes an earlier event: events were reordered or duplicated")
