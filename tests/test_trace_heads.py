@@ -18,6 +18,7 @@ from test_trace import REPO, T0, Clock, M, S, _scenario, trace_config
 from test_trace_sinks import _config, _lot_a_in_and_one_window
 
 from gateway.trace.jcs import canonical
+from gateway.trace.journal import Journal
 from gateway.trace.seal import load_public_key, read_head, verify_lines
 from gateway.trace.service import TraceService
 
@@ -90,6 +91,11 @@ async def test_the_mqtt_sink_publishes_signed_heads_of_what_the_broker_acknowled
     events = [m.payload.decode() for m in sub.messages if m.topic == f"{base}/events"]
     heads = [read_head(m.payload.decode(), public) for m in sub.messages if m.topic == f"{base}/head"]
     assert heads[-1].seq == 2 and verify_lines(events, public, heads=heads) == (2, None)
+    # subscribers can tell chains apart: every event and head names the outbox's chain
+    with Journal(state / "outbox.db") as journal:
+        chain = journal.chain_id()
+    assert chain is not None and {h.chain for h in heads} == {chain}
+    assert {json.loads(e)["epcisBody"]["eventList"][0]["sluice:chain"] for e in events} == {chain}
     assert verify_lines(events[:1], public, heads=heads)[1] is not None  # the last event withheld: found
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gateway.trace.config import TraceConfig
 from gateway.trace.journal import Journal
-from gateway.trace.seal import Head, Sealer, load_or_create_key, load_public_key, public_pem, read_head, verify_events, \
+from gateway.trace.seal import CHAIN, Head, Sealer, load_or_create_key, load_public_key, public_pem, read_head, verify_events, \
     verify_lines
 from gateway.trace.service import resolve, state_dir
 
@@ -117,7 +117,8 @@ def cmd_head(args: argparse.Namespace) -> int:
     key = load_or_create_key(key_file)
     with Journal(resolve(cfg.database, state_dir())) as journal:
         seq, head = journal.chain()
-    print(Sealer(key, cfg.gateway_id).signed_head(seq, head, time.time_ns()))
+        chain = journal.chain_id()
+    print(Sealer(key, cfg.gateway_id, chain=chain).signed_head(seq, head, time.time_ns()))
     return 0
 
 
@@ -141,6 +142,21 @@ def _heads(values: list[str], public: object) -> list[Head] | str:
         except ValueError as exc:
             return f"--head {value[:60]}: {exc}"
     return heads
+
+
+def _line_chain(line: str) -> str | None:
+    try:
+        return json.loads(line)["epcisBody"]["eventList"][0].get(CHAIN)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def _chains(chains: set[str | None]) -> str:
+    """How the verify report names the chain(s) it checked."""
+    if len(chains) > 1:
+        return f"{len(chains)} chains ({', '.join(sorted(c or 'without an id' for c in chains))}), each checked on its own:"
+    chain = next(iter(chains), None)
+    return f"chain {chain}:" if chain is not None else "chain (without an id):"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -196,20 +212,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 2
     if query is not None:
         count, problem = verify_events(_events(query), public, validate, partial=args.partial, heads=heads)
-        what = ("chain intact, every eventID matches, every event's signature valid" if public is not None else
+        what = _chains({e.get(CHAIN) if isinstance(e, dict) else None for e in _events(query)}) + " "
+        what += ("chain intact, every eventID matches, every event's signature valid" if public is not None else
                 "chain intact, every eventID matches; signatures NOT checked (give --pubkey: without the key "
                 "anyone can recompute ids and links)")
         if args.partial:
-            seqs = sorted(e.get("sluice:seq", 0) for e in _events(query))
-            gaps = sum(1 for a, b in zip([0, *seqs], seqs, strict=False) if b != a + 1)
+            per_chain: dict[object, list[int]] = {}
+            for e in _events(query):
+                per_chain.setdefault(e.get(CHAIN), []).append(e.get("sluice:seq", 0))
+            gaps = sum(1 for seqs in map(sorted, per_chain.values()) for a, b in zip([0, *seqs], seqs, strict=False)
+                       if b != a + 1)
             what += f"; --partial: {gaps} gap(s) in the sequence not checked (events of the chain not in this answer)"
     else:
         if args.pubkey is None:
             print("a JSON Lines feed is verified against the gateway's key: give --pubkey (`sluice trace pubkey`)",
                   file=sys.stderr)
             return 2
-        count, problem = verify_lines(text.splitlines(), load_public_key(args.pubkey), validate, heads=heads)
-        what = "chain intact, every signature valid"
+        lines = text.splitlines()
+        count, problem = verify_lines(lines, load_public_key(args.pubkey), validate, heads=heads)
+        what = _chains({_line_chain(lines[0])} if lines else set()) + " chain intact, every signature valid"
     newest = max(heads, key=lambda h: h.seq, default=None)
     what += (f"; reaches the signed head {newest} (events after it cannot be checked)" if newest is not None else
              "; the end of the feed is NOT checked: events cut off after its last one cannot be seen without a "

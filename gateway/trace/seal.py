@@ -3,8 +3,10 @@
 The exact procedure a verifier follows is in ``docs/trace-verification.md``; this is the code.
 A sealed line is one EPCIS 2.0 document holding one event, in RFC 8785 canonical JSON
 (:mod:`gateway.trace.jcs`) on one line. The event carries ``sluice:seq`` (1, 2, 3 ... with no
-gap), ``sluice:prev`` (the eventID of the event before it; absent on seq 1), ``sluice:gateway``
-and ``sluice:eventSignature`` = ``{"key": <key id>, "value": <hex>}``: an Ed25519 signature over
+gap), ``sluice:prev`` (the eventID of the event before it; absent on seq 1), ``sluice:chain`` (the
+chain's id, the same on every event of a chain: an outbox moved aside as unusable takes its chain
+with it and the fresh one starts a new chain at seq 1; absent on chains begun before chain ids),
+``sluice:gateway`` and ``sluice:eventSignature`` = ``{"key": <key id>, "value": <hex>}``: an Ed25519 signature over
 ``b"sluice-event-1\\n"`` + the GS1 event hash id (ASCII) of the event *without* that field and
 without ``eventID`` (its content, chain link included). Its ``eventID`` is the GS1 event hash of
 everything else in it, signature included, so GS1's reference generator computes the same id and
@@ -18,10 +20,11 @@ the signature, the eventID or the sequence, and :func:`verify_lines` names the f
 
 What the chain cannot show on its own is events cut off its *end*: a shorter feed is a valid
 feed. A **signed head** (:meth:`Sealer.signed_head`, :func:`read_head`) closes that gap for whoever
-holds one: ``{"type": "sluice:ChainHead", "gateway", "seq", "eventID", "time", "signature"}``,
+holds one: ``{"type": "sluice:ChainHead", "gateway", "chain", "seq", "eventID", "time", "signature"}``,
 the signature over ``b"sluice-head-1\\n"`` + the JCS bytes of the head without ``signature``. It
-states that by ``time`` the chain had reached event ``seq`` with that eventID; a feed verified
-with it (``heads=``) must contain that event, unchanged.
+states that by ``time`` the chain ``chain`` had reached event ``seq`` with that eventID; a feed of
+that chain verified with it (``heads=``) must contain that event, unchanged; a head of another
+chain is named as such (it is not evidence about this feed).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ DOMAIN = b"sluice-trace-1\n"
 EVENT_DOMAIN = b"sluice-event-1\n"
 HEAD_DOMAIN = b"sluice-head-1\n"
 EVENT_SIGNATURE = "sluice:eventSignature"
+CHAIN = "sluice:chain"
 HEAD_TYPE = "sluice:ChainHead"
 
 
@@ -95,18 +99,22 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 class Sealer:
-    """Turns unsealed events into signed lines, continuing the chain at (seq, head)."""
+    """Turns unsealed events into signed lines, continuing the chain ``chain`` at (seq, head)."""
 
-    def __init__(self, key: Ed25519PrivateKey, gateway_id: str, seq: int = 0, head: str | None = None) -> None:
+    def __init__(self, key: Ed25519PrivateKey, gateway_id: str, seq: int = 0, head: str | None = None,
+                 chain: str | None = None) -> None:
         self._key = key
         self._kid = key_id(key.public_key())
         self.gateway_id = gateway_id
         self.seq, self.head = seq, head
+        self.chain = chain
 
     def seal(self, event: dict[str, Any]) -> str:
         event = dict(event)
         event["sluice:gateway"] = self.gateway_id
         event["sluice:seq"] = self.seq + 1
+        if self.chain is not None:
+            event[CHAIN] = self.chain
         if self.head is not None:
             event["sluice:prev"] = self.head
         event.pop("eventID", None)
@@ -127,6 +135,8 @@ class Sealer:
         None for seq 0) by ``time_ns``. Any seq of the chain may be stated, not only the last."""
         head: dict[str, Any] = {"type": HEAD_TYPE, "gateway": self.gateway_id, "seq": seq, "eventID": event_id,
                                 "time": iso(time_ns)}
+        if self.chain is not None:
+            head["chain"] = self.chain
         head["signature"] = {"key": self._kid, "value": self._key.sign(HEAD_DOMAIN + canonical(head).encode()).hex()}
         return canonical(head)
 
@@ -139,9 +149,10 @@ class Head:
     seq: int
     event_id: str | None
     time: str
+    chain: str | None = None  # None: a chain begun before chain ids
 
     def __str__(self) -> str:
-        return f"seq {self.seq} (signed {self.time})"
+        return f"seq {self.seq} (signed {self.time}{f', chain {self.chain}' if self.chain else ''})"
 
 
 def read_head(text: str, public: Ed25519PublicKey) -> Head:
@@ -154,12 +165,40 @@ def read_head(text: str, public: Ed25519PublicKey) -> Head:
         raise ValueError(f"not a signed head: expected a JSON object with \"type\": \"{HEAD_TYPE}\"")
     signature = head.pop("signature", None)
     seq, event_id, gateway, when = head.get("seq"), head.get("eventID"), head.get("gateway"), head.get("time")
+    chain = head.get("chain")
     if (type(seq) is not int or seq < 0 or not isinstance(gateway, str) or not isinstance(when, str)
-            or not (event_id is None if seq == 0 else isinstance(event_id, str))):
-        raise ValueError("a signed head needs seq (an integer >= 0), eventID (null only for seq 0), gateway and time")
+            or not (event_id is None if seq == 0 else isinstance(event_id, str)) or not isinstance(chain, str | None)):
+        raise ValueError("a signed head needs seq (an integer >= 0), eventID (null only for seq 0), gateway and time "
+                         "(and chain, when present, a string)")
     if not _valid_signature(public, signature, HEAD_DOMAIN + canonical(head).encode()):
         raise ValueError(f"the head's signature does not verify with key {key_id(public)}: altered, or another gateway's")
-    return Head(gateway, seq, event_id, when)
+    return Head(gateway, seq, event_id, when, chain)
+
+
+def _chain_name(chain: str | None) -> str:
+    return f"chain {chain}" if chain is not None else "a chain without an id (begun before chain ids)"
+
+
+def another_chain(first: str | None, this: str | None, seq: int | None) -> str:
+    """What a verifier says when event ``seq`` of chain ``this`` follows events of chain ``first``."""
+    if seq != 1:  # a chain begins at seq 1: this is not a new chain starting but events of two chains mixed
+        return (f"this event belongs to {_chain_name(this)}, the events before it to {_chain_name(first)}, and it is "
+                "not the first event of its chain: events of two chains were mixed — verify each chain's events on "
+                "their own")
+    return (f"this event belongs to {_chain_name(this)}, the events before it to {_chain_name(first)}: a new chain "
+            "started here (a gateway whose outbox was moved aside as unusable starts a new one at seq 1; the old "
+            "chain's remaining events are in that moved-aside file, `sluice outbox salvage FILE --events OUT` "
+            "exports them) — verify each chain's events on their own; a feed never mixes two chains")
+
+
+def _other_heads(heads: Sequence[Head], chain: str | None) -> str | None:
+    """Why the heads cannot be checked against a feed of ``chain`` (None: they are all of that chain)."""
+    other = next((h for h in heads if h.chain != chain), None)
+    if other is None:
+        return None
+    return (f"the signed head {other} is of {_chain_name(other.chain)}, the feed is {_chain_name(chain)}: "
+            "a head says nothing about another chain — give the head of this chain (a jsonl sink moves the old "
+            "chain's feed aside as <feed>.chain-<id> with its .head)")
 
 
 def _head_problem(heads: Sequence[Head], seq: int, event_id: Any) -> str | None:
@@ -218,9 +257,12 @@ def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Any =
 
     ``validate``, if given, is called with each document and returns a list of schema errors.
     ``heads`` (verified with :func:`read_head`): the feed must contain each head's event,
-    unchanged — so events cut off the end before the newest head are found."""
+    unchanged — so events cut off the end before the newest head are found. A feed is one chain:
+    every event names the first one's ``sluice:chain``; an event of another chain is reported as a
+    new chain starting, and a head of another chain as such."""
     kid = key_id(public)
     expected_seq, head = 1, None
+    chain: str | None = None
     count = 0
     for position, line in enumerate(lines, 1):
         line = line.rstrip("\n")
@@ -250,6 +292,13 @@ def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Any =
                 return count, Problem(position, seq, "does not match the EPCIS 2.0 schema: " + errors[0])
         if event_hash({k: v for k, v in event.items() if k != "eventID"}, doc.get("@context")) != event.get("eventID"):
             return count, Problem(position, seq, "eventID is not the hash of the event")
+        if position == 1:
+            chain = event.get(CHAIN)
+            wrong = _other_heads(heads, chain)
+            if wrong is not None:
+                return count, Problem(position, seq, wrong)
+        elif event.get(CHAIN) != chain:
+            return count, Problem(position, seq, another_chain(chain, event.get(CHAIN), seq))
         if seq != expected_seq:
             what = (f"{seq - expected_seq} event(s) before it are missing, or events were reordered" if seq > expected_seq
                     else "it repeats or precedes an earlier event: events were reordered or duplicated")
@@ -282,14 +331,41 @@ def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: 
     answer of a filtered query (one lot's events): gaps in the sequence are allowed, and the
     chain is checked between consecutive seqs only — each event still stands on its signature.
     ``heads``: as for :func:`verify_lines` (with ``partial``, a head's event may be absent: only its
-    seq is compared with the answer's last)."""
-    items = []
+    seq is compared with the answer's last). A repository may hold several chains of the gateway
+    (a new one starts when an outbox is moved aside as unusable): the events are grouped by
+    ``sluice:chain`` and each chain is checked on its own, with the heads of that chain; the count
+    is over all of them, and a problem names its chain when there are several."""
+    chains: dict[str | None, list[tuple[int, dict[str, Any]]]] = {}
     for index, event in enumerate(events, 1):
         seq = event.get("sluice:seq") if isinstance(event, dict) else None
         if not isinstance(seq, int):
             return 0, Problem(index, None, f"event {index} of the answer has no sluice:seq — not a Sluice event")
-        items.append((seq, {k: v for k, v in event.items() if k not in REPOSITORY_FIELDS}))
-    items.sort(key=lambda item: item[0])
+        chains.setdefault(event.get(CHAIN), []).append((seq, {k: v for k, v in event.items() if k not in REPOSITORY_FIELDS}))
+    if not chains:
+        return _verify_chain([], public, validate, partial, heads)
+    if len(chains) == 1:
+        wrong = _other_heads(heads, next(iter(chains)))
+        if wrong is not None:
+            return 0, Problem(1, None, wrong)
+    total = 0
+    for chain, items in chains.items():
+        count, problem = _verify_chain(sorted(items, key=lambda item: item[0]), public, validate, partial,
+                                       [h for h in heads if h.chain == chain])
+        total += count
+        if problem is not None:
+            if len(chains) > 1:
+                problem = Problem(problem.position, problem.seq, f"{_chain_name(chain)}: {problem.message}")
+            return total, problem
+    unmatched = next((h for h in heads if h.chain not in chains), None)
+    if unmatched is not None:
+        return total, Problem(total + 1, None, f"the signed head {unmatched} is of {_chain_name(unmatched.chain)}, of "
+                              "which the answer holds no event")
+    return total, None
+
+
+def _verify_chain(items: list[tuple[int, dict[str, Any]]], public: Ed25519PublicKey | None, validate: Any,
+                  partial: bool, heads: Sequence[Head]) -> tuple[int, Problem | None]:
+    """:func:`verify_events` for the events of one chain, in seq order."""
     expected_seq, head, count = 1, None, 0
     for position, (seq, event) in enumerate(items, 1):
         if partial and seq > expected_seq:

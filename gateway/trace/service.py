@@ -7,7 +7,7 @@ locations once) -> :meth:`observe` is called with every reading (the gateway's `
 hook; never blocks) -> :meth:`run` until cancelled. Everything runs on the event loop.
 
 Delivery follows the outbox's rule: a sink's position moves only after the sink confirmed
-(the JSON Lines sink: after ``fsync``; MQTT: PUBACK; EPCIS capture: a 2xx); on failure the same
+(the JSON Lines sink, ``gateway/trace/jsonl.py``: after ``fsync``; MQTT: PUBACK; EPCIS capture: a 2xx); on failure the same
 events are sent again, in order. The JSON Lines sink is written in :meth:`step`; each network
 sink (``gateway/trace/sinks.py``) has its own task ``trace-sink[<name>]``, started on entering,
 woken by every commit. An event an EPCIS repository refuses as a document becomes a dead letter
@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from gateway.reading import Reading
 from gateway.trace.config import JsonlSinkConfig, TraceConfig, load_trace_config
 from gateway.trace.engine import Command, TraceCore
 from gateway.trace.journal import Journal
+from gateway.trace.jsonl import JsonlSink
 from gateway.trace.seal import Sealer, load_or_create_key
 
 __all__ = ["METRICS", "JsonlSink", "TraceService", "reloading", "state_dir"]
@@ -70,55 +71,6 @@ def state_dir() -> Path:
 
 def resolve(path: Path, base: Path) -> Path:
     return path if path.is_absolute() else base / path
-
-
-class JsonlSink:
-    """Appends lines to a file; exactly once: lines whose seq the file already ends with are skipped.
-    The newest signed chain head it was given is in ``<path>.head`` (replaced atomically)."""
-
-    def __init__(self, name: str, path: Path) -> None:
-        self.name, self.path = name, path
-        self.head_path = path.with_name(path.name + ".head")
-        self._last: int | None = None
-
-    def send_head(self, head: str) -> None:
-        """Replace ``<path>.head`` with ``head`` (write, fsync, rename); raises OSError."""
-        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(head + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.head_path)
-
-    def _last_seq(self) -> int:
-        import json
-
-        try:
-            with self.path.open("rb") as f:
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(0, size - 65536))
-                tail = f.read().splitlines()
-        except FileNotFoundError:
-            return 0
-        for raw in reversed(tail):
-            try:
-                return int(json.loads(raw)["epcisBody"]["eventList"][0]["sluice:seq"])
-            except (ValueError, KeyError, IndexError, TypeError):
-                continue
-        return 0
-
-    def send(self, batch: Sequence[tuple[int, str]]) -> None:
-        """Raises OSError when the file cannot be written; nothing is then acknowledged."""
-        if self._last is None:
-            self._last = self._last_seq()
-        fresh = [line for seq, line in batch if seq > self._last]
-        if fresh:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in fresh))
-                f.flush()
-                os.fsync(f.fileno())
-        self._last = max(self._last, batch[-1][0])
 
 
 class TraceService:
@@ -160,7 +112,7 @@ class TraceService:
         self._journal = journal
         key = load_or_create_key(resolve(self.cfg.file.key_file, self.state))
         seq, head = journal.chain()
-        self.sealer = Sealer(key, self.cfg.gateway_id, seq, head)
+        self.sealer = Sealer(key, self.cfg.gateway_id, seq, head, journal.chain_id())
         self.core = TraceCore(self.cfg, journal.bindings())
         if not self._injected:
             self._sinks = self._jsonl_sinks()
@@ -179,7 +131,7 @@ class TraceService:
         return self
 
     def _jsonl_sinks(self) -> dict[str, Any]:
-        return {name: JsonlSink(name, resolve(s.path, self.state))
+        return {name: JsonlSink(name, resolve(s.path, self.state), resolve(self.cfg.database, self.state))
                 for name, s in self.cfg.file.sinks.items() if isinstance(s, JsonlSinkConfig)}
 
     @staticmethod
