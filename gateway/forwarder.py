@@ -30,10 +30,24 @@ Lifecycle (who calls what):
   the database (or in its dead-letter topic). A range whose every part has a receipt is confirmed;
   the sink's ``acked`` position moves over confirmed ranges that join it (receipts may come in any
   order, from several ingest workers, and from before a restart). When the oldest sent batch has
-  no complete receipt ``receipt_timeout`` after it was sent, the sent position goes back to
-  ``acked`` and everything unconfirmed is published again (duplicates overwrite identical points).
-  At most ``receipt_window`` readings are sent but unconfirmed at once. With ``receipt_secret`` a
-  receipt counts only if its ``"mac"`` is :func:`receipt_mac` of it (others are counted, ignored).
+  no complete receipt ``receipt_timeout`` after it was sent (or after the last receipt that moved
+  ``acked``: an ingest working through a backlog in order is not waited out), the sent position
+  goes back to ``acked`` and everything unconfirmed is published again (duplicates overwrite
+  identical points). Re-sends back off: after the first, the next comes only 2×, 4×, 8× then
+  :data:`RESEND_BACKOFF_MAX`× ``receipt_timeout`` later while no receipt moves ``acked`` — an
+  ingest that is down costs the broker's queue one more copy of the window per back-off step,
+  not one per ``receipt_timeout``. The backoff (next due time, re-sends so far) is kept in the
+  outbox (``sink_resend``) with the rewind, so a restart keeps it; readings sent before a restart
+  with no re-send recorded are published again at start (a fresh ``receipt_timeout`` after every
+  restart could postpone them for ever). At most ``receipt_window`` readings are sent but
+  unconfirmed at once; while the window is full the forwarder reports itself *waiting* on
+  receipts until its next re-send (gateway/watchdog.py: that is not a wedge). With
+  ``receipt_secret`` a receipt counts only if its ``"mac"`` is :func:`receipt_mac` of it (others
+  are counted, ignored).
+* Watchdog: the forwarder reports to its :class:`gateway.watchdog.Loop` — idle (nothing to send),
+  busy (a batch on its way; progress at every delivered or failed batch), waiting on the sink's
+  connection (no deadline: the sink reconnects by itself), on receipts (until the next re-send) or
+  on a pause after an outbox error (until it retries).
 * Messages: a sink config with a ``topic`` template (MQTT) gets one group per topic; one with
   ``topic = None`` (HTTP sinks) gets the batch in outbox order, split only by ``batch.max_bytes``,
   with ``""`` as the topic of every message.
@@ -57,7 +71,9 @@ from typing import Literal, Protocol, TypeVar
 from gateway.buffer import Entry, Outbox, OutboxError
 from gateway.config import BatchConfig
 from gateway.encode import make_encoder
+from gateway.polling import Backoff
 from gateway.reading import Reading
+from gateway.watchdog import Loop
 
 __all__ = ["Forwarder", "ForwarderStats", "Identity", "Message", "Sink", "SinkConfig", "SinkRejected",
            "SinkUnavailable"]
@@ -70,6 +86,9 @@ RESEND_CHECK_INTERVAL = 2.0
 """Seconds between looks for dead letters an operator marked for re-sending (another process marks them)."""
 ERROR_PAUSE = 5.0
 """Seconds to wait after an outbox error or an unexpected failure before trying again."""
+RESEND_BACKOFF_MAX = 16
+"""end_to_end: the longest pause between two re-sends without a receipt, in ``receipt_timeout``s."""
+RECEIPTS = "receipts from sluice ingest"
 
 Message = tuple[str, bytes]
 """(topic, payload)"""
@@ -211,6 +230,8 @@ class _Receipts:
         self.timeout = timeout
         self.window = window
         self.outstanding: deque[tuple[int, int, float]] = deque()  # (first, last, deadline), oldest first
+        self.backoff = Backoff(2 * timeout, RESEND_BACKOFF_MAX * timeout)  # failures: re-sends without a receipt
+        self.resume_at = 0.0  # loop time before which no re-send happens (the backoff)
         self.parts: dict[tuple[int, int], set[int]] = {}  # incomplete ranges: parts received
         self.confirmed: dict[int, int] = {}  # complete ranges not yet joined to acked: first -> last
 
@@ -242,8 +263,10 @@ class Forwarder:
     """Moves one sink's readings from the outbox to the sink. See the module docstring."""
 
     def __init__(self, name: str, outbox: Outbox, sink: Sink, config: SinkConfig,
-                 identity: Identity) -> None:
+                 identity: Identity, loop: Loop | None = None) -> None:
         self.name = name
+        self.loop = loop if loop is not None else Loop(f"forward[{name}]")
+        """What this forwarder reports to the watchdog (see the module docstring)."""
         self._outbox = outbox
         self._sink = sink
         self._batch = config.batch
@@ -353,42 +376,99 @@ class Forwarder:
             del rec.parts[key]
         while rec.outstanding and rec.outstanding[0][1] <= pos:
             rec.outstanding.popleft()
+        now = asyncio.get_running_loop().time()
+        if rec.outstanding:  # the far end works through what we sent, in order: give the next its time
+            first, last, deadline = rec.outstanding[0]
+            rec.outstanding[0] = (first, last, max(deadline, now + rec.timeout))
+        if rec.backoff.failures:
+            log.info("sink %s: receipts again after %d re-send%s", self.name, rec.backoff.failures,
+                     "s" if rec.backoff.failures != 1 else "")
+            rec.backoff.reset()
+            rec.resume_at = 0.0
+            try:
+                self._outbox.clear_resend(self.name)
+            except OutboxError as exc:  # a restart then backs off once more than needed: harmless
+                log.error("sink %s: %s", self.name, exc)
         self.stats.delivered += pos - start
         self.stats.last_delivery_ns = time.time_ns()
         self._wake.set()
 
+    def _receipts_due(self) -> float | None:
+        """Loop time of the next re-send (the oldest outstanding batch's deadline, or the backoff's if
+        later); None when nothing awaits a receipt."""
+        rec = self._receipts
+        if rec is None or not rec.outstanding:
+            return None
+        return max(rec.outstanding[0][2], rec.resume_at)
+
     def _check_receipts(self) -> float | None:
-        """Re-send after a receipt timeout; returns seconds to wait when the window is full, else None."""
+        """Re-send when due; returns seconds to wait when the window is full, else None."""
         rec = self._receipts
         if rec is None:
             return None
         now = asyncio.get_running_loop().time()
-        if rec.outstanding and rec.outstanding[0][2] <= now:
+        due = self._receipts_due()
+        if due is not None and due <= now:
             first, last, _deadline = rec.outstanding[0]
-            sent = self._outbox.sent(self.name)
-            log.warning("sink %s: no receipt for readings seq %d–%d within %g s — publishing the %d readings "
-                        "not yet confirmed again (is `sluice ingest` running and writing?)", self.name, first, last,
-                        rec.timeout, sent - self._outbox_position())
-            rec.outstanding.clear()
-            self._outbox.rewind_sent(self.name)
+            self._resend(f"no receipt for readings seq {first}–{last} within {rec.timeout:g} s")
             self.stats.receipt_timeouts += 1
-            self.stats.receipt_resent += sent - self._outbox_position()
             return None
-        if self._outbox.sent(self.name) - self._outbox_position() >= rec.window and rec.outstanding:
-            return max(rec.outstanding[0][2] - now, 0.01)
+        if due is not None and self._outbox.sent(self.name) - self._outbox_position() >= rec.window:
+            self.loop.waiting(RECEIPTS, due)
+            return max(due - now, 0.01)
         return None
+
+    def _resend(self, why: str) -> None:
+        """Publish every unconfirmed reading again from ``acked``, and back off the next re-send
+        (kept in the outbox with the rewind, so a restart keeps it)."""
+        rec = self._receipts
+        assert rec is not None
+        sent, acked = self._outbox.sent(self.name), self._outbox_position()
+        delay = rec.backoff.next()
+        self._outbox.rewind_sent(self.name, (time.time_ns() + int(delay * 1e9), rec.backoff.failures))
+        rec.resume_at = asyncio.get_running_loop().time() + delay
+        rec.outstanding.clear()
+        self.stats.receipt_resent += sent - acked
+        if rec.backoff.failures == 1:
+            log.warning("sink %s: %s — publishing the %d readings not yet confirmed again; while no receipt "
+                        "comes, again after %.0f s, then less and less often (at most every %.0f s) — is "
+                        "`sluice ingest` running and writing?", self.name, why, sent - acked, delay,
+                        rec.backoff.maximum)
+        else:
+            log.info("sink %s: %s — publishing the %d readings not yet confirmed again (re-send %d; next in %.0f s)",
+                     self.name, why, sent - acked, rec.backoff.failures, delay)
+
+    def _restore_receipts(self) -> None:
+        """At start: readings sent before the restart still await receipts. With a re-send backoff
+        recorded, keep it; else publish them again now (see the module docstring)."""
+        rec = self._receipts
+        assert rec is not None
+        sent, acked = self._outbox.sent(self.name), self._outbox_position()
+        if sent <= acked:
+            return
+        recorded = self._outbox.resend_due(self.name)
+        if recorded is None:
+            self._resend(f"{sent - acked} readings sent before the restart have no receipt yet")
+            return
+        due_ns, attempt = recorded
+        rec.backoff.failures = attempt
+        wait = min(max((due_ns - time.time_ns()) / 1e9, 0.0), rec.backoff.maximum)  # a clock jump bounds nothing
+        rec.resume_at = asyncio.get_running_loop().time() + wait
+        rec.outstanding.append((acked + 1, sent, rec.resume_at))
+        log.info("sink %s: %d readings sent before the restart await receipts after %d re-send%s; the next "
+                 "re-send is due in %.0f s", self.name, sent - acked, attempt, "s" if attempt != 1 else "", wait)
 
     async def run(self) -> None:
         """Deliver forever; cancel to stop (an unacknowledged batch stays in the outbox)."""
         failing = False
         rec = self._receipts
+        loop = self.loop
         if rec is not None:
-            sent, acked = self._outbox.sent(self.name), self._outbox_position()
-            if sent > acked:  # sent before a restart: wait for their receipts before sending again
-                rec.outstanding.append((acked + 1, sent, asyncio.get_running_loop().time() + rec.timeout))
+            self._restore_receipts()
         while True:
             try:
                 if not self._sink.connected:
+                    loop.waiting("the sink's connection", None)  # the sink reconnects by itself
                     await self._sink.wait_connected()
                 if not await self._resend_dead_letter():
                     continue
@@ -400,6 +480,7 @@ class Forwarder:
                 entries = await self._next_batch()
                 if not entries:
                     continue
+                loop.busy()
                 messages = self.build_messages([e.reading for e in entries])
                 if rec is not None:
                     first = min(entries[0].seq, self._outbox.sent(self.name) + 1)
@@ -408,14 +489,17 @@ class Forwarder:
                                                                   len(messages)))
                     except SinkUnavailable as exc:
                         self.stats.retries += 1
+                        loop.progress()
                         log.debug("sink %s: batch of %d readings not published (%s); will resend",
                                   self.name, len(entries), exc)
+                        loop.waiting("the sink's connection", None)
                         await self._sink.wait_connected()
                         continue
+                    loop.progress()
                     self._outbox.mark_sent(self.name, entries[-1].seq)
                     if self._outbox_position() < entries[-1].seq:
-                        rec.outstanding.append((first, entries[-1].seq,
-                                                asyncio.get_running_loop().time() + rec.timeout))
+                        rec.outstanding.append((first, entries[-1].seq, max(
+                            asyncio.get_running_loop().time() + rec.timeout, rec.resume_at)))
                     stats = self.stats
                     stats.messages += len(messages)
                     stats.bytes += sum(len(payload) for _topic, payload in messages)
@@ -425,13 +509,17 @@ class Forwarder:
                     await self._sink.send(messages)
                 except SinkUnavailable as exc:
                     self.stats.retries += 1
+                    loop.progress()
                     log.debug("sink %s: batch of %d readings not delivered (%s); will resend",
                               self.name, len(entries), exc)
+                    loop.waiting("the sink's connection", None)
                     await self._sink.wait_connected()
                     continue
                 except SinkRejected as exc:
                     await self._reject(entries, str(exc))
+                    loop.progress()
                     continue
+                loop.progress()
                 self._outbox.ack(self.name, entries[-1].seq)
                 stats = self.stats
                 stats.delivered += len(entries)
@@ -448,6 +536,7 @@ class Forwarder:
                               self.name, exc, ERROR_PAUSE)
                     failing = True
                 self.stats.retries += 1
+                loop.waiting("a retry after an outbox error", asyncio.get_running_loop().time() + ERROR_PAUSE)
                 await asyncio.sleep(ERROR_PAUSE)
             except Exception:
                 # A bug must not stop delivery for good: log it with the traceback, retry later.
@@ -456,6 +545,7 @@ class Forwarder:
                                   self.name, ERROR_PAUSE)
                     failing = True
                 self.stats.retries += 1
+                loop.waiting("a retry after an unexpected failure", asyncio.get_running_loop().time() + ERROR_PAUSE)
                 await asyncio.sleep(ERROR_PAUSE)
 
     async def _reject(self, entries: list[Entry], message: str) -> None:
@@ -499,17 +589,22 @@ class Forwarder:
         if letter is None:
             self._resend_check_at = now + RESEND_CHECK_INTERVAL
             return True
+        self.loop.busy()
         try:
             await self._sink.send(self.build_messages(letter.readings))
         except SinkUnavailable:
             self.stats.retries += 1
+            self.loop.progress()
+            self.loop.waiting("the sink's connection", None)
             await self._sink.wait_connected()
             return False
         except SinkRejected as exc:
+            self.loop.progress()
             self._outbox.refused_again(letter.id, str(exc))
             log.error("sink %s refused dead letter %d (%d readings) again: %s — it stays in the dead-letter table",
                       self.name, letter.id, letter.count, exc)
             return True
+        self.loop.progress()
         self._outbox.resolve(letter.id)
         self.stats.resent += letter.count
         log.info("sink %s: dead letter %d (%d readings) delivered on re-send", self.name, letter.id, letter.count)
@@ -522,7 +617,13 @@ class Forwarder:
         after = self._outbox.sent(self.name) if self._receipts is not None else None
         entries = self._outbox.fetch(self.name, batch.max_readings, batch.max_bytes, after=after)
         if not entries:
-            await self._wait_wake(RECHECK_INTERVAL)
+            due = self._receipts_due()
+            if due is None:
+                self.loop.idle()
+                await self._wait_wake(RECHECK_INTERVAL)
+            else:  # all sent: wake for the next re-send, not up to RECHECK_INTERVAL after it
+                self.loop.waiting(RECEIPTS, due)
+                await self._wait_wake(min(RECHECK_INTERVAL, max(due - asyncio.get_running_loop().time(), 0.01)))
             return []
         # The first batch of a run goes at once: lingering is for steady state, and an operator
         # watching a new install should see the first value as soon as it is read.

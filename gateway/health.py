@@ -1,14 +1,11 @@
-"""Health of the running gateway: progress tracking (the watchdog's notion of "wedged"), the
-``/healthz`` and ``/metrics`` answers, and the small loopback HTTP server that serves them.
+"""Health of the running gateway: the ``/healthz`` and ``/metrics`` answers, and the small
+loopback HTTP server that serves them.
 
 Contracts:
 
-* :class:`Progress` decides whether each loop is making progress. A component is *wedged* when
-  it has work to do and its progress counter has not moved for longer than its limit. Idle is
-  not wedged: a forwarder with nothing to send, or whose sink is disconnected (buffering is
-  its job then), and a committer with nothing pending, are fine. A poller always has work: every
-  poll attempt counts (an answer, a timeout, a refused connection), so a device that is down
-  is not wedged — only a poll loop that stopped attempting is.
+* Whether a loop is wedged is the watchdog's judgement (gateway/watchdog.py): each loop reports
+  its own state (idle, busy, waiting on the far end until its own deadline); this module renders
+  :meth:`gateway.watchdog.Watchdog.states` and knows nothing of the loops themselves.
 * :func:`render_metrics` and :func:`healthz` read in-memory figures only (plus at most one
   indexed outbox row per sink for its lag); they never contain configuration values other than
   names (device ids, sink names, error kinds), so no secret can reach them.
@@ -30,96 +27,16 @@ import re
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from gateway.watchdog import describe
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-__all__ = ["HealthServer", "MetricFamily", "Progress", "add_metrics", "healthz", "render_metrics", "status_line"]
+__all__ = ["HealthServer", "MetricFamily", "add_metrics", "healthz", "render_metrics", "status_line"]
 
 log = logging.getLogger(__name__)
-
-STALL_MARGIN = 10.0
-"""Seconds added to every component's computed limit before it counts as wedged."""
-FORWARD_IDLE_LIMIT = 60.0
-"""Limit for a forwarder whose sink has no ``ack_timeout`` of its own."""
-
-
-@dataclass
-class _Tracked:
-    name: str
-    counter: Callable[[], int]
-    busy: Callable[[], bool]
-    limit: float
-    count: int = -1
-    since: float = 0.0
-
-
-class Progress:
-    """Heartbeats of the poll loops, the committer and the forwarders (see the module docstring)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._items: list[_Tracked] = []
-
-    def track(self, name: str, counter: Callable[[], int], busy: Callable[[], bool], limit: float) -> None:
-        self._items.append(_Tracked(name, counter, busy, limit, counter(), self._clock()))
-
-    def clear(self) -> None:
-        self._items.clear()
-
-    def names(self) -> list[str]:
-        return [item.name for item in self._items]
-
-    def wedged(self) -> list[tuple[str, float]]:
-        """``(component, seconds without progress)`` for every wedged component; updates state."""
-        now = self._clock()
-        out = []
-        for item in self._items:
-            count = item.counter()
-            if count != item.count or not item.busy():
-                item.count, item.since = count, now
-            elif now - item.since > item.limit:
-                out.append((item.name, now - item.since))
-        return out
-
-
-def track_gateway(progress: Progress, gw: Gateway, margin: float = STALL_MARGIN) -> None:
-    """Register every loop of a running gateway with ``progress`` (called once it is set up)."""
-    progress.clear()
-    devices = {d.id: d.config for d in gw.config.devices}
-    for poller in gw.pollers:
-        statuses = list(poller.status.values())
-        cfgs = [devices[d] for d in poller.status if d in devices]
-        # The longest a healthy loop can go without an attempt: the slowest schedule (interval or
-        # the backoff of a device that is down), plus one full round of timeouts of every device.
-        limit = (max((max(c.interval, c.backoff_max) for c in cfgs), default=60.0)
-                 + sum(c.timeout * (1 + c.retries) for c in cfgs) + margin)
-        progress.track(f"poll[{poller.name}]",
-                       lambda s=statuses: sum(st.polls + sum(st.errors.values()) for st in s),
-                       lambda: True, limit)
-    committer = gw.committer
-    if committer is not None:
-        progress.track("commit", lambda: committer.stats.commits + committer.stats.failed_commits,
-                       lambda: committer.pending > 0, gw.config.gateway.buffer.commit_delay + 1.0 + margin)
-    outbox = gw.outbox
-    for fwd in gw.forwarders:
-        name = fwd.name  # type: ignore[attr-defined]
-        sink = gw.sinks.get(name)
-        sink_cfg = gw.config.gateway.sinks[name]
-        ack = float(getattr(sink, "ack_timeout", FORWARD_IDLE_LIMIT))
-        linger = float(getattr(getattr(sink_cfg, "batch", None), "linger", 0.0))
-
-        def busy(name: str = name, sink: Any = sink) -> bool:
-            if sink is None or not getattr(sink, "connected", False) or outbox is None:
-                return False
-            return outbox.stats().pending.get(name, 0) > 0
-
-        progress.track(f"forward[{name}]",
-                       lambda f=fwd: f.stats.batches + f.stats.retries,  # type: ignore[attr-defined]
-                       busy, 2 * ack + linger + 5.0 + margin)
-
 
 # --------------------------------------------------------------------------- figures
 def _process() -> dict[str, float]:
@@ -135,9 +52,10 @@ def healthz(gw: Gateway) -> tuple[bool, dict[str, Any]]:
     """(healthy, body): live = no wedged loop; ready = running with a writable outbox."""
     reasons: list[str] = []
     warnings: list[str] = []
-    wedged = gw.progress.wedged()
-    for name, seconds in wedged:
-        reasons.append(f"{name}: no progress for {seconds:.0f} s")
+    states = gw.watchdog.states()
+    wedged = [s for s in states if s.wedged_for is not None]
+    for s in wedged:
+        reasons.append(f"{s.name}: wedged — {describe(s)}")
     ready = gw.ready.is_set() and gw.outbox is not None and gw.final_stats is None
     if not ready:
         reasons.append("not running yet (or stopping)")
@@ -155,6 +73,9 @@ def healthz(gw: Gateway) -> tuple[bool, dict[str, Any]]:
                 warnings.append(f"device {dev}: down")
     if gw.clock.synced is False:
         warnings.append("system clock not synchronised: readings are flagged clock_unsynced")
+    for s in states:
+        if s.wedged_for is None and s.state == "waiting" and s.until_in is not None:
+            warnings.append(f"{s.name}: {describe(s)}")  # waiting on the far end is not a wedge; say so
     live = not wedged
     body = {"live": live, "ready": ready, "reasons": reasons, "warnings": warnings}
     return live and ready, body
@@ -341,9 +262,8 @@ def render_metrics(gw: Gateway) -> str:
     fam("sluice_clock_jumps_total")
     out.sample("sluice_clock_jumps_total", gw.clock.jumps)
     fam("sluice_component_stalled")
-    stalled = {name for name, _s in gw.progress.wedged()}
-    for name in gw.progress.names():
-        out.sample("sluice_component_stalled", name in stalled, component=name)
+    for s in gw.watchdog.states():
+        out.sample("sluice_component_stalled", s.wedged_for is not None, component=s.name)
 
     _provided(out)
     proc = _process()
@@ -407,9 +327,9 @@ def status_line(gw: Gateway) -> str:
         parts.append("OUTBOX NOT WRITABLE")
     if gw.clock.synced is False:
         parts.append("clock not synchronised")
-    wedged = gw.progress.wedged()
+    wedged = gw.watchdog.wedged()
     if wedged:
-        parts.append("WEDGED " + ", ".join(name for name, _s in wedged))
+        parts.append("WEDGED " + ", ".join(s.name for s in wedged))
     return "; ".join(parts)
 
 
