@@ -444,16 +444,18 @@ class Forwarder:
         rec = self._receipts
         assert rec is not None
         sent, acked = self._outbox.sent(self.name), self._outbox_position()
+        recorded = self._outbox.resend_due(self.name)
+        wait = 0.0
+        if recorded is not None:  # also when stopped mid-re-send (sent back at acked): the backoff holds
+            due_ns, attempt = recorded
+            rec.backoff.failures = attempt
+            wait = min(max((due_ns - time.time_ns()) / 1e9, 0.0), rec.backoff.maximum)  # a clock jump bounds nothing
+            rec.resume_at = asyncio.get_running_loop().time() + wait
         if sent <= acked:
             return
-        recorded = self._outbox.resend_due(self.name)
         if recorded is None:
             self._resend(f"{sent - acked} readings sent before the restart have no receipt yet")
             return
-        due_ns, attempt = recorded
-        rec.backoff.failures = attempt
-        wait = min(max((due_ns - time.time_ns()) / 1e9, 0.0), rec.backoff.maximum)  # a clock jump bounds nothing
-        rec.resume_at = asyncio.get_running_loop().time() + wait
         rec.outstanding.append((acked + 1, sent, rec.resume_at))
         log.info("sink %s: %d readings sent before the restart await receipts after %d re-send%s; the next "
                  "re-send is due in %.0f s", self.name, sent - acked, attempt, "s" if attempt != 1 else "", wait)
@@ -614,8 +616,12 @@ class Forwarder:
         """Wait for entries, linger for a part-full batch, return the batch (maybe empty)."""
         batch = self._batch
         self._wake.clear()  # cleared before the fetch: a commit after it wakes us again
-        after = self._outbox.sent(self.name) if self._receipts is not None else None
-        entries = self._outbox.fetch(self.name, batch.max_readings, batch.max_bytes, after=after)
+        after = None
+        most = batch.max_readings
+        if self._receipts is not None:  # the window bounds what is unconfirmed, a batch included
+            after = self._outbox.sent(self.name)
+            most = max(1, min(most, self._receipts.window - (after - self._outbox_position())))
+        entries = self._outbox.fetch(self.name, most, batch.max_bytes, after=after)
         if not entries:
             due = self._receipts_due()
             if due is None:
@@ -627,18 +633,18 @@ class Forwarder:
             return []
         # The first batch of a run goes at once: lingering is for steady state, and an operator
         # watching a new install should see the first value as soon as it is read.
-        if len(entries) < batch.max_readings and batch.linger > 0 and self.stats.batches:
+        if len(entries) < most and batch.linger > 0 and self.stats.batches:
             # Linger from the oldest reading's time, so a backlog (old readings) goes at once.
             age = (time.time_ns() - entries[0].reading.time_ns) / 1e9
             deadline = asyncio.get_running_loop().time() + min(batch.linger - age, batch.linger)
-            while len(entries) < batch.max_readings:
+            while len(entries) < most:
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
                     break
                 self._wake.clear()
                 if not await self._wait_wake(remaining):
                     break  # nothing committed meanwhile: send what we have
-                more = self._outbox.fetch(self.name, batch.max_readings, batch.max_bytes, after=after)
+                more = self._outbox.fetch(self.name, most, batch.max_bytes, after=after)
                 if len(more) == len(entries):  # limited by max_bytes: full already
                     entries = more
                     break
