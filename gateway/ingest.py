@@ -72,6 +72,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from gateway.brokerconf import queue_advice
 from gateway.encode import InfluxEncoder
 from gateway.forwarder import SinkRejected, SinkUnavailable, isolate_refused, receipt_mac
 from gateway.sdnotify import Notifier
@@ -97,6 +98,10 @@ LOG_PERIOD = 60.0
 REASON_LIMIT = 400
 """Characters of a reason carried in the dead letter's user property."""
 STATUS_PAYLOADS = (b"online", b"offline")
+KEPT = ("messages not yet written wait unacknowledged in the broker's queue for this session (bounded by its "
+        "max_queued_messages / max_queued_bytes: see `sluice ingest check`), and with end-to-end receipts also in the "
+        "gateways' outboxes")
+"""Where readings are while the database is down: the ingest has no outbox of its own."""
 
 
 @dataclass(slots=True)
@@ -191,7 +196,9 @@ class Ingest:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         async with contextlib.AsyncExitStack() as stack:
-            sink = await stack.enter_async_context(InfluxSink("ingest", self.config.influxdb))
+            sink = await stack.enter_async_context(InfluxSink("ingest", self.config.influxdb, kept=KEPT))
+            for level, line in queue_advice(self.config):
+                log.log(level, "ingest: %s", line)
             if self.config.metrics is not None:
                 server = await stack.enter_async_context(MetricsServer(self, self.config.metrics.host,
                                                                        self.config.metrics.port))
@@ -757,6 +764,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK — {', '.join(m.subscriptions())} on {m.host}:{m.effective_port} as "
           f"{args.client_id or m.effective_client_id} → {db.url} ({db.api}, {target}); dead letters to "
           f"{config.dead_letter_topic}")
+    for level, line in queue_advice(config):
+        print(f"{logging.getLevelName(level).lower()}: {line}")
     return 0
 
 
