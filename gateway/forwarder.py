@@ -44,6 +44,8 @@ Lifecycle (who calls what):
   receipts until its next re-send (gateway/watchdog.py: that is not a wedge). With
   ``receipt_secret`` a receipt counts only if its ``"mac"`` is :func:`receipt_mac` of it (others
   are counted, ignored).
+* The receipts' state (ranges awaiting receipts, confirmed ranges, the re-send backoff) lives in
+  :class:`gateway.receipts.Receipts`, one per end_to_end forwarder; this docstring states its rules.
 * Watchdog: the forwarder reports to its :class:`gateway.watchdog.Loop` — idle (nothing to send),
   busy (a batch on its way; progress at every delivered or failed batch), waiting on the sink's
   connection (no deadline: the sink reconnects by itself), on receipts (until the next re-send) or
@@ -56,14 +58,9 @@ Lifecycle (who calls what):
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
 import logging
-import re
 import string
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
@@ -71,12 +68,12 @@ from typing import Literal, Protocol, TypeVar
 from gateway.buffer import Entry, Outbox, OutboxError
 from gateway.config import BatchConfig
 from gateway.encode import make_encoder
-from gateway.polling import Backoff
 from gateway.reading import Reading
+from gateway.receipts import RECEIPTS, Receipts, batch_ids, parse_batch_id, receipt_mac
 from gateway.watchdog import Loop
 
 __all__ = ["Forwarder", "ForwarderStats", "Identity", "Message", "Sink", "SinkConfig", "SinkRejected",
-           "SinkUnavailable"]
+           "SinkUnavailable", "batch_ids", "parse_batch_id", "receipt_mac"]  # the last three: gateway/receipts.py
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +83,6 @@ RESEND_CHECK_INTERVAL = 2.0
 """Seconds between looks for dead letters an operator marked for re-sending (another process marks them)."""
 ERROR_PAUSE = 5.0
 """Seconds to wait after an outbox error or an unexpected failure before trying again."""
-RESEND_BACKOFF_MAX = 16
-"""end_to_end: the longest pause between two re-sends without a receipt, in ``receipt_timeout``s."""
-RECEIPTS = "receipts from sluice ingest"
-
 Message = tuple[str, bytes]
 """(topic, payload)"""
 
@@ -162,34 +155,6 @@ class ForwarderStats:
     receipts_refused: int = 0  # end_to_end with receipt_secret: receipts without a valid mac, ignored
 
 
-_BATCH_ID = re.compile(r"(\d+)-(\d+):(\d+)/(\d+)")
-
-
-def batch_ids(first: int, last: int, parts: int) -> list[bytes]:
-    """The correlation data of each of the ``parts`` messages of the batch covering seqs first..last."""
-    return [f"{first}-{last}:{i}/{parts}".encode() for i in range(1, parts + 1)]
-
-
-def receipt_mac(key: bytes, topic: str, written: Sequence[str], dead_lettered: Sequence[str]) -> str:
-    """The ``mac`` of a receipt (``receipt_secret``): HMAC-SHA256, hex, over the receipt topic and
-    the id lists in a fixed serialisation, so a receipt cannot be moved to another gateway's topic.
-    Replaying an old receipt confirms nothing new: batch ids are outbox seqs, never reused."""
-    text = topic + "\n" + json.dumps({"written": list(written), "dead_lettered": list(dead_lettered)},
-                                     separators=(",", ":"))
-    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
-
-
-def parse_batch_id(text: str) -> tuple[int, int, int, int] | None:
-    """(first, last, part, parts) of a batch id, or None if it is not one."""
-    m = _BATCH_ID.fullmatch(text)
-    if m is None:
-        return None
-    first, last, part, parts = map(int, m.groups())
-    if not (0 < first <= last and 0 < part <= parts):
-        return None
-    return first, last, part, parts
-
-
 SPLIT_REQUESTS = 64
 """Most requests spent finding the refused readings of one refused batch; then what is still
 refused goes to the dead letters in parts (a batch of all-bad readings must not cost 2n requests)."""
@@ -221,19 +186,6 @@ async def isolate_refused(items: Sequence[T], message: str, send: Callable[[Sequ
             half = len(part) // 2
             stack += [(part[half:], None), (part[:half], None)]
     return refused
-
-
-class _Receipts:
-    """end_to_end bookkeeping of one forwarder: sent batches awaiting receipts, confirmed ranges."""
-
-    def __init__(self, timeout: float, window: int) -> None:
-        self.timeout = timeout
-        self.window = window
-        self.outstanding: deque[tuple[int, int, float]] = deque()  # (first, last, deadline), oldest first
-        self.backoff = Backoff(2 * timeout, RESEND_BACKOFF_MAX * timeout)  # failures: re-sends without a receipt
-        self.resume_at = 0.0  # loop time before which no re-send happens (the backoff)
-        self.parts: dict[tuple[int, int], set[int]] = {}  # incomplete ranges: parts received
-        self.confirmed: dict[int, int] = {}  # complete ranges not yet joined to acked: first -> last
 
 
 class _Topics:
@@ -275,190 +227,17 @@ class Forwarder:
         self._wake = asyncio.Event()
         self._resend_check_at = 0.0  # loop time of the next look for dead letters to re-send
         self.stats = ForwarderStats()
-        self._receipts: _Receipts | None = None
-        self._receipt_key: tuple[bytes, str] | None = None  # (secret, receipt topic)
-        self._refused_logged = 0.0  # monotonic time a refused receipt was last logged
+        self._receipts: Receipts | None = None
         if getattr(config, "delivery", "broker") == "end_to_end":
-            self._receipts = _Receipts(config.receipt_timeout, config.receipt_window)  # type: ignore[attr-defined]
-            sink.receipt_handler = self.on_receipt  # type: ignore[attr-defined]
             secret = getattr(config, "receipt_secret", None)
-            if secret is not None:
-                self._receipt_key = (secret.get_secret_value().encode(), str(sink.receipt_topic))  # type: ignore[attr-defined]
+            key = (secret.get_secret_value().encode(), str(sink.receipt_topic)) if secret is not None else None  # type: ignore[attr-defined]
+            self._receipts = Receipts(name, outbox, config.receipt_timeout, config.receipt_window,  # type: ignore[attr-defined]
+                                      self.stats, self.loop, self._wake.set, key)
+            sink.receipt_handler = self._receipts.on_receipt  # type: ignore[attr-defined]
 
     def notify(self) -> None:
         """New entries were committed to the outbox. Never blocks."""
         self._wake.set()
-
-    # -- end-to-end receipts -------------------------------------------------------------------
-
-    def on_receipt(self, payload: bytes) -> None:
-        """A receipt from ``sluice ingest`` (see the module docstring). Never raises on bad input."""
-        rec = self._receipts
-        if rec is None:
-            return
-        try:
-            doc = json.loads(payload)
-            ids = [*doc.get("written", ()), *doc.get("dead_lettered", ())]
-        except (ValueError, AttributeError, TypeError):
-            log.warning("sink %s: ignoring a receipt that is not JSON with written/dead_lettered lists: %.200r",
-                        self.name, payload)
-            return
-        if self._receipt_key is not None and not self._authentic(doc):
-            return
-        if doc.get("dead_lettered"):
-            log.warning("sink %s: ingest dead-lettered messages of batches %s — see its dead-letter topic",
-                        self.name, ", ".join(map(str, doc["dead_lettered"]))[:400])
-        acked = self._outbox_position()
-        for text in ids:
-            parsed = parse_batch_id(str(text))
-            if parsed is None:
-                continue
-            first, last, part, parts = parsed
-            if last <= acked:
-                continue
-            key = (first, last)
-            got = rec.parts.setdefault(key, set())
-            got.add(part)
-            if len(got) >= parts:
-                del rec.parts[key]
-                rec.confirmed[first] = max(last, rec.confirmed.get(first, 0))
-                self.stats.receipts += 1
-        self._advance()
-
-    def _authentic(self, doc: dict[str, object]) -> bool:
-        """The receipt carries the mac of ``receipt_secret``; else it is counted, logged (at most once
-        a minute) and ignored — a forged receipt must never delete readings."""
-        assert self._receipt_key is not None
-        key, topic = self._receipt_key
-        mac = doc.get("mac")
-        try:
-            expected = receipt_mac(key, topic, doc.get("written", []), doc.get("dead_lettered", []))  # type: ignore[arg-type]
-        except TypeError:
-            expected = ""
-        if isinstance(mac, str) and expected and hmac.compare_digest(mac, expected):
-            return True
-        self.stats.receipts_refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged >= 60.0:
-            self._refused_logged = now
-            log.warning("sink %s: ignored a receipt on %s %s (%d so far) — set the same receipt_secret in "
-                        "ingest.yaml, and restrict with broker ACLs who may publish there", self.name, topic,
-                        "without a mac" if mac is None else "with a wrong mac", self.stats.receipts_refused)
-        return False
-
-    def _outbox_position(self) -> int:
-        return self._outbox.position(self.name)
-
-    def _advance(self) -> None:
-        """Move ``acked`` over confirmed ranges that join it."""
-        rec = self._receipts
-        assert rec is not None
-        start = pos = self._outbox_position()
-        moved = True
-        while moved:
-            moved = False
-            for first, last in list(rec.confirmed.items()):
-                if last <= pos:
-                    del rec.confirmed[first]
-                elif first <= pos + 1:
-                    pos = last
-                    del rec.confirmed[first]
-                    moved = True
-        if pos <= start:
-            return
-        pos = min(pos, self._outbox.last_seq)
-        try:
-            self._outbox.ack(self.name, pos)
-        except OutboxError as exc:  # the receipt is lost; the readings are published again later
-            log.error("sink %s: outbox error while recording a receipt: %s", self.name, exc)
-            return
-        for key in [k for k in rec.parts if k[1] <= pos]:
-            del rec.parts[key]
-        while rec.outstanding and rec.outstanding[0][1] <= pos:
-            rec.outstanding.popleft()
-        now = asyncio.get_running_loop().time()
-        if rec.outstanding:  # the far end works through what we sent, in order: give the next its time
-            first, last, deadline = rec.outstanding[0]
-            rec.outstanding[0] = (first, last, max(deadline, now + rec.timeout))
-        if rec.backoff.failures:
-            log.info("sink %s: receipts again after %d re-send%s", self.name, rec.backoff.failures,
-                     "s" if rec.backoff.failures != 1 else "")
-            rec.backoff.reset()
-            rec.resume_at = 0.0
-            try:
-                self._outbox.clear_resend(self.name)
-            except OutboxError as exc:  # a restart then backs off once more than needed: harmless
-                log.error("sink %s: %s", self.name, exc)
-        self.stats.delivered += pos - start
-        self.stats.last_delivery_ns = time.time_ns()
-        self._wake.set()
-
-    def _receipts_due(self) -> float | None:
-        """Loop time of the next re-send (the oldest outstanding batch's deadline, or the backoff's if
-        later); None when nothing awaits a receipt."""
-        rec = self._receipts
-        if rec is None or not rec.outstanding:
-            return None
-        return max(rec.outstanding[0][2], rec.resume_at)
-
-    def _check_receipts(self) -> float | None:
-        """Re-send when due; returns seconds to wait when the window is full, else None."""
-        rec = self._receipts
-        if rec is None:
-            return None
-        now = asyncio.get_running_loop().time()
-        due = self._receipts_due()
-        if due is not None and due <= now:
-            first, last, _deadline = rec.outstanding[0]
-            self._resend(f"no receipt for readings seq {first}–{last} within {rec.timeout:g} s")
-            self.stats.receipt_timeouts += 1
-            return None
-        if due is not None and self._outbox.sent(self.name) - self._outbox_position() >= rec.window:
-            self.loop.waiting(RECEIPTS, due)
-            return max(due - now, 0.01)
-        return None
-
-    def _resend(self, why: str) -> None:
-        """Publish every unconfirmed reading again from ``acked``, and back off the next re-send
-        (kept in the outbox with the rewind, so a restart keeps it)."""
-        rec = self._receipts
-        assert rec is not None
-        sent, acked = self._outbox.sent(self.name), self._outbox_position()
-        delay = rec.backoff.next()
-        self._outbox.rewind_sent(self.name, (time.time_ns() + int(delay * 1e9), rec.backoff.failures))
-        rec.resume_at = asyncio.get_running_loop().time() + delay
-        rec.outstanding.clear()
-        self.stats.receipt_resent += sent - acked
-        if rec.backoff.failures == 1:
-            log.warning("sink %s: %s — publishing the %d readings not yet confirmed again; while no receipt "
-                        "comes, again after %.0f s, then less and less often (at most every %.0f s) — is "
-                        "`sluice ingest` running and writing?", self.name, why, sent - acked, delay,
-                        rec.backoff.maximum)
-        else:
-            log.info("sink %s: %s — publishing the %d readings not yet confirmed again (re-send %d; next in %.0f s)",
-                     self.name, why, sent - acked, rec.backoff.failures, delay)
-
-    def _restore_receipts(self) -> None:
-        """At start: readings sent before the restart still await receipts. With a re-send backoff
-        recorded, keep it; else publish them again now (see the module docstring)."""
-        rec = self._receipts
-        assert rec is not None
-        sent, acked = self._outbox.sent(self.name), self._outbox_position()
-        recorded = self._outbox.resend_due(self.name)
-        wait = 0.0
-        if recorded is not None:  # also when stopped mid-re-send (sent back at acked): the backoff holds
-            due_ns, attempt = recorded
-            rec.backoff.failures = attempt
-            wait = min(max((due_ns - time.time_ns()) / 1e9, 0.0), rec.backoff.maximum)  # a clock jump bounds nothing
-            rec.resume_at = asyncio.get_running_loop().time() + wait
-        if sent <= acked:
-            return
-        if recorded is None:
-            self._resend(f"{sent - acked} readings sent before the restart have no receipt yet")
-            return
-        rec.outstanding.append((acked + 1, sent, rec.resume_at))
-        log.info("sink %s: %d readings sent before the restart await receipts after %d re-send%s; the next "
-                 "re-send is due in %.0f s", self.name, sent - acked, attempt, "s" if attempt != 1 else "", wait)
 
     async def run(self) -> None:
         """Deliver forever; cancel to stop (an unacknowledged batch stays in the outbox)."""
@@ -466,7 +245,7 @@ class Forwarder:
         rec = self._receipts
         loop = self.loop
         if rec is not None:
-            self._restore_receipts()
+            rec.restore()
         while True:
             try:
                 if not self._sink.connected:
@@ -474,7 +253,7 @@ class Forwarder:
                     await self._sink.wait_connected()
                 if not await self._resend_dead_letter():
                     continue
-                wait = self._check_receipts()
+                wait = rec.check() if rec is not None else None
                 if wait is not None:
                     self._wake.clear()
                     await self._wait_wake(wait)
@@ -498,10 +277,7 @@ class Forwarder:
                         await self._sink.wait_connected()
                         continue
                     loop.progress()
-                    self._outbox.mark_sent(self.name, entries[-1].seq)
-                    if self._outbox_position() < entries[-1].seq:
-                        rec.outstanding.append((first, entries[-1].seq, max(
-                            asyncio.get_running_loop().time() + rec.timeout, rec.resume_at)))
+                    rec.published(first, entries[-1].seq)
                     stats = self.stats
                     stats.messages += len(messages)
                     stats.bytes += sum(len(payload) for _topic, payload in messages)
@@ -620,10 +396,10 @@ class Forwarder:
         most = batch.max_readings
         if self._receipts is not None:  # the window bounds what is unconfirmed, a batch included
             after = self._outbox.sent(self.name)
-            most = max(1, min(most, self._receipts.window - (after - self._outbox_position())))
+            most = min(most, self._receipts.room())
         entries = self._outbox.fetch(self.name, most, batch.max_bytes, after=after)
         if not entries:
-            due = self._receipts_due()
+            due = self._receipts.due() if self._receipts is not None else None
             if due is None:
                 self.loop.idle()
                 await self._wait_wake(RECHECK_INTERVAL)
