@@ -14,7 +14,7 @@ from gateway import driver as drivers
 from gateway.buffer import Outbox, OutboxError, OutboxStats
 from gateway.config import Config
 from gateway.driver import Device, Poller
-from gateway.health import HealthServer, status_line
+from gateway.health import HealthServer, SinkSnapshot, Snapshot, status_line
 from gateway.clock import ClockWatch
 from gateway.reading import CLOCK_UNSYNCED, Reading
 from gateway.sdnotify import Notifier
@@ -190,6 +190,30 @@ class Gateway:
             return self.final_stats
         return self.outbox.stats() if self.outbox is not None else None
 
+    def snapshot(self) -> Snapshot:
+        """What health renders (gateway/health.py): figures and names only, read now."""
+        cfg = self.config
+        running = self.outbox is not None and self.final_stats is None
+        snap = Snapshot(cfg.gateway_id, cfg.site, self.started_ns, running and self.ready.is_set(),
+                        [(dev, st) for p in self.pollers for dev, st in p.status.items()], self.outbox_stats(),
+                        cfg.gateway.buffer.max_bytes, clock_synced=self.clock.synced, clock_jumps=self.clock.jumps,
+                        loops=self.watchdog.states())
+        committer = self.committer
+        if committer is not None:
+            cs = committer.stats
+            snap.received, snap.committed, snap.failed_commits, snap.lost = (cs.received, cs.committed,
+                                                                             cs.failed_commits, cs.lost)
+            snap.held, snap.outbox_failing = committer.pending, committer.failing
+        forwarders = {f.name: f for f in self.forwarders}  # type: ignore[attr-defined]
+        now_ns = time.time_ns()
+        for name, sink in self.sinks.items():
+            fwd = forwarders.get(name)
+            entry = SinkSnapshot(name, bool(getattr(sink, "connected", False)), fwd.stats if fwd is not None else None)
+            if running and self.outbox is not None:
+                entry.lag, entry.unconfirmed = _lag(self.outbox, name, now_ns)
+            snap.sinks.append(entry)
+        return snap
+
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         buf = cfg.gateway.buffer
@@ -245,9 +269,9 @@ class Gateway:
                      cfg.gateway_id, cfg.site, len(cfg.devices), len(self.pollers), len(forwarders),
                      buf.resolved_path())
             self.ready.set()
-            notifier.send(READY=1, STATUS=status_line(self))
+            notifier.send(READY=1, STATUS=status_line(self.snapshot()))
             stop_task = asyncio.create_task(stop.wait(), name="stop")
-            watchdog_task = asyncio.create_task(self.watchdog.run(notifier, lambda: status_line(self)), name="watchdog")
+            watchdog_task = asyncio.create_task(self.watchdog.run(notifier, lambda: status_line(self.snapshot())), name="watchdog")
             clock_task = asyncio.create_task(clock.run(5.0), name="clock")  # jumps accumulate: 5 s is enough
             try:
                 done, _ = await asyncio.wait([stop_task, commit_task, self._ended],
@@ -403,12 +427,22 @@ class Gateway:
         if not health.enabled:
             return
         try:
-            server = await stack.enter_async_context(HealthServer(self, health.host, health.port))
+            server = await stack.enter_async_context(HealthServer(self.snapshot, health.host, health.port))
         except OSError as exc:
             log.error("health endpoint: cannot listen on %s: %s — running without /healthz and /metrics; "
                       "choose another health.listen", health.listen, exc.strerror or exc)
             return
         self.health_port = server.port
+
+
+def _lag(outbox: Outbox, sink: str, now_ns: int) -> tuple[float, int]:
+    """(age of the oldest reading ``sink`` has not acknowledged, readings sent but unconfirmed)."""
+    try:
+        oldest = outbox.fetch(sink, 1, 1)
+        unconfirmed = outbox.sent(sink) - outbox.position(sink)
+    except Exception:  # the outbox failing is reported elsewhere (or a sink removed by a reload just now)
+        return 0.0, 0
+    return (max(0.0, (now_ns - oldest[0].reading.time_ns) / 1e9) if oldest else 0.0), unconfirmed
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[object]]) -> None:
@@ -499,7 +533,7 @@ async def _until_reload(gateway: Gateway, task: asyncio.Task[None], run_stop: as
         if not changes:  # load() may have applied trace.yaml: systemd still sees a whole reload
             notifier.send(RELOADING=1, STATUS="reloading")
             log.info("configuration unchanged (gateway.yaml, devices, profiles); nothing to restart")
-            notifier.send(READY=1, STATUS=status_line(gateway))
+            notifier.send(READY=1, STATUS=status_line(gateway.snapshot()))
             continue
         full = needs_full_restart(config, new)
         notifier.send(RELOADING=1, STATUS="reloading: " + "; ".join(changes))
@@ -521,7 +555,7 @@ async def _until_reload(gateway: Gateway, task: asyncio.Task[None], run_stop: as
             await task
             return new
         config = new
-        notifier.send(READY=1, STATUS=status_line(gateway))
+        notifier.send(READY=1, STATUS=status_line(gateway.snapshot()))
 
 
 def needs_full_restart(old: Config, new: Config) -> str:

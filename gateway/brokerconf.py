@@ -19,10 +19,8 @@ import logging
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from gateway.ingest_config import IngestConfig
+from gateway.ingest_config import IngestConfig
 
 __all__ = ["DEBIAN_CONF", "MosquittoLimits", "broker_is_local", "queue_advice", "read_mosquitto"]
 
