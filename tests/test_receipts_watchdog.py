@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,19 @@ def publications(port: int, topic_filter: str = "sluice/#") -> Iterator[list[str
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+@contextlib.asynccontextmanager
+async def _devices_and_counter(tmp_path: Path, mosquitto: Any, **sink: Any) -> AsyncIterator[tuple[Path, list[str]]]:
+    """Simulated devices running, a gateway configuration for them (outbox: tmp_path/outbox.db) and
+    the batch ids a paho subscriber sees (:func:`publications`)."""
+    servers = counter_servers(LAYOUT)
+    async with contextlib.AsyncExitStack() as stack:
+        for server in servers:
+            await stack.enter_async_context(server)
+        config = _config(tmp_path, servers, mosquitto.port, tmp_path / "outbox.db", **sink)
+        with publications(mosquitto.port) as ids:
+            yield config, ids
 
 
 def _copies_of_first(ids: list[str]) -> int:
@@ -187,36 +200,31 @@ async def test_waiting_for_receipts_is_not_a_wedge(tmp_path: Path, mosquitto: An
 
 async def test_a_restart_publishes_unconfirmed_readings_again_at_once_and_only_once(
         tmp_path: Path, mosquitto: Any, close_default_executor: None) -> None:
-    servers = counter_servers(LAYOUT)
     outbox = tmp_path / "outbox.db"
     log = tmp_path / "gateway.log"
-    async with contextlib.AsyncExitStack() as stack:
-        for server in servers:
-            await stack.enter_async_context(server)
-        # An hour: a re-publication within this test can only come from the start.
-        config = _config(tmp_path, servers, mosquitto.port, outbox, receipt_timeout="1h", receipt_window=30)
-        with publications(mosquitto.port) as ids:
+    # An hour: a re-publication within this test can only come from the start.
+    async with _devices_and_counter(tmp_path, mosquitto, receipt_timeout="1h", receipt_window=30) as (config, ids):
+        proc = _gateway(config, log)
+        try:
+            await until(lambda: _positions(outbox)[1] >= 30, 60, "the window published")
+            await until(lambda: _copies_of_first(ids) == 1, 30, "the first copy seen")
+            assert _resend_record(outbox) is None
+            _stop(proc, signal.SIGKILL)
             proc = _gateway(config, log)
-            try:
-                await until(lambda: _positions(outbox)[1] >= 30, 60, "the window published")
-                await until(lambda: _copies_of_first(ids) == 1, 30, "the first copy seen")
-                assert _resend_record(outbox) is None
-                _stop(proc, signal.SIGKILL)
-                proc = _gateway(config, log)
-                await until(lambda: _copies_of_first(ids) == 2, 60, "published again after the restart")
-                assert "sent before the restart have no receipt yet" in log.read_text()
-                await until(lambda: _resend_record(outbox) is not None, 30, "the re-send recorded")
-                due_ns, attempt = _resend_record(outbox)  # type: ignore[misc]
-                assert attempt == 1 and due_ns > time.time_ns() + 3600e9  # the next in 2 x receipt_timeout
-                await until(lambda: _positions(outbox)[1] >= 30, 60, "the window published again")
-                _stop(proc, signal.SIGKILL)
-                proc = _gateway(config, log)
-                await until(lambda: "await receipts after 1 re-send" in log.read_text(), 60, "second start")
-                # The forwarder decided (it logs before it sends anything): the backoff it read stands.
-                await until(lambda: _positions(outbox)[1] >= 30, 60, "the window is full again")
-                assert _resend_record(outbox) == (due_ns, 1)
-            finally:
-                code = _stop(proc)
+            await until(lambda: _copies_of_first(ids) == 2, 60, "published again after the restart")
+            assert "sent before the restart have no receipt yet" in log.read_text()
+            await until(lambda: _resend_record(outbox) is not None, 30, "the re-send recorded")
+            due_ns, attempt = _resend_record(outbox)  # type: ignore[misc]
+            assert attempt == 1 and due_ns > time.time_ns() + 3600e9  # the next in 2 x receipt_timeout
+            await until(lambda: _positions(outbox)[1] >= 30, 60, "the window published again")
+            _stop(proc, signal.SIGKILL)
+            proc = _gateway(config, log)
+            await until(lambda: "await receipts after 1 re-send" in log.read_text(), 60, "second start")
+            # The forwarder decided (it logs before it sends anything): the backoff it read stands.
+            await until(lambda: _positions(outbox)[1] >= 30, 60, "the window is full again")
+            assert _resend_record(outbox) == (due_ns, 1)
+        finally:
+            code = _stop(proc)
         copies = _copies_of_first(ids)
     assert code == 0, log.read_text()[-3000:]
     assert copies == 2, f"seq 1 was published {copies} times"
@@ -225,7 +233,6 @@ async def test_a_restart_publishes_unconfirmed_readings_again_at_once_and_only_o
 
 async def test_resends_back_off_across_a_restart_while_nobody_answers(
         tmp_path: Path, mosquitto: Any, close_default_executor: None) -> None:
-    servers = counter_servers(LAYOUT)
     outbox = tmp_path / "outbox.db"
     log = tmp_path / "gateway.log"
     dues: dict[int, int] = {}
@@ -236,21 +243,17 @@ async def test_resends_back_off_across_a_restart_while_nobody_answers(
             dues.setdefault(got[1], got[0])
         return got[1] if got is not None else 0
 
-    async with contextlib.AsyncExitStack() as stack:
-        for server in servers:
-            await stack.enter_async_context(server)
-        config = _config(tmp_path, servers, mosquitto.port, outbox, receipt_timeout="1s", receipt_window=30)
-        with publications(mosquitto.port) as ids:
+    async with _devices_and_counter(tmp_path, mosquitto, receipt_timeout="1s", receipt_window=30) as (config, ids):
+        proc = _gateway(config, log)
+        try:
+            await until(lambda: record() >= 1, 60, "the first re-send")
+            _stop(proc, signal.SIGKILL)  # inside the backoff: the restart keeps it
             proc = _gateway(config, log)
-            try:
-                await until(lambda: record() >= 1, 60, "the first re-send")
-                _stop(proc, signal.SIGKILL)  # inside the backoff: the restart keeps it
-                proc = _gateway(config, log)
-                await until(lambda: record() >= 3, 90, "the third re-send")
-                attempts = record()
-                await until(lambda: _copies_of_first(ids) >= attempts + 1, 30, "every re-send seen")
-            finally:
-                code = _stop(proc)
+            await until(lambda: record() >= 3, 90, "the third re-send")
+            attempts = record()
+            await until(lambda: _copies_of_first(ids) >= attempts + 1, 30, "every re-send seen")
+        finally:
+            code = _stop(proc)
         copies = _copies_of_first(ids)
     assert code == 0, log.read_text()[-3000:]
     # Each step waits at least twice as long as the one before (2, 4 x receipt_timeout), so over

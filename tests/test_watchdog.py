@@ -80,3 +80,26 @@ def test_a_loop_made_without_a_watchdog_is_a_harmless_handle() -> None:
     loop.waiting("x", None)
     loop.idle()
     assert loop.judge(0.0).state == "idle"
+
+
+async def test_the_ingest_waiting_out_the_database_reports_it_and_is_not_wedged(tmp_path, mosquitto,
+                                                                                close_default_executor) -> None:
+    """``sluice ingest`` with messages waiting and no database: its write loop reports waiting on the
+    database until its next retry (the sink's backoff), so the shared watchdog never calls it wedged."""
+    from test_ingest import publisher, running, until, write_config
+
+    cfg = write_config(tmp_path / "ingest.yaml", mosquitto, {"url": "http://127.0.0.1:1", "api": "v1", "database": "x"})
+    async with running(cfg) as ingest, publisher(mosquitto) as pub:
+        ingest.watchdog.margin = 1.0  # the event loop may run a retry a little after its time
+        await pub.publish("sluice/lab/gw/dev", b"m v=1i 1760000000000000000", qos=1)
+        seen = []
+
+        def waiting_on_the_database() -> bool:
+            states = {s.name: s for s in ingest.watchdog.states()}
+            seen.append(states["write[ingest]"])
+            return states["write[ingest]"].on == "the database at http://127.0.0.1:1" and ingest.stats.retries >= 5
+
+        await until(waiting_on_the_database, 30, "waiting on the database")
+        assert ingest.pending == 0 and ingest.stats.acked == 0  # held, unacknowledged, while it waits
+        assert not [s for s in seen if s.wedged_for is not None], seen
+        assert all(s.until_in is None or s.until_in <= 0.3 for s in seen if s.state == "waiting")  # retry_max
