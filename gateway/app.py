@@ -190,8 +190,9 @@ class Gateway:
             return self.final_stats
         return self.outbox.stats() if self.outbox is not None else None
 
-    def snapshot(self) -> Snapshot:
-        """What health renders (gateway/health.py): figures and names only, read now."""
+    def snapshot(self, lag: bool = True) -> Snapshot:
+        """What health renders (gateway/health.py): figures and names only, read now. ``lag=False``
+        skips the one outbox row per sink that each sink's lag costs (STATUS= does not show it)."""
         cfg = self.config
         running = self.outbox is not None and self.final_stats is None
         snap = Snapshot(cfg.gateway_id, cfg.site, self.started_ns, running and self.ready.is_set(),
@@ -209,7 +210,7 @@ class Gateway:
         for name, sink in self.sinks.items():
             fwd = forwarders.get(name)
             entry = SinkSnapshot(name, bool(getattr(sink, "connected", False)), fwd.stats if fwd is not None else None)
-            if running and self.outbox is not None:
+            if lag and running and self.outbox is not None:
                 entry.lag, entry.unconfirmed = _lag(self.outbox, name, now_ns)
             snap.sinks.append(entry)
         return snap
@@ -269,9 +270,9 @@ class Gateway:
                      cfg.gateway_id, cfg.site, len(cfg.devices), len(self.pollers), len(forwarders),
                      buf.resolved_path())
             self.ready.set()
-            notifier.send(READY=1, STATUS=status_line(self.snapshot()))
+            notifier.send(READY=1, STATUS=status_line(self.snapshot(lag=False)))
             stop_task = asyncio.create_task(stop.wait(), name="stop")
-            watchdog_task = asyncio.create_task(self.watchdog.run(notifier, lambda: status_line(self.snapshot())), name="watchdog")
+            watchdog_task = asyncio.create_task(self.watchdog.run(notifier, lambda: status_line(self.snapshot(lag=False))), name="watchdog")
             clock_task = asyncio.create_task(clock.run(5.0), name="clock")  # jumps accumulate: 5 s is enough
             try:
                 done, _ = await asyncio.wait([stop_task, commit_task, self._ended],
@@ -533,7 +534,7 @@ async def _until_reload(gateway: Gateway, task: asyncio.Task[None], run_stop: as
         if not changes:  # load() may have applied trace.yaml: systemd still sees a whole reload
             notifier.send(RELOADING=1, STATUS="reloading")
             log.info("configuration unchanged (gateway.yaml, devices, profiles); nothing to restart")
-            notifier.send(READY=1, STATUS=status_line(gateway.snapshot()))
+            notifier.send(READY=1, STATUS=status_line(gateway.snapshot(lag=False)))
             continue
         full = needs_full_restart(config, new)
         notifier.send(RELOADING=1, STATUS="reloading: " + "; ".join(changes))
@@ -555,7 +556,7 @@ async def _until_reload(gateway: Gateway, task: asyncio.Task[None], run_stop: as
             await task
             return new
         config = new
-        notifier.send(READY=1, STATUS=status_line(gateway.snapshot()))
+        notifier.send(READY=1, STATUS=status_line(gateway.snapshot(lag=False)))
 
 
 def needs_full_restart(old: Config, new: Config) -> str:

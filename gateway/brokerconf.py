@@ -74,8 +74,8 @@ def broker_is_local(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         pass
-    names = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
-    return host.lower().rstrip(".") in names
+    own = socket.gethostname().lower()  # not getfqdn(): it may ask DNS
+    return host.lower().rstrip(".") in {"localhost", own, own.split(".")[0]}
 
 
 def queue_advice(config: IngestConfig) -> list[tuple[int, str]]:
