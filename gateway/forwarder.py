@@ -34,9 +34,9 @@ Lifecycle (who calls what):
   ``acked``: an ingest working through a backlog in order is not waited out), the sent position
   goes back to ``acked`` and everything unconfirmed is published again (duplicates overwrite
   identical points). Re-sends back off: after the first, the next comes only 2×, 4×, 8× then
-  :data:`RESEND_BACKOFF_MAX`× ``receipt_timeout`` later while no receipt moves ``acked`` — an
-  ingest that is down costs the broker's queue one more copy of the window per back-off step,
-  not one per ``receipt_timeout``. The backoff (next due time, re-sends so far) is kept in the
+  16× (:data:`gateway.receipts.RESEND_BACKOFF_MAX`) ``receipt_timeout`` later while no receipt
+  moves ``acked`` — an ingest that is down costs the broker's queue one more copy of the window
+  per back-off step, not one per ``receipt_timeout``. The backoff (next due time, re-sends so far) is kept in the
   outbox (``sink_resend``) with the rewind, so a restart keeps it; readings sent before a restart
   with no re-send recorded are published again at start (a fresh ``receipt_timeout`` after every
   restart could postpone them for ever). At most ``receipt_window`` readings are sent but
@@ -83,6 +83,7 @@ RESEND_CHECK_INTERVAL = 2.0
 """Seconds between looks for dead letters an operator marked for re-sending (another process marks them)."""
 ERROR_PAUSE = 5.0
 """Seconds to wait after an outbox error or an unexpected failure before trying again."""
+
 Message = tuple[str, bytes]
 """(topic, payload)"""
 
