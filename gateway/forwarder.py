@@ -36,7 +36,8 @@ Lifecycle (who calls what):
   identical points). Re-sends back off: after the first, the next comes only 2×, 4×, 8× then
   16× (:data:`gateway.receipts.RESEND_BACKOFF_MAX`) ``receipt_timeout`` later while no receipt
   moves ``acked`` — an ingest that is down costs the broker's queue one more copy of the window
-  per back-off step, not one per ``receipt_timeout``. The backoff (next due time, re-sends so far) is kept in the
+  per back-off step, not one per ``receipt_timeout``; and a new copy never starts before the
+  previous one was handed to the broker whole. The backoff (next due time, re-sends so far) is kept in the
   outbox (``sink_resend``) with the rewind, so a restart keeps it; readings sent before a restart
   with no re-send recorded are published again at start (a fresh ``receipt_timeout`` after every
   restart could postpone them for ever). At most ``receipt_window`` readings are sent but

@@ -91,6 +91,7 @@ class Receipts:
         self.outstanding: deque[tuple[int, int, float]] = deque()  # (first, last, deadline), oldest first
         self.backoff = Backoff(2 * timeout, RESEND_BACKOFF_MAX * timeout)  # failures: re-sends without a receipt
         self.resume_at = 0.0  # loop time before which no re-send happens (the backoff)
+        self._republish_to = 0  # sent position at the last rewind: below it the previous copy is still going out
         self.parts: dict[tuple[int, int], set[int]] = {}  # incomplete ranges: parts received
         self.confirmed: dict[int, int] = {}  # complete ranges not yet joined to acked: first -> last
 
@@ -210,7 +211,9 @@ class Receipts:
         """Re-send when due; returns seconds to wait when the window is full, else None."""
         now = asyncio.get_running_loop().time()
         due = self.due()
-        if due is not None and due <= now:
+        # Never a new copy while the previous one is still being handed to the broker (a slow link
+        # and a big window could otherwise restart the re-send from acked for ever).
+        if due is not None and due <= now and self._outbox.sent(self.sink) >= self._republish_to:
             first, last, _deadline = self.outstanding[0]
             self._resend(f"no receipt for readings seq {first}–{last} within {self.timeout:g} s")
             self._stats.receipt_timeouts += 1
@@ -232,6 +235,7 @@ class Receipts:
         (kept in the outbox with the rewind, so a restart keeps it)."""
         sent, acked = self._outbox.sent(self.sink), self._acked()
         delay = self.backoff.next()
+        self._republish_to = sent
         self._outbox.rewind_sent(self.sink, (time.time_ns() + int(delay * 1e9), self.backoff.failures))
         self.resume_at = asyncio.get_running_loop().time() + delay
         self.outstanding.clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import signal
 import sqlite3
@@ -202,6 +203,30 @@ async def test_resends_back_off_while_no_receipt_comes_and_a_receipt_resets_them
             fwd.notify()
             await until(lambda: outbox.sent("broker") == 20, what="new readings")
             assert fwd.stats.receipt_timeouts == 2  # the backoff was reset: nothing more re-sent yet
+
+
+async def test_a_resend_goes_out_whole_before_the_next_one_starts(tmp_path: Path) -> None:
+    """A slow link: re-publishing the window takes longer than the backoff. The next re-send still
+    waits until the previous copy was handed to the broker whole (never restarted from acked)."""
+    sink = FakeSink()
+    real_send = sink.send
+
+    async def slow_send(messages: Sequence[Message], correlation: Sequence[bytes] | None = None) -> None:
+        await real_send(messages, correlation)
+        if sum(1 for _m, corr in sink.sent if corr[0].startswith(b"1-")) >= 2:  # re-sending: slowly
+            await asyncio.sleep(0.3)
+
+    sink.send = slow_send  # type: ignore[method-assign]
+    with Outbox(tmp_path / "o.db", ["broker"]) as outbox:
+        outbox.append(readings(100))
+        async with forwarding(outbox, sink, receipt_timeout="1s", receipt_window=100,
+                              batch={"max_readings": 10, "linger": "0s"}) as fwd:
+            await until(lambda: fwd.stats.receipt_timeouts >= 2, 60, "two re-sends")
+    firsts = [parse_batch_id(corr[0].decode())[0] for _m, corr in sink.sent]  # type: ignore[index]
+    rounds = [i for i, first in enumerate(firsts) if first == 1]
+    assert len(rounds) >= 3
+    for start, end in itertools.pairwise(rounds):  # every copy covers the whole window before the next begins
+        assert firsts[start:end] == list(range(1, 101, 10)), firsts
 
 
 async def test_window_bounds_unconfirmed_and_restart_resends_once_then_keeps_the_backoff(tmp_path: Path) -> None:
