@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from gateway.config import Config
 from gateway.driver import Device, Poller
 from gateway.health import HealthServer, SinkSnapshot, Snapshot, status_line
 from gateway.clock import ClockWatch
-from gateway.reading import CLOCK_UNSYNCED, Reading
+from gateway.reading import CLOCK_UNSYNCED, Reading, quality
 from gateway.sdnotify import Notifier
 from gateway.security import startup_warnings
 from gateway.watchdog import Loop, Watchdog
@@ -254,7 +255,8 @@ class Gateway:
 
             def emit(reading: Reading) -> None:
                 if clock.synced is False:
-                    reading.quality = CLOCK_UNSYNCED  # its timestamp cannot be trusted
+                    # its timestamp cannot be trusted; the driver's own flags (uncertain) stay
+                    reading.quality = quality(reading.quality, CLOCK_UNSYNCED)
                 if observe is not None:
                     observe(reading)
                 store(reading)
@@ -430,8 +432,11 @@ class Gateway:
         try:
             server = await stack.enter_async_context(HealthServer(self.snapshot, health.host, health.port))
         except OSError as exc:
-            log.error("health endpoint: cannot listen on %s: %s — running without /healthz and /metrics; "
-                      "choose another health.listen", health.listen, exc.strerror or exc)
+            # One line, and the gateway goes on: it still reads and delivers; only watching it is lost.
+            busy = " (another Sluice gateway or demo on this machine?)" if exc.errno == errno.EADDRINUSE else ""
+            log.error("health endpoint: cannot listen on %s: %s%s — the gateway runs on without /healthz and "
+                      "/metrics (and `sluice status`); set health.listen in %s to a free port (and the unit's "
+                      "SocketBindAllow= with it)", health.listen, exc.strerror or exc, busy, self.config.path)
             return
         self.health_port = server.port
 

@@ -173,7 +173,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "sluice_sink_receipts_refused_total": ("counter", "end_to_end: receipts ignored for a missing or wrong mac (receipt_secret)"),
     "sluice_clock_synchronized": ("gauge", "1 synchronised, 0 not (readings flagged clock_unsynced), -1 unknown"),
     "sluice_clock_jumps_total": ("counter", "Jumps of the wall clock against the monotonic clock"),
-    "sluice_component_stalled": ("gauge", "1 when a loop has work but made no progress (the watchdog stops)"),
+    "sluice_component_stalled": ("gauge", "1 when a loop is wedged: busy without progress, or waiting past its own deadline"),
     "process_cpu_seconds_total": ("counter", "User and system CPU time of the process"),
     "process_resident_memory_bytes": ("gauge", "Resident set size"),
     "process_start_time_seconds": ("gauge", "Unix time the process started"),

@@ -744,9 +744,9 @@ def MetricsServer(ingest: Ingest, host: str, port: int) -> LocalHttpServer:
 EXIT_CONFIG = 2
 
 
-def _load(path: Path) -> IngestConfig | None:
+def _load(path: Path, *, secrets: bool = True) -> IngestConfig | None:
     try:
-        return load_ingest_config(path)
+        return load_ingest_config(path, secrets=secrets)
     except ConfigErrors as exc:
         for err in exc.errors:
             print(err, file=sys.stderr)
@@ -756,7 +756,8 @@ def _load(path: Path) -> IngestConfig | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    # Like `sluice check`: files and credentials are read only with --secrets (gateway/secretref.py).
+    config = _load(args.config, secrets=getattr(args, "secrets", True))
     if config is None:
         return EXIT_CONFIG
     m, db = config.mqtt, config.influxdb
@@ -810,6 +811,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """``sluice ingest check|run -c ingest.yaml`` on the ``sluice`` command's subparsers."""
+    from gateway.logs import add_log_level
+
     p = sub.add_parser("ingest", help="MQTT → InfluxDB ingest service (the cloud side): check or run")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, func, text in (("check", cmd_check, "validate ingest.yaml; non-zero exit on errors"),
@@ -819,7 +822,10 @@ def add_parsers(sub: Any) -> None:
                        help="the ingest configuration file (default: /etc/sluice/ingest.yaml)")
         q.add_argument("--client-id", default=None,
                        help="override mqtt.client_id (each worker of a group needs its own, stable id)")
-        q.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+        add_log_level(q)
+        if name == "check":
+            q.add_argument("--secrets", action="store_true",
+                           help="also read every ${file:...} and ${cred:...} secret as the service would")
         q.set_defaults(func=func)
 
 

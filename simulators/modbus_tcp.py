@@ -128,11 +128,14 @@ class SimDevice:
 
     ``origin`` is the time the time-based signals start from (default: now); ``seed`` seeds the
     random walks (point ``i`` uses ``seed + i``). Addresses from 0 to the end of the highest
-    point of a kind can be read (gaps read as 0); beyond that, exception 02.
+    point of a kind can be read (gaps read as 0); beyond that, exception 02. A ``sparse`` device
+    has only the registers (and bits) its points occupy, like many real ones: a read that touches
+    any other gets exception 02.
     """
 
     def __init__(self, profile: ProfileModel, unit_id: int = 1, *, name: str = "", seed: int = 0,
-                 origin: float | None = None, writable: bool = False, faults: Faults | None = None) -> None:
+                 origin: float | None = None, writable: bool = False, faults: Faults | None = None,
+                 sparse: bool = False) -> None:
         self.profile = profile
         self.unit_id = unit_id
         self.name = name or f"unit {unit_id}"
@@ -149,6 +152,10 @@ class SimDevice:
         for point in self._points:
             self._by_table.setdefault(point.kind, []).append(point)
         self._ends = {kind: max(p.end for p in pts) for kind, pts in self._by_table.items()}
+        self._present: dict[str, set[int]] | None = None
+        if sparse:
+            self._present = {kind: {a for p in pts for a in range(p.address, p.end)}
+                             for kind, pts in self._by_table.items()}
         self._written: dict[str, dict[int, Any]] = {"coil": {}, "holding": {}}
         self._bad_values: set[str] = set()
 
@@ -175,6 +182,8 @@ class SimDevice:
             raise _Reject(ILLEGAL_VALUE)
         stop = address + count
         if stop > self.end(kind):
+            raise _Reject(ILLEGAL_ADDRESS)
+        if self._present is not None and not self._present[kind].issuperset(range(address, stop)):
             raise _Reject(ILLEGAL_ADDRESS)
         now = time.time() if now is None else now
         table: dict[int, Any] = {}
@@ -623,7 +632,7 @@ def sim_device_for(dev: Device, origin: float, faults: Faults | None = None) -> 
 def _from_gateway_config(path: Path) -> list[SimServer]:
     from simulators.modbus_rtu import buses_for_config
 
-    config = load_config(path)
+    config = load_config(path, secrets=False)  # devices only: the sinks' secrets are not read
     origin = time.time()
     groups: dict[tuple[str, int], list[SimDevice]] = {}
     for dev in config.devices:
@@ -675,6 +684,8 @@ async def run_simulator(config_path: Path | str, *, ready: Callable[[list[SimSer
 
 def main_sim(argv: Sequence[str] | None = None) -> int:
     """``sluice sim``: 0 after SIGINT/SIGTERM, 1 if a port is taken, 2 for configuration errors."""
+    from gateway.logs import add_log_level, setup_logging
+
     parser = argparse.ArgumentParser(
         prog="sluice sim", description="Simulate Modbus TCP devices and Modbus RTU buses (on pseudo-terminals, whose "
                                        "paths are printed) from their profiles until Ctrl-C.")
@@ -683,7 +694,7 @@ def main_sim(argv: Sequence[str] | None = None) -> int:
                         help="a gateway configuration directory: simulate its Modbus TCP, RTU and RTU-over-TCP "
                              "devices on this machine "
                              "(default when no file is given: the same directory `sluice run` uses)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    add_log_level(parser, "info")
     args = parser.parse_args(argv)
     if args.file is not None and args.config is not None:
         parser.error("give a simulator file or --config, not both")
@@ -695,7 +706,6 @@ def main_sim(argv: Sequence[str] | None = None) -> int:
         from gateway.cli import default_config_dir
 
         target = default_config_dir()
-    from gateway.logs import setup_logging
 
     setup_logging(args.log_level)
 

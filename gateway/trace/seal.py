@@ -1,18 +1,27 @@
-"""Sealing and verifying the feed: event ids, the hash chain and Ed25519 signatures.
+"""Sealing and verifying the feed: event ids, the hash chain, Ed25519 signatures and signed heads.
 
-A sealed line is one EPCIS 2.0 document holding one event, written as canonical JSON (keys
-sorted, no spaces, UTF-8) on one line. The event carries ``sluice:seq`` (1, 2, 3 ... with no
+The exact procedure a verifier follows is in ``docs/trace-verification.md``; this is the code.
+A sealed line is one EPCIS 2.0 document holding one event, in RFC 8785 canonical JSON
+(:mod:`gateway.trace.jcs`) on one line. The event carries ``sluice:seq`` (1, 2, 3 ... with no
 gap), ``sluice:prev`` (the eventID of the event before it; absent on seq 1), ``sluice:gateway``
 and ``sluice:eventSignature`` = ``{"key": <key id>, "value": <hex>}``: an Ed25519 signature over
-``b"sluice-event-1\\n"`` + the GS1 event hash id of the event *without* that field (its content,
-chain link included). Its ``eventID`` is the GS1 event hash of everything else in it, signature
-included, so GS1's reference generator computes the same id and the id commits to the chain.
-The event signature is what survives an EPCIS repository (which keeps events, not our
-documents): :func:`verify_events` checks a query answer with it, event by event.
-The document carries ``sluice:signature`` (same form), over ``b"sluice-trace-1\\n"`` + the
-canonical JSON of the document without that field.
+``b"sluice-event-1\\n"`` + the GS1 event hash id (ASCII) of the event *without* that field and
+without ``eventID`` (its content, chain link included). Its ``eventID`` is the GS1 event hash of
+everything else in it, signature included, so GS1's reference generator computes the same id and
+the id commits to the chain. The event signature is what survives an EPCIS repository (which
+keeps events, not our documents): :func:`verify_events` checks a query answer with it.
+The document carries ``sluice:signature`` (same form), over ``b"sluice-trace-1\\n"`` + the JCS
+bytes of the document without that member. The key id is ``"ed25519:"`` + the first 16 hex
+digits of SHA-256 over the raw 32-byte public key.
 Any change to a line — a byte, a removed line, two lines swapped — breaks the canonical form,
 the signature, the eventID or the sequence, and :func:`verify_lines` names the first one.
+
+What the chain cannot show on its own is events cut off its *end*: a shorter feed is a valid
+feed. A **signed head** (:meth:`Sealer.signed_head`, :func:`read_head`) closes that gap for whoever
+holds one: ``{"type": "sluice:ChainHead", "gateway", "seq", "eventID", "time", "signature"}``,
+the signature over ``b"sluice-head-1\\n"`` + the JCS bytes of the head without ``signature``. It
+states that by ``time`` the chain had reached event ``seq`` with that eventID; a feed verified
+with it (``heads=``) must contain that event, unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,19 +38,18 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from gateway.trace.engine import CONTEXT
+from gateway.trace.engine import CONTEXT, iso
 from gateway.trace.hashing import event_hash
+from gateway.trace.jcs import canonical
 
-__all__ = ["Problem", "Sealer", "canonical", "event_signature_problem", "key_id", "load_or_create_key", "load_public_key", "verify_events",
-           "verify_lines"]
+__all__ = ["Head", "Problem", "Sealer", "canonical", "event_signature_problem", "key_id", "load_or_create_key",
+           "load_public_key", "read_head", "verify_events", "verify_lines"]
 
 DOMAIN = b"sluice-trace-1\n"
 EVENT_DOMAIN = b"sluice-event-1\n"
+HEAD_DOMAIN = b"sluice-head-1\n"
 EVENT_SIGNATURE = "sluice:eventSignature"
-
-
-def canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+HEAD_TYPE = "sluice:ChainHead"
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -114,6 +122,62 @@ class Sealer:
         self.seq, self.head = self.seq + 1, event_id
         return canonical(doc)
 
+    def signed_head(self, seq: int, event_id: str | None, time_ns: int) -> str:
+        """A signed head (one JCS line): the chain had reached ``seq`` (eventID ``event_id``;
+        None for seq 0) by ``time_ns``. Any seq of the chain may be stated, not only the last."""
+        head: dict[str, Any] = {"type": HEAD_TYPE, "gateway": self.gateway_id, "seq": seq, "eventID": event_id,
+                                "time": iso(time_ns)}
+        head["signature"] = {"key": self._kid, "value": self._key.sign(HEAD_DOMAIN + canonical(head).encode()).hex()}
+        return canonical(head)
+
+
+@dataclass(frozen=True)
+class Head:
+    """A verified signed head (see the module docstring)."""
+
+    gateway: str
+    seq: int
+    event_id: str | None
+    time: str
+
+    def __str__(self) -> str:
+        return f"seq {self.seq} (signed {self.time})"
+
+
+def read_head(text: str, public: Ed25519PublicKey) -> Head:
+    """Parse and check a signed head; raises ValueError saying what is wrong with it."""
+    try:
+        head = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"a signed head is one JSON object (`sluice trace head`): {exc}") from None
+    if not isinstance(head, dict) or head.get("type") != HEAD_TYPE:
+        raise ValueError(f"not a signed head: expected a JSON object with \"type\": \"{HEAD_TYPE}\"")
+    signature = head.pop("signature", None)
+    seq, event_id, gateway, when = head.get("seq"), head.get("eventID"), head.get("gateway"), head.get("time")
+    if (type(seq) is not int or seq < 0 or not isinstance(gateway, str) or not isinstance(when, str)
+            or not (event_id is None if seq == 0 else isinstance(event_id, str))):
+        raise ValueError("a signed head needs seq (an integer >= 0), eventID (null only for seq 0), gateway and time")
+    if not _valid_signature(public, signature, HEAD_DOMAIN + canonical(head).encode()):
+        raise ValueError(f"the head's signature does not verify with key {key_id(public)}: altered, or another gateway's")
+    return Head(gateway, seq, event_id, when)
+
+
+def _head_problem(heads: Sequence[Head], seq: int, event_id: Any) -> str | None:
+    for head in heads:
+        if head.seq == seq and head.event_id != event_id:
+            return (f"it is not the event the signed head {head} names (eventID {head.event_id}): "
+                    "the feed was rewritten from here on")
+    return None
+
+
+def _short_of(heads: Sequence[Head], last: int) -> str | None:
+    """Why a chain ending at ``last`` falls short of a head (None: it reaches every head)."""
+    beyond = max((h for h in heads if h.seq > last), key=lambda h: h.seq, default=None)
+    if beyond is None:
+        return None
+    return (f"the feed ends at seq {last}, but the signed head {beyond} says the chain had reached seq {beyond.seq}: "
+            f"{beyond.seq - last} event(s) were cut off the end (or were not delivered here)")
+
 
 def _valid_signature(public: Ed25519PublicKey, signature: Any, message: bytes) -> bool:
     """``signature`` is ``{"key": key_id(public), "value": <hex of a valid signature>}``."""
@@ -148,10 +212,13 @@ class Problem:
         return f"event #{self.position} (line {self.position}{seq}): {self.message}"
 
 
-def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Any = None) -> tuple[int, Problem | None]:
+def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Any = None,
+                 heads: Sequence[Head] = ()) -> tuple[int, Problem | None]:
     """Check every line; returns (events that verified, the first problem or None).
 
-    ``validate``, if given, is called with each document and returns a list of schema errors."""
+    ``validate``, if given, is called with each document and returns a list of schema errors.
+    ``heads`` (verified with :func:`read_head`): the feed must contain each head's event,
+    unchanged — so events cut off the end before the newest head are found."""
     kid = key_id(public)
     expected_seq, head = 1, None
     count = 0
@@ -189,9 +256,13 @@ def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Any =
             return count, Problem(position, seq, f"expected seq {expected_seq}: {what}")
         if event.get("sluice:prev") != head:
             return count, Problem(position, seq, "sluice:prev is not the eventID of the event before it: the chain is broken")
+        wrong = _head_problem(heads, seq, event["eventID"])
+        if wrong is not None:
+            return count, Problem(position, seq, wrong)
         expected_seq, head = seq + 1, event["eventID"]
         count += 1
-    return count, None
+    short = _short_of(heads, expected_seq - 1)
+    return count, (Problem(count + 1, None, short) if short else None)
 
 
 REPOSITORY_FIELDS = frozenset({"recordTime", "@context"})
@@ -199,7 +270,7 @@ REPOSITORY_FIELDS = frozenset({"recordTime", "@context"})
 
 
 def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: Any = None,
-                  partial: bool = False) -> tuple[int, Problem | None]:
+                  partial: bool = False, heads: Sequence[Head] = ()) -> tuple[int, Problem | None]:
     """Check events returned by an EPCIS query (an EPCISQueryDocument's eventList).
 
     A repository keeps events, not the documents, and returns them in no promised order: the
@@ -209,7 +280,9 @@ def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: 
     and the chain (``sluice:prev``); each is re-wrapped as the one-event document it was sent in
     for the schema check. ``Problem.position`` is the seq's place in that order. ``partial``: the
     answer of a filtered query (one lot's events): gaps in the sequence are allowed, and the
-    chain is checked between consecutive seqs only — each event still stands on its signature."""
+    chain is checked between consecutive seqs only — each event still stands on its signature.
+    ``heads``: as for :func:`verify_lines` (with ``partial``, a head's event may be absent: only its
+    seq is compared with the answer's last)."""
     items = []
     for index, event in enumerate(events, 1):
         seq = event.get("sluice:seq") if isinstance(event, dict) else None
@@ -238,6 +311,10 @@ def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: 
             errors = validate(doc)
             if errors:
                 return count, Problem(position, seq, "does not match the EPCIS 2.0 schema: " + errors[0])
+        wrong = _head_problem(heads, seq, event["eventID"])
+        if wrong is not None:
+            return count, Problem(position, seq, wrong)
         expected_seq, head = seq + 1, event["eventID"]
         count += 1
-    return count, None
+    short = _short_of(heads, expected_seq - 1)
+    return count, (Problem(count + 1, None, short) if short else None)

@@ -73,11 +73,22 @@ def resolve(path: Path, base: Path) -> Path:
 
 
 class JsonlSink:
-    """Appends lines to a file; exactly once: lines whose seq the file already ends with are skipped."""
+    """Appends lines to a file; exactly once: lines whose seq the file already ends with are skipped.
+    The newest signed chain head it was given is in ``<path>.head`` (replaced atomically)."""
 
     def __init__(self, name: str, path: Path) -> None:
         self.name, self.path = name, path
+        self.head_path = path.with_name(path.name + ".head")
         self._last: int | None = None
+
+    def send_head(self, head: str) -> None:
+        """Replace ``<path>.head`` with ``head`` (write, fsync, rename); raises OSError."""
+        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(head + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.head_path)
 
     def _last_seq(self) -> int:
         import json
@@ -137,6 +148,7 @@ class TraceService:
         """Events sealed and stored since start."""
         self.last_sealed_ns = 0
         self._unregister: Any = None
+        self._heads: dict[str, tuple[int, float]] = {}  # sink -> (seq, monotonic time) of the last head it took
 
     @property
     def late(self) -> int:
@@ -373,6 +385,19 @@ class TraceService:
                 if name in self._failing:
                     log.info("trace sink %s: delivering again", name)
                     self._failing.discard(name)
+            head = self._head_due(name) if hasattr(sink, "send_head") else None
+            if head is not None:
+                state = f"{name}:head"
+                try:
+                    sink.send_head(head[1])
+                except OSError as exc:
+                    if state not in self._failing:
+                        log.warning("trace sink %s: the signed head could not be written (%s); trying again every "
+                                    "%.0f s", name, exc, self.cfg.file.head_interval)
+                        self._failing.add(state)
+                else:
+                    self._failing.discard(state)
+                self._heads[name] = (head[0], time.monotonic())
 
     async def _deliver_net(self, name: str, sink: Any) -> None:
         """Deliver to one network sink for ever: oldest unacknowledged events first, in order."""
@@ -388,6 +413,7 @@ class TraceService:
         while True:
             batch = journal.fetch(name, limit=100)
             if not batch:
+                await self._send_head(name, sink)
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(TICK):
@@ -412,6 +438,34 @@ class TraceService:
             if name in self._failing:
                 log.info("trace sink %s: delivering again", name)
                 self._failing.discard(name)
+
+    def _head_due(self, name: str) -> tuple[int, str] | None:
+        """(seq, signed head) for sink ``name`` at its acknowledged position, when it takes one and its
+        last is older than ``head_interval`` or for an earlier seq; else None. A head names only
+        what the sink acknowledged, so whoever receives it can hold the events it names."""
+        journal, sealer = self._journal, self.sealer
+        assert journal is not None and sealer is not None
+        seq = journal.position(name)
+        last = self._heads.get(name)
+        if seq == 0 or (last is not None and last[0] == seq and time.monotonic() - last[1] < self.cfg.file.head_interval):
+            return None
+        event_id = json.loads(journal.line(seq) or "{}").get("epcisBody", {}).get("eventList", [{}])[0].get("eventID")
+        return seq, sealer.signed_head(seq, event_id, self._clock())
+
+    async def _send_head(self, name: str, sink: Any) -> None:
+        """Give a network sink that takes heads (MQTT) its due head; a failure is tried again later."""
+        from gateway.forwarder import SinkUnavailable
+
+        if getattr(sink, "send_head", None) is None or getattr(sink, "head_topic", True) is None:
+            return
+        head = self._head_due(name)
+        if head is None:
+            return
+        try:
+            await sink.send_head(head[1])
+        except SinkUnavailable:
+            return  # its events are not going out either: the next head follows them
+        self._heads[name] = (head[0], time.monotonic())
 
     # -- MQTT commands -------------------------------------------------------------------
     def _on_command(self, sink: Any, payload: bytes) -> None:
