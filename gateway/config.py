@@ -297,6 +297,9 @@ class HealthConfig(ListenConfig):
     enabled: bool = Field(default=True, description="serve /healthz and /metrics over HTTP")
     listen: str = Field(default="127.0.0.1:9108",
                         description="host:port of the health endpoint; loopback unless you need it remote")
+    watchdog_margin: Duration = Field(default=10.0, ge=1, le=3600,
+                                      description="slack past a loop's own limit or deadline before the watchdog "
+                                                  "calls it wedged (and stops pinging systemd)")
 
     @field_validator("listen")
     @classmethod

@@ -60,6 +60,9 @@ class IngestMqttConfig(StrictModel):
     reconnect_max: Duration = Field(default=30.0, gt=0)
     tls: TlsConfig | None = None
     insecure: bool = Field(default=False, description="allow plaintext or unverified TLS to a remote host")
+    broker_config: Path | None = Field(
+        default=None, description="the broker's mosquitto.conf, read by `sluice ingest check` and at start-up to report "
+                                  "its queue limits (default: /etc/mosquitto/mosquitto.conf when host is this machine)")
 
     _topics = field_validator("topics")(lambda v: [_check_filter(t) for t in v])
 

@@ -230,26 +230,6 @@ def test_readme_documents_exactly_the_metrics_served() -> None:
     assert documented == set(METRICS) | set(TRACE_METRICS)
 
 
-def test_progress_idle_is_not_wedged_busy_without_progress_is() -> None:
-    from gateway.health import Progress
-
-    now = {"t": 0.0}
-    count = {"n": 0}
-    busy = {"b": False}
-    progress = Progress(clock=lambda: now["t"])
-    progress.track("forward[x]", lambda: count["n"], lambda: busy["b"], limit=10.0)
-    now["t"] = 100.0
-    assert progress.wedged() == []  # idle for long: fine
-    busy["b"] = True
-    now["t"] = 105.0
-    assert progress.wedged() == []
-    now["t"] = 111.0
-    assert progress.wedged() == [("forward[x]", 11.0)]  # busy since 100, no progress
-    count["n"] += 1
-    assert progress.wedged() == []  # it moved
-    assert progress.names() == ["forward[x]"]
-
-
 async def test_sluice_run_notifies_ready_and_stopping(tmp_path: Path, close_default_executor) -> None:
     import signal
     import subprocess
