@@ -210,6 +210,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "sluice_sink_pending_readings": ("gauge", "Readings in the outbox not yet acknowledged by the sink"),
     "sluice_sink_lag_seconds": ("gauge", "Age of the oldest reading the sink has not acknowledged (0 when none)"),
     "sluice_sink_dead_lettered_total": ("counter", "Readings the far end refused as data, moved to the dead-letter table"),
+    "sluice_sink_publishes_refused_total": ("counter", "Batches the broker refused (MQTT 5 reason code), kept and retried"),
     "sluice_sink_unconfirmed_readings": ("gauge", "end_to_end: readings the broker acknowledged that await a receipt"),
     "sluice_sink_receipts_total": ("counter", "end_to_end: batch ids confirmed by receipts"),
     "sluice_sink_receipt_timeouts_total": ("counter", "end_to_end: times no receipt came within receipt_timeout"),
@@ -324,6 +325,9 @@ def render_metrics(gw: Gateway) -> str:
         fam("sluice_sink_lag_seconds")
         for f in fwds:
             out.sample("sluice_sink_lag_seconds", _lag(gw, f.name, now_ns), sink=f.name)  # type: ignore[attr-defined]
+        fam("sluice_sink_publishes_refused_total")
+        for f in fwds:
+            out.sample("sluice_sink_publishes_refused_total", getattr(gw.sinks.get(f.name), "refused", 0), sink=f.name)  # type: ignore[attr-defined]
         fam("sluice_sink_unconfirmed_readings")
         for f in fwds:
             out.sample("sluice_sink_unconfirmed_readings", _unconfirmed(gw, f.name), sink=f.name)  # type: ignore[attr-defined]

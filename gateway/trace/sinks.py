@@ -65,6 +65,7 @@ class TraceMqttSink:
         self.command_topic = config.command_topic.format(site=site, gateway=gateway_id) if config.command_topic else None
         self.reply_topic = config.reply_topic.format(site=site, gateway=gateway_id)
         self.mqtt = MqttSink(name, config, gateway_id, site)
+        self.mqtt.keeps = "events are kept in the outbox"
 
     async def __aenter__(self) -> TraceMqttSink:
         await self.mqtt.__aenter__()
