@@ -29,6 +29,8 @@ PROBE_INTERVAL = 1.0
 """Seconds between TCP probes of a server that is down."""
 PROBE_TIMEOUT = 3.0
 """Seconds one probe may take (a firewall that drops SYNs costs this much, not a full connect timeout)."""
+PROBE_SETTLE = 0.2
+"""Seconds an accepted probe connection must stay up to count (see :func:`probe`)."""
 
 _UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
                           errno.ECONNRESET, errno.EHOSTDOWN, errno.ENETDOWN, errno.EADDRNOTAVAIL})
@@ -69,17 +71,29 @@ def is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _UNREACHABLE
 
 
-async def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> bool:
-    """True if a TCP connection to ``host:port`` is accepted (it is closed again at once)."""
+async def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT, settle: float = PROBE_SETTLE) -> bool:
+    """True if a TCP connection to ``host:port`` is accepted and not reset within ``settle`` seconds
+    (it is closed again then). The settle time matters: a server being killed still completes
+    handshakes into its listen backlog for a moment after its clients saw their connections close,
+    then resets them; MQTT and HTTP servers send nothing first, so silence means someone listens."""
     try:
         async with asyncio.timeout(timeout):
-            _reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError):
         return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+    try:
+        try:
+            async with asyncio.timeout(settle):
+                await reader.read(1)  # EOF or a reset: nobody is there after all
+            return False
+        except TimeoutError:
+            return True
+        except OSError:
+            return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 async def wait_reachable(host: str, port: int, interval: float = PROBE_INTERVAL) -> None:

@@ -61,7 +61,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from gateway.backoff import PROBE_INTERVAL, Backoff, is_unreachable, wait_reachable
+from gateway.backoff import PROBE_INTERVAL, Backoff, is_unreachable, probe, wait_reachable
 
 __all__ = ["STABLE_AFTER", "Client", "Message", "NotConnected", "Refused", "Settings", "Will", "topic_matches"]
 
@@ -298,29 +298,35 @@ class Client:
         s = self.settings
         backoff = Backoff(s.reconnect_min, s.reconnect_max, jitter=True)
         reported: str | None = None
-        probing = False
+        probing = False  # before the next attempt, see whether anything listens
+        delay = 0.0  # the backoff owed before the next full attempt, if the broker is there
         while True:
-            if probing:
+            if probing and not await probe(s.host, s.port):
+                # Gone (stopped, restarting, unreachable): no backoff is owed to a broker that was
+                # not there; connect as soon as it accepts connections again.
+                log.debug("%s: nothing accepts connections on %s; probing every %g s", s.who, s.address, s.probe_interval)
                 await wait_reachable(s.host, s.port, s.probe_interval)
+                log.debug("%s: %s accepts connections again; connecting", s.who, s.address)
+                delay = 0.0
+            if delay > 0:
+                log.debug("%s: waiting %.1f s before connecting to %s again", s.who, delay, s.address)
+                await asyncio.sleep(delay)
             connects = self.connects
             started = time.monotonic()
             kind, reason = await self._connect_once()
-            lasted = time.monotonic() - started
-            delay = 0.0
             if self.connects > connects:  # we were connected, and lost it
                 self.down_since = time.monotonic()
                 log.warning("%s: lost connection to %s: %s — %s; %s", s.who, s.address, reason, s.keeps, s.hint(reason))
-                if lasted >= STABLE_AFTER:
+                if time.monotonic() - started >= STABLE_AFTER:
                     backoff.reset()
-                else:
+                    delay = 0.0
+                else:  # accepted and dropped at once: owed a backoff if it is still there
                     delay = backoff.next()
-                probing = False
+                probing = True
             else:
-                after_probe, probing = probing, kind == "unreachable"
-                if probing and after_probe:  # the port accepted a moment ago: not simply down
-                    delay = backoff.next()
-                elif not probing:
-                    delay = backoff.next()
+                # Unreachable after a probe found the port open: not simply down, so back off too.
+                delay = 0.0 if kind == "unreachable" and not probing else backoff.next()
+                probing = kind == "unreachable"
                 if reason != reported:
                     how = (f"probing every {s.probe_interval:g} s and connecting as soon as it answers" if probing
                            else f"retrying in {delay:.1f} s (then backing off up to {s.reconnect_max:g} s)")
@@ -329,8 +335,6 @@ class Client:
                 else:
                     log.debug("%s: still cannot connect to %s: %s", s.who, s.address, reason)
             reported = self.last_error = reason
-            if delay > 0:
-                await asyncio.sleep(delay)
 
     def _make(self) -> paho.Client:
         s = self.settings
