@@ -147,8 +147,11 @@ def healthz(gw: Gateway) -> tuple[bool, dict[str, Any]]:
         reasons.append(f"outbox not writable: {committer.pending} readings held in memory "
                        f"(check free disk space)")
     for name, sink in gw.sinks.items():
+        why = getattr(sink, "last_error", None)  # a connect/TLS/auth failure, or a broker refusing publishes
         if not getattr(sink, "connected", False):
-            warnings.append(f"sink {name}: not connected (readings are kept in the outbox)")
+            warnings.append(f"sink {name}: not connected{f' ({why})' if why else ''} (readings are kept in the outbox)")
+        elif why and getattr(sink, "refused", 0):
+            warnings.append(f"sink {name}: {why} (readings are kept in the outbox)")
     for poller in gw.pollers:
         for dev, st in poller.status.items():
             if not st.up:

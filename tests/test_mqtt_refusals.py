@@ -190,6 +190,8 @@ async def test_gateway_stays_responsive_while_the_broker_refuses_everything_then
             text = log.read_text()
             assert text.count("refused the publish to sluice/lab/gw-test/a") == 1, text[-3000:]
             assert "refused the publish to sluice/lab/gw-test/status" in text  # the birth message: said once
+            _code, body = await asyncio.to_thread(fetch, "127.0.0.1", health, "/healthz")
+            assert "sink broker: the broker refused the publish to sluice/lab/gw-test/a" in body, body
             async with subscriber(broker.host, broker.port, "nothing/#"):  # (any client still works)
                 pass
             reload(broker, tmp_path / "acl-broker", "topic readwrite sluice/#\n")

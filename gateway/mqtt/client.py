@@ -112,6 +112,7 @@ class Settings:
     tls: Callable[[], ssl.SSLContext] | None = None
     will: Will | None = None
     max_inflight: int = 20
+    clean: bool = False  # a fresh session at every connect (diagnostics only: the sinks and the ingest persist)
     session_expiry: int | None = None  # MQTT 5: seconds the broker keeps our session; 3.1.1: persistent
     receive_maximum: int | None = None  # MQTT 5: messages in flight to us at most
     manual_ack: bool = False
@@ -167,6 +168,7 @@ class _Conn:
         self.number = number
         self.paho = client
         self.alive = False  # CONNACK received and not lost
+        self.released = False  # given up: a socket paho opens later (connect() in a thread) is closed
         self.lost = asyncio.Event()
         self.reason = ""
         self.pending: dict[int, tuple[_Batch, str]] = {}  # mid -> (batch, topic)
@@ -341,7 +343,7 @@ class Client:
         v5 = s.protocol == "5"
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
                              protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-                             clean_session=None if v5 else False, manual_ack=s.manual_ack, reconnect_on_failure=False)
+                             clean_session=None if v5 else s.clean, manual_ack=s.manual_ack, reconnect_on_failure=False)
         client.connect_timeout = s.connect_timeout
         client.max_inflight_messages_set(s.max_inflight)
         if s.username is not None:
@@ -372,7 +374,7 @@ class Client:
                 props.SessionExpiryInterval = s.session_expiry
             if s.receive_maximum is not None:
                 props.ReceiveMaximum = s.receive_maximum
-            kwargs = {"clean_start": False, "properties": props}
+            kwargs = {"clean_start": s.clean, "properties": props}
         misc: asyncio.Task[None] | None = None
         try:
             try:
@@ -468,7 +470,7 @@ class Client:
                     if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                         break
 
-            self._call(self._watch, sock, readable, True)
+            self._call(self._opened, conn, sock, readable)
 
         def socket_close(_c: paho.Client, _u: Any, sock: Any) -> None:
             self._call(self._unwatch, sock, True)
@@ -527,6 +529,13 @@ class Client:
         client.on_publish = published
         client.on_message = received
 
+    def _opened(self, conn: _Conn, sock: Any, readable: Callable[[], None]) -> None:
+        if conn.released:  # connect() finished in its thread after we gave the attempt up
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        self._watch(sock, readable, True)
+
     def _watch(self, sock: Any, callback: Callable[[], Any], read: bool) -> None:
         assert self._loop is not None
         if sock.fileno() < 0:
@@ -546,6 +555,7 @@ class Client:
         self._loop.remove_writer(fd)
 
     def _release(self, conn: _Conn) -> None:
+        conn.released = True
         client = conn.paho
         client.on_socket_close = None
         sock = client.socket()

@@ -53,7 +53,10 @@ OFFLINE = b"offline"
 
 class SinkRefused(SinkUnavailable):
     """The broker refused a message of the batch (MQTT 5 reason code): nothing of it is delivered;
-    the sink backs off before the next attempt."""
+    the sink backs off before the next attempt. The sink has logged it (once per change of reason):
+    callers need not log it again."""
+
+    logged = True
 
 
 class MqttSink:
@@ -217,13 +220,14 @@ class MqttSink:
 
 
 async def watch(host: str, port: int, topic_filter: str, *, retry: float = 1.0) -> AsyncIterator[tuple[str, bytes]]:
-    """Subscribe to ``topic_filter`` (QoS 1) and yield ``(topic, payload)`` forever, reconnecting
+    """Subscribe to ``topic_filter`` (QoS 1, clean session) and yield ``(topic, payload)`` forever, reconnecting
     while the broker is unreachable. For the demo and for diagnostics; the gateway itself only publishes."""
     import os
 
     queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-    settings = Settings(who=f"watch[{topic_filter}]", host=host, port=port, client_id=f"sluice-watch-{os.getpid()}",
-                        protocol="3.1.1", subscriptions=[(topic_filter, 1)], reconnect_min=retry, reconnect_max=retry)
+    settings = Settings(who=f"watch[{topic_filter}]", host=host, port=port, client_id=f"sluice-watch-{os.getpid()}-{id(queue):x}",
+                        protocol="3.1.1", clean=True, subscriptions=[(topic_filter, 1)], reconnect_min=retry,
+                        reconnect_max=retry)
     async with Client(settings, on_message=lambda m: queue.put_nowait((m.topic, m.payload))):
         while True:
             yield await queue.get()

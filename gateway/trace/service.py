@@ -403,7 +403,7 @@ class TraceService:
                 journal.dead_letter(name, exc.seq, str(exc))
                 continue
             except SinkUnavailable as exc:
-                if name not in self._failing:
+                if name not in self._failing and not getattr(exc, "logged", False):  # a refusal: the sink said it
                     log.warning("trace sink %s: %s — events are kept in %s and sent when it works again",
                                 name, exc, journal.path)
                     self._failing.add(name)
