@@ -133,7 +133,8 @@ class MqttSink:
 
     # -- sending -------------------------------------------------------------------------------
 
-    async def send(self, messages: Sequence[Message], correlation: Sequence[bytes] | None = None) -> None:
+    async def send(self, messages: Sequence[Message], correlation: Sequence[bytes] | None = None, *,
+                   retain: bool = False) -> None:
         """Publish ``messages`` at the configured QoS (up to ``max_inflight`` unacknowledged at once,
         in order); return when the broker acknowledged and accepted all of them. Raises
         :class:`SinkRefused` when it refused one (MQTT 5), :class:`SinkUnavailable` if not connected
@@ -141,7 +142,8 @@ class MqttSink:
 
         ``correlation`` (``delivery: end_to_end``, MQTT 5): one batch id per message, sent as the
         message's *correlation data* with :attr:`receipt_topic` as its *response topic*; payload
-        and topic are unchanged."""
+        and topic are unchanged. ``retain``: the broker keeps the last message of each topic for
+        subscribers that come later (the trace feed's signed heads)."""
         if not messages:
             return
         client = self._client
@@ -156,7 +158,7 @@ class MqttSink:
                 p.CorrelationData = corr
                 props.append(p)
         try:
-            await client.publish(messages, self.config.qos, properties=props, timeout=self.ack_timeout)
+            await client.publish(messages, self.config.qos, retain=retain, properties=props, timeout=self.ack_timeout)
         except NotConnected as exc:
             raise SinkUnavailable(str(exc)) from None
         except Refused as exc:

@@ -91,10 +91,10 @@ class TraceMqttSink:
         await self.mqtt.send([(self.reply_topic, payload)])
 
     async def send_head(self, head: str) -> None:
-        """Publish a signed chain head on ``head_topic`` (not retained: the shared MQTT layer has no
-        retained publish for batches yet); raises SinkUnavailable when not connected."""
+        """Publish a signed chain head on ``head_topic``, retained: a verifier that subscribes later
+        gets the newest head at once. Raises SinkUnavailable when not connected."""
         if self.head_topic is not None:
-            await self.mqtt.send([(self.head_topic, head.encode())])
+            await self.mqtt.send([(self.head_topic, head.encode())], retain=True)
 
 
 # --------------------------------------------------------------------------- EPCIS capture
