@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from servers import Influxd, VictoriaMetrics
+from support import DEADLINE, STOP, until
 
 from gateway.buffer import Outbox
 from gateway.config import InfluxSinkConfig
@@ -46,15 +47,6 @@ async def forwarding(outbox: Outbox, cfg: InfluxSinkConfig) -> AsyncIterator[tup
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-async def until(condition: Any, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -258,7 +250,7 @@ async def test_influxd_stopped_for_a_while_loses_nothing(influxd: Influxd, outbo
         for i in range(0, len(during), 20):
             outbox.append(during[i:i + 20])
             fwd.notify()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # readings arrive over time while the server is away
         await until(lambda: fwd.stats.retries >= 3)  # it kept trying, and acknowledged nothing
         assert outbox.stats().pending["db"] == len(during) and sink.last_error is not None
         await asyncio.to_thread(influxd.start)
@@ -383,11 +375,11 @@ async def test_gateway_with_an_influxdb_sink_writes_every_counter_value(tmp_path
             return out
 
         try:
-            await asyncio.wait_for(gateway.ready.wait(), 10)
+            await asyncio.wait_for(gateway.ready.wait(), DEADLINE)
             await until(lambda: len(counts()) == 2 and all(len(v) >= 10 for v in counts().values()), timeout=30)
         finally:
             stop.set()
-            await asyncio.wait_for(task, 20)
+            await asyncio.wait_for(task, STOP)
     final = counts()
     for device, values in final.items():
         assert values == list(range(1, len(values) + 1)), f"{device}: gap or duplicate in {values}"
