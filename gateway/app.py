@@ -239,7 +239,7 @@ class Gateway:
             notifier.send(READY=1, STATUS=status_line(self))
             stop_task = asyncio.create_task(stop.wait(), name="stop")
             watchdog_task = asyncio.create_task(self._watchdog(notifier), name="watchdog")
-            clock_task = asyncio.create_task(clock.run(5.0), name="clock")  # jumps accumulate: 5 s is enough
+            clock_task = asyncio.create_task(clock.run(), name="clock")
             try:
                 done, _ = await asyncio.wait([stop_task, commit_task, self._ended],
                                              return_when=asyncio.FIRST_COMPLETED)
