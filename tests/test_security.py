@@ -19,6 +19,7 @@ from gateway.health import fetch
 from gateway.mqtt import MqttSink
 from gateway.security import startup_warnings
 from servers import free_port, make_ca, make_client_cert
+from support import STOP, until
 
 CANARY = "canary-5ecr3t-Zq81"
 
@@ -95,17 +96,14 @@ async def test_canary_secret_never_appears(tmp_path: Path, mosquitto, monkeypatc
         gw = Gateway(config)
         task = asyncio.create_task(gw.run(stop), name="gateway-under-test")
         try:
-            async with asyncio.timeout(15):
-                while True:
-                    if gw.forwarders and gw.forwarders[0].stats.delivered:  # type: ignore[attr-defined]
-                        break
-                    await asyncio.sleep(0.05)
+            await until(lambda: gw.forwarders and gw.forwarders[0].stats.delivered,  # type: ignore[attr-defined]
+                        what="a delivery with the secret in use")
             for path in ("/metrics", "/healthz"):
                 seen.append((await asyncio.to_thread(fetch, "127.0.0.1", port, path))[1])
             assert await asyncio.to_thread(cli.main, ["status", "-c", str(cfg)]) == 0
         finally:
             stop.set()
-            await asyncio.wait_for(task, 20)
+            await asyncio.wait_for(task, STOP)
     # error output: a configuration with the secret and a mistake next to it
     bad = yaml.safe_load((cfg / "gateway.yaml").read_text())
     bad["sinks"]["broker"]["qos"] = 7
