@@ -31,6 +31,7 @@ from gateway.buffer import Outbox
 from gateway.trace.journal import Journal
 from gateway.trace.seal import load_public_key, verify_lines
 from servers import subscriber
+from support import STOP, until
 
 LAYOUT = {0: [("a", 1), ("b", 2)], 1: [("c", 1)], 2: [("d", 1)]}
 KILLS = 100 if os.environ.get("SLUICE_SOAK") == "1" else 20
@@ -124,17 +125,15 @@ async def test_sigkill_loses_nothing_committed(tmp_path: Path, mosquitto, close_
         runs_before = log.read_text().count(" running: ")
         proc = _start(config, log)
         try:
-            for _ in range(300):  # SIGTERM only once it is up: before that it is simply fatal
-                if log.read_text().count(" running: ") > runs_before:
-                    break
-                await asyncio.sleep(0.05)
+            # SIGTERM only once it is up: before that it is simply fatal
+            await until(lambda: log.read_text().count(" running: ") > runs_before, what="the last run up")
             def delivered_all(_messages: object) -> bool:
                 got = counts_by_device([m.payload for m in collector.messages if "/status" not in m.topic])
                 return all(values <= set(got.get(device, ())) for device, values in committed.items())
             await collector.wait_until(delivered_all, timeout=90)
         finally:
             proc.send_signal(signal.SIGTERM)
-            assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()[-3000:]
+            assert await asyncio.to_thread(proc.wait, STOP) == 0, log.read_text()[-3000:]
     received = counts_by_device([m.payload for m in collector.messages if "/status" not in m.topic])
     assert committed, "no reading was ever seen committed: the test did not exercise anything"
     assert sum(len(v) for v in committed.values()) > KILLS
