@@ -26,13 +26,8 @@ CANARY = "canary-5ecr3t-Zq81"
 
 async def _connect_outcome(sink: MqttSink, timeout: float = 30.0) -> bool:
     """True once connected, False once the first attempt failed (``sink.last_error`` says why)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if sink.connected:
-                return True
-            if sink.last_error is not None:
-                return False
-            await asyncio.sleep(0.02)
+    await until(lambda: sink.connected or sink.last_error is not None, timeout, "a first connection outcome")
+    return sink.connected
 
 
 def _sink(broker, **tls) -> MqttSink:
