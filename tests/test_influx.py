@@ -19,6 +19,7 @@ from support import DEADLINE, STOP, until
 
 from gateway.buffer import Outbox
 from gateway.config import InfluxSinkConfig
+import gateway.forwarder
 from gateway.forwarder import Forwarder
 from gateway.influx import InfluxSink, WriteOutcome, classify, retry_after_seconds
 from gateway.reading import UNCERTAIN, Reading
@@ -210,7 +211,13 @@ async def test_isolate_refused_finds_every_refused_item_and_keeps_to_its_budget(
     assert all(i % 17 != 5 for i in written) and len(refused) < 6
 
 
-async def test_type_conflict_goes_to_a_dead_letter_and_the_queue_flows_on(influxd: Influxd, outbox: Outbox) -> None:
+async def test_type_conflict_goes_to_a_dead_letter_and_the_queue_flows_on(influxd: Influxd, outbox: Outbox,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dead letters marked for re-sending are looked for every 2 s, and an idle forwarder looks at the
+    # outbox every 5 s (another process marks them, nobody wakes it): 0.1 s each here.
+    monkeypatch.setattr(gateway.forwarder, "RESEND_CHECK_INTERVAL", 0.1)
+    monkeypatch.setattr(gateway.forwarder, "RECHECK_INTERVAL", 0.1)
+
     def batch(start: int, value: Any) -> list[Reading]:
         return [Reading("boiler", T0 + (start + i) * 1000, {"v": value}, {"device": "boiler"}, measurement="m")
                 for i in range(5)]
