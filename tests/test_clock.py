@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import marshal
+import re
 import sqlite3
 from pathlib import Path
 
@@ -57,8 +58,8 @@ async def test_readings_are_flagged_until_the_clock_is_synchronised(tmp_path: Pa
         for s in servers:
             await stack.enter_async_context(s)
         cfg = write_config(tmp_path / "cfg", devices=device_ports(layout, servers), broker_port=None)
-        text = (cfg / "gateway.yaml").read_text() + "health:\n  enabled: false\n"
-        (cfg / "gateway.yaml").write_text(text)
+        text = (cfg / "gateway.yaml").read_text()
+        (cfg / "gateway.yaml").write_text(re.sub(r"(?m)^health:.*\n(  .*\n)*", "health: {enabled: false}\n", text))
         gw = Gateway(load_config(cfg), clock=ClockWatch(check_sync=lambda: synced["now"], period=0.2))
         seen: list[str] = []
         changed = asyncio.Event()

@@ -47,9 +47,7 @@ async def test_disk_full_survives_reports_and_recovers(tmp_path: Path, small_dis
         for s in servers:
             await stack.enter_async_context(s)
         cfg = write_config(tmp_path / "cfg", devices=device_ports(LAYOUT, servers), broker_port=None,
-                           outbox=small_disk / "outbox.db", buffer_extra={"max_bytes": "1MiB"})
-        text = (cfg / "gateway.yaml").read_text() + f"health:\n  listen: 127.0.0.1:{health_port}\n"
-        (cfg / "gateway.yaml").write_text(text)
+                           outbox=small_disk / "outbox.db", buffer_extra={"max_bytes": "1MiB"}, health_port=health_port)
         gw = Gateway(load_config(cfg))
         stop = asyncio.Event()
         task = asyncio.create_task(gw.run(stop), name="gateway-under-test")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,7 @@ def test_a_health_endpoint_open_to_the_network_warns(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "cfg", devices={}, broker_port=None)
     gateway_yaml = cfg / "gateway.yaml"
     assert not [w for w in startup_warnings(load_config(cfg)) if "health.listen" in w]
-    gateway_yaml.write_text(gateway_yaml.read_text() + "health:\n  listen: 0.0.0.0:9108\n")
+    gateway_yaml.write_text(re.sub(r"(?m)^health:.*\n(  .*\n)*", "health:\n  listen: 0.0.0.0:9108\n", gateway_yaml.read_text()))
     assert [w for w in startup_warnings(load_config(cfg)) if "health.listen is 0.0.0.0:9108" in w]
 
 
