@@ -34,13 +34,13 @@ T = TypeVar("T")
 
 
 def _failure(what: str, timeout: float, last: object, state: Callable[[], object] | None) -> AssertionError:
-    observed = last
+    observed = repr(last)
     if state is not None:
         try:
-            observed = state()
+            observed = repr(state())
         except Exception as exc:  # the state is only for the message: never hide the timeout behind it
             observed = f"<state() raised {exc!r}>"
-    return AssertionError(f"{what}: not reached within {timeout:g} s; last observed: {observed!r}")
+    return AssertionError(f"{what}: not reached within {timeout:g} s; last observed: {observed}")
 
 
 async def until(condition: Callable[[], T], timeout: float = DEADLINE, what: str = "condition", *,
