@@ -116,6 +116,11 @@ def _device_yaml(cfg: Path, dev: str, **changes: object) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def _gaps(values: list[int]) -> int:
+    """Counter values missing between the first and the last one."""
+    return len(set(range(min(values), max(values) + 1)) - set(values))
+
+
 def _poller_of(gw, dev: str):
     return next(p for p in gw.pollers if dev in p.status)
 
@@ -157,7 +162,9 @@ async def test_reload_restarts_only_the_changed_poller_and_a_full_restart_loses_
             n = len(seen["tank-a"])
             await until(lambda: len(seen["tank-a"]) >= n + 3 and len(seen["tank-b"]) >= 6, what="polls after")
             a_values = seen["tank-a"]
-            assert a_values == list(range(a_values[0], a_values[0] + len(a_values)))  # no gap, no restart
+            # No gap, no restart. A poll that failed (a timeout on a busy machine) was served but not
+            # read: such gaps are allowed, as many as the poller counted errors.
+            assert a_values == sorted(set(a_values)) and _gaps(a_values) <= sum(a_status.errors.values()), a_status
 
             # An invalid configuration changes nothing.
             caplog.clear()
@@ -174,6 +181,7 @@ async def test_reload_restarts_only_the_changed_poller_and_a_full_restart_loses_
             (cfg / "gateway.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
             reload.set()
             await until(lambda: len(gateways) == 2 and gateways[1].ready.is_set(), what="the full restart")
+            a_status2 = _poller_of(gateways[1], "tank-a").status["tank-a"]
             assert "restarting the whole gateway (gateway settings changed: gateway)" in caplog.text
             n = len(seen["tank-a"])
             await until(lambda: len(seen["tank-a"]) >= n + 3, what="polls after the restart")
@@ -183,7 +191,8 @@ async def test_reload_restarts_only_the_changed_poller_and_a_full_restart_loses_
     # No sink: nothing leaves the outbox, so every reading observed must be stored in it.
     assert gateways[1].final_stats.rows == sum(len(v) for v in seen.values())
     a_values = sorted(set(seen["tank-a"]))
-    assert a_values == list(range(a_values[0], a_values[-1] + 1))
+    failed = sum(a_status.errors.values()) + sum(a_status2.errors.values())
+    assert _gaps(a_values) <= failed, (a_values, a_status, a_status2)
 
 
 async def test_reload_adds_a_sink_from_the_oldest_row_and_a_removed_sink_lets_rows_go(
