@@ -230,8 +230,8 @@ async def test_dead_connection_does_not_delay_another_poller() -> None:
 async def test_connection_closed_while_idle_is_reopened_quietly(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     async with ModbusTestServer({1: Unit(), 2: Unit(value=7)}) as server:
-        (poller,) = make_pollers([device("a", server.port, 1, interval="100ms"),
-                                  device("b", server.port, 2, interval="100ms")])
+        (poller,) = make_pollers([device("a", server.port, 1, interval="100ms", timeout="200ms"),
+                                  device("b", server.port, 2, interval="100ms", timeout="200ms")])  # 30 ms reconnects time out when busy
         async with running([poller]) as readings:
             dropped = 0.0
             for _ in range(3):
@@ -252,7 +252,8 @@ async def test_connection_closed_while_idle_is_reopened_quietly(caplog: pytest.L
 async def test_unit_that_hangs_up_costs_only_itself(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     async with ModbusTestServer({1: Unit("hangup"), 2: Unit()}) as server:
-        (poller,) = make_pollers([device("rude", server.port, 1), device("fine", server.port, 2)])
+        # 200 ms: every hang-up means a reconnect, and a 30 ms connect times out on a busy machine
+        (poller,) = make_pollers([device("rude", server.port, 1, timeout="200ms"), device("fine", server.port, 2, timeout="200ms")])
         async with running([poller]) as readings:
             await until(lambda: poller.status["rude"].errors.get("disconnected", 0) >= 2
                         and len(by_device(readings, "fine")) >= 9, what="two hang-ups and 9 good readings")
@@ -269,7 +270,7 @@ async def test_refused_connection_comes_back(caplog: pytest.LogCaptureFixture) -
     caplog.set_level(logging.INFO)
     port = free_port()
     async with ModbusTestServer({1: Unit()}, port, listen=False) as server:
-        (poller,) = make_pollers([device("late", port)])
+        (poller,) = make_pollers([device("late", port, timeout="200ms")])  # a 30 ms connect can time out when busy
         async with running([poller]) as readings:
             await until(lambda: poller.status["late"].errors.get("refused", 0) >= 2, what="two refused attempts")
             assert readings == []
