@@ -277,7 +277,7 @@ class Gateway:
             notifier.send(READY=1, STATUS=status_line(self.snapshot(lag=False)))
             stop_task = asyncio.create_task(stop.wait(), name="stop")
             watchdog_task = asyncio.create_task(self.watchdog.run(notifier, lambda: status_line(self.snapshot(lag=False))), name="watchdog")
-            clock_task = asyncio.create_task(clock.run(5.0), name="clock")  # jumps accumulate: 5 s is enough
+            clock_task = asyncio.create_task(clock.run(), name="clock")
             try:
                 done, _ = await asyncio.wait([stop_task, commit_task, self._ended],
                                              return_when=asyncio.FIRST_COMPLETED)

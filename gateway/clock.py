@@ -58,8 +58,9 @@ class ClockWatch:
 
     def __init__(self, check_sync: Callable[[], bool | None] = kernel_clock_synced,
                  wall: Callable[[], float] = time.time, mono: Callable[[], float] = time.monotonic,
-                 jump_threshold: float = 2.0) -> None:
+                 jump_threshold: float = 2.0, period: float = 5.0) -> None:
         self._check = check_sync
+        self.period = period  # how often run() polls; jumps accumulate, so 5 s is enough
         self._wall = wall
         self._mono = mono
         self.jump_threshold = jump_threshold
@@ -92,9 +93,10 @@ class ClockWatch:
                             "it was probably just synchronised" if synced else "check NTP and the RTC")
         self._base = (wall, mono)
 
-    async def run(self, period: float = 1.0) -> None:
+    async def run(self) -> None:
+        """Poll every ``period`` seconds until cancelled."""
         import asyncio
 
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(self.period)
             self.poll()

@@ -92,7 +92,7 @@ class Mosquitto:
                 lines += ["require_certificate true"]
         self.conf.write_text("\n".join(lines) + "\n" + extra_conf, encoding="utf-8")
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 30.0) -> None:
         assert self.proc is None, "already running"
         self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
+from simulators.broker import free_port
 
 COUNTER_PROFILE = """\
 protocol: modbus
@@ -23,14 +24,17 @@ points:
 def write_config(directory: Path, *, devices: dict[str, tuple[int, int]], broker_port: int | None,
                  interval: str = "100ms", timeout: str = "500ms", outbox: Path | None = None,
                  sink_extra: dict | None = None, buffer_extra: dict | None = None,
-                 fmt: str = "influx") -> Path:
-    """A gateway config dir: ``devices`` maps device id -> (port, unit id) on 127.0.0.1."""
+                 fmt: str = "influx", health_port: int | None = None) -> Path:
+    """A gateway config dir: ``devices`` maps device id -> (port, unit id) on 127.0.0.1; the health
+    endpoint on ``health_port`` (a free port if not given)."""
     (directory / "profiles").mkdir(parents=True, exist_ok=True)
     (directory / "devices").mkdir(exist_ok=True)
     (directory / "profiles" / "counter.yaml").write_text(COUNTER_PROFILE)
     gateway: dict = {
         "gateway": {"id": "gw-test", "site": "lab"},
         "buffer": {"path": str(outbox or directory / "outbox.db"), **(buffer_extra or {})},
+        # Not the default 9108: another suite (or a helper's) may run a gateway at the same time.
+        "health": {"listen": f"127.0.0.1:{health_port or free_port()}"},
         "sinks": {},
         "logging": {"level": "info", "format": "text"},
     }

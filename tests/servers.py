@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from simulators.broker import Mosquitto, TlsFiles, free_port
+from support import DEADLINE, STOP, unavailable
 
 __all__ = ["Mosquitto", "TcpProxy", "TlsFiles", "free_port", "make_ca", "make_client_cert", "sluice_process",
            "subscriber"]
@@ -29,10 +30,7 @@ MOSQUITTO = "/usr/sbin/mosquitto"
 def _need(binary: str, package: str) -> str:
     path = binary if os.path.exists(binary) else shutil.which(Path(binary).name)
     if path is None:
-        message = f"{binary} is not installed — sudo apt-get install {package}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{binary} is not installed — sudo apt-get install {package}")
     return path
 
 
@@ -46,7 +44,7 @@ def sluice_process(*args: str) -> Iterator[subprocess.Popen[str]]:
         yield proc
     finally:
         proc.terminate()
-        assert proc.wait(timeout=10) == 0, proc.stderr.read() if proc.stderr else ""
+        assert proc.wait(timeout=STOP) == 0, proc.stderr.read() if proc.stderr else ""
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
@@ -156,7 +154,7 @@ class Collector:
     def on(self, topic: str) -> list[Received]:
         return [m for m in self.messages if m.topic == topic]
 
-    async def wait_until(self, condition: Callable[[list[Received]], bool], timeout: float = 10.0) -> None:
+    async def wait_until(self, condition: Callable[[list[Received]], bool], timeout: float = DEADLINE) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         while not condition(self.messages):
             remaining = deadline - asyncio.get_running_loop().time()
@@ -202,7 +200,7 @@ async def subscriber(host: str, port: int, topic_filter: str, *, client_id: str 
     task = asyncio.create_task(run(), name=f"subscriber[{topic_filter}]")
     try:
         waiter = asyncio.ensure_future(subscribed.wait())
-        await asyncio.wait((waiter, task), timeout=10.0, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((waiter, task), timeout=DEADLINE, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if task.done():
             task.result()
@@ -303,7 +301,7 @@ class _HttpServer:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = DEADLINE) -> None:
         import time
         import urllib.error
         import urllib.request

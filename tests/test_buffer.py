@@ -18,6 +18,7 @@ import pytest
 
 from gateway.buffer import Outbox, OutboxError
 from gateway.reading import UNCERTAIN, Reading
+from support import STOP
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -266,13 +267,13 @@ def test_sigkill_never_loses_a_committed_row(tmp_path: Path) -> None:
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, env=env)
         try:
             first = proc.stdout.readline()  # type: ignore[union-attr]
-            time.sleep(rng.uniform(0, 0.15))
+            time.sleep(rng.uniform(0, 0.15))  # a random moment to kill it at, not a wait
             proc.send_signal(signal.SIGKILL)
-            rest, _ = proc.communicate(timeout=10)
+            rest, _ = proc.communicate(timeout=STOP)
         finally:
             if proc.poll() is None:
                 proc.kill()
-            proc.wait(timeout=10)
+            proc.wait(timeout=STOP)
         assert proc.returncode == -signal.SIGKILL, "the writer finished before it was killed"
         lines = (first + rest).decode().split("\n")
         confirmed.extend(int(line) for line in lines[:-1])  # the last piece may be a cut-off line

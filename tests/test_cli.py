@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from e2e_support import counter_servers, device_ports, write_config
+from support import STOP, until
 
 from gateway.examples import shipped_config
 
@@ -70,14 +71,11 @@ async def test_run_stops_cleanly_on_sigterm_and_keeps_what_it_read(tmp_path: Pat
         config = write_config(tmp_path, devices=device_ports(LAYOUT, servers), broker_port=1)
         proc = subprocess.Popen([*SLUICE, "run", "-c", str(config)], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-        try:
-            for _ in range(200):
-                if sum(s.stats.count(function=3) for s in servers) >= 10:
-                    break
-                await asyncio.sleep(0.05)
+        try:  # SIGTERM once it polls: before it runs, the signal is simply fatal
+            await until(lambda: sum(s.stats.count(function=3) for s in servers) >= 10, what="10 polls by `sluice run`")
         finally:
             proc.send_signal(signal.SIGTERM)
-            out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+            out, _ = await asyncio.to_thread(proc.communicate, timeout=STOP)
         served = sum(s.stats.count(function=3) for s in servers)
     assert proc.returncode == 0, out
     match = re.search(r"gateway stopped: (\d+) readings committed this run, (\d+) left in the outbox", out)

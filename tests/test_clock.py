@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import marshal
+import re
 import sqlite3
 import json
 
@@ -17,6 +18,7 @@ from gateway.app import Gateway
 from gateway.clock import ClockWatch, kernel_clock_synced
 from gateway.config import load_config
 from gateway.reading import CLOCK_UNSYNCED, GOOD
+from support import DEADLINE, STOP
 
 
 def test_kernel_state_is_readable() -> None:
@@ -59,9 +61,9 @@ async def test_readings_are_flagged_until_the_clock_is_synchronised(tmp_path: Pa
         for s in servers:
             await stack.enter_async_context(s)
         cfg = write_config(tmp_path / "cfg", devices=device_ports(layout, servers), broker_port=None)
-        text = (cfg / "gateway.yaml").read_text() + "health:\n  enabled: false\n"
-        (cfg / "gateway.yaml").write_text(text)
-        gw = Gateway(load_config(cfg), clock=ClockWatch(check_sync=lambda: synced["now"]))
+        text = (cfg / "gateway.yaml").read_text()
+        (cfg / "gateway.yaml").write_text(re.sub(r"(?m)^health:.*\n(  .*\n)*", "health: {enabled: false}\n", text))
+        gw = Gateway(load_config(cfg), clock=ClockWatch(check_sync=lambda: synced["now"], period=0.2))
         seen: list[str] = []
         changed = asyncio.Event()
 
@@ -78,13 +80,13 @@ async def test_readings_are_flagged_until_the_clock_is_synchronised(tmp_path: Pa
         stop = asyncio.Event()
         task = asyncio.create_task(gw.run(stop), name="gateway-under-test")
         try:
-            async with asyncio.timeout(20):
+            async with asyncio.timeout(DEADLINE):
                 await until(lambda: len(seen) >= 3)
                 synced["now"] = True
                 await until(lambda: GOOD in seen)
         finally:
             stop.set()
-            await asyncio.wait_for(task, 20)
+            await asyncio.wait_for(task, STOP)
     with contextlib.closing(sqlite3.connect(tmp_path / "cfg" / "outbox.db")) as db:
         stored = [marshal.loads(row[0])[1] for row in db.execute("SELECT data FROM readings ORDER BY seq")]
     assert stored == seen

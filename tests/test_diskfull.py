@@ -19,6 +19,7 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.health import fetch
 from servers import free_port
+from support import DEADLINE, STOP, unavailable, until
 
 LAYOUT = {0: [("tank-a", 1), ("tank-b", 2)]}
 
@@ -26,25 +27,17 @@ LAYOUT = {0: [("tank-a", 1), ("tank-b", 2)]}
 @pytest.fixture
 def small_disk(tmp_path: Path):
     if os.geteuid() != 0:
-        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)("mounting a tmpfs needs root")
+        unavailable("mounting a tmpfs needs root")
     disk = tmp_path / "disk"
     disk.mkdir()
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True)
     if result.returncode != 0:
-        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(
+        unavailable(
             f"cannot mount a tmpfs here: {result.stderr.strip()}")
     try:
         yield disk
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
-async def _until(condition, timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.05)
 
 
 async def test_disk_full_survives_reports_and_recovers(tmp_path: Path, small_disk: Path, close_default_executor) -> None:
@@ -54,15 +47,13 @@ async def test_disk_full_survives_reports_and_recovers(tmp_path: Path, small_dis
         for s in servers:
             await stack.enter_async_context(s)
         cfg = write_config(tmp_path / "cfg", devices=device_ports(LAYOUT, servers), broker_port=None,
-                           outbox=small_disk / "outbox.db", buffer_extra={"max_bytes": "1MiB"})
-        text = (cfg / "gateway.yaml").read_text() + f"health:\n  listen: 127.0.0.1:{health_port}\n"
-        (cfg / "gateway.yaml").write_text(text)
+                           outbox=small_disk / "outbox.db", buffer_extra={"max_bytes": "1MiB"}, health_port=health_port)
         gw = Gateway(load_config(cfg))
         stop = asyncio.Event()
         task = asyncio.create_task(gw.run(stop), name="gateway-under-test")
         try:
-            await asyncio.wait_for(gw.ready.wait(), 10)
-            await _until(lambda: gw.committer is not None and gw.committer.stats.commits >= 3)
+            await asyncio.wait_for(gw.ready.wait(), DEADLINE)
+            await until(lambda: gw.committer is not None and gw.committer.stats.commits >= 3)
             committer = gw.committer
             assert committer is not None
 
@@ -74,7 +65,7 @@ async def test_disk_full_survives_reports_and_recovers(tmp_path: Path, small_dis
             _out, err = await dd.communicate()
             assert dd.returncode != 0 and b"No space left" in err
 
-            await _until(lambda: committer.failing and committer.pending > 0)
+            await until(lambda: committer.failing and committer.pending > 0)
             assert not task.done()  # still up
             code, body = await asyncio.to_thread(fetch, "127.0.0.1", health_port, "/healthz")
             state = json.loads(body)
@@ -86,12 +77,12 @@ async def test_disk_full_survives_reports_and_recovers(tmp_path: Path, small_dis
 
             # Space returns: the gateway recovers by itself and stores what it held.
             filler.unlink()
-            await _until(lambda: not committer.failing and committer.pending < held)
+            await until(lambda: not committer.failing and committer.pending < held)
             code, _body = await asyncio.to_thread(fetch, "127.0.0.1", health_port, "/healthz")
             assert code == 200
         finally:
             stop.set()
-            await asyncio.wait_for(task, 20)
+            await asyncio.wait_for(task, STOP)
     stats = committer.stats
     assert stats.failed_commits > 0
     assert stats.received == stats.committed + committer.pending + stats.lost

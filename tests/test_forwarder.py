@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from servers import Mosquitto, Received, subscriber
+from support import until
 from test_encode import parse_line
 
 from gateway.buffer import Outbox
@@ -115,7 +116,7 @@ async def test_every_reading_once_in_order(mosquitto: Mosquitto, outbox: AckSpy,
             for i in range(0, len(sent), 30):  # as the committer does: append, then notify
                 outbox.append(sent[i:i + 30])
                 fwd.notify()
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # paced as the committer would be, not a wait
             await sub.wait_until(lambda ms: len(decoded(ms, fmt)) >= len(sent))
             await asyncio.sleep(0.2)  # anything extra (a duplicate) would show up now
     got = decoded(sub.messages, fmt)
@@ -144,13 +145,13 @@ async def test_broker_outage_loses_nothing_and_acks_nothing_while_down(
             await sub.wait_until(lambda ms: len(decoded(ms, "influx")) >= len(before))
 
             mosquitto.stop()
-            await _until(lambda: not sink.connected)
+            await until(lambda: not sink.connected)
             acks_when_down = len(outbox.acks)
             for i in range(0, len(during), 15):
                 outbox.append(during[i:i + 15])
                 fwd.notify()
-                await asyncio.sleep(0.3)
-            await asyncio.sleep(0.5)
+                await asyncio.sleep(0.3)  # readings arrive over time while the broker is away
+            await asyncio.sleep(0.5)  # time for attempts that must not acknowledge anything (bounded: a negative)
             assert len(outbox.acks) == acks_when_down, "acknowledged while the broker was down"
             assert outbox.stats().pending["main"] == len(during)
 
@@ -160,7 +161,7 @@ async def test_broker_outage_loses_nothing_and_acks_nothing_while_down(
             everything = before + during + after
             want = {(r.device, r.time_ns) for r in everything}
             await sub.wait_until(lambda ms: want <= set(decoded(ms, "influx")), timeout=15)
-            await _until(lambda: outbox.stats().pending["main"] == 0)
+            await until(lambda: outbox.stats().pending["main"] == 0)
     got = decoded(sub.messages, "influx")
     # at least once; per device, first arrivals are oldest first
     firsts: dict[str, list[int]] = {}
@@ -171,31 +172,6 @@ async def test_broker_outage_loses_nothing_and_acks_nothing_while_down(
             firsts.setdefault(dev, []).append(stamp)
     assert firsts == by_device([(r.device, r.time_ns) for r in everything])
     assert fwd.stats.delivered >= len(everything)
-
-
-async def _until(condition: Any, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
-# --------------------------------------------------------------------------- without a broker
-def test_split_by_max_bytes_keeps_order() -> None:
-    for fmt in ("influx", "json"):
-        cfg = config(format=fmt, batch={"max_readings": 1000, "max_bytes": 1024})
-        fwd = Forwarder("main", None, None, cfg, SimpleNamespace(gateway_id="gw1", site="s"))  # type: ignore[arg-type]
-        rs = readings("s", 0, 40)
-        messages = fwd.build_messages(rs)
-        assert all(len(p) <= 1024 for _t, p in messages)
-        assert len(messages) > len(DEVICES)
-        got = decoded([Received(t, p, False) for t, p in messages], fmt)
-        assert by_device(got) == by_device([(r.device, r.time_ns) for r in rs])
-        # a reading larger than max_bytes still goes, alone
-        big = Reading("big", T0, {"s": "x" * 3000}, {"device": "big"})
-        alone = fwd.build_messages([rs[0], big, rs[3]])
-        assert [len(decoded([Received(t, p, False)], fmt)) for t, p in alone] == [2, 1]
 
 
 def test_topic_template_placeholders() -> None:
@@ -236,7 +212,7 @@ async def test_retry_resends_the_same_entries_in_order(outbox: AckSpy) -> None:
     outbox.append(readings("s", 0, 3))
     async with running(fwd):
         fwd.notify()
-        await _until(lambda: outbox.stats().pending["main"] == 0)
+        await until(lambda: outbox.stats().pending["main"] == 0)
     assert sink.calls[0] == sink.calls[1] == sink.calls[2]
     assert fwd.stats.retries == 2 and fwd.stats.delivered == 9
     assert outbox.acks == [9]
@@ -250,6 +226,6 @@ async def test_cancel_mid_send_leaves_batch_unacknowledged(outbox: AckSpy) -> No
     outbox.append(readings("s", 0, 2))
     async with running(fwd):
         fwd.notify()
-        await _until(lambda: len(sink.calls) == 1)
+        await until(lambda: len(sink.calls) == 1)
     assert outbox.acks == []
     assert outbox.stats().pending["main"] == 6

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from e2e_support import counter_servers, device_ports, write_config
 from servers import Influxd, Mosquitto, free_port
+from support import STOP, until
 from test_ingest import Worker, v1
 from test_ingest import write_config as write_ingest_config
 from test_receipts import _positions
@@ -39,6 +40,11 @@ def _gateway(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
                                 stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+
+
+def _runs(log: Path) -> int:
+    """How many gateway runs got as far as running (before that a SIGTERM is simply fatal)."""
+    return log.read_text().count(" running: ") if log.exists() else 0
 
 
 def _snapshot(path: Path, into: dict[tuple[str, int], dict[str, Any]]) -> None:
@@ -86,6 +92,7 @@ async def test_full_path_survives_every_kind_of_failure(tmp_path: Path, mosquitt
         worker.start()
         stack.callback(worker.stop)
         await worker.subscribed()
+        runs_before = _runs(glog)
         gateway = _gateway(config, glog)
         try:
             for _ in range(EVENTS):
@@ -97,6 +104,7 @@ async def test_full_path_survives_every_kind_of_failure(tmp_path: Path, mosquitt
                     await asyncio.to_thread(gateway.wait)
                     _snapshot(outbox_path, committed)
                     await asyncio.sleep(rng.uniform(0.0, 1.0))
+                    runs_before = _runs(glog)
                     gateway = _gateway(config, glog)
                 elif what == "ingest":
                     await asyncio.to_thread(worker.kill)
@@ -111,9 +119,12 @@ async def test_full_path_survives_every_kind_of_failure(tmp_path: Path, mosquitt
                     await asyncio.sleep(rng.uniform(0.5, 3.0))
                     await asyncio.to_thread(influxd.start)
             # A clean stop commits what was read; its outbox is the last snapshot. Then one more run
-            # delivers it while the devices go on being read.
+            # delivers it while the devices go on being read. SIGTERM only once it runs: on a busy
+            # machine the last restart may still be importing, and then the signal is fatal.
+            await until(lambda: _runs(glog) > runs_before, what="the last gateway running",
+                        state=lambda: glog.read_text()[-1000:])
             gateway.send_signal(signal.SIGTERM)
-            assert await asyncio.to_thread(gateway.wait, 30) == 0, glog.read_text()[-3000:]
+            assert await asyncio.to_thread(gateway.wait, STOP) == 0, glog.read_text()[-3000:]
             _snapshot(outbox_path, committed)
             gateway = _gateway(config, glog)
             loop = asyncio.get_running_loop()
@@ -125,7 +136,12 @@ async def test_full_path_survives_every_kind_of_failure(tmp_path: Path, mosquitt
         finally:
             if gateway.poll() is None:
                 gateway.send_signal(signal.SIGTERM)
-                await asyncio.to_thread(gateway.wait, 30)
+                try:
+                    await asyncio.to_thread(gateway.wait, STOP)
+                except subprocess.TimeoutExpired:
+                    gateway.kill()  # never leave it behind; the test has failed already or fails now
+                    gateway.wait()
+                    raise
     db = _database(influxd)
     assert committed, "nothing was ever seen committed: the test exercised nothing"
     gateway_kills = kills["gateway"]

@@ -20,6 +20,7 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.health import METRICS, fetch
 from servers import free_port
+from support import DEADLINE, STOP, until
 
 LAYOUT = {0: [("tank-a", 1)]}
 
@@ -41,19 +42,11 @@ async def _running(gateway: Gateway):
     stop = asyncio.Event()
     task = asyncio.create_task(gateway.run(stop), name="gateway-under-test")
     try:
-        await asyncio.wait_for(gateway.ready.wait(), 10)
+        await asyncio.wait_for(gateway.ready.wait(), DEADLINE)
         yield gateway
     finally:
         stop.set()
-        await asyncio.wait_for(task, 20)
-
-
-async def _until(condition, timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.05)
+        await asyncio.wait_for(task, STOP)
 
 
 async def test_metrics_parse_and_every_documented_metric_is_present(tmp_path: Path, mosquitto, close_default_executor,
@@ -66,7 +59,7 @@ async def test_metrics_parse_and_every_documented_metric_is_present(tmp_path: Pa
         gw = Gateway(load_config(_config(tmp_path, servers, mosquitto.port, health_port=port)))
         await stack.enter_async_context(_running(gw))
         assert gw.health_port == port
-        await _until(lambda: gw.forwarders[0].stats.delivered > 0  # type: ignore[attr-defined]
+        await until(lambda: gw.forwarders[0].stats.delivered > 0  # type: ignore[attr-defined]
                      and any(st.errors for p in gw.pollers for st in p.status.values()))
 
         code, body = await asyncio.to_thread(fetch, "127.0.0.1", port, "/metrics")
@@ -174,7 +167,7 @@ async def test_watchdog_pings_only_while_every_loop_progresses(tmp_path: Path, m
             assert ready["READY"] == "1" and "devices up" in ready["STATUS"]
             for _ in range(3):
                 await fake.wait_for(lambda m: m.get("WATCHDOG") == "1")
-            await _until(lambda: gw.outbox is not None and gw.outbox.stats().pending["broker"] > 0)
+            await until(lambda: gw.outbox is not None and gw.outbox.stats().pending["broker"] > 0)
             await fake.wait_for(lambda m: m.get("WATCHDOG") == "1")  # still pinging while buffering
 
             async def hang(*_args: object, **_kwargs: object) -> bytes:
@@ -184,7 +177,7 @@ async def test_watchdog_pings_only_while_every_loop_progresses(tmp_path: Path, m
             monkeypatch.setattr(drivers.modbus.ModbusTcpClient, "read", hang)
             wedged = await fake.wait_for(lambda m: "WEDGED" in m.get("STATUS", ""))
             assert "poll[127.0.0.1:" in wedged["STATUS"] and "WATCHDOG" not in wedged
-            # Once wedged, no more pings: systemd would restart us after WatchdogSec.
+            # Once wedged, no more pings: systemd would restart us after WatchdogSec (a bounded negative).
             await asyncio.sleep(1.0)
             assert not [m for m in fake.drain() if "WATCHDOG" in m]
             code, body = await asyncio.to_thread(fetch, "127.0.0.1", gw.config.gateway.health.port, "/healthz")
@@ -252,7 +245,7 @@ async def test_sluice_run_notifies_ready_and_stopping(tmp_path: Path, close_defa
                 await fake.wait_for(lambda m: m.get("WATCHDOG") == "1", timeout=30)
             finally:
                 proc.send_signal(signal.SIGTERM)
-                out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+                out, _ = await asyncio.to_thread(proc.communicate, timeout=STOP)
         assert proc.returncode == 0, out
         await fake.wait_for(lambda m: m.get("STOPPING") == "1", timeout=5)
     finally:
@@ -308,16 +301,16 @@ async def test_receipt_metrics_status_and_forged_receipts(tmp_path: Path, mosqui
         player = asyncio.create_task(play_ingest())
         stack.push_async_callback(lambda: asyncio.gather(player, return_exceptions=True))
         stack.callback(player.cancel)
-        await _until(lambda: len(ids) >= 1)
+        await until(lambda: len(ids) >= 1)
         forged = [{"written": ids[:1]},
                   {"written": ids[:1], "mac": receipt_mac(b"another key of 16+ chars", topic, ids[:1], [])},
                   {"written": ids[:1], "mac": receipt_mac(key, "sluice-receipts/lab/other-gw", ids[:1], [])}]
         for doc in forged:
             await ingest.publish(topic, json.dumps(doc), qos=1)
-        await _until(lambda: fwd.stats.receipts_refused >= 3 and fwd.stats.receipt_timeouts >= 1)
+        await until(lambda: fwd.stats.receipts_refused >= 3 and fwd.stats.receipt_timeouts >= 1)
         assert fwd.stats.receipts == 0 and gw.outbox.position("broker") == 0
         answer.set()
-        await _until(lambda: fwd.stats.receipts >= 2 and gw.outbox.position("broker") > 0)
+        await until(lambda: fwd.stats.receipts >= 2 and gw.outbox.position("broker") > 0)
 
         code, body = await asyncio.to_thread(fetch, "127.0.0.1", port, "/metrics")
         assert code == 200

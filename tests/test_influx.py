@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 from servers import Influxd, VictoriaMetrics
+from support import DEADLINE, STOP, until
 
 from gateway.buffer import Outbox
 from gateway.config import InfluxSinkConfig
+import gateway.forwarder
 from gateway.forwarder import Forwarder
 from gateway.influx import InfluxSink, WriteOutcome, classify, retry_after_seconds
 from gateway.reading import UNCERTAIN, Reading
@@ -46,15 +48,6 @@ async def forwarding(outbox: Outbox, cfg: InfluxSinkConfig) -> AsyncIterator[tup
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-async def until(condition: Any, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -218,7 +211,13 @@ async def test_isolate_refused_finds_every_refused_item_and_keeps_to_its_budget(
     assert all(i % 17 != 5 for i in written) and len(refused) < 6
 
 
-async def test_type_conflict_goes_to_a_dead_letter_and_the_queue_flows_on(influxd: Influxd, outbox: Outbox) -> None:
+async def test_type_conflict_goes_to_a_dead_letter_and_the_queue_flows_on(influxd: Influxd, outbox: Outbox,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dead letters marked for re-sending are looked for every 2 s, and an idle forwarder looks at the
+    # outbox every 5 s (another process marks them, nobody wakes it): 0.1 s each here.
+    monkeypatch.setattr(gateway.forwarder, "RESEND_CHECK_INTERVAL", 0.1)
+    monkeypatch.setattr(gateway.forwarder, "RECHECK_INTERVAL", 0.1)
+
     def batch(start: int, value: Any) -> list[Reading]:
         return [Reading("boiler", T0 + (start + i) * 1000, {"v": value}, {"device": "boiler"}, measurement="m")
                 for i in range(5)]
@@ -258,7 +257,7 @@ async def test_influxd_stopped_for_a_while_loses_nothing(influxd: Influxd, outbo
         for i in range(0, len(during), 20):
             outbox.append(during[i:i + 20])
             fwd.notify()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # readings arrive over time while the server is away
         await until(lambda: fwd.stats.retries >= 3)  # it kept trying, and acknowledged nothing
         assert outbox.stats().pending["db"] == len(during) and sink.last_error is not None
         await asyncio.to_thread(influxd.start)
@@ -383,11 +382,11 @@ async def test_gateway_with_an_influxdb_sink_writes_every_counter_value(tmp_path
             return out
 
         try:
-            await asyncio.wait_for(gateway.ready.wait(), 10)
+            await asyncio.wait_for(gateway.ready.wait(), DEADLINE)
             await until(lambda: len(counts()) == 2 and all(len(v) >= 10 for v in counts().values()), timeout=30)
         finally:
             stop.set()
-            await asyncio.wait_for(task, 20)
+            await asyncio.wait_for(task, STOP)
     final = counts()
     for device, values in final.items():
         assert values == list(range(1, len(values) + 1)), f"{device}: gap or duplicate in {values}"

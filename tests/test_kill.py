@@ -36,6 +36,7 @@ from gateway.trace.journal import Journal
 from gateway.trace.seal import load_public_key, verify_lines
 from proc_support import deleted_files, posix_locks
 from servers import subscriber
+from support import STOP, until
 
 LAYOUT = {0: [("a", 1), ("b", 2)], 1: [("c", 1)], 2: [("d", 1)]}
 KILLS = 100 if os.environ.get("SLUICE_SOAK") == "1" else 20
@@ -204,7 +205,7 @@ async def test_sigkill_with_other_processes_on_the_outbox_loses_and_splits_nothi
             _assert_one_database(outbox_path, proc.pid, "last run, all delivered")
         finally:
             proc.send_signal(signal.SIGTERM)
-            assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()[-3000:]
+            assert await asyncio.to_thread(proc.wait, STOP) == 0, log.read_text()[-3000:]
         pubkey = _sluice(config, "trace", "pubkey")
         assert pubkey.returncode == 0, pubkey.stderr
         (tmp_path / "pub.pem").write_text(pubkey.stdout)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import support
+from support import until
 
 from drivers.modbus import ProfileModel
 from drivers.modbus_rtu_dtu import DeviceModel, DtuListenerPoller, Packet, PacketModel, make_pollers
@@ -38,10 +40,9 @@ def units(ids: Sequence[int]) -> list[SimDevice]:
 
 
 def device(dev_id: str, unit: int, dtu: dict[str, Any], listen: str = "127.0.0.1:0", **settings: Any) -> Device:
-    cfg = DeviceModel.model_validate({
+    return support.device(DeviceModel, PROFILE, {
         "id": dev_id, "protocol": "modbus_rtu_dtu", "profile": "p", "listen": listen, "unit_id": unit, "dtu": dtu,
-        "interval": "100ms", "timeout": "200ms", "retries": 0, "backoff_max": "300ms", **settings})
-    return Device(cfg, PROFILE, "p", {"device": dev_id}, "m", Path(f"{dev_id}.yaml"))
+        "interval": "100ms", "timeout": "200ms", "retries": 0, "backoff_max": "300ms"}, **settings)
 
 
 BARN = {"id": "barn", "registration": {"text": "BARN-0001"}, "heartbeat": {"hex": "fe fe 48 42"}}
@@ -50,23 +51,8 @@ SHED = {"id": "shed", "registration": {"regex": "^SN[0-9]{6}"}, "registration_ti
 
 @contextlib.asynccontextmanager
 async def running(poller: DtuListenerPoller) -> AsyncIterator[tuple[int, list[Reading]]]:
-    readings: list[Reading] = []
-    async with poller:
-        task = asyncio.create_task(poller.run(readings.append), name=f"poll[{poller.name}]")
-        try:
-            port = await asyncio.wait_for(poller.wait_listening(), 5)
-            yield port, readings
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            assert task.cancelled(), f"the poller ended on its own: {task.exception()!r}"
-
-
-async def until(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+    async with support.running(poller) as readings:
+        yield await asyncio.wait_for(poller.wait_listening(), support.DEADLINE), readings
 
 
 def warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -149,7 +135,8 @@ async def test_a_dtu_that_stays_connected_but_goes_silent_is_hung_up_on(caplog: 
         async with DtuSim(units([1, 2]), host="127.0.0.1", port=port, registration=b"BARN-0001",
                           heartbeat=bytes.fromhex("fefe4842"), heartbeat_interval=0.05, reconnect_delay=0.05) as sim:
             await until(lambda: {"a", "b"} <= since(readings, 0))
-            # Heartbeats every 50 ms keep it alive through a whole heartbeat timeout and more.
+            # Heartbeats every 50 ms keep it alive through a whole heartbeat timeout and more: time
+            # must pass to show that nothing happens (1.5 heartbeat timeouts; more on a slow machine is fine).
             await asyncio.sleep(0.6)
             assert dtu.link.silent == 0 and sim.connections == 1
             sim.hung = True  # modem hung: no heartbeat, no reply, the TCP connection stays up

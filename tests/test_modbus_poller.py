@@ -11,12 +11,12 @@ import socket
 import statistics
 import struct
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
+import support
+from support import until
 
 from drivers.modbus import DeviceModel, ModbusTcpPoller, ProfileModel, make_pollers, shortest_float32
 from gateway.driver import Device
@@ -132,29 +132,14 @@ PROFILE = ProfileModel.model_validate({
 
 
 def device(dev_id: str, port: int, unit: int = 1, profile: ProfileModel = PROFILE, **settings: Any) -> Device:
-    cfg = DeviceModel.model_validate({
+    return support.device(DeviceModel, profile, {
         "id": dev_id, "protocol": "modbus_tcp", "profile": "p", "host": "127.0.0.1", "port": port,
-        "unit_id": unit, "interval": "50ms", "timeout": "30ms", "retries": 0, "backoff_max": "100ms",
-        **settings})
-    return Device(cfg, profile, "p", {"device": dev_id}, "m", Path(f"{dev_id}.yaml"))
+        "unit_id": unit, "interval": "50ms", "timeout": "30ms", "retries": 0, "backoff_max": "100ms"}, **settings)
 
 
-@contextlib.asynccontextmanager
-async def running(pollers: list[ModbusTcpPoller]) -> AsyncIterator[list[Reading]]:
+def running(pollers: list[ModbusTcpPoller]) -> contextlib.AbstractAsyncContextManager[list[Reading]]:
     """Run pollers as the gateway does (one task each); yields the list readings arrive in."""
-    readings: list[Reading] = []
-    async with contextlib.AsyncExitStack() as stack:
-        for poller in pollers:
-            await stack.enter_async_context(poller)
-        tasks = [asyncio.create_task(p.run(readings.append), name=f"poll[{p.name}]") for p in pollers]
-        try:
-            yield readings
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for task in tasks:
-                assert task.cancelled(), f"{task.get_name()} ended on its own: {task.exception()!r}"
+    return support.running(*pollers)
 
 
 def warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -171,14 +156,17 @@ async def test_error_kinds_are_distinct_and_logged_once_per_state_change(caplog:
     units = {1: Unit(), 2: Unit("dead"), 3: Unit("exception", code=2)}
     refused_port = free_port()
     async with ModbusTestServer(units) as server:
-        pollers = make_pollers([device("alive", server.port, 1), device("dead", server.port, 2),
-                                device("broken", server.port, 3), device("nobody", refused_port)])
+        # 200 ms, not 30: on a busy machine a 30 ms (re)connect can time out and count as 'unreachable'
+        slow = {"timeout": "200ms"}
+        pollers = make_pollers([device("alive", server.port, 1, **slow), device("dead", server.port, 2, **slow),
+                                device("broken", server.port, 3, **slow), device("nobody", refused_port, **slow)])
         assert [p.name for p in pollers] == [f"127.0.0.1:{server.port}", f"127.0.0.1:{refused_port}"]
         status = {**pollers[0].status, **pollers[1].status}
         async with running(pollers) as readings:
-            await asyncio.sleep(0.6)
+            await until(lambda: status["dead"].errors.get("timeout", 0) >= 2 and status["broken"].errors.get("exception", 0) >= 2
+                        and status["nobody"].errors.get("refused", 0) >= 2, what="two errors of each kind", state=lambda: status)
             units[2].mode = "ok"  # the dead unit comes back
-            await asyncio.sleep(0.35)
+            await until(lambda: status["dead"].up and any(r.device == "dead" for r in readings), what="the dead unit back")
     assert status["dead"].errors["timeout"] >= 2 and set(status["dead"].errors) == {"timeout"}
     assert status["broken"].errors["exception"] >= 2 and set(status["broken"].errors) == {"exception"}
     assert status["nobody"].errors["refused"] >= 2 and set(status["nobody"].errors) == {"refused"}
@@ -186,7 +174,7 @@ async def test_error_kinds_are_distinct_and_logged_once_per_state_change(caplog:
     assert not status["broken"].up and not status["nobody"].up
 
     (dead,) = warnings_about(caplog, "dead:")
-    assert f"127.0.0.1:{server.port} unit 2" in dead and "(address 0)" in dead and "no answer within 30ms" in dead
+    assert f"127.0.0.1:{server.port} unit 2" in dead and "(address 0)" in dead and "no answer within 200ms" in dead
     assert "check the unit id" in dead
     (broken,) = warnings_about(caplog, "broken:")
     assert "unit 3" in broken and "exception 2 (illegal data address)" in broken and "check the profile" in broken
@@ -207,14 +195,19 @@ async def test_dead_unit_costs_its_timeout_only(caplog: pytest.LogCaptureFixture
             device("alive", server.port, 1, interval="100ms", timeout="50ms"),
             device("dead", server.port, 2, interval="100ms", timeout="50ms", retries=1, backoff_max="400ms")])
         async with running([poller]) as readings:
-            await asyncio.sleep(1.25)
+            # ...and no probe of the dead unit in flight (its timeout not yet counted)
+            await until(lambda: len(by_device(readings, "alive")) >= 10
+                        and poller.status["dead"].errors.get("timeout", 0) == len(server.requests_for(2)) - 1,
+                        what="10 readings of the live unit, no probe in flight")
+            span = time.monotonic() - server.requests[0][0]
     times = by_device(readings, "alive")
     assert len(times) >= 10, times
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) < 0.1 + 0.1 + 0.06, gaps  # its interval + the dead unit's worst poll (2 × 50ms)
     probes = server.requests_for(2)
-    # first poll: 1 + retries attempts; then single probes after 100, 200, 400, 400 ms
-    assert 3 <= len(probes) <= 7, probes
+    # first poll: 1 + retries attempts; then single probes after 100, 200, 400, 400 ms (never sooner)
+    assert 3 <= len(probes) <= 4 + span / 0.4 + 1, (probes, span)
+    assert all(b - a >= 0.09 for a, b in itertools.pairwise(probes[1:])), probes
     assert poller.status["dead"].errors["timeout"] == len(probes) - 1  # the retry of the first poll is one error
 
 
@@ -227,7 +220,7 @@ async def test_dead_connection_does_not_delay_another_poller() -> None:
             device("refused", free_port(), timeout="400ms")])
         assert len(pollers) == 3
         async with running(pollers) as readings:
-            await asyncio.sleep(0.8)
+            await until(lambda: len(by_device(readings, "live")) >= 12, what="12 readings of the live device")
     times = by_device(readings, "live")
     assert len(times) >= 12, times
     assert max(b - a for a, b in itertools.pairwise(times)) < 0.2  # the silent devices time out after 400ms
@@ -237,14 +230,17 @@ async def test_dead_connection_does_not_delay_another_poller() -> None:
 async def test_connection_closed_while_idle_is_reopened_quietly(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     async with ModbusTestServer({1: Unit(), 2: Unit(value=7)}) as server:
-        (poller,) = make_pollers([device("a", server.port, 1, interval="100ms"),
-                                  device("b", server.port, 2, interval="100ms")])
+        (poller,) = make_pollers([device("a", server.port, 1, interval="100ms", timeout="200ms"),
+                                  device("b", server.port, 2, interval="100ms", timeout="200ms")])  # 30 ms reconnects time out when busy
         async with running([poller]) as readings:
+            dropped = 0.0
             for _ in range(3):
-                await asyncio.sleep(0.15)
+                await until(lambda since=dropped: {"a", "b"} <= {r.device for r in readings if r.time_ns / 1e9 > since},
+                            what="a reading of each device since the last drop")
                 server.drop_connections()  # as devices do with clients idle for too long
-            dropped = time.time()
-            await asyncio.sleep(0.25)
+                dropped = time.time()
+            await until(lambda: {"a", "b"} <= {r.device for r in readings if r.time_ns / 1e9 > dropped},
+                        what="a reading of each device after the last drop")
     after = [r for r in readings if r.time_ns / 1e9 > dropped]
     assert {r.device: r.fields["value"] for r in after} == {"a": 42, "b": 7}
     assert server.connections == 4
@@ -256,9 +252,11 @@ async def test_connection_closed_while_idle_is_reopened_quietly(caplog: pytest.L
 async def test_unit_that_hangs_up_costs_only_itself(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     async with ModbusTestServer({1: Unit("hangup"), 2: Unit()}) as server:
-        (poller,) = make_pollers([device("rude", server.port, 1), device("fine", server.port, 2)])
+        # 200 ms: every hang-up means a reconnect, and a 30 ms connect times out on a busy machine
+        (poller,) = make_pollers([device("rude", server.port, 1, timeout="200ms"), device("fine", server.port, 2, timeout="200ms")])
         async with running([poller]) as readings:
-            await asyncio.sleep(0.6)
+            await until(lambda: poller.status["rude"].errors.get("disconnected", 0) >= 2
+                        and len(by_device(readings, "fine")) >= 9, what="two hang-ups and 9 good readings")
     assert poller.status["rude"].errors["disconnected"] >= 2 and not poller.status["rude"].up
     (rude,) = warnings_about(caplog, "rude:")
     assert "unit 1" in rude and "connection closed by the device" in rude and "no other master" in rude
@@ -272,12 +270,12 @@ async def test_refused_connection_comes_back(caplog: pytest.LogCaptureFixture) -
     caplog.set_level(logging.INFO)
     port = free_port()
     async with ModbusTestServer({1: Unit()}, port, listen=False) as server:
-        (poller,) = make_pollers([device("late", port)])
+        (poller,) = make_pollers([device("late", port, timeout="200ms")])  # a 30 ms connect can time out when busy
         async with running([poller]) as readings:
-            await asyncio.sleep(0.3)
+            await until(lambda: poller.status["late"].errors.get("refused", 0) >= 2, what="two refused attempts")
             assert readings == []
             await server.listen()
-            await asyncio.sleep(0.3)
+            await until(lambda: readings, what="a reading once the port listens")
     assert readings and {r.device for r in readings} == {"late"}
     assert poller.status["late"].errors["refused"] >= 2 and poller.status["late"].up
     (refused,) = warnings_about(caplog, "refused")
@@ -343,7 +341,7 @@ async def test_devices_with_the_same_interval_poll_at_the_same_instants() -> Non
     async with ModbusTestServer({1: Unit()}) as one, ModbusTestServer({1: Unit()}) as two:
         pollers = make_pollers([device("a", one.port, interval="100ms"), device("b", two.port, interval="100ms")])
         async with running(pollers) as readings:
-            await asyncio.sleep(0.65)
+            await until(lambda: min(len(by_device(readings, d)) for d in ("a", "b")) >= 6, what="6 readings of each")
     slots = {dev: {round(t / 0.1) for t in by_device(readings, dev)} for dev in ("a", "b")}
     assert len(slots["a"] & slots["b"]) >= 4
     lateness = [(r.time_ns / 1e9) % 0.1 for r in readings]

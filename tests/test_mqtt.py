@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from servers import Mosquitto, TcpProxy, make_ca, subscriber
+from support import DEADLINE, until
 
 from gateway.config import MqttSinkConfig, TlsConfig
 from gateway.forwarder import SinkUnavailable
@@ -29,7 +30,7 @@ def site_for(request: pytest.FixtureRequest) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:60]
 
 
-async def connected(sink: MqttSink, timeout: float = 10.0) -> None:
+async def connected(sink: MqttSink, timeout: float = DEADLINE) -> None:
     await asyncio.wait_for(sink.wait_connected(), timeout)
 
 
@@ -89,10 +90,7 @@ async def test_send_raises_sink_unavailable_when_down_and_recovers(mosquitto: Mo
     async with MqttSink("main", sink_config(mosquitto.port), "gw1", site) as sink:
         await connected(sink)
         mosquitto.stop()
-        for _ in range(100):
-            if not sink.connected:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: not sink.connected, what="the sink noticing the broker is gone")
         with pytest.raises(SinkUnavailable):
             await sink.send([(f"sluice/{site}/x", b"1")])
         await asyncio.sleep(0.5)  # several failed attempts: one warning for the loss, one for refusal
@@ -107,7 +105,7 @@ async def test_send_raises_sink_unavailable_when_down_and_recovers(mosquitto: Mo
 async def test_not_connected_at_start_is_not_an_error(request: pytest.FixtureRequest) -> None:
     from servers import free_port
     async with MqttSink("main", sink_config(free_port()), "gw1", site_for(request)) as sink:
-        await asyncio.sleep(0.3)
+        await until(lambda: sink.last_error, what="a first failed attempt")
         assert not sink.connected
         assert sink.last_error == "Connection refused"
         with pytest.raises(SinkUnavailable):
@@ -129,10 +127,7 @@ async def test_tls_verified_and_wrong_ca_refused(mosquitto_tls: Mosquitto, tmp_p
     other = make_ca(tmp_path / "other-pki")
     bad = sink_config(mosquitto_tls.port, tls=TlsConfig(ca_file=other.ca))
     async with MqttSink("tls", bad, "gw2", site) as sink:
-        for _ in range(100):
-            if sink.last_error:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: sink.last_error, what="a failed TLS attempt")
         assert not sink.connected
         assert "certificate" in (sink.last_error or "").lower()
 

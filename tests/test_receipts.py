@@ -24,6 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from support import STOP, until
 import yaml
 
 from gateway.buffer import Outbox
@@ -67,15 +68,6 @@ class FakeSink:
 def readings(n: int, devices: Sequence[str] = ("a", "b")) -> list[Reading]:
     return [Reading(devices[i % len(devices)], T0 + i, {"n": i}, {"device": devices[i % len(devices)]})
             for i in range(n)]
-
-
-async def until(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
@@ -239,7 +231,7 @@ async def test_window_bounds_unconfirmed_and_restart_resends_once_then_keeps_the
         outbox.append(readings(50))
         async with forwarding(outbox, sink, receipt_timeout="60s", receipt_window=20):
             await until(lambda: outbox.sent("broker") == 20, what="window full")
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # a bounded negative: nothing more may be sent
             assert outbox.sent("broker") == 20  # no more until receipts come
             ids = [i for _m, corr in sink.sent for i in corr]
         assert outbox.resend_due("broker") is None
@@ -254,7 +246,7 @@ async def test_window_bounds_unconfirmed_and_restart_resends_once_then_keeps_the
     sink3 = FakeSink()
     with Outbox(path, ["broker"]) as outbox:  # a second restart inside the backoff: no new copy
         async with forwarding(outbox, sink3, receipt_timeout="60s", receipt_window=20) as fwd:
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # a bounded negative: no new copy may be sent
             assert sink3.sent == [] and fwd.stats.receipt_resent == 0
             assert fwd.loop.judge(0.0).state == "waiting"  # on receipts, until the recorded re-send time
             sink3.receipt(ids)  # the first copy's receipts, late
@@ -356,9 +348,9 @@ async def test_mosquitto_sigkill_with_queued_messages(delivery: str, tmp_path: P
                     await until(lambda: _positions(outbox_path)[0] >= 80, 60, "receipts after the re-send")
                     assert ingest.stats.receipts > 0
                 else:
-                    await asyncio.sleep(3.0)
+                    await asyncio.sleep(3.0)  # time to deliver what is left; nothing below depends on how much
                 proc.send_signal(signal.SIGTERM)
-                assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()[-3000:]
+                assert await asyncio.to_thread(proc.wait, STOP) == 0, log.read_text()[-3000:]
                 if delivery == "end_to_end":
                     await until(lambda: _positions(outbox_path)[0] >= 80, 5)
         finally:
@@ -418,7 +410,7 @@ async def test_receipt_secret_between_real_gateway_and_ingest(ingest_secret: str
                 assert _positions(outbox_path)[0] == 0
         finally:
             proc.send_signal(signal.SIGTERM)
-            assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()[-3000:]
+            assert await asyncio.to_thread(proc.wait, STOP) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert secret not in text and "Traceback" not in text
     assert ("ignored a receipt" in text) == (ingest_secret == "none")

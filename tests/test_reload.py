@@ -17,6 +17,7 @@ from e2e_support import counter_servers, counts_by_device, device_ports, write_c
 from gateway.app import serve
 from gateway.config import load_config
 from servers import free_port, subscriber
+from support import STOP, until
 
 LAYOUT = {0: [("tank-a", 1), ("tank-b", 2)]}
 TOPIC = "sluice/lab/gw-test/#"
@@ -73,7 +74,7 @@ async def test_reload_keeps_a_broken_config_out_and_applies_a_good_one_without_l
             assert not task.done()
         finally:
             stop.set()
-            await asyncio.wait_for(task, 30)
+            await asyncio.wait_for(task, STOP)
     # Every value tank-a produced across both runs arrived (duplicates are allowed, gaps are not).
     values = sorted(set(counts()["tank-a"]))
     assert values == list(range(values[0], values[-1] + 1))
@@ -91,22 +92,15 @@ async def test_sighup_with_a_broken_config_keeps_the_process_running(tmp_path: P
         proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            for _ in range(600):
-                if servers[0].stats.count(function=3) >= 3:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: servers[0].stats.count(function=3) >= 3, what="3 polls by the gateway process")
             (cfg / "devices" / "tank-a.yaml").write_text("id: tank-a\nprotocol: modbus_tcp\nprofile: nope\n")
             proc.send_signal(signal.SIGHUP)
             before = servers[0].stats.count(function=3)
-            for _ in range(600):
-                if servers[0].stats.count(function=3) >= before + 5:
-                    break
-                await asyncio.sleep(0.05)
-            assert servers[0].stats.count(function=3) >= before + 5  # still polling
+            await until(lambda: servers[0].stats.count(function=3) >= before + 5, what="5 more polls: still polling")
             assert proc.poll() is None
         finally:
             proc.send_signal(signal.SIGTERM)
-            out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+            out, _ = await asyncio.to_thread(proc.communicate, timeout=STOP)
     assert proc.returncode == 0, out
     assert "tank-a.yaml:1:1: required key 'host' is missing" in out and "configuration NOT reloaded: " in out, out
 
@@ -122,12 +116,9 @@ def _device_yaml(cfg: Path, dev: str, **changes: object) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-async def _until(cond, what: str) -> None:
-    for _ in range(1200):
-        if cond():
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError(f"timed out waiting for {what}")
+def _gaps(values: list[int]) -> int:
+    """Counter values missing between the first and the last one."""
+    return len(set(range(min(values), max(values) + 1)) - set(values))
 
 
 def _poller_of(gw, dev: str):
@@ -152,7 +143,7 @@ async def test_reload_restarts_only_the_changed_poller_and_a_full_restart_loses_
         task = asyncio.create_task(serve(load_config(cfg), lambda: load_config(cfg), stop, reload,
                                          on_reading=observe, on_gateway=gateways.append), name="serve")
         try:
-            await _until(lambda: len(seen.get("tank-a", [])) >= 3 and len(seen.get("tank-b", [])) >= 3, "polls")
+            await until(lambda: len(seen.get("tank-a", [])) >= 3 and len(seen.get("tank-b", [])) >= 3, what="polls")
             gw = gateways[0]
             a_poller, b_poller = _poller_of(gw, "tank-a"), _poller_of(gw, "tank-b")
             a_task, a_status = gw.poll_task(a_poller), a_poller.status["tank-a"]
@@ -161,7 +152,7 @@ async def test_reload_restarts_only_the_changed_poller_and_a_full_restart_loses_
             # tank-b changes: only its poller is rebuilt, with the new settings.
             _device_yaml(cfg, "tank-b", interval="200ms")
             reload.set()
-            await _until(lambda: "configuration applied" in caplog.text, "the reload")
+            await until(lambda: "configuration applied" in caplog.text, what="the reload")
             assert len(gateways) == 1 and gw.outbox is sink_free
             assert _poller_of(gw, "tank-a") is a_poller and gw.poll_task(a_poller) is a_task
             assert not a_task.done() and a_poller.status["tank-a"] is a_status
@@ -169,15 +160,17 @@ async def test_reload_restarts_only_the_changed_poller_and_a_full_restart_loses_
             assert new_b is not b_poller and gw.poll_task(new_b) is not None
             assert next(d for d in gw.config.devices if d.id == "tank-b").config.interval == 0.2
             n = len(seen["tank-a"])
-            await _until(lambda: len(seen["tank-a"]) >= n + 3 and len(seen["tank-b"]) >= 6, "polls after")
+            await until(lambda: len(seen["tank-a"]) >= n + 3 and len(seen["tank-b"]) >= 6, what="polls after")
             a_values = seen["tank-a"]
-            assert a_values == list(range(a_values[0], a_values[0] + len(a_values)))  # no gap, no restart
+            # No gap, no restart. A poll that failed (a timeout on a busy machine) was served but not
+            # read: such gaps are allowed, as many as the poller counted errors.
+            assert a_values == sorted(set(a_values)) and _gaps(a_values) <= sum(a_status.errors.values()), a_status
 
             # An invalid configuration changes nothing.
             caplog.clear()
             _device_yaml(cfg, "tank-a", profile="nope")
             reload.set()
-            await _until(lambda: "configuration NOT reloaded" in caplog.text, "the refusal")
+            await until(lambda: "configuration NOT reloaded" in caplog.text, what="the refusal")
             assert _poller_of(gw, "tank-a") is a_poller and gw.poll_task(a_poller) is a_task
             assert _poller_of(gw, "tank-b") is new_b and len(gateways) == 1
             _device_yaml(cfg, "tank-a", profile="counter")
@@ -187,17 +180,19 @@ async def test_reload_restarts_only_the_changed_poller_and_a_full_restart_loses_
             data["gateway"]["site"] = "lab2"
             (cfg / "gateway.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
             reload.set()
-            await _until(lambda: len(gateways) == 2 and gateways[1].ready.is_set(), "the full restart")
+            await until(lambda: len(gateways) == 2 and gateways[1].ready.is_set(), what="the full restart")
+            a_status2 = _poller_of(gateways[1], "tank-a").status["tank-a"]
             assert "restarting the whole gateway (gateway settings changed: gateway)" in caplog.text
             n = len(seen["tank-a"])
-            await _until(lambda: len(seen["tank-a"]) >= n + 3, "polls after the restart")
+            await until(lambda: len(seen["tank-a"]) >= n + 3, what="polls after the restart")
         finally:
             stop.set()
-            await asyncio.wait_for(task, 30)
+            await asyncio.wait_for(task, STOP)
     # No sink: nothing leaves the outbox, so every reading observed must be stored in it.
     assert gateways[1].final_stats.rows == sum(len(v) for v in seen.values())
     a_values = sorted(set(seen["tank-a"]))
-    assert a_values == list(range(a_values[0], a_values[-1] + 1))
+    failed = sum(a_status.errors.values()) + sum(a_status2.errors.values())
+    assert _gaps(a_values) <= failed, (a_values, a_status, a_status2)
 
 
 async def test_reload_adds_a_sink_from_the_oldest_row_and_a_removed_sink_lets_rows_go(
@@ -221,8 +216,8 @@ async def test_reload_adds_a_sink_from_the_oldest_row_and_a_removed_sink_lets_ro
                                          on_reading=lambda r: seen.append(r.fields["count"]),
                                          on_gateway=gateways.append), name="serve")
         try:
-            await _until(lambda: gateways and gateways[0].outbox is not None and gateways[0].ready.is_set()
-                         and gateways[0].outbox.stats().rows >= 8, "rows held back by the dead sink")
+            await until(lambda: gateways and gateways[0].outbox is not None and gateways[0].ready.is_set()
+                         and gateways[0].outbox.stats().rows >= 8, what="rows held back by the dead sink")
             gw = gateways[0]
             broker_sink, broker_fwd = gw.sinks["broker"], next(f for f in gw.forwarders if f.name == "broker")
             before = list(seen)
@@ -231,7 +226,7 @@ async def test_reload_adds_a_sink_from_the_oldest_row_and_a_removed_sink_lets_ro
                                      "status_topic": "late/{site}/{gateway}/status"}
             (cfg / "gateway.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
             reload.set()
-            await _until(lambda: "configuration applied" in caplog.text, "the reload")
+            await until(lambda: "configuration applied" in caplog.text, what="the reload")
             assert len(gateways) == 1
             assert gw.sinks["broker"] is broker_sink and broker_fwd in gw.forwarders  # kept its connection
             assert set(gw.outbox.stats().pending) == {"broker", "late"}
@@ -241,7 +236,7 @@ async def test_reload_adds_a_sink_from_the_oldest_row_and_a_removed_sink_lets_ro
                                          if not m.topic.endswith("/status")]).get("tank-a", [])
 
             await late.wait_until(lambda _m: set(before) <= set(late_values()))  # everything buffered
-            await _until(lambda: gw.outbox.stats().rows < 8, "rows let go once the dead sink is gone")
+            await until(lambda: gw.outbox.stats().rows < 8, what="rows let go once the dead sink is gone")
         finally:
             stop.set()
-            await asyncio.wait_for(task, 30)
+            await asyncio.wait_for(task, STOP)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -19,19 +20,15 @@ from gateway.health import fetch
 from gateway.mqtt import MqttSink
 from gateway.security import startup_warnings
 from servers import free_port, make_ca, make_client_cert
+from support import STOP, until
 
 CANARY = "canary-5ecr3t-Zq81"
 
 
 async def _connect_outcome(sink: MqttSink, timeout: float = 30.0) -> bool:
     """True once connected, False once the first attempt failed (``sink.last_error`` says why)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if sink.connected:
-                return True
-            if sink.last_error is not None:
-                return False
-            await asyncio.sleep(0.02)
+    await until(lambda: sink.connected or sink.last_error is not None, timeout, "a first connection outcome")
+    return sink.connected
 
 
 def _sink(broker, **tls) -> MqttSink:
@@ -95,17 +92,14 @@ async def test_canary_secret_never_appears(tmp_path: Path, mosquitto, monkeypatc
         gw = Gateway(config)
         task = asyncio.create_task(gw.run(stop), name="gateway-under-test")
         try:
-            async with asyncio.timeout(15):
-                while True:
-                    if gw.forwarders and gw.forwarders[0].stats.delivered:  # type: ignore[attr-defined]
-                        break
-                    await asyncio.sleep(0.05)
+            await until(lambda: gw.forwarders and gw.forwarders[0].stats.delivered,  # type: ignore[attr-defined]
+                        what="a delivery with the secret in use")
             for path in ("/metrics", "/healthz"):
                 seen.append((await asyncio.to_thread(fetch, "127.0.0.1", port, path))[1])
             assert await asyncio.to_thread(cli.main, ["status", "-c", str(cfg)]) == 0
         finally:
             stop.set()
-            await asyncio.wait_for(task, 20)
+            await asyncio.wait_for(task, STOP)
     # error output: a configuration with the secret and a mistake next to it
     bad = yaml.safe_load((cfg / "gateway.yaml").read_text())
     bad["sinks"]["broker"]["qos"] = 7
@@ -142,7 +136,7 @@ def test_a_health_endpoint_open_to_the_network_warns(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "cfg", devices={}, broker_port=None)
     gateway_yaml = cfg / "gateway.yaml"
     assert not [w for w in startup_warnings(load_config(cfg)) if "health.listen" in w]
-    gateway_yaml.write_text(gateway_yaml.read_text() + "health:\n  listen: 0.0.0.0:9108\n")
+    gateway_yaml.write_text(re.sub(r"(?m)^health:.*\n(  .*\n)*", "health:\n  listen: 0.0.0.0:9108\n", gateway_yaml.read_text()))
     assert [w for w in startup_warnings(load_config(cfg)) if "health.listen is 0.0.0.0:9108" in w]
 
 

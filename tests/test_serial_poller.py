@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,8 @@ from gateway.app import Committer
 from gateway.buffer import Outbox
 from gateway.config import load_config
 from gateway.driver import Device
-from gateway.reading import Reading
 from simulators.serial_sensor import SerialSensorSim
+from support import STOP, running, until
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = REPO / "config" / "profiles"
@@ -49,27 +48,6 @@ def plug(tmp_path: Path, sim: SerialSensorSim) -> None:
     with contextlib.suppress(FileNotFoundError):
         link.unlink()
     link.symlink_to(sim.path)
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, what: Callable[[], Any] = lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached in time {what()}")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running(poller: SerialSensorPoller, emit: Callable[[Reading], None] | None = None) -> AsyncIterator[list[Reading]]:
-    readings: list[Reading] = []
-    async with poller:
-        task = asyncio.create_task(poller.run(emit or readings.append), name=f"poll[{poller.port}]")
-        try:
-            yield readings
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 NMEA_VALUES = {"latitude": 52.1, "longitude": -5.25, "altitude": 3.0, "speed_knots": 1.0, "course": 90.0,
@@ -96,7 +74,7 @@ async def test_each_kind_end_to_end(tmp_path: Path, profile: str, values: dict[s
         plug(tmp_path, sim)
         [poller] = make_pollers([dev])
         async with running(poller) as readings:
-            await wait_for(lambda: len(readings) >= 2)
+            await until(lambda: len(readings) >= 2)
     reading = readings[-1]
     assert reading.fields == pytest.approx(expected) if "code" not in expected else reading.fields == expected
     assert reading.device == "dev1" and reading.quality == "good" and reading.tags["profile"] == profile
@@ -110,10 +88,13 @@ async def test_streaming_rate_is_one_reading_per_interval(tmp_path: Path) -> Non
     dev = device(tmp_path, "serial-th-stream", interval="300ms")
     async with SerialSensorSim(dev.profile, every=0.03) as sim:
         plug(tmp_path, sim)
+        start = time.monotonic()
         async with running(SerialSensorPoller(dev)) as readings:
-            await asyncio.sleep(1.0)
+            await until(lambda: sim.frames >= 20 and len(readings) >= 2, what="20 frames and 2 readings")
+            elapsed = time.monotonic() - start
         frames = sim.frames
-    assert frames >= 20 and 2 <= len(readings) <= 5, (frames, len(readings))
+    # one reading per 300 ms interval, however many frames came (one every 30 ms)
+    assert frames >= 20 and 2 <= len(readings) <= elapsed / 0.3 + 2, (frames, len(readings), elapsed)
 
 
 @pytest.mark.parametrize("profile", ["gps-nmea", "pms5003"])
@@ -123,11 +104,11 @@ async def test_checksum_failures_are_rejected_and_counted(tmp_path: Path, profil
         plug(tmp_path, sim)
         poller = SerialSensorPoller(dev)
         async with running(poller) as readings:
-            await wait_for(lambda: readings)
+            await until(lambda: readings)
             sim.faults.inject("bad_checksum", 3)
-            await wait_for(lambda: poller.status["dev1"].errors.get("checksum", 0) >= 3)
+            await until(lambda: poller.status["dev1"].errors.get("checksum", 0) >= 3)
             count = len(readings)
-            await wait_for(lambda: len(readings) >= count + 2)
+            await until(lambda: len(readings) >= count + 2)
     assert poller.status["dev1"].errors["checksum"] == 3
     assert all(r.quality == "good" for r in readings)
 
@@ -140,17 +121,17 @@ async def test_garbage_partial_and_overlong_lines_do_not_poison_the_next_reading
         plug(tmp_path, sim)
         poller = SerialSensorPoller(dev)
         async with running(poller) as readings:
-            await wait_for(lambda: readings)
+            await until(lambda: readings)
             sim.send_raw(b"T=9" * 400)  # far longer than max_frame: skipped up to the next delimiter
-            await wait_for(lambda: "overlong" in poller.status["dev1"].errors)
+            await until(lambda: "overlong" in poller.status["dev1"].errors)
             count = len(readings)
-            await wait_for(lambda: len(readings) >= count + 2)  # the skip ended at a delimiter
+            await until(lambda: len(readings) >= count + 2)  # the skip ended at a delimiter
             sim.faults.inject("garbage", 3)  # noise glued to the front of lines: cut off, line kept
             sim.faults.inject("truncate", 2)  # half a line glued to the next: that one line is lost
-            await wait_for(lambda: {"garbage", "truncated"} & set(poller.status["dev1"].errors),
-                           what=lambda: poller.status["dev1"])
+            await until(lambda: {"garbage", "truncated"} & set(poller.status["dev1"].errors),
+                           state=lambda: poller.status["dev1"])
             sim.values.update(temperature=2.0)
-            await wait_for(lambda: readings[-1].fields.get("temperature") == 2.0)
+            await until(lambda: readings[-1].fields.get("temperature") == 2.0)
     errors = poller.status["dev1"].errors
     assert errors["overlong"] == 1
     assert all(set(r.fields) == {"temperature", "humidity"} and r.fields["humidity"] == 50.0 for r in readings)
@@ -165,13 +146,13 @@ async def test_silence_is_logged_once_then_back_up(tmp_path: Path, caplog: pytes
         plug(tmp_path, sim)
         poller = SerialSensorPoller(dev)
         async with running(poller) as readings:
-            await wait_for(lambda: readings)
+            await until(lambda: readings)
             sim.faults.silent = True
-            await wait_for(lambda: not poller.status["dev1"].up)
+            await until(lambda: not poller.status["dev1"].up)
             await asyncio.sleep(0.5)  # several more silent intervals: no more log lines
             count = len(readings)
             sim.faults.silent = False
-            await wait_for(lambda: len(readings) > count and poller.status["dev1"].up)
+            await until(lambda: len(readings) > count and poller.status["dev1"].up)
     messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert len([m for m in messages if "no complete frame" in m]) == 1, messages
     assert len([m for m in messages if "answering again" in m]) == 1, messages
@@ -186,12 +167,12 @@ async def test_polled_sensor_slow_reply_then_no_reply_then_recovers(tmp_path: Pa
         poller = SerialSensorPoller(dev)
         async with running(poller) as readings:
             sim.faults.delay = 0.1  # slow, but within the timeout: still read
-            await wait_for(lambda: len(readings) >= 2)
+            await until(lambda: len(readings) >= 2)
             sim.faults.silent = True  # no reply at all
-            await wait_for(lambda: poller.status["dev1"].errors.get("timeout", 0) >= 3)
+            await until(lambda: poller.status["dev1"].errors.get("timeout", 0) >= 3)
             sim.faults.silent = False
             count = len(readings)
-            await wait_for(lambda: len(readings) > count + 1)
+            await until(lambda: len(readings) > count + 1)
     assert all(r.fields == {"co2": 500, "temperature": 20.0} for r in readings)
     messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert len([m for m in messages if "no reply within 200ms" in m]) == 1, messages
@@ -206,13 +187,13 @@ async def test_port_that_disappears_is_reopened(tmp_path: Path, caplog: pytest.L
     async with sim:
         plug(tmp_path, sim)
         async with running(poller) as readings:
-            await wait_for(lambda: readings)
+            await until(lambda: readings)
             await sim.unplug()  # the adapter is pulled out: the pty and its path are gone
             (tmp_path / "tty").unlink()
-            await wait_for(lambda: poller.status["dev1"].errors.get("port", 0) >= 2)
+            await until(lambda: poller.status["dev1"].errors.get("port", 0) >= 2)
             async with SerialSensorSim(dev.profile, every=0.05, values={"temperature": 2.0, "humidity": 40.0}) as sim2:
                 plug(tmp_path, sim2)  # plugged back in
-                await wait_for(lambda: readings[-1].fields["temperature"] == 2.0)
+                await until(lambda: readings[-1].fields["temperature"] == 2.0)
                 messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert len([m for m in messages if "went away" in m]) == 1, messages
     assert len([m for m in messages if "reopened" in m]) == 1, messages
@@ -237,8 +218,8 @@ async def test_into_a_real_outbox_through_the_committer(tmp_path: Path) -> None:
         try:
             async with SerialSensorSim(dev.profile, every=0.05, values={"weight": 512.5, "stable": True}) as sim:
                 plug(tmp_path, sim)
-                async with running(SerialSensorPoller(dev), committer.emit):
-                    await wait_for(lambda: committer.stats.committed >= 2)
+                async with running(SerialSensorPoller(dev), emit=committer.emit):
+                    await until(lambda: committer.stats.committed >= 2)
         finally:
             commit_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -258,13 +239,13 @@ def test_sluice_sim_serial_prints_the_port_and_streams(tmp_path: Path) -> None:
         port = proc.stdout.readline().strip()
         assert first.startswith("simulating serial-th-stream (lines) on /dev/pts/"), first
         assert port == f"port: {tmp_path / 'tty'}"
-        with serial.Serial(str(tmp_path / "tty"), 9600, timeout=2) as line:
+        with serial.Serial(str(tmp_path / "tty"), 9600, timeout=10) as line:
             line.reset_input_buffer()
             line.readline()  # the rest of a line that may have been cut by the reset
             assert line.readline().startswith(b"T=")
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.wait(timeout=STOP)
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()
         proc.stderr.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from gateway.yamlpos import ConfigErrors
 from servers import _need, free_port, sluice_process
 from simulators.modbus_rtu import RtuBus, RtuTcpServer
 from simulators.modbus_tcp import SimServer, load_simulation, run_simulator
+from support import DEADLINE, STOP, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE_YAML = """\
@@ -68,7 +68,7 @@ async def simulating(path: Path) -> AsyncIterator[list[SimServer]]:
     stop = asyncio.Event()
     task = asyncio.create_task(run_simulator(path, ready=started.set_result, stop=stop), name="sim")
     try:
-        yield await asyncio.wait_for(started, 5)
+        yield await asyncio.wait_for(started, DEADLINE)
     finally:
         stop.set()
         await task
@@ -137,14 +137,11 @@ def socat_pair(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     proc = subprocess.Popen([binary, f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 5
-        while not (a.exists() and b.exists()):
-            assert time.monotonic() < deadline, "socat did not create its ptys"
-            time.sleep(0.01)
+        wait_for(lambda: a.exists() and b.exists(), what="socat's two ptys")
         yield a, b
     finally:
         proc.terminate()
-        proc.wait(timeout=5)
+        proc.wait(timeout=STOP)
 
 
 async def test_sim_yaml_bus_on_a_serial_port(tmp_path: Path, socat_pair: tuple[Path, Path]) -> None:

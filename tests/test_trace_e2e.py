@@ -16,6 +16,7 @@ from gateway.trace.config import load_trace_config
 from gateway.trace.seal import load_public_key, verify_lines
 from gateway.trace.service import TraceService
 from simulators.serial_sensor import SerialSensorSim, load_profile
+from support import until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,11 +61,8 @@ async def test_a_scan_at_the_door_becomes_the_binding_event_in_the_feed(tmp_path
             gateway = Gateway(config, on_reading=service.observe)
             run = asyncio.create_task(gateway.run(stop), name="gateway")
             try:
-                async with asyncio.timeout(15):
-                    while not feed.exists() or not feed.read_text():  # noqa: ASYNC110 - a file written by the service
-                        await asyncio.sleep(0.05)
-                    while sim.frames < 5:  # noqa: ASYNC110 - more scans of the same label: no more events
-                        await asyncio.sleep(0.05)
+                await until(lambda: feed.exists() and feed.read_text(), what="the first event in the feed")
+                await until(lambda: sim.frames >= 5, what="more scans of the same label")  # they make no more events
             finally:
                 stop.set()
                 await run

@@ -12,7 +12,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from test_health import _running
 from test_trace import Clock
-from test_trace_sinks import CaptureServer, _config, _lot_a_in_and_one_window, _until
+from test_trace_sinks import CaptureServer, _config, _lot_a_in_and_one_window
 
 from e2e_support import write_config
 from gateway import cli
@@ -22,6 +22,7 @@ from gateway.health import fetch
 from gateway.trace.journal import Journal
 from gateway.trace.service import METRICS, TraceService
 from servers import free_port
+from support import until
 
 pytestmark = pytest.mark.usefixtures("close_default_executor")
 
@@ -46,7 +47,7 @@ async def test_trace_figures_are_in_metrics_and_status(tmp_path, capsys):
     async with server.running(), _gateway(tmp_path, port), TraceService(trace, state, clock=clock) as svc:
         _lot_a_in_and_one_window(svc, clock)
         with Journal(state / "outbox.db") as j:
-            await _until(lambda: j.position("repo") == 2)
+            await until(lambda: j.position("repo") == 2)
         code, body = await asyncio.to_thread(fetch, "127.0.0.1", port, "/metrics")
         assert code == 200
         samples = [s for f in text_string_to_metric_families(body) for s in f.samples]

@@ -21,6 +21,7 @@ from gateway.trace.config import load_trace_config
 from gateway.trace.seal import load_public_key, verify_lines
 from gateway.trace.service import TraceService, reloading
 from servers import free_port
+from support import STOP, until
 
 pytestmark = pytest.mark.usefixtures("close_default_executor")
 
@@ -39,9 +40,7 @@ def _config_dir(tmp_path: Path) -> Path:
 
 
 async def _until_logged(caplog, text: str, count: int = 1) -> None:
-    async with asyncio.timeout(15):
-        while caplog.text.count(text) < count:  # noqa: ASYNC110 - the reload runs in serve's task
-            await asyncio.sleep(0.02)
+    await until(lambda: caplog.text.count(text) >= count, what=f"{count} x {text!r} logged")
 
 
 async def test_sighup_reloads_trace_yaml_and_the_chain_continues(tmp_path, caplog):
@@ -150,9 +149,7 @@ async def test_sluice_run_reloads_trace_yaml_on_sighup(tmp_path):
     (tmp_path / "state" / "out").mkdir(parents=True)
 
     async def logged(text: str) -> None:
-        async with asyncio.timeout(30):
-            while text not in log_file.read_text():  # noqa: ASYNC110 - another process's log
-                await asyncio.sleep(0.05)
+        await until(lambda: text in log_file.read_text(), what=f"{text!r} logged", state=lambda: log_file.read_text()[-1000:])
 
     with log_file.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)], stdout=out,
@@ -168,7 +165,7 @@ async def test_sluice_run_reloads_trace_yaml_on_sighup(tmp_path):
         assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(proc.wait, 30)
+        await asyncio.to_thread(proc.wait, STOP)
     text = log_file.read_text()
     assert proc.returncode == 0, text
     assert "trace.yaml:1:9: " in text and "the chain continues at seq 0" in text, text
