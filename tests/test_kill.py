@@ -36,7 +36,7 @@ from gateway.trace.journal import Journal
 from gateway.trace.seal import load_public_key, verify_lines
 from proc_support import deleted_files, posix_locks
 from servers import subscriber
-from support import STOP, until
+from support import STOP
 
 LAYOUT = {0: [("a", 1), ("b", 2)], 1: [("c", 1)], 2: [("d", 1)]}
 KILLS = 100 if os.environ.get("SLUICE_SOAK") == "1" else 20
