@@ -108,7 +108,7 @@ async def test_a_busy_port_does_not_stop_the_gateway(tmp_path: Path, caplog) -> 
             await stack.enter_async_context(_running(gw))
             assert gw.health_port is None
             # It still reads and stores: watching it is what is lost, not the data.
-            await until(lambda: gw.committer is not None and gw.committer.stats.committed >= 3, what="readings committed without the health port")
+            await until(lambda: gw.committer is not None and gw.committer.stats.committed >= 3, what="committed")
     # One clear line that names the setting to change (a second instance, or the demo, on 9108).
     about = [r for r in caplog.records if str(port) in r.getMessage()]
     assert len(about) == 1, [r.getMessage() for r in about]
