@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from drivers.modbus import ProfileModel
-from drivers.modbus_rtu import PreciseSleep, bus_key, char_time, crc16, inter_frame_silence, rtu_frame
+from drivers.modbus_rtu import PreciseSleep, bus_key, char_time, inter_frame_silence, rtu_frame
+from drivers.wire import crc16
 from drivers.modbus_rtu_dtu import parse_listen
 from gateway.config import is_loopback
 from gateway.driver import Device
