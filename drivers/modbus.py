@@ -712,7 +712,9 @@ def read_reply_data(pdu: bytes, function: int, count: int) -> bytes:
     if fc == function:
         expected = (count + 7) // 8 if function <= 2 else 2 * count
         if len(pdu) != 2 + expected or pdu[1] != expected:
-            raise ModbusProtocolError(f"reply carries {len(pdu) - 2} data bytes, expected {expected}")
+            if len(pdu) < 2:
+                raise ModbusProtocolError(f"reply stops after its function code, expected {expected} data bytes")
+            raise ModbusProtocolError(f"reply carries {len(pdu) - 2} data bytes (byte count {pdu[1]}), expected {expected}")
         return pdu[2:]
     if fc == function | 0x80 and len(pdu) >= 2:
         raise ModbusExceptionResponse(pdu[1])
