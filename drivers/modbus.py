@@ -33,7 +33,6 @@ manuals); ``DCBA`` does both. Strings are ``ABCD`` (first character in the high 
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import itertools
@@ -48,6 +47,7 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 
 from pydantic import Field, model_validator
 
+from drivers.wire import swap_register_bytes
 from gateway.driver import (Claim, Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig,
                             StrictModel, ValidRange, fail_at, slow_timeout, tcp_claim)
 from gateway.polling import Backoff, Health, Schedule, format_duration
@@ -78,9 +78,12 @@ __all__ = [
     "encode",
     "encode_into",
     "make_pollers",
+    "mbap_request",
+    "mbap_split",
     "plan",
     "plan_summary",
     "points_of",
+    "read_reply_data",
 ]
 
 PROTOCOLS: Final = frozenset({"modbus_tcp"})
@@ -356,14 +359,8 @@ def _swapped(point: Point) -> bool:
     return point.byte_order in _SWAPPED_ORDERS
 
 
-def _swap_words(data: bytes) -> bytes:
-    words = array.array("H", data)
-    words.byteswap()
-    return words.tobytes()
-
-
 # What to do with one unpacked raw value (tuple per point, fastest to dispatch on in a loop).
-_RAW, _DIV, _MUL, _BIT, _STRING, _COIL = range(6)
+_RAW, _DIV, _MUL, _BIT, _STRING = range(5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,8 +395,11 @@ class RequestDecoder:
         self._bits = bits
         self.nbytes = (request.count + 7) // 8 if bits else 2 * request.count
         if bits:
-            self._steps: list[tuple[Any, ...]] = [(p.name, _COIL, p.address - request.address)
-                                                   for p in request.points]
+            # Byte index and mask per point: O(1) each, where shifting one int of up to 2000
+            # bits per point cost as much as pymodbus's whole list of bits (bench/modbus_codec.py).
+            self._steps: list[tuple[Any, ...]] = [(p.name, (p.address - request.address) >> 3,
+                                                   1 << ((p.address - request.address) & 7))
+                                                  for p in request.points]
             self._groups: list[tuple[bool, struct.Struct]] = []
             self._any_swapped = False
             return
@@ -464,11 +464,10 @@ class RequestDecoder:
         """Put every point's value in ``out``; returns the names of values that were invalid
         (NaN, or outside the point's valid range) and therefore left out."""
         if self._bits:
-            word = int.from_bytes(data, "little")
-            for name, _op, rel in self._steps:
-                out[name] = bool((word >> rel) & 1)
+            for name, index, mask in self._steps:
+                out[name] = bool(data[index] & mask)
             return []
-        swapped = _swap_words(data) if self._any_swapped else data
+        swapped = swap_register_bytes(data) if self._any_swapped else data
         if len(self._groups) == 1:
             sw, st = self._groups[0]
             raw = st.unpack_from(swapped if sw else data)
@@ -510,9 +509,9 @@ def _pack(point: Point, raw: Any) -> bytes:
     if _endian(point) == "<":
         data = data[::-1]  # little endian words and bytes
         if _swapped(point):
-            data = _swap_words(data)
+            data = swap_register_bytes(data)
     elif _swapped(point):
-        data = _swap_words(data)
+        data = swap_register_bytes(data)
     return data
 
 
@@ -684,6 +683,44 @@ _REQUEST = struct.Struct(">HHHBBHH")
 _MAX_PDU = 253
 
 
+# The codec of one read transaction as pure functions, used by the transports and measured
+# against pymodbus's framer and PDU classes by ``bench/modbus_codec.py`` (ARCHITECTURE.md).
+def mbap_request(tid: int, unit: int, function: int, address: int, count: int) -> bytes:
+    """The Modbus TCP frame (MBAP header + PDU) of a read request."""
+    return _REQUEST.pack(tid, 0, 6, unit, function, address, count)
+
+
+def mbap_split(buf: bytearray | bytes) -> tuple[int, int] | None:
+    """``(transaction id, end)`` of the complete MBAP frame at the start of ``buf`` (the frame
+    is ``buf[:end]``; its unit id is ``buf[6]``, its PDU ``buf[7:end]``), or None until it is all
+    there. Raises :class:`ModbusProtocolError` for a header no Modbus TCP server sends."""
+    if len(buf) < 8:
+        return None
+    tid, proto, length = _MBAP.unpack_from(buf)
+    if proto != 0 or not 2 <= length <= _MAX_PDU + 1:
+        raise ModbusProtocolError(f"invalid MBAP header {bytes(buf[:8]).hex()}")
+    end = 6 + length
+    return (tid, end) if len(buf) >= end else None
+
+
+def read_reply_data(pdu: bytes, function: int, count: int) -> bytes:
+    """The data bytes of the reply ``pdu`` (function code onward) to a read of ``count``
+    registers or bits with ``function``: registers big endian as sent, bits packed least
+    significant first. Raises :class:`ModbusExceptionResponse` for an exception reply and
+    :class:`ModbusProtocolError` for a reply that does not answer this read."""
+    fc = pdu[0]
+    if fc == function:
+        expected = (count + 7) // 8 if function <= 2 else 2 * count
+        if len(pdu) != 2 + expected or pdu[1] != expected:
+            if len(pdu) < 2:
+                raise ModbusProtocolError(f"reply stops after its function code, expected {expected} data bytes")
+            raise ModbusProtocolError(f"reply carries {len(pdu) - 2} data bytes (byte count {pdu[1]}), expected {expected}")
+        return pdu[2:]
+    if fc == function | 0x80 and len(pdu) >= 2:
+        raise ModbusExceptionResponse(pdu[1])
+    raise ModbusProtocolError(f"reply has function code {fc}, expected {function}")
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection: reassembles MBAP frames and hands the awaited one to its waiter."""
 
@@ -701,21 +738,24 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self.buffer
         buf += data
-        while len(buf) >= 8:
-            tid, proto, length = _MBAP.unpack_from(buf)
-            if proto != 0 or not 2 <= length <= _MAX_PDU + 1:
-                self._lost_framing(f"invalid MBAP header {bytes(buf[:8]).hex()}")
+        while True:
+            try:
+                found = mbap_split(buf)
+            except ModbusProtocolError as exc:
+                self._lost_framing(exc)
                 return
-            end = 6 + length
-            if len(buf) < end:
+            if found is None:
                 return
+            tid, end = found
             if tid == self.waiting_tid and self.waiter is not None and not self.waiter.done():
-                self.waiter.set_result(bytes(buf[6:end]))  # unit id + PDU
+                # The PDU only: the unit id of the answer is not checked, the transaction id
+                # already pairs it with the request.
+                self.waiter.set_result(bytes(buf[7:end]))
             else:
                 self.stale += 1
             del buf[:end]
 
-    def _lost_framing(self, why: str) -> None:
+    def _lost_framing(self, why: ModbusProtocolError) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(ModbusProtocolError(f"{why}; reconnecting"))
         self.buffer.clear()
@@ -816,24 +856,14 @@ class ModbusTcpClient:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         conn.waiting_tid, conn.waiter = tid, future
-        conn.transport.write(_REQUEST.pack(tid, 0, 6, unit, function, address, count))
+        conn.transport.write(mbap_request(tid, unit, function, address, count))
         handle = loop.call_later(timeout, _expire, future, timeout)
         try:
-            frame = await future
+            pdu = await future
         finally:
             handle.cancel()
             conn.waiter, conn.waiting_tid = None, -1
-        # frame: unit id, function, then byte count + data or an exception code. The unit id of
-        # the answer is not checked: the transaction id already pairs it with the request.
-        fc = frame[1]
-        if fc == function:
-            expected = (count + 7) // 8 if function <= 2 else 2 * count
-            if len(frame) != 3 + expected or frame[2] != expected:
-                raise ModbusProtocolError(f"reply carries {len(frame) - 3} data bytes, expected {expected}")
-            return frame[3:]
-        if fc == function | 0x80 and len(frame) >= 3:
-            raise ModbusExceptionResponse(frame[2])
-        raise ModbusProtocolError(f"reply has function code {fc}, expected {function}")
+        return read_reply_data(pdu, function, count)
 
 
 # =========================================================================== poller

@@ -4,8 +4,8 @@ discipline of one master on RS485, and the serial link; the poll loop, planner a
 
 Layout, top to bottom:
 
-* **Framing**: :func:`crc16` (table driven), :func:`rtu_frame`, :func:`char_time`,
-  :func:`inter_frame_silence`.
+* **Framing**: :func:`rtu_frame` (:func:`~drivers.wire.crc16` is shared with the serial
+  driver and the simulators), :func:`char_time`, :func:`inter_frame_silence`.
 * **Links** (:class:`RtuLink`): a byte pipe the client talks through. :class:`SerialLink` is a
   serial port; :mod:`drivers.modbus_rtu_tcp` adds a TCP socket to a serial device server.
 * **Client** (:class:`ModbusRtuClient`): one transaction at a time on one bus; before every
@@ -49,13 +49,14 @@ from drivers.modbus import (
     MAX_REGISTERS,
     READ_FUNCTIONS,
     ModbusConnectionError,
-    ModbusExceptionResponse,
     ModbusFrameError,
     ModbusPoller,
     ModbusTimeout,
     ProfileModel,  # the profiles are the Modbus TCP driver's: one register map, every transport
     plan_summary,
+    read_reply_data,
 )
+from drivers.wire import crc16
 from gateway.driver import Claim, Device, DeviceConfig, Problem, parity_letter, serial_claim, slow_timeout
 from gateway.polling import format_duration
 from gateway.units import Duration
@@ -75,7 +76,6 @@ __all__ = [
     "char_time",
     "check",
     "claims",
-    "crc16",
     "damage_kind",
     "find_reply",
     "inter_frame_silence",
@@ -96,29 +96,6 @@ holds them up to 16 ms), so the gateway waits longer before calling a frame trun
 
 
 # =========================================================================== framing
-def _crc_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC_TABLE: Final = _crc_table()
-
-
-def crc16(data: bytes | bytearray | memoryview) -> int:
-    """CRC-16/MODBUS (polynomial 0xA001 reflected, initial 0xFFFF). On the wire it follows the
-    frame low byte first, so the CRC of a whole frame including its CRC is 0."""
-    crc = 0xFFFF
-    table = _CRC_TABLE
-    for byte in data:
-        crc = (crc >> 8) ^ table[(crc ^ byte) & 0xFF]
-    return crc
-
-
 def rtu_frame(unit: int, pdu: bytes) -> bytes:
     """Unit id + PDU + CRC (low byte first)."""
     body = bytes((unit,)) + pdu
@@ -581,9 +558,7 @@ class ModbusRtuClient:
             self._cancel_gap()
             self._waiter = None
             self._last_pause = pause
-        if frame[0] == function:
-            return frame[2:]
-        raise ModbusExceptionResponse(frame[1])
+        return read_reply_data(frame, function, count)  # find_reply checked unit, length and CRC
 
 
 # =========================================================================== configuration

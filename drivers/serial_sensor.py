@@ -6,7 +6,8 @@ Layout, top to bottom — each part only uses the ones above it:
 * **Profile and device models** (``ProfileModel``, ``DeviceModel``): what a technician writes.
   A profile has ``protocol: serial`` and a ``format:`` (``lines``, ``nmea``, ``scale``,
   ``binary``, ``codes``); keys that do not apply to its format are errors at that key.
-* **Checksums** (:data:`CHECKSUMS`) and byte orders for binary frames.
+* **Checksums** (:data:`CHECKSUMS`) for binary frames; CRC-16/MODBUS and byte orders are
+  :mod:`drivers.wire`'s, shared with the Modbus drivers.
 * **Framers** (:class:`TextFramer`, :class:`BinaryFramer`): bytes as they arrive -> complete
   frames, in a bounded buffer. Garbage, overlong lines, truncated frames (a partial frame older
   than ``frame_gap`` when new bytes arrive) and bad binary checksums come out as
@@ -68,6 +69,7 @@ from typing import Any, Final, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from drivers.wire import crc16, to_big_endian
 from gateway.driver import (Claim, Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig,
                             StrictModel, ValidRange, fail_at, parity_letter, serial_claim, slow_timeout)
 from gateway.polling import Backoff, Health, Schedule, format_duration, next_aligned
@@ -372,28 +374,17 @@ def _xor(data: bytes) -> int:
     return reduce(lambda a, b: a ^ b, data, 0)
 
 
-def _crc_table(poly: int, reflected: bool) -> list[int]:
+def _ccitt_table() -> list[int]:
     table = []
     for n in range(256):
-        crc = n if reflected else n << 8
+        crc = n << 8
         for _ in range(8):
-            if reflected:
-                crc = (crc >> 1) ^ poly if crc & 1 else crc >> 1
-            else:
-                crc = ((crc << 1) ^ poly) if crc & 0x8000 else crc << 1
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
         table.append(crc & 0xFFFF)
     return table
 
 
-_MODBUS_TABLE: Final = _crc_table(0xA001, True)
-_CCITT_TABLE: Final = _crc_table(0x1021, False)
-
-
-def crc16_modbus(data: bytes) -> int:
-    crc = 0xFFFF
-    for b in data:
-        crc = (crc >> 8) ^ _MODBUS_TABLE[(crc ^ b) & 0xFF]
-    return crc
+_CCITT_TABLE: Final = _ccitt_table()
 
 
 def _crc16_ccitt(data: bytes, init: int) -> int:
@@ -404,7 +395,7 @@ def _crc16_ccitt(data: bytes, init: int) -> int:
 
 
 CHECKSUMS: Final[dict[str, Callable[[bytes], int]]] = {
-    "sum8": _sum8, "sum16": _sum16, "xor": _xor, "crc16_modbus": crc16_modbus,
+    "sum8": _sum8, "sum16": _sum16, "xor": _xor, "crc16_modbus": crc16,
     "crc16_ccitt": lambda d: _crc16_ccitt(d, 0xFFFF),  # CRC-16/CCITT-FALSE: "123456789" -> 0x29B1
     "crc16_xmodem": lambda d: _crc16_ccitt(d, 0x0000),  # CRC-16/XMODEM: "123456789" -> 0x31C3
 }
@@ -418,18 +409,6 @@ def checksum_bytes(spec: ChecksumSpec, covered: bytes) -> bytes:
         return bytes([value])
     order = spec.byte_order or ("DCBA" if spec.type == "crc16_modbus" else "ABCD")
     return value.to_bytes(2, "little" if order == "DCBA" else "big")
-
-
-def to_big_endian(raw: bytes, order: str) -> bytes:
-    """Wire bytes in ``order`` (``A`` = most significant, as manuals print it) -> big endian.
-    Every order is its own inverse, so this also turns big endian into wire order."""
-    if order == "ABCD" or len(raw) == 1:
-        return raw
-    if order == "DCBA":
-        return raw[::-1]
-    if order == "BADC":
-        return b"".join(raw[i + 1:i + 2] + raw[i:i + 1] for i in range(0, len(raw), 2))
-    return b"".join(raw[i:i + 2] for i in range(len(raw) - 2, -1, -2))  # CDAB: word order reversed
 
 
 # =========================================================================== framers

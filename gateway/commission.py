@@ -54,35 +54,21 @@ from drivers.modbus import (
 )
 from drivers.modbus_rtu import ModbusRtuClient, SerialLink, char_time, damage_kind, inter_frame_silence, replies_in
 from drivers.modbus_rtu_tcp import RTU_TCP_HINTS, TcpLink
+from drivers.wire import BYTE_ORDERS, swap_register_bytes, to_big_endian
 from gateway.polling import format_duration
 from gateway.units import duration_arg
 
-__all__ = ["ORDERS", "add_parsers", "interpret_pairs", "interpret_registers", "read_command", "reorder",
-           "scan_command"]
+__all__ = ["ORDERS", "add_parsers", "interpret_pairs", "interpret_registers", "read_command", "scan_command"]
 
 EXIT_NO_ANSWER = 1
 EXIT_USAGE = 2
 EXIT_CANNOT_OPEN = 3
-ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
+ORDERS = BYTE_ORDERS
 _REF_DIGIT = {"coil": 0, "discrete": 1, "input": 3, "holding": 4}
 _GATEWAY_NO_UNIT = (10, 11)  # a Modbus TCP gateway saying "no such unit behind me"
 
 
 # =========================================================================== interpretations
-def reorder(wire: bytes, order: str) -> bytes:
-    """The 4 bytes of a 32-bit value as they arrived (``order`` as the manual prints it) ->
-    big endian (ABCD); the same rule as the driver's ``byte_order:``."""
-    if order == "ABCD":
-        return wire
-    if order == "CDAB":
-        return wire[2:4] + wire[0:2]
-    if order == "BADC":
-        return bytes((wire[1], wire[0], wire[3], wire[2]))
-    if order == "DCBA":
-        return wire[::-1]
-    raise ValueError(f"unknown byte order {order!r}")
-
-
 def _ascii(data: bytes) -> str:
     return "".join(chr(b) if 32 <= b < 127 else "." for b in data)
 
@@ -111,7 +97,7 @@ def interpret_pairs(address: int, data: bytes) -> list[dict[str, Any]]:
     for i in range(len(data) // 2 - 1):
         wire = data[2 * i:2 * i + 4]
         for order in ORDERS:
-            be = reorder(wire, order)
+            be = to_big_endian(wire, order)
             rows.append({"address": address + i, "order": order, "hex": wire.hex(" "),
                          "int32": struct.unpack(">i", be)[0], "uint32": struct.unpack(">I", be)[0],
                          "float32": _number(shortest_float32(struct.unpack(">f", be)[0]))})
@@ -269,7 +255,7 @@ async def read_command(args: argparse.Namespace, out: TextIO | None = None, err:
         return 0
     registers = interpret_registers(address, data, kind)
     pairs = interpret_pairs(address, data)
-    strings = {"ABCD": _ascii(data), "BADC": _ascii(reorder_all(data))}
+    strings = {"ABCD": _ascii(data), "BADC": _ascii(swap_register_bytes(data))}
     if args.json:
         print(json.dumps({**head, "registers": registers, "pairs": pairs, "ascii": strings}), file=out)
         return 0
@@ -288,13 +274,6 @@ async def read_command(args: argparse.Namespace, out: TextIO | None = None, err:
     print(f"\n  ascii ABCD (first character in the high byte): {strings['ABCD']!r}", file=out)
     print(f"  ascii BADC (first character in the low byte):  {strings['BADC']!r}", file=out)
     return 0
-
-
-def reorder_all(data: bytes) -> bytes:
-    """Every register's two bytes swapped (a BADC string)."""
-    swapped = bytearray(data)
-    swapped[0::2], swapped[1::2] = data[1::2], data[0::2]
-    return bytes(swapped)
 
 
 # =========================================================================== sluice scan

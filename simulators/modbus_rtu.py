@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from drivers.modbus import ProfileModel
-from drivers.modbus_rtu import PreciseSleep, bus_key, char_time, crc16, inter_frame_silence, rtu_frame
+from drivers.modbus_rtu import PreciseSleep, bus_key, char_time, inter_frame_silence, rtu_frame
 from drivers.modbus_rtu_dtu import parse_listen
+from drivers.wire import crc16
 from gateway.config import is_loopback
 from gateway.driver import Device
 from simulators.modbus_tcp import Faults, ServerStats, SimDevice, answer, sim_device_for

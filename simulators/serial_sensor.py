@@ -40,8 +40,8 @@ from drivers.serial_sensor import (
     nmea_checksum,
     parse_hex,
     request_bytes,
-    to_big_endian,
 )
+from drivers.wire import to_big_endian
 from gateway.units import parse_duration
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
 from simulators.signals import Constant, Signal, Step, make_signal

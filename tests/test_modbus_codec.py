@@ -7,7 +7,18 @@ import struct
 
 import pytest
 
-from drivers.modbus import Point, RequestDecoder, encode, encode_into, plan
+from drivers.modbus import (
+    ModbusExceptionResponse,
+    ModbusProtocolError,
+    Point,
+    RequestDecoder,
+    encode,
+    encode_into,
+    mbap_request,
+    mbap_split,
+    plan,
+    read_reply_data,
+)
 
 OMITTED = object()  # the point is left out of the reading (NaN, ±inf, outside valid range)
 
@@ -236,3 +247,41 @@ def test_shortest_float32_is_the_same_float32_and_never_longer() -> None:
         assert struct.pack("<f", short) == struct.pack("<f", raw), (hex(bits), raw, short)
         assert len(repr(short)) <= len(repr(raw))
     assert shortest_float32(struct.unpack(">f", bytes.fromhex("43664ccd"))[0]) == 230.3
+
+
+# ---------------------------------------------------------------- one read transaction's frames
+def test_mbap_request_and_split() -> None:
+    assert mbap_request(7, 1, 3, 0x6B, 3) == bytes.fromhex("0007 0000 0006 01 03 006B 0003")
+    reply = bytes.fromhex("0007 0000 0007 01 03 04 0001 0002")
+    buf = bytearray(reply[:8])
+    assert mbap_split(buf) is None  # header there, PDU not yet
+    buf += reply[8:] + b"\x00\x08"  # and the start of the next frame
+    assert mbap_split(buf) == (7, len(reply))
+    assert mbap_split(b"\x00\x07\x00") is None
+    with pytest.raises(ModbusProtocolError, match="invalid MBAP header 0007000100070103"):
+        mbap_split(bytes.fromhex("0007 0001 0007 01 03 04"))  # protocol id 1
+    with pytest.raises(ModbusProtocolError, match="invalid MBAP header"):
+        mbap_split(bytes.fromhex("0007 0000 0100 01 03 04"))  # longer than any PDU
+
+
+@pytest.mark.parametrize(("pdu", "function", "count", "result"), [
+    ("03 04 0001 0002", 3, 2, bytes.fromhex("0001 0002")),
+    ("01 02 05 01", 1, 10, bytes.fromhex("05 01")),
+    ("83 02", 3, 2, ModbusExceptionResponse),
+    ("03 02 0001", 3, 2, r"reply carries 2 data bytes \(byte count 2\), expected 4"),
+    ("03 05 0001 0002", 3, 2, r"reply carries 4 data bytes \(byte count 5\), expected 4"),
+    ("04 04 0001 0002", 3, 2, "reply has function code 4, expected 3"),
+    ("83", 3, 2, "reply has function code 131, expected 3"),
+    ("03", 3, 2, "reply stops after its function code, expected 4 data bytes"),
+])
+def test_read_reply_data(pdu: str, function: int, count: int, result: object) -> None:
+    data = bytes.fromhex(pdu)
+    if isinstance(result, bytes):
+        assert read_reply_data(data, function, count) == result
+    elif result is ModbusExceptionResponse:
+        with pytest.raises(ModbusExceptionResponse) as caught:
+            read_reply_data(data, function, count)
+        assert caught.value.code == 2
+    else:
+        with pytest.raises(ModbusProtocolError, match=str(result)):
+            read_reply_data(data, function, count)

@@ -26,13 +26,13 @@ from drivers.modbus_rtu import (
     PreciseSleep,
     SerialLink,
     char_time,
-    crc16,
     inter_frame_silence,
     make_pollers,
     rtu_frame,
 )
 from drivers.modbus_rtu_tcp import DeviceModel as RtuTcpDeviceModel
 from drivers.modbus_rtu_tcp import make_pollers as make_tcp_pollers
+from drivers.wire import crc16
 from gateway.driver import Device
 from gateway.reading import GOOD, Reading
 from simulators.modbus_rtu import RtuBus, RtuFaults, RtuTcpServer

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from drivers.modbus import ModbusExceptionResponse, ModbusFrameError, ModbusTimeout
-from drivers.modbus_rtu import ModbusRtuClient, SerialLink, crc16, damage_kind, find_reply, rtu_frame
+from drivers.modbus_rtu import ModbusRtuClient, SerialLink, damage_kind, find_reply, rtu_frame
+from drivers.wire import crc16
 from drivers.modbus_rtu_dtu import DtuLink, DtuListener, DtuModel, Packet, PacketFilter, PacketModel
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -19,7 +19,8 @@ from drivers import serial_sensor
 from drivers.serial_sensor import SerialSensorPoller
 from simulators.broker import free_port
 from simulators.serial_sensor import Faults, SerialSensorSim, render_frame
-from test_serial_poller import NMEA_VALUES, device, plug, running, wait_for
+from support import running, until
+from test_serial_poller import NMEA_VALUES, device, plug
 
 LOGGER = "drivers.serial_sensor"
 
@@ -40,12 +41,12 @@ async def test_a_noisy_line_logs_once_with_counters_then_once_when_clean(
         poller = SerialSensorPoller(dev)
         errors = poller.status["dev1"].errors
         async with running(poller) as readings:
-            await wait_for(lambda: errors.get("checksum", 0) >= 15 and errors.get("garbage", 0) >= 15, timeout=60,
-                           what=lambda: errors)
+            await until(lambda: errors.get("checksum", 0) >= 15 and errors.get("garbage", 0) >= 15, timeout=60,
+                           state=lambda: errors)
             noisy = _said(caplog, logging.WARNING, "dev1:")
             again = _said(caplog, logging.INFO, "dev1: reading every point again")
             faults.rates.clear()
-            await wait_for(lambda: _said(caplog, logging.INFO, "dev1: reading every point again"), timeout=60)
+            await until(lambda: _said(caplog, logging.INFO, "dev1: reading every point again"), timeout=60)
     assert len(noisy) == 1 and not again, noisy + again  # dozens of bad frames, several windows: one line
     assert "bad frames between good ones" in noisy[0] and "bad: " in noisy[0] and "good" in noisy[0]
     (clean,) = _said(caplog, logging.INFO, "dev1: reading every point again")
@@ -70,7 +71,7 @@ async def test_an_overload_line_does_not_carry_the_last_weight(tmp_path: Path) -
                     await asyncio.sleep(0.05)
             count = len(readings)
             sim.send_raw(weight + overload)  # both in the same interval, the overload last
-            await wait_for(lambda: len(readings) > count, timeout=30)
+            await until(lambda: len(readings) > count, timeout=30)
     last = readings[-1].fields
     assert last["overload"] is True and "weight" not in last, last
     assert any(r.fields.get("weight") == 174.5 for r in readings)
@@ -137,8 +138,8 @@ async def test_a_polled_sensor_on_a_noisy_line_is_one_state_not_up_and_down(
         poller = SerialSensorPoller(dev)
         errors = poller.status["dev1"].errors
         async with running(poller) as readings:
-            await wait_for(lambda: errors.get("truncated", 0) >= 6 and len(readings) >= 6, timeout=60,
-                           what=lambda: (errors, len(readings)))
+            await until(lambda: errors.get("truncated", 0) >= 6 and len(readings) >= 6, timeout=60,
+                           state=lambda: (errors, len(readings)))
     said = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.getMessage().startswith("dev1:")]
     # The first poll may be spoilt too (then: down, answering again); once it has answered, one line.
     first = next(i for i, m in enumerate(said) if m.startswith("dev1: answering"))
