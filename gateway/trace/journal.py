@@ -37,7 +37,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.buffer import prepare
+from gateway.buffer import filesystem_bytes, limit_wal, prepare, wal_bound
 
 __all__ = ["Journal"]
 
@@ -74,6 +74,10 @@ class Journal:
         prepare(self.path, check=self.check)  # an outbox file, in WAL mode (persistent)
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=10)
         conn.execute("PRAGMA synchronous=FULL")
+        # The WAL is shared and these settings are per connection: bound this one's share too. It does not
+        # know max_bytes, so it takes the filesystem's; its transactions are small, and the outbox's own
+        # connection checkpoints at its (possibly smaller) threshold with every commit of readings.
+        limit_wal(conn, wal_bound(None, filesystem_bytes(Path(self.path).parent)))
         conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
         self._conn = conn
         return self
@@ -132,7 +136,8 @@ class Journal:
             conn.executemany("INSERT OR IGNORE INTO trace_applied VALUES (?)", [(a,) for a in applied])
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite rolls back by itself on SQLITE_FULL
+                conn.execute("ROLLBACK")
             raise
 
     def position(self, sink: str) -> int:

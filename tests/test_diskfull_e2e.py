@@ -1,0 +1,247 @@
+"""A full disk, for real: the outbox on a 2 MiB tmpfs, `sluice run` as its own process, another
+process fills the disk while it runs and the filler is removed again.
+
+Every reading is identified by its device's counter (one Modbus request per poll, so the
+simulator's counter is the number of readings the device answered). After the stop, every
+answered reading is either in the outbox or counted as lost — by `sluice_outbox_lost_total` and
+by the log's lost figure, which agree. The outbox's `-wal` is sampled all along and must stay
+within the bound the outbox accounts for (:func:`gateway.buffer.wal_bound`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import marshal
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2e_support import device_ports, write_config
+from gateway.buffer import wal_bound
+from gateway.health import fetch, parse_metrics
+from servers import free_port
+
+DISK = 2 * 1024**2
+MAX_BYTES = 1024**2
+LAYOUT = {0: [("tank-a", 1), ("tank-b", 2)]}
+# Holding registers only: one request per poll, so every counter value the device hands out is
+# one reading the gateway either got or saw time out (the timeout is long: that does not happen).
+PROFILE = """\
+protocol: modbus
+measurement: counters
+points:
+  - {name: count, kind: holding, address: 0, type: uint32, sim: {signal: counter, start: 1}}
+  - {name: temp, kind: holding, address: 2, type: float32, byte_order: CDAB, unit: CEL,
+     sim: {signal: sine, min: -5, max: 5, period: 10s}}
+"""
+
+
+def _fail_or_skip(reason: str) -> None:
+    (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(reason)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 2 MiB tmpfs (root only; under CI=true not being able to mount is a failure)."""
+    if os.geteuid() != 0:
+        _fail_or_skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(disk)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        _fail_or_skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _servers():
+    from drivers.modbus import ProfileModel
+    from simulators.modbus_tcp import ModbusTcpServer, SimDevice
+
+    profile = ProfileModel.model_validate(yaml.safe_load(PROFILE))
+    devices = {dev_id: SimDevice(profile, unit, name=dev_id) for units in LAYOUT.values() for dev_id, unit in units}
+    servers = [ModbusTcpServer([devices[d] for d, _u in units]) for units in LAYOUT.values()]
+    return servers, devices
+
+
+def _answered(device) -> int:
+    """Readings the simulated device answered: its counter's next value minus its start."""
+    return device._signals["count"]._next - 1  # the simulator's own counter state
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if await asyncio.to_thread(condition):
+                    return
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}") from None
+
+
+class Metrics:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def get(self) -> dict[tuple[str, str], float]:
+        try:
+            _code, body = fetch("127.0.0.1", self.port, "/metrics", timeout=10)
+        except OSError:
+            return {}
+        return {(name, labels.get("device", "")): value for name, labels, value in parse_metrics(body)}
+
+    def value(self, name: str, device: str = "") -> float:
+        return self.get().get((name, device), -1.0)
+
+
+@contextlib.asynccontextmanager
+async def _wal_watch(path: Path) -> AsyncIterator[list[int]]:
+    """Sample the size of ``path`` every 10 ms while the block runs: [largest seen]."""
+    largest = [0]
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        while not done.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                largest[0] = max(largest[0], path.stat().st_size)
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(watch(), name="wal-watch")
+    try:
+        yield largest
+    finally:
+        done.set()
+        await task
+
+
+def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
+                                stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+
+
+def _fill(disk: Path, name: str = "filler") -> Path:
+    """Another process takes every free byte of the disk."""
+    filler = disk / name
+    result = subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True, text=True)
+    assert result.returncode != 0 and "No space left" in result.stderr, result.stderr
+    return filler
+
+
+def _stored(path: Path) -> tuple[dict[str, set[int]], int]:
+    """Counter values stored in the outbox per device, and the readings dropped by when_full, read
+    with plain SQL (the format is in gateway/buffer.py's docstring), not through the Outbox."""
+    out: dict[str, set[int]] = {}
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        (dropped,) = db.execute("SELECT dropped FROM state").fetchone()
+        for key, data in db.execute("SELECT s.key, r.data FROM readings r JOIN series s ON r.series = s.id"):
+            device = json.loads(key)[0]
+            count = int(marshal.loads(data)[2]["count"])
+            values = out.setdefault(device, set())
+            assert count not in values, f"{device}: reading {count} stored twice"
+            values.add(count)
+    return out, dropped
+
+
+async def _run(tmp_path: Path, disk: Path, *, recover: bool) -> tuple[int, int, str]:
+    """Run the gateway, fill the disk, optionally free it again, stop; returns (missing, lost, log)."""
+    servers, devices = _servers()
+    outbox = disk / "outbox.db"
+    log = tmp_path / "gateway.log"
+    port = free_port()
+    async with contextlib.AsyncExitStack() as stack:
+        for server in servers:
+            await stack.enter_async_context(server)
+        config = write_config(tmp_path / "config", devices=device_ports(LAYOUT, servers), broker_port=None,
+                              interval="50ms", timeout="5s", outbox=outbox, buffer_extra={"max_bytes": MAX_BYTES})
+        (config / "profiles" / "counter.yaml").write_text(PROFILE)
+        gateway_yaml = config / "gateway.yaml"
+        gateway_yaml.write_text(gateway_yaml.read_text() + f"health:\n  listen: 127.0.0.1:{port}\n")
+        metrics = Metrics(port)
+        bound = wal_bound(MAX_BYTES, DISK)
+        proc = _start(config, log)
+        try:
+            async with _wal_watch(Path(f"{outbox}-wal")) as largest:
+                await _until(lambda: metrics.value("sluice_outbox_committed_total") >= 100, "the first commits")
+                filler = await asyncio.to_thread(_fill, disk)
+                await _until(lambda: metrics.value("sluice_outbox_unstored_readings") > 0,
+                             "readings held in memory while the disk is full")
+                failures = metrics.value("sluice_outbox_commit_failures_total")
+                await _until(lambda: metrics.value("sluice_outbox_commit_failures_total") >= failures + 3,
+                             "more failed commits")
+                if recover:
+                    filler.unlink()
+                    committed = metrics.value("sluice_outbox_committed_total")
+                    # Long enough for a WAL that is not bounded to fill the disk again by itself.
+                    await _until(lambda: (metrics.value("sluice_outbox_unstored_readings") == 0
+                                          and metrics.value("sluice_outbox_committed_total") > committed + 1000),
+                                 "writes to succeed again after the filler was removed, and go on succeeding",
+                                 timeout=120)
+                # The devices stop answering; once the gateway saw each one time out, every reading a
+                # device answered has reached the committer.
+                for device in devices.values():
+                    device.faults.no_answer = True
+                await _until(lambda: all(metrics.value("sluice_device_up", d) == 0 for d in devices),
+                             "the gateway to see the devices silent")
+                if not recover:
+                    # What the gateway gave back by truncating its WAL after a failed write is taken too:
+                    # the stop finds the disk truly full.
+                    await asyncio.to_thread(_fill, disk, "filler-2")
+                before_stop = metrics.get()
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(proc.wait, 60) == 0, log.read_text()[-3000:]
+            assert largest[0] <= bound, f"-wal reached {largest[0]} bytes, beyond its bound of {bound}"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+    for filler in disk.glob("filler*"):
+        filler.unlink()  # the outbox is inspected with space to spare
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    stopped = re.findall(r"gateway stopped: (\d+) readings committed this run, (\d+) lost", text)
+    assert len(stopped) == 1, text[-3000:]
+    lost = int(stopped[0][1])
+    assert lost >= before_stop[("sluice_outbox_lost_total", "")], "the lost count went down"
+    stored, dropped = _stored(outbox)
+    assert dropped == 0, "the test's data should fit max_bytes"
+    missing = 0
+    for name, device in devices.items():
+        answered = _answered(device)
+        assert answered > 0
+        assert stored.get(name, set()) <= set(range(1, answered + 1))
+        missing += answered - len(stored.get(name, set()))
+    return missing, lost, text
+
+
+@pytest.mark.slow
+async def test_full_disk_recovers_and_accounts_for_every_reading(tmp_path: Path, small_disk: Path,
+                                                                  close_default_executor) -> None:
+    missing, lost, text = await _run(tmp_path, small_disk, recover=True)
+    assert "cannot store readings in the outbox" in text
+    assert missing == lost == 0, f"{missing} readings missing, {lost} counted lost"
+
+
+@pytest.mark.slow
+async def test_stop_while_disk_full_counts_what_is_lost(tmp_path: Path, small_disk: Path,
+                                                        close_default_executor) -> None:
+    missing, lost, text = await _run(tmp_path, small_disk, recover=False)
+    assert missing > 0
+    assert missing == lost, f"{missing} readings missing, {lost} counted lost"
+    assert re.search(rf"\b{lost} readings held in memory could not be stored in the outbox before stopping and are lost",
+                     text), text[-3000:]
