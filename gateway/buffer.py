@@ -971,6 +971,35 @@ def filesystem_bytes(directory: Path) -> int | None:
     return st.f_blocks * st.f_frsize or None
 
 
+def disk_budget(path: Path, max_bytes: int) -> str | None:
+    """Why an outbox at ``path`` bounded by ``max_bytes`` cannot fit the filesystem that holds it
+    (None when it can, or when the filesystem cannot be told): the readings (``max_bytes``), dead
+    letters (up to a quarter of it), the WAL (:func:`wal_bound`) and its index must all fit."""
+    directory = Path(path).parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    disk = filesystem_bytes(directory)
+    if disk is None:
+        return None
+    wal = wal_bound(max_bytes, disk)
+    need = max_bytes + max_bytes // 4 + wal + SHM_BYTES
+    if need <= disk:
+        return None
+    fit = int((disk - wal - SHM_BYTES) * 0.9 / 1.25)  # 10 % left for the trace feed and SQLite's own pages
+    return (f"buffer.max_bytes {_size(max_bytes)} needs about {_size(need)} of disk (with dead letters, at most a "
+            f"quarter of it, and the WAL, {_size(wal)}) — more than the whole filesystem holding {path} "
+            f"({_size(disk)}): once it is full, readings wait in memory (at most 100,000) and are then lost. "
+            f"Set buffer.max_bytes to at most {_size(fit)}, or put the outbox on a larger filesystem")
+
+
+def _size(n: int) -> str:
+    """``n`` bytes as it would be written in gateway.yaml (KiB/MiB/GiB, rounded down)."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n * 10 // scale / 10:g}{unit}"
+    return f"{n}B"
+
+
 def wal_bound(max_bytes: int | None, disk_bytes: int | None) -> int:
     """Bytes an outbox's ``-wal`` stays within: 1/16 of ``max_bytes`` or of the filesystem's size
     (``disk_bytes``), whichever is smaller, kept between :data:`WAL_MIN` and :data:`WAL_MAX`."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.buffer import OutboxError
+from gateway.buffer import OutboxError, disk_budget
 from gateway.config import Config, ConfigErrors, load_config
 from gateway.logs import setup_logging
 
@@ -123,6 +123,10 @@ def cmd_check(args: argparse.Namespace) -> int:
           f"{len(config.gateway.sinks)} sinks")
     for dev in config.devices:
         print(f"  {dev.id:<24} {dev.config.protocol:<12} profile {dev.profile_name}, every {dev.config.interval:g}s")
+    buf = config.gateway.buffer
+    too_big = disk_budget(buf.resolved_path(), buf.max_bytes)
+    if too_big is not None:
+        print(f"{config.where('buffer', 'max_bytes')}: warning: {too_big}")
     if trace is not None:
         print(f"{trace.path}: OK — {len(trace.file.locations)} locations, {len(trace.file.lots)} lots, "
               f"{len(trace.file.sinks)} trace sinks")

@@ -331,6 +331,13 @@ class Config:
     def site(self) -> str:
         return self.gateway.gateway.site
 
+    def where(self, *loc: str) -> str:
+        """``gateway.yaml:line:col`` of a key of gateway.yaml (or of its nearest parent that is
+        written), to locate a warning about a value that is valid but unwise."""
+        doc, _errors = load_yaml(self.path, _display(self.path))
+        line, col = doc.key_position(loc) if doc is not None else (1, 1)
+        return f"{_display(self.path)}:{line}:{col}"
+
 
 # --------------------------------------------------------------------------- secrets
 _REF = re.compile(r"\$\{([^}]*)\}")

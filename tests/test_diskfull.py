@@ -226,6 +226,7 @@ async def _run(tmp_path: Path, disk: Path, *, recover: bool) -> tuple[int, int, 
         filler.unlink()  # the outbox is inspected with space to spare
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
+    assert "buffer.max_bytes" not in text, "1 MiB fits a 2 MiB disk: no warning"
     stopped = re.findall(r"gateway stopped: (\d+) readings committed this run, (\d+) lost", text)
     assert len(stopped) == 1, text[-3000:]
     lost = int(stopped[0][1])
@@ -300,6 +301,23 @@ def test_a_backlog_bigger_than_one_transaction_fits_is_stored_in_slices(small_di
         assert _size(Path(f"{path}-wal")) <= outbox.wal_bound
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT count(*) FROM readings").fetchone()[0] == len(backlog) + 600
+
+
+def test_check_warns_when_max_bytes_does_not_fit_the_disk(tmp_path: Path, small_disk: Path) -> None:
+    """A technician's 2 GB SD partition, scaled down: `sluice check` says where and what to set."""
+    outbox = small_disk / "state" / "outbox.db"  # not created yet: the filesystem is found all the same
+    config = write_config(tmp_path / "cfg", devices={"tank-a": (5020, 1)}, broker_port=None, outbox=outbox)
+    check = [sys.executable, "-m", "gateway.cli", "check", "-c", str(config)]
+    result = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if "warning" in x)
+    buffer_line = (config / "gateway.yaml").read_text().splitlines().index("buffer:") + 1
+    assert line.startswith(f"{config / 'gateway.yaml'}:{buffer_line + 1}:3: warning: buffer.max_bytes 256MiB needs"), line
+    assert f"whole filesystem holding {outbox} (2MiB)" in line and "Set buffer.max_bytes to at most 1.3MiB" in line
+    write_config(tmp_path / "cfg", devices={"tank-a": (5020, 1)}, broker_port=None, outbox=outbox,
+                 buffer_extra={"max_bytes": "1MiB"})
+    result = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "warning" not in result.stdout, result.stdout
 
 
 def _fill_until_failing(committer: Committer, disk: Path, n: int) -> int:
