@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 MAX_UNSTORED = 100_000
 """Readings held in memory while the outbox cannot be written (disk full); beyond it the oldest go."""
+OUTAGE_QUIET = 30.0
+"""Seconds after the outbox took readings again during which a new failure is the same outage: on a
+disk that stays nearly full, commits may fail and succeed by turns; that is logged once, not each time."""
 
 
 def make_pollers(devices: Sequence[Device]) -> list[Poller]:
@@ -78,7 +81,9 @@ class Committer:
     in ``stats.lost`` at that moment and logged once per outage (WARNING when it starts dropping,
     INFO with the outage's figures when the outbox takes readings again). :meth:`close` makes the
     last attempt at the stop; what it cannot store is lost, counted and logged (ERROR) with its
-    exact number. Readings still held are never counted as lost.
+    exact number. Readings still held are never counted as lost. On a disk that stays nearly full
+    commits may fail and succeed by turns: within :data:`OUTAGE_QUIET` of a recovery that is the
+    same outage (counted in ``stats.failed_commits``, not logged again unless readings were lost).
     """
 
     def __init__(self, outbox: Outbox, on_commit: Callable[[], None], delay: float) -> None:
@@ -90,7 +95,9 @@ class Committer:
         self._timer: asyncio.TimerHandle | None = None
         self._failing = False
         self._failing_since = 0.0
-        self._outage_lost = 0  # lost since the outbox last took readings
+        self._announced = False  # the current outage was logged (ERROR)
+        self._quiet_until = 0.0  # monotonic time before which a new failure is not logged again
+        self._outage_lost = 0  # lost since the outbox last took readings (as logged)
         self.stats = CommitStats()
 
     @property
@@ -134,10 +141,12 @@ class Committer:
                 del batch[:exc.consumed]
                 self._count(exc.consumed)
             if not self._failing:
-                log.error("cannot store readings in the outbox: %s — keeping up to %d in memory; "
-                          "check free disk space", exc, MAX_UNSTORED)
                 self._failing = True
-                self._failing_since = time.monotonic()
+                self._failing_since = now = time.monotonic()
+                if now >= self._quiet_until:
+                    log.error("cannot store readings in the outbox: %s — keeping up to %d in memory; "
+                              "check free disk space", exc, MAX_UNSTORED)
+                    self._announced = True
             excess = len(batch) - MAX_UNSTORED
             if excess > 0:
                 if not self._outage_lost:
@@ -150,10 +159,13 @@ class Committer:
             return False
         self._pending = []
         if self._failing:
-            log.info("outbox writable again after %.0f s: %d readings held in memory stored now; %d readings lost "
-                     "while it was not", time.monotonic() - self._failing_since, len(batch), self._outage_lost)
             self._failing = False
-            self._outage_lost = 0
+            if self._announced or self._outage_lost:
+                log.info("outbox writable again after %.0f s: %d readings held in memory stored now; %d readings "
+                         "lost while it was not", time.monotonic() - self._failing_since, len(batch), self._outage_lost)
+                self._announced = False
+                self._outage_lost = 0
+                self._quiet_until = time.monotonic() + OUTAGE_QUIET
         self._count(len(batch))
         return True
 

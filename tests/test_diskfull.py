@@ -41,6 +41,8 @@ from gateway.buffer import Outbox, OutboxError, wal_bound
 from gateway.config import load_config
 from gateway.health import fetch, parse_metrics
 from gateway.reading import Reading
+from gateway.trace.journal import Journal
+from gateway.trace.seal import load_public_key, verify_lines
 from servers import free_port
 
 DISK = 2 * 1024**2
@@ -55,6 +57,19 @@ points:
   - {name: count, kind: holding, address: 0, type: uint32, sim: {signal: counter, start: 1}}
   - {name: temp, kind: holding, address: 2, type: float32, byte_order: CDAB, unit: CEL,
      sim: {signal: sine, min: -5, max: 5, period: 10s}}
+"""
+
+
+# A window report every 10 s: the trace feed's own connection writes to the outbox while the disk is full.
+TRACE = """\
+window: 10s
+grace: 1s
+locations:
+  room-a: {read_point: "urn:epc:id:sgln:4012345.00001.0", devices: [tank-a, tank-b]}
+lots:
+  LOT-1: {location: room-a, producer: FARM-1}
+sinks:
+  feed: {type: jsonl, path: feed.jsonl}
 """
 
 
@@ -143,7 +158,8 @@ async def _wal_watch(path: Path) -> AsyncIterator[list[int]]:
 def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
-                                stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+                                stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "STATE_DIRECTORY": str(config.parent / "state")})
 
 
 def _fill(disk: Path, name: str = "filler") -> Path:
@@ -182,6 +198,7 @@ async def _run(tmp_path: Path, disk: Path, *, recover: bool) -> tuple[int, int, 
         config = write_config(tmp_path / "config", devices=device_ports(LAYOUT, servers), broker_port=None,
                               interval="50ms", timeout="5s", outbox=outbox, buffer_extra={"max_bytes": MAX_BYTES})
         (config / "profiles" / "counter.yaml").write_text(PROFILE)
+        (config / "trace.yaml").write_text(TRACE)  # its journal writes to the same file, on its own connection
         gateway_yaml = config / "gateway.yaml"
         gateway_yaml.write_text(gateway_yaml.read_text() + f"health:\n  listen: 127.0.0.1:{port}\n")
         metrics = Metrics(port)
@@ -190,14 +207,24 @@ async def _run(tmp_path: Path, disk: Path, *, recover: bool) -> tuple[int, int, 
         try:
             async with _wal_watch(Path(f"{outbox}-wal")) as largest:
                 await _until(lambda: metrics.value("sluice_outbox_committed_total") >= 100, "the first commits")
-                filler = await asyncio.to_thread(_fill, disk)
+                await asyncio.to_thread(_fill, disk)
                 await _until(lambda: metrics.value("sluice_outbox_unstored_readings") > 0,
                              "readings held in memory while the disk is full")
+                # What the gateway gives back by truncating its WAL after a failed write is taken too:
+                # the disk stays full (otherwise commits may fail and succeed by turns).
+                await asyncio.to_thread(_fill, disk, "filler-2")
                 failures = metrics.value("sluice_outbox_commit_failures_total")
                 await _until(lambda: metrics.value("sluice_outbox_commit_failures_total") >= failures + 3,
                              "more failed commits")
+                # A trace window closes while the disk is full: its report waits in memory.
+                await _until(lambda: "trace: cannot store events in the outbox" in log.read_text(),
+                             "a trace window to close while the disk is full", timeout=90)
                 if recover:
-                    filler.unlink()
+                    for filler in disk.glob("filler*"):
+                        filler.unlink()
+                    events = metrics.value("sluice_trace_events_total")
+                    await _until(lambda: metrics.value("sluice_trace_events_total") >= events + 2,
+                                 "trace reports to go on after the filler was removed", timeout=90)
                     committed = metrics.value("sluice_outbox_committed_total")
                     # Long enough for a WAL that is not bounded to fill the disk again by itself.
                     await _until(lambda: (metrics.value("sluice_outbox_unstored_readings") == 0
@@ -210,10 +237,8 @@ async def _run(tmp_path: Path, disk: Path, *, recover: bool) -> tuple[int, int, 
                     device.faults.no_answer = True
                 await _until(lambda: all(metrics.value("sluice_device_up", d) == 0 for d in devices),
                              "the gateway to see the devices silent")
-                if not recover:
-                    # What the gateway gave back by truncating its WAL after a failed write is taken too:
-                    # the stop finds the disk truly full.
-                    await asyncio.to_thread(_fill, disk, "filler-2")
+                if not recover:  # what a last failed write gave back is taken too: the stop finds the disk full
+                    await asyncio.to_thread(_fill, disk, "filler-3")
                 before_stop = metrics.get()
                 proc.send_signal(signal.SIGTERM)
                 assert await asyncio.to_thread(proc.wait, 60) == 0, log.read_text()[-3000:]
@@ -226,11 +251,20 @@ async def _run(tmp_path: Path, disk: Path, *, recover: bool) -> tuple[int, int, 
         filler.unlink()  # the outbox is inspected with space to spare
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
-    assert "buffer.max_bytes" not in text, "1 MiB fits a 2 MiB disk: no warning"
+    assert "needs about" not in text, "1 MiB fits a 2 MiB disk: no warning"
     stopped = re.findall(r"gateway stopped: (\d+) readings committed this run, (\d+) lost", text)
     assert len(stopped) == 1, text[-3000:]
     lost = int(stopped[0][1])
     assert lost >= before_stop[("sluice_outbox_lost_total", "")], "the lost count went down"
+    # The trace feed: its chain verifies and the JSON Lines sink has exactly the journal's events.
+    with Journal(outbox) as journal:
+        lines = journal.all_lines()
+    key = load_public_key(tmp_path / "state" / "trace-ed25519.key")
+    assert verify_lines(lines, key) == (len(lines), None)
+    assert (tmp_path / "state" / "feed.jsonl").read_text().splitlines() == lines
+    assert len(lines) >= (4 if recover else 2), len(lines)
+    if not recover:
+        assert re.search(r"trace: [1-9]\d* events could not be stored in the outbox before stopping and are lost", text)
     stored, dropped = _stored(outbox)
     assert dropped == 0, "the test's data should fit max_bytes"
     missing = 0
