@@ -36,6 +36,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import re
@@ -45,12 +46,12 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import Field, model_validator
 
-from gateway.driver import Device, DeviceConfig, DeviceStatus, Emit, Problem, ProfileConfig, StrictModel, ValidRange
+from gateway.driver import (Claim, Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig,
+                            StrictModel, ValidRange, fail_at, slow_timeout, tcp_claim)
 from gateway.polling import Backoff, Health, Schedule, format_duration
-from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading
+from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading, shortest_float32
 from simulators.signals import SignalSpec
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "Request",
     "RequestDecoder",
     "check",
+    "claims",
     "encode",
     "encode_into",
     "make_pollers",
@@ -116,11 +118,7 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 
 # =========================================================================== configuration
-def _fail(loc: tuple[str | int, ...], message: str, given: Any = None) -> ValidationError:
-    """A validation error located at ``loc`` inside the model being validated (pydantic prefixes
-    the enclosing path), so gateway.config reports it at that key's file:line:col."""
-    return ValidationError.from_exception_data("modbus", [InitErrorDetails(
-        type=PydanticCustomError("value_error", "{text}", {"text": message}), loc=loc, input=given)])
+_fail = fail_at
 
 
 def parse_register_reference(ref: int | str) -> tuple[str, int]:
@@ -203,6 +201,15 @@ class PointModel(StrictModel):
                         f"{self.address - first}), or address: {self.address - first}; for a device that really "
                         f"uses addresses this high (SunSpec), write register: {digit}{self.address + 1:05d}",
                         self.address)
+        for other, (low, high) in (("input", (30001, 39999)), ("holding", (40001, 49999))):
+            if self.reference is None and self.kind not in (other, *BIT_KINDS) and low <= self.address <= high:
+                digit = _KIND_DIGIT[other]
+                raise _fail(("address",), f"{self.address} looks like the manual's {digit}xxxx reference, which means "
+                            f"{'an' if other == 'input' else 'a'} {other} register ({other} address {self.address - low}), "
+                            f"not {'an' if self.kind == 'input' else 'a'} {self.kind} register "
+                            f"— write register: {self.address} (and no kind:) if the manual says {self.address}; for a "
+                            f"device that really has {self.kind} registers this high, write register: "
+                            f"{_KIND_DIGIT[self.kind]}{self.address + 1:05d}", self.address)
         kind_is_bits = self.kind in BIT_KINDS
         ptype = self.type or ("bool" if kind_is_bits or self.bit is not None else None)
         if ptype is None:
@@ -259,6 +266,9 @@ class ProfileModel(ProfileConfig):
     max_gap: int = Field(default=8, ge=0, le=MAX_REGISTERS - 1,
                          description="unused registers read to merge two requests into one")
     points: list[PointModel] = Field(min_length=1)
+
+    def field_info(self) -> dict[str, FieldInfo]:
+        return {p.name: FieldInfo(p.unit, p.point_type == "float32") for p in self.points}
 
     @model_validator(mode="after")
     def _unique(self) -> ProfileModel:
@@ -363,25 +373,6 @@ class Request:
 
     def __str__(self) -> str:
         return f"{self.kind} {self.address}+{self.count}"
-
-
-_FLOAT32 = struct.Struct("<f")
-
-
-def shortest_float32(value: float, _pack: Any = _FLOAT32.pack, _unpack: Any = _FLOAT32.unpack) -> float:
-    """A short decimal that is the same float32 as ``value``: a meter's 230.3 V arrives as the
-    float32 230.3000030517578; we send 230.3 (what the device meant, and 6 bytes on the wire
-    instead of 17). Reading it back as a float32 gives exactly the device's bits.
-
-    7 significant digits (trailing zeros dropped) round-trip almost every float32; 8 the rest
-    but a few, which keep their full float64 form. This is on the hot path: ~2 µs a value."""
-    candidate = float("%.7g" % value)  # noqa: UP031 - the fastest formatting here
-    if _unpack(_pack(candidate))[0] == value:
-        return candidate
-    candidate = float("%.8g" % value)  # noqa: UP031
-    if _unpack(_pack(candidate))[0] == value:
-        return candidate
-    return value
 
 
 class RequestDecoder:
@@ -620,11 +611,12 @@ class ModbusProtocolError(ModbusError):
 class ModbusFrameError(ModbusError):
     """A serial (RTU) reply that arrived damaged: ``kind`` is ``crc`` (checksum wrong),
     ``truncated`` (the frame stopped short) or ``garbage`` (bytes that are no frame). The link
-    stays usable, so the request is worth another attempt."""
+    stays usable, so the request is worth another attempt. ``data``: the bytes that came."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, data: bytes = b"") -> None:
         super().__init__(message)
         self.kind = kind
+        self.data = data
 
 
 class ModbusConnectionError(ModbusError):
@@ -636,11 +628,13 @@ class ModbusConnectionError(ModbusError):
         self.kind = kind
 
 
+ILLEGAL_ADDRESS: Final = 2
+"""The exception a device answers for a read that touches a register it does not have."""
+
 EXCEPTION_CODES: Final[dict[int, tuple[str, str]]] = {
     1: ("illegal function", "the device does not serve this register type — check kind: in the profile"),
     2: ("illegal data address", "the device has no register at some address of this request — check the "
-        "profile's addresses against the manual; if the device refuses reads across unused registers, "
-        "set max_gap: 0"),
+        "profile's addresses against the manual"),
     3: ("illegal data value", "the device refuses this many registers at once — lower max_registers in "
         "the profile"),
     4: ("device failure", "the device reports an internal fault — check it on site"),
@@ -992,7 +986,9 @@ class ModbusPoller:
         time_ns: int | None = None
         problem: tuple[str, str] | None = None
         invalid: list[str] = []
-        for request, decoder in zip(unit.requests, unit.decoders):
+        pending = list(zip(unit.requests, unit.decoders))
+        while pending:
+            request, decoder = pending.pop(0)
             error: ModbusError | None = None
             for _attempt in range(attempts):
                 try:
@@ -1004,6 +1000,9 @@ class ModbusPoller:
                     error = exc
                     if exc.code in (5, 6):
                         continue  # busy: worth another attempt
+                    if exc.code == ILLEGAL_ADDRESS and (parts := self._split(unit, request)):
+                        pending[:0] = parts  # read its parts now; the next polls read them as planned
+                        error = None
                     break
                 except (ModbusConnectionError, ModbusProtocolError) as exc:
                     error = exc
@@ -1041,6 +1040,24 @@ class ModbusPoller:
         return Reading(dev.id, time_ns, fields, dict(dev.tags),
                        UNCERTAIN if problem is not None or invalid else GOOD, dev.measurement)
 
+    def _split(self, unit: _Unit, request: Request) -> list[tuple[Request, RequestDecoder]]:
+        """A request the planner merged across unused registers that the device refused with
+        exception 2 (it has no registers there): its parts, which replace it in the device's plan
+        from now on (logged once, here). Empty when the request was not merged."""
+        parts = plan(request.points, 0, unit.device.profile.max_registers)
+        if len(parts) < 2:
+            return []
+        at = unit.requests.index(request)
+        decoders = [RequestDecoder(p) for p in parts]
+        unit.requests[at:at + 1] = parts
+        unit.decoders[at:at + 1] = decoders
+        gap = min(b.address - (a.address + a.count) for a, b in itertools.pairwise(parts))
+        log.warning("%s: %s refused %s with exception 2 (illegal data address): it has no registers in the gaps "
+                    "between its points; reading %s separately from now on — set max_gap: %d in the profile (or "
+                    "the device) to plan it so from the start", unit.device.id, unit.where, request,
+                    ", ".join(map(str, parts)), gap - 1)
+        return list(zip(parts, decoders))
+
     def _describe(self, unit: _Unit, request: Request, error: ModbusError) -> str:
         what = f"{unit.where}, {request} (address {request.address})"
         hints = self._client.hints
@@ -1073,10 +1090,16 @@ def make_pollers(devices: Sequence[Device]) -> list[ModbusTcpPoller]:
     return pollers
 
 
+def claims(device: Device) -> list[Claim]:
+    """The host:port the device is reached at (shared by every unit id behind it)."""
+    return [tcp_claim(device.config.host, device.config.port)]
+
+
 def check(devices: Sequence[Device]) -> list[Problem]:
     """Cross-device checks: the same unit polled twice with the same profile (a copied file)."""
     problems: list[Problem] = []
     seen: dict[tuple[str, int, int, str], Device] = {}
+    problems += filter(None, map(slow_timeout, devices))
     for dev in devices:
         cfg = dev.config
         key = (cfg.host.lower(), cfg.port, cfg.unit_id, dev.profile_name)

@@ -56,7 +56,7 @@ from drivers.modbus import (
     ProfileModel,  # the profiles are the Modbus TCP driver's: one register map, every transport
     plan_summary,
 )
-from gateway.driver import Device, DeviceConfig, Problem
+from gateway.driver import Claim, Device, DeviceConfig, Problem, parity_letter, serial_claim, slow_timeout
 from gateway.polling import format_duration
 from gateway.units import Duration
 
@@ -74,11 +74,13 @@ __all__ = [
     "SerialLink",
     "char_time",
     "check",
+    "claims",
     "crc16",
     "damage_kind",
     "find_reply",
     "inter_frame_silence",
     "make_pollers",
+    "replies_in",
     "rtu_frame",
 ]
 
@@ -144,6 +146,24 @@ def find_reply(buf: bytes | bytearray, unit: int, function: int, nbytes: int) ->
             return i, i + need
         i = buf.find(unit, i + 1)
     return None
+
+
+def replies_in(buf: bytes | bytearray) -> list[tuple[int, int, int]]:
+    """Every complete, CRC-valid read reply in ``buf`` from any unit, as ``(unit, start, end)``,
+    left to right and not overlapping: a reply to a read (function 1..4 with its byte count) or
+    an exception reply to one. What tells a late answer from another unit apart from noise."""
+    found: list[tuple[int, int, int]] = []
+    view = memoryview(buf)
+    i, size = 0, len(buf)
+    while i < size - 4:
+        unit, fc = buf[i], buf[i + 1]
+        need = 5 if fc in (0x81, 0x82, 0x83, 0x84) else 5 + buf[i + 2] if fc in (1, 2, 3, 4) else 0
+        if 1 <= unit <= 247 and need and i + need <= size and crc16(view[i:i + need]) == 0:
+            found.append((unit, i, i + need))
+            i += need
+        else:
+            i += 1
+    return found
 
 
 def damage_kind(buf: bytes | bytearray, unit: int, function: int, nbytes: int) -> Literal["crc", "truncated", "garbage"]:
@@ -418,6 +438,7 @@ class ModbusRtuClient:
         self.pauses = dict(pauses or {})
         self.frame_gap = max(frame_gap, silence)
         self.discarded = 0
+        self.stray = b""  # the bytes last discarded between transactions (`sluice scan` reads them)
         self._open = False
         self._was_open = False
         self._buf = bytearray()
@@ -442,6 +463,14 @@ class ModbusRtuClient:
         await self.link.open(self._on_data, self._on_lost, timeout)
         self._open = self._was_open = True
         self._quiet_since = time.monotonic()
+
+    def take_stray(self) -> bytes:
+        """What arrived since the last transaction ended (and was not yet discarded), and what
+        the last request discarded; both are then forgotten."""
+        data, self.stray = self.stray + bytes(self._buf), b""
+        self.discarded += len(self._buf)
+        self._buf.clear()
+        return data
 
     async def close(self) -> None:
         self._open = self._was_open = False
@@ -511,7 +540,7 @@ class ModbusRtuClient:
         shown = bytes(buf[:24]).hex(" ") + (" …" if len(buf) > 24 else "")
         what = {"crc": "a reply that failed its CRC check", "truncated": "a reply that stopped short",
                 "garbage": "bytes that are no reply"}[kind]
-        return ModbusFrameError(kind, f"{what} ({len(buf)} bytes: {shown})")
+        return ModbusFrameError(kind, f"{what} ({len(buf)} bytes: {shown})", bytes(buf))
 
     # ------------------------------------------------------------------ the transaction
     async def read(self, unit: int, function: int, address: int, count: int, timeout: float) -> bytes:
@@ -534,6 +563,7 @@ class ModbusRtuClient:
                 raise ModbusConnectionError("disconnected", f"{self.name} went away")
         if self._buf:  # a late reply or noise between transactions: never part of this answer
             self.discarded += len(self._buf)
+            self.stray = bytes(self._buf)
             self._buf.clear()
         loop = asyncio.get_running_loop()
         request = rtu_frame(unit, struct.pack(">BHH", function, address, count))
@@ -558,13 +588,20 @@ class ModbusRtuClient:
 
 # =========================================================================== configuration
 Parity = Literal["N", "E", "O"]
-_PARITY_WORDS: Final = {"none": "N", "even": "E", "odd": "O", "n": "N", "e": "E", "o": "O"}
 
 
 class LineSettings(DeviceConfig):
     """What every device on one serial line must agree on, and the RTU unit settings."""
 
     unit_id: int = Field(default=1, ge=1, le=247, description="Modbus unit (slave) id, 1..247")
+
+    @field_validator("unit_id", mode="before")
+    @classmethod
+    def _not_broadcast(cls, value: Any) -> Any:
+        if value == 0 and not isinstance(value, bool):
+            raise ValueError("0 is the broadcast address on a serial bus: every device listens and none answers "
+                             "— set the device's own unit id (1..247; see its display or manual)")
+        return value
     pause: Duration = Field(default=0.0, ge=0, le=10,
                             description="extra silence before and after this unit's transactions")
     max_gap: int | None = Field(default=None, ge=0, le=MAX_REGISTERS - 1,
@@ -583,10 +620,8 @@ class DeviceModel(LineSettings):
 
     @field_validator("parity", mode="before")
     @classmethod
-    def _parity_words(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return _PARITY_WORDS.get(value.strip().lower(), value)
-        return value
+    def _parity(cls, value: Any) -> Any:
+        return parity_letter(value, "NEO")
 
     @field_validator("bytesize")
     @classmethod
@@ -611,11 +646,17 @@ def bus_key(port: str) -> str:
 _LINE_KEYS: Final = ("baudrate", "parity", "stopbits", "bytesize")
 
 
+def claims(device: Device) -> list[Claim]:
+    """The serial port (shared by every unit on the bus)."""
+    return [serial_claim(device.config.port)]
+
+
 def check(devices: Sequence[Device]) -> list[Problem]:
     """One serial bus has one line setting; one unit is not polled twice with the same profile."""
     problems: list[Problem] = []
     first: dict[str, Device] = {}
     seen: dict[tuple[str, int, str], Device] = {}
+    problems += filter(None, map(slow_timeout, devices))
     for dev in devices:
         cfg = dev.config
         bus = bus_key(cfg.port)

@@ -62,13 +62,13 @@ from pydantic import Field, field_validator, model_validator
 
 from drivers.modbus import ModbusConnectionError, ModbusPoller, ProfileModel, plan_summary
 from drivers.modbus_rtu import RTU_HINTS, LineSettings, ModbusRtuClient, OnData, OnLost, pauses_of
-from gateway.driver import Device, DeviceStatus, Emit, Problem, StrictModel
+from gateway.driver import Claim, Device, DeviceStatus, Emit, Problem, StrictModel, slow_timeout
 from gateway.polling import Backoff, Health, format_duration
 from gateway.reading import Reading
 from gateway.units import Duration, Identifier
 
 __all__ = ["DTU_HINTS", "PROFILE_KIND", "PROTOCOLS", "DeviceModel", "DtuLink", "DtuListener",
-           "DtuListenerPoller", "DtuModel", "DtuPoller", "Packet", "PacketModel", "ProfileModel", "check",
+           "DtuListenerPoller", "DtuModel", "DtuPoller", "Packet", "PacketModel", "ProfileModel", "check", "claims",
            "make_pollers", "parse_listen"]
 
 PROTOCOLS: Final = frozenset({"modbus_rtu_dtu"})
@@ -637,6 +637,11 @@ def _packet_key(packet: PacketModel) -> tuple[str, str]:
     return "bytes", (packet.hex if packet.hex is not None else (packet.text or "").encode("utf-8").hex())
 
 
+def claims(device: Device) -> list[Claim]:
+    """The address the gateway listens on for DTUs (shared by every DTU that dials in there)."""
+    return [Claim(f"listen address {device.config.listen}", ("listen",))]
+
+
 def check(devices: Sequence[Device]) -> list[Problem]:
     """One DTU has one setting and one listen address; two DTUs on one listener register
     differently; a heartbeat cannot be mistaken for a reply; no unit is polled twice."""
@@ -644,6 +649,7 @@ def check(devices: Sequence[Device]) -> list[Problem]:
     first: dict[str, Device] = {}
     registrations: dict[tuple[str, tuple[str, str]], Device] = {}
     seen: dict[tuple[str, int, str], Device] = {}
+    problems += filter(None, map(slow_timeout, devices))
     for dev in devices:
         cfg = dev.config
         dtu = cfg.dtu

@@ -19,11 +19,11 @@ from typing import Final, Literal
 
 from pydantic import Field
 
-from drivers.modbus import ModbusConnectionError, ModbusPoller, ProfileModel, check, open_tcp, plan_summary
+from drivers.modbus import ModbusConnectionError, ModbusPoller, ProfileModel, check, claims, open_tcp, plan_summary
 from drivers.modbus_rtu import RTU_HINTS, LineSettings, ModbusRtuClient, OnData, OnLost, pauses_of
 from gateway.driver import Device
 
-__all__ = ["PROFILE_KIND", "PROTOCOLS", "RTU_TCP_HINTS", "DeviceModel", "ProfileModel", "TcpLink", "check",
+__all__ = ["PROFILE_KIND", "PROTOCOLS", "RTU_TCP_HINTS", "DeviceModel", "ProfileModel", "TcpLink", "check", "claims",
            "make_pollers"]
 
 PROTOCOLS: Final = frozenset({"modbus_rtu_tcp"})

@@ -36,6 +36,17 @@ When a device is down
     a polled device is down when a request gets no good reply after its retries. A code reader
     is never down for being quiet: nobody may be scanning. Health is judged once per interval
     and logged once per state change (:class:`gateway.polling.Health`).
+
+A noisy line
+    Bad frames of every kind (garbage, checksum, truncated, overlong) are counted per kind in the
+    device's status (``sluice_device_errors_total`` in /metrics), never logged one by one. Bad
+    frames between good ones — or, for a polled sensor that has answered, a poll whose replies
+    were all spoilt — put the sensor in one state, ``degraded:bad_frames``, logged once with the
+    counts; it counts as clean again only after ``NOISE_SETTLE`` (60 s, at least ten intervals)
+    without a bad frame, and that line carries the counts of the noisy spell.
+
+A scale's frame is its whole state: the latest frame of an interval replaces the earlier ones
+(an overload line has no weight, and the weight before it is not kept).
 """
 
 from __future__ import annotations
@@ -49,15 +60,16 @@ import os
 import re
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any, Final, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from gateway.driver import Device, DeviceConfig, DeviceStatus, Emit, Problem, ProfileConfig, StrictModel, ValidRange
+from gateway.driver import (Claim, Device, DeviceConfig, DeviceStatus, Emit, FieldInfo, Problem, ProfileConfig,
+                            StrictModel, ValidRange, fail_at, parity_letter, serial_claim, slow_timeout)
 from gateway.polling import Backoff, Health, Schedule, format_duration, next_aligned
 from gateway.reading import GOOD, UNCERTAIN, FieldValue, Reading
 from gateway.units import Duration
@@ -74,6 +86,7 @@ __all__ = [
     "SerialSensorPoller",
     "TextFramer",
     "check",
+    "claims",
     "make_decoder",
     "make_pollers",
     "parse_binary",
@@ -110,10 +123,7 @@ signed weight, unit."""
 
 
 # =========================================================================== configuration
-def _fail(loc: tuple[str | int, ...], message: str, given: Any = None) -> ValidationError:
-    """A validation error at ``loc`` inside the model, reported by gateway.config at that key."""
-    return ValidationError.from_exception_data("serial", [InitErrorDetails(
-        type=PydanticCustomError("value_error", "{text}", {"text": message}), loc=loc, input=given)])
+_fail = fail_at
 
 
 def parse_hex(text: str) -> bytes:
@@ -223,6 +233,10 @@ class ProfileModel(ProfileConfig):
     frame_gap: Duration = Field(default=0.5, gt=0, le=60,
                                 description="a partial frame older than this when new bytes arrive was truncated")
     sim: SimSettings = SimSettings()
+
+    def field_info(self) -> dict[str, FieldInfo]:
+        return {name: FieldInfo(spec.unit, spec.type == "float32")
+                for name, spec in self.fields.items()}
 
     @model_validator(mode="before")
     @classmethod
@@ -335,9 +349,14 @@ class DeviceModel(DeviceConfig):
     protocol: Literal["serial"]
     port: str = Field(min_length=1, description="/dev/ttyUSB0, /dev/serial/by-id/..., /dev/ttyAMA0")
     baudrate: int = Field(default=9600, ge=50, le=4_000_000)
-    parity: Literal["none", "even", "odd", "mark", "space"] = "none"
+    parity: Literal["N", "E", "O", "M", "S"] = Field(default="N", description="N (none), E (even), O (odd), M, S")
     stopbits: Literal[1, 1.5, 2] = 1
     bytesize: Literal[5, 6, 7, 8] = 8
+
+    @field_validator("parity", mode="before")
+    @classmethod
+    def _parity(cls, value: Any) -> Any:
+        return parity_letter(value, "NEOMS")
 
 
 # =========================================================================== checksums
@@ -900,6 +919,32 @@ _HINT: Final = {
 }
 
 
+NOISE: Final = "bad_frames"
+"""The state of a sensor whose line brings bad frames (of any kind): one state, so that garbage
+and checksum errors taking turns do not log a line each."""
+NOISE_SETTLE: Final = 60.0
+"""Seconds without a bad frame (at least ten intervals) before a noisy line counts as clean again."""
+
+
+@dataclass(slots=True)
+class _Noise:
+    """Bad and good frames since the sensor's line was last clean (the counts its log lines carry)."""
+
+    bad: Counter[str] = field(default_factory=Counter)
+    good: int = 0
+    last_bad: float = -math.inf  # monotonic time of the last bad frame
+
+    def text(self) -> str:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in self.bad.most_common())
+        return f"{sum(self.bad.values())} bad: {kinds}; {self.good} good"
+
+    def example(self, error: FrameError | None) -> str:
+        return error.message if error is not None else "none in the last interval"
+
+    def hint(self) -> str:
+        return _HINT.get(self.bad.most_common(1)[0][0], "") if self.bad else ""
+
+
 @dataclass(slots=True)
 class _Window:
     """What arrived since the last interval tick (streaming) or the last request (polled)."""
@@ -910,9 +955,6 @@ class _Window:
     time_ns: int = 0
     error: FrameError | None = None
     errors: int = 0
-
-
-_PARITY: Final = {"none": "N", "even": "E", "odd": "O", "mark": "M", "space": "S"}
 
 
 class SerialSensorPoller:
@@ -941,6 +983,8 @@ class SerialSensorPoller:
         self._lost = asyncio.Event()
         self._arrived = asyncio.Event()
         self._window = _Window()
+        self._noise = _Noise()
+        self._whole_frames = device.profile.format == "scale"  # each frame is the whole state: replaces
         self._last_good = time.monotonic()
         self._emit: Emit | None = None
         self._where = f"{cfg.port} ({device.profile_name})"
@@ -958,7 +1002,7 @@ class SerialSensorPoller:
         cfg = self.device.config
         try:
             port = serial.Serial(port=None, baudrate=cfg.baudrate, bytesize=cfg.bytesize,
-                                 parity=_PARITY[cfg.parity], stopbits=cfg.stopbits, timeout=0, exclusive=True)
+                                 parity=cfg.parity, stopbits=cfg.stopbits, timeout=0, exclusive=True)
             port.port = cfg.port
             port.open()
         except (OSError, ValueError, serial.SerialException) as exc:
@@ -976,7 +1020,7 @@ class SerialSensorPoller:
         self._lost.clear()
         self._last_good = time.monotonic()
         asyncio.get_running_loop().add_reader(self._fd, self._on_readable)
-        self._link.ok(detail=f"{cfg.baudrate} baud {cfg.bytesize}{_PARITY[cfg.parity]}{cfg.stopbits:g}, "
+        self._link.ok(detail=f"{cfg.baudrate} baud {cfg.bytesize}{cfg.parity}{cfg.stopbits:g}, "
                       f"device {self.device.id}")
         self._reopen.reset()
         return True
@@ -1022,21 +1066,42 @@ class SerialSensorPoller:
         if isinstance(item, FrameError):
             w.errors += 1
             w.error = item
+            self._noise.bad[item.kind] += 1
+            self._noise.last_bad = time.monotonic()
             self._health.count(item.kind, f"{self._where}: {item.message}")
             return
         fields, invalid = item
         w.good += 1
+        self._noise.good += 1
         self._last_good = time.monotonic()
         if invalid:
             self._health.count("invalid", f"invalid values: {', '.join(invalid)}")
         if self._codes and fields and self._emit is not None:
-            self._health.ok(now_ns, self._where)
+            if not self._settling():
+                self._clean(now_ns)
             self._emit(self._reading(fields, now_ns, invalid=()))
             return
-        if fields:
+        if fields and self._whole_frames:
+            w.fields = dict(fields)  # a scale's overload line has no weight: the last one must not stay
+            w.time_ns = now_ns
+        elif fields:
             w.fields.update(fields)
             w.time_ns = now_ns
         w.invalid.update(invalid)
+
+    def _settling(self) -> bool:
+        """The line is noisy and a bad frame arrived too recently for it to count as clean again."""
+        settle = max(NOISE_SETTLE, 10 * self.device.config.interval)
+        return self._health.state == f"degraded:{NOISE}" and time.monotonic() - self._noise.last_bad < settle
+
+    def _noisy(self, example: str) -> str:
+        return (f"{self._where}: bad frames between good ones ({self._noise.text()}), e.g. {example} — "
+                f"{self._noise.hint()}; counted in /metrics, logged again when the line is clean")
+
+    def _clean(self, time_ns: int | None) -> None:
+        """Everything arrived well: ok (with the counts of the noise it leaves, if any)."""
+        noise, self._noise = self._noise, _Noise(last_bad=self._noise.last_bad)
+        self._health.ok(time_ns, self._where, summary=noise.text() if noise.bad else "")
 
     def _reading(self, fields: dict[str, FieldValue], time_ns: int, invalid: Any) -> Reading:
         dev = self.device
@@ -1078,25 +1143,23 @@ class SerialSensorPoller:
         if w.fields:
             emit(self._reading(w.fields, w.time_ns, w.invalid))
         if w.good:
-            if w.error is not None:
-                self._health.degraded(w.error.kind, f"{self._where}: {w.errors} bad frame(s) between good ones, "
-                                      f"e.g. {w.error.message} — {_HINT.get(w.error.kind, '')}", w.time_ns or None)
+            if w.error is not None or self._settling():
+                self._health.degraded(NOISE, self._noisy(self._noise.example(w.error)), w.time_ns or None)
             elif w.invalid:
                 self._health.degraded("invalid", f"{self._where}: {', '.join(sorted(w.invalid))} outside the valid "
                                       "range; left out of the reading — check the sensor and the profile's valid:",
                                       w.time_ns or None)
             elif not self._codes or w.fields:
-                self._health.ok(w.time_ns or None, self._where)
+                self._clean(w.time_ns or None)
             return
         quiet = time.monotonic() - self._last_good
         if w.error is not None and (self._codes or quiet >= self.device.config.timeout):
-            verb = "degraded" if self._codes else "down"
-            message = (f"{self._where}: only bad frames for {format_duration(quiet)}, e.g. {w.error.message} — "
-                       f"{_HINT.get(w.error.kind, '')}")
-            if verb == "down":
-                self._health.down(w.error.kind, message)
+            message = (f"{self._where}: only bad frames for {format_duration(quiet)} ({self._noise.text()}), e.g. "
+                       f"{w.error.message} — {self._noise.hint()}")
+            if self._codes:
+                self._health.degraded(NOISE, message)
             else:
-                self._health.degraded(w.error.kind, message)
+                self._health.down(NOISE, message)
         elif not self._codes and quiet >= self.device.config.timeout:
             self._health.count("silent", "no frame")
             self._health.down("silent", f"{self._where}: no complete frame for {format_duration(quiet)} — "
@@ -1148,8 +1211,10 @@ class SerialSensorPoller:
                     if w.invalid:
                         self._health.degraded("invalid", f"{self._where}: {', '.join(sorted(w.invalid))} outside "
                                               "the valid range; left out — check the sensor and valid:", w.time_ns)
+                    elif self._settling():
+                        self._health.degraded(NOISE, self._noisy("none in this reply"), w.time_ns)  # not logged again
                     else:
-                        self._health.ok(w.time_ns, self._where)
+                        self._clean(w.time_ns)
                     return self._reading(w.fields, w.time_ns, w.invalid)
                 problem = FrameError("garbage", "a reply without any value")
             elif w.error is not None:
@@ -1161,8 +1226,15 @@ class SerialSensorPoller:
                     f" within {format_duration(cfg.timeout)}"
                 problem = FrameError(kind, what)
                 self._health.count(kind, f"{self._where}: {what}")
+                if partial:
+                    self._noise.bad[kind] += 1
+                    self._noise.last_bad = time.monotonic()
         assert problem is not None
         tries = "" if attempts == 1 else f" ({attempts} attempts)"
+        if problem.kind != "timeout" and self._noise.bad and self._health.state in ("ok", f"degraded:{NOISE}"):
+            # It answers, but the line spoils replies: a noisy line (one state), not a device going up and down.
+            self._health.degraded(NOISE, self._noisy(f"{problem.message}{tries}"), self._health.status.last_success_ns)
+            return None
         self._health.down(problem.kind, f"{self._where}: {problem.message}{tries} — {_HINT.get(problem.kind, '')}")
         return None
 
@@ -1214,9 +1286,16 @@ def make_pollers(devices: Sequence[Device]) -> list[SerialSensorPoller]:
     return [SerialSensorPoller(dev) for dev in devices]
 
 
+def claims(device: Device) -> list[Claim]:
+    """The serial port (a sensor owns it: :func:`check` refuses a second one on it)."""
+    return [serial_claim(device.config.port)]
+
+
 def check(devices: Sequence[Device]) -> list[Problem]:
     """A serial sensor owns its port: two devices on one port is a mistake."""
     problems: list[Problem] = []
+    # A streaming sensor's timeout is how long it may stay quiet: longer than its interval is normal.
+    problems += filter(None, (slow_timeout(d) for d in devices if d.profile.request is not None))
     seen: dict[str, Device] = {}
     for dev in devices:
         key = os.path.normpath(dev.config.port)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import driver as drivers
-from gateway.buffer import Outbox, OutboxError, OutboxStats, disk_budget
+from gateway.buffer import Outbox, OutboxError, OutboxStats
 from gateway.config import Config
 from gateway.driver import Device, Poller
 from gateway.health import HealthServer, Progress, status_line, track_gateway
@@ -237,9 +237,6 @@ class Gateway:
         self.final_stats = None
         for warning in startup_warnings(cfg):
             log.warning("%s", warning)
-        too_big = disk_budget(buf.resolved_path(), buf.max_bytes)
-        if too_big is not None:
-            log.warning("%s: %s", cfg.where("buffer", "max_bytes"), too_big)
         notifier = Notifier()
         async with AsyncExitStack() as stack:
             stack.callback(notifier.close)

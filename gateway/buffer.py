@@ -69,16 +69,20 @@ On-disk invariants (one SQLite file in WAL mode, ``application_id`` 0x536C7563, 
 * Every change is one transaction (``BEGIN IMMEDIATE`` … ``COMMIT``). A crash or SIGKILL loses
   nothing that was committed (power loss with ``synchronous=normal`` may lose the last commits).
   A file that fails the integrity check on open, or is not a Sluice outbox, is renamed to
-  ``<name>.corrupt-<UTC timestamp>`` (its ``-wal``/``-shm`` follow as ``…-wal``/``…-shm``), never
-  deleted, and a fresh outbox is started.
+  ``<name>.corrupt-<UTC timestamp>`` (a ``-wal`` holding data follows as ``…-wal``; an empty one and
+  the ``-shm`` are deleted), never deleted, and a fresh outbox is started;
+  ``sluice outbox salvage`` (``gateway/salvage.py``) copies what it still holds back.
+* Only SQLite touches the file: every connection is made by ``gateway/outbox_file.py``'s
+  ``connect``, and vetting/moving aside happen only before this process's first connection to it
+  (closing any plain descriptor of the file would drop the process's SQLite locks).
 """
 
 from __future__ import annotations
 
 import json
 import marshal
-import logging
 import os
+import logging
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -86,20 +90,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway.outbox_file import APPLICATION_ID, SCHEMA_VERSION, connect, vet
 from gateway.reading import Reading
 
 log = logging.getLogger(__name__)
 
-APPLICATION_ID = 0x536C7563  # "Sluc": marks the file as a Sluice outbox
-SCHEMA_VERSION = 1
 ROW_OVERHEAD = 16
 """Bytes counted per row on top of its payload (seq, series id, record and cell headers)."""
 ACK_WRITE_DELAY = 2.0
 """Seconds an acknowledged position may stay in memory only: it is written with the next commit of
 readings, or by the first ack after this delay, or at close. A crash re-sends at most that much
 (duplicates, never loss); it saves a transaction and an fsync per delivered batch."""
-FULL_CHECK_BELOW = 32 * 1024**2
-"""Files smaller than this get ``PRAGMA integrity_check`` on open; larger ones ``quick_check``."""
 WAL_MIN = 128 * 1024
 WAL_MAX = 16 * 1024**2
 """The range of :func:`wal_bound` (16 MiB was the journal_size_limit before the bound existed)."""
@@ -109,9 +110,6 @@ BUSY_TIMEOUT = 5.0
 """Seconds a statement waits for another connection's lock (Python's default)."""
 RECLAIM_WAIT = 0.2
 """Seconds the checkpoint after a failed write waits for other connections (it blocks the event loop)."""
-
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_CORRUPT_CODES = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
 
 _SCHEMA = f"""
 PRAGMA application_id = {APPLICATION_ID};
@@ -267,7 +265,7 @@ class Outbox:
             raise RuntimeError("outbox already open")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _vet(self.path)
+            vet(self.path)  # only before this process's first connection (gateway/outbox_file.py)
             self.wal_bound = wal_bound(self.max_bytes, filesystem_bytes(self.path.parent))
             self._conn = self._connect()
             self._setup()
@@ -335,7 +333,7 @@ class Outbox:
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per call.
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT)
+        conn = connect(self.path, timeout=BUSY_TIMEOUT)  # counted: the file is never vetted or moved under it
         try:
             _use_wal(conn)
             conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
@@ -350,7 +348,7 @@ class Outbox:
     def _setup(self) -> None:
         conn = self._conn
         assert conn is not None
-        _create(conn)  # a new (or empty) file: _vet checked it
+        _create(conn)  # a new (or empty) file: vet() checked it
         conn.execute("BEGIN IMMEDIATE")
         try:
             last_seq, rows, nbytes, dropped = conn.execute(
@@ -693,7 +691,7 @@ class Outbox:
         upto = max(entries[-1].seq, upto or 0)
         if upto > self._last_seq:
             raise ValueError(f"sink {sink} rejected seq {upto}, beyond the last stored seq {self._last_seq}")
-        blob = _dumps([_reading_row(e.reading) for e in entries], _MARSHAL_VERSION)
+        blob = encode_letter([e.reading for e in entries])
         try:
             conn.execute("BEGIN IMMEDIATE")
             (letter,) = conn.execute(
@@ -748,13 +746,14 @@ class Outbox:
         conn = self._require_open()
         try:
             conn.execute("BEGIN IMMEDIATE")
-            changed = conn.execute(sql, args).rowcount
+            conn.execute(sql, args)
+            # Counted, not decremented: `sluice outbox salvage` adds letters from another process.
+            (count,) = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(exc)
             raise OutboxError(_describe(self.path, what, exc)) from exc
-        if sql.startswith("DELETE"):
-            self._dead_letters -= changed
+        self._dead_letters = count
 
     def _trim_dead_letters(self, keep: int) -> int:
         """Inside a transaction: delete the oldest letters (never ``keep``) beyond the cap."""
@@ -902,6 +901,11 @@ def _reading_row(r: Reading) -> list[Any]:
     return [r.device, r.measurement, dict(r.tags), int(r.time_ns), str(r.quality), fields]
 
 
+def encode_letter(readings: Sequence[Reading]) -> bytes:
+    """The ``readings`` blob of a dead letter (``dead_letters`` in the module docstring)."""
+    return _dumps([_reading_row(r) for r in readings], _MARSHAL_VERSION)
+
+
 def _letter(row: Sequence[Any], with_readings: bool) -> DeadLetter:
     readings: tuple[Reading, ...] = ()
     if with_readings:
@@ -938,16 +942,16 @@ def prepare(path: Path, *, check: bool) -> None:
     """Make ``path`` an outbox file that another module may keep its own tables in (the trace
     journal's ``trace_*`` tables), before or while :class:`Outbox` has it open: a missing or empty
     file gets the outbox schema (what :meth:`Outbox.open` would create; the Outbox later opens it
-    as a new, empty outbox). With ``check`` (the gateway's own process, before anything else opens
-    the file) an unusable file is first moved aside exactly as :meth:`Outbox.open` does; without
+    as a new, empty outbox). With ``check`` (the gateway's own process) an unusable file is first
+    moved aside exactly as :meth:`Outbox.open` does, if this process has no connection to it yet; without
     it (a CLI next to a running gateway) a file that is not a Sluice outbox raises
     :class:`OutboxError` and nothing is touched."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if check:
-            _vet(path)
-        conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+            vet(path)  # only before this process's first connection (gateway/outbox_file.py)
+        conn = connect(path, timeout=10.0)
         try:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             if app_id != APPLICATION_ID and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
@@ -971,10 +975,11 @@ def filesystem_bytes(directory: Path) -> int | None:
     return st.f_blocks * st.f_frsize or None
 
 
-def disk_budget(path: Path, max_bytes: int) -> str | None:
-    """Why an outbox at ``path`` bounded by ``max_bytes`` cannot fit the filesystem that holds it
-    (None when it can, or when the filesystem cannot be told): the readings (``max_bytes``), dead
-    letters (up to a quarter of it), the WAL (:func:`wal_bound`) and its index must all fit."""
+def disk_budget(path: Path, max_bytes: int) -> tuple[str, str] | None:
+    """Why an outbox at ``path`` bounded by ``max_bytes`` cannot fit the filesystem that holds it,
+    and what to do (None when it can, or when the filesystem cannot be told): the readings
+    (``max_bytes``), dead letters (up to a quarter of it), the WAL (:func:`wal_bound`) and its
+    index must all fit. ``sluice check`` prints it and ``sluice run`` logs it (a located warning)."""
     directory = Path(path).parent
     while not directory.exists() and directory != directory.parent:
         directory = directory.parent
@@ -987,9 +992,9 @@ def disk_budget(path: Path, max_bytes: int) -> str | None:
         return None
     fit = int((disk - wal - SHM_BYTES) * 0.9 / 1.25)  # 10 % left for the trace feed and SQLite's own pages
     return (f"buffer.max_bytes {_size(max_bytes)} needs about {_size(need)} of disk (with dead letters, at most a "
-            f"quarter of it, and the WAL, {_size(wal)}) — more than the whole filesystem holding {path} "
-            f"({_size(disk)}): once it is full, readings wait in memory (at most 100,000) and are then lost. "
-            f"Set buffer.max_bytes to at most {_size(fit)}, or put the outbox on a larger filesystem")
+            f"quarter of it, and the WAL, {_size(wal)}), more than the whole filesystem holding {path} "
+            f"({_size(disk)}): once it is full, readings wait in memory (at most 100,000) and are then lost",
+            f"set buffer.max_bytes to at most {_size(fit)}, or put the outbox on a larger filesystem")
 
 
 def _size(n: int) -> str:
@@ -1029,15 +1034,6 @@ def _use_wal(conn: sqlite3.Connection) -> None:
         raise sqlite3.OperationalError(f"cannot switch to WAL mode (journal_mode={mode})")
 
 
-def _vet(path: Path) -> None:
-    """Move ``path`` aside (with a clear ERROR) if it cannot be used as an outbox."""
-    problem = _check_existing(path)
-    if problem is not None:
-        aside = _move_aside(path)
-        log.error("outbox %s is unusable (%s): moved it to %s and started an empty outbox; readings "
-                  "not yet delivered and the trace journal (events, chain) are in the old file", path, problem, aside)
-
-
 def _create(conn: sqlite3.Connection) -> None:
     """Give an empty database the outbox schema; a no-op if another connection did it first."""
     conn.execute("BEGIN IMMEDIATE")
@@ -1053,65 +1049,6 @@ def _create(conn: sqlite3.Connection) -> None:
         raise
 
 
-def _check_existing(path: Path) -> str | None:
-    """Why the existing file cannot be used as our outbox, or None (missing files are fine)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(100)
-    except FileNotFoundError:
-        return None
-    if not head:
-        return None  # an empty file is a valid, empty SQLite database
-    if not head.startswith(_SQLITE_MAGIC):
-        return "not an SQLite database"
-    size = os.path.getsize(path)
-    # Read-only: a read-write connection would checkpoint the WAL into (and then delete it
-    # next to) a file we may be about to move aside, changing the evidence.
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
-    try:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
-        if app_id != APPLICATION_ID:
-            if tables:
-                return f"an SQLite database of something else (application_id {app_id:#x})"
-            return None
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
-            raise sqlite3.OperationalError(
-                f"outbox schema version {version}, this Sluice reads {SCHEMA_VERSION} — "
-                "run the Sluice version that wrote it to deliver its readings first")
-        check = "integrity_check" if size < FULL_CHECK_BELOW else "quick_check"
-        result = [r[0] for r in conn.execute(f"PRAGMA {check}(20)")]
-        if result != ["ok"]:
-            return f"{check} failed: {'; '.join(result[:3])}"
-        if not {"state", "sinks", "series", "readings"} <= tables:
-            return "outbox tables missing"
-        return None
-    except sqlite3.DatabaseError as exc:
-        if getattr(exc, "sqlite_errorname", None) in _CORRUPT_CODES:
-            return str(exc)
-        raise
-    finally:
-        conn.close()
-
-
-def _move_aside(path: Path) -> Path:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-    n = 1
-    while aside.exists():
-        aside = path.with_name(f"{path.name}.corrupt-{stamp}.{n}")
-        n += 1
-    # The WAL first: the db must never sit next to a WAL that is not its own.
-    for suffix in ("-wal", "-shm"):
-        side = Path(f"{path}{suffix}")
-        if side.exists():
-            os.replace(side, Path(f"{aside}{suffix}"))
-    os.replace(path, aside)
-    _fsync_dir(path.parent)
-    return aside
-
-
 def open_for_dead_letters(path: Path) -> sqlite3.Connection:
     """A plain connection to an existing outbox for listing and marking dead letters from another
     process (``sluice deadletter``) while the gateway may be running. It touches nothing else.
@@ -1119,8 +1056,7 @@ def open_for_dead_letters(path: Path) -> sqlite3.Connection:
     if not Path(path).exists():
         raise OutboxError(f"outbox {path} does not exist — check buffer.path, or the gateway never ran")
     try:
-        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=rw", uri=True, isolation_level=None,
-                               timeout=10.0)
+        conn = connect(path, must_exist=True, timeout=10.0)
         if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
             conn.close()
             raise OutboxError(f"{path} is not a Sluice outbox")
@@ -1165,16 +1101,3 @@ def _describe(path: Path, what: str, exc: BaseException) -> str:
     elif name == "SQLITE_BUSY":
         text += " — another process has the outbox open; run one gateway per outbox file"
     return text
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -1,4 +1,4 @@
-"""The `sluice` command: run, check, once, status, sim, demo."""
+"""The `sluice` command: run, check, once, status, deadletter, outbox, sim, demo."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.buffer import OutboxError, disk_budget
+from gateway.buffer import OutboxError
 from gateway.config import Config, ConfigErrors, load_config
+from gateway.driver import FieldInfo
 from gateway.logs import setup_logging
+from gateway.reading import float32_text
 
 if TYPE_CHECKING:
     from gateway.trace.config import TraceConfig
@@ -37,7 +39,7 @@ def report_config_errors(exc: ConfigErrors, where: str) -> None:
     """Every located error on stderr, then one line counting them (``where``: "in <path>; ...")."""
     for err in exc.errors:
         print(err, file=sys.stderr)
-    n = len(exc.errors)
+    n = sum(not err.warning for err in exc.errors)
     print(f"{n} error{'s' if n != 1 else ''} {where}", file=sys.stderr)
 
 
@@ -74,6 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     setup_logging(args.log_level or config.gateway.logging.level, config.gateway.logging.format)
+    for warning in config.warnings:
+        log.warning("%s", warning)
     from gateway.app import serve
 
     ok, trace = load_trace(config)
@@ -118,15 +122,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     ok, trace = load_trace(config)
     if not ok:
         return EXIT_CONFIG
+    for warning in config.warnings:
+        print(warning, file=sys.stderr)
     print(f"{config.path}: OK — gateway {config.gateway_id} at {config.site}, "
           f"{len(config.devices)} devices, {len(config.profiles)} profiles, "
           f"{len(config.gateway.sinks)} sinks")
     for dev in config.devices:
         print(f"  {dev.id:<24} {dev.config.protocol:<12} profile {dev.profile_name}, every {dev.config.interval:g}s")
-    buf = config.gateway.buffer
-    too_big = disk_budget(buf.resolved_path(), buf.max_bytes)
-    if too_big is not None:
-        print(f"{config.where('buffer', 'max_bytes')}: warning: {too_big}")
     if trace is not None:
         print(f"{trace.path}: OK — {len(trace.file.locations)} locations, {len(trace.file.lots)} lots, "
               f"{len(trace.file.sinks)} trace sinks")
@@ -154,14 +156,28 @@ def cmd_once(args: argparse.Namespace) -> int:
             print(json.dumps({"device": r.device, "time_ns": r.time_ns, "quality": r.quality,
                               "fields": r.fields, "tags": r.tags}, ensure_ascii=False))
     else:
+        info = {d.id: d.profile.field_info() for d in config.devices}
         for r in readings:
             print(f"{r.device} ({r.quality})")
             for name, value in r.fields.items():
-                print(f"  {name:<28} {value!r}")
+                print(f"  {name:<28} {show_value(value, info[r.device].get(name))}".rstrip())
     silent = [d.id for d in config.devices if d.id not in answered]
     for dev_id in silent:
         print(f"{dev_id}: no answer", file=sys.stderr)
     return 1 if silent else 0
+
+
+def show_value(value: object, info: FieldInfo | None) -> str:
+    """A field's value for people: a float32 at float32 precision (14785.4795, not
+    14785.4794921875), a float64 as its shortest repr, integers as integers, then the unit."""
+    if isinstance(value, float) and info is not None and info.float32:
+        text = float32_text(value)
+    elif isinstance(value, str):
+        text = repr(value)
+    else:
+        text = str(value)
+    unit = info.unit if info is not None else None
+    return f"{text} {unit}" if unit else text
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -198,11 +214,13 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     import time as _time
 
     from gateway.buffer import OutboxError, list_dead_letters, mark_resend, open_for_dead_letters
+    from gateway.outbox_file import identity
 
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
     path = config.gateway.buffer.resolved_path()
+    ident = identity(path)
     try:
         conn = open_for_dead_letters(path)
     except OutboxError as exc:
@@ -236,6 +254,10 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_CONFIG
         marked = mark_resend(conn, args.ids or None, args.sink if args.all else None)
+        if identity(path) != ident:  # a starting gateway moved the file aside as unusable while we marked
+            print(f"outbox {path} was replaced while marking (the gateway moved it aside at its start: see its "
+                  "log) — run this again", file=sys.stderr)
+            return 1
         missing = len(args.ids) - marked if args.ids else 0
         print(f"{marked} dead letter{'s' if marked != 1 else ''} marked for re-sending: the running gateway sends "
               "them within seconds (or at its next start); `sluice deadletter list` shows what is left")
@@ -250,13 +272,29 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
         conn.close()
 
 
+def cmd_salvage(args: argparse.Namespace) -> int:
+    """Copy what a damaged outbox still holds into the live one (gateway/salvage.py); 0 when all of it was."""
+    from gateway.salvage import salvage
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    buf = config.gateway.buffer
+    report = salvage(args.file, buf.resolved_path(), list(config.gateway.sinks), letter_budget=buf.max_bytes // 4,
+                     events_out=args.events)
+    print("\n".join(report.lines()))
+    if args.events is not None:
+        print(f"the old chain's events that could be read are in {args.events} (JSON Lines, seq order)")
+    return 0 if report.complete else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     return run_demo(args)
 
 
-CORE_COMMANDS = frozenset({"run", "check", "once", "status", "deadletter", "demo"})
+CORE_COMMANDS = frozenset({"run", "check", "once", "status", "deadletter", "outbox", "demo"})
 """Commands whose parser is built without importing the others' modules (trace: cryptography;
 ingest: paho, aiohttp, influxdb-client): `sluice run` should not carry them in memory."""
 
@@ -299,6 +337,15 @@ def build_parser(extensions: bool = True) -> argparse.ArgumentParser:
     q.add_argument("--all", action="store_true", help="every letter (of --sink, if given)")
     q.add_argument("--sink", default=None, help="with --all: only this sink's letters")
     q.set_defaults(func=cmd_deadletter)
+    p = sub.add_parser("outbox", help="the outbox file: salvage what a damaged one still holds")
+    ob = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = ob.add_parser("salvage", help="copy the readings and trace events a damaged outbox (one moved aside as "
+                      "<name>.corrupt-<time>) still holds into the live outbox; safe while the gateway runs, and twice")
+    with_config(q)
+    q.add_argument("file", type=Path, metavar="FILE", help="the damaged outbox file")
+    q.add_argument("--events", type=Path, default=None, metavar="JSONL",
+                   help="also write the old chain's readable trace events here (JSON Lines, in seq order)")
+    q.set_defaults(func=cmd_salvage)
     sub.add_parser("sim", help="simulate Modbus devices from their profiles (see `sluice sim --help`; "
                    "an RTU bus on a pty: `sluice sim rtu --help`; a DTU dialling in: `sluice sim dtu --help`)")
     p = sub.add_parser("demo", help="simulated devices -> gateway -> outbox -> MQTT, live in the terminal")
@@ -317,6 +364,16 @@ def build_parser(extensions: bool = True) -> argparse.ArgumentParser:
 
     add_commission_parsers(sub)  # sluice read, sluice scan
     return parser
+
+
+def _stdout_closed() -> int:
+    """Whoever read our output stopped (`sluice once | head`): that is no error of ours. Point
+    stdout at /dev/null so that the interpreter's final flush cannot fail again, and exit
+    quietly with status 1 (the recipe of the Python documentation's note on SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -345,7 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "config", "unset") is None and args.command != "demo":
         args.config = default_config_dir()
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a reader that went away (`| head`) shows up here, not at exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         return 130
     except OutboxError as exc:  # the state directory is unusable: say so, no traceback

@@ -12,10 +12,17 @@ frames to a serial device server).
 
 Time bound of a scan: every probe is one request with ``--timeout`` (a garbled reply ends it
 sooner), plus the inter-frame silence on a serial line, so a silent bus costs at most
-``units × baud rates × parities × (timeout + 4 ms)`` plus opening the port once per setting (a
-setting the adapter refuses is reported and skipped); a Modbus TCP
-target that drops the connection is reconnected within another ``timeout``. The bound is printed
-before the scan starts.
+``units × baud rates × parities × (timeout + 4 ms)``, plus half a second per setting listening for
+late replies, plus opening the port once per setting (a setting the adapter refuses is reported
+and skipped); a Modbus TCP target that drops the connection is reconnected within another
+``timeout``. The bound is printed before the scan starts; off a terminal, a line says how far the
+scan is at least every 5 s.
+
+Late replies (RTU): a reply is counted only for the unit that was asked — its unit id and CRC
+must check. The line is drained before every probe; a complete reply found there, or inside
+another unit's probe, is a late answer of the unit whose id it carries, never noise from the unit
+asked. Such a unit is asked once more with a long timeout (2 s) at the end of the setting, and the
+report says how long it took and which ``--timeout`` would have found it.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from drivers.modbus import (
     BIT_KINDS,
@@ -44,7 +51,7 @@ from drivers.modbus import (
     parse_register_reference,
     shortest_float32,
 )
-from drivers.modbus_rtu import ModbusRtuClient, SerialLink, char_time, inter_frame_silence
+from drivers.modbus_rtu import ModbusRtuClient, SerialLink, char_time, damage_kind, inter_frame_silence, replies_in
 from drivers.modbus_rtu_tcp import RTU_TCP_HINTS, TcpLink
 from gateway.polling import format_duration
 from gateway.units import parse_duration
@@ -274,6 +281,7 @@ class Found:
     settings: str
     registers: list[int] = field(default_factory=list)
     exception: str | None = None
+    late: float | None = None  # seconds it took, when that was longer than the probe's timeout
 
 
 @dataclass(slots=True)
@@ -284,13 +292,16 @@ class Noise:
 
 
 class Progress:
-    """A bar redrawn in place on a terminal; on anything else, a plain line per event."""
+    """A bar redrawn in place on a terminal; on anything else, a plain line per event and, through
+    a silent stretch, a line every ``every`` seconds saying how far the scan is."""
 
-    def __init__(self, stream: TextIO, total: int) -> None:
+    def __init__(self, stream: TextIO, total: int, every: float = 5.0) -> None:
         self.stream = stream
         self.total = total
         self.done = 0
         self.tty = stream.isatty()
+        self.every = every
+        self._said = time.monotonic()
 
     def step(self, settings: str, unit: int, found: int) -> None:
         self.done += 1
@@ -300,11 +311,14 @@ class Progress:
             self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}  {settings}  "
                               f"unit {unit:<3}  found {found}\x1b[K")
             self.stream.flush()
+        elif time.monotonic() - self._said >= self.every and self.done < self.total:
+            self.line(f"… {self.done}/{self.total} probed (last: unit {unit} at {settings}), {found} found")
 
     def line(self, text: str) -> None:
         if self.tty:
             self.stream.write("\r\x1b[K")
         print(text, file=self.stream, flush=True)
+        self._said = time.monotonic()
 
     def end(self) -> None:
         if self.tty:
@@ -344,7 +358,7 @@ async def scan_command(args: argparse.Namespace, out: TextIO | None = None, err:
     timeout = args.timeout
     per_probe = timeout + (max(inter_frame_silence(b, 8, p, args.stopbits) for b, p in lines)
                            if target.serial else 0.0)
-    bound = len(units) * len(lines) * per_probe
+    bound = len(units) * len(lines) * per_probe + (len(lines) * max(LATE_DRAIN, 5 * timeout) if target.serial else 0)
     progress = Progress(err, len(units) * len(lines))
     progress.line(f"scanning {len(units)} unit ids × {len(lines)} setting(s) on {args.target}, "
                   f"{format_duration(timeout)} per probe: at most {format_duration(bound)} plus opening the port")
@@ -367,8 +381,10 @@ async def scan_command(args: argparse.Namespace, out: TextIO | None = None, err:
             progress.step(settings, 0, len(found))
             continue
         heard = Noise(settings)
+        late: set[int] = set()  # units whose reply came after their probe's timeout
         try:
             for unit in units:
+                late.update(_late_replies(client))
                 try:
                     if not client.connected and not await _open(client, target, timeout, err):
                         progress.end()
@@ -379,16 +395,28 @@ async def scan_command(args: argparse.Namespace, out: TextIO | None = None, err:
                         found.append(Found(unit, settings, exception=str(exc)))
                         progress.line(f"unit {unit} answered at {settings} with {exc}")
                 except ModbusFrameError as exc:
-                    heard.units.append(unit)
-                    heard.kinds.add(exc.kind)
+                    nbytes = (args.count + 7) // 8 if function <= 2 else 2 * args.count
+                    # A late reply of another unit is that unit's, never noise from the one asked.
+                    others = [r for r in replies_in(exc.data) if r[0] != unit]
+                    late.update(r[0] for r in others)
+                    rest = bytearray(exc.data)
+                    for _unit, start, end in reversed(others):
+                        del rest[start:end]
+                    if rest:
+                        heard.units.append(unit)
+                        heard.kinds.add(exc.kind if not others else damage_kind(rest, unit, function, nbytes))
                 except (ModbusTimeout, ModbusConnectionError):
                     pass
                 else:
-                    registers = list(struct.unpack(f">{len(data) // 2}H", data)) if function > 2 else \
-                        _bits(data, args.count)
-                    found.append(Found(unit, settings, registers))
-                    progress.line(f"unit {unit} answered at {settings}: {registers}")
+                    found.append(Found(unit, settings, _values(data, function, args.count)))
+                    progress.line(f"unit {unit} answered at {settings}: {found[-1].registers}")
                 progress.step(settings, unit, len(found))
+            if isinstance(client, ModbusRtuClient) and client.connected:
+                await asyncio.sleep(max(LATE_DRAIN, 5 * timeout))  # the last units' late replies
+                late.update(_late_replies(client))
+            answered = {f.unit for f in found if f.settings == settings}
+            for unit in sorted(late - answered):
+                await _probe_late(client, unit, function, args, settings, timeout, found, progress)
         finally:
             await client.close()
         if heard.units:
@@ -397,13 +425,58 @@ async def scan_command(args: argparse.Namespace, out: TextIO | None = None, err:
     if args.json:
         print(json.dumps({"target": args.target, "kind": args.kind, "address": args.address, "count": args.count,
                           "found": [{"unit": f.unit, "settings": f.settings, "registers": f.registers,
-                                     "exception": f.exception} for f in found],
+                                     "exception": f.exception, "late_s": f.late} for f in found],
                           "garbled": [{"settings": n.settings, "units": n.units, "kinds": sorted(n.kinds)}
                                       for n in noise],
                           "refused_settings": refused}), file=out)
     else:
         _report(out, args, found, noise, refused, several=len(lines) > 1)
     return 0 if found else EXIT_NO_ANSWER
+
+
+LATE_DRAIN: Final = 0.5
+"""Seconds the line is listened to after a setting's last probe, for late replies."""
+LATE_TIMEOUT: Final = 2.0
+"""The timeout (at least 10 probe timeouts) for a unit heard answering after its probe's timeout."""
+
+
+def _values(data: bytes, function: int, count: int) -> list[int]:
+    return list(struct.unpack(f">{len(data) // 2}H", data)) if function > 2 else _bits(data, count)
+
+
+def _late_replies(client: ModbusClient) -> set[int]:
+    """Units whose complete replies arrived between probes (after their own probe gave up)."""
+    if not isinstance(client, ModbusRtuClient):
+        return set()  # Modbus TCP matches replies by transaction id: nothing is misattributed
+    return {r[0] for r in replies_in(client.take_stray())}
+
+
+async def _probe_late(client: ModbusClient, unit: int, function: int, args: argparse.Namespace, settings: str,
+                      timeout: float, found: list[Found], progress: Progress) -> None:
+    """Ask a unit heard answering late once more, with time enough; say how long it took."""
+    patient = max(LATE_TIMEOUT, 10 * timeout)
+    started = time.monotonic()
+    try:
+        await asyncio.sleep(max(LATE_DRAIN, 5 * timeout))  # let the line go quiet first
+        _late_replies(client)
+        started = time.monotonic()
+        data = await client.read(unit, function, args.address, args.count, patient)
+    except ModbusExceptionResponse as exc:
+        found.append(Found(unit, settings, exception=str(exc), late=time.monotonic() - started))
+    except (ModbusTimeout, ModbusFrameError, ModbusConnectionError):
+        progress.line(f"unit {unit} at {settings} replied after its {format_duration(timeout)} probe, but not "
+                      f"again within {format_duration(patient)}")
+        return
+    else:
+        found.append(Found(unit, settings, _values(data, function, args.count), late=time.monotonic() - started))
+    f = found[-1]
+    progress.line(f"unit {unit} answered at {settings} in {format_duration(f.late or 0)}, after the "
+                  f"{format_duration(timeout)} probe: {f.exception or f.registers}")
+
+
+def suggested_timeout(seconds: float) -> str:
+    """A ``--timeout`` with room above a measured reply time: twice it, in 100 ms steps."""
+    return format_duration(max(0.2, math.ceil(2 * seconds * 10) / 10))
 
 
 def _report(out: TextIO, args: argparse.Namespace, found: list[Found], noise: list[Noise], refused: list[str],
@@ -414,10 +487,18 @@ def _report(out: TextIO, args: argparse.Namespace, found: list[Found], noise: li
         for f in found:
             what = f"answered {f.exception} — a device is there; try another --kind/--address" if f.exception \
                 else " ".join(str(v) for v in f.registers)
+            if f.late is not None:
+                what += f"  (in {format_duration(f.late)}: slow)"
             print(f"  unit {f.unit:>3}  {f.settings}  {what}", file=out)
     else:
         print(f"no unit answered on {args.target} — check the wiring (A/B), power, and the line settings "
               "(try --baudrates 9600,19200,38400 --parity N,E,O)", file=out)
+    slow = [f for f in found if f.late is not None]
+    if slow:
+        worst = max(f.late or 0.0 for f in slow)
+        print(f"  slow: unit(s) {', '.join(str(f.unit) for f in slow)} answered only after the "
+              f"{format_duration(args.timeout)} probe (up to {format_duration(worst)}): scan with --timeout "
+              f"{suggested_timeout(worst)}, and give these devices a timeout: of at least that", file=out)
     if several and found:
         by_settings: dict[str, list[int]] = {}
         for f in found:
@@ -502,5 +583,6 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--address", type=int, default=0, help="address each probe reads (default 0)")
     p.add_argument("--count", type=int, default=2, help="registers each probe reads (default 2)")
     p.add_argument("--timeout", type=_duration, default=0.1, metavar="DURATION",
-                   help="per probe (default 100ms); total at most units × baud rates × parities × timeout")
+                   help="per probe (default 100ms); a unit heard answering later is asked again with 2s; total "
+                        "at most units × baud rates × parities × timeout")
     p.set_defaults(func=cmd_scan)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gateway import driver as drivers
+from gateway.buffer import disk_budget
 from gateway.driver import Device, StrictModel
 from gateway.units import ByteSize, Duration, Identifier
 from gateway.yamlpos import ConfigError, ConfigErrors, YamlDoc, load_yaml
@@ -322,6 +323,7 @@ class Config:
     gateway: GatewayFile
     devices: tuple[Device, ...]
     profiles: dict[str, Any]
+    warnings: tuple[ConfigError, ...] = ()  # located, not fatal: `check` prints them, `run` logs them
 
     @property
     def gateway_id(self) -> str:
@@ -330,13 +332,6 @@ class Config:
     @property
     def site(self) -> str:
         return self.gateway.gateway.site
-
-    def where(self, *loc: str) -> str:
-        """``gateway.yaml:line:col`` of a key of gateway.yaml (or of its nearest parent that is
-        written), to locate a warning about a value that is valid but unwise."""
-        doc, _errors = load_yaml(self.path, _display(self.path))
-        line, col = doc.key_position(loc) if doc is not None else (1, 1)
-        return f"{_display(self.path)}:{line}:{col}"
 
 
 # --------------------------------------------------------------------------- secrets
@@ -483,6 +478,12 @@ def validate_doc(doc: YamlDoc, model: type[StrictModel], errors: list[ConfigErro
             message, hint = _describe({**err, "loc": loc if at_value or err["type"] == "missing" else ()}, model)
             if err["type"] in ("extra_forbidden", "missing"):
                 message, hint = _describe({**err, "loc": loc}, _model_at(model, loc[:-1], data))
+            written = doc.plain_scalar(loc) if err["type"] == "string_type" and at_value else None
+            if written is not None and not isinstance(err.get("input"), str):
+                # YAML 1.1 reads `no`, `on`, `0755` or `1e3` unquoted as a bool or a number.
+                kind = "false" if err["input"] is False else "true" if err["input"] is True else "a number"
+                message = f"{loc[-1]}: YAML reads {written} as {kind}, not as the text '{written}'"
+                hint = f"quote it: {loc[-1]}: \"{written}\""
             errors.append(doc.error(loc, message, hint, key=err["type"] == "extra_forbidden"))
         return None
 
@@ -534,6 +535,10 @@ def load_config(path: Path | str) -> Config:
     if doc is None:
         raise ConfigErrors(errors)
     gateway = validate_doc(doc, GatewayFile, errors, expand_secrets(doc, errors))
+    if gateway is not None:
+        too_big = disk_budget(gateway.buffer.resolved_path(), gateway.buffer.max_bytes)
+        if too_big is not None:
+            errors.append(doc.error(("buffer", "max_bytes"), *too_big, key=True, warning=True))
     if gateway is None:
         # Keep going with the directories as written (or their defaults) so that one run
         # reports the mistakes of every file, not just the first broken one.
@@ -545,10 +550,11 @@ def load_config(path: Path | str) -> Config:
     base = gw_path.parent
     profiles = load_profiles(base / gateway.profiles_dir, errors)
     devices = _load_devices(base / gateway.devices_dir, profiles, gateway, errors)
-    if errors:
-        raise ConfigErrors(errors)
+    warnings = [e for e in errors if e.warning]
+    if len(warnings) < len(errors):
+        raise ConfigErrors(errors)  # the warnings too, in file order
     return Config(gw_path, gateway, tuple(d for d in devices if d.config.enabled),
-                  {name: p for name, p in profiles.items() if p is not None})
+                  {name: p for name, p in profiles.items() if p is not None}, tuple(ConfigErrors(warnings).errors))
 
 
 def _yaml_files(directory: Path, what: str, errors: list[ConfigError], anchor: Path) -> list[Path]:
@@ -640,8 +646,20 @@ def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFil
     by_module: dict[str, list[Device]] = {}
     for dev in devices:
         by_module.setdefault(drivers.driver_for_protocol(dev.config.protocol).__name__, []).append(dev)  # type: ignore[union-attr]
+    claimed: dict[str, tuple[Device, tuple[str | int, ...]]] = {}
+    for dev in (d for d in devices if d.config.enabled):  # a disabled device holds nothing
+        module = drivers.driver_for_protocol(dev.config.protocol)
+        for claim in module.claims(dev):  # type: ignore[union-attr]
+            first, loc = claimed.setdefault(claim.resource, (dev, claim.loc))
+            if first.config.protocol != dev.config.protocol:
+                line, col = docs[first.id].position(loc)
+                errors.append(docs[dev.id].error(claim.loc, f"{claim.resource} is already used by '{first.id}' "
+                                                 f"({first.source}:{line}:{col}, {first.config.protocol})",
+                                                 "one connection speaks one protocol: give each device its own port "
+                                                 "or address, or use the same protocol for both"))
     for name, group in by_module.items():
         module = next(m for m in drivers.driver_modules() if m.__name__ == name)
         for problem in module.check(group):
-            errors.append(docs[problem.device.id].error(problem.loc, problem.message, problem.hint))
+            errors.append(docs[problem.device.id].error(problem.loc, problem.message, problem.hint,
+                                                        warning=problem.warning))
     return devices

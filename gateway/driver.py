@@ -12,6 +12,12 @@ A driver is one module under ``drivers/`` that defines, at module level:
 ``check(devices: Sequence[Device]) -> list[Problem]``
     cross-device checks that one file cannot see (two devices on one serial port with different
     line settings, a profile point the device's unit cannot address, ...).
+``claims(device: Device) -> list[Claim]``
+    the physical resources the device uses (a serial port with its path resolved, a TCP
+    ``host:port`` it connects to, an address it listens on), each with the key path that names it.
+    Devices of one protocol may share a resource (their driver's ``check`` says how); the core
+    refuses a resource claimed by two protocols (a ``modbus_rtu`` and a ``serial`` device on one
+    port).
 ``make_pollers(devices: Sequence[Device]) -> list[Poller]``
     groups the devices by physical connection (one host:port, one serial bus) and returns one
     :class:`Poller` per connection. Constructors do no I/O.
@@ -22,20 +28,42 @@ The core never imports a driver by name: adding ``drivers/foo.py`` is all a new 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from gateway.encode import tag_problem
 
 from gateway.reading import Reading
 from gateway.units import Duration, Identifier
 
 Emit = Callable[[Reading], None]
 """How a poller hands a reading to the core. Never blocks, never raises; the core commits it."""
+
+
+def fail_at(loc: tuple[str | int, ...], message: str, given: Any = None) -> ValidationError:
+    """A validation error at ``loc`` inside the model being validated (pydantic prefixes the
+    enclosing path), so gateway.config reports it at that key's file:line:col. Raise it from a
+    model validator."""
+    return fail_at_all([(loc, message, given)])
+
+
+def fail_at_all(found: Sequence[tuple[tuple[str | int, ...], str, Any]]) -> ValidationError:
+    """:func:`fail_at` for several ``(loc, message, given)`` at once: each is reported."""
+    return ValidationError.from_exception_data("config", [InitErrorDetails(
+        type=PydanticCustomError("value_error", "{text}", {"text": message}), loc=loc, input=given)
+        for loc, message, given in found])
+
+
+ExactText = Annotated[str, StringConstraints(strip_whitespace=False)]
+"""Text kept exactly as written, leading and trailing spaces included (tag keys and values)."""
 
 
 class StrictModel(BaseModel):
@@ -56,7 +84,43 @@ class DeviceConfig(StrictModel):
     retries: int = Field(default=1, ge=0, le=10, description="extra attempts within one poll")
     backoff_max: Duration = Field(default=60.0, gt=0, description="longest wait between polls of a device that is down")
     measurement: str | None = Field(default=None, min_length=1, description="overrides the profile's measurement")
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[ExactText, ExactText] = Field(default_factory=dict,
+                                             description="stored with every reading, exactly as written")
+
+    @model_validator(mode="after")
+    def _storable_tags(self) -> DeviceConfig:
+        found = [(("tags", key), f"{what} '{text}' {problem} — write it without that backslash (e.g. '/' instead)",
+                  text)
+                 for key, value in self.tags.items()
+                 for text, what in ((key, "tag key"), (value, "tag value"))
+                 if (problem := tag_problem(text, key=what == "tag key")) is not None]
+        if found:
+            raise fail_at_all(found)
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class FieldInfo:
+    """How to show one field of a reading to a person: its unit, and whether it is a float32
+    (printed with the float32's own precision, not as the float64 that carries it)."""
+
+    unit: str | None = None
+    float32: bool = False
+
+
+_PARITY_WORDS = {"none": "N", "even": "E", "odd": "O", "mark": "M", "space": "S"}
+
+
+def parity_letter(value: Any, allowed: str) -> Any:
+    """``parity:`` of every serial driver is the letter manuals print in ``9600 8N1`` (one of
+    ``allowed``, e.g. ``NEO``); a word or a small letter is refused with the spelling to use
+    (a pydantic "before" validator: what is not a string is left for the type check)."""
+    if isinstance(value, str):
+        letter = _PARITY_WORDS.get(value.strip().lower(), value.strip().upper())
+        if letter in allowed and value != letter:
+            raise ValueError(f"{value!r} is not how parity is written here — write parity: {letter} (the letter of "
+                             f"8{letter}1, the same for every serial device: {', '.join(allowed)})")
+    return value
 
 
 class ProfileConfig(StrictModel):
@@ -68,6 +132,10 @@ class ProfileConfig(StrictModel):
     description: str | None = None
     measurement: str | None = Field(default=None, min_length=1,
                                     description="InfluxDB measurement; defaults to the profile's name")
+
+    def field_info(self) -> dict[str, FieldInfo]:
+        """Unit and precision of the fields this profile declares (for `sluice once`); none by default."""
+        return {}
 
 
 class ValidRange(StrictModel):
@@ -101,6 +169,25 @@ class Device:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """A resource a device uses: ``resource`` names it exactly (``serial /dev/ttyUSB0``, ``tcp
+    10.0.0.5:502``, ``listen 0.0.0.0:9000``), ``loc`` is the key that names it in the device's file."""
+
+    resource: str
+    loc: tuple[str | int, ...]
+
+
+def serial_claim(port: str, loc: tuple[str | int, ...] = ("port",)) -> Claim:
+    """A serial port, by the device it is (a /dev/serial/by-id/ link resolved)."""
+    return Claim(f"serial port {os.path.realpath(port)}", loc)
+
+
+def tcp_claim(host: str, port: int, loc: tuple[str | int, ...] = ("host",)) -> Claim:
+    """A TCP endpoint the gateway connects to."""
+    return Claim(f"TCP endpoint {host.lower()}:{port}", loc)
+
+
+@dataclass(frozen=True, slots=True)
 class Problem:
     """A cross-device problem a driver found; ``loc`` is a key path in the device's file."""
 
@@ -108,6 +195,19 @@ class Problem:
     loc: tuple[str | int, ...]
     message: str
     hint: str = ""
+    warning: bool = False  # reported by `sluice check` and at start, but not fatal
+
+
+def slow_timeout(device: Device) -> Problem | None:
+    """A warning for a request/response device whose ``timeout`` is longer than its ``interval``:
+    a device that does not answer then holds up its connection past its next poll."""
+    cfg = device.config
+    if cfg.timeout <= cfg.interval:
+        return None
+    return Problem(device, ("timeout",), f"timeout {cfg.timeout:g}s is longer than interval {cfg.interval:g}s: a "
+                   "device that does not answer delays its next poll and the other devices on its connection",
+                   "make the timeout shorter than the interval (a device answers in well under a second), or "
+                   "poll less often", warning=True)
 
 
 @dataclass(slots=True)

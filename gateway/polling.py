@@ -166,16 +166,17 @@ class Health:
         self.status.errors[kind] = self.status.errors.get(kind, 0) + 1
         self.status.last_error = message
 
-    def ok(self, time_ns: int | None = None, detail: str = "") -> None:
-        """Everything was read."""
+    def ok(self, time_ns: int | None = None, detail: str = "", summary: str = "") -> None:
+        """Everything was read. ``detail`` goes on the first line, ``summary`` (what was counted
+        while failing) on the line that says it is well again."""
         self._answered(time_ns)
         previous = self._enter(_OK)
         if previous is None:
             self._log.info("%s: %s%s", self.name, self._words[0], f" ({detail})" if detail else "")
         elif previous != _OK:
             what = self._words[1] if previous[0] == "down" else "reading every point again"
-            self._log.info("%s: %s after %s (%s)", self.name, what,
-                           format_duration(self._elapsed), previous[1])
+            self._log.info("%s: %s after %s (%s%s)", self.name, what,
+                           format_duration(self._elapsed), previous[1], f": {summary}" if summary else "")
 
     def degraded(self, kind: str, message: str, time_ns: int | None = None) -> None:
         """It answered, but something failed: ``message`` says what and what to check."""

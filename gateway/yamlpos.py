@@ -20,9 +20,10 @@ class ConfigError:
     col: int  # 1-based
     message: str
     hint: str = ""
+    warning: bool = False  # it works, but probably not as meant: reported, never fatal
 
     def __str__(self) -> str:
-        text = f"{self.file}:{self.line}:{self.col}: {self.message}"
+        text = f"{self.file}:{self.line}:{self.col}: {'warning: ' if self.warning else ''}{self.message}"
         return f"{text} — {self.hint}" if self.hint else text
 
 
@@ -35,10 +36,12 @@ class ConfigErrors(Exception):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that keeps timestamps and 'yes/no' as strings: a technician's `on` stays `on`."""
+    """SafeLoader that keeps timestamps as strings. `yes/no/on/off` stay YAML 1.1 booleans (bool
+    keys take them); where text is expected, gateway.config reports one with the hint to quote
+    it, from :meth:`YamlDoc.plain_scalar`."""
 
 
-# YAML 1.1 turns `no`, `off`, `2024-01-01` into bool/date; config values must be what was written.
+# YAML 1.1 turns `2024-01-01` into a date; config values must be what was written.
 _Loader.yaml_implicit_resolvers = {
     k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:timestamp",)]
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
@@ -83,9 +86,20 @@ class YamlDoc:
                     return (key.start_mark.line + 1, key.start_mark.column + 1)
         return self.position(loc)
 
-    def error(self, loc: Sequence[str | int], message: str, hint: str = "", *, key: bool = False) -> ConfigError:
+    def error(self, loc: Sequence[str | int], message: str, hint: str = "", *, key: bool = False,
+              warning: bool = False) -> ConfigError:
         line, col = self.key_position(loc) if key else self.position(loc)
-        return ConfigError(self.path, line, col, message, hint)
+        return ConfigError(self.path, line, col, message, hint, warning)
+
+    def plain_scalar(self, loc: Sequence[str | int]) -> str | None:
+        """The text of the unquoted scalar at ``loc`` as written (``no``, ``0755``), or None when
+        it is absent, quoted or no scalar: what YAML 1.1 may have turned into a bool or number."""
+        node = self.node
+        for part in loc:
+            node = _child(node, part) if node is not None else None
+        if isinstance(node, ScalarNode) and node.style is None:
+            return str(node.value)
+        return None
 
 
 def _child(node: Node, part: str | int) -> Node | None:

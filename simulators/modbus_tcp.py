@@ -128,11 +128,14 @@ class SimDevice:
 
     ``origin`` is the time the time-based signals start from (default: now); ``seed`` seeds the
     random walks (point ``i`` uses ``seed + i``). Addresses from 0 to the end of the highest
-    point of a kind can be read (gaps read as 0); beyond that, exception 02.
+    point of a kind can be read (gaps read as 0); beyond that, exception 02. A ``sparse`` device
+    has only the registers (and bits) its points occupy, like many real ones: a read that touches
+    any other gets exception 02.
     """
 
     def __init__(self, profile: ProfileModel, unit_id: int = 1, *, name: str = "", seed: int = 0,
-                 origin: float | None = None, writable: bool = False, faults: Faults | None = None) -> None:
+                 origin: float | None = None, writable: bool = False, faults: Faults | None = None,
+                 sparse: bool = False) -> None:
         self.profile = profile
         self.unit_id = unit_id
         self.name = name or f"unit {unit_id}"
@@ -149,6 +152,10 @@ class SimDevice:
         for point in self._points:
             self._by_table.setdefault(point.kind, []).append(point)
         self._ends = {kind: max(p.end for p in pts) for kind, pts in self._by_table.items()}
+        self._present: dict[str, set[int]] | None = None
+        if sparse:
+            self._present = {kind: {a for p in pts for a in range(p.address, p.end)}
+                             for kind, pts in self._by_table.items()}
         self._written: dict[str, dict[int, Any]] = {"coil": {}, "holding": {}}
         self._bad_values: set[str] = set()
 
@@ -175,6 +182,8 @@ class SimDevice:
             raise _Reject(ILLEGAL_VALUE)
         stop = address + count
         if stop > self.end(kind):
+            raise _Reject(ILLEGAL_ADDRESS)
+        if self._present is not None and not self._present[kind].issuperset(range(address, stop)):
             raise _Reject(ILLEGAL_ADDRESS)
         now = time.time() if now is None else now
         table: dict[int, Any] = {}

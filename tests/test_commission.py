@@ -17,6 +17,7 @@ from drivers.modbus import ProfileModel, encode, points_of
 from drivers.modbus_rtu import SerialLink
 from gateway.cli import build_parser
 from gateway.commission import Progress, interpret_pairs, read_command, scan_command
+from gateway.units import parse_duration
 from simulators.modbus_rtu import RtuBus, RtuFaults
 from simulators.modbus_tcp import ModbusTcpServer, SimDevice
 
@@ -130,7 +131,7 @@ async def test_scan_of_a_silent_bus_probes_each_id_once_per_baud_rate_and_ends()
     assert code == 1
     assert json.loads(out)["found"] == []
     # the bound printed up front: 24 probes × (20 ms + the 9600-baud inter-frame silence)
-    assert "12 unit ids × 2 setting(s)" in err and "20ms per probe: at most 568ms" in err
+    assert "12 unit ids × 2 setting(s)" in err and "20ms per probe: at most 1.57s" in err
 
 
 async def test_scan_tries_every_baud_rate_and_parity_and_says_what_answered_where() -> None:
@@ -191,3 +192,26 @@ async def test_read_and_scan_refuse_a_port_the_gateway_holds() -> None:
     for code, out, err in results:
         assert code == 3 and out == ""
         assert f"serial port {bus.path} is held by" in err and "stop it first (sudo systemctl stop sluice)" in err
+
+
+# --------------------------------------------------------------------------- slow units, late replies
+async def test_a_unit_answering_in_150ms_is_found_and_its_late_replies_blamed_on_nobody_else() -> None:
+    slow = SimDevice(PROFILE, 1, name="slow", faults=RtuFaults(delay=0.15))
+    async with RtuBus([slow, unit(3)], wire_timing=True) as bus:
+        code, out, err = await run(scan_command, "scan", bus.path, "--units", "1-6")  # the default 100ms probe
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "2 unit(s) answered (holding 0+2):", out
+    assert lines[1].split()[:2] == ["unit", "3"] and lines[2].split()[:2] == ["unit", "1"] and "slow" in lines[2]
+    assert "garbled" not in out and "share a unit id" not in out, out
+    (advice,) = [line for line in lines if line.startswith("  slow:")]
+    assert "unit(s) 1 answered only after the 100ms probe" in advice
+    suggested = advice.split("--timeout ")[1].split(",")[0]
+    assert parse_duration(suggested) >= 0.3  # twice the measured reply time, at least
+
+
+async def test_a_long_silent_scan_says_how_far_it_is() -> None:
+    async with RtuBus([]) as bus:
+        code, _out, err = await run(scan_command, "scan", bus.path, "--units", "1-60", "--timeout", "100ms")
+    assert code == 1
+    assert any(line.startswith("… ") and "/60 probed" in line for line in err.splitlines()), err

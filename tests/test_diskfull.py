@@ -344,14 +344,19 @@ def test_check_warns_when_max_bytes_does_not_fit_the_disk(tmp_path: Path, small_
     check = [sys.executable, "-m", "gateway.cli", "check", "-c", str(config)]
     result = subprocess.run(check, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    line = next(x for x in result.stdout.splitlines() if "warning" in x)
+    line = next(x for x in result.stderr.splitlines() if "buffer.max_bytes" in x)
     buffer_line = (config / "gateway.yaml").read_text().splitlines().index("buffer:") + 1
     assert line.startswith(f"{config / 'gateway.yaml'}:{buffer_line + 1}:3: warning: buffer.max_bytes 256MiB needs"), line
-    assert f"whole filesystem holding {outbox} (2MiB)" in line and "Set buffer.max_bytes to at most 1.3MiB" in line
+    assert f"whole filesystem holding {outbox} (2MiB)" in line
+    assert line.endswith(" — set buffer.max_bytes to at most 1.3MiB, or put the outbox on a larger filesystem"), line
+    text = (config / "gateway.yaml").read_text().replace("buffer:\n", "buffer:\n  max_bytes: 64MiB\n")
+    (config / "gateway.yaml").write_text(text)  # written: the warning points at the key
+    result = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert f"gateway.yaml:{buffer_line + 1}:3: warning: buffer.max_bytes 64MiB needs" in result.stderr, result.stderr
     write_config(tmp_path / "cfg", devices={"tank-a": (5020, 1)}, broker_port=None, outbox=outbox,
                  buffer_extra={"max_bytes": "1MiB"})
     result = subprocess.run(check, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "warning" not in result.stdout, result.stdout
+    assert result.returncode == 0 and "buffer.max_bytes" not in result.stdout + result.stderr, result.stderr
 
 
 def _fill_until_failing(committer: Committer, disk: Path, n: int) -> int:

@@ -1,14 +1,17 @@
-"""SIGKILL the gateway process at random moments under load: nothing committed is ever lost.
+"""SIGKILL `sluice run` at random moments while other processes use its outbox: nothing is lost or split.
 
-After every kill the outbox file must pass SQLite's integrity check, and every reading that was
-committed (it is either still in the outbox, or was acknowledged by the broker and so already
-reached the subscriber) must reach the subscriber once the gateway is back. Some kills happen
-while the broker is down. SLUICE_SOAK=1 runs 100 kills instead of 20.
-
-The traceability feed runs too, in the same outbox file: `sluice lot move` commands are queued
-from this (other) process while the gateway runs; after every kill the trace chain in the outbox
-verifies (hash chain and signatures), and at the end every command was applied exactly once and
-the JSON Lines feed holds exactly the journal's events, in order, no duplicate, no gap.
+The gateway runs as a real subprocess with simulated Modbus devices, an MQTT readings sink and a
+trace feed (trace.yaml: a JSON Lines sink and an MQTT trace sink) in the same outbox file. While it
+commits, OTHER processes run `sluice lot move`, `sluice deadletter resend --all` and `sluice trace
+show` on that file; the gateway is SIGKILLed at random moments (some while those commands run,
+some while it starts, some with the broker down). After every restart, with the kernel's word:
+the gateway holds its POSIX lock on the outbox (/proc/locks, its pid and the file's inode) and
+no `-wal`/`-shm` was deleted under its connections (/proc/PID/fd and maps). After every kill the
+outbox passes SQLite's integrity check, the trace chain in it verifies, and every event a sink
+ever received (the JSON Lines file, and each message the MQTT subscriber got) is in the outbox
+with the same bytes. At the end: every queued `lot` command was applied exactly once, `sluice
+trace verify` accepts the feed, and every reading ever seen committed reached the subscriber.
+SLUICE_SOAK=1 runs 100 kills instead of 20 (SLUICE_SEED picks the moments).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -30,40 +34,56 @@ from e2e_support import counter_servers, counts_by_device, device_ports, write_c
 from gateway.buffer import Outbox
 from gateway.trace.journal import Journal
 from gateway.trace.seal import load_public_key, verify_lines
+from proc_support import deleted_files, posix_locks
 from servers import subscriber
 
 LAYOUT = {0: [("a", 1), ("b", 2)], 1: [("c", 1)], 2: [("d", 1)]}
 KILLS = 100 if os.environ.get("SLUICE_SOAK") == "1" else 20
+EVENTS_TOPIC = "sluice/lab/gw-test/trace/events"
 TRACE = """\
 locations:
-  room-a: {read_point: "urn:epc:id:sgln:4012345.00001.0"}
-  room-b: {read_point: "urn:epc:id:sgln:4012345.00002.0"}
+  room-a: {{read_point: "urn:epc:id:sgln:4012345.00001.0"}}
+  room-b: {{read_point: "urn:epc:id:sgln:4012345.00002.0"}}
 lots:
-  LOT-1: {location: room-a, producer: FARM-1}
+  LOT-1: {{location: room-a, producer: FARM-1}}
 sinks:
-  feed: {type: jsonl, path: feed.jsonl}
+  feed: {{type: jsonl, path: feed.jsonl}}
+  bus: {{type: mqtt, host: 127.0.0.1, port: {port}, command_topic: null, reconnect_min: 100ms, reconnect_max: 1s}}
 """
+
+
+def _env(config: Path) -> dict[str, str]:
+    return {**os.environ, "STATE_DIRECTORY": str(config.parent / "state")}
 
 
 def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
     out = log.open("ab")
     try:
         return subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
-                                stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "STATE_DIRECTORY": str(config.parent / "state")})
+                                stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=_env(config))
     finally:
         out.close()
 
 
-def _config_start_queued(path: Path) -> bool:
-    """The gateway has queued LOT-1's configured placement: moves queued from now on come after it."""
-    conn = sqlite3.connect(path, timeout=10)
-    try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
-        return "trace_commands" in tables and bool(
-            conn.execute("SELECT count(*) FROM trace_commands WHERE source='config'").fetchone()[0])
-    finally:
-        conn.close()
+def _sluice(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A `sluice` command in its own process, as an operator runs it next to the gateway."""
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args, "-c", str(config)], capture_output=True,
+                          text=True, timeout=120, env=_env(config), stdin=subprocess.DEVNULL)
+
+
+async def _wait_running(log: Path, runs_before: int, proc: subprocess.Popen[bytes]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while log.read_text().count(" running: ") <= runs_before:
+        assert proc.poll() is None, f"the gateway exited ({proc.returncode}): {log.read_text()[-3000:]}"
+        assert loop.time() < deadline, f"the gateway did not start within 60 s: {log.read_text()[-3000:]}"
+        await asyncio.sleep(0.05)
+
+
+def _assert_one_database(path: Path, pid: int, when: str) -> None:
+    """The kernel's view: ``pid`` holds its SQLite lock on the outbox, and no -wal/-shm it uses was deleted."""
+    assert posix_locks(path, pid), f"{when}: the gateway (pid {pid}) holds no POSIX lock on {path}"
+    assert deleted_files(pid, path.name) == [], f"{when}: files deleted under the gateway's connections"
 
 
 def _committed(path: Path) -> dict[str, set[int]]:
@@ -80,35 +100,79 @@ def _committed(path: Path) -> dict[str, set[int]]:
     return out
 
 
+def _seq(line: str | bytes) -> int:
+    return int(json.loads(line)["epcisBody"]["eventList"][0]["sluice:seq"])
+
+
+def _assert_sinks_hold_only_the_outbox_events(lines: list[str], feed: Path, mqtt: list[bytes]) -> None:
+    """Every event a sink ever received is the outbox's event of that seq, byte for byte."""
+    fed = feed.read_text().splitlines() if feed.exists() else []
+    assert fed == lines[:len(fed)], "the JSON Lines feed differs from the outbox's events"
+    for payload in mqtt:
+        seq = _seq(payload)
+        assert seq <= len(lines) and payload.decode() == lines[seq - 1], f"MQTT event {seq} differs from the outbox's"
+
+
 @pytest.mark.slow
-async def test_sigkill_loses_nothing_committed(tmp_path: Path, mosquitto, close_default_executor) -> None:
-    rng = random.Random(os.environ.get("SLUICE_SEED", "20261128"))
+async def test_sigkill_with_other_processes_on_the_outbox_loses_and_splits_nothing(
+        tmp_path: Path, mosquitto, close_default_executor) -> None:
+    rng = random.Random(os.environ.get("SLUICE_SEED", "20261202"))
     servers = counter_servers(LAYOUT)
     outbox_path = tmp_path / "outbox.db"
     log = tmp_path / "gateway.log"
+    log.touch()
     committed: dict[str, set[int]] = {}
+    moves: list[tuple[int, str]] = []  # (command id, room) of every `sluice lot move` that said "queued"
+    checked = 0  # restarts at which the kernel's view was checked
     async with contextlib.AsyncExitStack() as stack:
         for server in servers:
             await stack.enter_async_context(server)
         config = write_config(tmp_path / "config", devices=device_ports(LAYOUT, servers),
                               broker_port=mosquitto.port, interval="50ms", outbox=outbox_path)
-        (config / "trace.yaml").write_text(TRACE)
+        (config / "trace.yaml").write_text(TRACE.format(port=mosquitto.port))
         state = config.parent / "state"
-        moves: list[int] = []  # trace command ids queued, in order
+        state.mkdir()
+        feed = state / "feed.jsonl"
         collector = await stack.enter_async_context(
             subscriber(mosquitto.host, mosquitto.port, "sluice/lab/gw-test/#", client_id="kill-watcher"))
+
+        def trace_messages() -> list[bytes]:
+            return [m.payload for m in collector.messages if m.topic == EVENTS_TOPIC]
+
         for cycle in range(KILLS):
             broker_down = cycle % 4 == 2  # every fourth cycle runs (and dies) with the broker stopped
             if broker_down:
                 await asyncio.to_thread(mosquitto.stop)
+            runs_before = log.read_text().count(" running: ")
             proc = _start(config, log)
             try:
-                first = rng.uniform(0.4, 1.2)
-                await asyncio.sleep(first)
-                if _config_start_queued(outbox_path):  # as `sluice lot move` does, while the gateway commits
-                    with Journal(outbox_path) as cli:
-                        moves.append(cli.queue("move", "LOT-1", "room-b" if len(moves) % 2 == 0 else "room-a"))
-                await asyncio.sleep(rng.uniform(0.8, 2.5) - first)
+                if cycle % 5 == 4:  # killed while it starts: before, during or after opening the outbox
+                    await asyncio.sleep(rng.uniform(0.1, 1.5))
+                else:
+                    await _wait_running(log, runs_before, proc)
+                    _assert_one_database(outbox_path, proc.pid, f"cycle {cycle}, started")
+                    room = "room-b" if len(moves) % 2 == 0 else "room-a"
+                    others = asyncio.gather(
+                        asyncio.to_thread(_sluice, config, "lot", "move", "LOT-1", room),
+                        asyncio.to_thread(_sluice, config, "deadletter", "resend", "--all"),
+                        asyncio.to_thread(_sluice, config, "trace", "show", "LOT-1"))
+                    killed = cycle % 2 == 1
+                    if killed:  # killed while the other processes work on the file
+                        await asyncio.sleep(rng.uniform(0.05, 1.0))
+                        _assert_one_database(outbox_path, proc.pid, f"cycle {cycle}, commands running")
+                        proc.send_signal(signal.SIGKILL)
+                    results = await others
+                    if not killed:  # they are done: the gateway must still be on the one database
+                        _assert_one_database(outbox_path, proc.pid, f"cycle {cycle}, after `sluice lot`")
+                        await asyncio.sleep(rng.uniform(0.0, 1.0))
+                        _assert_one_database(outbox_path, proc.pid, f"cycle {cycle}, before the kill")
+                    checked += 1
+                    lot, resend, show = results
+                    assert lot.returncode == 0 and resend.returncode == 0, (lot.stderr, resend.stderr)
+                    assert show.returncode in (0, 1) and "Traceback" not in show.stderr, show.stderr
+                    queued = re.search(r"\(command (\d+)\)", lot.stdout)
+                    assert queued, lot.stdout
+                    moves.append((int(queued.group(1)), room))
             finally:
                 proc.send_signal(signal.SIGKILL)
                 await asyncio.to_thread(proc.wait)
@@ -120,24 +184,39 @@ async def test_sigkill_loses_nothing_committed(tmp_path: Path, mosquitto, close_
                 with Journal(outbox_path) as j:
                     lines = j.all_lines()
                 assert verify_lines(lines, load_public_key(state / "trace-ed25519.key")) == (len(lines), None)
+                _assert_sinks_hold_only_the_outbox_events(lines, feed, trace_messages())
         # One last clean run delivers whatever the kills left behind.
         runs_before = log.read_text().count(" running: ")
         proc = _start(config, log)
         try:
-            for _ in range(300):  # SIGTERM only once it is up: before that it is simply fatal
-                if log.read_text().count(" running: ") > runs_before:
-                    break
-                await asyncio.sleep(0.05)
+            await _wait_running(log, runs_before, proc)  # SIGTERM only once it is up: before that it is fatal
+            _assert_one_database(outbox_path, proc.pid, "last run")
+            expected_events = 1 + 2 * len(moves)
+
             def delivered_all(_messages: object) -> bool:
-                got = counts_by_device([m.payload for m in collector.messages if "/status" not in m.topic])
-                return all(values <= set(got.get(device, ())) for device, values in committed.items())
+                got = counts_by_device([m.payload for m in collector.messages if "/status" not in m.topic
+                                        and "/trace/" not in m.topic])
+                readings = all(values <= set(got.get(device, ())) for device, values in committed.items())
+                events = {_seq(p) for p in trace_messages()} == set(range(1, expected_events + 1))
+                fed = feed.exists() and len(feed.read_text().splitlines()) == expected_events
+                return readings and events and fed
             await collector.wait_until(delivered_all, timeout=90)
+            _assert_one_database(outbox_path, proc.pid, "last run, all delivered")
         finally:
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(proc.wait, 30) == 0, log.read_text()[-3000:]
-    received = counts_by_device([m.payload for m in collector.messages if "/status" not in m.topic])
+        pubkey = _sluice(config, "trace", "pubkey")
+        assert pubkey.returncode == 0, pubkey.stderr
+        (tmp_path / "pub.pem").write_text(pubkey.stdout)
+        verified = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "gateway.cli", "trace", "verify", str(feed), "--pubkey",
+                             str(tmp_path / "pub.pem")], capture_output=True, text=True, timeout=120)
+        assert verified.returncode == 0 and f"OK — {expected_events} events" in verified.stdout, verified
+    received = counts_by_device([m.payload for m in collector.messages if "/status" not in m.topic
+                                 and "/trace/" not in m.topic])
     assert committed, "no reading was ever seen committed: the test did not exercise anything"
     assert sum(len(v) for v in committed.values()) > KILLS
+    assert checked >= KILLS * 3 // 4, "too few restarts were checked to exercise anything"
     for device, values in received.items():
         seen = set(values)
         # Values read but killed before their commit may be missing: at most a handful per kill.
@@ -146,15 +225,19 @@ async def test_sigkill_loses_nothing_committed(tmp_path: Path, mosquitto, close_
     for device, values in committed.items():
         assert values <= set(received[device]), f"{device}: committed readings never delivered"
     assert "Traceback" not in log.read_text()
-    # the trace feed: every move queued was applied once, and delivered once, in order
-    assert len(moves) >= KILLS // 2, "too few trace commands were queued to exercise anything"
+    assert not list(tmp_path.rglob("*.corrupt-*")), "an outbox was moved aside"
+    # the trace feed: every move queued was applied exactly once, in the order queued
+    ids = [cid for cid, _room in moves]
+    assert ids == sorted(set(ids)), f"command ids reused or out of order: {ids}"
     with Journal(outbox_path) as j:
-        assert [j.command_status(cid) for cid in moves] == ["done"] * len(moves)
+        assert [j.command_status(cid) for cid in ids] == ["done"] * len(ids)
+        assert [c[0] for c in j.pending_commands()] == []
         lines = j.all_lines()
     events = [json.loads(line)["epcisBody"]["eventList"][0] for line in lines]
     # the configured placement, then per move: leave the old room, enter the new one
     assert [(e["sluice:reason"], e["sluice:location"]) for e in events] == [("enter", "room-a")] + [
-        pair for i in range(len(moves))
-        for pair in ((("leave", "room-a"), ("enter", "room-b")) if i % 2 == 0 else (("leave", "room-b"), ("enter", "room-a")))]
+        pair for _cid, room in moves
+        for pair in ((("leave", "room-a"), ("enter", "room-b")) if room == "room-b" else (("leave", "room-b"), ("enter", "room-a")))]
     assert verify_lines(lines, load_public_key(state / "trace-ed25519.key")) == (len(lines), None)
-    assert (state / "feed.jsonl").read_text().splitlines() == lines
+    assert feed.read_text().splitlines() == lines
+    _assert_sinks_hold_only_the_outbox_events(lines, feed, trace_messages())

@@ -189,7 +189,7 @@ async def test_error_kinds_are_distinct_and_logged_once_per_state_change(caplog:
     assert f"127.0.0.1:{server.port} unit 2" in dead and "(address 0)" in dead and "no answer within 30ms" in dead
     assert "check the unit id" in dead
     (broken,) = warnings_about(caplog, "broken:")
-    assert "unit 3" in broken and "exception 2 (illegal data address)" in broken and "max_gap: 0" in broken
+    assert "unit 3" in broken and "exception 2 (illegal data address)" in broken and "check the profile" in broken
     (refused,) = warnings_about(caplog, "refused")
     assert f"connection 127.0.0.1:{refused_port}" in refused and "(devices nobody)" in refused
     assert "check the port" in refused

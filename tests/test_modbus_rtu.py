@@ -249,7 +249,7 @@ def test_bus_line_settings_conflict_is_a_config_error() -> None:
     from drivers.modbus_rtu import check
 
     a = device("a", "/dev/ttyUSB9", 1, parity="E")
-    b = device("b", "/dev/ttyUSB9", 2, parity="even", stopbits=2)
+    b = device("b", "/dev/ttyUSB9", 2, parity="E", stopbits=2)
     c = device("c", "/dev/ttyUSB8", 1, baudrate=9600)
     d = device("d", "/dev/ttyUSB9", 1, parity="E")
     problems = check([a, b, c, d])

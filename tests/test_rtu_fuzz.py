@@ -240,3 +240,20 @@ def test_fuzz_the_heartbeat_filter_never_raises_and_holds_little(segments: list[
         total_out += len(flt.feed(segment))
         assert len(flt.held) < 4  # at most a heartbeat's first bytes
     assert total_out + len(flt.held) + flt.dropped <= total_in  # every packet dropped is a byte or more
+
+
+@FUZZ
+@given(unit=units, function=functions, data=st.binary(min_size=0, max_size=20).map(lambda b: b[: len(b) // 2 * 2]),
+       before=noise, after=noise)
+def test_replies_in_finds_a_late_reply_in_noise_and_only_valid_ones(unit: int, function: int, data: bytes,
+                                                                     before: bytes, after: bytes) -> None:
+    from drivers.modbus_rtu import replies_in
+
+    frame = rtu_frame(unit, bytes((function, len(data))) + data)
+    buf = before + frame + after
+    found = replies_in(buf)
+    for u, start, end in found:
+        assert buf[start] == u and 1 <= u <= 247 and crc16(buf[start:end]) == 0
+    assert all(b[1] <= a[1] or b[1] >= a[2] for a, b in itertools.pairwise(found))
+    # The embedded reply is found unless noise before it happens to form a valid reply overlapping it.
+    assert (unit, len(before), len(before) + len(frame)) in found or any(s < len(before) < e for _, s, e in found)

@@ -46,13 +46,13 @@ def test_a_good_serial_device_loads(tmp_path: Path) -> None:
         profile: sensor
         port: /dev/ttyUSB0
         baudrate: 19200
-        parity: even
+        parity: E
         stopbits: 2
         bytesize: 7
         interval: 5s
         """))
     dev = cfg.devices[0]
-    assert (dev.config.baudrate, dev.config.parity, dev.config.stopbits, dev.config.bytesize) == (19200, "even", 2, 7)
+    assert (dev.config.baudrate, dev.config.parity, dev.config.stopbits, dev.config.bytesize) == (19200, "E", 2, 7)
     assert dev.profile.format == "lines" and dev.profile.delimiter == "\n"
 
 

@@ -164,8 +164,8 @@ def test_sluice_sim_serves_a_gateway_configs_rtu_devices(tmp_path: Path, capsys:
     bus, tcp_port, dtu_port = tmp_path / "ttyRS485", free_port(), free_port()
     dtu = f"protocol: modbus_rtu_dtu\nlisten: 127.0.0.1:{dtu_port}\ndtu: {{id: barn, registration: {{text: BARN}}}}"
     write_gateway_config(tmp_path, {
-        "m1": f"protocol: modbus_rtu\nport: {bus}\nbaudrate: 38400\nparity: odd\nunit_id: 1\ntimeout: 500ms",
-        "m2": f"protocol: modbus_rtu\nport: {bus}\nbaudrate: 38400\nparity: odd\nunit_id: 2\ntimeout: 500ms",
+        "m1": f"protocol: modbus_rtu\nport: {bus}\nbaudrate: 38400\nparity: O\nunit_id: 1\ntimeout: 500ms",
+        "m2": f"protocol: modbus_rtu\nport: {bus}\nbaudrate: 38400\nparity: O\nunit_id: 2\ntimeout: 500ms",
         "c7": f"protocol: modbus_rtu_tcp\nhost: 127.0.0.1\nport: {tcp_port}\nunit_id: 7\ntimeout: 500ms",
         "d3": f"{dtu}\nunit_id: 3\ntimeout: 500ms"})
     with sluice_process("sim", "-c", str(tmp_path)) as sim:

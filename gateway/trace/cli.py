@@ -41,8 +41,17 @@ def cmd_lot(args: argparse.Namespace) -> int:
         print(f"unknown location '{location}' — use one of {', '.join(cfg.file.locations)}", file=sys.stderr)
         return 2
     kind = {"start": "start", "move": "move", "end": "end"}[args.lot_command]
-    with Journal(resolve(cfg.database, state_dir())) as journal:
-        cid = journal.queue(kind, args.lot, location)
+    for _attempt in range(3):
+        with Journal(resolve(cfg.database, state_dir())) as journal:
+            cid = journal.queue(kind, args.lot, location)
+            if not journal.moved():
+                break
+        # A gateway starting right now moved the outbox aside as unusable: the command went into
+        # the old file, which it will never read. Queue it again in the new one.
+    else:
+        print(f"the outbox {journal.path} was replaced three times while queueing — the command may be lost; "
+              "check the gateway's log and run this again", file=sys.stderr)
+        return 1
     print(f"queued {kind} of lot {args.lot} (command {cid}); the running gateway records it within a second, "
           "or at its next start")
     return 0

@@ -37,7 +37,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.buffer import filesystem_bytes, limit_wal, prepare, wal_bound
+from gateway.buffer import OutboxError, filesystem_bytes, limit_wal, prepare, wal_bound
+from gateway.outbox_file import connect, identity
 
 __all__ = ["Journal"]
 
@@ -60,27 +61,39 @@ CREATE TABLE IF NOT EXISTS trace_dead_letters (id INTEGER PRIMARY KEY, sink TEXT
 class Journal:
     """Open with ``with Journal(path) as j:``; every method is one transaction.
 
-    ``path`` is the outbox file. ``check=True`` (the gateway's own process, before the outbox is
-    opened) vets it first as :class:`~gateway.buffer.Outbox` does; a CLI next to a running gateway
-    leaves that to the gateway. Raises :class:`~gateway.buffer.OutboxError` if the file is not a
-    Sluice outbox or cannot be prepared."""
+    ``path`` is the outbox file. ``check=True`` (the gateway's own process) vets it as
+    :class:`~gateway.buffer.Outbox` does if this process has no connection to it yet (whichever of
+    the two opens first vets; ``gateway/outbox_file.py``); a CLI next to a running gateway leaves
+    that to the gateway, and checks :meth:`moved` after writing. Raises
+    :class:`~gateway.buffer.OutboxError` if the file is not a Sluice outbox or cannot be prepared."""
 
     def __init__(self, path: Path, *, check: bool = False) -> None:
         self.path = path
         self.check = check
         self._conn: sqlite3.Connection | None = None
+        self._ident: tuple[int, int] | None = None
 
     def __enter__(self) -> Journal:
-        prepare(self.path, check=self.check)  # an outbox file, in WAL mode (persistent)
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10)
-        conn.execute("PRAGMA synchronous=FULL")
-        # The WAL is shared and these settings are per connection: bound this one's share too. It does not
-        # know max_bytes, so it takes the filesystem's; its transactions are small, and the outbox's own
-        # connection checkpoints at its (possibly smaller) threshold with every commit of readings.
-        limit_wal(conn, wal_bound(None, filesystem_bytes(Path(self.path).parent)))
-        conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
-        self._conn = conn
-        return self
+        for _attempt in range(3):
+            prepare(self.path, check=self.check)  # an outbox file, in WAL mode (persistent)
+            ident = identity(self.path)
+            conn = connect(self.path, timeout=10)
+            try:
+                conn.execute("PRAGMA synchronous=FULL")
+                # The WAL is shared and these settings are per connection: bound this one's share too. It does
+                # not know max_bytes, so it takes the filesystem's; its transactions are small, and the outbox's
+                # own connection checkpoints at its (possibly smaller) threshold with every commit of readings.
+                limit_wal(conn, wal_bound(None, filesystem_bytes(Path(self.path).parent)))
+                conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            except BaseException:
+                conn.close()
+                raise
+            if identity(self.path) == ident:  # the file we opened is the one at the path (see moved())
+                self._conn, self._ident = conn, ident
+                return self
+            conn.close()  # a gateway moved it aside while we opened it: open the new one
+        raise OutboxError(f"outbox {self.path} keeps being replaced while it is opened — is a gateway restarting "
+                          "in a loop?")
 
     def __exit__(self, *exc: object) -> None:
         if self._conn is not None:
@@ -92,6 +105,12 @@ class Journal:
         if self._conn is None:
             raise RuntimeError("journal is not open: use `with Journal(path) as journal:`")
         return self._conn
+
+    def moved(self) -> bool:
+        """The file this journal has open is no longer the one at its path: a starting gateway moved
+        it aside as unusable (only ever at its start; a moved file never comes back), so what was
+        written through this journal is in the old file. A CLI checks this after writing."""
+        return identity(self.path) != self._ident
 
     # -- CLI side --------------------------------------------------------------------------
     def queue(self, kind: str, lot: str, location: str | None, source: str = "cli", time_ns: int | None = None) -> int:
