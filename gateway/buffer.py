@@ -41,9 +41,10 @@ On-disk invariants (one SQLite file in WAL mode, ``application_id`` 0x536C7563, 
   stays within ~1 % of ``max_bytes``. Freed pages are reused, never returned to the filesystem.
   ``max_pages`` is a hard cap on the database file for when that estimate is not enough.
 * The ``-wal`` stays within :attr:`Outbox.wal_bound` bytes (:func:`wal_bound`: 1/16 of
-  ``max_bytes`` or of the filesystem, whichever is smaller, between 128 KiB and 16 MiB): every
-  connection to the file checkpoints once the WAL holds half of it (``wal_autocheckpoint``) and
-  cuts it back to it when it restarts (``journal_size_limit``); one transaction stores at most a
+  ``max_bytes`` or of the filesystem, whichever is smaller, between 128 KiB and 16 MiB): the
+  outbox's connection and the trace journal's (:func:`limit_wal`: these are per-connection
+  settings) checkpoint once the WAL holds half of it (``wal_autocheckpoint``) and cut it back to
+  it when it restarts (``journal_size_limit``); one transaction stores at most a
   quarter of it (:meth:`Outbox.append` splits a larger batch); after a write fails for want of
   space (or with an I/O error) the WAL is checkpointed and truncated to zero
   (``wal_checkpoint(TRUNCATE)``), and again at the first write that succeeds after that. So the
