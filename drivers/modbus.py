@@ -145,6 +145,14 @@ def parse_register_reference(ref: int | str) -> tuple[str, int]:
     return _REF_KIND[digit], number - 1
 
 
+def looks_like_reference(kind: str, address: int) -> int | None:
+    """The 0-based address meant when ``address`` of ``kind`` looks like the manual's 1-based
+    reference of that kind (holding 40001 -> 0), else None. Profiles (``check``) and ``sluice read``
+    give the same hint."""
+    first, last = {"discrete": (10001, 19999), "input": (30001, 39999), "holding": (40001, 49999)}.get(kind, (0, -1))
+    return address - first if first <= address <= last else None
+
+
 class PointModel(StrictModel):
     """One value of a device's register map."""
 
@@ -192,20 +200,20 @@ class PointModel(StrictModel):
         if self.address is None:
             raise _fail(("kind",), "address: is missing — add the 0-based address:, or give the manual's "
                         "reference as register: 40001 instead of kind:")
-        first, last = {"discrete": (10001, 19999), "input": (30001, 39999), "holding": (40001, 49999)}.get(
-            self.kind, (0, -1))
-        if self.reference is None and first <= self.address <= last:
+        meant = looks_like_reference(self.kind, self.address)
+        if self.reference is None and meant is not None:
             digit = _KIND_DIGIT[self.kind]
             raise _fail(("address",), f"{self.address} looks like the manual's {digit}xxxx reference, not a "
                         f"0-based address — write register: {self.address} (= {self.kind} address "
-                        f"{self.address - first}), or address: {self.address - first}; for a device that really "
+                        f"{meant}), or address: {meant}; for a device that really "
                         f"uses addresses this high (SunSpec), write register: {digit}{self.address + 1:05d}",
                         self.address)
-        for other, (low, high) in (("input", (30001, 39999)), ("holding", (40001, 49999))):
-            if self.reference is None and self.kind not in (other, *BIT_KINDS) and low <= self.address <= high:
+        for other in ("input", "holding"):
+            other_meant = looks_like_reference(other, self.address)
+            if self.reference is None and self.kind not in (other, *BIT_KINDS) and other_meant is not None:
                 digit = _KIND_DIGIT[other]
                 raise _fail(("address",), f"{self.address} looks like the manual's {digit}xxxx reference, which means "
-                            f"{'an' if other == 'input' else 'a'} {other} register ({other} address {self.address - low}), "
+                            f"{'an' if other == 'input' else 'a'} {other} register ({other} address {other_meant}), "
                             f"not {'an' if self.kind == 'input' else 'a'} {self.kind} register "
                             f"— write register: {self.address} (and no kind:) if the manual says {self.address}; for a "
                             f"device that really has {self.kind} registers this high, write register: "

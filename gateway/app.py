@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -14,14 +15,17 @@ from gateway import driver as drivers
 from gateway.buffer import Outbox, OutboxError, OutboxStats
 from gateway.config import Config
 from gateway.driver import Device, Poller
-from gateway.health import HealthServer, Progress, status_line, track_gateway
+from gateway.health import HealthServer, SinkSnapshot, Snapshot, status_line
 from gateway.clock import ClockWatch
-from gateway.reading import CLOCK_UNSYNCED, Reading
-from gateway.sdnotify import Notifier, watchdog_interval
+from gateway.reading import CLOCK_UNSYNCED, Reading, quality
+from gateway.sdnotify import Notifier
 from gateway.security import startup_warnings
+from gateway.watchdog import Loop, Watchdog
 
 log = logging.getLogger(__name__)
 
+FORWARD_ACK_LIMIT = 60.0
+"""Seconds a batch may take for a sink without an ``ack_timeout`` of its own."""
 MAX_UNSTORED = 100_000
 """Readings held in memory while the outbox cannot be written (disk full); beyond it the oldest go."""
 OUTAGE_QUIET = 30.0
@@ -86,8 +90,9 @@ class Committer:
     same outage (counted in ``stats.failed_commits``, not logged again unless readings were lost).
     """
 
-    def __init__(self, outbox: Outbox, on_commit: Callable[[], None], delay: float) -> None:
+    def __init__(self, outbox: Outbox, on_commit: Callable[[], None], delay: float, loop: Loop | None = None) -> None:
         self._outbox = outbox
+        self._loop = loop if loop is not None else Loop("commit")  # busy while readings wait for a commit
         self._on_commit = on_commit
         self._delay = delay
         self._pending: list[Reading] = []
@@ -114,6 +119,7 @@ class Committer:
         self._pending.append(reading)
         self.stats.received += 1
         if self._timer is None:  # the first reading of a cycle: commit ``delay`` from now
+            self._loop.busy()
             if self._delay:
                 self._timer = asyncio.get_running_loop().call_later(self._delay, self._wake.set)
             else:
@@ -133,6 +139,7 @@ class Committer:
         if not self._pending:
             return True
         batch = self._pending
+        self._loop.progress()  # an attempt, failed or not, is progress: a failing disk is not a wedge
         try:
             self._outbox.append(batch)
         except OutboxError as exc:
@@ -166,6 +173,7 @@ class Committer:
                 self._announced = False
                 self._outage_lost = 0
                 self._quiet_until = time.monotonic() + OUTAGE_QUIET
+        self._loop.idle()
         self._count(len(batch))
         return True
 
@@ -184,6 +192,7 @@ class Committer:
             return 0
         n = len(self._pending)
         self._pending = []
+        self._loop.idle()
         self.stats.lost += n
         log.error("%d readings held in memory could not be stored in the outbox before stopping and are lost "
                   "(%d lost in all this run) — check free disk space", n, self.stats.lost)
@@ -208,10 +217,11 @@ class Gateway:
     on_reading: Callable[[Reading], None] | None = None
     """Called with every reading as it is read (the demo's live view); None costs nothing."""
     sinks: dict[str, Any] = field(default_factory=dict)
-    progress: Progress = field(default_factory=Progress)
-    """Heartbeats of every loop: the watchdog pings systemd only while none is wedged."""
-    stall_margin: float = 10.0
-    """Seconds of slack on top of each loop's computed limit before it counts as wedged."""
+    watchdog: Watchdog = field(default_factory=Watchdog)
+    """Every loop reports to it; it pings systemd only while none is wedged (gateway/watchdog.py)."""
+    stall_margin: float | None = None
+    """Seconds of slack past each loop's limit or deadline before it counts as wedged
+    (None: the configuration's ``health.watchdog_margin``)."""
     clock: ClockWatch = field(default_factory=ClockWatch)
     """Whether the system clock is synchronised: readings taken while it is not are flagged."""
     health_port: int | None = None
@@ -230,11 +240,37 @@ class Gateway:
             return self.final_stats
         return self.outbox.stats() if self.outbox is not None else None
 
+    def snapshot(self, lag: bool = True) -> Snapshot:
+        """What health renders (gateway/health.py): figures and names only, read now. ``lag=False``
+        skips the one outbox row per sink that each sink's lag costs (STATUS= does not show it)."""
+        cfg = self.config
+        running = self.outbox is not None and self.final_stats is None
+        snap = Snapshot(cfg.gateway_id, cfg.site, self.started_ns, running and self.ready.is_set(),
+                        [(dev, st) for p in self.pollers for dev, st in p.status.items()], self.outbox_stats(),
+                        cfg.gateway.buffer.max_bytes, clock_synced=self.clock.synced, clock_jumps=self.clock.jumps,
+                        loops=self.watchdog.states())
+        committer = self.committer
+        if committer is not None:
+            cs = committer.stats
+            snap.received, snap.committed, snap.failed_commits, snap.lost = (cs.received, cs.committed,
+                                                                             cs.failed_commits, cs.lost)
+            snap.held, snap.outbox_failing = committer.pending, committer.failing
+        forwarders = {f.name: f for f in self.forwarders}  # type: ignore[attr-defined]
+        now_ns = time.time_ns()
+        for name, sink in self.sinks.items():
+            fwd = forwarders.get(name)
+            entry = SinkSnapshot(name, bool(getattr(sink, "connected", False)), fwd.stats if fwd is not None else None)
+            if lag and running and self.outbox is not None:
+                entry.lag, entry.unconfirmed = _lag(self.outbox, name, now_ns)
+            snap.sinks.append(entry)
+        return snap
+
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         buf = cfg.gateway.buffer
         self.started_ns = time.time_ns()
         self.final_stats = None
+        self.watchdog.margin = cfg.gateway.health.watchdog_margin if self.stall_margin is None else self.stall_margin
         for warning in startup_warnings(cfg):
             log.warning("%s", warning)
         notifier = Notifier()
@@ -258,7 +294,8 @@ class Gateway:
                 for fwd in forwarders:
                     fwd.notify()  # type: ignore[attr-defined]
 
-            self.committer = committer = Committer(outbox, wake_forwarders, buf.commit_delay)
+            self.committer = committer = Committer(outbox, wake_forwarders, buf.commit_delay,
+                                                   self.watchdog.loop("commit", buf.commit_delay + 1.0))
             commit_task = asyncio.create_task(committer.run(), name="commit")
             clock = self.clock
             clock.poll()
@@ -267,7 +304,8 @@ class Gateway:
 
             def emit(reading: Reading) -> None:
                 if clock.synced is False:
-                    reading.quality = CLOCK_UNSYNCED  # its timestamp cannot be trusted
+                    # its timestamp cannot be trusted; the driver's own flags (uncertain) stay
+                    reading.quality = quality(reading.quality, CLOCK_UNSYNCED)
                 if observe is not None:
                     observe(reading)
                 store(reading)
@@ -278,15 +316,14 @@ class Gateway:
                 await self._start_poller(poller)
             for poller in self.pollers:
                 self._run_poller(poller)
-            track_gateway(self.progress, self, self.stall_margin)
             await self._serve_health(stack)
             log.info("gateway %s at %s running: %d devices on %d connections, %d sinks, outbox %s",
                      cfg.gateway_id, cfg.site, len(cfg.devices), len(self.pollers), len(forwarders),
                      buf.resolved_path())
             self.ready.set()
-            notifier.send(READY=1, STATUS=status_line(self))
+            notifier.send(READY=1, STATUS=status_line(self.snapshot(lag=False)))
             stop_task = asyncio.create_task(stop.wait(), name="stop")
-            watchdog_task = asyncio.create_task(self._watchdog(notifier), name="watchdog")
+            watchdog_task = asyncio.create_task(self.watchdog.run(notifier, lambda: status_line(self.snapshot(lag=False))), name="watchdog")
             clock_task = asyncio.create_task(clock.run(5.0), name="clock")  # jumps accumulate: 5 s is enough
             try:
                 done, _ = await asyncio.wait([stop_task, commit_task, self._ended],
@@ -330,7 +367,9 @@ class Gateway:
         sink = await stack.enter_async_context(make_sink(name, sink_cfg, cfg))
         self._sink_stacks[name] = stack
         self.sinks[name] = sink
-        fwd = Forwarder(name, self.outbox, sink, sink_cfg, cfg)
+        # Busy without progress: a batch takes at most two acknowledgement timeouts and a linger.
+        limit = 2 * float(getattr(sink, "ack_timeout", FORWARD_ACK_LIMIT)) + sink_cfg.batch.linger + 5.0
+        fwd = Forwarder(name, self.outbox, sink, sink_cfg, cfg, self.watchdog.loop(f"forward[{name}]", limit))
         self.forwarders.append(fwd)
         task = asyncio.create_task(fwd.run(), name=f"forward[{name}]")  # type: ignore[attr-defined]
         self._forward_tasks[name] = task
@@ -342,6 +381,7 @@ class Gateway:
         if task is not None:
             await _cancel([task])
         self.forwarders[:] = [f for f in self.forwarders if f.name != name]  # type: ignore[attr-defined]
+        self.watchdog.remove(f"forward[{name}]")
         self.sinks.pop(name, None)
         stack = self._sink_stacks.pop(name, None)
         if stack is not None:
@@ -358,6 +398,17 @@ class Gateway:
         self.pollers.append(poller)
 
     def _run_poller(self, poller: Poller) -> None:
+        # A poller is always busy: every attempt (an answer, a timeout, a refused connection) is
+        # progress, so a device that is down is not a wedge — only a loop that stopped attempting.
+        # Its limit: the slowest schedule (interval, or the backoff of a device that is down) plus
+        # one full round of timeouts of every device.
+        devices = {d.id: d.config for d in self.config.devices}
+        cfgs = [devices[d] for d in poller.status if d in devices]
+        limit = (max((max(c.interval, c.backoff_max) for c in cfgs), default=60.0)
+                 + sum(c.timeout * (1 + c.retries) for c in cfgs))
+        statuses = list(poller.status.values())
+        self.watchdog.loop(f"poll[{poller.name}]", limit,
+                           counter=lambda: sum(st.polls + sum(st.errors.values()) for st in statuses))
         task = asyncio.create_task(poller.run(self._emit), name=f"poll[{poller.name}]")
         self._poll_tasks[id(poller)] = task
         self._watch(task)
@@ -366,6 +417,7 @@ class Gateway:
         task = self._poll_tasks.pop(id(poller), None)
         if task is not None:
             await _cancel([task])
+        self.watchdog.remove(f"poll[{poller.name}]")
         self.pollers[:] = [p for p in self.pollers if p is not poller]
         stack = self._poller_stacks.pop(id(poller), None)
         if stack is not None:
@@ -413,7 +465,6 @@ class Gateway:
         for poller in start:
             await self._start_poller(poller)
             self._run_poller(poller)
-        track_gateway(self.progress, self, self.stall_margin)
         for fwd in self.forwarders:
             fwd.notify()  # type: ignore[attr-defined]
         log.info("configuration applied: %d pollers kept, %d started; %d devices on %d connections, %d sinks",
@@ -427,41 +478,25 @@ class Gateway:
         if not health.enabled:
             return
         try:
-            server = await stack.enter_async_context(HealthServer(self, health.host, health.port))
+            server = await stack.enter_async_context(HealthServer(self.snapshot, health.host, health.port))
         except OSError as exc:
-            log.error("health endpoint: cannot listen on %s: %s — running without /healthz and /metrics; "
-                      "choose another health.listen", health.listen, exc.strerror or exc)
+            # One line, and the gateway goes on: it still reads and delivers; only watching it is lost.
+            busy = " (another Sluice gateway or demo on this machine?)" if exc.errno == errno.EADDRINUSE else ""
+            log.error("health endpoint: cannot listen on %s: %s%s — the gateway runs on without /healthz and "
+                      "/metrics (and `sluice status`); set health.listen in %s to a free port (and the unit's "
+                      "SocketBindAllow= with it)", health.listen, exc.strerror or exc, busy, self.config.path)
             return
         self.health_port = server.port
 
-    async def _watchdog(self, notifier: Notifier) -> None:
-        """Ping systemd's watchdog only while every loop makes progress; keep STATUS= current."""
-        if not notifier.enabled:
-            return
-        interval = watchdog_interval()
-        period = min(interval, 5.0) if interval is not None else 5.0
-        last_status = ""
-        reported: set[str] = set()
-        while True:
-            await asyncio.sleep(period)
-            wedged = self.progress.wedged()
-            names = {name for name, _s in wedged}
-            for name, seconds in wedged:
-                if name not in reported:
-                    log.error("%s has work but made no progress for %.0f s — it is wedged; %s", name, seconds,
-                              "the systemd watchdog will restart the service" if interval is not None
-                              else "restart the service")
-            for name in reported - names:
-                log.info("%s is making progress again", name)
-            reported = names
-            status = status_line(self)
-            fields: dict[str, str | int] = {}
-            if not wedged and interval is not None:
-                fields["WATCHDOG"] = 1
-            if status != last_status:
-                fields["STATUS"] = last_status = status
-            if fields:
-                notifier.send(**fields)
+
+def _lag(outbox: Outbox, sink: str, now_ns: int) -> tuple[float, int]:
+    """(age of the oldest reading ``sink`` has not acknowledged, readings sent but unconfirmed)."""
+    try:
+        oldest = outbox.fetch(sink, 1, 1)
+        unconfirmed = outbox.sent(sink) - outbox.position(sink)
+    except Exception:  # the outbox failing is reported elsewhere (or a sink removed by a reload just now)
+        return 0.0, 0
+    return (max(0.0, (now_ns - oldest[0].reading.time_ns) / 1e9) if oldest else 0.0), unconfirmed
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[object]]) -> None:
@@ -552,7 +587,7 @@ async def _until_reload(gateway: Gateway, task: asyncio.Task[None], run_stop: as
         if not changes:  # load() may have applied trace.yaml: systemd still sees a whole reload
             notifier.send(RELOADING=1, STATUS="reloading")
             log.info("configuration unchanged (gateway.yaml, devices, profiles); nothing to restart")
-            notifier.send(READY=1, STATUS=status_line(gateway))
+            notifier.send(READY=1, STATUS=status_line(gateway.snapshot(lag=False)))
             continue
         full = needs_full_restart(config, new)
         notifier.send(RELOADING=1, STATUS="reloading: " + "; ".join(changes))
@@ -574,7 +609,7 @@ async def _until_reload(gateway: Gateway, task: asyncio.Task[None], run_stop: as
             await task
             return new
         config = new
-        notifier.send(READY=1, STATUS=status_line(gateway))
+        notifier.send(READY=1, STATUS=status_line(gateway.snapshot(lag=False)))
 
 
 def needs_full_restart(old: Config, new: Config) -> str:

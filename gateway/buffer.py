@@ -8,8 +8,11 @@ On-disk invariants (one SQLite file in WAL mode, ``application_id`` 0x536C7563, 
   was deleted and the process restarted. (A plain ``INTEGER PRIMARY KEY`` would restart at
   ``max(seq)+1`` and could hand out a seq a sink has already acknowledged; ``AUTOINCREMENT``
   would give the same guarantee as our counter at the cost of a second table write per row.)
-* ``data`` is ``marshal`` format version 4 of ``[time_ns, quality, fields]``: ints stay ints
-  (any size), floats floats (8-byte binary, exact), bools bools, strings strings (UTF-8).
+* ``data`` is ``marshal`` format version 4 of ``[time_ns, quality, fields]``; ``quality`` is the
+  reading's set of flags as its canonical string (``good``, ``uncertain``, ``clock_unsynced``,
+  ``clock_unsynced,uncertain``: :func:`gateway.reading.quality`), so rows written before quality
+  became a set (one flag) read as the same set. Ints stay ints (any size), floats floats
+  (8-byte binary, exact), bools bools, strings strings (UTF-8).
   Version 4 is pinned when writing and every Python since 3.4 reads it. (Compact JSON was
   measured 8x slower to encode and 5x slower to decode here — float formatting dominates — and
   50 % larger; pickle could run code from a tampered file.) A row that cannot be decoded is
@@ -34,6 +37,12 @@ On-disk invariants (one SQLite file in WAL mode, ``application_id`` 0x536C7563, 
   ``acked``, :meth:`Outbox.rewind_sent`) when receipts did not come in time and the readings are
   published again. It never decides what is deleted. The table was added without a schema version
   change (created if missing on open; an older Sluice ignores it and re-sends from ``acked``).
+* ``sink_resend(name, due_ns, attempt)`` (same sinks): the readings between ``acked`` and ``sent``
+  were published ``attempt`` times more without a receipt, and the next re-send is due at
+  ``due_ns`` (wall clock, UTC ns). Written in the transaction that rewinds ``sent``
+  (:meth:`Outbox.rewind_sent`), deleted when a receipt moves ``acked`` again
+  (:meth:`Outbox.clear_resend`), so the re-send backoff survives a restart; meaningless (and
+  ignored) once ``sent == acked``. Added like ``sink_sent``, without a schema version change.
 * ``state`` (one row) holds ``last_seq``, ``rows``, ``bytes`` and ``dropped``, updated in the same
   transaction as the rows they describe. ``bytes`` is the size budget that ``max_bytes`` bounds:
   the sum over stored rows of ``len(data) + ROW_OVERHEAD`` — the payload, not the file, so it
@@ -142,6 +151,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_sink ON dead_letters (sink, resend, id);
 CREATE TABLE IF NOT EXISTS sink_sent (name TEXT PRIMARY KEY, sent INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sink_resend (name TEXT PRIMARY KEY, due_ns INTEGER NOT NULL, attempt INTEGER NOT NULL)
+    WITHOUT ROWID;
 """
 
 _MARSHAL_VERSION = 4
@@ -241,6 +252,7 @@ class Outbox:
         self._acks_dirty: set[str] = set()  # sinks whose acked/sent position is not yet in the file
         self._acks_due: float | None = None  # monotonic time by which they are written at the latest
         self._sent: dict[str, int] = {}  # sinks with a persisted sent position (sink_sent)
+        self._resend: dict[str, tuple[int, int]] = {}  # sink_resend: name -> (due_ns, attempt)
         self._oldest_ns: int | None = None
         self._oldest_known = False
         self._series_ids: dict[tuple[Any, ...], int] = {}  # (device, measurement, tag items) -> id
@@ -314,10 +326,12 @@ class Outbox:
             conn.executemany("DELETE FROM sinks WHERE name=?", [(n,) for n in gone])
             conn.executemany("INSERT INTO sinks VALUES (?, ?)", new)
             conn.executemany("DELETE FROM sink_sent WHERE name=?", [(n,) for n in gone + [m for m, _s in new]])
+            conn.executemany("DELETE FROM sink_resend WHERE name=?", [(n,) for n in gone + [m for m, _s in new]])
             for name in gone:
                 del self._acked[name]
             for name in gone + [m for m, _s in new]:
                 self._sent.pop(name, None)
+                self._resend.pop(name, None)
             self._acked.update(new)
             deleted = self._delete_acknowledged()
             conn.execute("COMMIT")
@@ -387,11 +401,14 @@ class Outbox:
                 if statement.strip():
                     conn.execute(statement)
             conn.executemany("DELETE FROM sink_sent WHERE name=?", [(n,) for n in gone])
+            conn.executemany("DELETE FROM sink_resend WHERE name=?", [(n,) for n in gone])
             sent = {}
             for name, seq in conn.execute("SELECT name, sent FROM sink_sent").fetchall():
                 if name in acked:
                     sent[name] = min(max(seq, acked[name]), last_seq)
             self._sent = sent
+            self._resend = {name: (due, attempt) for name, due, attempt
+                            in conn.execute("SELECT name, due_ns, attempt FROM sink_resend").fetchall() if name in acked}
             # Letters of sinks no longer configured stay: they are the operator's to list and resend.
             self._dead_letters = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
             conn.execute("COMMIT")
@@ -630,28 +647,54 @@ class Outbox:
         Marking less than before is a no-op. Raises like :meth:`ack`."""
         self._set_sent(sink, upto_seq, forward=True)
 
-    def rewind_sent(self, sink: str) -> None:
-        """Receipts did not come: the sent position goes back to ``acked`` (published again)."""
-        self._set_sent(sink, self._position(sink), forward=False)
+    def rewind_sent(self, sink: str, resend: tuple[int, int] | None = None) -> None:
+        """Receipts did not come: the sent position goes back to ``acked`` (published again).
+        ``resend``: ``(due_ns, attempt)`` kept in ``sink_resend`` in the same transaction."""
+        self._set_sent(sink, self._position(sink), forward=False, resend=resend)
 
-    def _set_sent(self, sink: str, seq: int, *, forward: bool) -> None:
+    def resend_due(self, sink: str) -> tuple[int, int] | None:
+        """``(due_ns, attempt)`` of ``sink``'s next re-send (see ``sink_resend``); None when no re-send
+        was recorded since a receipt last moved ``acked``."""
+        self._position(sink)  # an unknown sink raises
+        return self._resend.get(sink)
+
+    def clear_resend(self, sink: str) -> None:
+        """A receipt moved ``acked``: forget the re-send backoff (no-op when there is none)."""
+        if sink not in self._resend:
+            return
+        conn = self._require_open()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM sink_resend WHERE name=?", (sink,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise OutboxError(_describe(self.path, f"clearing the re-send time of sink {sink}", exc)) from exc
+        del self._resend[sink]
+
+    def _set_sent(self, sink: str, seq: int, *, forward: bool, resend: tuple[int, int] | None = None) -> None:
         conn = self._require_open()
         acked = self._position(sink)
         if seq > self._last_seq:
             raise ValueError(f"sink {sink} sent seq {seq}, beyond the last stored seq {self._last_seq}")
         current = self.sent(sink)
         seq = max(seq, acked)
-        if (forward and seq <= current) or (not forward and seq == current and sink in self._sent):
+        if resend is None and ((forward and seq <= current) or (not forward and seq == current and sink in self._sent)):
             return
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT INTO sink_sent VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET sent=excluded.sent",
                          (sink, seq))
+            if resend is not None:
+                conn.execute("INSERT INTO sink_resend VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                             "due_ns=excluded.due_ns, attempt=excluded.attempt", (sink, *resend))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(exc)
             raise OutboxError(_describe(self.path, f"recording seq {seq} as sent for sink {sink}", exc)) from exc
         self._sent[sink] = seq
+        if resend is not None:
+            self._resend[sink] = resend
 
     def stats(self) -> OutboxStats:
         """Counters kept in memory (no table scan); at most one indexed row read for oldest_ns.

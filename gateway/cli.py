@@ -1,4 +1,5 @@
-"""The `sluice` command: run, check, once, status, deadletter, outbox, sim, demo."""
+"""The `sluice` command: run, check, once, status, deadletter, outbox, sim, demo, init (and, from their
+modules, lot, trace, ingest, read, scan)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING
 from gateway.buffer import OutboxError
 from gateway.config import Config, ConfigErrors, load_config
 from gateway.driver import FieldInfo
-from gateway.logs import setup_logging
+from gateway.logs import add_log_level, setup_logging
 from gateway.reading import float32_text
+from gateway.units import duration_arg
 
 if TYPE_CHECKING:
     from gateway.trace.config import TraceConfig
@@ -33,6 +35,23 @@ def default_config_dir() -> Path:
         if os.environ.get(var):
             return Path(os.environ[var].split(":")[0])
     return Path("/etc/sluice") if Path("/etc/sluice/gateway.yaml").exists() else Path("config")
+
+
+def no_config_message(path: Path, given: bool) -> str | None:
+    """None when ``path`` has a gateway.yaml (or is a file); else what was looked at and how to
+    point the command at a configuration — instead of a located error in a file that is not there."""
+    if path.is_file() or (path / "gateway.yaml").is_file():
+        return None
+    if given:
+        return (f"no gateway.yaml in {path} (given with -c) — give the directory that holds gateway.yaml, or "
+                f"create one with `sluice init {path}`")
+    looked = ["-c (not given)"]
+    for var in ("SLUICE_CONFIG", "CONFIGURATION_DIRECTORY"):
+        value = os.environ.get(var)
+        looked.append(f"${var} ({value!r}: no gateway.yaml there)" if value else f"${var} (not set)")
+    looked += ["/etc/sluice (no gateway.yaml)", f"./config ({Path('config').resolve()}: no gateway.yaml)"]
+    return ("no configuration found; looked at " + ", ".join(looked) + " — point to one with -c DIR or "
+            "SLUICE_CONFIG=DIR, or create one with `sluice init DIR` (`sluice init --help` lists the examples)")
 
 
 def report_config_errors(exc: ConfigErrors, where: str) -> None:
@@ -58,9 +77,15 @@ def load_trace(config: Config) -> tuple[bool, TraceConfig | None]:
         return False, None
 
 
-def _load(path: Path) -> Config | None:
+def _load(path: Path, *, secrets: bool = False, given: bool = True) -> Config | None:
+    """The configuration, or None after saying why on stderr. ``secrets``: read every ``${file:}``
+    and ``${cred:}`` now (``run``); otherwise only where a command uses one (gateway/secretref.py)."""
+    missing = no_config_message(path, given)
+    if missing is not None:
+        print(f"sluice: {missing}", file=sys.stderr)
+        return None
     try:
-        return load_config(path)
+        return load_config(path, secrets=secrets)
     except ConfigErrors as exc:
         report_config_errors(exc, f"in the configuration at {path}; nothing was started")
         return None
@@ -72,7 +97,7 @@ def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, secrets=True, given=getattr(args, "config_given", True))
     if config is None:
         return EXIT_CONFIG
     setup_logging(args.log_level or config.gateway.logging.level, config.gateway.logging.format)
@@ -116,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, secrets=getattr(args, "secrets", False), given=getattr(args, "config_given", True))
     if config is None:
         return EXIT_CONFIG
     ok, trace = load_trace(config)
@@ -124,6 +149,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     for warning in config.warnings:
         print(warning, file=sys.stderr)
+    from gateway.security import startup_warnings
+
+    for warning in startup_warnings(config):  # what `run` warns about at every start
+        print(f"warning: {warning}", file=sys.stderr)
+    for note in config.unread:
+        print(note, file=sys.stderr)
+    if config.unread:
+        print("secret references are checked for form only; `sluice check --secrets`, run as the service's user "
+              "with its environment and credentials, reads them", file=sys.stderr)
     print(f"{config.path}: OK — gateway {config.gateway_id} at {config.site}, "
           f"{len(config.devices)} devices, {len(config.profiles)} profiles, "
           f"{len(config.gateway.sinks)} sinks")
@@ -136,7 +170,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_once(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, given=getattr(args, "config_given", True))
     if config is None:
         return EXIT_CONFIG
     setup_logging(args.log_level or "warning", "text")
@@ -188,7 +222,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         host, _sep, port = args.url.removeprefix("http://").rstrip("/").rpartition(":")
         host = host.strip("[]")
     else:
-        config = _load(args.config)
+        config = _load(args.config, given=getattr(args, "config_given", True))
         if config is None:
             return EXIT_CONFIG
         health = config.gateway.health
@@ -216,7 +250,7 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     from gateway.buffer import OutboxError, list_dead_letters, mark_resend, open_for_dead_letters
     from gateway.outbox_file import identity
 
-    config = _load(args.config)
+    config = _load(args.config, given=getattr(args, "config_given", True))
     if config is None:
         return EXIT_CONFIG
     path = config.gateway.buffer.resolved_path()
@@ -294,7 +328,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-CORE_COMMANDS = frozenset({"run", "check", "once", "status", "deadletter", "outbox", "demo"})
+def cmd_init(args: argparse.Namespace) -> int:
+    from gateway.examples import InitError, init_config
+
+    try:
+        files = init_config(args.directory, args.example)
+    except InitError as exc:
+        print(f"sluice init: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"sluice init: cannot write {args.directory}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    devices = sorted(f.name for f in files if f.parts[0] == "devices")
+    print(f"{args.directory}: the '{args.example}' configuration, {len(files)} files: gateway.yaml, "
+          f"devices/ ({', '.join(devices)}), profiles/, examples/ — every file is commented")
+    print(f"next: edit {args.directory}/gateway.yaml and {args.directory}/devices/, then "
+          f"`sluice check -c {args.directory}` and `sluice once -c {args.directory}`")
+    if args.example == "demo":
+        print(f"      or try it with simulated devices: `sluice demo -c {args.directory}`")
+    return 0
+
+
+SIM_COMMANDS = {
+    "serial": ("simulators.serial_sensor", "main_serial_sim"),  # a serial sensor on a pty
+    "rtu": ("simulators.modbus_rtu", "main_sim_rtu"),           # a Modbus RTU bus on a pseudo-terminal
+    "dtu": ("simulators.modbus_dtu", "main_sim_dtu"),           # a 4G/5G DTU dialling in to the gateway
+}
+"""``sluice sim KIND ...``: simulators with their own parsers (``sluice sim KIND --help``); plain
+``sluice sim`` is Modbus TCP (``simulators.modbus_tcp.main_sim``)."""
+
+CORE_COMMANDS = frozenset({"run", "check", "once", "status", "deadletter", "outbox", "demo", "init"})
 """Commands whose parser is built without importing the others' modules (trace: cryptography;
 ingest: paho, aiohttp, influxdb-client): `sluice run` should not carry them in memory."""
 
@@ -307,13 +370,16 @@ def build_parser(extensions: bool = True) -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", type=Path, default=None,
                        help="configuration directory holding gateway.yaml "
                             "(default: $SLUICE_CONFIG, $CONFIGURATION_DIRECTORY, /etc/sluice, ./config)")
-        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+        add_log_level(p)
 
     p = sub.add_parser("run", help="run the gateway until SIGTERM/SIGINT")
     with_config(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("check", help="validate a configuration; non-zero exit on errors")
     with_config(p)
+    p.add_argument("--secrets", action="store_true",
+                   help="also read every ${file:...} and ${cred:...} secret (and ${ENV}) as the service would; "
+                        "without it they are checked for form only (run it as the service's user)")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("once", help="poll every device once and print the readings; publishes nothing")
     with_config(p)
@@ -349,9 +415,19 @@ def build_parser(extensions: bool = True) -> argparse.ArgumentParser:
     sub.add_parser("sim", help="simulate Modbus devices from their profiles (see `sluice sim --help`; "
                    "an RTU bus on a pty: `sluice sim rtu --help`; a DTU dialling in: `sluice sim dtu --help`)")
     p = sub.add_parser("demo", help="simulated devices -> gateway -> outbox -> MQTT, live in the terminal")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
-    p.add_argument("--config", type=Path, default=None, help="demo configuration (default: the shipped config/)")
+    p.add_argument("--duration", type=duration_arg, default=None, metavar="DURATION",
+                   help="stop after this long, e.g. 30s or 5m (default: until Ctrl-C)")
+    p.add_argument("-c", "--config", type=Path, default=None,
+                   help="demo configuration: its loopback devices are simulated (default: the shipped example)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("init", help="write a commented starting configuration into a new directory")
+    p.add_argument("directory", type=Path, metavar="DIR", help="a new or empty directory (nothing is overwritten)")
+    from gateway.examples import EXAMPLES
+
+    p.add_argument("--example", choices=EXAMPLES, default="demo",
+                   help="demo: simulated devices on this machine (default); workshop: energy meters and a scale; "
+                        "farm: greenhouse probes, a cold room and a CO2 sensor, to a remote broker")
+    p.set_defaults(func=cmd_init)
     if not extensions:
         return parser
     from gateway.trace.cli import add_parsers as add_trace_parsers
@@ -366,6 +442,20 @@ def build_parser(extensions: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def command_paths() -> list[list[str]]:
+    """Every command and subcommand, as the words to type (``["deadletter", "list"]``, ``["sim", "rtu"]``):
+    read from the parsers, so a new one is listed (and smoke-tested with ``--help``) by itself."""
+    def walk(parser: argparse.ArgumentParser, prefix: list[str]) -> list[list[str]]:
+        found = [prefix] if prefix else []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    found += walk(child, [*prefix, name])
+        return found
+
+    return walk(build_parser(), []) + [["sim", name] for name in SIM_COMMANDS]
+
+
 def _stdout_closed() -> int:
     """Whoever read our output stopped (`sluice once | head`): that is no error of ours. Point
     stdout at /dev/null so that the interpreter's final flush cannot fail again, and exit
@@ -378,27 +468,18 @@ def _stdout_closed() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["sim", "serial"]:
-        # `sluice sim serial PROFILE`: a serial sensor on a pty (its own parser, --help).
-        from simulators.serial_sensor import main_serial_sim
+    if argv[:1] == ["sim"] and argv[1:2] and argv[1] in SIM_COMMANDS:
+        import importlib
 
-        return main_serial_sim(argv[2:])
-    if argv[:2] == ["sim", "rtu"]:
-        # A Modbus RTU bus on a pseudo-terminal (`sluice sim rtu --help`).
-        from simulators.modbus_rtu import main_sim_rtu
-
-        return main_sim_rtu(argv[2:])
-    if argv[:2] == ["sim", "dtu"]:
-        # A 4G/5G DTU that dials in to the gateway's DTU listener (`sluice sim dtu --help`).
-        from simulators.modbus_dtu import main_sim_dtu
-
-        return main_sim_dtu(argv[2:])
+        module, func = SIM_COMMANDS[argv[1]]
+        return int(getattr(importlib.import_module(module), func)(argv[2:]))
     if argv[:1] == ["sim"]:
         # The simulator has its own parser (`sluice sim --help`); hand it everything after `sim`.
         from simulators.modbus_tcp import main_sim
 
         return main_sim(argv[1:])
     args = build_parser(extensions=not (argv[:1] and argv[0] in CORE_COMMANDS)).parse_args(argv)
+    args.config_given = getattr(args, "config", None) is not None
     if getattr(args, "config", "unset") is None and args.command != "demo":
         args.config = default_config_dir()
     try:

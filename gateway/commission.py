@@ -48,13 +48,14 @@ from drivers.modbus import (
     ModbusFrameError,
     ModbusTcpClient,
     ModbusTimeout,
+    looks_like_reference,
     parse_register_reference,
     shortest_float32,
 )
 from drivers.modbus_rtu import ModbusRtuClient, SerialLink, char_time, damage_kind, inter_frame_silence, replies_in
 from drivers.modbus_rtu_tcp import RTU_TCP_HINTS, TcpLink
 from gateway.polling import format_duration
-from gateway.units import parse_duration
+from gateway.units import duration_arg
 
 __all__ = ["ORDERS", "add_parsers", "interpret_pairs", "interpret_registers", "read_command", "reorder",
            "scan_command"]
@@ -209,12 +210,34 @@ def _error_text(exc: Exception, client: ModbusClient) -> str:
 
 
 # =========================================================================== sluice read
+def _register_range(args: argparse.Namespace) -> tuple[str, int]:
+    """(kind, 0-based address) from ``--ref`` or ``--kind``/``--address``; ValueError for people when
+    they conflict, or when ``--address`` looks like the manual's reference (as ``check`` says of a profile)."""
+    if args.ref is not None:
+        kind, address = parse_register_reference(args.ref)
+        if args.kind is not None and args.kind != kind:
+            raise ValueError(f"--ref {args.ref} is a {kind} reference but --kind says {args.kind} — give one of them")
+        if args.address is not None and args.address != address:
+            raise ValueError(f"--ref {args.ref} is {kind} address {address} but --address says {args.address} "
+                             "— give --ref, or --kind and --address")
+        return kind, address
+    kind = args.kind or "holding"
+    address = 0 if args.address is None else args.address
+    for meant_kind in dict.fromkeys((kind, "holding", "input", "discrete")):  # its own kind first
+        meant = looks_like_reference(meant_kind, address)
+        if meant is not None:
+            raise ValueError(f"--address {address} looks like the manual's {_REF_DIGIT[meant_kind]}xxxx reference, "
+                             f"not a 0-based address — give --ref {address} (= {meant_kind} address {meant}), or "
+                             f"--kind {meant_kind} --address {meant}")
+    return kind, address
+
+
 async def read_command(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     try:
         target = parse_target(args.target, args.rtu)
-        kind, address = (parse_register_reference(args.ref) if args.ref is not None else (args.kind, args.address))
+        kind, address = _register_range(args)
     except ValueError as exc:
         print(f"sluice read: {exc}", file=err)
         return EXIT_USAGE
@@ -514,16 +537,6 @@ def _report(out: TextIO, args: argparse.Namespace, found: list[Found], noise: li
 
 
 # =========================================================================== the parsers
-def _duration(text: str) -> float:
-    try:
-        value = parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
-    return value
-
-
 def _parities(text: str) -> list[str]:
     """``N``, ``N,E,O`` or ``all`` -> parities to try, in order."""
     if text.strip().lower() == "all":
@@ -548,7 +561,9 @@ def _line_options(p: argparse.ArgumentParser, *, scan: bool = False) -> None:
     else:
         p.add_argument("--parity", choices=["N", "E", "O"], default="N", help="serial parity (default N)")
     p.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
-    p.add_argument("--kind", choices=list(FUNCTION), default="holding", help="register type (default holding)")
+    # read: None when not given, so that a --ref of another kind is refused rather than silently overriding it
+    p.add_argument("--kind", choices=list(FUNCTION), default="holding" if scan else None,
+                   help="register type (default holding)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
 
 
@@ -570,10 +585,10 @@ def add_parsers(sub: Any) -> None:
     _line_options(p)
     p.add_argument("--baudrate", type=int, default=9600, help="serial baud rate (default 9600)")
     p.add_argument("--unit", type=int, default=1, help="unit (slave) id (default 1)")
-    p.add_argument("--address", type=int, default=0, help="0-based protocol address (default 0)")
+    p.add_argument("--address", type=int, default=None, help="0-based protocol address (default 0)")
     p.add_argument("--ref", default=None, help="or the manual's reference instead of --kind/--address: 40001, 30010")
     p.add_argument("--count", type=int, default=10, help="registers (or bits) to read (default 10)")
-    p.add_argument("--timeout", type=_duration, default=1.0, metavar="DURATION", help="default 1s")
+    p.add_argument("--timeout", type=duration_arg, default=1.0, metavar="DURATION", help="default 1s")
     p.set_defaults(func=cmd_read)
     p = sub.add_parser("scan", help="find which unit ids answer, at which baud rates and parities; bounded time on "
                        "a silent bus")
@@ -582,7 +597,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--baudrates", default=None, help="serial baud rates to try, e.g. 9600,19200 (default 9600)")
     p.add_argument("--address", type=int, default=0, help="address each probe reads (default 0)")
     p.add_argument("--count", type=int, default=2, help="registers each probe reads (default 2)")
-    p.add_argument("--timeout", type=_duration, default=0.1, metavar="DURATION",
+    p.add_argument("--timeout", type=duration_arg, default=0.1, metavar="DURATION",
                    help="per probe (default 100ms); a unit heard answering later is asked again with 2s; total "
                         "at most units × baud rates × parities × timeout")
     p.set_defaults(func=cmd_scan)

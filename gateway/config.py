@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
-import re
 import ssl
 import string
 from collections.abc import Sequence
@@ -20,10 +19,11 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from gateway import driver as drivers
 from gateway.buffer import disk_budget
 from gateway.driver import Device, StrictModel
+from gateway.secretref import Secret, SecretRef, expand_secrets, unread_value
 from gateway.units import ByteSize, Duration, Identifier
 from gateway.yamlpos import ConfigError, ConfigErrors, YamlDoc, load_yaml
 
-__all__ = ["Config", "ConfigError", "ConfigErrors", "load_config"]
+__all__ = ["Config", "ConfigError", "ConfigErrors", "expand_secrets", "load_config"]
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
@@ -151,8 +151,9 @@ RECEIPT_SECRET_MIN = 16
 
 
 def check_receipt_secret(value: SecretStr | None) -> SecretStr | None:
-    """A receipt secret must be long enough to be one (the value is never echoed)."""
-    if value is not None and len(value.get_secret_value()) < RECEIPT_SECRET_MIN:
+    """A receipt secret must be long enough to be one (the value is never echoed; one not read
+    at load time is checked where it is read)."""
+    if value is not None and not isinstance(value, SecretRef) and len(value.get_secret_value()) < RECEIPT_SECRET_MIN:
         raise ValueError(f"receipt_secret is shorter than {RECEIPT_SECRET_MIN} characters — use a random one, e.g. "
                          "`openssl rand -hex 32` in a file read with ${file:...}")
     return value
@@ -164,7 +165,7 @@ class MqttSinkConfig(StrictModel):
     port: int | None = Field(default=None, ge=1, le=65535, description="1883, or 8883 with tls")
     client_id: str | None = Field(default=None, description="defaults to sluice-<gateway id>")
     username: str | None = None
-    password: SecretStr | None = None
+    password: Secret | None = None
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     topic: str = "sluice/{site}/{gateway}/{device}"
     status_topic: str = "sluice/{site}/{gateway}/status"
@@ -186,7 +187,7 @@ class MqttSinkConfig(StrictModel):
                                       description="end_to_end: re-send what has no receipt after this long")
     receipt_window: int = Field(default=20_000, ge=1, le=10_000_000,
                                 description="end_to_end: readings published but not yet confirmed, at most")
-    receipt_secret: SecretStr | None = Field(
+    receipt_secret: Secret | None = Field(
         default=None, description="end_to_end: shared with `sluice ingest`; receipts without its HMAC are ignored")
 
     _topic = field_validator("topic")(lambda v: _check_template(v, TOPIC_FIELDS))
@@ -241,11 +242,11 @@ class InfluxSinkConfig(StrictModel):
     api: Literal["v2", "v1"] = "v2"
     org: str | None = Field(default=None, description="v2: the organisation (InfluxDB 2.x/Cloud need it)")
     bucket: str | None = Field(default=None, description="v2: the bucket (InfluxDB 1.8: database/retention)")
-    token: SecretStr | None = Field(default=None, description="v2: an API token with write access")
+    token: Secret | None = Field(default=None, description="v2: an API token with write access")
     database: str | None = Field(default=None, description="v1: the database")
     retention_policy: str | None = Field(default=None, description="v1: the retention policy (default: the database's)")
     username: str | None = Field(default=None, description="v1: user with write access")
-    password: SecretStr | None = None
+    password: Secret | None = None
     gzip: bool = Field(default=True, description="compress request bodies")
     timeout: Duration = Field(default=10.0, gt=0, le=600, description="per HTTP request")
     batch: HttpBatchConfig = HttpBatchConfig()
@@ -297,6 +298,9 @@ class HealthConfig(ListenConfig):
     enabled: bool = Field(default=True, description="serve /healthz and /metrics over HTTP")
     listen: str = Field(default="127.0.0.1:9108",
                         description="host:port of the health endpoint; loopback unless you need it remote")
+    watchdog_margin: Duration = Field(default=10.0, ge=1, le=3600,
+                                      description="slack past a loop's own limit or deadline before the watchdog "
+                                                  "calls it wedged (and stops pinging systemd)")
 
     @field_validator("listen")
     @classmethod
@@ -324,6 +328,10 @@ class Config:
     devices: tuple[Device, ...]
     profiles: dict[str, Any]
     warnings: tuple[ConfigError, ...] = ()  # located, not fatal: `check` prints them, `run` logs them
+    secrets_read: bool = True
+    """False: ``${file:}``/``${cred:}`` references (and unset ``${ENV}``) were not read (``unread``
+    says where); secret fields read them when used (gateway/secretref.py)."""
+    unread: tuple[ConfigError, ...] = ()
 
     @property
     def gateway_id(self) -> str:
@@ -332,66 +340,6 @@ class Config:
     @property
     def site(self) -> str:
         return self.gateway.gateway.site
-
-
-# --------------------------------------------------------------------------- secrets
-_REF = re.compile(r"\$\{([^}]*)\}")
-
-
-def _resolve_ref(ref: str) -> str:
-    if ref.startswith("file:"):
-        return Path(ref[5:]).read_text(encoding="utf-8").strip()
-    if ref.startswith("cred:"):
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            raise LookupError("systemd credentials are not available ($CREDENTIALS_DIRECTORY is not set)")
-        return (Path(directory) / ref[5:]).read_text(encoding="utf-8").strip()
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", ref):
-        raise LookupError(f"'${{{ref}}}' is not a valid reference")
-    if ref not in os.environ:
-        raise LookupError(f"environment variable {ref} is not set")
-    return os.environ[ref]
-
-
-class _Expanded(str):
-    """A value with ``${...}`` references resolved. Its repr is the reference as written, so an
-    error message that quotes a rejected value (``port: '${MQTT_PASSWORD}' ...``) never shows
-    the secret it resolved to."""
-
-    __slots__ = ("written",)
-    written: str
-
-    def __repr__(self) -> str:
-        return repr(self.written)
-
-
-def _expanded(value: str, written: str) -> str:
-    out = _Expanded(value)
-    out.written = written
-    return out
-
-
-def expand_secrets(doc: YamlDoc, errors: list[ConfigError]) -> Any:
-    """Replace ``${ENV}``, ``${file:/path}`` and ``${cred:NAME}`` in every string value."""
-
-    def walk(value: Any, loc: tuple[str | int, ...]) -> Any:
-        if isinstance(value, dict):
-            return {k: walk(v, (*loc, k)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v, (*loc, i)) for i, v in enumerate(value)]
-        if isinstance(value, str) and "${" in value:
-            def sub(match: re.Match[str]) -> str:
-                try:
-                    return _resolve_ref(match.group(1))
-                except (LookupError, OSError) as exc:
-                    reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-                    errors.append(doc.error(loc, f"cannot resolve {match.group(0)}: {reason}",
-                                            "set it in the service's environment or credentials"))
-                    return ""
-            return _expanded(_REF.sub(sub, value), value)
-        return value
-
-    return walk(doc.data, ())
 
 
 # --------------------------------------------------------------------------- pydantic -> people
@@ -473,6 +421,8 @@ def validate_doc(doc: YamlDoc, model: type[StrictModel], errors: list[ConfigErro
         for err in exc.errors():
             raw = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
             loc, at_value = _real_loc(data, raw, keep_last=err["type"] in ("missing", "extra_forbidden"))
+            if unread_value(err.get("input")):
+                continue  # its references were not read: what it will be is not known here
             if err["type"] == "union_tag_invalid":
                 loc, at_value = (*loc, "type"), True  # point at the wrong value, not at the block
             message, hint = _describe({**err, "loc": loc if at_value or err["type"] == "missing" else ()}, model)
@@ -525,16 +475,20 @@ def _display(path: Path) -> Path:
         return path
 
 
-def load_config(path: Path | str) -> Config:
-    """Load and validate a configuration directory (or its gateway.yaml). Raises ConfigErrors."""
+def load_config(path: Path | str, *, secrets: bool = True) -> Config:
+    """Load and validate a configuration directory (or its gateway.yaml). Raises ConfigErrors.
+
+    ``secrets=False``: files and credentials named by ``${...}`` are not read, for commands run from
+    a shell that do not use them (gateway/secretref.py)."""
     path = Path(path)
     gw_path = path / "gateway.yaml" if path.is_dir() else path
     errors: list[ConfigError] = []
+    unread: list[ConfigError] | None = None if secrets else []
     doc, errs = load_yaml(gw_path, _display(gw_path))
     errors += errs
     if doc is None:
         raise ConfigErrors(errors)
-    gateway = validate_doc(doc, GatewayFile, errors, expand_secrets(doc, errors))
+    gateway = validate_doc(doc, GatewayFile, errors, expand_secrets(doc, errors, unread))
     if gateway is not None:
         too_big = disk_budget(gateway.buffer.resolved_path(), gateway.buffer.max_bytes)
         if too_big is not None:
@@ -549,12 +503,13 @@ def load_config(path: Path | str) -> Config:
             profiles_dir=Path(raw["profiles_dir"]) if isinstance(raw.get("profiles_dir"), str) else Path("profiles"))
     base = gw_path.parent
     profiles = load_profiles(base / gateway.profiles_dir, errors)
-    devices = _load_devices(base / gateway.devices_dir, profiles, gateway, errors)
+    devices = _load_devices(base / gateway.devices_dir, profiles, gateway, errors, unread)
     warnings = [e for e in errors if e.warning]
     if len(warnings) < len(errors):
         raise ConfigErrors(errors)  # the warnings too, in file order
     return Config(gw_path, gateway, tuple(d for d in devices if d.config.enabled),
-                  {name: p for name, p in profiles.items() if p is not None}, tuple(ConfigErrors(warnings).errors))
+                  {name: p for name, p in profiles.items() if p is not None}, tuple(ConfigErrors(warnings).errors),
+                  secrets_read=secrets, unread=tuple(unread or ()))
 
 
 def _yaml_files(directory: Path, what: str, errors: list[ConfigError], anchor: Path) -> list[Path]:
@@ -604,7 +559,7 @@ def load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, Any]:
 
 
 def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFile,
-                  errors: list[ConfigError]) -> list[Device]:
+                  errors: list[ConfigError], unread: list[ConfigError] | None = None) -> list[Device]:
     devices: list[Device] = []
     docs: dict[str, YamlDoc] = {}
     protocols = drivers.known_protocols()
@@ -617,7 +572,7 @@ def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFil
         if proto is None:
             continue
         module = drivers.driver_for_protocol(proto)
-        cfg = validate_doc(doc, module.DeviceModel, errors, expand_secrets(doc, errors))  # type: ignore[union-attr]
+        cfg = validate_doc(doc, module.DeviceModel, errors, expand_secrets(doc, errors, unread))  # type: ignore[union-attr]
         if cfg is None:
             continue
         if cfg.id in docs:

@@ -1,8 +1,9 @@
 """`sluice demo`: simulated devices -> gateway -> outbox -> private Mosquitto, live in the terminal.
 
 Everything runs on loopback and in a temporary directory: the shipped example configuration
-(config/) is copied with free ports, the simulator serves its devices, a private broker is started
-if a `mosquitto` binary exists, and a subscriber shows what the broker received.
+(config/, or ``-c DIR``) is copied with free ports (devices, broker, health endpoint), the
+simulator serves its devices, a private broker is started if a `mosquitto` binary exists, and a
+subscriber shows what the broker received.
 """
 
 from __future__ import annotations
@@ -23,12 +24,10 @@ import yaml
 
 from gateway.app import Gateway
 from gateway.config import Config, load_config
+from gateway.examples import shipped_config
 from gateway.logs import setup_logging
 from gateway.reading import Reading
 from simulators.broker import Mosquitto, find_mosquitto
-
-SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config"
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -51,6 +50,8 @@ def write_demo_config(source: Path, target: Path, broker_port: int | None) -> Pa
         gw["sinks"] = {"demo-broker": {"type": "mqtt", "host": "127.0.0.1", "port": broker_port,
                                        "batch": {"linger": "200ms"}}}
     gw["logging"] = {"level": "warning", "format": "text"}
+    # A free port: the default 9108 may be a running gateway's (or another demo's).
+    gw["health"] = {**gw.get("health", {}), "listen": f"127.0.0.1:{free_port()}"}
     (target / "gateway.yaml").write_text(yaml.safe_dump(gw, sort_keys=False), encoding="utf-8")
     devices = target / "devices"
     devices.mkdir()
@@ -209,9 +210,10 @@ async def _demo(stop: asyncio.Event, source: Path) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     setup_logging("warning", "text")
-    source = args.config or SHIPPED_CONFIG
+    source = args.config or shipped_config()
     if not (source / "gateway.yaml").exists():
-        print(f"no gateway.yaml in {source}", file=sys.stderr)
+        print(f"sluice demo: no gateway.yaml in {source} — give a configuration directory with -c "
+              "(`sluice init DIR` writes one)", file=sys.stderr)
         return 2
     return asyncio.run(demo(args.duration, source))
 

@@ -32,7 +32,9 @@ unchanged. Rules applied:
   are written in Python's shortest round-trip form (``repr``); NaN and infinities cannot be
   represented and the field is left out; booleans are ``true``/``false``.
 * Empty tag values (and empty tag or field keys) are left out: InfluxDB rejects them.
-* The reading's quality becomes a string field ``quality`` only when it is not ``good``.
+* The reading's quality becomes a string field ``quality`` only when it is not ``good``: its
+  flags in canonical form (sorted, comma-joined: ``"clock_unsynced,uncertain"``; see
+  :func:`gateway.reading.quality`).
 * A good reading left with no field at all (every value NaN) is not written: line protocol
   needs a field, and there is nothing to store. One that is not good keeps its ``quality``.
 * Non-ASCII text (``温室一号``) is written as UTF-8.
@@ -41,12 +43,13 @@ JSON (``format: json``), one object per message, compact, UTF-8::
 
     {"gateway": "<id>", "site": "<site>", "readings": [
         {"device": "...", "measurement": "...", "tags": {...}, "time_ns": <int>,
-         "quality": "good|uncertain|clock_unsynced", "fields": {"<name>": <number|bool|string|null>}}
+         "quality": "good|<flag>[,<flag>]", "fields": {"<name>": <number|bool|string|null>}}
     ]}
 
 ``time_ns`` is nanoseconds since the Unix epoch (UTC) as an integer: JavaScript consumers must
 parse it as a BigInt. NaN and infinities are written as ``null``. ``tags`` is written as the
-reading carries it; ``quality`` is always present.
+reading carries it; ``quality`` is always present: ``good`` or the set of flags (``uncertain``,
+``clock_unsynced``) sorted and joined with commas.
 """
 
 from __future__ import annotations

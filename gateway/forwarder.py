@@ -30,10 +30,27 @@ Lifecycle (who calls what):
   the database (or in its dead-letter topic). A range whose every part has a receipt is confirmed;
   the sink's ``acked`` position moves over confirmed ranges that join it (receipts may come in any
   order, from several ingest workers, and from before a restart). When the oldest sent batch has
-  no complete receipt ``receipt_timeout`` after it was sent, the sent position goes back to
-  ``acked`` and everything unconfirmed is published again (duplicates overwrite identical points).
-  At most ``receipt_window`` readings are sent but unconfirmed at once. With ``receipt_secret`` a
-  receipt counts only if its ``"mac"`` is :func:`receipt_mac` of it (others are counted, ignored).
+  no complete receipt ``receipt_timeout`` after it was sent (or after the last receipt that moved
+  ``acked``: an ingest working through a backlog in order is not waited out), the sent position
+  goes back to ``acked`` and everything unconfirmed is published again (duplicates overwrite
+  identical points). Re-sends back off: after the first, the next comes only 2×, 4×, 8× then
+  16× (:data:`gateway.receipts.RESEND_BACKOFF_MAX`) ``receipt_timeout`` later while no receipt
+  moves ``acked`` — an ingest that is down costs the broker's queue one more copy of the window
+  per back-off step, not one per ``receipt_timeout``; and a new copy never starts before the
+  previous one was handed to the broker whole. The backoff (next due time, re-sends so far) is kept in the
+  outbox (``sink_resend``) with the rewind, so a restart keeps it; readings sent before a restart
+  with no re-send recorded are published again at start (a fresh ``receipt_timeout`` after every
+  restart could postpone them for ever). At most ``receipt_window`` readings are sent but
+  unconfirmed at once; while the window is full the forwarder reports itself *waiting* on
+  receipts until its next re-send (gateway/watchdog.py: that is not a wedge). With
+  ``receipt_secret`` a receipt counts only if its ``"mac"`` is :func:`receipt_mac` of it (others
+  are counted, ignored).
+* The receipts' state (ranges awaiting receipts, confirmed ranges, the re-send backoff) lives in
+  :class:`gateway.receipts.Receipts`, one per end_to_end forwarder; this docstring states its rules.
+* Watchdog: the forwarder reports to its :class:`gateway.watchdog.Loop` — idle (nothing to send),
+  busy (a batch on its way; progress at every delivered or failed batch), waiting on the sink's
+  connection (no deadline: the sink reconnects by itself), on receipts (until the next re-send) or
+  on a pause after an outbox error (until it retries).
 * Messages: a sink config with a ``topic`` template (MQTT) gets one group per topic; one with
   ``topic = None`` (HTTP sinks) gets the batch in outbox order, split only by ``batch.max_bytes``,
   with ``""`` as the topic of every message.
@@ -42,14 +59,9 @@ Lifecycle (who calls what):
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
 import logging
-import re
 import string
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
@@ -58,9 +70,11 @@ from gateway.buffer import Entry, Outbox, OutboxError
 from gateway.config import BatchConfig
 from gateway.encode import make_encoder
 from gateway.reading import Reading
+from gateway.receipts import RECEIPTS, Receipts, batch_ids, parse_batch_id, receipt_mac
+from gateway.watchdog import Loop
 
 __all__ = ["Forwarder", "ForwarderStats", "Identity", "Message", "Sink", "SinkConfig", "SinkRejected",
-           "SinkUnavailable"]
+           "SinkUnavailable", "batch_ids", "parse_batch_id", "receipt_mac"]  # the last three: gateway/receipts.py
 
 log = logging.getLogger(__name__)
 
@@ -143,34 +157,6 @@ class ForwarderStats:
     receipts_refused: int = 0  # end_to_end with receipt_secret: receipts without a valid mac, ignored
 
 
-_BATCH_ID = re.compile(r"(\d+)-(\d+):(\d+)/(\d+)")
-
-
-def batch_ids(first: int, last: int, parts: int) -> list[bytes]:
-    """The correlation data of each of the ``parts`` messages of the batch covering seqs first..last."""
-    return [f"{first}-{last}:{i}/{parts}".encode() for i in range(1, parts + 1)]
-
-
-def receipt_mac(key: bytes, topic: str, written: Sequence[str], dead_lettered: Sequence[str]) -> str:
-    """The ``mac`` of a receipt (``receipt_secret``): HMAC-SHA256, hex, over the receipt topic and
-    the id lists in a fixed serialisation, so a receipt cannot be moved to another gateway's topic.
-    Replaying an old receipt confirms nothing new: batch ids are outbox seqs, never reused."""
-    text = topic + "\n" + json.dumps({"written": list(written), "dead_lettered": list(dead_lettered)},
-                                     separators=(",", ":"))
-    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
-
-
-def parse_batch_id(text: str) -> tuple[int, int, int, int] | None:
-    """(first, last, part, parts) of a batch id, or None if it is not one."""
-    m = _BATCH_ID.fullmatch(text)
-    if m is None:
-        return None
-    first, last, part, parts = map(int, m.groups())
-    if not (0 < first <= last and 0 < part <= parts):
-        return None
-    return first, last, part, parts
-
-
 SPLIT_REQUESTS = 64
 """Most requests spent finding the refused readings of one refused batch; then what is still
 refused goes to the dead letters in parts (a batch of all-bad readings must not cost 2n requests)."""
@@ -204,17 +190,6 @@ async def isolate_refused(items: Sequence[T], message: str, send: Callable[[Sequ
     return refused
 
 
-class _Receipts:
-    """end_to_end bookkeeping of one forwarder: sent batches awaiting receipts, confirmed ranges."""
-
-    def __init__(self, timeout: float, window: int) -> None:
-        self.timeout = timeout
-        self.window = window
-        self.outstanding: deque[tuple[int, int, float]] = deque()  # (first, last, deadline), oldest first
-        self.parts: dict[tuple[int, int], set[int]] = {}  # incomplete ranges: parts received
-        self.confirmed: dict[int, int] = {}  # complete ranges not yet joined to acked: first -> last
-
-
 class _Topics:
     """Renders the topic template per (device, measurement, profile); the result is cached."""
 
@@ -242,8 +217,10 @@ class Forwarder:
     """Moves one sink's readings from the outbox to the sink. See the module docstring."""
 
     def __init__(self, name: str, outbox: Outbox, sink: Sink, config: SinkConfig,
-                 identity: Identity) -> None:
+                 identity: Identity, loop: Loop | None = None) -> None:
         self.name = name
+        self.loop = loop if loop is not None else Loop(f"forward[{name}]")
+        """What this forwarder reports to the watchdog (see the module docstring)."""
         self._outbox = outbox
         self._sink = sink
         self._batch = config.batch
@@ -252,147 +229,33 @@ class Forwarder:
         self._wake = asyncio.Event()
         self._resend_check_at = 0.0  # loop time of the next look for dead letters to re-send
         self.stats = ForwarderStats()
-        self._receipts: _Receipts | None = None
-        self._receipt_key: tuple[bytes, str] | None = None  # (secret, receipt topic)
-        self._refused_logged = 0.0  # monotonic time a refused receipt was last logged
+        self._receipts: Receipts | None = None
         if getattr(config, "delivery", "broker") == "end_to_end":
-            self._receipts = _Receipts(config.receipt_timeout, config.receipt_window)  # type: ignore[attr-defined]
-            sink.receipt_handler = self.on_receipt  # type: ignore[attr-defined]
             secret = getattr(config, "receipt_secret", None)
-            if secret is not None:
-                self._receipt_key = (secret.get_secret_value().encode(), str(sink.receipt_topic))  # type: ignore[attr-defined]
+            key = (secret.get_secret_value().encode(), str(sink.receipt_topic)) if secret is not None else None  # type: ignore[attr-defined]
+            self._receipts = Receipts(name, outbox, config.receipt_timeout, config.receipt_window,  # type: ignore[attr-defined]
+                                      self.stats, self.loop, self._wake.set, key)
+            sink.receipt_handler = self._receipts.on_receipt  # type: ignore[attr-defined]
 
     def notify(self) -> None:
         """New entries were committed to the outbox. Never blocks."""
         self._wake.set()
 
-    # -- end-to-end receipts -------------------------------------------------------------------
-
-    def on_receipt(self, payload: bytes) -> None:
-        """A receipt from ``sluice ingest`` (see the module docstring). Never raises on bad input."""
-        rec = self._receipts
-        if rec is None:
-            return
-        try:
-            doc = json.loads(payload)
-            ids = [*doc.get("written", ()), *doc.get("dead_lettered", ())]
-        except (ValueError, AttributeError, TypeError):
-            log.warning("sink %s: ignoring a receipt that is not JSON with written/dead_lettered lists: %.200r",
-                        self.name, payload)
-            return
-        if self._receipt_key is not None and not self._authentic(doc):
-            return
-        if doc.get("dead_lettered"):
-            log.warning("sink %s: ingest dead-lettered messages of batches %s — see its dead-letter topic",
-                        self.name, ", ".join(map(str, doc["dead_lettered"]))[:400])
-        acked = self._outbox_position()
-        for text in ids:
-            parsed = parse_batch_id(str(text))
-            if parsed is None:
-                continue
-            first, last, part, parts = parsed
-            if last <= acked:
-                continue
-            key = (first, last)
-            got = rec.parts.setdefault(key, set())
-            got.add(part)
-            if len(got) >= parts:
-                del rec.parts[key]
-                rec.confirmed[first] = max(last, rec.confirmed.get(first, 0))
-                self.stats.receipts += 1
-        self._advance()
-
-    def _authentic(self, doc: dict[str, object]) -> bool:
-        """The receipt carries the mac of ``receipt_secret``; else it is counted, logged (at most once
-        a minute) and ignored — a forged receipt must never delete readings."""
-        assert self._receipt_key is not None
-        key, topic = self._receipt_key
-        mac = doc.get("mac")
-        try:
-            expected = receipt_mac(key, topic, doc.get("written", []), doc.get("dead_lettered", []))  # type: ignore[arg-type]
-        except TypeError:
-            expected = ""
-        if isinstance(mac, str) and expected and hmac.compare_digest(mac, expected):
-            return True
-        self.stats.receipts_refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged >= 60.0:
-            self._refused_logged = now
-            log.warning("sink %s: ignored a receipt on %s %s (%d so far) — set the same receipt_secret in "
-                        "ingest.yaml, and restrict with broker ACLs who may publish there", self.name, topic,
-                        "without a mac" if mac is None else "with a wrong mac", self.stats.receipts_refused)
-        return False
-
-    def _outbox_position(self) -> int:
-        return self._outbox.position(self.name)
-
-    def _advance(self) -> None:
-        """Move ``acked`` over confirmed ranges that join it."""
-        rec = self._receipts
-        assert rec is not None
-        start = pos = self._outbox_position()
-        moved = True
-        while moved:
-            moved = False
-            for first, last in list(rec.confirmed.items()):
-                if last <= pos:
-                    del rec.confirmed[first]
-                elif first <= pos + 1:
-                    pos = last
-                    del rec.confirmed[first]
-                    moved = True
-        if pos <= start:
-            return
-        pos = min(pos, self._outbox.last_seq)
-        try:
-            self._outbox.ack(self.name, pos)
-        except OutboxError as exc:  # the receipt is lost; the readings are published again later
-            log.error("sink %s: outbox error while recording a receipt: %s", self.name, exc)
-            return
-        for key in [k for k in rec.parts if k[1] <= pos]:
-            del rec.parts[key]
-        while rec.outstanding and rec.outstanding[0][1] <= pos:
-            rec.outstanding.popleft()
-        self.stats.delivered += pos - start
-        self.stats.last_delivery_ns = time.time_ns()
-        self._wake.set()
-
-    def _check_receipts(self) -> float | None:
-        """Re-send after a receipt timeout; returns seconds to wait when the window is full, else None."""
-        rec = self._receipts
-        if rec is None:
-            return None
-        now = asyncio.get_running_loop().time()
-        if rec.outstanding and rec.outstanding[0][2] <= now:
-            first, last, _deadline = rec.outstanding[0]
-            sent = self._outbox.sent(self.name)
-            log.warning("sink %s: no receipt for readings seq %d–%d within %g s — publishing the %d readings "
-                        "not yet confirmed again (is `sluice ingest` running and writing?)", self.name, first, last,
-                        rec.timeout, sent - self._outbox_position())
-            rec.outstanding.clear()
-            self._outbox.rewind_sent(self.name)
-            self.stats.receipt_timeouts += 1
-            self.stats.receipt_resent += sent - self._outbox_position()
-            return None
-        if self._outbox.sent(self.name) - self._outbox_position() >= rec.window and rec.outstanding:
-            return max(rec.outstanding[0][2] - now, 0.01)
-        return None
-
     async def run(self) -> None:
         """Deliver forever; cancel to stop (an unacknowledged batch stays in the outbox)."""
         failing = False
         rec = self._receipts
+        loop = self.loop
         if rec is not None:
-            sent, acked = self._outbox.sent(self.name), self._outbox_position()
-            if sent > acked:  # sent before a restart: wait for their receipts before sending again
-                rec.outstanding.append((acked + 1, sent, asyncio.get_running_loop().time() + rec.timeout))
+            rec.restore()
         while True:
             try:
                 if not self._sink.connected:
+                    loop.waiting("the sink's connection", None)  # the sink reconnects by itself
                     await self._sink.wait_connected()
                 if not await self._resend_dead_letter():
                     continue
-                wait = self._check_receipts()
+                wait = rec.check() if rec is not None else None
                 if wait is not None:
                     self._wake.clear()
                     await self._wait_wake(wait)
@@ -400,6 +263,7 @@ class Forwarder:
                 entries = await self._next_batch()
                 if not entries:
                     continue
+                loop.busy()
                 messages = self.build_messages([e.reading for e in entries])
                 if rec is not None:
                     first = min(entries[0].seq, self._outbox.sent(self.name) + 1)
@@ -408,14 +272,14 @@ class Forwarder:
                                                                   len(messages)))
                     except SinkUnavailable as exc:
                         self.stats.retries += 1
+                        loop.progress()
                         log.debug("sink %s: batch of %d readings not published (%s); will resend",
                                   self.name, len(entries), exc)
+                        loop.waiting("the sink's connection", None)
                         await self._sink.wait_connected()
                         continue
-                    self._outbox.mark_sent(self.name, entries[-1].seq)
-                    if self._outbox_position() < entries[-1].seq:
-                        rec.outstanding.append((first, entries[-1].seq,
-                                                asyncio.get_running_loop().time() + rec.timeout))
+                    loop.progress()
+                    rec.published(first, entries[-1].seq)
                     stats = self.stats
                     stats.messages += len(messages)
                     stats.bytes += sum(len(payload) for _topic, payload in messages)
@@ -425,13 +289,17 @@ class Forwarder:
                     await self._sink.send(messages)
                 except SinkUnavailable as exc:
                     self.stats.retries += 1
+                    loop.progress()
                     log.debug("sink %s: batch of %d readings not delivered (%s); will resend",
                               self.name, len(entries), exc)
+                    loop.waiting("the sink's connection", None)
                     await self._sink.wait_connected()
                     continue
                 except SinkRejected as exc:
                     await self._reject(entries, str(exc))
+                    loop.progress()
                     continue
+                loop.progress()
                 self._outbox.ack(self.name, entries[-1].seq)
                 stats = self.stats
                 stats.delivered += len(entries)
@@ -448,6 +316,7 @@ class Forwarder:
                               self.name, exc, ERROR_PAUSE)
                     failing = True
                 self.stats.retries += 1
+                loop.waiting("a retry after an outbox error", asyncio.get_running_loop().time() + ERROR_PAUSE)
                 await asyncio.sleep(ERROR_PAUSE)
             except Exception:
                 # A bug must not stop delivery for good: log it with the traceback, retry later.
@@ -456,6 +325,7 @@ class Forwarder:
                                   self.name, ERROR_PAUSE)
                     failing = True
                 self.stats.retries += 1
+                loop.waiting("a retry after an unexpected failure", asyncio.get_running_loop().time() + ERROR_PAUSE)
                 await asyncio.sleep(ERROR_PAUSE)
 
     async def _reject(self, entries: list[Entry], message: str) -> None:
@@ -499,17 +369,22 @@ class Forwarder:
         if letter is None:
             self._resend_check_at = now + RESEND_CHECK_INTERVAL
             return True
+        self.loop.busy()
         try:
             await self._sink.send(self.build_messages(letter.readings))
         except SinkUnavailable:
             self.stats.retries += 1
+            self.loop.progress()
+            self.loop.waiting("the sink's connection", None)
             await self._sink.wait_connected()
             return False
         except SinkRejected as exc:
+            self.loop.progress()
             self._outbox.refused_again(letter.id, str(exc))
             log.error("sink %s refused dead letter %d (%d readings) again: %s — it stays in the dead-letter table",
                       self.name, letter.id, letter.count, exc)
             return True
+        self.loop.progress()
         self._outbox.resolve(letter.id)
         self.stats.resent += letter.count
         log.info("sink %s: dead letter %d (%d readings) delivered on re-send", self.name, letter.id, letter.count)
@@ -519,25 +394,35 @@ class Forwarder:
         """Wait for entries, linger for a part-full batch, return the batch (maybe empty)."""
         batch = self._batch
         self._wake.clear()  # cleared before the fetch: a commit after it wakes us again
-        after = self._outbox.sent(self.name) if self._receipts is not None else None
-        entries = self._outbox.fetch(self.name, batch.max_readings, batch.max_bytes, after=after)
+        after = None
+        most = batch.max_readings
+        if self._receipts is not None:  # the window bounds what is unconfirmed, a batch included
+            after = self._outbox.sent(self.name)
+            most = min(most, self._receipts.room())
+        entries = self._outbox.fetch(self.name, most, batch.max_bytes, after=after)
         if not entries:
-            await self._wait_wake(RECHECK_INTERVAL)
+            due = self._receipts.due() if self._receipts is not None else None
+            if due is None:
+                self.loop.idle()
+                await self._wait_wake(RECHECK_INTERVAL)
+            else:  # all sent: wake for the next re-send, not up to RECHECK_INTERVAL after it
+                self.loop.waiting(RECEIPTS, due)
+                await self._wait_wake(min(RECHECK_INTERVAL, max(due - asyncio.get_running_loop().time(), 0.01)))
             return []
         # The first batch of a run goes at once: lingering is for steady state, and an operator
         # watching a new install should see the first value as soon as it is read.
-        if len(entries) < batch.max_readings and batch.linger > 0 and self.stats.batches:
+        if len(entries) < most and batch.linger > 0 and self.stats.batches:
             # Linger from the oldest reading's time, so a backlog (old readings) goes at once.
             age = (time.time_ns() - entries[0].reading.time_ns) / 1e9
             deadline = asyncio.get_running_loop().time() + min(batch.linger - age, batch.linger)
-            while len(entries) < batch.max_readings:
+            while len(entries) < most:
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
                     break
                 self._wake.clear()
                 if not await self._wait_wake(remaining):
                     break  # nothing committed meanwhile: send what we have
-                more = self._outbox.fetch(self.name, batch.max_readings, batch.max_bytes, after=after)
+                more = self._outbox.fetch(self.name, most, batch.max_bytes, after=after)
                 if len(more) == len(entries):  # limited by max_bytes: full already
                     entries = more
                     break

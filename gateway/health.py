@@ -1,14 +1,13 @@
-"""Health of the running gateway: progress tracking (the watchdog's notion of "wedged"), the
-``/healthz`` and ``/metrics`` answers, and the small loopback HTTP server that serves them.
+"""Health of the running gateway: the ``/healthz`` and ``/metrics`` answers, and the small
+loopback HTTP server that serves them.
 
 Contracts:
 
-* :class:`Progress` decides whether each loop is making progress. A component is *wedged* when
-  it has work to do and its progress counter has not moved for longer than its limit. Idle is
-  not wedged: a forwarder with nothing to send, or whose sink is disconnected (buffering is
-  its job then), and a committer with nothing pending, are fine. A poller always has work: every
-  poll attempt counts (an answer, a timeout, a refused connection), so a device that is down
-  is not wedged — only a poll loop that stopped attempting is.
+* This module renders a :class:`Snapshot` — the figures the running gateway reports about itself
+  (``Gateway.snapshot()`` in gateway/app.py builds it) — and knows nothing of the gateway's
+  objects; it imports nothing from gateway/app.py. Whether a loop is wedged is the watchdog's
+  judgement (gateway/watchdog.py): each loop reports its own state (idle, busy, waiting on the far
+  end until its own deadline); the snapshot carries :meth:`gateway.watchdog.Watchdog.states`.
 * :func:`render_metrics` and :func:`healthz` read in-memory figures only (plus at most one
   indexed outbox row per sink for its lag); they never contain configuration values other than
   names (device ids, sink names, error kinds), so no secret can reach them.
@@ -30,96 +29,19 @@ import re
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.buffer import OutboxStats
+from gateway.forwarder import ForwarderStats
+from gateway.driver import DeviceStatus
+from gateway.polling import format_duration
+from gateway.watchdog import LoopState, describe
 
-__all__ = ["HealthServer", "MetricFamily", "Progress", "add_metrics", "healthz", "render_metrics", "status_line"]
+__all__ = ["HealthServer", "MetricFamily", "SinkSnapshot", "Snapshot", "add_metrics", "healthz", "render_metrics",
+           "status_line"]
 
 log = logging.getLogger(__name__)
-
-STALL_MARGIN = 10.0
-"""Seconds added to every component's computed limit before it counts as wedged."""
-FORWARD_IDLE_LIMIT = 60.0
-"""Limit for a forwarder whose sink has no ``ack_timeout`` of its own."""
-
-
-@dataclass
-class _Tracked:
-    name: str
-    counter: Callable[[], int]
-    busy: Callable[[], bool]
-    limit: float
-    count: int = -1
-    since: float = 0.0
-
-
-class Progress:
-    """Heartbeats of the poll loops, the committer and the forwarders (see the module docstring)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._items: list[_Tracked] = []
-
-    def track(self, name: str, counter: Callable[[], int], busy: Callable[[], bool], limit: float) -> None:
-        self._items.append(_Tracked(name, counter, busy, limit, counter(), self._clock()))
-
-    def clear(self) -> None:
-        self._items.clear()
-
-    def names(self) -> list[str]:
-        return [item.name for item in self._items]
-
-    def wedged(self) -> list[tuple[str, float]]:
-        """``(component, seconds without progress)`` for every wedged component; updates state."""
-        now = self._clock()
-        out = []
-        for item in self._items:
-            count = item.counter()
-            if count != item.count or not item.busy():
-                item.count, item.since = count, now
-            elif now - item.since > item.limit:
-                out.append((item.name, now - item.since))
-        return out
-
-
-def track_gateway(progress: Progress, gw: Gateway, margin: float = STALL_MARGIN) -> None:
-    """Register every loop of a running gateway with ``progress`` (called once it is set up)."""
-    progress.clear()
-    devices = {d.id: d.config for d in gw.config.devices}
-    for poller in gw.pollers:
-        statuses = list(poller.status.values())
-        cfgs = [devices[d] for d in poller.status if d in devices]
-        # The longest a healthy loop can go without an attempt: the slowest schedule (interval or
-        # the backoff of a device that is down), plus one full round of timeouts of every device.
-        limit = (max((max(c.interval, c.backoff_max) for c in cfgs), default=60.0)
-                 + sum(c.timeout * (1 + c.retries) for c in cfgs) + margin)
-        progress.track(f"poll[{poller.name}]",
-                       lambda s=statuses: sum(st.polls + sum(st.errors.values()) for st in s),
-                       lambda: True, limit)
-    committer = gw.committer
-    if committer is not None:
-        progress.track("commit", lambda: committer.stats.commits + committer.stats.failed_commits,
-                       lambda: committer.pending > 0, gw.config.gateway.buffer.commit_delay + 1.0 + margin)
-    outbox = gw.outbox
-    for fwd in gw.forwarders:
-        name = fwd.name  # type: ignore[attr-defined]
-        sink = gw.sinks.get(name)
-        sink_cfg = gw.config.gateway.sinks[name]
-        ack = float(getattr(sink, "ack_timeout", FORWARD_IDLE_LIMIT))
-        linger = float(getattr(getattr(sink_cfg, "batch", None), "linger", 0.0))
-
-        def busy(name: str = name, sink: Any = sink) -> bool:
-            if sink is None or not getattr(sink, "connected", False) or outbox is None:
-                return False
-            return outbox.stats().pending.get(name, 0) > 0
-
-        progress.track(f"forward[{name}]",
-                       lambda f=fwd: f.stats.batches + f.stats.retries,  # type: ignore[attr-defined]
-                       busy, 2 * ack + linger + 5.0 + margin)
-
 
 # --------------------------------------------------------------------------- figures
 def _process() -> dict[str, float]:
@@ -131,30 +53,64 @@ def _process() -> dict[str, float]:
     return {"cpu": usage.ru_utime + usage.ru_stime, "rss": float(rss)}
 
 
-def healthz(gw: Gateway) -> tuple[bool, dict[str, Any]]:
+@dataclass
+class SinkSnapshot:
+    name: str
+    connected: bool
+    stats: ForwarderStats | None  # None: no forwarder (yet)
+    lag: float = 0.0  # seconds: age of the oldest reading not yet acknowledged
+    unconfirmed: int = 0  # end_to_end: sent minus acknowledged
+
+
+@dataclass
+class Snapshot:
+    """What the running gateway reports about itself, at one moment (no secret: names and figures)."""
+
+    gateway_id: str
+    site: str
+    started_ns: int = 0
+    running: bool = False  # started, with an open outbox, not stopping
+    devices: list[tuple[str, DeviceStatus]] = field(default_factory=list)
+    outbox: OutboxStats | None = None
+    max_bytes: int = 0
+    received: int | None = None  # the committer's counters (None: no committer yet)
+    committed: int = 0
+    failed_commits: int = 0
+    lost: int = 0
+    held: int = 0  # readings held in memory while the outbox cannot be written
+    outbox_failing: bool = False
+    sinks: list[SinkSnapshot] = field(default_factory=list)
+    clock_synced: bool | None = None
+    clock_jumps: int = 0
+    loops: list[LoopState] = field(default_factory=list)
+
+
+def healthz(snap: Snapshot) -> tuple[bool, dict[str, Any]]:
     """(healthy, body): live = no wedged loop; ready = running with a writable outbox."""
     reasons: list[str] = []
     warnings: list[str] = []
-    wedged = gw.progress.wedged()
-    for name, seconds in wedged:
-        reasons.append(f"{name}: no progress for {seconds:.0f} s")
-    ready = gw.ready.is_set() and gw.outbox is not None and gw.final_stats is None
+    states = snap.loops
+    wedged = [s for s in states if s.wedged_for is not None]
+    for s in wedged:
+        reasons.append(f"{s.name}: wedged — {describe(s)}")
+    ready = snap.running
     if not ready:
         reasons.append("not running yet (or stopping)")
-    committer = gw.committer
-    if committer is not None and committer.failing:
+    if snap.outbox_failing:
         ready = False
-        reasons.append(f"outbox not writable: {committer.pending} readings held in memory "
+        reasons.append(f"outbox not writable: {snap.held} readings held in memory "
                        f"(check free disk space)")
-    for name, sink in gw.sinks.items():
-        if not getattr(sink, "connected", False):
-            warnings.append(f"sink {name}: not connected (readings are kept in the outbox)")
-    for poller in gw.pollers:
-        for dev, st in poller.status.items():
-            if not st.up:
-                warnings.append(f"device {dev}: down")
-    if gw.clock.synced is False:
+    for sink in snap.sinks:
+        if not sink.connected:
+            warnings.append(f"sink {sink.name}: not connected (readings are kept in the outbox)")
+    for dev, st in snap.devices:
+        if not st.up:
+            warnings.append(f"device {dev}: down")
+    if snap.clock_synced is False:
         warnings.append("system clock not synchronised: readings are flagged clock_unsynced")
+    for s in states:
+        if s.wedged_for is None and s.state == "waiting" and s.until_in is not None:
+            warnings.append(f"{s.name}: {describe(s)}")  # waiting on the far end is not a wedge; say so
     live = not wedged
     body = {"live": live, "ready": ready, "reasons": reasons, "warnings": warnings}
     return live and ready, body
@@ -217,7 +173,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "sluice_sink_receipts_refused_total": ("counter", "end_to_end: receipts ignored for a missing or wrong mac (receipt_secret)"),
     "sluice_clock_synchronized": ("gauge", "1 synchronised, 0 not (readings flagged clock_unsynced), -1 unknown"),
     "sluice_clock_jumps_total": ("counter", "Jumps of the wall clock against the monotonic clock"),
-    "sluice_component_stalled": ("gauge", "1 when a loop has work but made no progress (the watchdog stops)"),
+    "sluice_component_stalled": ("gauge", "1 when a loop is wedged: busy without progress, or waiting past its own deadline"),
     "process_cpu_seconds_total": ("counter", "User and system CPU time of the process"),
     "process_resident_memory_bytes": ("gauge", "Resident set size"),
     "process_start_time_seconds": ("gauge", "Unix time the process started"),
@@ -249,7 +205,7 @@ def _provided(out: _Out) -> None:
                 out.sample(name, value, **labels)
 
 
-def render_metrics(gw: Gateway) -> str:
+def render_metrics(snap: Snapshot) -> str:
     """Prometheus text exposition format 0.0.4."""
     out = _Out()
     now_ns = time.time_ns()
@@ -259,14 +215,14 @@ def render_metrics(gw: Gateway) -> str:
         out.family(name, kind, help_text)  # text format 0.0.4: TYPE names the sample, _total included
 
     fam("sluice_info")
-    out.sample("sluice_info", 1, gateway=gw.config.gateway_id, site=gw.config.site)
+    out.sample("sluice_info", 1, gateway=snap.gateway_id, site=snap.site)
     fam("sluice_uptime_seconds")
-    out.sample("sluice_uptime_seconds", (now_ns - gw.started_ns) / 1e9 if gw.started_ns else 0.0)
-    _ok, health = healthz(gw)
+    out.sample("sluice_uptime_seconds", (now_ns - snap.started_ns) / 1e9 if snap.started_ns else 0.0)
+    _ok, health = healthz(snap)
     fam("sluice_ready")
     out.sample("sluice_ready", health["ready"])
 
-    statuses = [(dev, st) for p in gw.pollers for dev, st in p.status.items()]
+    statuses = snap.devices
     fam("sluice_device_up")
     for dev, st in statuses:
         out.sample("sluice_device_up", st.up, device=dev)
@@ -281,69 +237,66 @@ def render_metrics(gw: Gateway) -> str:
     for dev, st in statuses:
         out.sample("sluice_device_last_success_timestamp_seconds", (st.last_success_ns or 0) / 1e9, device=dev)
 
-    stats = gw.outbox_stats()
+    stats = snap.outbox
     if stats is not None:
         fam("sluice_outbox_rows")
         out.sample("sluice_outbox_rows", stats.rows)
         fam("sluice_outbox_bytes")
         out.sample("sluice_outbox_bytes", stats.bytes)
         fam("sluice_outbox_max_bytes")
-        out.sample("sluice_outbox_max_bytes", gw.config.gateway.buffer.max_bytes)
+        out.sample("sluice_outbox_max_bytes", snap.max_bytes)
         fam("sluice_outbox_oldest_age_seconds")
         out.sample("sluice_outbox_oldest_age_seconds", max(0.0, (now_ns - stats.oldest_ns) / 1e9) if stats.oldest_ns else 0.0)
         fam("sluice_outbox_dropped_total")
         out.sample("sluice_outbox_dropped_total", stats.dropped)
-    committer = gw.committer
-    if committer is not None:
-        cs = committer.stats
+    if snap.received is not None:
         fam("sluice_outbox_received_total")
-        out.sample("sluice_outbox_received_total", cs.received)
+        out.sample("sluice_outbox_received_total", snap.received)
         fam("sluice_outbox_committed_total")
-        out.sample("sluice_outbox_committed_total", cs.committed)
+        out.sample("sluice_outbox_committed_total", snap.committed)
         fam("sluice_outbox_commit_failures_total")
-        out.sample("sluice_outbox_commit_failures_total", cs.failed_commits)
+        out.sample("sluice_outbox_commit_failures_total", snap.failed_commits)
         fam("sluice_outbox_unstored_readings")
-        out.sample("sluice_outbox_unstored_readings", committer.pending if committer.failing else 0)
+        out.sample("sluice_outbox_unstored_readings", snap.held if snap.outbox_failing else 0)
         fam("sluice_outbox_lost_total")
-        out.sample("sluice_outbox_lost_total", cs.lost)
+        out.sample("sluice_outbox_lost_total", snap.lost)
 
-    fwds = list(gw.forwarders)
-    if fwds:
+    sinks = [sink for sink in snap.sinks if sink.stats is not None]
+    if sinks:
         fam("sluice_sink_connected")
-        for f in fwds:
-            out.sample("sluice_sink_connected", bool(getattr(gw.sinks.get(f.name), "connected", False)), sink=f.name)  # type: ignore[attr-defined]
+        for sink in sinks:
+            out.sample("sluice_sink_connected", sink.connected, sink=sink.name)
         fam("sluice_sink_delivered_total")
-        for f in fwds:
-            out.sample("sluice_sink_delivered_total", f.stats.delivered, sink=f.name)  # type: ignore[attr-defined]
+        for sink in sinks:
+            out.sample("sluice_sink_delivered_total", sink.stats.delivered, sink=sink.name)  # type: ignore[union-attr]
         fam("sluice_sink_retries_total")
-        for f in fwds:
-            out.sample("sluice_sink_retries_total", f.stats.retries, sink=f.name)  # type: ignore[attr-defined]
+        for sink in sinks:
+            out.sample("sluice_sink_retries_total", sink.stats.retries, sink=sink.name)  # type: ignore[union-attr]
         fam("sluice_sink_pending_readings")
-        for f in fwds:
-            out.sample("sluice_sink_pending_readings", stats.pending.get(f.name, 0) if stats else 0, sink=f.name)  # type: ignore[attr-defined]
+        for sink in sinks:
+            out.sample("sluice_sink_pending_readings", stats.pending.get(sink.name, 0) if stats else 0, sink=sink.name)
         fam("sluice_sink_lag_seconds")
-        for f in fwds:
-            out.sample("sluice_sink_lag_seconds", _lag(gw, f.name, now_ns), sink=f.name)  # type: ignore[attr-defined]
+        for sink in sinks:
+            out.sample("sluice_sink_lag_seconds", sink.lag, sink=sink.name)
         fam("sluice_sink_unconfirmed_readings")
-        for f in fwds:
-            out.sample("sluice_sink_unconfirmed_readings", _unconfirmed(gw, f.name), sink=f.name)  # type: ignore[attr-defined]
+        for sink in sinks:
+            out.sample("sluice_sink_unconfirmed_readings", sink.unconfirmed, sink=sink.name)
         for metric, attr in (("sluice_sink_dead_lettered_total", "dead_lettered"),
                              ("sluice_sink_receipts_total", "receipts"),
                              ("sluice_sink_receipt_timeouts_total", "receipt_timeouts"),
                              ("sluice_sink_receipt_resent_readings_total", "receipt_resent"),
                              ("sluice_sink_receipts_refused_total", "receipts_refused")):
             fam(metric)
-            for f in fwds:
-                out.sample(metric, getattr(f.stats, attr), sink=f.name)  # type: ignore[attr-defined]
+            for sink in sinks:
+                out.sample(metric, getattr(sink.stats, attr), sink=sink.name)
 
     fam("sluice_clock_synchronized")
-    out.sample("sluice_clock_synchronized", {True: 1, False: 0, None: -1}[gw.clock.synced])
+    out.sample("sluice_clock_synchronized", {True: 1, False: 0, None: -1}[snap.clock_synced])
     fam("sluice_clock_jumps_total")
-    out.sample("sluice_clock_jumps_total", gw.clock.jumps)
+    out.sample("sluice_clock_jumps_total", snap.clock_jumps)
     fam("sluice_component_stalled")
-    stalled = {name for name, _s in gw.progress.wedged()}
-    for name in gw.progress.names():
-        out.sample("sluice_component_stalled", name in stalled, component=name)
+    for s in snap.loops:
+        out.sample("sluice_component_stalled", s.wedged_for is not None, component=s.name)
 
     _provided(out)
     proc = _process()
@@ -354,28 +307,6 @@ def render_metrics(gw: Gateway) -> str:
     fam("process_start_time_seconds")
     out.sample("process_start_time_seconds", _PROCESS_START)
     return "\n".join(out.lines) + "\n"
-
-
-def _lag(gw: Gateway, sink: str, now_ns: int) -> float:
-    outbox = gw.outbox
-    if outbox is None or gw.final_stats is not None:
-        return 0.0
-    try:
-        oldest = outbox.fetch(sink, 1, 1)
-    except Exception:  # the outbox failing is reported elsewhere; lag is then unknown
-        return 0.0
-    return max(0.0, (now_ns - oldest[0].reading.time_ns) / 1e9) if oldest else 0.0
-
-
-def _unconfirmed(gw: Gateway, sink: str) -> int:
-    """Sent minus acknowledged (0 unless ``delivery: end_to_end``)."""
-    outbox = gw.outbox
-    if outbox is None:
-        return 0
-    try:
-        return outbox.sent(sink) - outbox.position(sink)
-    except ValueError:  # a sink removed by a reload a moment ago
-        return 0
 
 
 def _process_start() -> float:
@@ -392,24 +323,23 @@ def _process_start() -> float:
 _PROCESS_START = _process_start()
 
 
-def status_line(gw: Gateway) -> str:
+def status_line(snap: Snapshot) -> str:
     """The one-line summary for systemd's STATUS= (and the log)."""
-    statuses = [st for p in gw.pollers for st in p.status.values()]
-    up = sum(1 for st in statuses if st.up)
-    parts = [f"{up}/{len(statuses)} devices up"]
-    stats = gw.outbox_stats()
+    up = sum(1 for _dev, st in snap.devices if st.up)
+    parts = [f"{up}/{len(snap.devices)} devices up"]
+    stats = snap.outbox
     if stats is not None:
         age = (time.time_ns() - stats.oldest_ns) / 1e9 if stats.oldest_ns else 0.0
         parts.append(f"outbox {stats.rows} readings" + (f" (oldest {age:.0f}s)" if stats.rows else ""))
-    for name, sink in gw.sinks.items():
-        parts.append(f"{name} {'connected' if getattr(sink, 'connected', False) else 'DISCONNECTED'}")
-    if gw.committer is not None and gw.committer.failing:
+    for sink in snap.sinks:
+        parts.append(f"{sink.name} {'connected' if sink.connected else 'DISCONNECTED'}")
+    if snap.outbox_failing:
         parts.append("OUTBOX NOT WRITABLE")
-    if gw.clock.synced is False:
+    if snap.clock_synced is False:
         parts.append("clock not synchronised")
-    wedged = gw.progress.wedged()
+    wedged = [s for s in snap.loops if s.wedged_for is not None]
     if wedged:
-        parts.append("WEDGED " + ", ".join(name for name, _s in wedged))
+        parts.append("WEDGED " + ", ".join(s.name for s in wedged))
     return "; ".join(parts)
 
 
@@ -469,14 +399,14 @@ class LocalHttpServer:
                 await writer.wait_closed()
 
 
-def HealthServer(gw: Gateway, host: str, port: int) -> LocalHttpServer:
-    """``async with HealthServer(gateway, host, port):`` serves /healthz and /metrics."""
+def HealthServer(snapshot: Callable[[], Snapshot], host: str, port: int) -> LocalHttpServer:
+    """``async with HealthServer(gateway.snapshot, host, port):`` serves /healthz and /metrics."""
 
     def metrics() -> Answer:
-        return "200 OK", PROMETHEUS_TEXT, render_metrics(gw).encode()
+        return "200 OK", PROMETHEUS_TEXT, render_metrics(snapshot()).encode()
 
     def health() -> Answer:
-        ok, data = healthz(gw)
+        ok, data = healthz(snapshot())
         return ("200 OK" if ok else "503 Service Unavailable"), "application/json", (json.dumps(data) + "\n").encode()
 
     return LocalHttpServer({"/healthz": health, "/metrics": metrics}, host, port, "health endpoint")
@@ -510,8 +440,6 @@ def _size(n: float) -> str:
 
 
 def _ago(seconds: float) -> str:
-    from gateway.polling import format_duration
-
     return format_duration(max(0.0, seconds))
 
 

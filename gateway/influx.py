@@ -123,9 +123,11 @@ class _Refused(Exception):
 class InfluxSink:
     """InfluxDB (or a compatible server) as a sink. Construct freely; use as an async context manager."""
 
-    def __init__(self, name: str, config: InfluxSinkConfig, gateway_id: str = "", site: str = "") -> None:
+    def __init__(self, name: str, config: InfluxSinkConfig, gateway_id: str = "", site: str = "",
+                 kept: str = "readings are kept in the outbox") -> None:
         self.name = name
         self.config = config
+        self._kept = kept  # where what is not written waits, for the outage warning (sluice ingest has no outbox)
         parts = urlsplit(config.url)
         self.address = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
         self._session: aiohttp.ClientSession | None = None
@@ -227,8 +229,8 @@ class InfluxSink:
         self._attempt += 1
         self._retry_at = asyncio.get_running_loop().time() + delay
         if reason != self.last_error:
-            log.warning("InfluxDB sink '%s': cannot write to %s: %s — readings are kept in the outbox; retrying "
-                        "in %.1f s%s; %s", self.name, self.config.url, reason, delay,
+            log.warning("InfluxDB sink '%s': cannot write to %s: %s — %s; retrying "
+                        "in %.1f s%s; %s", self.name, self.config.url, reason, self._kept, delay,
                         " (the server's Retry-After)" if retry_after is not None else "", hint)
         else:
             log.debug("InfluxDB sink '%s': still cannot write: %s; retrying in %.1f s", self.name, reason, delay)

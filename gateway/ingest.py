@@ -72,14 +72,16 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from gateway.brokerconf import queue_advice
 from gateway.encode import InfluxEncoder
 from gateway.forwarder import SinkRejected, SinkUnavailable, isolate_refused, receipt_mac
-from gateway.sdnotify import Notifier, watchdog_interval
+from gateway.sdnotify import Notifier
 from gateway.config import ssl_context
 from gateway.health import PROMETHEUS_TEXT, LocalHttpServer
 from gateway.influx import InfluxSink
 from gateway.ingest_config import IngestConfig, load_ingest_config
 from gateway.lineproto import Malformed, Points, to_lines
+from gateway.watchdog import Loop, Watchdog
 from gateway.yamlpos import ConfigErrors
 
 __all__ = ["Ingest", "IngestStats", "add_parsers"]
@@ -96,6 +98,10 @@ LOG_PERIOD = 60.0
 REASON_LIMIT = 400
 """Characters of a reason carried in the dead letter's user property."""
 STATUS_PAYLOADS = (b"online", b"offline")
+KEPT = ("messages not yet written wait unacknowledged in the broker's queue for this session (bounded by its "
+        "max_queued_messages / max_queued_bytes: see `sluice ingest check`), and with end-to-end receipts also in the "
+        "gateways' outboxes")
+"""Where readings are while the database is down: the ingest has no outbox of its own."""
 
 
 @dataclass(slots=True)
@@ -147,8 +153,11 @@ class _Limiter:
 class Ingest:
     """The ingest service. Construct freely (no I/O); ``await run(stop)`` until ``stop`` is set."""
 
-    def __init__(self, config: IngestConfig, client_id: str | None = None) -> None:
+    def __init__(self, config: IngestConfig, client_id: str | None = None, watchdog: Watchdog | None = None) -> None:
         self.config = config
+        self.watchdog = watchdog if watchdog is not None else Watchdog()
+        """The write loop reports to it (gateway/watchdog.py); ``cmd_run`` pings systemd through it."""
+        self._loop_report = Loop("write[ingest]")
         self.client_id = client_id or config.mqtt.effective_client_id
         self.address = f"{config.mqtt.host}:{config.mqtt.effective_port}"
         self.stats = IngestStats()
@@ -187,11 +196,16 @@ class Ingest:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         async with contextlib.AsyncExitStack() as stack:
-            sink = await stack.enter_async_context(InfluxSink("ingest", self.config.influxdb))
+            sink = await stack.enter_async_context(InfluxSink("ingest", self.config.influxdb, kept=KEPT))
+            for level, line in queue_advice(self.config):
+                log.log(level, "ingest: %s", line)
             if self.config.metrics is not None:
                 server = await stack.enter_async_context(MetricsServer(self, self.config.metrics.host,
                                                                        self.config.metrics.port))
                 self.metrics_port = server.port
+            # Busy without progress: one write request (the sink's timeout) or one dead-letter publish.
+            self._loop_report = self.watchdog.loop("write[ingest]", max(self.config.influxdb.timeout, PUBLISH_TIMEOUT) + 5.0)
+            stack.callback(self.watchdog.remove, "write[ingest]")
             writer = asyncio.create_task(self._write_loop(sink), name="write[ingest]")
             mqtt_task = asyncio.create_task(self._supervise(), name="mqtt[ingest]")
             if ready is not None:
@@ -478,6 +492,7 @@ class Ingest:
         loop = asyncio.get_running_loop()
         while True:
             while not self._pending:
+                self._loop_report.idle()
                 self._wake.clear()
                 await self._wake.wait()
             full = (len(self._pending) >= batch.max_unacked or self._pending_points >= batch.max_points
@@ -508,6 +523,7 @@ class Ingest:
     async def _write_loop(self, sink: InfluxSink) -> None:
         while True:
             batch = await self._next_batch()
+            self._loop_report.busy()
             await self._write(sink, [m for m in batch if m.points is not None and m.points.count])
             done = []
             for msg in batch:
@@ -517,6 +533,16 @@ class Ingest:
             self._send_receipts(done)
             for msg in done:
                 self._ack(msg)
+            self._loop_report.progress()
+
+    async def _database_back(self, sink: InfluxSink) -> None:
+        """A write failed: wait out the sink's backoff (the watchdog sees: waiting on the database)."""
+        self.stats.retries += 1
+        report = self._loop_report
+        report.progress()
+        report.waiting(f"the database at {self.config.influxdb.url}", sink.retry_at)
+        await sink.wait_connected()
+        report.busy()
 
     def _send_receipts(self, done: list[_Msg]) -> None:
         """Publish the receipts of written / dead-lettered messages (see the module docstring)."""
@@ -555,8 +581,7 @@ class Ingest:
                 try:
                     await sink.send([("", payload)])
                 except SinkUnavailable:
-                    self.stats.retries += 1
-                    await sink.wait_connected()
+                    await self._database_back(sink)
                     continue
                 except SinkRejected as exc:
                     if len(part) == 1:
@@ -581,8 +606,7 @@ class Ingest:
                 try:
                     await sink.send([("", b"".join(part))])
                 except SinkUnavailable:
-                    self.stats.retries += 1
-                    await sink.wait_connected()
+                    await self._database_back(sink)
                     continue
                 self.stats.write_requests += 1
                 self.stats.points_written += len(part)
@@ -720,9 +744,9 @@ def MetricsServer(ingest: Ingest, host: str, port: int) -> LocalHttpServer:
 EXIT_CONFIG = 2
 
 
-def _load(path: Path) -> IngestConfig | None:
+def _load(path: Path, *, secrets: bool = True) -> IngestConfig | None:
     try:
-        return load_ingest_config(path)
+        return load_ingest_config(path, secrets=secrets)
     except ConfigErrors as exc:
         for err in exc.errors:
             print(err, file=sys.stderr)
@@ -732,7 +756,8 @@ def _load(path: Path) -> IngestConfig | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    # Like `sluice check`: files and credentials are read only with --secrets (gateway/secretref.py).
+    config = _load(args.config, secrets=getattr(args, "secrets", True))
     if config is None:
         return EXIT_CONFIG
     m, db = config.mqtt, config.influxdb
@@ -740,6 +765,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK — {', '.join(m.subscriptions())} on {m.host}:{m.effective_port} as "
           f"{args.client_id or m.effective_client_id} → {db.url} ({db.api}, {target}); dead letters to "
           f"{config.dead_letter_topic}")
+    for level, line in queue_advice(config):
+        print(f"{logging.getLevelName(level).lower()}: {line}")
     return 0
 
 
@@ -758,12 +785,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         ingest = Ingest(config, client_id=args.client_id)
         notifier = Notifier()
+        status = f"ingesting {', '.join(config.mqtt.subscriptions())} into {config.influxdb.url}"
 
         def ready() -> None:
-            notifier.send(READY=1, STATUS=f"ingesting {', '.join(config.mqtt.subscriptions())} into "
-                                          f"{config.influxdb.url}")
+            notifier.send(READY=1, STATUS=status)
 
-        watchdog = asyncio.create_task(_watchdog(ingest, notifier), name="watchdog[ingest]")
+        def status_line() -> str:
+            wedged = ingest.watchdog.wedged()
+            return status + (f"; WEDGED: {ingest.pending} messages waiting" if wedged else "")
+
+        watchdog = asyncio.create_task(ingest.watchdog.run(notifier, status_line), name="watchdog[ingest]")
         try:
             await ingest.run(stop, ready=ready)
         finally:
@@ -778,39 +809,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(ingest: Ingest) -> tuple[int, ...]:
-    st = ingest.stats
-    return (st.received, st.acked, st.write_requests, st.retries, sum(st.dead_letters.values()))
-
-
-def _wedged(pending: int, quiet_for: float, limit: float) -> bool:
-    """Messages wait and nothing at all has happened to them (no write, no retry, no ack) for
-    ``limit`` seconds. Idle (nothing pending) is never wedged; a database that is down is not
-    either, since the writer keeps retrying it."""
-    return pending > 0 and quiet_for > limit
-
-
-async def _watchdog(ingest: Ingest, notifier: Notifier) -> None:
-    """WATCHDOG=1 every half ``WatchdogSec=`` while the ingest makes progress (see :func:`_wedged`)."""
-    interval = watchdog_interval()
-    if interval is None:
-        return
-    limit = max(60.0, 3 * ingest.config.influxdb.retry_max)
-    last, since = _progress(ingest), time.monotonic()
-    while True:
-        await asyncio.sleep(interval)
-        now = _progress(ingest)
-        if now != last:
-            last, since = now, time.monotonic()
-        if _wedged(ingest.pending, time.monotonic() - since, limit):
-            notifier.send(STATUS=f"WEDGED: {ingest.pending} messages waiting, no write for "
-                                 f"{time.monotonic() - since:.0f} s")
-            continue
-        notifier.send(WATCHDOG=1)
-
-
 def add_parsers(sub: Any) -> None:
     """``sluice ingest check|run -c ingest.yaml`` on the ``sluice`` command's subparsers."""
+    from gateway.logs import add_log_level
+
     p = sub.add_parser("ingest", help="MQTT → InfluxDB ingest service (the cloud side): check or run")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, func, text in (("check", cmd_check, "validate ingest.yaml; non-zero exit on errors"),
@@ -820,7 +822,10 @@ def add_parsers(sub: Any) -> None:
                        help="the ingest configuration file (default: /etc/sluice/ingest.yaml)")
         q.add_argument("--client-id", default=None,
                        help="override mqtt.client_id (each worker of a group needs its own, stable id)")
-        q.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+        add_log_level(q)
+        if name == "check":
+            q.add_argument("--secrets", action="store_true",
+                           help="also read every ${file:...} and ${cred:...} secret as the service would")
         q.set_defaults(func=func)
 
 

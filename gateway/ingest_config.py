@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gateway.config import (
     InfluxSinkConfig,
@@ -24,6 +24,7 @@ from gateway.config import (
     validate_doc,
 )
 from gateway.driver import StrictModel
+from gateway.secretref import Secret
 from gateway.units import ByteSize, Duration
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
 
@@ -47,7 +48,7 @@ class IngestMqttConfig(StrictModel):
     client_id: str | None = Field(default=None, max_length=128,
                                   description="stable id of this worker's persistent session; default sluice-ingest-<hostname>")
     username: str | None = None
-    password: SecretStr | None = None
+    password: Secret | None = None
     group: str | None = Field(default=None, pattern=r"^[^/+#]{1,64}$",
                               description="shared-subscription group: workers with the same group share the messages")
     topics: list[str] = Field(default_factory=lambda: ["sluice/+/+/+"], min_length=1)
@@ -59,6 +60,9 @@ class IngestMqttConfig(StrictModel):
     reconnect_max: Duration = Field(default=30.0, gt=0)
     tls: TlsConfig | None = None
     insecure: bool = Field(default=False, description="allow plaintext or unverified TLS to a remote host")
+    broker_config: Path | None = Field(
+        default=None, description="the broker's mosquitto.conf, read by `sluice ingest check` and at start-up to report "
+                                  "its queue limits (default: /etc/mosquitto/mosquitto.conf when host is this machine)")
 
     _topics = field_validator("topics")(lambda v: [_check_filter(t) for t in v])
 
@@ -132,7 +136,7 @@ class IngestConfig(StrictModel):
     receipt_topics: list[str] = Field(
         default_factory=lambda: ["sluice-receipts/#"],
         description="end-to-end receipts are published only to response topics under these filters ([] : none)")
-    receipt_secret: SecretStr | None = Field(
+    receipt_secret: Secret | None = Field(
         default=None, description="HMAC key of the receipts; the same as the gateways' sinks' receipt_secret")
     metrics: MetricsConfig | None = None
     logging: LoggingConfig = LoggingConfig()
@@ -162,15 +166,16 @@ class IngestConfig(StrictModel):
         return self
 
 
-def load_ingest_config(path: Path | str) -> IngestConfig:
-    """Load and validate ``ingest.yaml``; raise :class:`ConfigErrors` with every problem."""
+def load_ingest_config(path: Path | str, *, secrets: bool = True) -> IngestConfig:
+    """Load and validate ``ingest.yaml``; raise :class:`ConfigErrors` with every problem.
+    ``secrets=False``: files and credentials are not read (gateway/secretref.py)."""
     path = Path(path)
     errors: list[ConfigError] = []
     doc, errs = load_yaml(path, _display(path))
     errors += errs
     if doc is None:
         raise ConfigErrors(errors)
-    config = validate_doc(doc, IngestConfig, errors, expand_secrets(doc, errors))
+    config = validate_doc(doc, IngestConfig, errors, expand_secrets(doc, errors, None if secrets else []))
     if errors or config is None:
         raise ConfigErrors(errors or [ConfigError(_display(path), 1, 1, "invalid configuration")])
     return config  # type: ignore[no-any-return]

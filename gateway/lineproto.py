@@ -30,6 +30,7 @@ from typing import Any
 
 from gateway.encode import InfluxEncoder
 from gateway.reading import Reading
+from gateway.reading import quality as canonical_quality  # `quality` is a local name below
 
 __all__ = ["Malformed", "Points", "json_to_lines", "parse_lines", "to_lines"]
 
@@ -229,6 +230,10 @@ def _reading(item: Any, index: int) -> Reading:
         raise Malformed("timestamp", f"{where}: time_ns {time_ns} out of InfluxDB's range")
     if not isinstance(quality, str):
         raise Malformed("json", f"{where}: 'quality' must be a string")
+    try:
+        quality = canonical_quality(quality)  # a set of flags: any order in, the canonical string out
+    except ValueError as exc:
+        raise Malformed("json", f"{where}: 'quality' {quality!r}: {exc}") from None
     if not isinstance(fields, dict) or not all(isinstance(v, _FIELD_TYPES) for v in fields.values()):
         raise Malformed("json", f"{where}: 'fields' must be an object of numbers, booleans, strings or null")
     # null is how the gateway writes NaN/infinity: left out, as the line-protocol encoder does.

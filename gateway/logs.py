@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 # journald reads a "<N>" prefix as the line's priority (SyslogLevelPrefix=yes is systemd's default).
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -42,3 +42,13 @@ def setup_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None 
     # Libraries that log per packet or per retry would drown the once-per-state-change lines.
     for noisy in ("aiomqtt", "pymodbus", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_log_level(parser: Any, default: str | None = None) -> None:
+    """``--log-level`` with the same choices and help on every command (argparse parser)."""
+    told = f"default {default}" if default else "default: logging.level of the configuration"
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default, metavar="LEVEL",
+                        help=f"what is logged: {', '.join(LOG_LEVELS)} ({told})")

@@ -120,8 +120,9 @@ def vet(path: Path) -> Path | None:
     _wait_for_others(path, problem)
     aside = move_aside(path)
     log.error("outbox %s is unusable (%s): moved it to %s and started an empty outbox; readings not yet "
-              "delivered and the trace journal (events, chain) are in the old file — `sluice outbox salvage %s` "
-              "copies what can still be read back into the outbox", path, problem, aside, aside)
+              "delivered and the trace journal (events, chain) are in the old file, and a trace feed starts a new "
+              "chain at seq 1 — `sluice outbox salvage %s` copies what can still be read back into the outbox "
+              "(--events FILE exports the old chain's events)", path, problem, aside, aside)
     return aside
 
 

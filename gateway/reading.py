@@ -9,13 +9,41 @@ from typing import Any, Final
 FieldValue = float | int | bool | str
 
 GOOD: Final = "good"
-"""Every point of the device was read and within its valid range."""
+"""No flag: every point of the device was read and within its valid range, on a trusted clock."""
 UNCERTAIN: Final = "uncertain"
 """Some points were read, others failed or were outside their valid range (they are omitted)."""
 CLOCK_UNSYNCED: Final = "clock_unsynced"
 """Read while the system clock was not known to be synchronised (timestamps may be wrong)."""
 
-QUALITIES: Final = frozenset({GOOD, UNCERTAIN, CLOCK_UNSYNCED})
+FLAGS: Final = frozenset({UNCERTAIN, CLOCK_UNSYNCED})
+"""The quality flags a reading may carry, any number of them at once."""
+QUALITIES: Final = frozenset({GOOD, UNCERTAIN, CLOCK_UNSYNCED, f"{CLOCK_UNSYNCED},{UNCERTAIN}"})
+"""Every canonical quality string (see :func:`quality`)."""
+
+
+def quality(*parts: str) -> str:
+    """The canonical quality of a reading whose flags are the union of ``parts``.
+
+    A reading's quality is a *set* of flags (:data:`FLAGS`), kept everywhere (``Reading``, the
+    outbox, line protocol, JSON) as one string with a stable encoding: the flags sorted and
+    joined with commas (``"clock_unsynced,uncertain"``), or ``"good"`` for the empty set. Each part
+    is a flag or such a string (``"good"`` adds nothing), so ``quality(r.quality, CLOCK_UNSYNCED)``
+    adds a flag and keeps the others. This is the one place flags are combined: never assign a
+    flag over a quality. Raises ValueError for an unknown flag."""
+    flags: set[str] = set()
+    for part in parts:
+        flags |= quality_flags(part)
+    return ",".join(sorted(flags)) if flags else GOOD
+
+
+def quality_flags(value: str) -> frozenset[str]:
+    """The set of flags a quality string (canonical or not: any order, spaces) stands for; ``good``
+    and ``""`` are the empty set. Raises ValueError for an unknown flag."""
+    flags = frozenset(f.strip() for f in value.split(",")) - {GOOD, ""}
+    unknown = flags - FLAGS
+    if unknown:
+        raise ValueError(f"unknown quality flag(s) {', '.join(sorted(unknown))} — use {', '.join(sorted(FLAGS))}")
+    return flags
 
 
 @dataclass(slots=True)
@@ -27,8 +55,9 @@ class Reading:
     delivered twice is the same point and overwrites itself in InfluxDB.
 
     ``fields`` maps point names to values (float, int, bool or str); ``tags`` identify the series
-    (site, gateway, device, profile and the device's own tags). ``quality`` is one of
-    :data:`QUALITIES`.
+    (site, gateway, device, profile and the device's own tags). ``quality`` is a set of flags in
+    its canonical string form (:func:`quality`): ``"good"``, ``"uncertain"``, ``"clock_unsynced"``
+    or ``"clock_unsynced,uncertain"``; add a flag with ``quality(r.quality, flag)``.
     """
 
     device: str

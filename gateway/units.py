@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from typing import Annotated, Any
 
@@ -31,6 +32,18 @@ def parse_duration(value: Any) -> float:
         raise ValueError(f"'{value}' is not a duration — write a number and a unit: ms, s, m, h or d "
                          "(e.g. '500ms', '10s', '1m30s')")
     return total
+
+
+def duration_arg(text: str) -> float:
+    """An argparse ``type=`` for a command-line duration (``--duration 5s``, ``--timeout 500ms``):
+    the same units as the configuration, more than zero."""
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
 
 
 def parse_size(value: Any) -> int:

@@ -2,13 +2,15 @@
 # Install (or upgrade) Sluice as a systemd service. Run as root from a checkout:
 #
 #   sudo scripts/install.sh              # install, or upgrade in place; then `systemctl start sluice`
-#   sudo scripts/install.sh --ingest     # also install and enable sluice-ingest.service
+#   sudo scripts/install.sh --ingest     # also /etc/sluice/ingest.yaml and sluice-ingest.service, enabled
+#   sudo scripts/install.sh --from sluice-bundle-0.1.0-aarch64.tar.gz   # offline, from scripts/bundle.sh
 #
 # What it does (every path below is prefixed with --root DIR when given):
 #   user and group `sluice` (system account, no login, no home)     useradd
 #   /opt/sluice/venv                   virtual environment with Sluice installed by pip
 #   /opt/sluice/README.md, /opt/sluice/examples/{devices,gateway.yaml}
 #   /etc/sluice (0750 root:sluice)     gateway.yaml and profiles/*.yaml copied only if missing, devices/ empty
+#                                      (--ingest: ingest.yaml too, only if missing)
 #   /var/lib/sluice (0750 sluice:sluice)  the outbox lives here (StateDirectory)
 #   /etc/systemd/system/sluice.service (+ sluice-ingest.service)   enabled, not started
 # Running it again upgrades: the venv and the units are replaced; configuration, profiles you
@@ -18,7 +20,10 @@
 #   --root DIR   install into DIR instead of / (for packaging and tests). Nothing on the live system
 #                is changed: useradd/systemctl are printed as `skip: ...` instead of run, ownership is
 #                printed but not applied (the user does not exist inside DIR). Modes are applied.
-#   --ingest     also enable sluice-ingest.service (the MQTT -> InfluxDB side; not needed on an edge box)
+#   --ingest     also install /etc/sluice/ingest.yaml (if missing) and enable sluice-ingest.service (the
+#                MQTT -> InfluxDB side; not needed on an edge box)
+#   --from FILE  install from an offline bundle (scripts/bundle.sh) with no network: pip --no-index
+#                from the bundle's wheelhouse; configuration and units come from the bundle too
 #   --python P   the Python used to create the venv (default python3; 3.11 or newer)
 #   --no-pip     create the venv but do not pip-install into it (tests; offline staging)
 # Every file or directory it creates or replaces is printed as `install: PATH MODE OWNER:GROUP`.
@@ -29,6 +34,7 @@ ROOT=""
 INGEST=0
 PYTHON=python3
 PIP=1
+FROM=""
 while (($#)); do
     case "$1" in
         --root) ROOT="${2:?--root needs a directory}"; shift 2 ;;
@@ -36,7 +42,9 @@ while (($#)); do
         --ingest) INGEST=1; shift ;;
         --python) PYTHON="${2:?--python needs an interpreter}"; shift 2 ;;
         --no-pip) PIP=0; shift ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        --from) FROM="${2:?--from needs a bundle file}"; shift 2 ;;
+        --from=*) FROM="${1#--from=}"; shift ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -46,6 +54,23 @@ if [[ -n "$ROOT" ]]; then
 elif [[ $(id -u) -ne 0 ]]; then
     echo "install.sh: run as root (sudo), or give --root DIR to stage into a directory" >&2
     exit 1
+fi
+
+if [[ -n "$FROM" ]]; then
+    [[ -f "$FROM" ]] || { echo "install.sh: --from $FROM: no such file" >&2; exit 1; }
+    unpacked="$(mktemp -d -t sluice-install-XXXXXX)"
+    trap 'rm -rf "$unpacked"' EXIT
+    tar -xzf "$FROM" -C "$unpacked"
+    SRC="$(echo "$unpacked"/sluice-bundle-*)"
+    [[ -d "$SRC/wheelhouse" && -f "$SRC/BUNDLE.txt" ]] || { echo "install.sh: $FROM is not a Sluice bundle" >&2; exit 1; }
+    want="$(sed -n '1s/.*CPython \([0-9.]*\).*/\1/p' "$SRC/BUNDLE.txt")"
+    have="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    if [[ "$want" != "$have" ]]; then
+        echo "install.sh: the bundle is for CPython $want, $PYTHON is $have — build one with" \
+             "scripts/bundle.sh --python $have, or give --python python$want" >&2
+        exit 1
+    fi
+    echo "from bundle: $(head -1 "$SRC/BUNDLE.txt")"
 fi
 
 USER_NAME=sluice
@@ -89,7 +114,11 @@ if [[ ! -x "$ROOT/opt/sluice/venv/bin/python" ]]; then
     if ((PIP)); then "$PYTHON" -m venv "$ROOT/opt/sluice/venv"; else "$PYTHON" -m venv --without-pip "$ROOT/opt/sluice/venv"; fi
 fi
 own /opt/sluice/venv 0755 root:root
-if ((PIP)); then
+if ((PIP)) && [[ -n "$FROM" ]]; then
+    # Offline: only the bundle's wheelhouse, never an index.
+    PIP_CONFIG_FILE=/dev/null "$ROOT/opt/sluice/venv/bin/python" -m pip install -q --disable-pip-version-check \
+        --no-index --find-links "$SRC/wheelhouse" --upgrade sluice-gateway
+elif ((PIP)); then
     "$ROOT/opt/sluice/venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$SRC"
 else
     echo "skip: pip install $SRC"
@@ -110,6 +139,7 @@ file_keep "$SRC/config/gateway.yaml" /etc/sluice/gateway.yaml 0640 root:$USER_NA
 for f in "$SRC"/config/profiles/*.yaml; do
     file_keep "$f" "/etc/sluice/profiles/$(basename "$f")" 0640 root:$USER_NAME
 done
+((INGEST)) && file_keep "$SRC/config/ingest.yaml" /etc/sluice/ingest.yaml 0640 root:$USER_NAME
 dir /var/lib/sluice 0750 $USER_NAME:$USER_NAME
 
 # 4. units
@@ -128,3 +158,8 @@ system systemctl try-restart "${units[@]}"
 echo "done. Edit /etc/sluice/gateway.yaml and add devices under /etc/sluice/devices/ (examples in"
 echo "/opt/sluice/examples), check with: sudo -u sluice /opt/sluice/venv/bin/sluice check -c /etc/sluice"
 echo "then: systemctl start sluice; journalctl -u sluice -f; /opt/sluice/venv/bin/sluice status -c /etc/sluice"
+if ((INGEST)); then
+    echo "ingest: edit /etc/sluice/ingest.yaml (broker, topics, InfluxDB), check with:"
+    echo "  sudo -u sluice /opt/sluice/venv/bin/sluice ingest check -c /etc/sluice/ingest.yaml"
+    echo "then: systemctl start sluice-ingest; journalctl -u sluice-ingest -f"
+fi

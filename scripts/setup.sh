@@ -12,6 +12,9 @@ if [[ "${1:-}" == "--servers" ]]; then
     command -v influxd >/dev/null 2>&1 || need+=(influxdb)
     command -v victoria-metrics >/dev/null 2>&1 || need+=(victoria-metrics)
     python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+    # the offline-bundle test (scripts/offline-test.sh): a network namespace with loopback only
+    command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+    command -v ip >/dev/null 2>&1 || [[ -x /usr/sbin/ip ]] || need+=(iproute2)
     if ((${#need[@]})); then
         echo "installing Debian packages: ${need[*]}"
         sudo_cmd=(); [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)

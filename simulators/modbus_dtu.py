@@ -196,6 +196,8 @@ def _seconds(text: str) -> float:
 
 def main_sim_dtu(argv: Sequence[str] | None = None) -> int:
     """``sluice sim dtu``: dial in to a gateway and serve units until SIGINT/SIGTERM; 2 for bad arguments."""
+    from gateway.logs import add_log_level, setup_logging
+
     parser = argparse.ArgumentParser(
         prog="sluice sim dtu",
         description="Simulate a 4G/5G DTU that dials in to the gateway's DTU listener (protocol: modbus_rtu_dtu), "
@@ -222,9 +224,8 @@ def main_sim_dtu(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profiles", type=Path, default=Path("config/profiles"), help="profile directory")
     parser.add_argument("--fault", dest="faults", action="append", type=_parse_fault, default=[],
                         metavar="UNIT:FAULT[=VALUE]", help="e.g. 2:crc=0.1, 3:no_answer, 4:delay=0.5")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    add_log_level(parser, "info")
     args = parser.parse_args(argv)
-    from gateway.logs import setup_logging
 
     host, sep, port = args.connect.rpartition(":")
     if not sep or not port.isdigit():

@@ -533,6 +533,8 @@ def sim_units_from_args(profiles_dir: Path, units: Sequence[tuple[int, str]],
 
 def main_sim_rtu(argv: Sequence[str] | None = None) -> int:
     """``sluice sim rtu``: serve units on a pty until SIGINT/SIGTERM; 2 for bad arguments."""
+    from gateway.logs import add_log_level, setup_logging
+
     parser = argparse.ArgumentParser(
         prog="sluice sim rtu",
         description="Simulate a Modbus RTU bus on a pseudo-terminal; prints the port the gateway should open.")
@@ -548,9 +550,8 @@ def main_sim_rtu(argv: Sequence[str] | None = None) -> int:
                         help="each frame takes its transmission time; units ignore other baud rates")
     parser.add_argument("--fault", dest="faults", action="append", type=_parse_fault, default=[],
                         metavar="UNIT:FAULT[=VALUE]", help="e.g. 2:crc=0.1, 3:no_answer, 4:delay=0.5")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    add_log_level(parser, "info")
     args = parser.parse_args(argv)
-    from gateway.logs import setup_logging
 
     setup_logging(args.log_level)
     devices = sim_units_from_args(args.profiles, args.units, args.faults)

@@ -632,7 +632,7 @@ def sim_device_for(dev: Device, origin: float, faults: Faults | None = None) -> 
 def _from_gateway_config(path: Path) -> list[SimServer]:
     from simulators.modbus_rtu import buses_for_config
 
-    config = load_config(path)
+    config = load_config(path, secrets=False)  # devices only: the sinks' secrets are not read
     origin = time.time()
     groups: dict[tuple[str, int], list[SimDevice]] = {}
     for dev in config.devices:
@@ -684,6 +684,8 @@ async def run_simulator(config_path: Path | str, *, ready: Callable[[list[SimSer
 
 def main_sim(argv: Sequence[str] | None = None) -> int:
     """``sluice sim``: 0 after SIGINT/SIGTERM, 1 if a port is taken, 2 for configuration errors."""
+    from gateway.logs import add_log_level, setup_logging
+
     parser = argparse.ArgumentParser(
         prog="sluice sim", description="Simulate Modbus TCP devices and Modbus RTU buses (on pseudo-terminals, whose "
                                        "paths are printed) from their profiles until Ctrl-C.")
@@ -692,7 +694,7 @@ def main_sim(argv: Sequence[str] | None = None) -> int:
                         help="a gateway configuration directory: simulate its Modbus TCP, RTU and RTU-over-TCP "
                              "devices on this machine "
                              "(default when no file is given: the same directory `sluice run` uses)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    add_log_level(parser, "info")
     args = parser.parse_args(argv)
     if args.file is not None and args.config is not None:
         parser.error("give a simulator file or --config, not both")
@@ -704,7 +706,6 @@ def main_sim(argv: Sequence[str] | None = None) -> int:
         from gateway.cli import default_config_dir
 
         target = default_config_dir()
-    from gateway.logs import setup_logging
 
     setup_logging(args.log_level)
 

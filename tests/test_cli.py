@@ -8,11 +8,14 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from e2e_support import counter_servers, device_ports, write_config
+
+from gateway.examples import shipped_config
 
 SLUICE = [sys.executable, "-m", "gateway.cli"]
 LAYOUT = {0: [("a", 1), ("b", 2)]}
@@ -86,10 +89,17 @@ async def test_run_stops_cleanly_on_sigterm_and_keeps_what_it_read(tmp_path: Pat
 
 async def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "200"}
-    proc = await asyncio.to_thread(subprocess.run, [*SLUICE, "demo", "--duration", "4"], capture_output=True,
-                                   text=True, timeout=90, env=env, cwd=tmp_path)
+    # The health endpoint's default port is taken (a gateway running on this box): the demo uses a free one.
+    holder = socket.socket()
+    with contextlib.suppress(OSError):  # already taken by someone else: just as good
+        holder.bind(("127.0.0.1", 9108))
+        holder.listen()
+    with holder:
+        proc = await asyncio.to_thread(subprocess.run, [*SLUICE, "demo", "--duration", "4s"], capture_output=True,
+                                       text=True, timeout=90, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+    assert "health endpoint" not in proc.stdout + proc.stderr  # no "cannot listen … address already in use"
     final = proc.stdout.rsplit("demo stopped.", 1)[0]
     for device in ("workshop-meter", "greenhouse-1", "greenhouse-2", "coldroom-1"):
         assert re.search(rf"{device}\s+#\d+", final), f"no reading shown for {device}:\n{final}"
@@ -105,7 +115,7 @@ async def test_demo_without_mosquitto_still_reads_into_the_outbox(monkeypatch, c
     import gateway.demo as demo
 
     monkeypatch.setattr(demo, "find_mosquitto", lambda: None)
-    assert await demo.demo(3.0, demo.SHIPPED_CONFIG) == 0
+    assert await demo.demo(3.0, shipped_config()) == 0
     out = capsys.readouterr().out
     assert "No `mosquitto` binary found" in out and "apt-get install mosquitto" in out
     final = out.rsplit("demo stopped.", 1)[0].rsplit("\n\n", 1)[-1]

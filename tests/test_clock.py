@@ -7,6 +7,9 @@ import contextlib
 import logging
 import marshal
 import sqlite3
+import json
+
+import pytest
 from pathlib import Path
 
 from e2e_support import counter_servers, device_ports, write_config
@@ -88,3 +91,58 @@ async def test_readings_are_flagged_until_the_clock_is_synchronised(tmp_path: Pa
     first_good = stored.index(GOOD)
     assert first_good >= 3 and set(stored[:first_good]) == {CLOCK_UNSYNCED}
     assert set(stored[first_good:]) == {GOOD}
+
+
+async def test_an_out_of_range_value_on_an_unsynchronised_clock_keeps_both_flags_end_to_end(tmp_path: Path) -> None:
+    """A broken probe on a box with no RTC: `uncertain` (value outside its valid range) and
+    `clock_unsynced` both survive the outbox, the line-protocol and JSON encoders and the ingest's checker."""
+    from gateway.buffer import Outbox
+    from gateway.encode import InfluxEncoder, JsonEncoder
+    from gateway.lineproto import json_to_lines, parse_lines
+    from gateway.reading import UNCERTAIN, quality, quality_flags
+
+    layout = {0: [("probe", 1)]}
+    servers = counter_servers(layout)
+    async with contextlib.AsyncExitStack() as stack:
+        for s in servers:
+            await stack.enter_async_context(s)
+        cfg = write_config(tmp_path / "cfg", devices=device_ports(layout, servers), broker_port=None)
+        profile = cfg / "profiles" / "counter.yaml"  # the sine runs -5..5: every value is out of this range
+        profile.write_text(profile.read_text().replace("unit: CEL,", "unit: CEL, valid: {min: 10, max: 20},"))
+        (cfg / "gateway.yaml").write_text((cfg / "gateway.yaml").read_text() + "health:\n  enabled: false\n")
+        gw = Gateway(load_config(cfg), clock=ClockWatch(check_sync=lambda: False))
+        seen: list[str] = []
+        got = asyncio.Event()
+
+        def observe(reading) -> None:
+            seen.append(reading.quality)
+            got.set()
+
+        gw.on_reading = observe
+        stop = asyncio.Event()
+        task = asyncio.create_task(gw.run(stop), name="gateway-under-test")
+        try:
+            async with asyncio.timeout(20):
+                while len(seen) < 2:
+                    got.clear()
+                    await got.wait()
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+    both = quality(CLOCK_UNSYNCED, UNCERTAIN)
+    assert both == "clock_unsynced,uncertain" and quality_flags(both) == {CLOCK_UNSYNCED, UNCERTAIN}
+    assert set(seen) == {both}
+    with Outbox(tmp_path / "cfg" / "outbox.db", ["x"]) as outbox:
+        entries = outbox.fetch("x", 10, 1 << 20)
+    assert entries and {e.reading.quality for e in entries} == {both}
+    reading = entries[0].reading
+    assert 'quality="clock_unsynced,uncertain"' in InfluxEncoder().line(reading)
+    payload = JsonEncoder("gw-test", "lab").encode([reading])
+    assert json.loads(payload)["readings"][0]["quality"] == both
+    assert 'quality="clock_unsynced,uncertain"' in json_to_lines(payload, InfluxEncoder()).data.decode()
+    parse_lines(InfluxEncoder().encode([reading]))  # the ingest's strict checker accepts the line
+    # a consumer may write the flags in any order; an unknown flag is refused with its name
+    swapped = payload.replace(b'"clock_unsynced,uncertain"', b'"uncertain, clock_unsynced"')
+    assert 'quality="clock_unsynced,uncertain"' in json_to_lines(swapped, InfluxEncoder()).data.decode()
+    with pytest.raises(ValueError, match="unknown quality flag"):
+        json_to_lines(payload.replace(b'"clock_unsynced,uncertain"', b'"smoky"'), InfluxEncoder())

@@ -1,7 +1,8 @@
 """Configuration errors: every case folder under cases/config gives exactly its expected messages.
 
 A case is a config directory plus ``expected.txt``: one line per expected error, each the start
-of a reported line (``file:line:col: message``) with the file relative to the case folder. A
+of a reported line (``file:line:col: message``) with the file relative to the case folder, and
+optionally ``args.txt``: more arguments for ``sluice check`` (e.g. ``--secrets``). A
 user's bug report about a confusing message becomes a folder, not code.
 """
 
@@ -26,7 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_config_case(case: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(case)
     expected = [line for line in (case / "expected.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
-    code = main(["check", "-c", "."])
+    extra = (case / "args.txt").read_text(encoding="utf-8").split() if (case / "args.txt").exists() else []
+    code = main(["check", "-c", ".", *extra])
     err = capsys.readouterr().err
     reported = [line for line in err.splitlines() if not line.endswith("nothing was started")]
     assert code == 2, err

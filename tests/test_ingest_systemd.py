@@ -10,20 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
-
-from gateway.ingest import _wedged
-
-
-@pytest.mark.parametrize(("pending", "quiet_for", "wedged"), [
-    (0, 10_000.0, False),  # idle for hours: nothing to do is not a wedge
-    (5, 10.0, False),      # waiting briefly
-    (5, 61.0, True),       # messages waiting and nothing happened to them for longer than the limit
-])
-def test_wedge_rule(pending: int, quiet_for: float, wedged: bool) -> None:
-    assert _wedged(pending, quiet_for, 60.0) is wedged
-
 
 def test_ready_then_watchdog_pings_with_broker_and_database_down(tmp_path: Path) -> None:
     cfg = tmp_path / "ingest.yaml"

@@ -99,6 +99,27 @@ def test_reinstall_is_an_upgrade_that_keeps_configuration_and_outbox(tmp_path: P
     assert "/etc/sluice/gateway.yaml" not in _manifest(out)
     assert "skip: systemctl enable sluice.service sluice-ingest.service" in out
     assert "skip: systemctl try-restart sluice.service sluice-ingest.service" in out
+    # --ingest installs the ingest's configuration too (once), and says where it is.
+    assert _manifest(out)["/etc/sluice/ingest.yaml"] == ("0640", "root:sluice")
+    assert (root / "etc/sluice/ingest.yaml").read_text() == (REPO / "config/ingest.yaml").read_text()
+    assert "edit /etc/sluice/ingest.yaml" in out and "sluice ingest check -c /etc/sluice/ingest.yaml" in out
+    (root / "etc/sluice/ingest.yaml").write_text("# mine\n")
+    out = _run("install.sh", "--root", str(root), "--no-pip", "--python", sys.executable, "--ingest")
+    assert "keep: /etc/sluice/ingest.yaml" in out and (root / "etc/sluice/ingest.yaml").read_text() == "# mine\n"
+
+
+def test_install_from_something_that_is_not_a_bundle_for_this_python_refuses(tmp_path: Path) -> None:
+    bundle_dir = tmp_path / "sluice-bundle-0.1.0-x86_64"
+    (bundle_dir / "wheelhouse").mkdir(parents=True)
+    (bundle_dir / "BUNDLE.txt").write_text("Sluice 0.1.0 offline bundle for x86_64 (Linux, glibc >= 2.17), CPython 2.7\n")
+    tarball = tmp_path / "bundle.tar.gz"
+    subprocess.run(["tar", "-czf", str(tarball), "-C", str(tmp_path), bundle_dir.name], check=True)
+    for source, message in ((tarball, "the bundle is for CPython 2.7"), (tmp_path / "missing.tar.gz", "no such file")):
+        result = subprocess.run(["bash", str(REPO / "scripts/install.sh"), "--from", str(source), "--root",
+                                 str(tmp_path / "root"), "--python", sys.executable], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "root" / "opt").exists()  # refused before anything was installed
 
 
 def test_uninstall_keeps_data_unless_purge(tmp_path: Path) -> None:

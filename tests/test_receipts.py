@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -177,7 +179,60 @@ async def test_no_receipt_means_publishing_again_and_late_receipts_still_count(t
             assert outbox.position("broker") == 20 and outbox.stats().rows == 0
 
 
-async def test_window_bounds_unconfirmed_and_restart_waits_for_old_receipts(tmp_path: Path) -> None:
+async def test_resends_back_off_while_no_receipt_comes_and_a_receipt_resets_them(tmp_path: Path) -> None:
+    """No receipt: the first re-send after receipt_timeout, the next only 2x, then 4x receipt_timeout
+    after the one before (not a window per receipt_timeout); the schedule is in the outbox."""
+    sink = FakeSink()
+    with Outbox(tmp_path / "o.db", ["broker"]) as outbox:
+        outbox.append(readings(10))
+        async with forwarding(outbox, sink, receipt_timeout="1s", receipt_window=10) as fwd:
+            await until(lambda: outbox.resend_due("broker") is not None, what="first re-send")
+            due1, attempt1 = outbox.resend_due("broker")  # type: ignore[misc]
+            await until(lambda: outbox.resend_due("broker")[1] == 2, what="second re-send")  # type: ignore[index]
+            due2, _ = outbox.resend_due("broker")  # type: ignore[misc]
+            copies = sum(1 for _m, corr in sink.sent if corr[0] == b"1-10:1/2")
+            assert (attempt1, copies) == (1, 3)  # the first publication and two re-sends
+            # The second re-send came after the first one's due time and waits 4 s more.
+            assert due2 - due1 >= 4e9
+            assert fwd.stats.receipt_timeouts == 2 and fwd.stats.receipt_resent == 20
+            state = fwd.loop.judge(0.0)
+            assert state.state == "waiting" and state.on == "receipts from sluice ingest"
+            sink.receipt([b"1-10:1/2", b"1-10:2/2"])
+            assert outbox.position("broker") == 10 and outbox.resend_due("broker") is None
+            outbox.append(readings(10))
+            fwd.notify()
+            await until(lambda: outbox.sent("broker") == 20, what="new readings")
+            assert fwd.stats.receipt_timeouts == 2  # the backoff was reset: nothing more re-sent yet
+
+
+async def test_a_resend_goes_out_whole_before_the_next_one_starts(tmp_path: Path) -> None:
+    """A slow link: re-publishing the window takes longer than the backoff. The next re-send still
+    waits until the previous copy was handed to the broker whole (never restarted from acked)."""
+    sink = FakeSink()
+    real_send = sink.send
+
+    async def slow_send(messages: Sequence[Message], correlation: Sequence[bytes] | None = None) -> None:
+        await real_send(messages, correlation)
+        if sum(1 for _m, corr in sink.sent if corr[0].startswith(b"1-")) >= 2:  # re-sending: slowly
+            await asyncio.sleep(0.3)
+
+    sink.send = slow_send  # type: ignore[method-assign]
+    with Outbox(tmp_path / "o.db", ["broker"]) as outbox:
+        outbox.append(readings(100))
+        async with forwarding(outbox, sink, receipt_timeout="1s", receipt_window=100,
+                              batch={"max_readings": 10, "linger": "0s"}) as fwd:
+            await until(lambda: fwd.stats.receipt_timeouts >= 2, 60, "two re-sends")
+    firsts = [parse_batch_id(corr[0].decode())[0] for _m, corr in sink.sent]  # type: ignore[index]
+    rounds = [i for i, first in enumerate(firsts) if first == 1]
+    assert len(rounds) >= 3
+    for start, end in itertools.pairwise(rounds):  # every copy covers the whole window before the next begins
+        assert firsts[start:end] == list(range(1, 101, 10)), firsts
+
+
+async def test_window_bounds_unconfirmed_and_restart_resends_once_then_keeps_the_backoff(tmp_path: Path) -> None:
+    """Readings sent before a restart are published again at start (not a fresh receipt_timeout
+    later); that re-send's backoff is in the outbox, so the next restart does not re-send again;
+    late receipts of the first copy still confirm."""
     path = tmp_path / "o.db"
     sink = FakeSink()
     with Outbox(path, ["broker"]) as outbox:
@@ -187,14 +242,24 @@ async def test_window_bounds_unconfirmed_and_restart_waits_for_old_receipts(tmp_
             await asyncio.sleep(0.3)
             assert outbox.sent("broker") == 20  # no more until receipts come
             ids = [i for _m, corr in sink.sent for i in corr]
+        assert outbox.resend_due("broker") is None
     sink2 = FakeSink()
-    with Outbox(path, ["broker"]) as outbox:  # a restart: sent 20, acked 0
-        async with forwarding(outbox, sink2, receipt_timeout="60s", receipt_window=20):
+    with Outbox(path, ["broker"]) as outbox:  # a restart: sent 20, acked 0, no re-send recorded
+        async with forwarding(outbox, sink2, receipt_timeout="60s", receipt_window=20) as fwd:
+            await until(lambda: len(sink2.sent) == 2 and outbox.sent("broker") == 20, what="re-sent at start")
+            assert [i for _m, corr in sink2.sent for i in corr] == ids
+            assert fwd.stats.receipt_resent == 20
+            due_ns, attempt = outbox.resend_due("broker")  # type: ignore[misc]
+            assert attempt == 1 and due_ns > time.time_ns() + 100e9  # 2 x receipt_timeout
+    sink3 = FakeSink()
+    with Outbox(path, ["broker"]) as outbox:  # a second restart inside the backoff: no new copy
+        async with forwarding(outbox, sink3, receipt_timeout="60s", receipt_window=20) as fwd:
             await asyncio.sleep(0.3)
-            assert sink2.sent == []  # waits for the receipts of what it sent before
-            sink2.receipt(ids)
+            assert sink3.sent == [] and fwd.stats.receipt_resent == 0
+            assert fwd.loop.judge(0.0).state == "waiting"  # on receipts, until the recorded re-send time
+            sink3.receipt(ids)  # the first copy's receipts, late
             await until(lambda: outbox.sent("broker") == 40, what="window moved on")
-            assert outbox.position("broker") == 20
+            assert outbox.position("broker") == 20 and outbox.resend_due("broker") is None
 
 
 # -- with real servers ---------------------------------------------------------------------------

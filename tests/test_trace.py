@@ -64,6 +64,11 @@ def _device(dev_id: str, profile: str, port: int) -> str:
 
 @pytest.fixture
 def trace_cfg(tmp_path: Path):
+    return trace_config(tmp_path)
+
+
+def trace_config(tmp_path: Path, trace: str = TRACE_YAML):
+    """The cold room, the truck and the door scanner with ``trace`` as trace.yaml, under ``tmp_path``."""
     cfg = tmp_path / "config"
     (cfg / "devices").mkdir(parents=True)
     shutil.copytree(REPO / "config" / "profiles", cfg / "profiles")
@@ -72,7 +77,7 @@ def trace_cfg(tmp_path: Path):
     (cfg / "devices" / "truck-th.yaml").write_text(_device("truck-th", "greenhouse-th", 5022))
     # Stands in for a serial code reader: the engine only needs its id and a string field `code`.
     (cfg / "devices" / "door-scanner.yaml").write_text(_device("door-scanner", "greenhouse-th", 5023))
-    (cfg / "trace.yaml").write_text(TRACE_YAML)
+    (cfg / "trace.yaml").write_text(trace)
     return load_trace_config(load_config(cfg))
 
 
@@ -135,6 +140,10 @@ async def test_cold_room_scenario_events_are_exactly_the_expected_ones(trace_cfg
         (4, "enter", "arriving", "truck-7", _iso(T0 + 20 * M)),
         (5, "end", "shipping", "truck-7", _iso(T0 + 25 * M)),
     ]
+    # CBV dispositions: arriving -> in_progress, storing -> sellable_not_accessible, departing/shipping -> in_transit
+    assert [e["disposition"] for e in events] == ["in_progress", "sellable_not_accessible", "in_transit", "in_progress",
+                                                  "in_transit"]
+    assert not any("sluice:quality" in e for e in events)  # every reading was good
     assert events[0]["sluice:source"] == "scan:door-scanner"
     assert events[0]["sluice:code"] == "(01)04012345123456(10)A1"  # what was scanned, kept as evidence (and hashed)
     assert events[0]["quantityList"] == [{"epcClass": "https://id.gs1.org/01/04012345123456/10/A1"}]
@@ -147,9 +156,11 @@ async def test_cold_room_scenario_events_are_exactly_the_expected_ones(trace_cfg
     assert stats["type"] == "Temperature" and stats["uom"] == "CEL" and stats["sluice:point"] == "room_temperature"
     assert (stats["minValue"], stats["maxValue"], stats["value"], stats["time"]) == (2.0, 6.5, 3.25, _iso(T0 + 14 * M + 30 * S))
     assert window[1:] == [
-        {"sensorMetadata": {"deviceID": dev, "startTime": _iso(T0 + 5 * M), "endTime": _iso(T0 + 6 * M)},
+        # the alarm names the limit it crossed: the rule (bizRules) and its bounds
+        {"sensorMetadata": {"deviceID": dev, "startTime": _iso(T0 + 5 * M), "endTime": _iso(T0 + 6 * M),
+                            "bizRules": "urn:sluice:threshold:product:strawberries:temperature"},
          "sensorReport": [{"type": "Temperature", "exception": "ALARM_CONDITION", "minValue": 6.5, "maxValue": 6.5,
-                           "uom": "CEL", "sluice:point": "room_temperature"}]},
+                           "uom": "CEL", "sluice:point": "room_temperature", "sluice:limitMin": 0, "sluice:limitMax": 4}]},
         {"sensorMetadata": {"deviceID": dev, "startTime": _iso(T0 + 9 * M + 30 * S), "endTime": _iso(T0 + 13 * M)},
          "sensorReport": [{"type": "Temperature", "exception": "ERROR_CONDITION", "sluice:point": "room_temperature"}]},
     ]

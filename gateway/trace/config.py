@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gateway.config import Config, MqttSinkConfig, TlsConfig, _check_template, _display, check_http_url, \
     check_remote_link, expand_secrets, validate_doc
 from gateway.driver import StrictModel
+from gateway.secretref import Secret
 from gateway.trace.hashing import canonical_id, check_digit
 from gateway.units import Duration, Identifier
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
 
-__all__ = ["SENSOR_TYPES", "UNIT_MAP", "EpcisSinkConfig", "JsonlSinkConfig", "TraceConfig", "TraceFile",
+__all__ = ["DISPOSITIONS", "SENSOR_TYPES", "STEP_DISPOSITION", "UNIT_MAP", "EpcisSinkConfig", "JsonlSinkConfig", "TraceConfig", "TraceFile",
            "TraceMqttSinkConfig", "check_reload", "load_trace_config"]
 
 # Profile `unit:` strings -> (GS1 measurement type, UN/ECE Rec 20 code). Units not here (h, kWh,
@@ -32,15 +33,31 @@ UNIT_MAP: dict[str, tuple[str, str]] = {
     "°F": ("Temperature", "FAH"), "K": ("Temperature", "KEL"),
     "%RH": ("RelativeHumidity", "P1"), "%rh": ("RelativeHumidity", "P1"),
     "kg": ("Mass", "KGM"), "g": ("Mass", "GRM"), "t": ("Mass", "TNE"), "lb": ("Mass", "LBR"),
-    "ppm": ("MassConcentration", "59"), "hPa": ("Pressure", "A97"), "Pa": ("Pressure", "PAL"),
+    # ppm of a gas (CO2) is parts per million by volume: a VolumeFraction (MassConcentration is mg/m3)
+    "ppm": ("VolumeFraction", "59"), "hPa": ("Pressure", "A97"), "Pa": ("Pressure", "PAL"),
     "lx": ("Illuminance", "LUX"), "m/s": ("Speed", "MTS"),
 }
 # Threshold keys as people write them -> GS1 measurement type.
 SENSOR_TYPES: dict[str, str] = {
     "temperature": "Temperature", "relative_humidity": "RelativeHumidity", "humidity": "RelativeHumidity",
-    "mass": "Mass", "weight": "Mass", "co2": "MassConcentration", "pressure": "Pressure",
+    "mass": "Mass", "weight": "Mass", "co2": "VolumeFraction", "pressure": "Pressure",
     "illuminance": "Illuminance", "speed": "Speed",
 }
+# CBV 2.0 dispositions (GS1's EPCIS 2.0 JSON schema lists the same).
+DISPOSITIONS = frozenset({
+    "active", "container_closed", "damaged", "destroyed", "dispensed", "disposed", "encoded", "expired", "in_progress",
+    "in_transit", "inactive", "no_pedigree_match", "non_sellable_other", "partially_dispensed", "recalled", "reserved",
+    "retail_sold", "returned", "sellable_accessible", "sellable_not_accessible", "stolen", "unknown", "available",
+    "completeness_verified", "completeness_inferred", "conformant", "container_open", "mismatch_instance",
+    "mismatch_class", "mismatch_quantity", "needs_replacement", "non_conformant", "unavailable"})
+# The disposition a bizStep usually leaves goods in (CBV 2.0's pairings); other steps: `unknown`.
+STEP_DISPOSITION: dict[str, str] = {
+    "arriving": "in_progress", "receiving": "in_progress", "accepting": "in_progress", "departing": "in_transit",
+    "shipping": "in_transit", "transporting": "in_transit", "storing": "sellable_not_accessible",
+    "holding": "sellable_not_accessible", "packing": "in_progress", "unpacking": "in_progress",
+    "loading": "in_progress", "unloading": "in_progress", "picking": "in_progress", "staging_outbound": "in_progress",
+    "inspecting": "in_progress", "stocking": "sellable_accessible",
+    "retail_selling": "retail_sold"}
 _GS1_TYPES = frozenset(t for t, _u in UNIT_MAP.values()) | frozenset(SENSOR_TYPES.values()) | {
     "AbsoluteHumidity", "Count", "Density", "Dimensionless", "Length", "Voltage", "Volume", "VolumeFraction"}
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
@@ -57,6 +74,10 @@ def _uri(value: str) -> str:
 class Range(StrictModel):
     min: float | None = None
     max: float | None = None
+    biz_rules: str | None = Field(default=None, description="URI of the business rule this limit comes from (a "
+                                  "spec sheet, a contract); an ALARM_CONDITION's sensorMetadata.bizRules. Default: "
+                                  "urn:sluice:threshold:<product|lot>:<name>:<measurement>")
+    _u = field_validator("biz_rules")(lambda v: v if v is None else _uri(v))
 
     @model_validator(mode="after")
     def _order(self) -> Range:
@@ -143,6 +164,9 @@ class LocationConfig(StrictModel):
     read_point: str = Field(description="urn:epc:id:sgln:..., https://id.gs1.org/414/<GLN> or a URI")
     biz_location: str | None = Field(default=None, description="defaults to read_point")
     biz_step: str = Field(default="storing", description="CBV bizStep of the window reports: storing, transporting ...")
+    disposition: str | None = Field(default=None, description="CBV disposition of the window reports, weighings and "
+                                    "codes; default from biz_step (storing: sellable_not_accessible, transporting: "
+                                    "in_transit, ...; `unknown` for a bizStep without a usual one)")
     points: list[str] | None = Field(default=None, description="reading fields to report; default: every field of a known unit")
     _u = field_validator("read_point", "biz_location")(lambda v: v if v is None else _uri(v))
 
@@ -153,6 +177,13 @@ class LocationConfig(StrictModel):
             raise ValueError(f"'{value}' is not a CBV bizStep — e.g. storing, transporting, sensor_reporting")
         return value
 
+    @field_validator("disposition")
+    @classmethod
+    def _disposition(cls, value: str | None) -> str | None:
+        if value is not None and value not in DISPOSITIONS and not _URI.match(value):
+            raise ValueError(f"'{value}' is not a CBV disposition — use one of {', '.join(sorted(DISPOSITIONS))} or a URI")
+        return value
+
 
 class TraceFile(StrictModel):
     window: Duration = Field(default=900.0, ge=10, le=86400, description="report period, e.g. 15m")
@@ -160,11 +191,16 @@ class TraceFile(StrictModel):
                                           description="a gap longer than this is a device outage; default 3 × the device's interval")
     grace: Duration = Field(default=5.0, le=600, description="wait this long after a window for late readings")
     key_file: Path = Field(default=Path("trace-ed25519.key"), description="the gateway's signing key, created on first start")
+    head_interval: Duration = Field(default=300.0, ge=1, le=86400,
+                                    description="a signed chain head is published to every sink that takes one when "
+                                                "its position moves, and at least this often")
     lot_uri: str = Field(default="urn:sluice:lot:{producer}:{lot}",
                          description="identifier of a lot without GTIN; placeholders {producer} {lot}")
     device_uri: str = Field(default="urn:sluice:device:{gateway}:{device}",
                             description="sensorMetadata deviceID; placeholders {site} {gateway} {device}")
-    timezone_offset: str = Field(default="+00:00", pattern=r"^[+-](0\d|1[0-3]):[0-5]\d$|^\+14:00$")
+    timezone_offset: str | None = Field(default=None, pattern=r"^[+-](0\d|1[0-3]):[0-5]\d$|^\+14:00$",
+                                        description="eventTimeZoneOffset, e.g. +01:00; default: the system's time "
+                                                    "zone at each event's time (daylight saving time included)")
     points: dict[str, PointMapping] = Field(default_factory=dict,
                                             description="field name -> GS1 type and uom, overriding the profile's unit")
     products: dict[Identifier, ProductConfig] = Field(default_factory=dict)
@@ -192,9 +228,11 @@ class TraceMqttSinkConfig(MqttSinkConfig):
     command_topic: str | None = Field(default="sluice/{site}/{gateway}/trace/cmd",
                                       description="lot bindings as JSON {op, lot, location}; null: no commands")
     reply_topic: str = Field(default="sluice/{site}/{gateway}/trace/cmd/reply", description="answers to commands")
+    head_topic: str | None = Field(default="sluice/{site}/{gateway}/trace/head",
+                                   description="signed chain heads (QoS 1); null: none published")
     qos: Literal[1] = 1
 
-    _topics = field_validator("topic", "command_topic", "reply_topic")(
+    _topics = field_validator("topic", "command_topic", "reply_topic", "head_topic")(
         lambda v: v if v is None else _check_template(v, _TRACE_TOPIC_FIELDS))
 
 
@@ -206,7 +244,7 @@ class EpcisSinkConfig(StrictModel):
     url: str = Field(min_length=1, description="base URL of the EPCIS 2.0 REST interface, e.g. https://epcis.example.com/epcis")
     path: Literal["/capture", "/events"] = Field(default="/capture", description="capture endpoint")
     auth_header: str = Field(default="Authorization", description="header that carries `auth`")
-    auth: SecretStr | None = Field(default=None, description="header value, e.g. 'Bearer ${file:/etc/sluice/epcis.token}'")
+    auth: Secret | None = Field(default=None, description="header value, e.g. 'Bearer ${file:/etc/sluice/epcis.token}'")
     timeout: Duration = Field(default=15.0, gt=0, le=600, description="per HTTP request")
     retry_min: Duration = Field(default=1.0, gt=0)
     retry_max: Duration = Field(default=300.0, gt=0)
@@ -265,7 +303,7 @@ def load_trace_config(config: Config) -> TraceConfig | None:
     errors += errs
     if doc is None:
         raise ConfigErrors(errors)
-    tf: TraceFile | None = validate_doc(doc, TraceFile, errors, expand_secrets(doc, errors))
+    tf: TraceFile | None = validate_doc(doc, TraceFile, errors, expand_secrets(doc, errors, None if config.secrets_read else []))
     if tf is None:
         raise ConfigErrors(errors)
     devices = {d.id: d for d in config.devices}

@@ -1,6 +1,7 @@
 """The trace engine's core: readings and binding commands in, unsealed EPCIS 2.0 events out.
 
-Pure and synchronous (no I/O, no clock): :class:`TraceCore` is fed readings (:meth:`feed`),
+Pure and synchronous (no I/O, no clock; only the system's time-zone rules are read, for
+``eventTimeZoneOffset``): :class:`TraceCore` is fed readings (:meth:`feed`),
 binding commands (:meth:`command`) and the time (:meth:`tick`), and returns the events those
 produce, in order. The service (``gateway/trace/service.py``) seals, stores and delivers them.
 
@@ -8,9 +9,20 @@ Per lot present in a location, readings of the location's traced points are aggr
 window aligned to the wall clock (``window: 15m`` -> :00, :15, ...). A window closes at its end
 plus ``grace``, or early when the lot leaves. Its event carries, per device, each point's
 min/max/mean/last; per excursion outside the lot's thresholds an ``ALARM_CONDITION`` report with
-the excursion's span (first to last out-of-range reading); per gap longer than ``outage_after``
-in a point's readings (device down, or the point failing) an ``ERROR_CONDITION`` report with
-the gap's span. A reading for a window already closed is counted in ``late`` and not used.
+the excursion's span (first to last out-of-range reading) that names the limit it crossed
+(``sensorMetadata.bizRules`` and ``sluice:limitMin``/``sluice:limitMax``); per gap longer than
+``outage_after`` in a point's readings (device down, or the point failing) an ``ERROR_CONDITION``
+report spanning the whole gap: from the last reading before it — in an earlier window, if it
+began there — to the first reading after it, or to the window's end while it lasts. An outage
+across windows is thus reported in every window it touches, the last report with its full
+length. A reading for a window already closed is counted in ``late`` and not used.
+
+Every event built from readings carries ``sluice:quality`` when any of them was not ``good``:
+the union of their quality flags (``clock_unsynced``: taken while the system clock was not
+synchronised, so its times may be wrong; ``uncertain``), in the readings' canonical form.
+Events carry the CBV ``disposition`` of their step (the location's, or the usual one for the
+bizStep) and ``eventTimeZoneOffset`` from ``timezone_offset``, or the system's zone at the
+event's time.
 
 Weighings and codes are discrete events of the lot that entered the location last (at a packing
 station: the lot whose label was scanned last; a lot that entered after the reading's time does
@@ -31,10 +43,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.reading import Reading
-from gateway.trace.config import SENSOR_TYPES, UNIT_MAP, LotConfig, TraceConfig, TracedPoint
+from gateway.reading import GOOD, Reading, quality
+from gateway.trace.config import SENSOR_TYPES, STEP_DISPOSITION, UNIT_MAP, LotConfig, Range, TraceConfig, TracedPoint
 
-__all__ = ["CONTEXT", "NS", "Command", "TraceCore", "iso", "lot_uri"]
+__all__ = ["CONTEXT", "NS", "Command", "TraceCore", "iso", "lot_uri", "zone_offset"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,13 @@ def iso(time_ns: int) -> str:
     """UTC, millisecond precision, ``Z``: the form the event hash keeps unchanged."""
     when = dt.datetime.fromtimestamp(time_ns // 1_000_000 / 1000, dt.UTC)
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def zone_offset(time_ns: int) -> str:
+    """The system's UTC offset at ``time_ns`` as EPCIS writes it (``+02:00``); seconds are dropped."""
+    offset = dt.datetime.fromtimestamp(time_ns // 1_000_000_000, dt.UTC).astimezone().utcoffset() or dt.timedelta()
+    minutes = int(offset.total_seconds()) // 60
+    return f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
 def lot_uri(lot_id: str, lot: LotConfig, template: str) -> str:
@@ -80,9 +99,10 @@ class _Acc:
     hi: float = float("-inf")
     last: float = 0.0
     last_ns: int = 0
-    seen_ns: int = 0  # last reading (or window start): gaps are measured from here
+    seen_ns: int = 0  # last reading (in this window or an earlier one; else the window's start): gaps start here
     gaps: list[tuple[int, int]] = field(default_factory=list)
     excursions: list[list[Any]] = field(default_factory=list)  # [start_ns, end_ns, lo, hi, open]
+    quality: str = GOOD  # the union of the used readings' flags
 
 
 @dataclass
@@ -93,6 +113,11 @@ class _Lot:
     since_ns: int
     start_ns: int  # start of the open window (>= since_ns)
     accs: dict[TracedPoint, _Acc] = field(default_factory=dict)
+    seen: dict[TracedPoint, int] = field(default_factory=dict)  # last reading per point, across windows, here
+
+    def acc(self, point: TracedPoint) -> _Acc:
+        """The open window's figures of ``point`` (empty ones if it has none yet: not stored)."""
+        return self.accs.get(point) or _Acc(seen_ns=self.seen.get(point, self.start_ns))
 
 
 def _code_forms(lot_id: str, lot: LotConfig, template: str) -> set[str]:
@@ -153,7 +178,10 @@ class TraceCore:
                             "or start it with `sluice lot start`", reading.device, code)
             else:
                 kind = "move" if lot_id in self.lots else "start"
-                events += self.command(Command(kind, lot_id, where, reading.time_ns, f"scan:{reading.device}", scanned))
+                moved = self.command(Command(kind, lot_id, where, reading.time_ns, f"scan:{reading.device}", scanned))
+                if moved and reading.quality != GOOD:
+                    moved[-1]["sluice:quality"] = quality(moved[-1].get("sluice:quality", GOOD), reading.quality)
+                events += moved
         if reading.device in self._scales:
             events += self._weigh(reading, self._scales[reading.device])
         location = self._location_of.get(reading.device)
@@ -171,7 +199,7 @@ class TraceCore:
                 value = reading.fields.get(point.field)
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
                     continue
-                self._add(lot, point, float(value), reading.time_ns)
+                self._add(lot, point, float(value), reading.time_ns, reading.quality)
         return events
 
     def command(self, cmd: Command) -> list[dict[str, Any]]:
@@ -264,7 +292,7 @@ class TraceCore:
             sensors = [{"sensorMetadata": {"time": iso(t), "deviceID": self._device_uri(reading.device)},
                         "sensorReport": [report]}]
         event = self._event(lot, reason, t, t, t, source=f"{'scan' if code is not None else 'scale'}:{reading.device}",
-                            sensors=sensors, quantity=weight)
+                            sensors=sensors, quantity=weight, flags=reading.quality)
         if code is not None:
             event["sluice:code"] = code
         return [event]
@@ -292,20 +320,22 @@ class TraceCore:
             lot.accs = {}
         return events
 
-    def _add(self, lot: _Lot, point: TracedPoint, value: float, t: int) -> None:
+    def _add(self, lot: _Lot, point: TracedPoint, value: float, t: int, flags: str) -> None:
         acc = lot.accs.get(point)
         if acc is None:
-            acc = lot.accs[point] = _Acc(seen_ns=lot.start_ns)
+            acc = lot.accs[point] = lot.acc(point)
         if t - acc.seen_ns > self.cfg.outage_after(point.device) * 1e9:
-            acc.gaps.append((acc.seen_ns, t))
-        acc.seen_ns = t
+            acc.gaps.append((acc.seen_ns, t))  # may start in an earlier window: the outage's whole span
+        acc.seen_ns = lot.seen[point] = t
+        if flags != GOOD and flags != acc.quality:
+            acc.quality = quality(acc.quality, flags)
         acc.n += 1
         acc.total += value
         acc.lo, acc.hi = min(acc.lo, value), max(acc.hi, value)
         acc.last, acc.last_ns = value, t
         limits = self._limits(lot, point.type)
         if limits is not None:
-            lo, hi = limits
+            lo, hi = limits[1].min, limits[1].max
             out = (lo is not None and value < lo) or (hi is not None and value > hi)
             current = acc.excursions[-1] if acc.excursions and acc.excursions[-1][4] else None
             if out and current is None:
@@ -315,15 +345,17 @@ class TraceCore:
             elif current is not None:
                 current[4] = False
 
-    def _limits(self, lot: _Lot, gs1_type: str) -> tuple[float | None, float | None] | None:
+    def _limits(self, lot: _Lot, gs1_type: str) -> tuple[str, Range] | None:
+        """The threshold that applies to ``gs1_type`` for ``lot`` (the lot's own, else its product's)
+        and the URI of the rule it comes from (its ``biz_rules``, or one naming where it is set)."""
         products = self.cfg.file.products
-        sources = [lot.config.thresholds]
+        sources = [(f"lot:{lot.id}", lot.config.thresholds)]
         if lot.config.product in products:
-            sources.append(products[lot.config.product].thresholds)  # type: ignore[index]
-        for thresholds in sources:
+            sources.append((f"product:{lot.config.product}", products[lot.config.product].thresholds))  # type: ignore[index]
+        for where, thresholds in sources:
             for key, rng in thresholds.items():
                 if SENSOR_TYPES[key] == gs1_type:
-                    return rng.min, rng.max
+                    return rng.biz_rules or f"urn:sluice:threshold:{where}:{key}", rng
         return None
 
     def _device_uri(self, device: str) -> str:
@@ -336,7 +368,7 @@ class TraceCore:
         alarms: list[dict[str, Any]] = []
         errors: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
         for p in points:
-            acc = lot.accs.get(p) or _Acc(seen_ns=start)
+            acc = lot.acc(p)
             gaps = list(acc.gaps)
             if end - acc.seen_ns > outage[p] or (acc.n == 0 and end > start):
                 gaps.append((acc.seen_ns, end))
@@ -347,10 +379,19 @@ class TraceCore:
                 stats.setdefault(p.device, []).append({
                     "type": p.type, "time": iso(acc.last_ns), "value": _num(acc.last), "minValue": _num(acc.lo),
                     "maxValue": _num(acc.hi), "meanValue": _num(acc.total / acc.n), "uom": p.uom, "sluice:point": p.field})
+            limits = self._limits(lot, p.type) if acc.excursions else None
             for x0, x1, lo, hi, _open in acc.excursions:
-                alarms.append({"sensorMetadata": {"deviceID": self._device_uri(p.device), "startTime": iso(x0), "endTime": iso(x1)},
-                               "sensorReport": [{"type": p.type, "exception": "ALARM_CONDITION", "minValue": _num(lo),
-                                                 "maxValue": _num(hi), "uom": p.uom, "sluice:point": p.field}]})
+                assert limits is not None  # an excursion needs a limit
+                rule, rng = limits
+                report = {"type": p.type, "exception": "ALARM_CONDITION", "minValue": _num(lo), "maxValue": _num(hi),
+                          "uom": p.uom, "sluice:point": p.field}
+                if rng.min is not None:
+                    report["sluice:limitMin"] = _num(rng.min)
+                if rng.max is not None:
+                    report["sluice:limitMax"] = _num(rng.max)
+                alarms.append({"sensorMetadata": {"deviceID": self._device_uri(p.device), "startTime": iso(x0), "endTime": iso(x1),
+                                                  "bizRules": rule},
+                               "sensorReport": [report]})
         out = [{"sensorMetadata": {"deviceID": self._device_uri(dev), "startTime": iso(start), "endTime": iso(end)},
                 "sensorReport": reports} for dev, reports in stats.items()]
         out += alarms
@@ -359,21 +400,27 @@ class TraceCore:
         return out
 
     def _event(self, lot: _Lot, reason: str, start: int, end: int, at: int, source: str | None = None,
-               sensors: list[dict[str, Any]] | None = None, quantity: tuple[float, str] | None = None) -> dict[str, Any]:
+               sensors: list[dict[str, Any]] | None = None, quantity: tuple[float, str] | None = None,
+               flags: str = GOOD) -> dict[str, Any]:
         loc = self.cfg.file.locations[lot.location]
         element: dict[str, Any] = {"epcClass": lot_uri(lot.id, lot.config, self.cfg.file.lot_uri)}
         if quantity is not None:
             element["quantity"], element["uom"] = _exact(quantity[0]), quantity[1]
+        step = _STEP.get(reason, loc.biz_step)
+        disposition = (loc.disposition if reason not in _STEP else None) or STEP_DISPOSITION.get(step, "unknown")
         event: dict[str, Any] = {
-            "type": "ObjectEvent", "eventTime": iso(at), "eventTimeZoneOffset": self.cfg.file.timezone_offset,
+            "type": "ObjectEvent", "eventTime": iso(at), "eventTimeZoneOffset": self.cfg.file.timezone_offset or zone_offset(at),
             "quantityList": [element],
-            "action": "OBSERVE", "bizStep": _STEP.get(reason, loc.biz_step),
+            "action": "OBSERVE", "bizStep": step, "disposition": disposition,
             "readPoint": {"id": loc.read_point}, "bizLocation": {"id": loc.biz_location or loc.read_point},
         }
         if reason != ENTER and end > start:
             sensors = self._sensors(lot, start, end)
+            flags = quality(flags, *(acc.quality for acc in lot.accs.values()))
         if sensors:
             event["sensorElementList"] = sensors
+        if flags != GOOD:
+            event["sluice:quality"] = flags
         event["sluice:lot"] = lot.id
         event["sluice:location"] = lot.location
         event["sluice:reason"] = reason

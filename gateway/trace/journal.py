@@ -18,8 +18,13 @@ On-disk invariants (tables ``trace_*``; the outbox's own tables are never touche
 * ``trace_events(seq, lot, time_ns, line)``: every sealed event, ``seq`` 1, 2, 3 ... with no gap; the
   line is exactly what sinks receive; ``time_ns`` is when it was sealed (0 in older files). Never
   updated or deleted (the local evidence record).
-* ``trace_chain``: one row (``seq``, ``head``) = the last event's seq and eventID, written in the same
-  transaction as that event, so a crash can never fork the chain.
+* ``trace_chain``: one row (``seq``, ``head``, ``chain``) = the last event's seq and eventID, written in
+  the same transaction as that event, so a crash can never fork the chain; ``chain`` is the chain's
+  id (:func:`new_chain_id`), fixed when the table is made, before event 1, and never changed: every
+  event and signed head of this outbox names it, so sinks and verifiers can tell this chain from one
+  an earlier outbox held (a file moved aside as unusable takes its chain with it; the fresh outbox
+  starts a new chain at seq 1). NULL for a chain begun by a Sluice before chain ids: it goes on
+  without one.
 * ``trace_bindings(lot, location, since_ns, start_ns)``: where each lot is, and the start of its open
   window; rewritten with the events that changed it.
 * ``trace_sinks(name, acked)``: sink ``name`` has every event with ``seq <= acked``; it only grows.
@@ -32,6 +37,7 @@ On-disk invariants (tables ``trace_*``; the outbox's own tables are never touche
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -40,15 +46,16 @@ from pathlib import Path
 from gateway.buffer import OutboxError, filesystem_bytes, limit_wal, prepare, wal_bound
 from gateway.outbox_file import connect, identity
 
-__all__ = ["Journal"]
+__all__ = ["Journal", "new_chain_id"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS trace_commands (id INTEGER PRIMARY KEY, time_ns INTEGER NOT NULL, kind TEXT NOT NULL,
     lot TEXT NOT NULL, location TEXT, source TEXT NOT NULL, status TEXT);
 CREATE TABLE IF NOT EXISTS trace_events (seq INTEGER PRIMARY KEY, lot TEXT NOT NULL, time_ns INTEGER NOT NULL, line TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS trace_events_lot ON trace_events (lot, seq);
-CREATE TABLE IF NOT EXISTS trace_chain (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL, head TEXT);
-INSERT OR IGNORE INTO trace_chain VALUES (0, 0, NULL);
+CREATE TABLE IF NOT EXISTS trace_chain (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL, head TEXT,
+    chain TEXT);
+INSERT OR IGNORE INTO trace_chain (id, seq, head) VALUES (0, 0, NULL);
 CREATE TABLE IF NOT EXISTS trace_bindings (lot TEXT PRIMARY KEY, location TEXT NOT NULL, since_ns INTEGER NOT NULL,
     start_ns INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS trace_sinks (name TEXT PRIMARY KEY, acked INTEGER NOT NULL);
@@ -56,6 +63,13 @@ CREATE TABLE IF NOT EXISTS trace_applied (lot TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS trace_dead_letters (id INTEGER PRIMARY KEY, sink TEXT NOT NULL, seq INTEGER NOT NULL,
     time_ns INTEGER NOT NULL, message TEXT NOT NULL);
 """
+
+
+def new_chain_id(time_ns: int | None = None) -> str:
+    """A chain's id: its genesis time (UTC, to the second) and 32 random bits, e.g.
+    ``20261202T143500Z-3f9a1c2e`` — unique, sortable, and usable in a file name."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime((time.time_ns() if time_ns is None else time_ns) / 1e9))
+    return f"{stamp}-{secrets.token_hex(4)}"
 
 
 class Journal:
@@ -84,7 +98,7 @@ class Journal:
                 # not know max_bytes, so it takes the filesystem's; its transactions are small, and the outbox's
                 # own connection checkpoints at its (possibly smaller) threshold with every commit of readings.
                 limit_wal(conn, wal_bound(None, filesystem_bytes(Path(self.path).parent)))
-                conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+                _create(conn)
             except BaseException:
                 conn.close()
                 raise
@@ -130,6 +144,10 @@ class Journal:
     def chain(self) -> tuple[int, str | None]:
         seq, head = self.conn.execute("SELECT seq, head FROM trace_chain WHERE id=0").fetchone()
         return int(seq), head
+
+    def chain_id(self) -> str | None:
+        """This outbox's chain id (None: a chain begun before chain ids, which goes on without one)."""
+        return self.conn.execute("SELECT chain FROM trace_chain WHERE id=0").fetchone()[0]
 
     def bindings(self) -> dict[str, tuple[str, int, int]]:
         return {lot: (loc, since, start) for lot, loc, since, start in
@@ -207,3 +225,20 @@ class Journal:
 
     def all_lines(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT line FROM trace_events ORDER BY seq")]
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    """The tables, in one transaction (any process may be first). An empty chain gets its id here;
+    a ``trace_chain`` of an older Sluice gets the column (NULL for a chain that already has events)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        if "chain" not in {row[1] for row in conn.execute("PRAGMA table_info(trace_chain)")}:
+            conn.execute("ALTER TABLE trace_chain ADD COLUMN chain TEXT")
+        conn.execute("UPDATE trace_chain SET chain=? WHERE id=0 AND seq=0 AND chain IS NULL", (new_chain_id(),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise

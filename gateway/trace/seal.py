@@ -1,18 +1,30 @@
-"""Sealing and verifying the feed: event ids, the hash chain and Ed25519 signatures.
+"""Sealing and verifying the feed: event ids, the hash chain, Ed25519 signatures and signed heads.
 
-A sealed line is one EPCIS 2.0 document holding one event, written as canonical JSON (keys
-sorted, no spaces, UTF-8) on one line. The event carries ``sluice:seq`` (1, 2, 3 ... with no
-gap), ``sluice:prev`` (the eventID of the event before it; absent on seq 1), ``sluice:gateway``
-and ``sluice:eventSignature`` = ``{"key": <key id>, "value": <hex>}``: an Ed25519 signature over
-``b"sluice-event-1\\n"`` + the GS1 event hash id of the event *without* that field (its content,
-chain link included). Its ``eventID`` is the GS1 event hash of everything else in it, signature
-included, so GS1's reference generator computes the same id and the id commits to the chain.
-The event signature is what survives an EPCIS repository (which keeps events, not our
-documents): :func:`verify_events` checks a query answer with it, event by event.
-The document carries ``sluice:signature`` (same form), over ``b"sluice-trace-1\\n"`` + the
-canonical JSON of the document without that field.
+The exact procedure a verifier follows is in ``docs/trace-verification.md``; this is the code.
+A sealed line is one EPCIS 2.0 document holding one event, in RFC 8785 canonical JSON
+(:mod:`gateway.trace.jcs`) on one line. The event carries ``sluice:seq`` (1, 2, 3 ... with no
+gap), ``sluice:prev`` (the eventID of the event before it; absent on seq 1), ``sluice:chain`` (the
+chain's id, the same on every event of a chain: an outbox moved aside as unusable takes its chain
+with it and the fresh one starts a new chain at seq 1; absent on chains begun before chain ids),
+``sluice:gateway`` and ``sluice:eventSignature`` = ``{"key": <key id>, "value": <hex>}``: an Ed25519 signature over
+``b"sluice-event-1\\n"`` + the GS1 event hash id (ASCII) of the event *without* that field and
+without ``eventID`` (its content, chain link included). Its ``eventID`` is the GS1 event hash of
+everything else in it, signature included, so GS1's reference generator computes the same id and
+the id commits to the chain. The event signature is what survives an EPCIS repository (which
+keeps events, not our documents): :func:`verify_events` checks a query answer with it.
+The document carries ``sluice:signature`` (same form), over ``b"sluice-trace-1\\n"`` + the JCS
+bytes of the document without that member. The key id is ``"ed25519:"`` + the first 16 hex
+digits of SHA-256 over the raw 32-byte public key.
 Any change to a line — a byte, a removed line, two lines swapped — breaks the canonical form,
 the signature, the eventID or the sequence, and :func:`verify_lines` names the first one.
+
+What the chain cannot show on its own is events cut off its *end*: a shorter feed is a valid
+feed. A **signed head** (:meth:`Sealer.signed_head`, :func:`read_head`) closes that gap for whoever
+holds one: ``{"type": "sluice:ChainHead", "gateway", "chain", "seq", "eventID", "time", "signature"}``,
+the signature over ``b"sluice-head-1\\n"`` + the JCS bytes of the head without ``signature``. It
+states that by ``time`` the chain ``chain`` had reached event ``seq`` with that eventID; a feed of
+that chain verified with it (``heads=``) must contain that event, unchanged; a head of another
+chain is named as such (it is not evidence about this feed).
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,19 +41,19 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from gateway.trace.engine import CONTEXT
+from gateway.trace.engine import CONTEXT, iso
 from gateway.trace.hashing import event_hash
+from gateway.trace.jcs import canonical
 
-__all__ = ["Problem", "Sealer", "canonical", "event_signature_problem", "key_id", "load_or_create_key", "load_public_key", "verify_events",
-           "verify_lines"]
+__all__ = ["Head", "Problem", "Sealer", "canonical", "event_signature_problem", "key_id", "load_or_create_key",
+           "load_public_key", "read_head", "verify_events", "verify_lines"]
 
 DOMAIN = b"sluice-trace-1\n"
 EVENT_DOMAIN = b"sluice-event-1\n"
+HEAD_DOMAIN = b"sluice-head-1\n"
 EVENT_SIGNATURE = "sluice:eventSignature"
-
-
-def canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+CHAIN = "sluice:chain"
+HEAD_TYPE = "sluice:ChainHead"
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -87,18 +99,22 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 class Sealer:
-    """Turns unsealed events into signed lines, continuing the chain at (seq, head)."""
+    """Turns unsealed events into signed lines, continuing the chain ``chain`` at (seq, head)."""
 
-    def __init__(self, key: Ed25519PrivateKey, gateway_id: str, seq: int = 0, head: str | None = None) -> None:
+    def __init__(self, key: Ed25519PrivateKey, gateway_id: str, seq: int = 0, head: str | None = None,
+                 chain: str | None = None) -> None:
         self._key = key
         self._kid = key_id(key.public_key())
         self.gateway_id = gateway_id
         self.seq, self.head = seq, head
+        self.chain = chain
 
     def seal(self, event: dict[str, Any]) -> str:
         event = dict(event)
         event["sluice:gateway"] = self.gateway_id
         event["sluice:seq"] = self.seq + 1
+        if self.chain is not None:
+            event[CHAIN] = self.chain
         if self.head is not None:
             event["sluice:prev"] = self.head
         event.pop("eventID", None)
@@ -113,6 +129,93 @@ class Sealer:
         doc["sluice:signature"] = {"key": self._kid, "value": signature.hex()}
         self.seq, self.head = self.seq + 1, event_id
         return canonical(doc)
+
+    def signed_head(self, seq: int, event_id: str | None, time_ns: int) -> str:
+        """A signed head (one JCS line): the chain had reached ``seq`` (eventID ``event_id``;
+        None for seq 0) by ``time_ns``. Any seq of the chain may be stated, not only the last."""
+        head: dict[str, Any] = {"type": HEAD_TYPE, "gateway": self.gateway_id, "seq": seq, "eventID": event_id,
+                                "time": iso(time_ns)}
+        if self.chain is not None:
+            head["chain"] = self.chain
+        head["signature"] = {"key": self._kid, "value": self._key.sign(HEAD_DOMAIN + canonical(head).encode()).hex()}
+        return canonical(head)
+
+
+@dataclass(frozen=True)
+class Head:
+    """A verified signed head (see the module docstring)."""
+
+    gateway: str
+    seq: int
+    event_id: str | None
+    time: str
+    chain: str | None = None  # None: a chain begun before chain ids
+
+    def __str__(self) -> str:
+        return f"seq {self.seq} (signed {self.time}{f', chain {self.chain}' if self.chain else ''})"
+
+
+def read_head(text: str, public: Ed25519PublicKey) -> Head:
+    """Parse and check a signed head; raises ValueError saying what is wrong with it."""
+    try:
+        head = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"a signed head is one JSON object (`sluice trace head`): {exc}") from None
+    if not isinstance(head, dict) or head.get("type") != HEAD_TYPE:
+        raise ValueError(f"not a signed head: expected a JSON object with \"type\": \"{HEAD_TYPE}\"")
+    signature = head.pop("signature", None)
+    seq, event_id, gateway, when = head.get("seq"), head.get("eventID"), head.get("gateway"), head.get("time")
+    chain = head.get("chain")
+    if (type(seq) is not int or seq < 0 or not isinstance(gateway, str) or not isinstance(when, str)
+            or not (event_id is None if seq == 0 else isinstance(event_id, str)) or not isinstance(chain, str | None)):
+        raise ValueError("a signed head needs seq (an integer >= 0), eventID (null only for seq 0), gateway and time "
+                         "(and chain, when present, a string)")
+    if not _valid_signature(public, signature, HEAD_DOMAIN + canonical(head).encode()):
+        raise ValueError(f"the head's signature does not verify with key {key_id(public)}: altered, or another gateway's")
+    return Head(gateway, seq, event_id, when, chain)
+
+
+def _chain_name(chain: str | None) -> str:
+    return f"chain {chain}" if chain is not None else "a chain without an id (begun before chain ids)"
+
+
+def another_chain(first: str | None, this: str | None, seq: int | None) -> str:
+    """What a verifier says when event ``seq`` of chain ``this`` follows events of chain ``first``."""
+    if seq != 1:  # a chain begins at seq 1: this is not a new chain starting but events of two chains mixed
+        return (f"this event belongs to {_chain_name(this)}, the events before it to {_chain_name(first)}, and it is "
+                "not the first event of its chain: events of two chains were mixed — verify each chain's events on "
+                "their own")
+    return (f"this event belongs to {_chain_name(this)}, the events before it to {_chain_name(first)}: a new chain "
+            "started here (a gateway whose outbox was moved aside as unusable starts a new one at seq 1; the old "
+            "chain's remaining events are in that moved-aside file, `sluice outbox salvage FILE --events OUT` "
+            "exports them) — verify each chain's events on their own; a feed never mixes two chains")
+
+
+def _other_heads(heads: Sequence[Head], chain: str | None) -> str | None:
+    """Why the heads cannot be checked against a feed of ``chain`` (None: they are all of that chain)."""
+    other = next((h for h in heads if h.chain != chain), None)
+    if other is None:
+        return None
+    return (f"the signed head {other} is of {_chain_name(other.chain)}, the feed is {_chain_name(chain)}: "
+            "a head says nothing about another chain — give the head of this chain (a jsonl sink moves the old "
+            "chain's feed aside as <feed>.chain-<id> with its .head)")
+
+
+def _head_problem(heads: Sequence[Head], seq: int, event_id: Any) -> str | None:
+    for head in heads:
+        if head.seq == seq and head.event_id != event_id:
+            return (f"it is not the event the signed head {head} names (eventID {head.event_id}): "
+                    "the feed was rewritten from here on")
+    return None
+
+
+def _short_of(heads: Sequence[Head], last: int) -> str | None:
+    """Why a chain ending at ``last`` falls short of a head (None: it reaches every head)."""
+    beyond = max((h for h in heads if h.seq > last), key=lambda h: h.seq, default=None)
+    if beyond is None:
+        return None
+    return (f"the feed ends at seq {last}, but the signed head {beyond} says the chain had reached seq {beyond.seq}: "
+            f"{beyond.seq - last} event(s) were cut off the end (or were not delivered here)")
 
 
 def _valid_signature(public: Ed25519PublicKey, signature: Any, message: bytes) -> bool:
@@ -148,12 +251,18 @@ class Problem:
         return f"event #{self.position} (line {self.position}{seq}): {self.message}"
 
 
-def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Any = None) -> tuple[int, Problem | None]:
+def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Any = None,
+                 heads: Sequence[Head] = ()) -> tuple[int, Problem | None]:
     """Check every line; returns (events that verified, the first problem or None).
 
-    ``validate``, if given, is called with each document and returns a list of schema errors."""
+    ``validate``, if given, is called with each document and returns a list of schema errors.
+    ``heads`` (verified with :func:`read_head`): the feed must contain each head's event,
+    unchanged — so events cut off the end before the newest head are found. A feed is one chain:
+    every event names the first one's ``sluice:chain``; an event of another chain is reported as a
+    new chain starting, and a head of another chain as such."""
     kid = key_id(public)
     expected_seq, head = 1, None
+    chain: str | None = None
     count = 0
     for position, line in enumerate(lines, 1):
         line = line.rstrip("\n")
@@ -183,15 +292,26 @@ def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Any =
                 return count, Problem(position, seq, "does not match the EPCIS 2.0 schema: " + errors[0])
         if event_hash({k: v for k, v in event.items() if k != "eventID"}, doc.get("@context")) != event.get("eventID"):
             return count, Problem(position, seq, "eventID is not the hash of the event")
+        if position == 1:
+            chain = event.get(CHAIN)
+            wrong = _other_heads(heads, chain)
+            if wrong is not None:
+                return count, Problem(position, seq, wrong)
+        elif event.get(CHAIN) != chain:
+            return count, Problem(position, seq, another_chain(chain, event.get(CHAIN), seq))
         if seq != expected_seq:
             what = (f"{seq - expected_seq} event(s) before it are missing, or events were reordered" if seq > expected_seq
                     else "it repeats or precedes an earlier event: events were reordered or duplicated")
             return count, Problem(position, seq, f"expected seq {expected_seq}: {what}")
         if event.get("sluice:prev") != head:
             return count, Problem(position, seq, "sluice:prev is not the eventID of the event before it: the chain is broken")
+        wrong = _head_problem(heads, seq, event["eventID"])
+        if wrong is not None:
+            return count, Problem(position, seq, wrong)
         expected_seq, head = seq + 1, event["eventID"]
         count += 1
-    return count, None
+    short = _short_of(heads, expected_seq - 1)
+    return count, (Problem(count + 1, None, short) if short else None)
 
 
 REPOSITORY_FIELDS = frozenset({"recordTime", "@context"})
@@ -199,7 +319,7 @@ REPOSITORY_FIELDS = frozenset({"recordTime", "@context"})
 
 
 def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: Any = None,
-                  partial: bool = False) -> tuple[int, Problem | None]:
+                  partial: bool = False, heads: Sequence[Head] = ()) -> tuple[int, Problem | None]:
     """Check events returned by an EPCIS query (an EPCISQueryDocument's eventList).
 
     A repository keeps events, not the documents, and returns them in no promised order: the
@@ -209,14 +329,43 @@ def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: 
     and the chain (``sluice:prev``); each is re-wrapped as the one-event document it was sent in
     for the schema check. ``Problem.position`` is the seq's place in that order. ``partial``: the
     answer of a filtered query (one lot's events): gaps in the sequence are allowed, and the
-    chain is checked between consecutive seqs only — each event still stands on its signature."""
-    items = []
+    chain is checked between consecutive seqs only — each event still stands on its signature.
+    ``heads``: as for :func:`verify_lines` (with ``partial``, a head's event may be absent: only its
+    seq is compared with the answer's last). A repository may hold several chains of the gateway
+    (a new one starts when an outbox is moved aside as unusable): the events are grouped by
+    ``sluice:chain`` and each chain is checked on its own, with the heads of that chain; the count
+    is over all of them, and a problem names its chain when there are several."""
+    chains: dict[str | None, list[tuple[int, dict[str, Any]]]] = {}
     for index, event in enumerate(events, 1):
         seq = event.get("sluice:seq") if isinstance(event, dict) else None
         if not isinstance(seq, int):
             return 0, Problem(index, None, f"event {index} of the answer has no sluice:seq — not a Sluice event")
-        items.append((seq, {k: v for k, v in event.items() if k not in REPOSITORY_FIELDS}))
-    items.sort(key=lambda item: item[0])
+        chains.setdefault(event.get(CHAIN), []).append((seq, {k: v for k, v in event.items() if k not in REPOSITORY_FIELDS}))
+    if not chains:
+        return _verify_chain([], public, validate, partial, heads)
+    if len(chains) == 1:
+        wrong = _other_heads(heads, next(iter(chains)))
+        if wrong is not None:
+            return 0, Problem(1, None, wrong)
+    total = 0
+    for chain, items in chains.items():
+        count, problem = _verify_chain(sorted(items, key=lambda item: item[0]), public, validate, partial,
+                                       [h for h in heads if h.chain == chain])
+        total += count
+        if problem is not None:
+            if len(chains) > 1:
+                problem = Problem(problem.position, problem.seq, f"{_chain_name(chain)}: {problem.message}")
+            return total, problem
+    unmatched = next((h for h in heads if h.chain not in chains), None)
+    if unmatched is not None:
+        return total, Problem(total + 1, None, f"the signed head {unmatched} is of {_chain_name(unmatched.chain)}, of "
+                              "which the answer holds no event")
+    return total, None
+
+
+def _verify_chain(items: list[tuple[int, dict[str, Any]]], public: Ed25519PublicKey | None, validate: Any,
+                  partial: bool, heads: Sequence[Head]) -> tuple[int, Problem | None]:
+    """:func:`verify_events` for the events of one chain, in seq order."""
     expected_seq, head, count = 1, None, 0
     for position, (seq, event) in enumerate(items, 1):
         if partial and seq > expected_seq:
@@ -238,6 +387,10 @@ def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: 
             errors = validate(doc)
             if errors:
                 return count, Problem(position, seq, "does not match the EPCIS 2.0 schema: " + errors[0])
+        wrong = _head_problem(heads, seq, event["eventID"])
+        if wrong is not None:
+            return count, Problem(position, seq, wrong)
         expected_seq, head = seq + 1, event["eventID"]
         count += 1
-    return count, None
+    short = _short_of(heads, expected_seq - 1)
+    return count, (Problem(count + 1, None, short) if short else None)

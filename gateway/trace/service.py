@@ -7,7 +7,7 @@ locations once) -> :meth:`observe` is called with every reading (the gateway's `
 hook; never blocks) -> :meth:`run` until cancelled. Everything runs on the event loop.
 
 Delivery follows the outbox's rule: a sink's position moves only after the sink confirmed
-(the JSON Lines sink: after ``fsync``; MQTT: PUBACK; EPCIS capture: a 2xx); on failure the same
+(the JSON Lines sink, ``gateway/trace/jsonl.py``: after ``fsync``; MQTT: PUBACK; EPCIS capture: a 2xx); on failure the same
 events are sent again, in order. The JSON Lines sink is written in :meth:`step`; each network
 sink (``gateway/trace/sinks.py``) has its own task ``trace-sink[<name>]``, started on entering,
 woken by every commit. An event an EPCIS repository refuses as a document becomes a dead letter
@@ -33,7 +33,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from gateway.reading import Reading
 from gateway.trace.config import JsonlSinkConfig, TraceConfig, load_trace_config
 from gateway.trace.engine import Command, TraceCore
 from gateway.trace.journal import Journal
+from gateway.trace.jsonl import JsonlSink
 from gateway.trace.seal import Sealer, load_or_create_key
 
 __all__ = ["METRICS", "JsonlSink", "TraceService", "reloading", "state_dir"]
@@ -71,44 +72,6 @@ def state_dir() -> Path:
 
 def resolve(path: Path, base: Path) -> Path:
     return path if path.is_absolute() else base / path
-
-
-class JsonlSink:
-    """Appends lines to a file; exactly once: lines whose seq the file already ends with are skipped."""
-
-    def __init__(self, name: str, path: Path) -> None:
-        self.name, self.path = name, path
-        self._last: int | None = None
-
-    def _last_seq(self) -> int:
-        import json
-
-        try:
-            with self.path.open("rb") as f:
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(0, size - 65536))
-                tail = f.read().splitlines()
-        except FileNotFoundError:
-            return 0
-        for raw in reversed(tail):
-            try:
-                return int(json.loads(raw)["epcisBody"]["eventList"][0]["sluice:seq"])
-            except (ValueError, KeyError, IndexError, TypeError):
-                continue
-        return 0
-
-    def send(self, batch: Sequence[tuple[int, str]]) -> None:
-        """Raises OSError when the file cannot be written; nothing is then acknowledged."""
-        if self._last is None:
-            self._last = self._last_seq()
-        fresh = [line for seq, line in batch if seq > self._last]
-        if fresh:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in fresh))
-                f.flush()
-                os.fsync(f.fileno())
-        self._last = max(self._last, batch[-1][0])
 
 
 class TraceService:
@@ -142,6 +105,7 @@ class TraceService:
         """Events sealed and stored since start."""
         self.last_sealed_ns = 0
         self._unregister: Any = None
+        self._heads: dict[str, tuple[int, float]] = {}  # sink -> (seq, monotonic time) of the last head it took
 
     @property
     def late(self) -> int:
@@ -153,7 +117,7 @@ class TraceService:
         self._journal = journal
         key = load_or_create_key(resolve(self.cfg.file.key_file, self.state))
         seq, head = journal.chain()
-        self.sealer = Sealer(key, self.cfg.gateway_id, seq, head)
+        self.sealer = Sealer(key, self.cfg.gateway_id, seq, head, journal.chain_id())
         self.core = TraceCore(self.cfg, journal.bindings())
         if not self._injected:
             self._sinks = self._jsonl_sinks()
@@ -172,7 +136,7 @@ class TraceService:
         return self
 
     def _jsonl_sinks(self) -> dict[str, Any]:
-        return {name: JsonlSink(name, resolve(s.path, self.state))
+        return {name: JsonlSink(name, resolve(s.path, self.state), resolve(self.cfg.database, self.state))
                 for name, s in self.cfg.file.sinks.items() if isinstance(s, JsonlSinkConfig)}
 
     @staticmethod
@@ -395,6 +359,19 @@ class TraceService:
                 if name in self._failing:
                     log.info("trace sink %s: delivering again", name)
                     self._failing.discard(name)
+            head = self._head_due(name) if hasattr(sink, "send_head") else None
+            if head is not None:
+                state = f"{name}:head"
+                try:
+                    sink.send_head(head[1])
+                except OSError as exc:
+                    if state not in self._failing:
+                        log.warning("trace sink %s: the signed head could not be written (%s); trying again every "
+                                    "%.0f s", name, exc, self.cfg.file.head_interval)
+                        self._failing.add(state)
+                else:
+                    self._failing.discard(state)
+                self._heads[name] = (head[0], time.monotonic())
 
     async def _deliver_net(self, name: str, sink: Any) -> None:
         """Deliver to one network sink for ever: oldest unacknowledged events first, in order."""
@@ -410,6 +387,7 @@ class TraceService:
         while True:
             batch = journal.fetch(name, limit=100)
             if not batch:
+                await self._send_head(name, sink)
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(TICK):
@@ -434,6 +412,34 @@ class TraceService:
             if name in self._failing:
                 log.info("trace sink %s: delivering again", name)
                 self._failing.discard(name)
+
+    def _head_due(self, name: str) -> tuple[int, str] | None:
+        """(seq, signed head) for sink ``name`` at its acknowledged position, when it takes one and its
+        last is older than ``head_interval`` or for an earlier seq; else None. A head names only
+        what the sink acknowledged, so whoever receives it can hold the events it names."""
+        journal, sealer = self._journal, self.sealer
+        assert journal is not None and sealer is not None
+        seq = journal.position(name)
+        last = self._heads.get(name)
+        if seq == 0 or (last is not None and last[0] == seq and time.monotonic() - last[1] < self.cfg.file.head_interval):
+            return None
+        event_id = json.loads(journal.line(seq) or "{}").get("epcisBody", {}).get("eventList", [{}])[0].get("eventID")
+        return seq, sealer.signed_head(seq, event_id, self._clock())
+
+    async def _send_head(self, name: str, sink: Any) -> None:
+        """Give a network sink that takes heads (MQTT) its due head; a failure is tried again later."""
+        from gateway.forwarder import SinkUnavailable
+
+        if getattr(sink, "send_head", None) is None or getattr(sink, "head_topic", True) is None:
+            return
+        head = self._head_due(name)
+        if head is None:
+            return
+        try:
+            await sink.send_head(head[1])
+        except SinkUnavailable:
+            return  # its events are not going out either: the next head follows them
+        self._heads[name] = (head[0], time.monotonic())
 
     # -- MQTT commands -------------------------------------------------------------------
     def _on_command(self, sink: Any, payload: bytes) -> None:

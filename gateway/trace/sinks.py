@@ -64,6 +64,7 @@ class TraceMqttSink:
         self.topic = config.topic.format(site=site, gateway=gateway_id)
         self.command_topic = config.command_topic.format(site=site, gateway=gateway_id) if config.command_topic else None
         self.reply_topic = config.reply_topic.format(site=site, gateway=gateway_id)
+        self.head_topic = config.head_topic.format(site=site, gateway=gateway_id) if config.head_topic else None
         self.mqtt = MqttSink(name, config, gateway_id, site)
 
     async def __aenter__(self) -> TraceMqttSink:
@@ -87,6 +88,12 @@ class TraceMqttSink:
     async def reply(self, payload: bytes) -> None:
         """Publish a command's answer; raises SinkUnavailable when not connected."""
         await self.mqtt.send([(self.reply_topic, payload)])
+
+    async def send_head(self, head: str) -> None:
+        """Publish a signed chain head on ``head_topic`` (not retained: the shared MQTT layer has no
+        retained publish for batches yet); raises SinkUnavailable when not connected."""
+        if self.head_topic is not None:
+            await self.mqtt.send([(self.head_topic, head.encode())])
 
 
 # --------------------------------------------------------------------------- EPCIS capture
