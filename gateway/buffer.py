@@ -91,7 +91,6 @@ from __future__ import annotations
 
 import json
 import marshal
-import os
 import logging
 import sqlite3
 import time
@@ -101,6 +100,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.outbox_file import APPLICATION_ID, SCHEMA_VERSION, connect, vet
+from gateway.outbox_space import WAL_MAX, filesystem_bytes, limit_wal, wal_bound
 from gateway.reading import Reading
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,6 @@ ACK_WRITE_DELAY = 2.0
 """Seconds an acknowledged position may stay in memory only: it is written with the next commit of
 readings, or by the first ack after this delay, or at close. A crash re-sends at most that much
 (duplicates, never loss); it saves a transaction and an fsync per delivered batch."""
-WAL_MIN = 128 * 1024
-WAL_MAX = 16 * 1024**2
-"""The range of :func:`wal_bound` (16 MiB was the journal_size_limit before the bound existed)."""
-SHM_BYTES = 32 * 1024
-"""The ``-shm`` file of a WAL within :data:`WAL_MAX` (one 32 KiB index block holds 4096 frames)."""
 BUSY_TIMEOUT = 5.0
 """Seconds a statement waits for another connection's lock (Python's default)."""
 RECLAIM_WAIT = 0.2
@@ -1008,61 +1003,6 @@ def prepare(path: Path, *, check: bool) -> None:
             conn.close()
     except (sqlite3.Error, OSError) as exc:
         raise OutboxError(_describe(path, "preparing", exc)) from exc
-
-
-def filesystem_bytes(directory: Path) -> int | None:
-    """The size of the filesystem holding ``directory`` (None if it cannot be told)."""
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return None
-    return st.f_blocks * st.f_frsize or None
-
-
-def disk_budget(path: Path, max_bytes: int) -> tuple[str, str] | None:
-    """Why an outbox at ``path`` bounded by ``max_bytes`` cannot fit the filesystem that holds it,
-    and what to do (None when it can, or when the filesystem cannot be told): the readings
-    (``max_bytes``), dead letters (up to a quarter of it), the WAL (:func:`wal_bound`) and its
-    index must all fit. ``sluice check`` prints it and ``sluice run`` logs it (a located warning)."""
-    directory = Path(path).parent
-    while not directory.exists() and directory != directory.parent:
-        directory = directory.parent
-    disk = filesystem_bytes(directory)
-    if disk is None:
-        return None
-    wal = wal_bound(max_bytes, disk)
-    need = max_bytes + max_bytes // 4 + wal + SHM_BYTES
-    if need <= disk:
-        return None
-    fit = int((disk - wal - SHM_BYTES) * 0.9 / 1.25)  # 10 % left for the trace feed and SQLite's own pages
-    return (f"buffer.max_bytes {_size(max_bytes)} needs about {_size(need)} of disk (with dead letters, at most a "
-            f"quarter of it, and the WAL, {_size(wal)}), more than the whole filesystem holding {path} "
-            f"({_size(disk)}): once it is full, readings wait in memory (at most 100,000) and are then lost",
-            f"set buffer.max_bytes to at most {_size(fit)}, or put the outbox on a larger filesystem")
-
-
-def _size(n: int) -> str:
-    """``n`` bytes as it would be written in gateway.yaml (KiB/MiB/GiB, rounded down)."""
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= scale:
-            return f"{n * 10 // scale / 10:g}{unit}"
-    return f"{n}B"
-
-
-def wal_bound(max_bytes: int | None, disk_bytes: int | None) -> int:
-    """Bytes an outbox's ``-wal`` stays within: 1/16 of ``max_bytes`` or of the filesystem's size
-    (``disk_bytes``), whichever is smaller, kept between :data:`WAL_MIN` and :data:`WAL_MAX`."""
-    base = min(b for b in (max_bytes, disk_bytes, WAL_MAX * 16) if b is not None)
-    return max(WAL_MIN, min(WAL_MAX, base // 16))
-
-
-def limit_wal(conn: sqlite3.Connection, bound: int) -> None:
-    """Keep the WAL within ``bound`` bytes on ``conn`` (every connection that writes to an outbox):
-    checkpoint once it holds half of it, cut it back to ``bound`` when it restarts. Both settings
-    belong to the connection, not the file, so each connection needs them."""
-    page = conn.execute("PRAGMA page_size").fetchone()[0]
-    conn.execute(f"PRAGMA wal_autocheckpoint={max(1, min(1000, bound // 2 // page))}")
-    conn.execute(f"PRAGMA journal_size_limit={int(bound)}")
 
 
 def _short_of_space(exc: sqlite3.Error) -> bool:

@@ -37,7 +37,8 @@ import yaml
 from e2e_support import counter_servers, device_ports, write_config
 from gateway import app
 from gateway.app import Committer, Gateway
-from gateway.buffer import Outbox, OutboxError, wal_bound
+from gateway.buffer import Outbox, OutboxError
+from gateway.outbox_space import wal_bound
 from gateway.config import load_config
 from gateway.health import fetch, parse_metrics
 from gateway.reading import Reading

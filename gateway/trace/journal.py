@@ -43,8 +43,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.buffer import OutboxError, filesystem_bytes, limit_wal, prepare, wal_bound
+from gateway.buffer import OutboxError, prepare
 from gateway.outbox_file import connect, identity
+from gateway.outbox_space import filesystem_bytes, limit_wal, wal_bound
 
 __all__ = ["Journal", "new_chain_id"]
 
