@@ -205,12 +205,22 @@ async def outage_run(rig: Rig, outage: float) -> dict:
     return {"resumed_s": resumed, "backlog_readings_seen": counter.readings}
 
 
+@contextlib.asynccontextmanager
+async def mqtt_client(broker: Mosquitto, client_id: str):
+    """A connected client of the one MQTT layer (gateway/mqtt/client.py), persistent session, MQTT 3.1.1."""
+    from gateway.mqtt import Client, Settings
+
+    async with Client(Settings(who=client_id, host="127.0.0.1", port=broker.port, client_id=client_id,
+                               protocol="3.1.1", max_inflight=20)) as mqtt:
+        await asyncio.wait_for(mqtt.wait_connected(), 10)
+        yield mqtt
+
+
 async def calibrate(broker: Mosquitto, tmp: Path) -> dict:
     """The libraries' own costs on this machine, measured in this run: the floor the issue's
     target is derived from (10 Modbus transactions + 1 publish + 1 commit per second)."""
     import sqlite3
 
-    import aiomqtt
     from pymodbus.client import AsyncModbusTcpClient
 
     rig = Rig(tmp / "calibrate", Setup(1, 10, "1s"), broker)
@@ -230,12 +240,12 @@ async def calibrate(broker: Mosquitto, tmp: Path) -> dict:
         client.close()
     finally:
         rig.stop_sim()
-    async with aiomqtt.Client("127.0.0.1", broker.port) as mqtt:
+    async with mqtt_client(broker, "calibrate") as mqtt:
         for _ in range(50):
-            await mqtt.publish("calibrate", b"x" * 300, qos=1)
+            await mqtt.publish([("calibrate", b"x" * 300)], 1)
         t0 = time.process_time()
         for _ in range(500):
-            await mqtt.publish("calibrate", b"x" * 300, qos=1)
+            await mqtt.publish([("calibrate", b"x" * 300)], 1)
         publish = (time.process_time() - t0) / 500
     db = sqlite3.connect(tmp / "calibrate.db", isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
@@ -256,13 +266,11 @@ async def bare_work(broker: Mosquitto, tmp: Path, topics: int, seconds: int) -> 
     """CPU-s per 10k values of the work the workload requires and nothing else, in this process:
     every wall-clock second, 10 reads of 20 registers with our Modbus client (one connection, in
     turn), one FULL commit of 10 rows, and ``topics`` QoS 1 messages handed to paho at once with
-    one future for their PUBACKs (what the MQTT sink does). No gateway: no decoding, no outbox
+    one future for their PUBACKs (gateway/mqtt/client.py, what the MQTT sink uses). No gateway: no decoding, no outbox
     bookkeeping, no forwarder, no health endpoint. The same machine's bound on any gateway built
     on these libraries."""
     import marshal
     import sqlite3
-
-    import aiomqtt
 
     from drivers.modbus import ModbusTcpClient
 
@@ -278,28 +286,13 @@ async def bare_work(broker: Mosquitto, tmp: Path, topics: int, seconds: int) -> 
         port = yaml.safe_load((rig.cfg / "devices" / "u000.yaml").read_text())["port"]
         modbus = ModbusTcpClient("127.0.0.1", port)
         await modbus.connect(1.0)
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier=f"bare{topics}", clean_session=False) as mqtt:
-            loop = asyncio.get_running_loop()
-            paho, pending = mqtt._client, mqtt._pending_publishes  # as gateway/mqtt.py
-
-            class Acks:
-                def __init__(self, n: int) -> None:
-                    self.n, self.done = n, loop.create_future()
-
-                def set(self) -> None:
-                    self.n -= 1
-                    if self.n == 0:
-                        self.done.set_result(None)
-
+        async with mqtt_client(broker, f"bare{topics}") as mqtt:
             async def one_second() -> None:
                 rows = [(marshal.dumps([time.time_ns(), await modbus.read(u, 3, 0, 20, 1.0)]),) for u in range(1, 11)]
                 db.execute("BEGIN")
                 db.executemany("INSERT INTO r (data) VALUES (?)", rows)
                 db.execute("COMMIT")
-                acks = Acks(topics)
-                for t in range(topics):
-                    pending[paho.publish(f"sluice/lab/bare/u{t:03d}", b"x" * 300, qos=1).mid] = acks
-                await acks.done
+                await mqtt.publish([(f"sluice/lab/bare/u{t:03d}", b"x" * 300) for t in range(topics)], 1)
 
             for _ in range(3):
                 await one_second()
@@ -325,7 +318,7 @@ async def bench(args: argparse.Namespace) -> None:
                   f"{runs} run(s) per figure, {window:.0f} s windows")
             cal = await calibrate(broker, tmp)
             print(f"calibration (library costs on this machine, this run): pymodbus client {cal['modbus_us']:.0f} µs "
-                  f"CPU per 20-register read, aiomqtt QoS 1 publish {cal['publish_us']:.0f} µs, SQLite FULL "
+                  f"CPU per 20-register read, awaited QoS 1 publish {cal['publish_us']:.0f} µs, SQLite FULL "
                   f"single-row commit {cal['commit_us']:.0f} µs -> floor for 10 units x 10 values at 1 s: "
                   f"{cal['floor']:.3f} CPU-s per 10k values (LIBRARY-NOTES' costs give ~0.1)")
             seconds = 10 if args.quick else 30

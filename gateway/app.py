@@ -260,6 +260,8 @@ class Gateway:
         for name, sink in self.sinks.items():
             fwd = forwarders.get(name)
             entry = SinkSnapshot(name, bool(getattr(sink, "connected", False)), fwd.stats if fwd is not None else None)
+            entry.last_error = getattr(sink, "last_error", None)
+            entry.refused = getattr(sink, "refused", 0)
             if lag and running and self.outbox is not None:
                 entry.lag, entry.unconfirmed = _lag(self.outbox, name, now_ns)
             snap.sinks.append(entry)

@@ -60,6 +60,8 @@ class SinkSnapshot:
     stats: ForwarderStats | None  # None: no forwarder (yet)
     lag: float = 0.0  # seconds: age of the oldest reading not yet acknowledged
     unconfirmed: int = 0  # end_to_end: sent minus acknowledged
+    last_error: str | None = None  # a connect/TLS/auth failure, or the broker's reason for refusing publishes
+    refused: int = 0  # publishes the far end refused (MQTT 5 reason code >= 0x80)
 
 
 @dataclass
@@ -101,8 +103,11 @@ def healthz(snap: Snapshot) -> tuple[bool, dict[str, Any]]:
         reasons.append(f"outbox not writable: {snap.held} readings held in memory "
                        f"(check free disk space)")
     for sink in snap.sinks:
+        why = sink.last_error
         if not sink.connected:
-            warnings.append(f"sink {sink.name}: not connected (readings are kept in the outbox)")
+            warnings.append(f"sink {sink.name}: not connected{f' ({why})' if why else ''} (readings are kept in the outbox)")
+        elif why and sink.refused:
+            warnings.append(f"sink {sink.name}: {why} (readings are kept in the outbox)")
     for dev, st in snap.devices:
         if not st.up:
             warnings.append(f"device {dev}: down")
@@ -166,6 +171,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "sluice_sink_pending_readings": ("gauge", "Readings in the outbox not yet acknowledged by the sink"),
     "sluice_sink_lag_seconds": ("gauge", "Age of the oldest reading the sink has not acknowledged (0 when none)"),
     "sluice_sink_dead_lettered_total": ("counter", "Readings the far end refused as data, moved to the dead-letter table"),
+    "sluice_sink_publishes_refused_total": ("counter", "Batches the broker refused (MQTT 5 reason code), kept and retried"),
     "sluice_sink_unconfirmed_readings": ("gauge", "end_to_end: readings the broker acknowledged that await a receipt"),
     "sluice_sink_receipts_total": ("counter", "end_to_end: batch ids confirmed by receipts"),
     "sluice_sink_receipt_timeouts_total": ("counter", "end_to_end: times no receipt came within receipt_timeout"),
@@ -278,6 +284,9 @@ def render_metrics(snap: Snapshot) -> str:
         fam("sluice_sink_lag_seconds")
         for sink in sinks:
             out.sample("sluice_sink_lag_seconds", sink.lag, sink=sink.name)
+        fam("sluice_sink_publishes_refused_total")
+        for sink in sinks:
+            out.sample("sluice_sink_publishes_refused_total", sink.refused, sink=sink.name)
         fam("sluice_sink_unconfirmed_readings")
         for sink in sinks:
             out.sample("sluice_sink_unconfirmed_readings", sink.unconfirmed, sink=sink.name)

@@ -25,8 +25,10 @@ Outcomes of a request:
 * 429, 503 (and every other 5xx), a timeout or a network error: :class:`SinkUnavailable`. The
   sink then reports itself not ``connected`` until the retry time: the server's ``Retry-After``
   (seconds or an HTTP date, capped at one hour) if it sent one, else a capped exponential
-  backoff with jitter between ``retry_min`` and ``retry_max``. The forwarder waits in
-  :meth:`wait_connected` and sends the same batch again.
+  backoff with jitter between ``retry_min`` and ``retry_max`` (gateway/backoff.py). The forwarder
+  waits in :meth:`wait_connected` and sends the same batch again; when nothing accepted the
+  connection, that wait ends as soon as a TCP probe (every second) finds the server listening
+  again, so writing resumes within about a second of its return, whatever the backoff had reached.
 * 400/422 whose message says the data is bad (``partial write``, ``unable to parse``,
   ``field type conflict``, ``points beyond retention`` ...), and 413 (request too large):
   :class:`SinkRejected` — the forwarder moves the batch to the dead-letter table and goes on.
@@ -44,7 +46,6 @@ import email.utils
 import gzip
 import json
 import logging
-import random
 import re
 import ssl
 import time
@@ -58,6 +59,7 @@ from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.client.write_api_async import WriteApiAsync
 from influxdb_client.domain.write_precision import WritePrecision
 
+from gateway.backoff import Backoff, is_unreachable, wait_reachable
 from gateway.config import InfluxSinkConfig, ssl_context
 from gateway.forwarder import Message, SinkRejected, SinkUnavailable
 
@@ -129,12 +131,14 @@ class InfluxSink:
         self.config = config
         self._kept = kept  # where what is not written waits, for the outage warning (sluice ingest has no outbox)
         parts = urlsplit(config.url)
-        self.address = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        self._host, self._port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        self.address = f"{self._host}:{self._port}"
         self._session: aiohttp.ClientSession | None = None
         self._client: InfluxDBClientAsync | None = None
         self._write_api: WriteApiAsync | None = None
         self._retry_at = 0.0  # loop time before which we do not try again
-        self._attempt = 0
+        self._backoff = Backoff(config.retry_min, config.retry_max, jitter=True)
+        self._gone = False  # the last failure was a refused/unreachable connection: probe while waiting
         self.last_error: str | None = None
         self.requests = 0  # successful write requests
         self.failures = 0  # requests that failed (retried) or were refused (dead-lettered)
@@ -192,9 +196,23 @@ class InfluxSink:
         return asyncio.get_running_loop().time() >= self._retry_at
 
     async def wait_connected(self) -> None:
+        """Wait out the backoff or Retry-After; after a connection failure (nothing listening, no
+        route) return as soon as the server accepts TCP connections again (gateway/backoff.py)."""
         delay = self._retry_at - asyncio.get_running_loop().time()
-        if delay > 0:
+        if delay <= 0:
+            return
+        if not self._gone:
             await asyncio.sleep(delay)
+            return
+        probing = asyncio.ensure_future(wait_reachable(self._host, self._port))
+        try:
+            done, _ = await asyncio.wait((probing,), timeout=delay)
+        finally:
+            probing.cancel()
+            await asyncio.gather(probing, return_exceptions=True)
+        if done:  # it is back: try at once, and from the start of the backoff if it fails otherwise
+            self._retry_at = 0.0
+            self._backoff.reset()
 
     async def send(self, messages: Sequence[Message]) -> None:
         """Write every message's payload, in order; see the module docstring for the outcomes."""
@@ -211,27 +229,23 @@ class InfluxSink:
                 self.failures += 1
                 reason = _describe(exc)
                 self._back_off(reason, None, f"check that the database runs and listens at {self.config.url} "
-                                             "(host, port, firewall)")
+                                             "(host, port, firewall)", gone=_gone(exc))
                 raise SinkUnavailable(reason) from exc
             self.requests += 1
         if self.last_error is not None:
             log.info("InfluxDB sink '%s': writing to %s again", self.name, self.config.url)
             self.last_error = None
-        self._attempt = 0
+        self._backoff.reset()
 
-    def _back_off(self, reason: str, retry_after: float | None, hint: str) -> None:
-        cfg = self.config
-        if retry_after is None:
-            ceiling = min(cfg.retry_max, cfg.retry_min * 2 ** min(self._attempt, 30))
-            delay = random.uniform(cfg.retry_min, ceiling)
-        else:
-            delay = retry_after
-        self._attempt += 1
+    def _back_off(self, reason: str, retry_after: float | None, hint: str, gone: bool = False) -> None:
+        delay = self._backoff.next() if retry_after is None else retry_after
+        self._gone = gone and retry_after is None
         self._retry_at = asyncio.get_running_loop().time() + delay
         if reason != self.last_error:
             log.warning("InfluxDB sink '%s': cannot write to %s: %s — %s; retrying "
                         "in %.1f s%s; %s", self.name, self.config.url, reason, self._kept, delay,
-                        " (the server's Retry-After)" if retry_after is not None else "", hint)
+                        " (the server's Retry-After)" if retry_after is not None else
+                        " or as soon as it accepts connections" if self._gone else "", hint)
         else:
             log.debug("InfluxDB sink '%s': still cannot write: %s; retrying in %.1f s", self.name, reason, delay)
         self.last_error = reason
@@ -283,6 +297,15 @@ def _fast_gzip(client: InfluxDBClientAsync) -> None:
         return original(path, body)
 
     conf.update_request_body = update_request_body  # type: ignore[method-assign]
+
+
+def _gone(exc: BaseException) -> bool:
+    """Nothing accepted the connection (as opposed to a server that answered badly or too slowly)."""
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return False
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return True
+    return is_unreachable(exc) and not isinstance(exc, TimeoutError)
 
 
 def _message(body: str) -> str:

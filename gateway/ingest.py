@@ -1,6 +1,6 @@
 """``sluice ingest``: the cloud side of the MQTT path — gateway messages from the broker into InfluxDB,
 each acknowledged to the broker only after its points are written. The only module besides
-gateway/mqtt.py that imports paho-mqtt (aiomqtt 2.5 cannot acknowledge manually).
+gateway/mqtt/ that talks MQTT, through its client (which acknowledges manually).
 
 Delivery contract:
 
@@ -33,16 +33,17 @@ Delivery contract:
   data* and a *response topic* matching one of ``receipt_topics`` is answered, after its points
   were written (or it went to the dead-letter topic) and before its PUBACK, by a QoS 1 publish
   to the response topic: ``{"written": [correlation data...], "dead_lettered": [...]}`` (JSON,
-  one per response topic per write). Receipts are not waited for: a lost receipt only makes the
-  gateway send the batch again. A response topic outside ``receipt_topics`` is not answered. With
+  one per response topic per write). The messages are acknowledged once the broker accepted the
+  receipts (its PUBACK; a refusal is retried with backoff, see below); a receipt lost after that only
+  makes the gateway send the batch again. A response topic outside ``receipt_topics`` is not answered. With
   ``receipt_secret`` the receipt also carries ``"mac"``: HMAC-SHA256 of the response topic and the
   lists (:func:`gateway.forwarder.receipt_mac`); a gateway with a secret ignores receipts without it.
 
-Bridging paho into asyncio (no thread of our own): paho's socket callbacks register the socket
-with ``loop.add_reader``/``add_writer`` and ``loop_misc`` runs every second for keepalives, as
-aiomqtt does. The one blocking call, ``connect()`` (DNS, TCP and TLS handshakes), runs in the
-loop's default executor; callbacks it triggers reach the loop through ``call_soon_threadsafe``.
-Everything else — message callbacks, parsing, acknowledgements — runs on the event loop.
+MQTT goes through the one MQTT layer (gateway/mqtt/client.py: paho-mqtt on the event loop,
+``manual_ack``, receive maximum, reconnect with a TCP probe). Every publish of ours (dead letters,
+receipts) is checked against the broker's reason code: a refused one (MQTT 5, e.g. 0x87 *not
+authorized* from an ACL) leaves the messages it answers unacknowledged, is logged once per
+change of reason, counted (``sluice_ingest_publishes_refused_total``) and retried with backoff.
 """
 
 from __future__ import annotations
@@ -50,14 +51,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import logging
-import random
 import signal
-import ssl
 import sys
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -65,13 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
+from gateway.backoff import Backoff
 from gateway.brokerconf import queue_advice
 from gateway.encode import InfluxEncoder
 from gateway.forwarder import SinkRejected, SinkUnavailable, isolate_refused, receipt_mac
@@ -82,6 +73,7 @@ from gateway.influx import InfluxSink
 from gateway.ingest_config import IngestConfig, load_ingest_config
 from gateway.lineproto import Malformed, Points, to_lines
 from gateway.watchdog import Loop, Watchdog
+from gateway.mqtt import Client, Message, NotConnected, PacketTypes, Properties, Refused, Settings, topic_matches
 from gateway.yamlpos import ConfigErrors
 
 __all__ = ["Ingest", "IngestStats", "add_parsers"]
@@ -91,8 +83,7 @@ log = logging.getLogger("gateway.ingest")  # also when run as python -m gateway.
 CONNECT_TIMEOUT = 15.0
 """Seconds for TCP + TLS + CONNACK + SUBACK before the attempt counts as failed."""
 PUBLISH_TIMEOUT = 30.0
-"""Seconds a dead-letter publish may wait for its PUBACK before the connection is dropped."""
-CLOSE_TIMEOUT = 5.0
+"""Seconds a dead-letter or receipt publish may wait for its PUBACK before the connection is dropped."""
 LOG_PERIOD = 60.0
 """A kind of malformed payload is logged at most once per this many seconds."""
 REASON_LIMIT = 400
@@ -110,6 +101,7 @@ class _Msg:
     qos: int
     topic: str
     gen: int  # the connection it arrived on
+    message: Message  # what the MQTT layer acknowledges
     points: Points | None = None
     problem: Malformed | None = None
     payload: bytes = b""  # the original, for a dead letter (for line protocol, the same object as points.data)
@@ -129,6 +121,7 @@ class IngestStats:
     newest_ns: int = 0  # newest point time written
     receipts: int = 0  # receipt messages published
     connects: int = 0
+    refused: Counter[str] = field(default_factory=Counter)  # our publishes the broker refused, by what they were
 
 
 class _Limiter:
@@ -168,22 +161,19 @@ class Ingest:
         self._pending_bytes = 0
         self._first_at = 0.0  # loop time the oldest pending message arrived
         self._wake = asyncio.Event()
-        self._gen = 0
-        self._client: mqtt.Client | None = None  # while connected and subscribed
-        # From CONNACK on: a resumed session's queued messages arrive before the SUBACK, and they
-        # must be acknowledged on this connection too (else they wait for the next reconnect).
-        self._session: mqtt.Client | None = None
-        self._lost: asyncio.Event | None = None
-        self._lost_reason = ""
-        self._publishes: dict[int, asyncio.Future[None]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
-        self.last_error: str | None = None
+        self._mqtt: Client | None = None
+        self._refusal: str | None = None  # the current refusal of our publishes, logged once
+        self._refusal_backoff = Backoff(config.mqtt.reconnect_min, config.mqtt.reconnect_max, jitter=True)
         self.metrics_port: int | None = None
 
     @property
     def connected(self) -> bool:
-        return self._client is not None
+        """Connected and subscribed."""
+        return self._mqtt is not None and self._mqtt.connected
+
+    @property
+    def last_error(self) -> str | None:
+        return self._mqtt.last_error if self._mqtt is not None else None
 
     @property
     def pending(self) -> int:
@@ -193,8 +183,6 @@ class Ingest:
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
         """Ingest until ``stop`` is set; ``ready`` is called once the metrics endpoint (if any) listens."""
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
         async with contextlib.AsyncExitStack() as stack:
             sink = await stack.enter_async_context(InfluxSink("ingest", self.config.influxdb, kept=KEPT))
             for level, line in queue_advice(self.config):
@@ -206,260 +194,57 @@ class Ingest:
             # Busy without progress: one write request (the sink's timeout) or one dead-letter publish.
             self._loop_report = self.watchdog.loop("write[ingest]", max(self.config.influxdb.timeout, PUBLISH_TIMEOUT) + 5.0)
             stack.callback(self.watchdog.remove, "write[ingest]")
+            self._mqtt = await stack.enter_async_context(Client(self._settings(), on_connect=self._on_connect,
+                                                                on_message=self._on_message, on_lost=self._drop))
             writer = asyncio.create_task(self._write_loop(sink), name="write[ingest]")
-            mqtt_task = asyncio.create_task(self._supervise(), name="mqtt[ingest]")
             if ready is not None:
                 ready()
             waiter = asyncio.ensure_future(stop.wait())
             try:
-                done, _ = await asyncio.wait((waiter, writer, mqtt_task), return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait((waiter, writer), return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
                 # The in-flight write is abandoned: its messages stay unacknowledged at the broker.
                 writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
-                mqtt_task.cancel()
-                await asyncio.gather(mqtt_task, waiter, return_exceptions=True)
-            for task in (writer, mqtt_task):
-                if task in done and not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                await asyncio.gather(writer, waiter, return_exceptions=True)
+            if writer in done and not writer.cancelled() and writer.exception() is not None:
+                raise writer.exception()  # type: ignore[misc]
 
-    # -- MQTT: connection ----------------------------------------------------------------------
+    # -- MQTT ------------------------------------------------------------------------------------
 
-    async def _supervise(self) -> None:
+    def _settings(self) -> Settings:
         cfg = self.config.mqtt
-        attempt = 0
-        reported: str | None = None
-        while True:
-            connects = self.stats.connects
-            try:
-                reason = await self._connect_once()
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                reason = f"TLS set-up failed: {exc}"
-            if self.stats.connects > connects:
-                attempt = 0
-                log.warning("ingest: lost connection to %s: %s — unacknowledged messages stay at the broker; "
-                            "reconnecting", self.address, reason)
-            elif reason != reported:
-                log.warning("ingest: cannot connect to %s: %s — retrying every %g–%g s; %s", self.address, reason,
-                            cfg.reconnect_min, cfg.reconnect_max, _hint(reason, self.address))
-            reported = self.last_error = reason
-            ceiling = min(cfg.reconnect_max, cfg.reconnect_min * 2 ** min(attempt, 30))
-            attempt += 1
-            await asyncio.sleep(random.uniform(cfg.reconnect_min, ceiling))
+        return Settings(
+            who="ingest", host=cfg.host, port=cfg.effective_port, client_id=self.client_id, protocol="5",
+            username=cfg.username, password=cfg.password.get_secret_value() if cfg.password is not None else None,
+            keepalive=cfg.keepalive, tls=(lambda: ssl_context(cfg.tls)) if cfg.tls is not None else None,  # type: ignore[arg-type]
+            max_inflight=20,  # our own publishes: dead letters and receipts
+            session_expiry=int(cfg.session_expiry), receive_maximum=self.config.batch.max_unacked, manual_ack=True,
+            subscriptions=[(topic, cfg.qos) for topic in cfg.subscriptions()], subscriptions_required=True,
+            connect_timeout=CONNECT_TIMEOUT, reconnect_min=cfg.reconnect_min, reconnect_max=cfg.reconnect_max,
+            keeps="unacknowledged messages stay at the broker", hint=lambda reason: _hint(reason, self.address))
 
-    def _make_client(self) -> mqtt.Client:
-        cfg = self.config.mqtt
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
-                             manual_ack=True, reconnect_on_failure=False)
-        client.connect_timeout = CONNECT_TIMEOUT
-        client.max_inflight_messages_set(20)  # our own publishes: dead letters only
-        if cfg.username is not None and cfg.password is not None:
-            client.username_pw_set(cfg.username, cfg.password.get_secret_value())
-        if cfg.tls is not None:
-            client.tls_set_context(ssl_context(cfg.tls))
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
-        client.on_publish = self._on_publish
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_socket_register_write
-        client.on_socket_unregister_write = self._on_socket_unregister_write
-        return client
+    def _current(self, msg: _Msg) -> bool:
+        """The message came on the connection that is up now (only then may it be acknowledged)."""
+        return self._mqtt is not None and msg.gen == self._mqtt.current
 
-    async def _connect_once(self) -> str:
-        """One connection, held until it is lost; returns the reason (raises CancelledError on stop)."""
-        cfg = self.config.mqtt
-        loop = asyncio.get_running_loop()
-        client = self._make_client()
-        self._connack: asyncio.Future[Any] = loop.create_future()
-        self._suback: asyncio.Future[Any] = loop.create_future()
-        lost = self._lost = asyncio.Event()
-        self._lost_reason = ""
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = int(cfg.session_expiry)
-        props.ReceiveMaximum = self.config.batch.max_unacked
-        misc: asyncio.Task[None] | None = None
-        try:
-            try:
-                await loop.run_in_executor(None, functools.partial(
-                    client.connect, cfg.host, cfg.effective_port, max(int(cfg.keepalive), 5), clean_start=False,
-                    properties=props))
-            except (OSError, mqtt.WebsocketConnectionError) as exc:
-                return _describe(exc)
-            misc = loop.create_task(self._misc_loop(client), name="mqtt-keepalive[ingest]")
-            try:
-                async with asyncio.timeout(CONNECT_TIMEOUT):
-                    waits = (self._connack, asyncio.ensure_future(lost.wait()))
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                    waits[1].cancel()
-                    if not self._connack.done():
-                        return self._lost_reason or "connection closed before CONNACK"
-                    session_present = self._connack.result()
-                    self._session = client
-                    options = SubscribeOptions(qos=cfg.qos)
-                    client.subscribe([(topic, options) for topic in cfg.subscriptions()])
-                    waits = (self._suback, asyncio.ensure_future(lost.wait()))
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                    waits[1].cancel()
-                    if not self._suback.done():
-                        return self._lost_reason or "connection closed before SUBACK"
-                    self._suback.result()
-            except TimeoutError:
-                return f"no answer within {CONNECT_TIMEOUT:.0f} s"
-            except _Refused as exc:
-                return str(exc)
-            self._client = client
-            self.stats.connects += 1
-            log.info("ingest: connected to %s as %s (%s), subscribed to %s", self.address, self.client_id,
-                     "session resumed" if session_present else "new session", ", ".join(cfg.subscriptions()))
-            self.last_error = None
-            self._wake.set()
-            await lost.wait()
-            return self._lost_reason
-        finally:
-            self._client = self._session = None
-            if not lost.is_set():  # we are leaving (stop or failed set-up): say goodbye
-                client.disconnect()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(CLOSE_TIMEOUT):
-                        await asyncio.shield(lost.wait())
-                if not lost.is_set():
-                    self._drop("closed")
-            if misc is not None:
-                misc.cancel()
-                await asyncio.gather(misc, return_exceptions=True)
-            client.on_socket_close = None
-            sock = client.socket()
-            if sock is not None:  # a half-open attempt: release the socket and its reader
-                self._unregister(sock)
-                with contextlib.suppress(OSError):
-                    sock.close()
+    async def _on_connect(self, session_present: bool) -> None:
+        self.stats.connects += 1
+        log.info("ingest: %s, subscribed to %s", "session resumed" if session_present else "new session",
+                 ", ".join(self.config.mqtt.subscriptions()))
+        self._wake.set()
 
-    async def _misc_loop(self, client: mqtt.Client) -> None:
-        # A timer, not an event: keepalive pings and their timeouts are paho's clock.
-        while client.loop_misc() == MQTTErrorCode.MQTT_ERR_SUCCESS:  # noqa: ASYNC110
-            await asyncio.sleep(1.0)
-
-    def _drop(self, reason: str) -> None:
+    def _drop(self, _reason: str) -> None:
         """The connection is gone: forget what was not written (the broker re-sends it)."""
-        self._gen += 1
-        self._client = self._session = None
         self._pending.clear()
         self._pending_points = self._pending_bytes = 0
-        for fut in self._publishes.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError(reason))
-        self._publishes.clear()
-        for fut in (getattr(self, "_connack", None), getattr(self, "_suback", None)):
-            if fut is not None and not fut.done():
-                fut.set_exception(_Refused(reason))
-                fut.exception()  # retrieved: nobody may be waiting any more
-        if self._lost is not None and not self._lost.is_set():
-            self._lost_reason = reason
-            self._lost.set()
 
-    # paho callbacks (on the loop thread, except socket callbacks during connect())
-
-    def _call(self, func: Callable[..., Any], *args: Any) -> None:
-        assert self._loop is not None
-        if threading.get_ident() == self._loop_thread:
-            func(*args)
-        else:
-            self._loop.call_soon_threadsafe(func, *args)
-
-    def _on_socket_open(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
-        def readable() -> None:
-            client.loop_read()
-            # An SSL socket may hold decrypted bytes that select() does not see.
-            while getattr(sock, "pending", None) is not None and sock.pending() > 0:
-                if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    break
-
-        self._call(self._add_reader, sock, readable)
-
-    def _add_reader(self, sock: Any, callback: Callable[[], None]) -> None:
-        assert self._loop is not None
-        if sock.fileno() >= 0:
-            self._loop.add_reader(sock.fileno(), callback)
-
-    def _on_socket_close(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
-        self._call(self._unregister, sock)
-
-    def _unregister(self, sock: Any) -> None:
-        assert self._loop is not None
-        fd = sock.fileno()
-        if fd >= 0:
-            self._loop.remove_reader(fd)
-            self._loop.remove_writer(fd)
-
-    def _on_socket_register_write(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
-        def writable() -> None:
-            client.loop_write()
-
-        def add() -> None:
-            assert self._loop is not None
-            if sock.fileno() >= 0:
-                self._loop.add_writer(sock.fileno(), writable)
-
-        self._call(add)
-
-    def _on_socket_unregister_write(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
-        def remove() -> None:
-            assert self._loop is not None
-            if sock.fileno() >= 0:
-                self._loop.remove_writer(sock.fileno())
-
-        self._call(remove)
-
-    def _on_connect(self, _client: mqtt.Client, _userdata: Any, flags: Any, reason: ReasonCode, _props: Any) -> None:
-        if reason.is_failure:
-            self._call(self._fail, self._connack, f"the broker refused the connection: {reason}")
-        else:
-            self._call(self._resolve, self._connack, bool(flags.session_present))
-
-    def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: list[ReasonCode],
-                      _props: Any) -> None:
-        refused = [f"{topic}: {rc}" for topic, rc in zip(self.config.mqtt.subscriptions(), reasons) if rc.is_failure]
-        if refused:
-            self._fail(self._suback, "the broker refused the subscription (" + "; ".join(refused) +
-                       ") — check the broker's ACL for this user")
-        else:
-            self._resolve(self._suback, None)
-
-    @staticmethod
-    def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
-        if not fut.done():
-            fut.set_result(value)
-
-    @staticmethod
-    def _fail(fut: asyncio.Future[Any], reason: str) -> None:
-        if not fut.done():
-            fut.set_exception(_Refused(reason))
-
-    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any) -> None:
-        text = str(reason)
-        if text in ("Unspecified error", "Normal disconnection") or not reason.is_failure:
-            text = ("the connection closed without an MQTT goodbye (broker stopped, network cut, or keepalive expired)"
-                    if reason.is_failure else "disconnected")
-        self._call(self._drop, text)
-
-    def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: ReasonCode, _props: Any) -> None:
-        fut = self._publishes.pop(mid, None)
-        if fut is not None and not fut.done():
-            if reason.is_failure:
-                fut.set_exception(ConnectionError(f"the broker refused the dead letter: {reason}"))
-            else:
-                fut.set_result(None)
-
-    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, message: Message) -> None:
         stats = self.stats
         stats.received += 1
         payload = message.payload
         topic = message.topic
-        msg = _Msg(message.mid, message.qos, topic, self._gen)
+        msg = _Msg(message.mid, message.qos, topic, message.conn, message)
         if topic.endswith("/status") and payload in STATUS_PAYLOADS:
             stats.ignored += 1
         else:
@@ -474,8 +259,7 @@ class Ingest:
             if reply and corr:
                 msg.reply, msg.corr = reply, corr.decode("ascii", "replace")
         if not self._pending:
-            assert self._loop is not None
-            self._first_at = self._loop.time()
+            self._first_at = asyncio.get_running_loop().time()
         self._pending.append(msg)
         if msg.points is not None:
             self._pending_points += msg.points.count
@@ -530,7 +314,8 @@ class Ingest:
                 if msg.problem is not None and not await self._dead_letter(msg):
                     continue  # not acknowledged: the broker re-sends it after the reconnect
                 done.append(msg)
-            self._send_receipts(done)
+            if not await self._send_receipts(done):
+                continue  # the connection is gone: the broker re-sends them (written again: an overwrite)
             for msg in done:
                 self._ack(msg)
             self._loop_report.progress()
@@ -544,30 +329,62 @@ class Ingest:
         await sink.wait_connected()
         report.busy()
 
-    def _send_receipts(self, done: list[_Msg]) -> None:
-        """Publish the receipts of written / dead-lettered messages (see the module docstring)."""
-        client = self._session
-        if client is None:
-            return
+    async def _publish(self, what: str, gen: int, messages: list[tuple[str, bytes]],
+                       properties: list[Properties | None] | None = None) -> bool:
+        """Publish until the broker accepts: True then; False once the connection ``gen`` is gone
+        (nothing of the batch it belongs to is acknowledged: the broker re-sends it). A refusal
+        (MQTT 5 reason code) is logged once per change of reason, counted, and backed off."""
+        while self._mqtt is not None and self._mqtt.current == gen:
+            try:
+                await self._mqtt.publish(messages, 1, properties=properties, timeout=PUBLISH_TIMEOUT)
+            except NotConnected:
+                return False
+            except Refused as exc:
+                self.stats.refused[what] += 1
+                delay = self._refusal_backoff.next()
+                if str(exc) != self._refusal:
+                    log.error("ingest: %s (a %s) — the messages it answers stay unacknowledged at the broker; trying "
+                              "again, backing off up to %g s; check the broker's ACL for user %s", exc, what,
+                              self.config.mqtt.reconnect_max, self.config.mqtt.username or "(anonymous)")
+                self._refusal = str(exc)
+                await asyncio.sleep(delay)
+                continue
+            if self._refusal is not None:
+                log.info("ingest: the broker accepts our publishes again")
+                self._refusal = None
+            self._refusal_backoff.reset()
+            return True
+        return False
+
+    async def _send_receipts(self, done: list[_Msg]) -> bool:
+        """Publish the receipts of written / dead-lettered messages (see the module docstring) and
+        wait until the broker accepted them; False if the connection went away first."""
         allowed = self.config.receipt_topics
         by_topic: dict[str, dict[str, list[str]]] = {}
+        gen = 0
         for msg in done:
-            if msg.reply is None or msg.gen != self._gen:
+            if msg.reply is None or not self._current(msg):
                 continue
-            if not any(mqtt.topic_matches_sub(f, msg.reply) for f in allowed):
+            if not any(topic_matches(f, msg.reply) for f in allowed):
                 self._limiter.warning("receipt-topic", "ingest: not answering receipts on %s (from a message on "
                                       "%s): it is outside receipt_topics %s", msg.reply, msg.topic, allowed)
                 continue
+            gen = msg.gen
             kind = "written" if msg.problem is None else "dead_lettered"
             by_topic.setdefault(msg.reply, {}).setdefault(kind, []).append(msg.corr or "")
+        if not by_topic:
+            return True
         secret = self.config.receipt_secret
+        messages = []
         for topic, receipt in by_topic.items():
             if secret is not None:
                 receipt["mac"] = receipt_mac(secret.get_secret_value().encode(), topic,  # type: ignore[assignment]
                                              receipt.get("written", []), receipt.get("dead_lettered", []))
-            info = client.publish(topic, json.dumps(receipt, separators=(",", ":")).encode(), qos=1)
-            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                self.stats.receipts += 1
+            messages.append((topic, json.dumps(receipt, separators=(",", ":")).encode()))
+        if not await self._publish("receipt", gen, messages):
+            return False
+        self.stats.receipts += len(messages)
+        return True
 
     async def _write(self, sink: InfluxSink, messages: list[_Msg]) -> None:
         """Write the messages' points; one the database refuses as data gets its ``problem`` set."""
@@ -576,7 +393,7 @@ class Ingest:
             part = parts.pop()
             payload = b"".join(m.points.data for m in part)  # type: ignore[union-attr]
             while True:
-                if all(m.gen != self._gen for m in part):
+                if not any(self._current(m) for m in part):
                     break  # the connection they came on is gone: the broker re-sends them
                 try:
                     await sink.send([("", payload)])
@@ -602,7 +419,7 @@ class Ingest:
         lines = msg.points.data.splitlines(keepends=True)
 
         async def send(part: Sequence[bytes]) -> None:
-            while msg.gen == self._gen:
+            while self._current(msg):
                 try:
                     await sink.send([("", b"".join(part))])
                 except SinkUnavailable:
@@ -629,52 +446,25 @@ class Ingest:
             msg.problem = Malformed("rejected", f"the database refused it: {reasons}")
 
     async def _dead_letter(self, msg: _Msg) -> bool:
-        """Publish ``msg`` to the dead-letter topic; True once the broker acknowledged it."""
+        """Publish ``msg`` to the dead-letter topic; True once the broker acknowledged and accepted it."""
         problem = msg.problem
         assert problem is not None
-        client = self._session
-        if client is None or msg.gen != self._gen:
+        if not self._current(msg):
             return False
         topic = self.config.dead_letter_topic.format(topic=msg.topic)
         self._limiter.warning(problem.kind, "ingest: message on %s not written: %s — published to %s and "
                               "acknowledged", msg.topic, problem.reason, topic)
         props = Properties(PacketTypes.PUBLISH)
         props.UserProperty = [("reason", problem.reason[:REASON_LIMIT]), ("kind", problem.kind), ("topic", msg.topic)]
-        payload = msg.payload
-        assert self._loop is not None
-        fut: asyncio.Future[None] = self._loop.create_future()
-        info = client.publish(topic, payload, qos=1, properties=props)
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            return False
-        if info.is_published():
-            fut.set_result(None)
-        else:
-            self._publishes[info.mid] = fut
-        try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT):
-                await fut
-        except (ConnectionError, TimeoutError):
+        if not await self._publish("dead letter", msg.gen, [(topic, msg.payload)], [props]):
             return False
         self.stats.dead_letters[problem.kind] += 1
         return True
 
     def _ack(self, msg: _Msg) -> None:
-        client = self._session
-        if client is None or msg.gen != self._gen:
-            return  # acknowledgements belong to the connection the message came on
-        if msg.qos > 0:
-            client.ack(msg.mid, msg.qos)
-        self.stats.acked += 1
-
-
-class _Refused(Exception):
-    """The broker refused the connection or the subscription."""
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+        # Acknowledgements belong to the connection the message came on (the layer drops others).
+        if self._mqtt is not None and self._mqtt.ack(msg.message):
+            self.stats.acked += 1
 
 
 def _hint(reason: str, address: str) -> str:
@@ -699,6 +489,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "sluice_ingest_dead_letters_total": ("counter", "Messages published to the dead-letter topic, by kind"),
     "sluice_ingest_ignored_total": ("counter", "Status messages (online/offline) acknowledged and not written"),
     "sluice_ingest_receipts_total": ("counter", "End-to-end receipts published to gateways"),
+    "sluice_ingest_publishes_refused_total": ("counter", "Our publishes the broker refused (MQTT 5 reason code), "
+                                                         "by what they were; retried with backoff"),
     "sluice_ingest_pending_messages": ("gauge", "Messages received and not yet acknowledged"),
     "sluice_ingest_lag_seconds": ("gauge", "Now minus the time of the newest point written (0 before the first)"),
     "process_cpu_seconds_total": ("counter", "User and system CPU time of the process"),
@@ -727,6 +519,9 @@ def render_metrics(ingest: Ingest) -> str:
         out.sample("sluice_ingest_dead_letters_total", n, kind=kind)
     sample("sluice_ingest_ignored_total", stats.ignored)
     sample("sluice_ingest_receipts_total", stats.receipts)
+    out.family("sluice_ingest_publishes_refused_total", *METRICS["sluice_ingest_publishes_refused_total"])
+    for what in ("dead letter", "receipt"):
+        out.sample("sluice_ingest_publishes_refused_total", stats.refused[what], kind=what.replace(" ", "_"))
     sample("sluice_ingest_pending_messages", ingest.pending)
     lag = max(0.0, (time.time_ns() - stats.newest_ns) / 1e9) if stats.newest_ns else 0.0
     sample("sluice_ingest_lag_seconds", lag)

@@ -155,12 +155,12 @@ class IngestConfig(StrictModel):
 
     @model_validator(mode="after")
     def _no_loop(self) -> IngestConfig:
-        from paho.mqtt.client import topic_matches_sub
+        from gateway.mqtt.client import topic_matches
 
         for depth in range(1, 6):
             sample = self.dead_letter_topic.format(topic="/".join(["x"] * depth))
             for filt in self.mqtt.topics:
-                if topic_matches_sub(filt, sample):
+                if topic_matches(filt, sample):
                     raise ValueError(f"dead_letter_topic '{self.dead_letter_topic}' falls under the subscription "
                                      f"'{filt}' — dead letters would be read again; choose a topic outside it")
         return self

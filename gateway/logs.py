@@ -40,7 +40,7 @@ def setup_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None 
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Libraries that log per packet or per retry would drown the once-per-state-change lines.
-    for noisy in ("aiomqtt", "pymodbus", "asyncio"):
+    for noisy in ("pymodbus", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

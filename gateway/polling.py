@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from gateway.backoff import Backoff
 from gateway.driver import DeviceStatus
 
 __all__ = ["Backoff", "Health", "Schedule", "format_duration", "next_aligned"]
@@ -43,26 +44,6 @@ def format_duration(seconds: float) -> str:
     hours, minutes = divmod(minutes, 60)
     text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
     return text or "0s"
-
-
-class Backoff:
-    """Capped exponential delays: ``initial``, 2×, 4×, … up to ``maximum``; :meth:`reset` on success."""
-
-    __slots__ = ("failures", "initial", "maximum")
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self.initial = initial
-        self.maximum = max(maximum, initial)
-        self.failures = 0
-
-    def next(self) -> float:
-        """The delay before the next attempt after one more failure."""
-        delay = min(self.maximum, self.initial * 2 ** min(self.failures, 62))
-        self.failures += 1
-        return delay
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 @dataclass(slots=True)

@@ -69,7 +69,7 @@ async def _no_leaked_tasks():
         await asyncio.sleep(0.02)
     for task in leaked:
         task.cancel()
-    # The loop's default executor (aiomqtt connects through it; asyncio.to_thread uses it) is
+    # The loop's default executor (the MQTT layer and aiomqtt connect through it; asyncio.to_thread uses it) is
     # the loop's own: shut it down here, before the thread check runs.
     await asyncio.get_running_loop().shutdown_default_executor()
     assert not leaked, f"test left asyncio tasks running: {[t.get_name() for t in leaked]}"

@@ -131,9 +131,9 @@ def mosquitto_tls(tmp_path: Path) -> Iterator[Mosquitto]:
 async def close_default_executor() -> AsyncIterator[None]:
     """Shut the event loop's default executor down at the end of the test.
 
-    aiomqtt connects in ``loop.run_in_executor(None, ...)``; that thread belongs to the loop and is
+    The MQTT layer (and aiomqtt) connect in ``loop.run_in_executor(None, ...)``; that thread belongs to the loop and is
     reaped when the loop closes, but conftest's thread check runs before pytest-asyncio closes the
-    loop. Tests using aiomqtt request this fixture (it is torn down before the check)."""
+    loop. Tests using MQTT request this fixture (it is torn down before the check)."""
     yield
     await asyncio.get_running_loop().shutdown_default_executor()
 

@@ -35,7 +35,7 @@ async def _connect_outcome(sink: MqttSink, timeout: float = 30.0) -> bool:
 
 
 def _sink(broker, **tls) -> MqttSink:
-    # keepalive 5 s: the CONNACK timeout (aiomqtt's) is then 10 s, the shortest the sink allows
+    # keepalive 5 s: the connect timeout (TCP, TLS, CONNACK) is then 10 s, the shortest the sink allows
     cfg = MqttSinkConfig.model_validate({"type": "mqtt", "host": "127.0.0.1", "port": broker.port, "tls": tls,
                                          "keepalive": "5s", "reconnect_min": "1s", "reconnect_max": "5s"})
     return MqttSink("secure", cfg, "gw-test", "lab")

@@ -97,6 +97,10 @@ async def test_the_mqtt_sink_publishes_signed_heads_of_what_the_broker_acknowled
     assert chain is not None and {h.chain for h in heads} == {chain}
     assert {json.loads(e)["epcisBody"]["eventList"][0]["sluice:chain"] for e in events} == {chain}
     assert verify_lines(events[:1], public, heads=heads)[1] is not None  # the last event withheld: found
+    # the head is retained: a verifier that subscribes after the gateway stopped still gets the newest one
+    async with subscriber(mosquitto.host, mosquitto.port, f"{base}/head", client_id="late-auditor") as late:
+        await late.wait_until(lambda ms: len(ms) >= 1, timeout=20)
+    assert read_head(late.messages[0].payload.decode(), public).seq == heads[-1].seq
 
 
 def test_verify_schema_without_jsonschema_says_what_to_install_in_one_line(tmp_path):

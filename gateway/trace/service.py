@@ -63,6 +63,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "sluice_trace_sink_delivered_total": ("counter", "Trace events the sink acknowledged (all time, from the outbox)"),
     "sluice_trace_sink_pending_events": ("gauge", "Trace events in the outbox not yet acknowledged by the sink"),
     "sluice_trace_sink_dead_letters_total": ("counter", "Trace events the sink's far end refused (dead letters)"),
+    "sluice_trace_sink_publishes_refused_total": ("counter", "MQTT 5: trace publishes the broker refused, kept and retried"),
 }
 
 
@@ -267,6 +268,8 @@ class TraceService:
             "sluice_trace_sink_delivered_total": [({"sink": n}, acked - dead) for n, (acked, dead) in delivery.items()],
             "sluice_trace_sink_pending_events": [({"sink": n}, sealer.seq - acked) for n, (acked, _d) in delivery.items()],
             "sluice_trace_sink_dead_letters_total": [({"sink": n}, dead) for n, (_a, dead) in delivery.items()],
+            "sluice_trace_sink_publishes_refused_total": [({"sink": n}, getattr(getattr(sink, "mqtt", None), "refused", 0))
+                                                          for n, sink in self._net.items()],
         }
         return [(name, *METRICS[name], samples) for name, samples in figures.items()]
 
@@ -403,7 +406,7 @@ class TraceService:
                 journal.dead_letter(name, exc.seq, str(exc))
                 continue
             except SinkUnavailable as exc:
-                if name not in self._failing:
+                if name not in self._failing and not getattr(exc, "logged", False):  # a refusal: the sink said it
                     log.warning("trace sink %s: %s — events are kept in %s and sent when it works again",
                                 name, exc, journal.path)
                     self._failing.add(name)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
 
+from gateway.backoff import Backoff
 from gateway.config import ssl_context
 from gateway.forwarder import SinkUnavailable
 from gateway.influx import _describe, _message, retry_after_seconds
@@ -66,6 +66,7 @@ class TraceMqttSink:
         self.reply_topic = config.reply_topic.format(site=site, gateway=gateway_id)
         self.head_topic = config.head_topic.format(site=site, gateway=gateway_id) if config.head_topic else None
         self.mqtt = MqttSink(name, config, gateway_id, site)
+        self.mqtt.keeps = "events are kept in the outbox"
 
     async def __aenter__(self) -> TraceMqttSink:
         await self.mqtt.__aenter__()
@@ -90,10 +91,10 @@ class TraceMqttSink:
         await self.mqtt.send([(self.reply_topic, payload)])
 
     async def send_head(self, head: str) -> None:
-        """Publish a signed chain head on ``head_topic`` (not retained: the shared MQTT layer has no
-        retained publish for batches yet); raises SinkUnavailable when not connected."""
+        """Publish a signed chain head on ``head_topic``, retained: a verifier that subscribes later
+        gets the newest head at once. Raises SinkUnavailable when not connected."""
         if self.head_topic is not None:
-            await self.mqtt.send([(self.head_topic, head.encode())])
+            await self.mqtt.send([(self.head_topic, head.encode())], retain=True)
 
 
 # --------------------------------------------------------------------------- EPCIS capture
@@ -140,7 +141,7 @@ class EpcisSink:
         self.endpoint = config.url + config.path
         self._session: aiohttp.ClientSession | None = None
         self._retry_at = 0.0
-        self._attempt = 0
+        self._backoff = Backoff(config.retry_min, config.retry_max, jitter=True)
         self.last_error: str | None = None
         self.requests = 0
 
@@ -198,15 +199,10 @@ class EpcisSink:
         if self.last_error is not None:
             log.info("EPCIS sink '%s': capturing to %s again", self.name, self.endpoint)
             self.last_error = None
-        self._attempt = 0
+        self._backoff.reset()
 
     def _back_off(self, reason: str, retry_after: float | None, hint: str) -> None:
-        cfg = self.config
-        if retry_after is None:
-            delay = random.uniform(cfg.retry_min, min(cfg.retry_max, cfg.retry_min * 2 ** min(self._attempt, 30)))
-        else:
-            delay = retry_after
-        self._attempt += 1
+        delay = self._backoff.next() if retry_after is None else retry_after
         self._retry_at = asyncio.get_running_loop().time() + delay
         if reason != self.last_error:
             log.warning("EPCIS sink '%s': cannot capture to %s: %s — events are kept in the outbox; retrying in %.1f s%s; %s",
