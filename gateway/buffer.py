@@ -47,9 +47,18 @@ On-disk invariants (one SQLite file in WAL mode, ``application_id`` 0x536C7563, 
   transaction as the rows they describe. ``bytes`` is the size budget that ``max_bytes`` bounds:
   the sum over stored rows of ``len(data) + ROW_OVERHEAD`` — the payload, not the file, so it
   costs nothing to keep exact. Measured with drop_oldest in steady state, the database file
-  stays within ~1 % of ``max_bytes``; add the WAL (~4 MiB between automatic checkpoints, cut back
-  to 16 MiB after a larger one). Freed pages are reused, never returned to the filesystem.
+  stays within ~1 % of ``max_bytes``. Freed pages are reused, never returned to the filesystem.
   ``max_pages`` is a hard cap on the database file for when that estimate is not enough.
+* The ``-wal`` stays within :attr:`Outbox.wal_bound` bytes (:func:`wal_bound`: 1/16 of
+  ``max_bytes`` or of the filesystem, whichever is smaller, between 128 KiB and 16 MiB): the
+  outbox's connection and the trace journal's (:func:`limit_wal`: these are per-connection
+  settings) checkpoint once the WAL holds half of it (``wal_autocheckpoint``) and cut it back to
+  it when it restarts (``journal_size_limit``); one transaction stores at most a
+  quarter of it (:meth:`Outbox.append` splits a larger batch); after a write fails for want of
+  space (or with an I/O error) the WAL is checkpointed and truncated to zero
+  (``wal_checkpoint(TRUNCATE)``), and again at the first write that succeeds after that. So the
+  whole outbox needs about ``max_bytes`` (plus dead letters and trace events) + ``wal_bound`` +
+  32 KiB (``-shm``) of disk, and on a full disk it holds no more than that.
 * ``dead_letters(id, sink, time_ns, count, readings, message, resend, attempts)``: batches a sink's
   far end refused *as data* (a field type conflict, a parse error) — never for a link, auth or
   server problem. Moving a batch here and moving the sink's position past it are one
@@ -91,6 +100,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.outbox_file import APPLICATION_ID, SCHEMA_VERSION, connect, vet
+from gateway.outbox_space import WAL_MAX, filesystem_bytes, limit_wal, wal_bound
 from gateway.reading import Reading
 
 log = logging.getLogger(__name__)
@@ -101,6 +111,11 @@ ACK_WRITE_DELAY = 2.0
 """Seconds an acknowledged position may stay in memory only: it is written with the next commit of
 readings, or by the first ack after this delay, or at close. A crash re-sends at most that much
 (duplicates, never loss); it saves a transaction and an fsync per delivered batch."""
+BUSY_TIMEOUT = 5.0
+"""Seconds a statement waits for another connection's lock (Python's default)."""
+RECLAIM_WAIT = 0.2
+"""Seconds the checkpoint after a failed write waits for other connections (it blocks the event loop)."""
+
 _SCHEMA = f"""
 PRAGMA application_id = {APPLICATION_ID};
 PRAGMA user_version = {SCHEMA_VERSION};
@@ -147,8 +162,15 @@ class OutboxError(Exception):
 
     Raised by :meth:`Outbox.append`, :meth:`Outbox.ack`, :meth:`Outbox.fetch` and on open. The
     failed transaction was rolled back: nothing of it is stored, and the outbox stays usable —
-    the caller may retry later. The message is meant for the log.
+    the caller may retry later. The message is meant for the log. ``consumed`` (from
+    :meth:`Outbox.append` only): how many leading readings of the batch were handled by the
+    transactions that committed before the failure (stored, or dropped by ``when_full`` and
+    counted); the others were not stored.
     """
+
+    def __init__(self, message: str, *, consumed: int = 0) -> None:
+        super().__init__(message)
+        self.consumed = consumed
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +254,9 @@ class Outbox:
         self._series_by_id: dict[int, tuple[str, str, dict[str, str]]] = {}
         self._dropping = False  # a when_full episode is under way (log once at start and end)
         self._episode_dropped = 0
+        self.wal_bound = WAL_MAX
+        """Bytes the ``-wal`` stays within (set on open from ``max_bytes`` and the filesystem: :func:`wal_bound`)."""
+        self._reclaim_due = False  # a write failed for want of space: truncate the WAL after the next success
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -249,6 +274,7 @@ class Outbox:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             vet(self.path)  # only before this process's first connection (gateway/outbox_file.py)
+            self.wal_bound = wal_bound(self.max_bytes, filesystem_bytes(self.path.parent))
             self._conn = self._connect()
             self._setup()
         except (sqlite3.Error, OSError) as exc:
@@ -306,7 +332,7 @@ class Outbox:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._acked = before
-            self._rollback()
+            self._rollback(exc)
             raise OutboxError(_describe(self.path, "changing the configured sinks", exc)) from exc
         self._sink_names = list(sinks)
         for name in gone:
@@ -317,12 +343,11 @@ class Outbox:
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per call.
-        conn = connect(self.path)  # counted: the file is never vetted or moved under it
+        conn = connect(self.path, timeout=BUSY_TIMEOUT)  # counted: the file is never vetted or moved under it
         try:
             _use_wal(conn)
             conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
-            # Keep a WAL grown by one big transaction from staying big after the checkpoint.
-            conn.execute("PRAGMA journal_size_limit=16777216")
+            limit_wal(conn, self.wal_bound)
             if self._max_pages is not None:
                 conn.execute(f"PRAGMA max_page_count={int(self._max_pages)}")
         except BaseException:
@@ -393,33 +418,60 @@ class Outbox:
     # -- the contract ------------------------------------------------------------------------
 
     def append(self, readings: Sequence[Reading]) -> int:
-        """Commit ``readings`` in ONE transaction; returns how many were stored.
+        """Commit ``readings``; returns how many were stored.
 
-        When the batch would take :attr:`OutboxStats.bytes` over ``max_bytes``: with
-        ``drop_oldest`` the oldest stored readings are deleted until it fits (if the batch alone
-        is bigger than ``max_bytes``, its own oldest readings go too); with ``drop_newest`` only
-        the leading part of the batch that fits is stored. Every dropped reading is counted in
-        the file. Raises :class:`OutboxError` if SQLite fails (disk full, I/O error); then
-        nothing of the batch is stored and the outbox stays usable.
+        One transaction — or, for a batch whose payload exceeds a quarter of :attr:`wal_bound`
+        (a backlog held in memory while the disk was full), one per such slice, oldest first, so
+        that the WAL stays within its bound. When a slice would take :attr:`OutboxStats.bytes`
+        over ``max_bytes``: with ``drop_oldest`` the oldest stored readings are deleted until it
+        fits (if the batch alone is bigger than ``max_bytes``, its own oldest readings go too);
+        with ``drop_newest`` only the leading part that fits is stored. Every dropped reading is
+        counted in the file. Raises :class:`OutboxError` if SQLite fails (disk full, I/O error);
+        then nothing of the failed slice is stored, ``consumed`` says how many leading readings
+        the slices before it took, and the outbox stays usable.
         """
-        conn = self._require_open()
+        self._require_open()
         if not readings:
             return 0
         series_ids = self._series_ids
-        new_series: dict[tuple[Any, ...], str] = {}
+        texts: dict[tuple[Any, ...], str] = {}
         keyed: list[tuple[tuple[Any, ...], bytes]] = []
-        total = 0
         for r in readings:
             key = (r.device, r.measurement, tuple(r.tags.items()))
-            if key not in series_ids and key not in new_series:
-                new_series[key] = _json([r.device, r.measurement, dict(sorted(r.tags.items()))])
+            if key not in series_ids and key not in texts:
+                texts[key] = _json([r.device, r.measurement, dict(sorted(r.tags.items()))])
             try:
                 data = _dumps([r.time_ns, r.quality, r.fields], _MARSHAL_VERSION)
             except ValueError:  # a subclass (IntEnum, numpy float64 ...): store the plain value
                 data = _dumps([int(r.time_ns), str(r.quality), _plain(r.fields)], _MARSHAL_VERSION)
-            total += len(data)
             keyed.append((key, data))
-        total += ROW_OVERHEAD * len(keyed)
+        limit = self.wal_bound // 4
+        stored = start = 0
+        refuse = False
+        while start < len(keyed):
+            end, size = start, 0
+            while end < len(keyed) and (end == start or size + len(keyed[end][1]) + ROW_OVERHEAD <= limit):
+                size += len(keyed[end][1]) + ROW_OVERHEAD
+                end += 1
+            try:
+                n = self._append_slice(keyed[start:end], texts, len(keyed), refuse=refuse)
+            except OutboxError as exc:
+                exc.consumed = start
+                raise
+            # drop_newest stores a leading part only: once a slice was cut, the later ones go too.
+            refuse = refuse or n < end - start
+            stored += n
+            start = end
+        return stored
+
+    def _append_slice(self, keyed: list[tuple[tuple[Any, ...], bytes]], texts: dict[tuple[Any, ...], str],
+                      batch: int, *, refuse: bool = False) -> int:
+        """One transaction of :meth:`append`; ``texts`` holds the series keys not stored before the batch;
+        ``refuse`` (drop_newest, an earlier slice was cut): store none of ``keyed``, count them dropped."""
+        conn = self._require_open()
+        series_ids = self._series_ids
+        new_series = {key: texts[key] for key, _d in keyed if key not in series_ids}
+        total = sum(len(data) for _k, data in keyed) + ROW_OVERHEAD * len(keyed)
 
         if self._acks_dirty and self._bytes + total > self.max_bytes:
             self._write_acks()  # deleting delivered rows first may make room
@@ -427,9 +479,9 @@ class Outbox:
         cut_seq = None  # drop_oldest: delete stored rows with seq <= cut_seq
         freed_rows = freed_bytes = 0
         added: dict[tuple[Any, ...], int] = {}
-        if self._bytes + total > self.max_bytes:
+        if self._bytes + total > self.max_bytes or refuse:
             if self.when_full == "drop_newest":
-                room = self.max_bytes - self._bytes
+                room = -1 if refuse else self.max_bytes - self._bytes
                 keep = 0
                 for _key, data in keyed:
                     if room < len(data) + ROW_OVERHEAD:
@@ -486,8 +538,9 @@ class Outbox:
                          (seq, new_rows, new_bytes, self._dropped + dropped_now))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._rollback()
-            raise OutboxError(_describe(self.path, f"storing {len(readings)} readings", exc)) from exc
+            self._rollback(exc)
+            raise OutboxError(_describe(self.path, f"storing {batch} readings", exc)) from exc
+        self._committed()
         series_ids.update(added)
         delivered_gone = base_rows != self._rows
         self._last_seq, self._rows, self._bytes = seq, new_rows, new_bytes
@@ -567,8 +620,9 @@ class Outbox:
             deleted = self._delete_acknowledged()
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._rollback()
+            self._rollback(exc)
             raise OutboxError(_describe(self.path, "recording acknowledged positions", exc)) from exc
+        self._committed()
         if deleted:
             self._rows, self._bytes = deleted
             self._oldest_known = False
@@ -631,7 +685,7 @@ class Outbox:
                              "due_ns=excluded.due_ns, attempt=excluded.attempt", (sink, *resend))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._rollback()
+            self._rollback(exc)
             raise OutboxError(_describe(self.path, f"recording seq {seq} as sent for sink {sink}", exc)) from exc
         self._sent[sink] = seq
         if resend is not None:
@@ -691,7 +745,7 @@ class Outbox:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._acked[sink] = before
-            self._rollback()
+            self._rollback(exc)
             raise OutboxError(_describe(self.path, f"moving {len(entries)} readings of sink {sink} to the "
                                         "dead-letter table", exc)) from exc
         self._dead_letters += 1 - trimmed
@@ -736,7 +790,7 @@ class Outbox:
             (count,) = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._rollback()
+            self._rollback(exc)
             raise OutboxError(_describe(self.path, what, exc)) from exc
         self._dead_letters = count
 
@@ -813,7 +867,8 @@ class Outbox:
         self._series_by_id[sid] = s
         return s
 
-    def _rollback(self) -> None:
+    def _rollback(self, exc: sqlite3.Error | None = None) -> None:
+        """After a failed transaction: undo it; a failure for want of space gives the WAL's space back."""
         if self._acked:  # positions written in the failed transaction are not in the file
             self._acks_dirty.update(self._acked)
             self._acks_due = self._acks_due or time.monotonic() + ACK_WRITE_DELAY
@@ -821,8 +876,41 @@ class Outbox:
         if conn is not None and conn.in_transaction:
             try:
                 conn.execute("ROLLBACK")
-            except sqlite3.Error as exc:  # SQLite may already have rolled back (SQLITE_FULL, IOERR)
-                log.debug("outbox %s: rollback failed: %s", self.path, exc)
+            except sqlite3.Error as again:  # SQLite may already have rolled back (SQLITE_FULL, IOERR)
+                log.debug("outbox %s: rollback failed: %s", self.path, again)
+        if exc is not None and _short_of_space(exc):
+            self._reclaim_due = True
+            self._reclaim()
+
+    def _committed(self) -> None:
+        """After a COMMIT: the first one after a failure for want of space truncates the WAL again
+        (what the failed writes and their retries left in it)."""
+        if self._reclaim_due:
+            self._reclaim_due = False
+            self._reclaim()
+
+    def _reclaim(self) -> None:
+        """Checkpoint the whole WAL into the database and truncate it to zero bytes. On a full disk
+        this frees what the WAL held (the database file itself may need to grow first: then it
+        fails, and is tried again after the next failed or successful write). Waits at most
+        :data:`RECLAIM_WAIT` for another connection's reader or writer: it runs on the event loop."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            conn.execute(f"PRAGMA busy_timeout={int(RECLAIM_WAIT * 1000)}")
+            try:
+                busy, frames, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+        except sqlite3.Error as exc:
+            self._reclaim_due = True
+            log.debug("outbox %s: checkpointing the WAL failed: %s", self.path, exc)
+            return
+        if busy:
+            self._reclaim_due = True
+        log.debug("outbox %s: WAL checkpoint (truncate): busy %d, %d frames, %d checkpointed",
+                  self.path, busy, frames, done)
 
     def _note_drops(self, n: int) -> None:
         if n:
@@ -915,6 +1003,12 @@ def prepare(path: Path, *, check: bool) -> None:
             conn.close()
     except (sqlite3.Error, OSError) as exc:
         raise OutboxError(_describe(path, "preparing", exc)) from exc
+
+
+def _short_of_space(exc: sqlite3.Error) -> bool:
+    """A write failed for want of space (or with an I/O error, which a full disk may also give)."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    return name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR")
 
 
 def _use_wal(conn: sqlite3.Connection) -> None:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gateway import driver as drivers
+from gateway.outbox_space import disk_budget
 from gateway.driver import Device, StrictModel
 from gateway.secretref import Secret, SecretRef, expand_secrets, unread_value
 from gateway.units import ByteSize, Duration, Identifier
@@ -488,6 +489,10 @@ def load_config(path: Path | str, *, secrets: bool = True) -> Config:
     if doc is None:
         raise ConfigErrors(errors)
     gateway = validate_doc(doc, GatewayFile, errors, expand_secrets(doc, errors, unread))
+    if gateway is not None:
+        too_big = disk_budget(gateway.buffer.resolved_path(), gateway.buffer.max_bytes)
+        if too_big is not None:
+            errors.append(doc.error(("buffer", "max_bytes"), *too_big, key=True, warning=True))
     if gateway is None:
         # Keep going with the directories as written (or their defaults) so that one run
         # reports the mistakes of every file, not just the first broken one.

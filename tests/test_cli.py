@@ -78,10 +78,10 @@ async def test_run_stops_cleanly_on_sigterm_and_keeps_what_it_read(tmp_path: Pat
             out, _ = await asyncio.to_thread(proc.communicate, timeout=STOP)
         served = sum(s.stats.count(function=3) for s in servers)
     assert proc.returncode == 0, out
-    match = re.search(r"gateway stopped: (\d+) readings committed this run, (\d+) left in the outbox", out)
+    match = re.search(r"gateway stopped: (\d+) readings committed this run, (\d+) lost .*, (\d+) left in the outbox", out)
     assert match, out
-    committed, left = int(match.group(1)), int(match.group(2))
-    assert committed == left == served, out
+    committed, lost, left = int(match.group(1)), int(match.group(2)), int(match.group(3))
+    assert committed == left == served and lost == 0, out
     await asyncio.get_running_loop().shutdown_default_executor()
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from gateway.buffer import OutboxError, prepare
 from gateway.outbox_file import connect, identity
+from gateway.outbox_space import filesystem_bytes, limit_wal, wal_bound
 
 __all__ = ["Journal", "new_chain_id"]
 
@@ -94,6 +95,10 @@ class Journal:
             conn = connect(self.path, timeout=10)
             try:
                 conn.execute("PRAGMA synchronous=FULL")
+                # The WAL is shared and these settings are per connection: bound this one's share too. It does
+                # not know max_bytes, so it takes the filesystem's; its transactions are small, and the outbox's
+                # own connection checkpoints at its (possibly smaller) threshold with every commit of readings.
+                limit_wal(conn, wal_bound(None, filesystem_bytes(Path(self.path).parent)))
                 _create(conn)
             except BaseException:
                 conn.close()
@@ -169,7 +174,8 @@ class Journal:
             conn.executemany("INSERT OR IGNORE INTO trace_applied VALUES (?)", [(a,) for a in applied])
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite rolls back by itself on SQLITE_FULL
+                conn.execute("ROLLBACK")
             raise
 
     def position(self, sink: str) -> int:

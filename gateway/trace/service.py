@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -84,6 +85,10 @@ class TraceService:
         self._clock = clock
         self._sinks = sinks
         self._pending: list[dict[str, Any]] = []
+        # Events (and the command they answer) the core produced but the journal could not store yet
+        # (a full disk): stored first, in order, before anything else is taken from the core.
+        self._unstored: list[tuple[list[dict[str, Any]], tuple[int, str] | None]] = []
+        self._store_failing = False
         self._journal: Journal | None = None
         self._failing: set[str] = set()
         self._injected = sinks is not None
@@ -224,7 +229,13 @@ class TraceService:
     async def __aexit__(self, *exc: object) -> None:
         try:
             if self._journal is not None:
-                self.step()
+                try:
+                    self.step()
+                except sqlite3.Error as err:  # a full disk at the stop: say exactly what is lost
+                    # A command's events are not: the command stays queued and is applied at the next start.
+                    lost = sum(len(e) for e, c in self._unstored if c is None) + len(self._pending)
+                    log.error("trace: %d events could not be stored in the outbox before stopping and are lost (%s) "
+                              "— check free disk space", lost, err)
         finally:
             if self._unregister is not None:
                 self._unregister()
@@ -274,20 +285,31 @@ class TraceService:
         """One round: commit observed events, apply queued commands, close due windows, deliver."""
         journal, core = self._journal, self.core
         assert journal is not None and core is not None
-        self._commit(self._pending)
-        self._pending = []
+        self._store([])  # what earlier steps could not store goes first; a command is applied only once
         for cid, t, kind, lot, location, source in journal.pending_commands():
             try:
                 events = core.command(Command(kind, lot, location, t, source))
             except ValueError as exc:
                 log.warning("trace: %s %s refused: %s", kind, lot, exc)
-                self._commit([], (cid, f"refused: {exc}"))
+                self._store([], (cid, f"refused: {exc}"))
                 continue
-            self._commit(events, (cid, "done"))
+            self._store(events, (cid, "done"))
         now = self._clock()
-        self._commit(core.tick(now))
+        self._store(core.tick(now))
         self._log_late(now)
         self.deliver()
+
+    def _store(self, events: list[dict[str, Any]], command: tuple[int, str] | None = None) -> None:
+        """Seal and commit everything not yet stored, in order, then ``events``; on a failure
+        (sqlite3.Error: a full disk) all of it stays in memory for the next step and it raises."""
+        if self._pending:
+            self._unstored.append((self._pending, None))
+            self._pending = []
+        if events or command is not None:
+            self._unstored.append((events, command))
+        while self._unstored:
+            self._commit(*self._unstored[0])
+            self._unstored.pop(0)
 
     def _log_late(self, now: int) -> None:
         assert self.core is not None
@@ -473,9 +495,22 @@ class TraceService:
             log.info("trace command reply not sent (%s); the command itself was handled", exc)
 
     async def run(self) -> None:
-        """Step every :data:`TICK` seconds until cancelled."""
+        """Step every :data:`TICK` seconds until cancelled. A journal that cannot be written (a full
+        disk) is logged once per change of state; events wait in memory and are stored, in order,
+        when it can be written again."""
         while True:
-            self.step()
+            try:
+                self.step()
+            except sqlite3.Error as exc:
+                if not self._store_failing:
+                    log.error("trace: cannot store events in the outbox (%s) — %d events wait in memory and are "
+                              "sealed when it can be written again; check free disk space", exc,
+                              sum(len(e) for e, _c in self._unstored))
+                    self._store_failing = True
+            else:
+                if self._store_failing:
+                    log.info("trace: outbox writable again; the events that waited are sealed")
+                    self._store_failing = False
             await asyncio.sleep(TICK)
 
 
