@@ -180,7 +180,12 @@ async def test_resends_back_off_while_no_receipt_comes_and_a_receipt_resets_them
         async with forwarding(outbox, sink, receipt_timeout="1s", receipt_window=10) as fwd:
             await until(lambda: outbox.resend_due("broker") is not None, what="first re-send")
             due1, attempt1 = outbox.resend_due("broker")  # type: ignore[misc]
-            await until(lambda: outbox.resend_due("broker")[1] == 2, what="second re-send")  # type: ignore[index]
+            # The re-send is recorded before it goes out: wait until it went out and the loop waits again.
+            await until(lambda: (outbox.resend_due("broker")[1] == 2  # type: ignore[index]
+                                 and sum(1 for _m, corr in sink.sent if corr[0] == b"1-10:1/2") == 3
+                                 and fwd.loop.judge(0.0).state == "waiting"),
+                        what="second re-send out, waiting on receipts",
+                        state=lambda: (outbox.resend_due("broker"), len(sink.sent), fwd.loop.judge(0.0).state))
             due2, _ = outbox.resend_due("broker")  # type: ignore[misc]
             copies = sum(1 for _m, corr in sink.sent if corr[0] == b"1-10:1/2")
             assert (attempt1, copies) == (1, 3)  # the first publication and two re-sends
