@@ -11,6 +11,7 @@ import sqlite3
 import json
 
 import pytest
+import yaml
 from pathlib import Path
 
 from e2e_support import counter_servers, device_ports, write_config
@@ -111,7 +112,9 @@ async def test_an_out_of_range_value_on_an_unsynchronised_clock_keeps_both_flags
         cfg = write_config(tmp_path / "cfg", devices=device_ports(layout, servers), broker_port=None)
         profile = cfg / "profiles" / "counter.yaml"  # the sine runs -5..5: every value is out of this range
         profile.write_text(profile.read_text().replace("unit: CEL,", "unit: CEL, valid: {min: 10, max: 20},"))
-        (cfg / "gateway.yaml").write_text((cfg / "gateway.yaml").read_text() + "health:\n  enabled: false\n")
+        data = yaml.safe_load((cfg / "gateway.yaml").read_text())
+        data["health"] = {"enabled": False}
+        (cfg / "gateway.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         gw = Gateway(load_config(cfg), clock=ClockWatch(check_sync=lambda: False))
         seen: list[str] = []
         got = asyncio.Event()

@@ -198,11 +198,10 @@ async def _run(tmp_path: Path, disk: Path, *, recover: bool) -> tuple[int, int, 
         for server in servers:
             await stack.enter_async_context(server)
         config = write_config(tmp_path / "config", devices=device_ports(LAYOUT, servers), broker_port=None,
-                              interval="50ms", timeout="5s", outbox=outbox, buffer_extra={"max_bytes": MAX_BYTES})
+                              interval="50ms", timeout="5s", outbox=outbox, buffer_extra={"max_bytes": MAX_BYTES},
+                              health_port=port)
         (config / "profiles" / "counter.yaml").write_text(PROFILE)
         (config / "trace.yaml").write_text(TRACE)  # its journal writes to the same file, on its own connection
-        gateway_yaml = config / "gateway.yaml"
-        gateway_yaml.write_text(gateway_yaml.read_text() + f"health:\n  listen: 127.0.0.1:{port}\n")
         metrics = Metrics(port)
         bound = wal_bound(MAX_BYTES, DISK)
         proc = _start(config, log)
