@@ -719,6 +719,7 @@ class Outbox:
         """``sink``'s far end refused ``entries`` as data: store them as one dead letter with the
         server's ``message`` and move the sink's position past them (or to ``upto``: the end of
         the batch they were refused from, whose other readings were written), in ONE transaction.
+        A message that is not storable text (lone surrogates) is kept with backslash escapes.
 
         ``entries`` must be (some of) the oldest pending entries of ``sink``, as :meth:`fetch` returned them.
         Returns the letter's id. Older letters are deleted (WARNING) while the letters' readings
@@ -731,6 +732,7 @@ class Outbox:
         if upto > self._last_seq:
             raise ValueError(f"sink {sink} rejected seq {upto}, beyond the last stored seq {self._last_seq}")
         blob = encode_letter([e.reading for e in entries])
+        message = _storable(message)  # before BEGIN: an error inside would leave the transaction open
         try:
             conn.execute("BEGIN IMMEDIATE")
             (letter,) = conn.execute(
@@ -775,7 +777,7 @@ class Outbox:
     def refused_again(self, letter_id: int, message: str) -> None:
         """A re-sent letter was refused again: unmark it, keep the new message, count the attempt."""
         self._letter_change("UPDATE dead_letters SET resend=0, attempts=attempts+1, message=?, time_ns=? WHERE id=?",
-                            (message, time.time_ns(), letter_id), f"updating dead letter {letter_id}")
+                            (_storable(message), time.time_ns(), letter_id), f"updating dead letter {letter_id}")
 
     def mark_resend(self, ids: Sequence[int] | None = None, sink: str | None = None) -> int:
         """Mark letters for re-sending (``ids``, or all of ``sink``, or all); returns how many."""
@@ -1073,6 +1075,12 @@ def _plain(fields: dict[str, Any]) -> dict[str, Any]:
         else:
             raise TypeError(f"field {name!r}: {type(value).__name__} is not float, int, bool or str")
     return out
+
+
+def _storable(message: str) -> str:
+    """``message`` as SQLite can store it: a lone surrogate (text decoded with ``surrogateescape``)
+    becomes a backslash escape instead of raising ``UnicodeEncodeError`` mid-transaction."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _describe(path: Path, what: str, exc: BaseException) -> str:
