@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.buffer import Outbox, encode_letter
+from gateway.outbox import Outbox
+from gateway.outbox.deadletters import encode_letter
 from gateway.reading import Reading
 from gateway.salvage import salvage
 from gateway.trace.journal import Journal
@@ -169,7 +170,7 @@ def test_salvage_brings_back_what_a_damaged_outbox_still_holds(tmp_path: Path) -
 
 
 def ob_letters(live: Path):
-    from gateway.buffer import list_dead_letters, open_for_dead_letters
+    from gateway.outbox.deadletters import list_dead_letters, open_for_dead_letters
 
     conn = open_for_dead_letters(live)
     try:
