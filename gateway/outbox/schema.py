@@ -120,9 +120,7 @@ CREATE TABLE IF NOT EXISTS trace_salvaged (source TEXT NOT NULL, seq INTEGER NOT
 """
 
 _V3 = """
-ALTER TABLE dead_letters ADD COLUMN stream TEXT NOT NULL DEFAULT 'readings';
-ALTER TABLE dead_letters ADD COLUMN seq INTEGER;
-DROP INDEX dead_letters_by_sink;
+DROP INDEX IF EXISTS dead_letters_by_sink;
 CREATE INDEX dead_letters_by_sink ON dead_letters (stream, sink, resend, id);
 INSERT INTO dead_letters (stream, sink, time_ns, count, readings, message, seq)
     SELECT 'trace', sink, time_ns, 1, x'', message, seq FROM trace_dead_letters ORDER BY id;
@@ -150,6 +148,11 @@ def _step_2(conn: sqlite3.Connection) -> None:
 
 def _step_3(conn: sqlite3.Connection) -> None:
     """One dead-letter store for readings and trace events."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(dead_letters)")}
+    if "stream" not in have:
+        conn.execute("ALTER TABLE dead_letters ADD COLUMN stream TEXT NOT NULL DEFAULT 'readings'")
+    if "seq" not in have:
+        conn.execute("ALTER TABLE dead_letters ADD COLUMN seq INTEGER")
     _run(conn, _V3)
 
 
