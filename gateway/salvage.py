@@ -336,7 +336,10 @@ def _read(src: sqlite3.Connection, report: SalvageReport) -> _Found:
                 ok = isinstance(marshal.loads(row[4]), list)
             except (ValueError, EOFError, TypeError):
                 ok = False
-            (letters if ok else lost_letters).append(tuple(row) if ok else row[0])
+            if ok:
+                letters.append(tuple(row))
+            else:
+                lost_letters.append(row[0])
         if lost_letters:
             report.problems.append(f"dead letters {_ranges_text(_ranges(lost_letters))}")
     events: list[tuple[int, str, int, str]] = []
@@ -415,9 +418,9 @@ def _write(dst: sqlite3.Connection, report: SalvageReport, sinks: Sequence[str],
         _transaction(dst, put_letter)
         report.old_letters_copied += 1
     for i in range(0, len(events), _CHUNK):
-        part = events[i:i + _CHUNK]
+        chunk = events[i:i + _CHUNK]
 
-        def put_events(part: list[tuple[int, str, int, str]] = part) -> None:
+        def put_events(part: list[tuple[int, str, int, str]] = chunk) -> None:
             before = dst.total_changes
             dst.executemany("INSERT OR IGNORE INTO trace_salvaged VALUES (?, ?, ?, ?, ?)",
                             [(source, seq, lot, time_ns, line) for seq, lot, time_ns, line in part])

@@ -35,7 +35,6 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from gateway.outbox.errors import OutboxError, describe
 from gateway.outbox.schema import APPLICATION_ID, SCHEMA_VERSION, NotAnOutbox, migrate, use_wal
@@ -82,8 +81,8 @@ def connect(path: Path, *, readonly: bool = False, must_exist: bool = False, tim
     with _live_lock:  # counted before SQLite opens anything: vet() in another thread then waits for the close
         _live[key] = _live.get(key, 0) + 1
     try:
-        conn: Any = sqlite3.connect(f"{Path(key).as_uri()}?mode={mode}", uri=True, isolation_level=None,
-                                    timeout=timeout, factory=_Counted)
+        conn = sqlite3.connect(f"{Path(key).as_uri()}?mode={mode}", uri=True, isolation_level=None,
+                               timeout=timeout, factory=_Counted)
     except BaseException:
         with _live_lock:
             _live[key] -= 1

@@ -133,7 +133,8 @@ class Journal:
 
     def chain_id(self) -> str | None:
         """This outbox's chain id (None: a chain begun before chain ids, which goes on without one)."""
-        return self.conn.execute("SELECT chain FROM trace_chain WHERE id=0").fetchone()[0]
+        chain: str | None = self.conn.execute("SELECT chain FROM trace_chain WHERE id=0").fetchone()[0]
+        return chain
 
     def bindings(self) -> dict[str, tuple[str, int, int]]:
         return {lot: (loc, since, start) for lot, loc, since, start in
