@@ -19,7 +19,8 @@ import logging
 import marshal
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -172,48 +173,42 @@ def next_resend(conn: sqlite3.Connection, sink: str) -> DeadLetter | None:
     return None if row is None else _letter(row, True)
 
 
-def _transaction(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> int:
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        n = conn.execute(sql, args).rowcount
+        yield
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return n
 
 
 def resolve(conn: sqlite3.Connection, letter_id: int) -> None:
     """The letter was delivered after all: delete it (one transaction)."""
-    _transaction(conn, "DELETE FROM dead_letters WHERE id=?", (letter_id,))
+    with _transaction(conn):
+        conn.execute("DELETE FROM dead_letters WHERE id=?", (letter_id,))
 
 
 def refused_again(conn: sqlite3.Connection, letter_id: int, message: str) -> None:
     """A re-sent letter was refused again: unmark it, keep the new message, count the attempt."""
-    _transaction(conn, "UPDATE dead_letters SET resend=0, attempts=attempts+1, message=?, time_ns=? WHERE id=?",
-                 (storable(message), time.time_ns(), letter_id))
+    with _transaction(conn):
+        conn.execute("UPDATE dead_letters SET resend=0, attempts=attempts+1, message=?, time_ns=? WHERE id=?",
+                     (storable(message), time.time_ns(), letter_id))
 
 
 def mark_resend(conn: sqlite3.Connection, ids: Sequence[int] | None = None, sink: str | None = None) -> int:
     """Mark readings letters for re-sending (``ids``, or every letter of ``sink``, or every letter);
     one transaction; returns how many. Trace letters are never marked (their events stay in the
     journal and are not re-sent)."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        readings = "UPDATE dead_letters SET resend=1 WHERE stream='readings'"
+    readings = "UPDATE dead_letters SET resend=1 WHERE stream='readings'"
+    with _transaction(conn):
         if ids is not None:
-            n = sum(conn.execute(f"{readings} AND id=?", (i,)).rowcount for i in ids)
-        elif sink is not None:
-            n = conn.execute(f"{readings} AND sink=?", (sink,)).rowcount
-        else:
-            n = conn.execute(readings).rowcount
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return n
+            return sum(conn.execute(f"{readings} AND id=?", (i,)).rowcount for i in ids)
+        if sink is not None:
+            return conn.execute(f"{readings} AND sink=?", (sink,)).rowcount
+        return conn.execute(readings).rowcount
 
 
 def letter_line(d: DeadLetter) -> str:
