@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import yaml  # noqa: E402
 
-from gateway.buffer import Outbox  # noqa: E402
+from gateway.outbox import Outbox  # noqa: E402
 from gateway.reading import Reading  # noqa: E402
 from servers import Influxd, VictoriaMetrics, free_port  # noqa: E402
 from simulators.broker import Mosquitto  # noqa: E402

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from gateway.buffer import Outbox  # noqa: E402
+from gateway.outbox import Outbox  # noqa: E402
 from gateway.config import InfluxSinkConfig  # noqa: E402
 from gateway.forwarder import Forwarder  # noqa: E402
 from gateway.influx import InfluxSink  # noqa: E402

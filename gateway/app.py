@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import driver as drivers
-from gateway.buffer import Outbox, OutboxError, OutboxStats
+from gateway.outbox import Outbox, OutboxError, OutboxStats
 from gateway.config import Config
 from gateway.driver import Device, Poller
 from gateway.health import HealthServer, SinkSnapshot, Snapshot, status_line

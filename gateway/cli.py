@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.buffer import OutboxError
+from gateway.outbox import OutboxError
 from gateway.config import Config, ConfigErrors, load_config
 from gateway.driver import FieldInfo
 from gateway.logs import add_log_level, setup_logging
@@ -245,10 +245,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_deadletter(args: argparse.Namespace) -> int:
     """List dead letters, or mark them for re-sending (the running gateway, or the next start, sends them)."""
     import sqlite3
-    import time as _time
 
-    from gateway.buffer import OutboxError, list_dead_letters, mark_resend, open_for_dead_letters
-    from gateway.outbox_file import identity
+    from gateway.outbox.deadletters import TRACE, letter_line, list_dead_letters, mark_resend, open_for_dead_letters
+    from gateway.outbox.file import identity
 
     config = _load(args.config, given=getattr(args, "config_given", True))
     if config is None:
@@ -262,12 +261,16 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
         return 1
     try:
         if args.action == "list":
-            letters = list_dead_letters(conn, args.sink, with_readings=args.readings)
+            letters = list_dead_letters(conn, args.sink, with_readings=args.readings, stream=args.stream)
             if args.json:
                 for d in letters:
-                    item = {"id": d.id, "sink": d.sink, "time_ns": d.time_ns, "count": d.count, "message": d.message,
-                            "resend": d.resend, "attempts": d.attempts}
-                    if args.readings:
+                    item = {"id": d.id, "stream": d.stream, "sink": d.sink, "time_ns": d.time_ns, "count": d.count,
+                            "message": d.message, "resend": d.resend, "attempts": d.attempts}
+                    if d.stream == TRACE:
+                        item["seq"] = d.seq
+                        if args.readings:
+                            item["event"] = json.loads(d.event or "null")
+                    elif args.readings:
                         item["readings"] = [{"device": r.device, "measurement": r.measurement, "tags": r.tags,
                                              "time_ns": r.time_ns, "quality": r.quality, "fields": r.fields}
                                             for r in d.readings]
@@ -277,11 +280,11 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
                 print(f"{path}: no dead letters")
                 return 0
             for d in letters:
-                when = _time.strftime("%Y-%m-%d %H:%M:%SZ", _time.gmtime(d.time_ns / 1e9))
-                mark = " (marked for re-sending)" if d.resend else ""
-                print(f"{d.id:>6}  {d.sink:<12} {when}  {d.count} readings, refused {d.attempts}×{mark}: {d.message}")
+                print(letter_line(d) + ("  [trace event: never re-sent, kept in the journal]" if d.stream == TRACE else ""))
                 for r in d.readings:
                     print(f"        {r.device} {r.measurement} {r.time_ns} {r.fields}")
+                if d.event is not None:
+                    print(f"        {d.event}")
             return 0
         if not args.ids and not args.all:
             print("name the dead letters to re-send (IDs from `sluice deadletter list`), or give --all",
@@ -292,11 +295,17 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
             print(f"outbox {path} was replaced while marking (the gateway moved it aside at its start: see its "
                   "log) — run this again", file=sys.stderr)
             return 1
-        missing = len(args.ids) - marked if args.ids else 0
+        trace = [d for d in list_dead_letters(conn, stream=TRACE) if d.id in set(args.ids)] if args.ids else []
+        for d in trace:
+            print(f"letter {d.id} is trace event seq {d.seq} refused by trace sink {d.sink}: trace events are not "
+                  "re-sent (the event stays in the journal, the chain whole); `sluice trace deadletters` shows it",
+                  file=sys.stderr)
+        missing = len(args.ids) - marked - len(trace) if args.ids else 0
         print(f"{marked} dead letter{'s' if marked != 1 else ''} marked for re-sending: the running gateway sends "
               "them within seconds (or at its next start); `sluice deadletter list` shows what is left")
         if missing:
             print(f"{missing} of the given IDs do not exist", file=sys.stderr)
+        if missing or trace:
             return 1
         return 0
     except sqlite3.Error as exc:
@@ -391,13 +400,17 @@ def build_parser(extensions: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("deadletter", help="batches a sink refused as data: list them, or re-send them")
     dl = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = dl.add_parser("list", help="every dead letter: id, sink, time, readings, the server's message")
+    q = dl.add_parser("list", help="every dead letter (readings and trace events): id, sink, time, what, the server's "
+                      "message")
     with_config(q)
     q.add_argument("--sink", default=None, help="only this sink's letters")
-    q.add_argument("--readings", action="store_true", help="also print the readings in each letter")
+    q.add_argument("--readings", action="store_true", help="also print the readings (or trace event) in each letter")
+    q.add_argument("--stream", choices=("readings", "trace"), default=None,
+                   help="only letters of readings, or of trace events (`sluice trace deadletters`)")
     q.add_argument("--json", action="store_true", help="one JSON object per letter")
     q.set_defaults(func=cmd_deadletter)
-    q = dl.add_parser("resend", help="mark dead letters for re-sending; the gateway sends them before new batches")
+    q = dl.add_parser("resend", help="mark readings letters for re-sending; the gateway sends them before new batches "
+                      "(trace events are never re-sent)")
     with_config(q)
     q.add_argument("ids", nargs="*", type=int, metavar="ID", help="letter ids from `sluice deadletter list`")
     q.add_argument("--all", action="store_true", help="every letter (of --sink, if given)")

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gateway import driver as drivers
-from gateway.outbox_space import disk_budget
+from gateway.outbox.space import disk_budget
 from gateway.driver import Device, StrictModel
 from gateway.secretref import Secret, SecretRef, expand_secrets, unread_value
 from gateway.units import ByteSize, Duration, Identifier

@@ -66,7 +66,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
-from gateway.buffer import Entry, Outbox, OutboxError
+from gateway.outbox import Entry, Outbox, OutboxError
 from gateway.config import BatchConfig
 from gateway.encode import make_encoder
 from gateway.reading import Reading

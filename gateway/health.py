@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.buffer import OutboxStats
+from gateway.outbox import OutboxStats
 from gateway.forwarder import ForwarderStats
 from gateway.driver import DeviceStatus
 from gateway.polling import format_duration

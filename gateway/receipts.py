@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from gateway.buffer import Outbox, OutboxError
+from gateway.outbox import Outbox, OutboxError
 from gateway.polling import Backoff
 from gateway.watchdog import Loop
 

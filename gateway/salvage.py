@@ -28,7 +28,8 @@ What goes where, and why
   touches either file. Every write to the live outbox is one short transaction (one letter, or
   up to 500 events), so the gateway waits milliseconds at most.
 
-Idempotent: ``salvage_log(source, sink, first, last)`` in the live outbox records the seq ranges
+Idempotent: ``salvage_log(source, sink, first, last)`` in the live outbox (its tables are part of the
+outbox schema, ``gateway/outbox/schema.py``) records the seq ranges
 already copied for each sink from a source file (by file name: the ``.corrupt-<stamp>`` names are
 unique), and trace events are keyed by (source, seq); running it again copies only what the first
 run left (a budget that was full, or a run that was interrupted), never the same reading twice.
@@ -53,8 +54,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.buffer import APPLICATION_ID, OutboxError, encode_letter, open_for_dead_letters
-from gateway.outbox_file import CORRUPT_CODES, connect
+from gateway.outbox import OutboxError, deadletters
+from gateway.outbox.deadletters import encode_letter, open_for_dead_letters
+from gateway.outbox.file import CORRUPT_CODES, connect
+from gateway.outbox.schema import APPLICATION_ID
 from gateway.reading import Reading
 
 __all__ = ["LETTER_READINGS", "SalvageReport", "salvage"]
@@ -62,12 +65,6 @@ __all__ = ["LETTER_READINGS", "SalvageReport", "salvage"]
 LETTER_READINGS = 500
 """Readings per salvaged dead letter (one transaction each)."""
 _CHUNK = 500
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS salvage_log (source TEXT NOT NULL, sink TEXT NOT NULL, first INTEGER NOT NULL,
-    last INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS trace_salvaged (source TEXT NOT NULL, seq INTEGER NOT NULL, lot TEXT NOT NULL,
-    time_ns INTEGER NOT NULL, line TEXT NOT NULL, PRIMARY KEY (source, seq));
-"""
 
 
 @dataclass
@@ -328,13 +325,21 @@ def _read(src: sqlite3.Connection, report: SalvageReport) -> _Found:
     if "dead_letters" in tables:
         lost_letters: list[int] = []
         top = _one(src, "SELECT max(id) FROM dead_letters")
-        for row in _scan(src, "dead_letters", "id", "sink, time_ns, count, readings, message, resend, attempts",
-                         1, top, lost_letters, contiguous=False):
+        # From schema version 3 the store also holds trace letters (no readings): they are not copied.
+        columns = {r[1] for r in _safe_rows(src, "PRAGMA table_info(dead_letters)")}
+        stream = "stream" if "stream" in columns else "'readings'"
+        for *row, kind in _scan(src, "dead_letters", "id", f"sink, time_ns, count, readings, message, resend, attempts, "
+                                f"{stream}", 1, top, lost_letters, contiguous=False):
+            if kind != deadletters.READINGS:
+                continue
             try:
                 ok = isinstance(marshal.loads(row[4]), list)
             except (ValueError, EOFError, TypeError):
                 ok = False
-            (letters if ok else lost_letters).append(row if ok else row[0])
+            if ok:
+                letters.append(tuple(row))
+            else:
+                lost_letters.append(row[0])
         if lost_letters:
             report.problems.append(f"dead letters {_ranges_text(_ranges(lost_letters))}")
     events: list[tuple[int, str, int, str]] = []
@@ -372,9 +377,7 @@ def _safe_rows(conn: sqlite3.Connection, sql: str) -> list[Any]:
 def _write(dst: sqlite3.Connection, report: SalvageReport, sinks: Sequence[str], found: _Found, budget: int) -> None:
     readings, positions, events = found.readings, found.positions, found.events
     source = report.source
-    _transaction(dst, lambda: [dst.execute(s) for s in _SCHEMA.split(";") if s.strip()])
-    (used,) = dst.execute("SELECT coalesce(sum(length(readings)), 0) FROM dead_letters").fetchone()
-    room = budget - used
+    room = budget - deadletters.letter_bytes(dst)
     for sink in sinks:
         done = dst.execute("SELECT first, last FROM salvage_log WHERE source=? AND sink=?", (source, sink)).fetchall()
         floor = positions.get(sink, -1)  # the sink had every seq <= floor
@@ -392,8 +395,7 @@ def _write(dst: sqlite3.Connection, report: SalvageReport, sinks: Sequence[str],
 
             def put(sink: str = sink, part: list[tuple[int, Reading]] = part, blob: bytes = blob,
                     first: int = first, last: int = last, message: str = message) -> None:
-                dst.execute("INSERT INTO dead_letters (sink, time_ns, count, readings, message, resend) "
-                            "VALUES (?, ?, ?, ?, ?, 1)", (sink, time.time_ns(), len(part), blob, message))
+                deadletters.insert(dst, deadletters.READINGS, sink, message, blob=blob, count=len(part), resend=True)
                 dst.execute("INSERT INTO salvage_log VALUES (?, ?, ?, ?)", (source, sink, first, last))
             _transaction(dst, put)
             room -= len(blob)
@@ -409,16 +411,16 @@ def _write(dst: sqlite3.Connection, report: SalvageReport, sinks: Sequence[str],
 
         def put_letter(lid: int = lid, sink: str = sink, time_ns: int = time_ns, count: int = count, blob: bytes = blob,
                        message: str = message, resend: int = resend, attempts: int = attempts, key: str = key) -> None:
-            dst.execute("INSERT INTO dead_letters (sink, time_ns, count, readings, message, resend, attempts) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (sink, time_ns, count, blob,
-                                                         f"{message} [salvaged from {source}, letter {lid}]", resend, attempts))
+            deadletters.insert(dst, deadletters.READINGS, sink, deadletters.storable(
+                f"{message} [salvaged from {source}, letter {lid}]"), blob=blob, count=count, time_ns=time_ns,
+                resend=bool(resend), attempts=attempts)
             dst.execute("INSERT INTO salvage_log VALUES (?, ?, ?, ?)", (source, key, lid, lid))
         _transaction(dst, put_letter)
         report.old_letters_copied += 1
     for i in range(0, len(events), _CHUNK):
-        part = events[i:i + _CHUNK]
+        chunk = events[i:i + _CHUNK]
 
-        def put_events(part: list[tuple[int, str, int, str]] = part) -> None:
+        def put_events(part: list[tuple[int, str, int, str]] = chunk) -> None:
             before = dst.total_changes
             dst.executemany("INSERT OR IGNORE INTO trace_salvaged VALUES (?, ?, ?, ?, ?)",
                             [(source, seq, lot, time_ns, line) for seq, lot, time_ns, line in part])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gateway import outbox_file
+from gateway.outbox import file as outbox_file
 
 
 def posix_locks(path: Path, pid: int) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.buffer import Outbox, OutboxError
+from gateway.outbox import Outbox, OutboxError
 from gateway.reading import UNCERTAIN, Reading
 from support import STOP
 
@@ -177,7 +177,7 @@ def test_an_ack_not_yet_written_is_delivered_again_after_a_crash_never_lost(tmp_
 @pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
 def test_full_outbox_counts_every_drop(tmp_path: Path, policy: str, caplog: pytest.LogCaptureFixture) -> None:
     path, produced, max_bytes = tmp_path / "o.db", 3000, 20_000
-    caplog.set_level(logging.INFO, logger="gateway.buffer")
+    caplog.set_level(logging.INFO, logger="gateway.outbox")
     stored = 0
     with Outbox(path, ["a"], max_bytes=max_bytes, when_full=policy) as ob:  # type: ignore[arg-type]
         for start in range(0, produced - 1000, 50):
@@ -250,7 +250,7 @@ def test_foreign_sqlite_file_is_moved_aside(tmp_path: Path) -> None:
 _WRITER = """
 import sys
 from pathlib import Path
-from gateway.buffer import Outbox
+from gateway.outbox import Outbox
 from gateway.reading import Reading
 with Outbox(Path(sys.argv[1]), ["a"]) as ob:
     for n in range(2000):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.buffer import Outbox, OutboxError, list_dead_letters, mark_resend, open_for_dead_letters
+from gateway.outbox import Outbox, OutboxError
+from gateway.outbox.deadletters import list_dead_letters, mark_resend, open_for_dead_letters
 from gateway.reading import UNCERTAIN, Reading
 
 
@@ -87,10 +88,13 @@ def test_an_outbox_from_before_dead_letters_gets_the_table(tmp_path: Path) -> No
         ob.append(readings(2))
     conn = sqlite3.connect(path)
     conn.execute("DROP TABLE dead_letters")
+    conn.execute("PRAGMA user_version=1")  # what such a file says: schema version 1
     conn.commit()
     conn.close()
     other = open_for_dead_letters(path)  # the CLI on an old file: creates it too
+    assert list_dead_letters(other) == []
     other.execute("DROP TABLE dead_letters")
+    other.execute("PRAGMA user_version=1")
     other.close()
     with Outbox(path, ["a"]) as ob:
         assert [e.seq for e in ob.fetch("a", 10, 10**6)] == [1, 2]

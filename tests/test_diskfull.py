@@ -2,7 +2,7 @@
 runs, then frees again.
 
 * Outbox alone (fast): the `-wal` stays within the bound the outbox accounts for
-  (:func:`gateway.buffer.wal_bound`) before, during and after the disk is full; writes succeed
+  (:func:`gateway.outbox.space.wal_bound`) before, during and after the disk is full; writes succeed
   again once space returns; a backlog larger than the WAL bound goes in slices, so it is stored
   on a disk where the data fits but one transaction of it would not.
 * Committer on the real outbox: readings dropped from memory are counted the moment they are
@@ -37,8 +37,8 @@ import yaml
 from e2e_support import counter_servers, device_ports, write_config
 from gateway import app
 from gateway.app import Committer, Gateway
-from gateway.buffer import Outbox, OutboxError
-from gateway.outbox_space import wal_bound
+from gateway.outbox import Outbox, OutboxError
+from gateway.outbox.space import wal_bound
 from gateway.config import load_config
 from gateway.health import fetch, parse_metrics
 from gateway.reading import Reading
@@ -174,7 +174,7 @@ def _fill(disk: Path, name: str = "filler") -> Path:
 
 def _stored(path: Path) -> tuple[dict[str, set[int]], int]:
     """Counter values stored in the outbox per device, and the readings dropped by when_full, read
-    with plain SQL (the format is in gateway/buffer.py's docstring), not through the Outbox."""
+    with plain SQL (the format is in gateway/outbox/schema.py's docstring), not through the Outbox."""
     out: dict[str, set[int]] = {}
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -16,7 +16,7 @@ from servers import Mosquitto, Received, subscriber
 from support import until
 from test_encode import parse_line
 
-from gateway.buffer import Outbox
+from gateway.outbox import Outbox
 from gateway.config import MqttSinkConfig
 from gateway.forwarder import Forwarder, Message, SinkUnavailable
 from gateway.mqtt import MqttSink

@@ -29,7 +29,7 @@ from test_ingest import Worker, v1
 from test_ingest import write_config as write_ingest_config
 from test_receipts import _positions
 
-from gateway.buffer import Outbox
+from gateway.outbox import Outbox
 
 LAYOUT = {0: [("a", 1), ("b", 2)], 1: [("c", 1)]}
 EVENTS = 40 if os.environ.get("SLUICE_SOAK") == "1" else 8

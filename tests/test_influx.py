@@ -17,7 +17,7 @@ from aiohttp import web
 from servers import Influxd, VictoriaMetrics
 from support import DEADLINE, STOP, until
 
-from gateway.buffer import Outbox
+from gateway.outbox import Outbox
 from gateway.config import InfluxSinkConfig
 import gateway.forwarder
 from gateway.forwarder import Forwarder

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from e2e_support import counter_servers, counts_by_device, device_ports, write_config
-from gateway.buffer import Outbox
+from gateway.outbox import Outbox
 from gateway.trace.journal import Journal
 from gateway.trace.seal import load_public_key, verify_lines
 from proc_support import deleted_files, posix_locks

@@ -13,7 +13,7 @@ import yaml
 
 from e2e_support import write_config
 from gateway import cli
-from gateway.buffer import prepare
+from gateway.outbox import prepare
 from gateway.cli import build_parser, command_paths, main
 from gateway.config import load_config
 from gateway.examples import EXAMPLES, shipped_config

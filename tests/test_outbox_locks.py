@@ -1,4 +1,4 @@
-"""Only SQLite touches the outbox file once a connection to it is open (gateway/outbox_file.py).
+"""Only SQLite touches the outbox file once a connection to it is open (gateway/outbox/file.py).
 
 Closing any plain descriptor of the file would drop every POSIX lock the process holds on it; a
 second process could then delete the -wal/-shm under the first and each would go on with its own
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.buffer import Outbox
-from gateway.outbox_file import connections, move_aside, vet
+from gateway.outbox import Outbox
+from gateway.outbox.file import connections, move_aside, vet
 from gateway.reading import Reading
 from gateway.trace.journal import Journal
 from proc_support import deleted_files, posix_locks
@@ -132,8 +132,8 @@ conn.close()
 
 
 def test_an_unusable_file_another_process_has_open_is_not_moved_under_it(tmp_path: Path, monkeypatch) -> None:
-    import gateway.outbox_file as outbox_file
-    from gateway.buffer import OutboxError
+    import gateway.outbox.file as outbox_file
+    from gateway.outbox import OutboxError
 
     path = tmp_path / "outbox.db"
     conn = sqlite3.connect(path)

@@ -1,6 +1,6 @@
-"""The outbox against a model: a hypothesis state machine drives a real :class:`gateway.buffer.Outbox`
+"""The outbox against a model: a hypothesis state machine drives a real :class:`gateway.outbox.Outbox`
 and a plain-Python model side by side, and after every step checks both what the API answers and
-what the file holds (the on-disk invariants of ``gateway/buffer.py``'s module docstring are the
+what the file holds (the on-disk invariants of ``gateway/outbox/schema.py``'s module docstring are the
 specification).
 
 How a crash is made: the outbox lives in a forked child process that the test talks to over a
@@ -42,8 +42,8 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from gateway.buffer import ACK_WRITE_DELAY, ROW_OVERHEAD, Outbox
-from gateway.outbox_file import connect
+from gateway.outbox import ACK_WRITE_DELAY, ROW_OVERHEAD, Outbox
+from gateway.outbox.file import connect
 from gateway.reading import QUALITIES, Reading
 
 SOAK = os.environ.get("SLUICE_SOAK") == "1"

@@ -27,7 +27,7 @@ import pytest
 from support import STOP, until
 import yaml
 
-from gateway.buffer import Outbox
+from gateway.outbox import Outbox
 from gateway.config import ConfigErrors, MqttSinkConfig, load_config
 from gateway.forwarder import Forwarder, Message, SinkUnavailable, batch_ids, parse_batch_id
 from gateway.reading import Reading

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.buffer import Outbox, encode_letter
+from gateway.outbox import Outbox
+from gateway.outbox.deadletters import encode_letter
 from gateway.reading import Reading
 from gateway.salvage import salvage
 from gateway.trace.journal import Journal
@@ -169,7 +170,7 @@ def test_salvage_brings_back_what_a_damaged_outbox_still_holds(tmp_path: Path) -
 
 
 def ob_letters(live: Path):
-    from gateway.buffer import list_dead_letters, open_for_dead_letters
+    from gateway.outbox.deadletters import list_dead_letters, open_for_dead_letters
 
     conn = open_for_dead_letters(live)
     try:
@@ -265,3 +266,25 @@ async def test_a_running_gateway_delivers_what_salvage_brings_back(tmp_path: Pat
     assert set(points) == readable  # nothing unreadable invented, nothing readable missing
     assert all(ts == T0 + n * 1_000_000_000 for n, ts in points.items())  # delivered with the time it was read
     assert "dead letter" in log.read_text() and "Traceback" not in log.read_text()
+
+
+def test_salvage_copies_the_readings_letters_of_the_one_store_and_leaves_its_trace_letters(tmp_path: Path) -> None:
+    """A trace letter names an event of the old chain (copied into trace_salvaged): it holds no
+    readings, so it is neither copied as a readings letter nor reported as unreadable."""
+    damaged, live = tmp_path / "old.db", tmp_path / "outbox.db"
+    with Outbox(damaged, ["broker"]) as ob:
+        ob.append([_reading(s) for s in range(1, 11)])
+        ob.reject("broker", ob.fetch("broker", 2, 10**6), "field type conflict")
+    with Journal(damaged) as j:
+        j.commit([(1, "LOT-1", T0, '{"seq": 1}')], (1, "ni:///sha-256;x"), {})
+        j.dead_letter("repo", 1, "HTTP 400: bad document")
+    with Outbox(live, ["broker"]):
+        pass
+    report = salvage(damaged, live, ["broker"], letter_budget=10**9)
+    assert report.old_letters_copied == 1 and report.events_copied == 1
+    assert report.problems == [] and report.complete
+    with Outbox(live, ["broker"]) as ob:
+        old = [d for d in ob.dead_letters(with_readings=True) if "[salvaged" in d.message]
+        assert [(d.count, d.message.split(" [")[0]) for d in old] == [(2, "field type conflict")]
+    with Journal(live) as j:
+        assert j.dead_letters() == []  # the old chain's letters stay with the old file

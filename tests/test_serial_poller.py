@@ -20,7 +20,7 @@ import serial
 
 from drivers.serial_sensor import SerialSensorPoller, make_pollers
 from gateway.app import Committer
-from gateway.buffer import Outbox
+from gateway.outbox import Outbox
 from gateway.config import load_config
 from gateway.driver import Device
 from simulators.serial_sensor import SerialSensorSim

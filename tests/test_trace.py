@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from support import unavailable
 
-from gateway.buffer import Outbox, OutboxError
+from gateway.outbox import Outbox, OutboxError
 from gateway.config import load_config
 from gateway.reading import Reading
 from gateway.trace.config import load_trace_config

@@ -185,7 +185,7 @@ def test_the_chain_id_is_fixed_at_genesis_and_an_old_chain_keeps_going_without_o
     with Journal(old) as j:
         j.commit([(1, "LOT-1", T0, '{"seq": 1}')], (1, "ni:///sha-256;x"), {})
     conn = sqlite3.connect(old)
-    conn.executescript("ALTER TABLE trace_chain DROP COLUMN chain;")
+    conn.executescript("ALTER TABLE trace_chain DROP COLUMN chain; PRAGMA user_version=1;")  # as such a Sluice left it
     conn.close()
     with Journal(old) as j:
         assert j.chain_id() is None and j.chain() == (1, "ni:///sha-256;x")

@@ -12,6 +12,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from gateway.outbox.deadletters import letter_line
 from gateway.trace.config import TraceConfig
 from gateway.trace.journal import Journal
 from gateway.trace.seal import CHAIN, Head, Sealer, load_or_create_key, load_public_key, public_pem, read_head, verify_events, \
@@ -245,20 +246,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
+    """The trace letters of the outbox's one dead-letter store (``sluice deadletter list`` shows them too)."""
     cfg = _trace_config(args)
     if cfg is None:
         return 2
-    import time
-
     with Journal(resolve(cfg.database, state_dir())) as journal:
-        letters = journal.dead_letters(args.sink)
-        for lid, sink, seq, time_ns, message in letters:
+        letters = journal.letters(args.sink, with_events=args.json)
+        for d in letters:
             if args.json:
-                print(json.dumps({"id": lid, "sink": sink, "seq": seq, "time_ns": time_ns, "message": message,
-                                  "event": json.loads(journal.line(seq) or "null")}, ensure_ascii=False))
+                print(json.dumps({"id": d.id, "sink": d.sink, "seq": d.seq, "time_ns": d.time_ns, "message": d.message,
+                                  "event": json.loads(d.event or "null")}, ensure_ascii=False))
             else:
-                when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(time_ns / 1e9))
-                print(f"{lid:>6}  {sink:<12} {when}  event seq {seq} refused: {message}")
+                print(letter_line(d))
     if not letters and not args.json:
         print("no dead letters")
     return 0

@@ -5,13 +5,14 @@ Trace events go into the same outbox file as readings, under the same rules: com
 fsync) before any sink sees them, delivered per sink in order from a persisted position that moves
 only after the far end acknowledged, sent again after any failure, and kept through power cuts,
 crashes and outages. The outbox's open-time integrity check covers them, and a file moved aside as
-unusable takes them with it (see ``gateway/buffer.py``). What differs from readings: events are
+unusable takes them with it (see ``gateway/outbox/``). What differs from readings: events are
 never deleted (they are the local evidence record; ``buffer.max_bytes`` and ``when_full`` bound
 readings only), and this module keeps its own connection (``synchronous=FULL`` whatever
 ``buffer.synchronous`` says) so the chain head is written in the event's own transaction.
 
-On-disk invariants (tables ``trace_*``; the outbox's own tables are never touched here)
--------------------------------------------------------------------------------------
+On-disk invariants (tables ``trace_*``, created and migrated with the file's schema version in
+``gateway/outbox/schema.py``; the readings' tables are never touched here)
+-----------------------------------------------------------------------------------------
 * ``trace_commands(id, time_ns, kind, lot, location, source, status)``: binding changes queued by the
   CLI (any process may append; ``status`` NULL = pending). Only the engine sets ``status``
   (``done`` or ``refused: <why>``), in the same transaction as the events the command produced.
@@ -29,10 +30,11 @@ On-disk invariants (tables ``trace_*``; the outbox's own tables are never touche
   window; rewritten with the events that changed it.
 * ``trace_sinks(name, acked)``: sink ``name`` has every event with ``seq <= acked``; it only grows.
   Events go out in seq order and are sent again after any failure (the same rule as the outbox).
-* ``trace_dead_letters(id, sink, seq, time_ns, message)``: an event a sink's far end refused as a
-  document (an EPCIS repository's 4xx). Written in the same transaction that moves the sink's
-  position past it, so a refused event never blocks the ones after it; the event itself stays
-  in ``trace_events`` (the chain is never cut).
+* Dead letters: an event a sink's far end refused as a document (an EPCIS repository's 4xx) is a
+  letter of stream ``trace`` (its ``seq``) in the outbox's one dead-letter store
+  (``gateway/outbox/deadletters.py``; before schema version 3 the table ``trace_dead_letters``).
+  Written in the same transaction that moves the sink's position past it, so a refused event never
+  blocks the ones after it; the event itself stays in ``trace_events`` (the chain is never cut).
 """
 
 from __future__ import annotations
@@ -43,28 +45,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.buffer import OutboxError, prepare
-from gateway.outbox_file import connect, identity
-from gateway.outbox_space import filesystem_bytes, limit_wal, wal_bound
+from gateway.outbox import OutboxError, deadletters, prepare
+from gateway.outbox.file import connect, identity
+from gateway.outbox.space import filesystem_bytes, limit_wal, wal_bound
 
 __all__ = ["Journal", "new_chain_id"]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS trace_commands (id INTEGER PRIMARY KEY, time_ns INTEGER NOT NULL, kind TEXT NOT NULL,
-    lot TEXT NOT NULL, location TEXT, source TEXT NOT NULL, status TEXT);
-CREATE TABLE IF NOT EXISTS trace_events (seq INTEGER PRIMARY KEY, lot TEXT NOT NULL, time_ns INTEGER NOT NULL, line TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS trace_events_lot ON trace_events (lot, seq);
-CREATE TABLE IF NOT EXISTS trace_chain (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL, head TEXT,
-    chain TEXT);
-INSERT OR IGNORE INTO trace_chain (id, seq, head) VALUES (0, 0, NULL);
-CREATE TABLE IF NOT EXISTS trace_bindings (lot TEXT PRIMARY KEY, location TEXT NOT NULL, since_ns INTEGER NOT NULL,
-    start_ns INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS trace_sinks (name TEXT PRIMARY KEY, acked INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS trace_applied (lot TEXT PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS trace_dead_letters (id INTEGER PRIMARY KEY, sink TEXT NOT NULL, seq INTEGER NOT NULL,
-    time_ns INTEGER NOT NULL, message TEXT NOT NULL);
-"""
-
 
 def new_chain_id(time_ns: int | None = None) -> str:
     """A chain's id: its genesis time (UTC, to the second) and 32 random bits, e.g.
@@ -77,10 +62,10 @@ class Journal:
     """Open with ``with Journal(path) as j:``; every method is one transaction.
 
     ``path`` is the outbox file. ``check=True`` (the gateway's own process) vets it as
-    :class:`~gateway.buffer.Outbox` does if this process has no connection to it yet (whichever of
-    the two opens first vets; ``gateway/outbox_file.py``); a CLI next to a running gateway leaves
+    :class:`~gateway.outbox.Outbox` does if this process has no connection to it yet (whichever of
+    the two opens first vets; ``gateway/outbox/file.py``); a CLI next to a running gateway leaves
     that to the gateway, and checks :meth:`moved` after writing. Raises
-    :class:`~gateway.buffer.OutboxError` if the file is not a Sluice outbox or cannot be prepared."""
+    :class:`~gateway.outbox.OutboxError` if the file is not a Sluice outbox or cannot be prepared."""
 
     def __init__(self, path: Path, *, check: bool = False) -> None:
         self.path = path
@@ -90,7 +75,7 @@ class Journal:
 
     def __enter__(self) -> Journal:
         for _attempt in range(3):
-            prepare(self.path, check=self.check)  # an outbox file, in WAL mode (persistent)
+            prepare(self.path, check=self.check)  # an outbox file of this schema version, in WAL mode (persistent)
             ident = identity(self.path)
             conn = connect(self.path, timeout=10)
             try:
@@ -99,7 +84,7 @@ class Journal:
                 # not know max_bytes, so it takes the filesystem's; its transactions are small, and the outbox's
                 # own connection checkpoints at its (possibly smaller) threshold with every commit of readings.
                 limit_wal(conn, wal_bound(None, filesystem_bytes(Path(self.path).parent)))
-                _create(conn)
+                _start_chain(conn)
             except BaseException:
                 conn.close()
                 raise
@@ -148,7 +133,8 @@ class Journal:
 
     def chain_id(self) -> str | None:
         """This outbox's chain id (None: a chain begun before chain ids, which goes on without one)."""
-        return self.conn.execute("SELECT chain FROM trace_chain WHERE id=0").fetchone()[0]
+        chain: str | None = self.conn.execute("SELECT chain FROM trace_chain WHERE id=0").fetchone()[0]
+        return chain
 
     def bindings(self) -> dict[str, tuple[str, int, int]]:
         return {lot: (loc, since, start) for lot, loc, since, start in
@@ -190,22 +176,24 @@ class Journal:
         self.conn.execute("UPDATE trace_sinks SET acked=max(acked, ?) WHERE name=?", (seq, sink))
 
     def dead_letter(self, sink: str, seq: int, message: str) -> None:
-        """Record that ``sink`` refused event ``seq`` and move its position past it, at once."""
+        """Record that ``sink`` refused event ``seq`` (a letter of stream ``trace`` in the outbox's one
+        dead-letter store) and move its position past it, in one transaction."""
         conn = self.conn
         self.position(sink)
+        message = deadletters.storable(message)  # before BEGIN: an error inside would leave the transaction open
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("INSERT INTO trace_dead_letters (sink, seq, time_ns, message) VALUES (?, ?, ?, ?)",
-                         (sink, seq, time.time_ns(), message))
+            deadletters.insert(conn, deadletters.TRACE, sink, message, seq=seq)
             conn.execute("UPDATE trace_sinks SET acked=max(acked, ?) WHERE name=?", (seq, sink))
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite rolls back by itself on SQLITE_FULL
+                conn.execute("ROLLBACK")
             raise
 
     def delivery(self, sinks: Sequence[str]) -> dict[str, tuple[int, int]]:
         """sink -> (acked position, dead letters), for the health figures."""
-        dead = dict(self.conn.execute("SELECT sink, count(*) FROM trace_dead_letters GROUP BY sink").fetchall())
+        dead = deadletters.count(self.conn, deadletters.TRACE)
         return {name: (self.position(name), int(dead.get(name, 0))) for name in sinks}
 
     def last_sealed_ns(self) -> int:
@@ -213,9 +201,13 @@ class Journal:
         return int(row[0]) if row else 0
 
     def dead_letters(self, sink: str | None = None) -> list[tuple[int, str, int, int, str]]:
-        """(id, sink, seq, time_ns, message), oldest first."""
-        return self.conn.execute("SELECT id, sink, seq, time_ns, message FROM trace_dead_letters WHERE ? IS NULL OR sink=? "
-                                 "ORDER BY id", (sink, sink)).fetchall()
+        """(id, sink, seq, time_ns, message) of the trace letters, oldest first."""
+        return [(d.id, d.sink, d.seq or 0, d.time_ns, d.message)
+                for d in deadletters.list_dead_letters(self.conn, sink, stream=deadletters.TRACE)]
+
+    def letters(self, sink: str | None = None, *, with_events: bool = False) -> list[deadletters.DeadLetter]:
+        """The trace letters as the dead-letter store gives them (``with_events``: each with its event's line)."""
+        return deadletters.list_dead_letters(self.conn, sink, with_readings=with_events, stream=deadletters.TRACE)
 
     def line(self, seq: int) -> str | None:
         row = self.conn.execute("SELECT line FROM trace_events WHERE seq=?", (seq,)).fetchone()
@@ -228,18 +220,16 @@ class Journal:
         return [r[0] for r in self.conn.execute("SELECT line FROM trace_events ORDER BY seq")]
 
 
-def _create(conn: sqlite3.Connection) -> None:
-    """The tables, in one transaction (any process may be first). An empty chain gets its id here;
-    a ``trace_chain`` of an older Sluice gets the column (NULL for a chain that already has events)."""
+def _start_chain(conn: sqlite3.Connection) -> None:
+    """An empty chain gets its id here, before its first event, in one transaction (any process may
+    be first); a chain begun before chain ids (events, no id) goes on without one."""
+    if conn.execute("SELECT 1 FROM trace_chain WHERE id=0 AND seq=0 AND chain IS NULL").fetchone() is None:
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        if "chain" not in {row[1] for row in conn.execute("PRAGMA table_info(trace_chain)")}:
-            conn.execute("ALTER TABLE trace_chain ADD COLUMN chain TEXT")
         conn.execute("UPDATE trace_chain SET chain=? WHERE id=0 AND seq=0 AND chain IS NULL", (new_chain_id(),))
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise

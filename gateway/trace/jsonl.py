@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.outbox_file import fsync_dir
+from gateway.outbox.file import fsync_dir
 from gateway.trace.seal import CHAIN
 
 __all__ = ["JsonlSink"]

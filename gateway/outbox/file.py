@@ -1,4 +1,5 @@
-"""The outbox file on disk: how a process opens it, vets it and moves an unusable one aside.
+"""The outbox file on disk: how a process opens it, vets it, moves an unusable one aside, and
+prepares it (the schema and its migrations: ``gateway/outbox/schema.py``).
 
 The rule (why this module exists)
 ---------------------------------
@@ -34,12 +35,12 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-log = logging.getLogger("gateway.buffer")
+from gateway.outbox.errors import OutboxError, describe
+from gateway.outbox.schema import APPLICATION_ID, SCHEMA_VERSION, NotAnOutbox, migrate, use_wal
 
-APPLICATION_ID = 0x536C7563  # "Sluc": marks the file as a Sluice outbox
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
 FULL_CHECK_BELOW = 32 * 1024**2
 """Files smaller than this get ``PRAGMA integrity_check`` on open; larger ones ``quick_check``."""
 
@@ -80,8 +81,8 @@ def connect(path: Path, *, readonly: bool = False, must_exist: bool = False, tim
     with _live_lock:  # counted before SQLite opens anything: vet() in another thread then waits for the close
         _live[key] = _live.get(key, 0) + 1
     try:
-        conn: Any = sqlite3.connect(f"{Path(key).as_uri()}?mode={mode}", uri=True, isolation_level=None,
-                                    timeout=timeout, factory=_Counted)
+        conn = sqlite3.connect(f"{Path(key).as_uri()}?mode={mode}", uri=True, isolation_level=None,
+                               timeout=timeout, factory=_Counted)
     except BaseException:
         with _live_lock:
             _live[key] -= 1
@@ -188,9 +189,9 @@ def check_existing(path: Path) -> str | None:
                 return f"an SQLite database of something else (application_id {app_id:#x})"
             return None
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:  # an older one is migrated when it is opened (gateway/outbox/schema.py)
             raise sqlite3.OperationalError(
-                f"outbox schema version {version}, this Sluice reads {SCHEMA_VERSION} — "
+                f"outbox schema version {version}, this Sluice reads up to {SCHEMA_VERSION} — "
                 "run the Sluice version that wrote it to deliver its readings first")
         check = "integrity_check" if size < FULL_CHECK_BELOW else "quick_check"
         result = [r[0] for r in conn.execute(f"PRAGMA {check}(20)")]
@@ -247,3 +248,33 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def prepare(path: Path, *, check: bool) -> None:
+    """Make ``path`` an outbox file of this schema version (:func:`~gateway.outbox.schema.migrate`),
+    in WAL mode, that another module may keep its own tables in (the trace journal), before or while
+    :class:`~gateway.outbox.queue.Outbox` has it open: a missing or empty file gets the whole
+    schema (the Outbox later opens it as a new, empty outbox), an older one is migrated. With
+    ``check`` (the gateway's own process) an unusable file is first moved aside exactly as
+    ``Outbox.open`` does, if this process has no connection to it yet; without it (a CLI next to a
+    running gateway) a file that is not a Sluice outbox raises :class:`OutboxError` and nothing is
+    touched."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if check:
+            vet(path)  # only before this process's first connection
+        conn = connect(path, timeout=10.0)
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            if app_id != APPLICATION_ID and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
+                raise OutboxError(f"{path} is not a Sluice outbox (application_id {app_id:#x}) — "
+                                  "check buffer.path in gateway.yaml")
+            use_wal(conn)
+            migrate(conn)
+        finally:
+            conn.close()
+    except NotAnOutbox as exc:  # another process made it something else in between
+        raise OutboxError(f"{path} is not a Sluice outbox ({exc}) — check buffer.path in gateway.yaml") from exc
+    except (sqlite3.Error, OSError) as exc:
+        raise OutboxError(describe(path, "preparing", exc)) from exc

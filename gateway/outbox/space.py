@@ -5,7 +5,7 @@ SQLite's WAL grows until a checkpoint (by default at 1000 pages, ~4 MiB) and is 
 default: on a small disk it alone refilled the disk right after another program freed it, and no
 write succeeded again. The outbox therefore accounts for its WAL (:func:`wal_bound`), every
 connection that writes the file applies :func:`limit_wal` (both settings belong to the
-connection, not to the file), and ``gateway/buffer.py`` commits a backlog in slices of at most a
+connection, not to the file), and ``gateway/outbox/queue.py`` commits a backlog in slices of at most a
 quarter of the bound and truncates the WAL after a write fails for want of space. What must fit
 the disk then is :func:`disk_budget`'s sum.
 """
