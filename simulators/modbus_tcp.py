@@ -703,7 +703,7 @@ def main_sim(argv: Sequence[str] | None = None) -> int:
     elif args.config is not None:
         target = args.config
     else:
-        from gateway.cli import default_config_dir
+        from gateway.cli.loading import default_config_dir
 
         target = default_config_dir()
 
