@@ -23,6 +23,7 @@ from gateway.units import duration_arg
 
 log = logging.getLogger("sluice")
 
+
 def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

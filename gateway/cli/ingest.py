@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.cli.loading import EXIT_CONFIG, report_config_errors
 from gateway.cloud.brokerconf import queue_advice
 from gateway.cloud.config import IngestConfig, load_ingest_config
 from gateway.cloud.ingest import Ingest
@@ -20,17 +21,11 @@ __all__ = ["add_parsers", "main"]
 
 log = logging.getLogger("gateway.ingest")  # the service's logger (gateway/cloud/ingest.py)
 
-EXIT_CONFIG = 2
-
-
 def _load(path: Path, *, secrets: bool = True) -> IngestConfig | None:
     try:
         return load_ingest_config(path, secrets=secrets)
-    except ConfigErrors as exc:
-        for err in exc.errors:
-            print(err, file=sys.stderr)
-        n = len(exc.errors)
-        print(f"{n} error{'s' if n != 1 else ''} in {path}; nothing was started", file=sys.stderr)
+    except ConfigErrors as exc:  # ingest.yaml has no warnings: every one counted is an error
+        report_config_errors(exc, f"in {path}; nothing was started")
         return None
 
 
