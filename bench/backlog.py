@@ -173,7 +173,7 @@ async def drain(args: argparse.Namespace, base: Path, outbox: Path, broker: Mosq
                     "max_unacked": args.ingest_unacked}
     ingest_cfg = write_ingest(base / "ingest.yaml", broker.port, influx, metrics_port, ingest_batch)
     with (base / "ingest.log").open("ab") as log:
-        ingest = subprocess.Popen([sys.executable, "-m", "gateway.ingest", "run", "-c", str(ingest_cfg)],
+        ingest = subprocess.Popen([sys.executable, "-m", "gateway.cli.ingest", "run", "-c", str(ingest_cfg)],
                                   stdout=log, stderr=log, cwd=REPO)
     try:
         while metric(metrics_port, "sluice_ingest_connected") != 1:  # noqa: ASYNC110 (another process)

@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import aiomqtt  # noqa: E402
 
 from gateway.encode import InfluxEncoder, JsonEncoder  # noqa: E402
-from gateway.ingest import Ingest  # noqa: E402
-from gateway.ingest_config import IngestConfig  # noqa: E402
+from gateway.cloud.ingest import Ingest  # noqa: E402
+from gateway.cloud.config import IngestConfig  # noqa: E402
 from gateway.reading import Reading  # noqa: E402
 from servers import Influxd, VictoriaMetrics  # noqa: E402
 from simulators.broker import Mosquitto  # noqa: E402

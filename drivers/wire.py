@@ -1,6 +1,6 @@
 """Wire-level helpers every driver, simulator and tool shares: CRC-16/MODBUS and byte orders.
 
-Pure functions on bytes, no imports from the rest of Sluice, so drivers, ``gateway/commission.py``
+Pure functions on bytes, no imports from the rest of Sluice, so drivers, ``gateway/cli/commission.py``
 and the simulators can all use the one implementation (the simulators stay independent of the
 drivers' clients: they share only these checks, which any Modbus peer computes identically).
 

@@ -56,7 +56,7 @@ while IFS= read -r words; do
     # shellcheck disable=SC2086  # the words of a command path
     "$SLUICE" $words --help >/dev/null || fail "sluice $words --help"
     n=$((n + 1))
-done < <("$PY" -c 'from gateway.cli import command_paths; print("\n".join(" ".join(p) for p in command_paths()))')
+done < <("$PY" -c 'from gateway.cli.commands import command_paths; print("\n".join(" ".join(p) for p in command_paths()))')
 ((n > 20)) || fail "only $n commands listed"
 step "--help of $n commands and subcommands"
 

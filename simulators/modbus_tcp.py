@@ -41,9 +41,10 @@ from typing import Any, Literal, Protocol
 from pydantic import Field, model_validator
 
 from drivers.modbus import MAX_BITS, MAX_REGISTERS, Point, ProfileModel, encode_into, points_of
-from gateway.config import load_profiles, is_loopback, load_config, validate_doc
+from gateway.config import load_profiles, is_loopback, load_config
 from gateway.driver import Device, StrictModel
 from gateway.units import Duration, Identifier
+from gateway.validation import validate_doc
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
 from simulators.signals import Signal, SignalSpec, default_spec, make_signal
 
@@ -703,7 +704,7 @@ def main_sim(argv: Sequence[str] | None = None) -> int:
     elif args.config is not None:
         target = args.config
     else:
-        from gateway.cli import default_config_dir
+        from gateway.cli.loading import default_config_dir
 
         target = default_config_dir()
 

@@ -341,7 +341,7 @@ class SerialSensorSim:
 # =========================================================================== CLI
 def load_profile(path: Path) -> ProfileModel:
     """A profile file validated like the gateway does; raises ConfigErrors."""
-    from gateway.config import validate_doc
+    from gateway.validation import validate_doc
 
     errors: list[ConfigError] = []
     doc, errs = load_yaml(path, path)

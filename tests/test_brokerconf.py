@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.brokerconf import broker_is_local, read_mosquitto
+from gateway.cloud.brokerconf import broker_is_local, read_mosquitto
 
 
 def _ingest_yaml(path: Path, **mqtt: object) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 from e2e_support import counter_servers, device_ports, write_config
 from support import STOP, until
 
-from gateway.examples import shipped_config
+from gateway.cli.examples import shipped_config
 
 SLUICE = [sys.executable, "-m", "gateway.cli"]
 LAYOUT = {0: [("a", 1), ("b", 2)]}
@@ -110,7 +110,7 @@ async def test_demo_runs_end_to_end(tmp_path: Path) -> None:
 
 
 async def test_demo_without_mosquitto_still_reads_into_the_outbox(monkeypatch, capsys) -> None:
-    import gateway.demo as demo
+    import gateway.cli.demo as demo
 
     monkeypatch.setattr(demo, "find_mosquitto", lambda: None)
     assert await demo.demo(3.0, shipped_config()) == 0

@@ -101,7 +101,7 @@ async def test_an_out_of_range_value_on_an_unsynchronised_clock_keeps_both_flags
     `clock_unsynced` both survive the outbox, the line-protocol and JSON encoders and the ingest's checker."""
     from gateway.outbox import Outbox
     from gateway.encode import InfluxEncoder, JsonEncoder
-    from gateway.lineproto import json_to_lines, parse_lines
+    from gateway.cloud.lineproto import json_to_lines, parse_lines
     from gateway.reading import UNCERTAIN, quality, quality_flags
 
     layout = {0: [("probe", 1)]}

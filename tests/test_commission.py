@@ -1,4 +1,4 @@
-"""sluice read and sluice scan (gateway.commission) against the simulators: a pty RTU bus with a
+"""sluice read and sluice scan (gateway.cli.commission) against the simulators: a pty RTU bus with a
 few units, the Modbus TCP simulator, a silent bus (every unit id probed exactly once, one attempt
 each), a serial port the gateway holds (refused, saying so), and the byte-order table checked
 against the driver's own encoder."""
@@ -15,8 +15,8 @@ import pytest
 
 from drivers.modbus import ProfileModel, encode, points_of
 from drivers.modbus_rtu import SerialLink
-from gateway.cli import build_parser
-from gateway.commission import Progress, interpret_pairs, read_command, scan_command
+from gateway.cli.commands import build_parser
+from gateway.cli.commission import Progress, interpret_pairs, read_command, scan_command
 from gateway.units import parse_duration
 from simulators.modbus_rtu import RtuBus, RtuFaults
 from simulators.modbus_tcp import ModbusTcpServer, SimDevice
@@ -163,7 +163,7 @@ async def test_scan_tries_every_baud_rate_and_parity_and_says_what_answered_wher
 
 
 def test_scan_parity_list_is_checked() -> None:
-    from gateway.commission import _parities
+    from gateway.cli.commission import _parities
 
     assert _parities("n,e,N") == ["N", "E"] and _parities("all") == ["N", "E", "O"]
     with pytest.raises(ValueError, match="write N, E or O"):

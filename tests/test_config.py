@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
+from gateway.cli.commands import main
 from gateway.config import ConfigErrors, load_config
 from gateway.units import parse_duration, parse_size
 

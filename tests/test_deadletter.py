@@ -112,7 +112,7 @@ def test_cli_side_refuses_a_missing_or_foreign_file(tmp_path: Path) -> None:
 
 
 def test_cli_lists_and_marks_for_resend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli import main
+    from gateway.cli.commands import main
 
     config = tmp_path / "config"
     for sub in ("devices", "profiles"):

@@ -35,8 +35,8 @@ import pytest
 import yaml
 
 from e2e_support import counter_servers, device_ports, write_config
-from gateway import app
-from gateway.app import Committer, Gateway
+from gateway.app import Gateway
+from gateway.committer import Committer
 from gateway.outbox import Outbox, OutboxError
 from gateway.outbox.space import wal_bound
 from gateway.config import load_config
@@ -380,7 +380,7 @@ def _fill_until_failing(committer: Committer, disk: Path, n: int) -> int:
 def test_committer_counts_what_it_drops_from_memory_and_nothing_it_still_holds(
         small_disk: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="gateway.app")
-    monkeypatch.setattr(app, "MAX_UNSTORED", 50)
+    monkeypatch.setattr("gateway.committer.MAX_UNSTORED", 50)
     with Outbox(small_disk / "outbox.db", ["s"], max_bytes=MAX_BYTES) as outbox:
         committer = Committer(outbox, lambda: None, 0.0)
         for r in _readings(10):

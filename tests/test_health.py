@@ -15,7 +15,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from e2e_support import counter_servers, device_ports, write_config
-from gateway import cli
+from gateway.cli import commands as cli
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.health import METRICS, fetch

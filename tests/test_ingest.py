@@ -26,9 +26,9 @@ from support import DEADLINE, STOP, until
 from test_influx import T0, escaping_readings, expected_row, read_back, same
 
 from gateway.encode import InfluxEncoder, JsonEncoder
-from gateway.ingest import Ingest
-from gateway.ingest_config import load_ingest_config
-from gateway.lineproto import Malformed, parse_lines
+from gateway.cloud.ingest import Ingest
+from gateway.cloud.config import load_ingest_config
+from gateway.cloud.lineproto import Malformed, parse_lines
 from gateway.reading import Reading
 from gateway.yamlpos import ConfigErrors
 
@@ -307,11 +307,11 @@ async def metric(port: int, name: str) -> float:
 
 
 class Worker:
-    """``python -m gateway.ingest run`` as a child process; its config has a metrics port."""
+    """``python -m gateway.cli.ingest run`` as a child process; its config has a metrics port."""
 
     def __init__(self, config: Path, client_id: str, log: Path) -> None:
         self.port = load_ingest_config(config).metrics.port  # type: ignore[union-attr]
-        self.args = [sys.executable, "-m", "gateway.ingest", "run", "-c", str(config), "--client-id", client_id]
+        self.args = [sys.executable, "-m", "gateway.cli.ingest", "run", "-c", str(config), "--client-id", client_id]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 

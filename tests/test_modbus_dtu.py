@@ -243,7 +243,7 @@ def _free_port() -> int:
 
 
 def test_sluice_sim_dtu_dials_in_to_sluice_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli import main
+    from gateway.cli.commands import main
     from servers import sluice_process
 
     port = _free_port()

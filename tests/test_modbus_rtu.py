@@ -289,7 +289,7 @@ async def test_rtu_over_tcp_resyncs_after_a_broken_stream() -> None:
 
 # --------------------------------------------------------------------------- sluice sim rtu + sluice once
 def test_sluice_sim_rtu_serves_the_gateway(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli import main
+    from gateway.cli.commands import main
     from servers import sluice_process
 
     link = tmp_path / "ttyRTU"

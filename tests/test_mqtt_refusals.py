@@ -27,7 +27,7 @@ from test_mqtt import connected, sink_config, site_for
 
 from gateway.forwarder import SinkUnavailable
 from gateway.health import fetch, parse_metrics
-from gateway.ingest import render_metrics
+from gateway.cloud.ingest import render_metrics
 from gateway.mqtt import MqttSink, SinkRefused
 from gateway.trace.config import TraceMqttSinkConfig
 from gateway.trace.sinks import TraceMqttSink

@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from e2e_support import write_config
-from gateway import cli
+from gateway.cli.commands import build_parser, command_paths, main
+from gateway.cli.loading import default_config_dir
 from gateway.outbox import prepare
-from gateway.cli import build_parser, command_paths, main
 from gateway.config import load_config
-from gateway.examples import EXAMPLES, shipped_config
+from gateway.cli.examples import EXAMPLES, shipped_config
 from gateway.secretref import SecretRef, SecretUnavailable
 from servers import free_port
 
@@ -199,7 +199,7 @@ def test_read_refuses_a_conflicting_kind_and_explains_a_reference_given_as_addre
 
 def test_default_config_dir_is_unchanged_for_the_service(monkeypatch, no_service_env) -> None:
     monkeypatch.setenv("CONFIGURATION_DIRECTORY", "/etc/sluice")
-    assert cli.default_config_dir() == Path("/etc/sluice")
+    assert default_config_dir() == Path("/etc/sluice")
     assert os.environ["CONFIGURATION_DIRECTORY"] == "/etc/sluice"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cli.commands import main
 from gateway.outbox import Outbox, OutboxError, prepare, schema
 from gateway.outbox.deadletters import TRACE, list_dead_letters, open_for_dead_letters
 from gateway.reading import Reading
@@ -240,7 +241,6 @@ def test_a_failed_migration_leaves_the_file_as_it_was(tmp_path: Path, monkeypatc
 
 
 def test_trace_letters_are_listed_with_readings_letters_never_marked_nor_trimmed(tmp_path: Path, capsys) -> None:
-    from gateway.cli import main
 
     config = tmp_path / "config"
     for sub in ("devices", "profiles"):

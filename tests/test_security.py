@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from e2e_support import counter_servers, device_ports, write_config
-from gateway import cli
+from gateway.cli import commands as cli
 from gateway.app import Gateway
 from gateway.config import MqttSinkConfig, load_config
 from gateway.health import fetch

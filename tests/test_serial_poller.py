@@ -19,7 +19,7 @@ import pytest
 import serial
 
 from drivers.serial_sensor import SerialSensorPoller, make_pollers
-from gateway.app import Committer
+from gateway.committer import Committer
 from gateway.outbox import Outbox
 from gateway.config import load_config
 from gateway.driver import Device

@@ -81,7 +81,7 @@ async def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> No
 
 
 def test_a_warning_is_located_and_check_still_passes(tmp_path: Path, capsys) -> None:
-    from gateway.cli import main
+    from gateway.cli.commands import main
 
     config = meter_config(tmp_path, 5020)
     device = tmp_path / "devices" / "meter.yaml"

@@ -336,7 +336,7 @@ def test_config_errors_are_located(tmp_path):
 
 
 async def test_cli_verify_show_pubkey_and_lot(trace_cfg, tmp_path, capsys, monkeypatch):
-    from gateway.cli import main
+    from gateway.cli.commands import main
 
     (tmp_path / "state" / "out").mkdir(parents=True)
     _docs, feed = await _scenario(trace_cfg, tmp_path)
@@ -387,7 +387,7 @@ def _relinked(events: list[dict], start: int) -> list[dict]:
 
 async def test_a_query_answer_is_verified_event_by_event_with_the_event_signatures(trace_cfg, tmp_path, capsys):
     import jsonschema  # a test dependency: missing is a failure, never a skip
-    from gateway.cli import main
+    from gateway.cli.commands import main
     from gateway.trace.seal import verify_events
 
     (tmp_path / "state" / "out").mkdir(parents=True)

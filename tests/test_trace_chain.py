@@ -138,7 +138,7 @@ def test_verifiers_tell_a_new_chain_from_tampering(tmp_path) -> None:
 def test_trace_verify_checks_a_repositorys_answer_chain_by_chain(tmp_path, capsys) -> None:
     from test_trace import _query_answer
 
-    from gateway.cli import main
+    from gateway.cli.commands import main
 
     key = tmp_path / "key"
     _o, old = _chain(key, "20261202T090000Z-aaaaaaaa", 4)

@@ -85,7 +85,7 @@ async def test_a_scan_at_the_door_becomes_the_binding_event_in_the_feed(tmp_path
 
 
 def test_check_reports_trace_yaml_errors_with_their_place(tmp_path, capsys):
-    from gateway.cli import main
+    from gateway.cli.commands import main
 
     cfg = _config(tmp_path, "/dev/null", TRACE.replace("type: jsonl", "type: jsnl"))
     assert main(["check", "-c", str(cfg)]) == 2

@@ -106,7 +106,7 @@ async def test_the_mqtt_sink_publishes_signed_heads_of_what_the_broker_acknowled
 def test_verify_schema_without_jsonschema_says_what_to_install_in_one_line(tmp_path):
     feed = tmp_path / "feed.jsonl"
     feed.write_text("")
-    blocked = ("import sys; sys.modules['jsonschema'] = None; from gateway.cli import main; "
+    blocked = ("import sys; sys.modules['jsonschema'] = None; from gateway.cli.commands import main; "
                f"sys.exit(main(['trace', 'verify', {str(feed)!r}, '--pubkey', 'k.pem', '--schema', 'auto']))")
     done = subprocess.run([sys.executable, "-c", blocked], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr

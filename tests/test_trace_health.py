@@ -15,7 +15,7 @@ from test_trace import Clock
 from test_trace_sinks import CaptureServer, _config, _lot_a_in_and_one_window
 
 from e2e_support import write_config
-from gateway import cli
+from gateway.cli import commands as cli
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.health import fetch

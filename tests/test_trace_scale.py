@@ -168,7 +168,7 @@ async def test_weighing_events_validate_and_their_ids_match_the_reference(tmp_pa
 
 
 async def test_show_prints_weighings_and_codes(tmp_path, capsys, monkeypatch):
-    from gateway.cli import main
+    from gateway.cli.commands import main
 
     await _packing(tmp_path)
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))

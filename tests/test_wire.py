@@ -13,7 +13,7 @@ from pymodbus.framer import FramerRTU
 import drivers.modbus
 import drivers.modbus_rtu
 import drivers.serial_sensor
-import gateway.commission
+import gateway.cli.commission
 import simulators.modbus_rtu
 import simulators.serial_sensor
 from drivers import wire
@@ -63,9 +63,9 @@ def test_one_crc_everywhere() -> None:
 def test_one_byte_order_everywhere() -> None:
     assert drivers.serial_sensor.to_big_endian is wire.to_big_endian
     assert simulators.serial_sensor.to_big_endian is wire.to_big_endian
-    assert gateway.commission.to_big_endian is wire.to_big_endian
+    assert gateway.cli.commission.to_big_endian is wire.to_big_endian
     assert drivers.modbus.swap_register_bytes is wire.swap_register_bytes
-    assert gateway.commission.ORDERS == wire.BYTE_ORDERS
+    assert gateway.cli.commission.ORDERS == wire.BYTE_ORDERS
 
 
 # (order, wire bytes, big endian) for 16, 32 and 64 bits, written out from the manuals' tables.

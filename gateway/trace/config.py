@@ -16,11 +16,12 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from gateway.config import Config, MqttSinkConfig, TlsConfig, _check_template, _display, check_http_url, \
-    check_remote_link, expand_secrets, validate_doc
+    check_remote_link, expand_secrets
 from gateway.driver import StrictModel
 from gateway.secretref import Secret
 from gateway.trace.hashing import canonical_id, check_digit
 from gateway.units import Duration, Identifier
+from gateway.validation import validate_doc
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
 
 __all__ = ["DISPOSITIONS", "SENSOR_TYPES", "STEP_DISPOSITION", "UNIT_MAP", "EpcisSinkConfig", "JsonlSinkConfig", "TraceConfig", "TraceFile",

@@ -1,6 +1,7 @@
-"""``sluice ingest``: the cloud side of the MQTT path — gateway messages from the broker into InfluxDB,
-each acknowledged to the broker only after its points are written. The only module besides
-gateway/mqtt/ that talks MQTT, through its client (which acknowledges manually).
+"""The ingest service (``sluice ingest``, whose commands are gateway/cli/ingest.py): the cloud side of the
+MQTT path — gateway messages from the broker into InfluxDB, each acknowledged to the broker only after
+its points are written. The only module besides gateway/mqtt/ that talks MQTT, through its client
+(which acknowledges manually).
 
 Delivery contract:
 
@@ -21,7 +22,7 @@ Delivery contract:
 * Messages are coalesced into one write request of at most ``batch.max_points`` points and
   ``batch.max_bytes`` bytes, sent when full, when the broker cannot hand us more
   (``max_unacked`` reached) or ``batch.linger`` after the first message. One write at a time.
-* Malformed payloads (gateway/lineproto.py judges them without asking the database) and
+* Malformed payloads (gateway/cloud/lineproto.py judges them without asking the database) and
   messages the database refuses as data (found by splitting a refused write in halves until the
   refused message stands alone, then its lines the same way: the lines it takes are written and
   the dead letter holds only the refused ones, as line protocol) are published to the dead-letter
@@ -48,37 +49,30 @@ change of reason, counted (``sluice_ingest_publishes_refused_total``) and retrie
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import logging
-import signal
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from gateway.backoff import Backoff
-from gateway.brokerconf import queue_advice
+from gateway.cloud.brokerconf import queue_advice
 from gateway.encode import InfluxEncoder
 from gateway.forwarder import SinkRejected, SinkUnavailable, isolate_refused, receipt_mac
-from gateway.sdnotify import Notifier
 from gateway.config import ssl_context
 from gateway.health import PROMETHEUS_TEXT, LocalHttpServer
 from gateway.influx import InfluxSink
-from gateway.ingest_config import IngestConfig, load_ingest_config
-from gateway.lineproto import Malformed, Points, to_lines
+from gateway.cloud.config import IngestConfig
+from gateway.cloud.lineproto import Malformed, Points, to_lines
 from gateway.watchdog import Loop, Watchdog
 from gateway.mqtt import Client, Message, NotConnected, PacketTypes, Properties, Refused, Settings, topic_matches
-from gateway.yamlpos import ConfigErrors
 
-__all__ = ["Ingest", "IngestStats", "add_parsers"]
+__all__ = ["Ingest", "IngestStats", "MetricsServer", "render_metrics"]
 
-log = logging.getLogger("gateway.ingest")  # also when run as python -m gateway.ingest
+log = logging.getLogger("gateway.ingest")  # the name in the service's log lines since the first release
 
 CONNECT_TIMEOUT = 15.0
 """Seconds for TCP + TLS + CONNACK + SUBACK before the attempt counts as failed."""
@@ -533,107 +527,3 @@ def MetricsServer(ingest: Ingest, host: str, port: int) -> LocalHttpServer:
     """``async with MetricsServer(ingest, host, port):`` answers ``GET /metrics``."""
     return LocalHttpServer({"/metrics": lambda: ("200 OK", PROMETHEUS_TEXT, render_metrics(ingest).encode())},
                            host, port, "ingest: metrics")
-
-
-# --------------------------------------------------------------------------- CLI
-EXIT_CONFIG = 2
-
-
-def _load(path: Path, *, secrets: bool = True) -> IngestConfig | None:
-    try:
-        return load_ingest_config(path, secrets=secrets)
-    except ConfigErrors as exc:
-        for err in exc.errors:
-            print(err, file=sys.stderr)
-        n = len(exc.errors)
-        print(f"{n} error{'s' if n != 1 else ''} in {path}; nothing was started", file=sys.stderr)
-        return None
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    # Like `sluice check`: files and credentials are read only with --secrets (gateway/secretref.py).
-    config = _load(args.config, secrets=getattr(args, "secrets", True))
-    if config is None:
-        return EXIT_CONFIG
-    m, db = config.mqtt, config.influxdb
-    target = f"bucket {db.bucket}" if db.api == "v2" else f"database {db.database}"
-    print(f"{args.config}: OK — {', '.join(m.subscriptions())} on {m.host}:{m.effective_port} as "
-          f"{args.client_id or m.effective_client_id} → {db.url} ({db.api}, {target}); dead letters to "
-          f"{config.dead_letter_topic}")
-    for level, line in queue_advice(config):
-        print(f"{logging.getLevelName(level).lower()}: {line}")
-    return 0
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if config is None:
-        return EXIT_CONFIG
-    from gateway.logs import setup_logging
-
-    setup_logging(args.log_level or config.logging.level, config.logging.format)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        ingest = Ingest(config, client_id=args.client_id)
-        notifier = Notifier()
-        status = f"ingesting {', '.join(config.mqtt.subscriptions())} into {config.influxdb.url}"
-
-        def ready() -> None:
-            notifier.send(READY=1, STATUS=status)
-
-        def status_line() -> str:
-            wedged = ingest.watchdog.wedged()
-            return status + (f"; WEDGED: {ingest.pending} messages waiting" if wedged else "")
-
-        watchdog = asyncio.create_task(ingest.watchdog.run(notifier, status_line), name="watchdog[ingest]")
-        try:
-            await ingest.run(stop, ready=ready)
-        finally:
-            notifier.send(STOPPING=1)
-            watchdog.cancel()
-            await asyncio.gather(watchdog, return_exceptions=True)
-            notifier.close()
-        log.info("ingest: stopped — %d points written, %d messages acknowledged, %d dead letters",
-                 ingest.stats.points_written, ingest.stats.acked, sum(ingest.stats.dead_letters.values()))
-
-    asyncio.run(main())
-    return 0
-
-
-def add_parsers(sub: Any) -> None:
-    """``sluice ingest check|run -c ingest.yaml`` on the ``sluice`` command's subparsers."""
-    from gateway.logs import add_log_level
-
-    p = sub.add_parser("ingest", help="MQTT → InfluxDB ingest service (the cloud side): check or run")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, func, text in (("check", cmd_check, "validate ingest.yaml; non-zero exit on errors"),
-                             ("run", cmd_run, "run until SIGTERM/SIGINT")):
-        q = actions.add_parser(name, help=text)
-        q.add_argument("-c", "--config", type=Path, default=Path("/etc/sluice/ingest.yaml"),
-                       help="the ingest configuration file (default: /etc/sluice/ingest.yaml)")
-        q.add_argument("--client-id", default=None,
-                       help="override mqtt.client_id (each worker of a group needs its own, stable id)")
-        add_log_level(q)
-        if name == "check":
-            q.add_argument("--secrets", action="store_true",
-                           help="also read every ${file:...} and ${cred:...} secret as the service would")
-        q.set_defaults(func=func)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m gateway.ingest check|run ...`` (the same as ``sluice ingest ...``)."""
-    parser = argparse.ArgumentParser(prog="sluice")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["ingest", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

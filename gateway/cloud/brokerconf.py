@@ -20,7 +20,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.ingest_config import IngestConfig
+from gateway.cloud.config import IngestConfig
 
 __all__ = ["DEBIAN_CONF", "MosquittoLimits", "broker_is_local", "queue_advice", "read_mosquitto"]
 

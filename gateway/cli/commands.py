@@ -12,83 +12,16 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from gateway.cli.loading import EXIT_CONFIG, default_config_dir, load_or_report, load_trace
+from gateway.config import Config, load_config
 from gateway.outbox import OutboxError
-from gateway.config import Config, ConfigErrors, load_config
 from gateway.driver import FieldInfo
 from gateway.logs import add_log_level, setup_logging
 from gateway.reading import float32_text
 from gateway.units import duration_arg
 
-if TYPE_CHECKING:
-    from gateway.trace.config import TraceConfig
-
 log = logging.getLogger("sluice")
-
-EXIT_CONFIG = 2
-
-
-def default_config_dir() -> Path:
-    """$SLUICE_CONFIG, systemd's $CONFIGURATION_DIRECTORY, /etc/sluice if it exists, else ./config."""
-    for var in ("SLUICE_CONFIG", "CONFIGURATION_DIRECTORY"):
-        if os.environ.get(var):
-            return Path(os.environ[var].split(":")[0])
-    return Path("/etc/sluice") if Path("/etc/sluice/gateway.yaml").exists() else Path("config")
-
-
-def no_config_message(path: Path, given: bool) -> str | None:
-    """None when ``path`` has a gateway.yaml (or is a file); else what was looked at and how to
-    point the command at a configuration — instead of a located error in a file that is not there."""
-    if path.is_file() or (path / "gateway.yaml").is_file():
-        return None
-    if given:
-        return (f"no gateway.yaml in {path} (given with -c) — give the directory that holds gateway.yaml, or "
-                f"create one with `sluice init {path}`")
-    looked = ["-c (not given)"]
-    for var in ("SLUICE_CONFIG", "CONFIGURATION_DIRECTORY"):
-        value = os.environ.get(var)
-        looked.append(f"${var} ({value!r}: no gateway.yaml there)" if value else f"${var} (not set)")
-    looked += ["/etc/sluice (no gateway.yaml)", f"./config ({Path('config').resolve()}: no gateway.yaml)"]
-    return ("no configuration found; looked at " + ", ".join(looked) + " — point to one with -c DIR or "
-            "SLUICE_CONFIG=DIR, or create one with `sluice init DIR` (`sluice init --help` lists the examples)")
-
-
-def report_config_errors(exc: ConfigErrors, where: str) -> None:
-    """Every located error on stderr, then one line counting them (``where``: "in <path>; ...")."""
-    for err in exc.errors:
-        print(err, file=sys.stderr)
-    n = sum(not err.warning for err in exc.errors)
-    print(f"{n} error{'s' if n != 1 else ''} {where}", file=sys.stderr)
-
-
-def load_trace(config: Config) -> tuple[bool, TraceConfig | None]:
-    """``trace.yaml`` next to the gateway file: ``(True, None)`` when there is none, ``(False, None)``
-    after reporting its errors on stderr. Its models cost start-up time: imported only if it exists."""
-    path = config.path.parent / "trace.yaml"
-    if not path.exists():
-        return True, None
-    from gateway.trace.config import load_trace_config
-
-    try:
-        return True, load_trace_config(config)
-    except ConfigErrors as exc:
-        report_config_errors(exc, f"in {path}")
-        return False, None
-
-
-def _load(path: Path, *, secrets: bool = False, given: bool = True) -> Config | None:
-    """The configuration, or None after saying why on stderr. ``secrets``: read every ``${file:}``
-    and ``${cred:}`` now (``run``); otherwise only where a command uses one (gateway/secretref.py)."""
-    missing = no_config_message(path, given)
-    if missing is not None:
-        print(f"sluice: {missing}", file=sys.stderr)
-        return None
-    try:
-        return load_config(path, secrets=secrets)
-    except ConfigErrors as exc:
-        report_config_errors(exc, f"in the configuration at {path}; nothing was started")
-        return None
 
 
 def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -97,7 +30,7 @@ def _install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config, secrets=True, given=getattr(args, "config_given", True))
+    config = load_or_report(args.config, secrets=True, given=getattr(args, "config_given", True))
     if config is None:
         return EXIT_CONFIG
     setup_logging(args.log_level or config.gateway.logging.level, config.gateway.logging.format)
@@ -141,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args.config, secrets=getattr(args, "secrets", False), given=getattr(args, "config_given", True))
+    config = load_or_report(args.config, secrets=getattr(args, "secrets", False), given=getattr(args, "config_given", True))
     if config is None:
         return EXIT_CONFIG
     ok, trace = load_trace(config)
@@ -170,7 +103,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_once(args: argparse.Namespace) -> int:
-    config = _load(args.config, given=getattr(args, "config_given", True))
+    config = load_or_report(args.config, given=getattr(args, "config_given", True))
     if config is None:
         return EXIT_CONFIG
     setup_logging(args.log_level or "warning", "text")
@@ -222,7 +155,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         host, _sep, port = args.url.removeprefix("http://").rstrip("/").rpartition(":")
         host = host.strip("[]")
     else:
-        config = _load(args.config, given=getattr(args, "config_given", True))
+        config = load_or_report(args.config, given=getattr(args, "config_given", True))
         if config is None:
             return EXIT_CONFIG
         health = config.gateway.health
@@ -249,7 +182,7 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     from gateway.outbox.deadletters import TRACE, letter_line, list_dead_letters, mark_resend, open_for_dead_letters
     from gateway.outbox.file import identity
 
-    config = _load(args.config, given=getattr(args, "config_given", True))
+    config = load_or_report(args.config, given=getattr(args, "config_given", True))
     if config is None:
         return EXIT_CONFIG
     path = config.gateway.buffer.resolved_path()
@@ -319,7 +252,7 @@ def cmd_salvage(args: argparse.Namespace) -> int:
     """Copy what a damaged outbox still holds into the live one (gateway/salvage.py); 0 when all of it was."""
     from gateway.salvage import salvage
 
-    config = _load(args.config)
+    config = load_or_report(args.config)
     if config is None:
         return EXIT_CONFIG
     buf = config.gateway.buffer
@@ -332,13 +265,13 @@ def cmd_salvage(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+    from gateway.cli.demo import run_demo
 
     return run_demo(args)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from gateway.examples import InitError, init_config
+    from gateway.cli.examples import InitError, init_config
 
     try:
         files = init_config(args.directory, args.example)
@@ -435,7 +368,7 @@ def build_parser(extensions: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("init", help="write a commented starting configuration into a new directory")
     p.add_argument("directory", type=Path, metavar="DIR", help="a new or empty directory (nothing is overwritten)")
-    from gateway.examples import EXAMPLES
+    from gateway.cli.examples import EXAMPLES
 
     p.add_argument("--example", choices=EXAMPLES, default="demo",
                    help="demo: simulated devices on this machine (default); workshop: energy meters and a scale; "
@@ -443,13 +376,13 @@ def build_parser(extensions: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
     if not extensions:
         return parser
-    from gateway.trace.cli import add_parsers as add_trace_parsers
+    from gateway.cli.trace import add_parsers as add_trace_parsers
 
     add_trace_parsers(sub, with_config)
-    from gateway.ingest import add_parsers as add_ingest_parsers
+    from gateway.cli.ingest import add_parsers as add_ingest_parsers
 
     add_ingest_parsers(sub)  # `sluice ingest check|run -c ingest.yaml`: its own config file
-    from gateway.commission import add_parsers as add_commission_parsers
+    from gateway.cli.commission import add_parsers as add_commission_parsers
 
     add_commission_parsers(sub)  # sluice read, sluice scan
     return parser

@@ -32,7 +32,7 @@ def shipped_config() -> Path:
         if (Path(location) / "gateway.yaml").is_file():
             return Path(location)
     # Imported from a checkout that was never installed (PYTHONPATH): the directory itself.
-    return Path(__file__).resolve().parent.parent / "config"
+    return Path(__file__).resolve().parents[2] / "config"
 
 
 class InitError(Exception):

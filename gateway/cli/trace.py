@@ -12,6 +12,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from gateway.cli.loading import load_or_report, load_trace
 from gateway.outbox.deadletters import letter_line
 from gateway.trace.config import TraceConfig
 from gateway.trace.journal import Journal
@@ -23,9 +24,7 @@ __all__ = ["add_parsers"]
 
 
 def _trace_config(args: argparse.Namespace) -> TraceConfig | None:
-    from gateway.cli import _load, load_trace
-
-    config = _load(args.config, given=getattr(args, "config_given", True))
+    config = load_or_report(args.config, given=getattr(args, "config_given", True))
     if config is None:
         return None
     ok, cfg = load_trace(config)

@@ -17,14 +17,13 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
 from gateway.app import Gateway
 from gateway.config import Config, load_config
-from gateway.examples import shipped_config
+from gateway.cli.examples import shipped_config
 from gateway.logs import setup_logging
 from gateway.reading import Reading
 from simulators.broker import Mosquitto, find_mosquitto
@@ -216,10 +215,3 @@ def run_demo(args: argparse.Namespace) -> int:
               "(`sluice init DIR` writes one)", file=sys.stderr)
         return 2
     return asyncio.run(demo(args.duration, source))
-
-
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - convenience
-    from gateway.cli import main as cli_main
-
-    return cli_main(["demo", *(argv or [])])
-
