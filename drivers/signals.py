@@ -71,8 +71,8 @@ SignalSpec = Annotated[Constant | Sine | RandomWalk | Ramp | Counter | Step, Fie
 
 Value = float | int | bool | str
 
-DEFAULT_PERIOD = "10m"
-"""Period of the default signal of a point without ``sim:``: slow enough to look like a process."""
+DEFAULT_PERIOD = 600.0
+"""Period (seconds: 10 minutes) of the default signal of a point without ``sim:``: slow enough to look like a process."""
 
 
 class Signal(Protocol):
