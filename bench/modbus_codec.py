@@ -5,11 +5,11 @@ PDU classes doing the same job, per read transaction, under our own transport an
 Transactions: read 10 and 125 holding registers (function 3) and 2000 coils (function 1), each
 framed as Modbus TCP (MBAP) and as RTU (CRC-16). One transaction is
 
-* **ours** — exactly the drivers' functions: :func:`drivers.modbus.mbap_request` +
-  :func:`~drivers.modbus.mbap_split` + :func:`~drivers.modbus.read_reply_data` (what
+* **ours** — exactly the drivers' functions: :func:`drivers.modbus.codec.mbap_request` +
+  :func:`~drivers.modbus.codec.mbap_split` + :func:`~drivers.modbus.codec.read_reply_data` (what
   ``ModbusTcpClient.read`` and its protocol's ``data_received`` run), or
-  :func:`drivers.modbus_rtu.rtu_frame` + :func:`~drivers.modbus_rtu.find_reply` +
-  :func:`~drivers.modbus.read_reply_data` (what ``ModbusRtuClient.read``/``_scan`` run): the
+  :func:`drivers.modbus.rtu_client.rtu_frame` + :func:`~drivers.modbus.rtu_client.find_reply` +
+  :func:`~drivers.modbus.codec.read_reply_data` (what ``ModbusRtuClient.read``/``_scan`` run): the
   request frame out, the reply frame in a receive buffer, checked (transaction id or unit id +
   CRC, function code, byte count), the reply's data bytes out;
 * **pymodbus** — its public classes: ``ReadHoldingRegistersRequest``/``ReadCoilsRequest`` +
@@ -20,7 +20,7 @@ framed as Modbus TCP (MBAP) and as RTU (CRC-16). One transaction is
 Level ``frame`` stops there (ours hands data bytes to the value decoder, pymodbus a list of
 registers or bits). Level ``values`` goes on to the point values of a typical profile (10
 registers = 5 float32; 125 = 62 float32 + 1 uint16; 2000 coils = 2000 bool points) with the one
-value decoder both would use, our :class:`drivers.modbus.RequestDecoder` (pymodbus's
+value decoder both would use, our :class:`drivers.modbus.codec.RequestDecoder` (pymodbus's
 ``convert_from_registers`` knows word order only, not ``BADC``, scale, offset or valid ranges):
 pymodbus's registers are packed back to bytes for it; for coils pymodbus's bit list is indexed per
 point where ours unpacks the bits itself.
@@ -61,8 +61,10 @@ sys.path.insert(0, str(REPO))
 from pymodbus.framer import FramerRTU, FramerSocket  # noqa: E402
 from pymodbus.pdu import DecodePDU, ModbusPDU, ReadCoilsRequest, ReadHoldingRegistersRequest  # noqa: E402
 
-from drivers.modbus import Point, RequestDecoder, mbap_request, mbap_split, plan, read_reply_data  # noqa: E402
-from drivers.modbus_rtu import find_reply, rtu_frame  # noqa: E402
+from drivers.modbus.codec import RequestDecoder, mbap_request, mbap_split, read_reply_data  # noqa: E402
+from drivers.modbus.planner import plan  # noqa: E402
+from drivers.modbus.profile import Point  # noqa: E402
+from drivers.modbus.rtu_client import find_reply, rtu_frame  # noqa: E402
 from drivers.wire import crc16  # noqa: E402
 
 UNIT: Final = 1
@@ -233,7 +235,7 @@ _MODBUS_TABLE: Final = _old_serial_table()
 
 
 def old_serial_crc16_modbus(data: bytes) -> int:
-    """drivers/serial_sensor.py's crc16_modbus before the shared module, verbatim."""
+    """drivers/serial_sensor.py's (now drivers/serial/framing.py) crc16_modbus before the shared module, verbatim."""
     crc = 0xFFFF
     for b in data:
         crc = (crc >> 8) ^ _MODBUS_TABLE[(crc ^ b) & 0xFF]

@@ -272,7 +272,7 @@ async def bare_work(broker: Mosquitto, tmp: Path, topics: int, seconds: int) -> 
     import marshal
     import sqlite3
 
-    from drivers.modbus import ModbusTcpClient
+    from drivers.modbus.client import ModbusTcpClient
 
     rig = Rig(tmp / f"bare{topics}", Setup(10, 10, "1s"), broker)
     rig.tmp.mkdir()

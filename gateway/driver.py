@@ -1,6 +1,6 @@
 """The contract between the core and a protocol driver, and how drivers are found.
 
-A driver is one module under ``drivers/`` that defines, at module level:
+A driver is one module under ``drivers/`` (or one level down, ``drivers/modbus/tcp.py``) that defines, at module level:
 
 ``PROTOCOLS: frozenset[str]``
     the values of a device's ``protocol:`` key that it serves (e.g. ``{"modbus_tcp"}``).
@@ -22,7 +22,8 @@ A driver is one module under ``drivers/`` that defines, at module level:
     groups the devices by physical connection (one host:port, one serial bus) and returns one
     :class:`Poller` per connection. Constructors do no I/O.
 
-The core never imports a driver by name: adding ``drivers/foo.py`` is all a new protocol needs.
+The core never imports a driver by name: adding ``drivers/foo.py`` (or a module in a package,
+``drivers/foo/bar.py``, for a protocol family sharing its models) is all a new protocol needs.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+import drivers
 from gateway.encode import tag_problem
-
 from gateway.reading import Reading
 from gateway.units import Duration, Identifier
 
@@ -152,12 +153,20 @@ class ValidRange(StrictModel):
         return self
 
 
-@dataclass(frozen=True, slots=True)
-class Device:
-    """A device with its profile resolved: what a driver polls."""
+ConfigT = TypeVar("ConfigT", bound=DeviceConfig, covariant=True)
+"""A driver's device model (its ``DeviceModel``)."""
+ProfileT = TypeVar("ProfileT", bound=ProfileConfig, covariant=True)
+"""A driver's profile model (its ``ProfileModel``)."""
 
-    config: Any  # the driver's DeviceModel
-    profile: Any  # the driver's ProfileModel
+
+@dataclass(frozen=True, slots=True)
+class Device(Generic[ConfigT, ProfileT]):
+    """A device with its profile resolved: what a driver polls. A driver names its own
+    ``Device[DeviceModel, ProfileModel]``; the core, which serves every driver, holds
+    :data:`AnyDevice` (read-only fields, hence covariant: every driver's device is one)."""
+
+    config: ConfigT
+    profile: ProfileT
     profile_name: str
     tags: dict[str, str]
     measurement: str
@@ -166,6 +175,10 @@ class Device:
     @property
     def id(self) -> str:
         return str(self.config.id)
+
+
+AnyDevice = Device[DeviceConfig, ProfileConfig]
+"""A device of any driver, as the core and the cross-driver checks see it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,14 +204,14 @@ def tcp_claim(host: str, port: int, loc: tuple[str | int, ...] = ("host",)) -> C
 class Problem:
     """A cross-device problem a driver found; ``loc`` is a key path in the device's file."""
 
-    device: Device
+    device: AnyDevice
     loc: tuple[str | int, ...]
     message: str
     hint: str = ""
     warning: bool = False  # reported by `sluice check` and at start, but not fatal
 
 
-def slow_timeout(device: Device) -> Problem | None:
+def slow_timeout(device: AnyDevice) -> Problem | None:
     """A warning for a request/response device whose ``timeout`` is longer than its ``interval``:
     a device that does not answer then holds up its connection past its next poll."""
     cfg = device.config
@@ -242,9 +255,8 @@ class Poller(Protocol):
 
 
 def driver_modules() -> list[ModuleType]:
-    """Every module in the ``drivers`` package that declares ``PROTOCOLS``."""
-    import drivers
-
+    """Every module in the ``drivers`` package, or one level down in its subpackages
+    (``drivers/modbus/tcp.py``), that declares ``PROTOCOLS``."""
     found = []
     for info in sorted(pkgutil.iter_modules(drivers.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
@@ -252,6 +264,12 @@ def driver_modules() -> list[ModuleType]:
         module = importlib.import_module(f"drivers.{info.name}")
         if hasattr(module, "PROTOCOLS"):
             found.append(module)
+        if info.ispkg:
+            for sub in sorted(pkgutil.iter_modules(module.__path__), key=lambda i: i.name):
+                if not sub.name.startswith("_"):
+                    submodule = importlib.import_module(f"{module.__name__}.{sub.name}")
+                    if hasattr(submodule, "PROTOCOLS"):
+                        found.append(submodule)
     return found
 
 

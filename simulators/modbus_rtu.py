@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.modbus import ProfileModel
-from drivers.modbus_rtu import PreciseSleep, bus_key, char_time, inter_frame_silence, rtu_frame
-from drivers.modbus_rtu_dtu import parse_listen
+from drivers.modbus.dtu_link import parse_listen
+from drivers.modbus.profile import ProfileModel
+from drivers.modbus.rtu import bus_key
+from drivers.modbus.rtu_client import PreciseSleep, char_time, inter_frame_silence, rtu_frame
 from drivers.wire import crc16
 from gateway.config import is_loopback
 from gateway.driver import Device

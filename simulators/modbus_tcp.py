@@ -40,13 +40,14 @@ from typing import Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
-from drivers.modbus import MAX_BITS, MAX_REGISTERS, Point, ProfileModel, encode_into, points_of
+from drivers.modbus.codec import encode_into
+from drivers.modbus.profile import MAX_BITS, MAX_REGISTERS, Point, ProfileModel, points_of
+from drivers.signals import Signal, SignalSpec, default_spec, make_signal
 from gateway.config import load_profiles, is_loopback, load_config
 from gateway.driver import Device, StrictModel
 from gateway.units import Duration, Identifier
 from gateway.validation import validate_doc
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
-from simulators.signals import Signal, SignalSpec, default_spec, make_signal
 
 __all__ = [
     "GATEWAY_NO_RESPONSE",

@@ -32,19 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drivers.serial_sensor import (
-    _BIN,
-    _CHECKSUM_SIZE,
-    ProfileModel,
-    checksum_bytes,
-    nmea_checksum,
-    parse_hex,
-    request_bytes,
-)
+from drivers.serial.framing import checksum_bytes
+from drivers.serial.parsers import nmea_checksum, request_bytes
+from drivers.serial.profile import BIN_TYPES as _BIN
+from drivers.serial.profile import CHECKSUM_SIZE as _CHECKSUM_SIZE
+from drivers.serial.profile import ProfileModel, parse_hex
 from drivers.wire import to_big_endian
 from gateway.units import parse_duration
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
-from simulators.signals import Constant, Signal, Step, make_signal
+from drivers.signals import Constant, Signal, Step, make_signal
 
 __all__ = ["FAULT_KINDS", "Faults", "SerialSensorSim", "load_profile", "main_serial_sim", "render_frame"]
 

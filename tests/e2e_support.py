@@ -69,7 +69,7 @@ def counts_by_device(payloads: list[bytes]) -> dict[str, list[int]]:
 
 def counter_servers(layout: dict[int, list[tuple[str, int]]]):
     """Simulator servers (not started): ``layout`` maps a server index to [(device id, unit id)]."""
-    from drivers.modbus import ProfileModel
+    from drivers.modbus.profile import ProfileModel
     from simulators.modbus_tcp import ModbusTcpServer, SimDevice
 
     profile = ProfileModel.model_validate(yaml.safe_load(COUNTER_PROFILE))

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from drivers.modbus import ProfileModel, encode, points_of
-from drivers.modbus_rtu import SerialLink
+from drivers.modbus.codec import encode
+from drivers.modbus.profile import ProfileModel, points_of
+from drivers.modbus.rtu import SerialLink
 from gateway.cli.commands import build_parser
 from gateway.cli.commission import Progress, interpret_pairs, read_command, scan_command
 from gateway.units import parse_duration

@@ -95,7 +95,7 @@ def small_disk(tmp_path: Path):
 
 
 def _servers():
-    from drivers.modbus import ProfileModel
+    from drivers.modbus.profile import ProfileModel
     from simulators.modbus_tcp import ModbusTcpServer, SimDevice
 
     profile = ProfileModel.model_validate(yaml.safe_load(PROFILE))

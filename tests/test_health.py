@@ -148,7 +148,7 @@ class _FakeSystemd:
 
 
 async def test_watchdog_pings_only_while_every_loop_progresses(tmp_path: Path, monkeypatch, close_default_executor) -> None:
-    import drivers.modbus
+    import drivers.modbus.client
 
     fake = _FakeSystemd(tmp_path / "notify.sock")
     monkeypatch.setenv("NOTIFY_SOCKET", str(fake.path))
@@ -174,7 +174,7 @@ async def test_watchdog_pings_only_while_every_loop_progresses(tmp_path: Path, m
                 await asyncio.Event().wait()  # a read that never returns, whatever its timeout
                 raise AssertionError
 
-            monkeypatch.setattr(drivers.modbus.ModbusTcpClient, "read", hang)
+            monkeypatch.setattr(drivers.modbus.client.ModbusTcpClient, "read", hang)
             wedged = await fake.wait_for(lambda m: "WEDGED" in m.get("STATUS", ""))
             assert "poll[127.0.0.1:" in wedged["STATUS"] and "WATCHDOG" not in wedged
             # Once wedged, no more pings: systemd would restart us after WatchdogSec (a bounded negative).

@@ -7,18 +7,10 @@ import struct
 
 import pytest
 
-from drivers.modbus import (
-    ModbusExceptionResponse,
-    ModbusProtocolError,
-    Point,
-    RequestDecoder,
-    encode,
-    encode_into,
-    mbap_request,
-    mbap_split,
-    plan,
-    read_reply_data,
-)
+from drivers.modbus.codec import RequestDecoder, encode, encode_into, mbap_request, mbap_split, read_reply_data
+from drivers.modbus.errors import ModbusExceptionResponse, ModbusProtocolError
+from drivers.modbus.planner import plan
+from drivers.modbus.profile import Point
 
 OMITTED = object()  # the point is left out of the reading (NaN, ±inf, outside valid range)
 
@@ -235,7 +227,7 @@ def test_encode_refuses_values_that_do_not_fit(type_: str, value: float) -> None
 def test_shortest_float32_is_the_same_float32_and_never_longer() -> None:
     import random
 
-    from drivers.modbus import shortest_float32
+    from gateway.reading import shortest_float32
 
     rng = random.Random(7)
     for _ in range(20_000):

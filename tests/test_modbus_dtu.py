@@ -1,4 +1,4 @@
-"""Modbus RTU over TCP, dial-in (drivers.modbus_rtu_dtu) against the simulated DTU
+"""Modbus RTU over TCP, dial-in (drivers.modbus.dtu) against the simulated DTU
 (simulators.modbus_dtu) on real loopback sockets: registration, heartbeats mixed into the reply
 stream, drops and re-dials, a DTU replaced by a new connection, unknown and silent DTUs refused
 and logged once, two DTUs on one listener, the packet matcher, and ``sluice sim dtu``."""
@@ -18,8 +18,9 @@ import pytest
 import support
 from support import until
 
-from drivers.modbus import ProfileModel
-from drivers.modbus_rtu_dtu import DeviceModel, DtuListenerPoller, Packet, PacketModel, make_pollers
+from drivers.modbus.profile import ProfileModel
+from drivers.modbus.dtu import DeviceModel, DtuListenerPoller, make_pollers
+from drivers.modbus.dtu_link import Packet, PacketModel
 from gateway.driver import Device
 from gateway.reading import Reading
 from simulators.modbus_dtu import DtuSim

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drivers.modbus import ProfileModel, make_pollers
+from drivers.modbus.profile import ProfileModel
+from drivers.modbus.tcp import make_pollers
 from gateway.config import load_config
 from gateway.reading import GOOD
 from simulators.modbus_tcp import ModbusTcpServer, SimDevice
@@ -49,7 +50,8 @@ async def pymodbus_server() -> AsyncIterator[int]:
     from pymodbus.simulator import DataType, SimData
     from pymodbus.simulator import SimDevice as ReferenceDevice
 
-    from drivers.modbus import encode, points_of
+    from drivers.modbus.codec import encode
+    from drivers.modbus.profile import points_of
 
     words: dict[int, int] = {}
     for point in points_of(ProfileModel.model_validate(PROFILE)):

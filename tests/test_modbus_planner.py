@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from drivers.modbus import MAX_BITS, MAX_REGISTERS, Point, plan, plan_summary
+from drivers.modbus.planner import plan, plan_summary
+from drivers.modbus.profile import MAX_BITS, MAX_REGISTERS, Point
 
 
 def reg(name: str, address: int, width: int = 1, kind: str = "holding") -> Point:

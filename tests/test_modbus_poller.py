@@ -18,7 +18,9 @@ import pytest
 import support
 from support import until
 
-from drivers.modbus import DeviceModel, ModbusTcpPoller, ProfileModel, make_pollers, shortest_float32
+from drivers.modbus.profile import ProfileModel
+from drivers.modbus.tcp import DeviceModel, ModbusTcpPoller, make_pollers
+from gateway.reading import shortest_float32
 from gateway.driver import Device
 from gateway.polling import Backoff, Health, Schedule, next_aligned
 from gateway.reading import GOOD, UNCERTAIN, Reading

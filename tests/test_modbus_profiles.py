@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from drivers.modbus import ProfileModel, encode, make_pollers, points_of
+from drivers.modbus.codec import encode
+from drivers.modbus.profile import ProfileModel, points_of
+from drivers.modbus.tcp import make_pollers
 from gateway.config import ConfigErrors, load_config
 
 PROFILES = Path(__file__).resolve().parent.parent / "config" / "profiles"
@@ -56,7 +58,7 @@ def test_repository_configuration_loads_and_plans(caplog: pytest.LogCaptureFixtu
     caplog.set_level("INFO", logger="drivers.modbus")
     pollers = make_pollers(modbus)
     assert len(pollers) == len({(d.config.host, d.config.port) for d in modbus})
-    lines = [r.getMessage() for r in caplog.records if r.name == "drivers.modbus"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "drivers.modbus.tcp"]
     assert "workshop-meter: 1 request (input 0+76) for 14 points" in lines
     assert len(lines) == len(modbus)
 

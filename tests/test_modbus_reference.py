@@ -16,7 +16,9 @@ import pytest
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from drivers.modbus import ModbusExceptionResponse, ModbusTcpClient, make_pollers
+from drivers.modbus.client import ModbusTcpClient
+from drivers.modbus.errors import ModbusExceptionResponse
+from drivers.modbus.tcp import make_pollers
 from gateway.config import load_config
 from gateway.reading import GOOD, UNCERTAIN
 

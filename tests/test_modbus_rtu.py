@@ -19,19 +19,12 @@ import pytest
 import support
 from support import until
 
-from drivers.modbus import ModbusPoller, ProfileModel
-from drivers.modbus_rtu import (
-    DeviceModel,
-    ModbusRtuClient,
-    PreciseSleep,
-    SerialLink,
-    char_time,
-    inter_frame_silence,
-    make_pollers,
-    rtu_frame,
-)
-from drivers.modbus_rtu_tcp import DeviceModel as RtuTcpDeviceModel
-from drivers.modbus_rtu_tcp import make_pollers as make_tcp_pollers
+from drivers.modbus.poller import ModbusPoller
+from drivers.modbus.profile import ProfileModel
+from drivers.modbus.rtu import DeviceModel, SerialLink, make_pollers
+from drivers.modbus.rtu_client import ModbusRtuClient, PreciseSleep, char_time, inter_frame_silence, rtu_frame
+from drivers.modbus.rtu_tcp import DeviceModel as RtuTcpDeviceModel
+from drivers.modbus.rtu_tcp import make_pollers as make_tcp_pollers
 from drivers.wire import crc16
 from gateway.driver import Device
 from gateway.reading import GOOD, Reading
@@ -234,7 +227,7 @@ async def test_a_unit_does_not_answer_a_port_at_another_baud_rate() -> None:
 
 
 def test_bus_line_settings_conflict_is_a_config_error() -> None:
-    from drivers.modbus_rtu import check
+    from drivers.modbus.rtu import check
 
     a = device("a", "/dev/ttyUSB9", 1, parity="E")
     b = device("b", "/dev/ttyUSB9", 2, parity="E", stopbits=2)

@@ -1,6 +1,6 @@
-"""Hypothesis fuzzing of the Modbus RTU reply parser (drivers.modbus_rtu: :func:`find_reply`,
+"""Hypothesis fuzzing of the Modbus RTU reply parser (drivers.modbus.rtu_client: :func:`find_reply`,
 :func:`damage_kind`, and the client reading a pseudo-terminal the test writes to) and of the DTU
-packet matching (drivers.modbus_rtu_dtu: :class:`Packet`, the listener's registration matcher and
+packet matching (drivers.modbus.dtu_link: :class:`Packet`, the listener's registration matcher and
 the heartbeat filter). Properties: nothing raises but the documented errors, no frame with a bad
 CRC is ever returned, and a valid reply or packet embedded in noise or split anywhere is found."""
 
@@ -15,10 +15,11 @@ from typing import Any
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from drivers.modbus import ModbusExceptionResponse, ModbusFrameError, ModbusTimeout
-from drivers.modbus_rtu import ModbusRtuClient, SerialLink, damage_kind, find_reply, rtu_frame
+from drivers.modbus.errors import ModbusExceptionResponse, ModbusFrameError, ModbusTimeout
+from drivers.modbus.rtu import SerialLink
+from drivers.modbus.rtu_client import ModbusRtuClient, damage_kind, find_reply, rtu_frame
 from drivers.wire import crc16
-from drivers.modbus_rtu_dtu import DtuLink, DtuListener, DtuModel, Packet, PacketFilter, PacketModel
+from drivers.modbus.dtu_link import DtuLink, DtuListener, DtuModel, Packet, PacketFilter, PacketModel
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 FUZZ_PTY = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -248,7 +249,7 @@ def test_fuzz_the_heartbeat_filter_never_raises_and_holds_little(segments: list[
        before=noise, after=noise)
 def test_replies_in_finds_a_late_reply_in_noise_and_only_valid_ones(unit: int, function: int, data: bytes,
                                                                      before: bytes, after: bytes) -> None:
-    from drivers.modbus_rtu import replies_in
+    from drivers.modbus.rtu_client import replies_in
 
     frame = rtu_frame(unit, bytes((function, len(data))) + data)
     buf = before + frame + after

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from drivers import serial_sensor
-from drivers.serial_sensor import SerialSensorPoller
+from drivers.serial import poller as serial_poller
+from drivers.serial.poller import SerialSensorPoller
 from simulators.broker import free_port
 from simulators.serial_sensor import Faults, SerialSensorSim, render_frame
 from support import running, until
 from test_serial_poller import NMEA_VALUES, device, plug
 
-LOGGER = "drivers.serial_sensor"
+LOGGER = "drivers.serial.poller"
 
 
 def _said(caplog: pytest.LogCaptureFixture, level: int, start: str) -> list[str]:
@@ -33,7 +33,7 @@ def _said(caplog: pytest.LogCaptureFixture, level: int, start: str) -> list[str]
 async def test_a_noisy_line_logs_once_with_counters_then_once_when_clean(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
-    monkeypatch.setattr(serial_sensor, "NOISE_SETTLE", 0.5)  # clean after 10 intervals (5 s) without a bad frame
+    monkeypatch.setattr(serial_poller, "NOISE_SETTLE", 0.5)  # clean after 10 intervals (5 s) without a bad frame
     dev = device(tmp_path, "gps-nmea", interval="500ms", timeout="10s")  # a stall under load is not silence
     faults = Faults(rates={"garbage": 0.25, "bad_checksum": 0.25})
     async with SerialSensorSim(dev.profile, every=0.03, faults=faults, values=NMEA_VALUES) as sim:

@@ -12,18 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drivers.serial_sensor import (
-    CHECKSUMS,
-    FrameError,
-    ProfileModel,
-    TextFramer,
-    make_decoder,
-    parse_binary,
-    parse_codes,
-    parse_lines,
-    parse_nmea,
-    parse_scale,
-)
+from drivers.serial.framing import CHECKSUMS, FrameError, TextFramer
+from drivers.serial.parsers import make_decoder, parse_binary, parse_codes, parse_lines, parse_nmea, parse_scale
+from drivers.serial.profile import ProfileModel
 from gateway.yamlpos import load_yaml
 from simulators.serial_sensor import render_frame
 
@@ -79,7 +70,7 @@ def test_nmea_gga_and_rmc_reference_sentences() -> None:
 ])
 def test_nmea_sign_no_fix_and_other_sentences(sentence: bytes, expected: dict[str, Any]) -> None:
     body = sentence[1:].decode()
-    from drivers.serial_sensor import nmea_checksum
+    from drivers.serial.parsers import nmea_checksum
 
     fields, _ = parse_nmea(profile("gps-nmea"), sentence + f"*{nmea_checksum(body)}".encode())
     assert {k: fields[k] for k in expected} == expected if expected else fields == {}

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import serial
 
-from drivers.serial_sensor import SerialSensorPoller, make_pollers
+from drivers.serial.poller import SerialSensorPoller, make_pollers
 from gateway.committer import Committer
 from gateway.outbox import Outbox
 from gateway.config import load_config
@@ -28,7 +28,7 @@ from support import STOP, running, until
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = REPO / "config" / "profiles"
-LOGGER = "drivers.serial_sensor"
+LOGGER = "drivers.serial.poller"
 
 
 def device(tmp_path: Path, profile: str, **settings: str) -> Device:

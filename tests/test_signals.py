@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from simulators.signals import SignalSpec, default_spec, make_signal
+from drivers.signals import SignalSpec, default_spec, make_signal
 
 SPEC: TypeAdapter[Any] = TypeAdapter(SignalSpec)
 

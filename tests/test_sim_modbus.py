@@ -14,7 +14,10 @@ from typing import Any
 
 import pytest
 
-from drivers.modbus import ModbusTcpClient, ProfileModel, RequestDecoder, plan, points_of
+from drivers.modbus.client import ModbusTcpClient
+from drivers.modbus.codec import RequestDecoder
+from drivers.modbus.planner import plan
+from drivers.modbus.profile import ProfileModel, points_of
 from gateway.yamlpos import ConfigErrors
 from simulators.modbus_tcp import (
     GATEWAY_NO_RESPONSE,

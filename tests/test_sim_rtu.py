@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from drivers.modbus import ModbusExceptionResponse
-from drivers.modbus_rtu import ModbusRtuClient, SerialLink
+from drivers.modbus.errors import ModbusExceptionResponse
+from drivers.modbus.rtu import SerialLink
+from drivers.modbus.rtu_client import ModbusRtuClient
 from gateway.yamlpos import ConfigErrors
 from servers import _need, free_port, sluice_process
 from simulators.modbus_rtu import RtuBus, RtuTcpServer

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from drivers.modbus import ProfileModel
+from drivers.modbus.profile import ProfileModel
 from simulators.modbus_tcp import ModbusTcpServer, SimDevice
 
 SLUICE = [sys.executable, "-m", "gateway.cli"]

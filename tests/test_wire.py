@@ -10,9 +10,10 @@ import struct
 import pytest
 from pymodbus.framer import FramerRTU
 
-import drivers.modbus
-import drivers.modbus_rtu
-import drivers.serial_sensor
+import drivers.modbus.codec
+import drivers.modbus.rtu_client
+import drivers.serial.framing
+import drivers.serial.parsers
 import gateway.cli.commission
 import simulators.modbus_rtu
 import simulators.serial_sensor
@@ -55,16 +56,16 @@ def test_crc16_matches_pymodbus_on_random_frames() -> None:
 def test_one_crc_everywhere() -> None:
     """The RTU driver, the serial driver's crc16_modbus checksum and the RTU simulator use the
     shared function, not copies of it."""
-    assert drivers.modbus_rtu.crc16 is wire.crc16
-    assert drivers.serial_sensor.CHECKSUMS["crc16_modbus"] is wire.crc16
+    assert drivers.modbus.rtu_client.crc16 is wire.crc16
+    assert drivers.serial.framing.CHECKSUMS["crc16_modbus"] is wire.crc16
     assert simulators.modbus_rtu.crc16 is wire.crc16
 
 
 def test_one_byte_order_everywhere() -> None:
-    assert drivers.serial_sensor.to_big_endian is wire.to_big_endian
+    assert drivers.serial.parsers.to_big_endian is wire.to_big_endian
     assert simulators.serial_sensor.to_big_endian is wire.to_big_endian
     assert gateway.cli.commission.to_big_endian is wire.to_big_endian
-    assert drivers.modbus.swap_register_bytes is wire.swap_register_bytes
+    assert drivers.modbus.codec.swap_register_bytes is wire.swap_register_bytes
     assert gateway.cli.commission.ORDERS == wire.BYTE_ORDERS
 
 

@@ -1,9 +1,9 @@
 """Commissioning tools for technicians: ``sluice read`` (one range, every interpretation) and
 ``sluice scan`` (which unit ids answer, at which line settings).
 
-Both talk through the gateway's own transports — :class:`~drivers.modbus_rtu.ModbusRtuClient`
-over a :class:`~drivers.modbus_rtu.SerialLink` or :class:`~drivers.modbus_rtu_tcp.TcpLink`, or
-:class:`~drivers.modbus.ModbusTcpClient` — so what they see is what the gateway will see, and
+Both talk through the gateway's own transports — :class:`~drivers.modbus.rtu_client.ModbusRtuClient`
+over a :class:`~drivers.modbus.rtu.SerialLink` or :class:`~drivers.modbus.rtu_tcp.TcpLink`, or
+:class:`~drivers.modbus.client.ModbusTcpClient` — so what they see is what the gateway will see, and
 they can only send read function codes. A serial port is opened with the same exclusive lock as
 the gateway's: while the gateway (or another tool) holds the port they refuse to run and say so.
 
@@ -39,23 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from drivers.modbus import (
-    BIT_KINDS,
-    FUNCTION,
-    ModbusClient,
-    ModbusConnectionError,
-    ModbusExceptionResponse,
-    ModbusFrameError,
-    ModbusTcpClient,
-    ModbusTimeout,
-    looks_like_reference,
-    parse_register_reference,
-    shortest_float32,
-)
-from drivers.modbus_rtu import ModbusRtuClient, SerialLink, char_time, damage_kind, inter_frame_silence, replies_in
-from drivers.modbus_rtu_tcp import RTU_TCP_HINTS, TcpLink
+from drivers.modbus.client import ModbusClient, ModbusTcpClient
+from drivers.modbus.errors import ModbusConnectionError, ModbusExceptionResponse, ModbusFrameError, ModbusTimeout
+from drivers.modbus.profile import BIT_KINDS, FUNCTION, looks_like_reference, parse_register_reference
+from drivers.modbus.rtu import SerialLink
+from drivers.modbus.rtu_client import ModbusRtuClient, char_time, damage_kind, inter_frame_silence, replies_in
+from drivers.modbus.rtu_tcp import RTU_TCP_HINTS, TcpLink
 from drivers.wire import BYTE_ORDERS, swap_register_bytes, to_big_endian
 from gateway.polling import format_duration
+from gateway.reading import shortest_float32
 from gateway.units import duration_arg
 
 __all__ = ["ORDERS", "add_parsers", "interpret_pairs", "interpret_registers", "read_command", "scan_command"]

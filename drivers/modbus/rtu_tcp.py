@@ -2,7 +2,7 @@
 no MBAP header) over a TCP connection to a serial device server (Moxa NPort, USR-TCP232,
 Waveshare, ...) in "TCP server / raw" mode.
 
-The bus discipline and framing are :class:`drivers.modbus_rtu.ModbusRtuClient`'s: one
+The bus discipline and framing are :class:`drivers.modbus.rtu_client.ModbusRtuClient`'s: one
 outstanding request per socket, the reply found in the stream by unit id, function code, length
 and CRC, bytes between transactions discarded, so a stream that broke mid-frame resynchronises
 on the next request. The device server does the serial timing on its side; ``pause`` adds
@@ -19,8 +19,13 @@ from typing import Final, Literal
 
 from pydantic import Field
 
-from drivers.modbus import ModbusConnectionError, ModbusPoller, ProfileModel, check, claims, open_tcp, plan_summary
-from drivers.modbus_rtu import RTU_HINTS, LineSettings, ModbusRtuClient, OnData, OnLost, pauses_of
+from drivers.modbus.client import open_tcp
+from drivers.modbus.errors import ModbusConnectionError
+from drivers.modbus.planner import plan_summary
+from drivers.modbus.poller import ModbusPoller
+from drivers.modbus.profile import ProfileModel
+from drivers.modbus.rtu_client import RTU_HINTS, LineSettings, ModbusRtuClient, OnData, OnLost, pauses_of
+from drivers.modbus.tcp import check, claims
 from gateway.driver import Device
 
 __all__ = ["PROFILE_KIND", "PROTOCOLS", "RTU_TCP_HINTS", "DeviceModel", "ProfileModel", "TcpLink", "check", "claims",
@@ -66,7 +71,7 @@ class _Stream(asyncio.Protocol):
 
 
 class TcpLink:
-    """A TCP connection carrying raw RTU frames (:class:`drivers.modbus_rtu.RtuLink`)."""
+    """A TCP connection carrying raw RTU frames (:class:`drivers.modbus.rtu_client.RtuLink`)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -98,9 +103,12 @@ class DeviceModel(LineSettings):
     port: int = Field(ge=1, le=65535, description="its raw TCP port (Moxa 4001, USR 8234/502, ...)")
 
 
-def make_pollers(devices: Sequence[Device]) -> list[ModbusPoller]:
+RtuTcpDevice = Device[DeviceModel, ProfileModel]
+
+
+def make_pollers(devices: Sequence[RtuTcpDevice]) -> list[ModbusPoller]:
     """One poller (one connection, one transaction at a time) per converter host:port."""
-    groups: dict[tuple[str, int], list[Device]] = {}
+    groups: dict[tuple[str, int], list[RtuTcpDevice]] = {}
     for dev in devices:
         groups.setdefault((dev.config.host, dev.config.port), []).append(dev)
     pollers = []

@@ -1,15 +1,14 @@
-"""Modbus RTU on a serial port (``protocol: modbus_rtu``): RTU framing with CRC16, the bus
-discipline of one master on RS485, and the serial link; the poll loop, planner and codec are
-:mod:`drivers.modbus`'s (:class:`~drivers.modbus.ModbusPoller` with this module's client).
+"""The Modbus RTU master shared by every RTU transport: RTU framing with CRC16, the bus discipline
+of one master on RS485, and the line settings every RTU device has. The poll loop, planner and
+codec are the Modbus package's (:class:`~drivers.modbus.poller.ModbusPoller` with this client).
 
 Layout, top to bottom:
 
 * **Framing**: :func:`rtu_frame` (:func:`~drivers.wire.crc16` is shared with the serial
   driver and the simulators), :func:`char_time`, :func:`inter_frame_silence`.
-* **Links** (:class:`RtuLink`): a byte pipe the client talks through. :class:`SerialLink` is a
-  serial port; :mod:`drivers.modbus_rtu_tcp` adds a TCP socket to a serial device server.
-* **Client** (:class:`ModbusRtuClient`): one transaction at a time on one bus; before every
-  request the line must have been silent for 3.5 character times (1.75 ms above 19200 baud)
+* **Links** (:class:`RtuLink`): a byte pipe the client talks through. :class:`~drivers.modbus.rtu.SerialLink`
+  is a serial port; :mod:`drivers.modbus.rtu_tcp` adds a TCP socket to a serial device server,
+  :mod:`drivers.modbus.dtu_link` a DTU that dialled in.
   plus the larger of the configured ``pause`` of the unit that spoke last and of the unit about
   to be asked; input that arrived in between (a late reply, noise) is discarded. The reply is
   found in the byte stream by unit id, function code, length and CRC, so garbage before it is
@@ -17,17 +16,7 @@ Layout, top to bottom:
   request as soon as the line has been quiet for :data:`FRAME_GAP` — not after the whole
   timeout — with kind ``truncated``, ``crc`` or ``garbage``. Only function codes 1–4 can be
   sent: the gateway never writes to a device.
-* **Driver entry points**: :class:`DeviceModel`, :func:`check` (one bus, one line setting),
-  :func:`make_pollers` (one poller, hence one task, per port).
-
-Serial I/O without threads: the port is opened with pyserial (it knows every platform's
-termios/ioctl details for baud, parity, stop bits and an exclusive lock) in non-blocking mode,
-and its file descriptor is registered with the event loop (``loop.add_reader``); bytes are then
-read and written with ``os.read``/``os.write``. pyserial-asyncio-fast was considered: it does the
-same (add_reader on pyserial's fd) behind an asyncio Transport, adds a dependency and a write
-buffer we do not need (a request is 8 bytes), and hides the fd we need to notice a vanished
-port. A read that fails (EIO) or returns nothing on a readable fd means the port went away (USB
-unplugged, pty closed): the link closes and the poller reopens the same path with backoff.
+* **Configuration**: :class:`LineSettings` (unit id, pause, max_gap), :func:`pauses_of`.
 """
 
 from __future__ import annotations
@@ -35,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
 import logging
 import os
 import struct
@@ -45,47 +33,13 @@ from typing import Any, Final, Literal, Protocol
 
 from pydantic import Field, field_validator
 
-from drivers.modbus import (
-    MAX_REGISTERS,
-    READ_FUNCTIONS,
-    ModbusConnectionError,
-    ModbusFrameError,
-    ModbusPoller,
-    ModbusTimeout,
-    ProfileModel,  # the profiles are the Modbus TCP driver's: one register map, every transport
-    plan_summary,
-    read_reply_data,
-)
+from drivers.modbus.codec import read_reply_data
+from drivers.modbus.errors import ModbusConnectionError, ModbusFrameError, ModbusTimeout
+from drivers.modbus.profile import READ_FUNCTIONS, ProfileModel, UnitConfig
 from drivers.wire import crc16
-from gateway.driver import Claim, Device, DeviceConfig, Problem, parity_letter, serial_claim, slow_timeout
+from gateway.driver import Device
 from gateway.polling import format_duration
 from gateway.units import Duration
-
-__all__ = [
-    "FRAME_GAP",
-    "PROFILE_KIND",
-    "PROTOCOLS",
-    "RTU_HINTS",
-    "DeviceModel",
-    "LineSettings",
-    "ModbusRtuClient",
-    "PreciseSleep",
-    "ProfileModel",
-    "RtuLink",
-    "SerialLink",
-    "char_time",
-    "check",
-    "claims",
-    "damage_kind",
-    "find_reply",
-    "inter_frame_silence",
-    "make_pollers",
-    "replies_in",
-    "rtu_frame",
-]
-
-PROTOCOLS: Final = frozenset({"modbus_rtu"})
-PROFILE_KIND: Final = "modbus"
 
 log = logging.getLogger(__name__)
 
@@ -256,121 +210,6 @@ class RtuLink(Protocol):
     async def open(self, on_data: OnData, on_lost: OnLost, timeout: float) -> None: ...
     def write(self, data: bytes) -> None: ...
     def close(self) -> None: ...
-
-
-_PARITY: Final = {"N": "N", "E": "E", "O": "O"}
-
-
-class SerialLink:
-    """A serial port, opened non-blocking and exclusively locked, read through the event loop."""
-
-    def __init__(self, port: str, baudrate: int = 9600, parity: str = "N", stopbits: int = 1,
-                 bytesize: int = 8) -> None:
-        self.name = port
-        self.port = port
-        self.baudrate, self.parity, self.stopbits, self.bytesize = baudrate, parity, stopbits, bytesize
-        self._serial: Any = None
-        self._fd = -1
-        self._on_data: OnData | None = None
-        self._on_lost: OnLost | None = None
-
-    async def open(self, on_data: OnData, on_lost: OnLost, timeout: float) -> None:
-        import termios
-
-        import serial  # pyserial: imported here so that config checks never need it
-
-        self.close()
-        ser = serial.Serial()
-        ser.port = self.port
-        ser.baudrate = self.baudrate
-        ser.parity = _PARITY[self.parity]
-        ser.stopbits = self.stopbits
-        ser.bytesize = self.bytesize
-        ser.timeout = 0
-        ser.write_timeout = 0
-        ser.exclusive = True  # flock: a second gateway or `sluice read` cannot share the bus
-        try:
-            ser.open()
-        except termios.error as exc:  # the driver refused the line settings (not an OSError)
-            reason = exc.args[1] if len(exc.args) > 1 else exc
-            raise ModbusConnectionError("settings", f"serial port {self.port} refused {self.baudrate} "
-                                        f"{self.bytesize}{self.parity}{self.stopbits}: {reason}") from None
-        except (serial.SerialException, OSError, ValueError) as exc:
-            raise _open_error(self.port, exc) from None
-        # USB adapters (FTDI) hold received bytes up to their 16 ms latency timer unless the port is
-        # in low-latency mode: at 115200 baud that is longer than a whole transaction. A port
-        # without the setting (a pty, some drivers) keeps its default.
-        with contextlib.suppress(ValueError, AttributeError):
-            ser.set_low_latency_mode(True)
-        self._serial, self._fd = ser, ser.fileno()
-        self._on_data, self._on_lost = on_data, on_lost
-        asyncio.get_running_loop().add_reader(self._fd, self._readable)
-
-    def _readable(self) -> None:
-        try:
-            data = os.read(self._fd, 4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._lost(exc)
-            return
-        if not data:  # readable but empty: the device is gone (pyserial says the same)
-            self._lost(None)
-            return
-        assert self._on_data is not None
-        self._on_data(data)
-
-    def _lost(self, exc: Exception | None) -> None:
-        on_lost = self._on_lost
-        self.close()
-        log.warning("serial port %s went away (%s); reopening it when it is back — check the USB cable "
-                    "or adapter", self.port, exc.strerror if isinstance(exc, OSError) and exc.strerror
-                    else "no data on a readable port")
-        if on_lost is not None:
-            on_lost(exc)
-
-    def write(self, data: bytes) -> None:
-        if self._fd < 0:
-            raise ModbusConnectionError("disconnected", f"serial port {self.port} is not open")
-        try:
-            written = os.write(self._fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            self._lost(exc)
-            raise ModbusConnectionError("disconnected", f"writing to {self.port} failed: "
-                                        f"{exc.strerror or exc}") from None
-        if written != len(data):
-            # A request is at most 8 bytes: a full output buffer means the adapter is stuck.
-            raise ModbusConnectionError("disconnected", f"{self.port} accepted {written} of {len(data)} bytes")
-
-    def close(self) -> None:
-        ser, self._serial = self._serial, None
-        if ser is None:
-            return
-        try:
-            asyncio.get_running_loop().remove_reader(self._fd)
-        except RuntimeError:
-            pass  # no running loop (closed from a finaliser): nothing registered to remove
-        self._fd = -1
-        self._on_data = self._on_lost = None
-        try:
-            ser.close()
-        except OSError:
-            pass  # the device is already gone
-
-
-def _open_error(port: str, exc: BaseException) -> ModbusConnectionError:
-    code = getattr(exc, "errno", None)
-    if code is None and isinstance(exc.__context__, OSError):
-        code = exc.__context__.errno
-    if code in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
-        return ModbusConnectionError("absent", f"serial port {port} is not there")
-    if code in (errno.EACCES, errno.EPERM):
-        return ModbusConnectionError("permission", f"no permission to open serial port {port}")
-    if code in (errno.EAGAIN, errno.EBUSY):
-        return ModbusConnectionError("busy", f"serial port {port} is held by another program")
-    return ModbusConnectionError("absent", f"cannot open serial port {port}: {exc}")
 
 
 # =========================================================================== client
@@ -565,7 +404,7 @@ class ModbusRtuClient:
 Parity = Literal["N", "E", "O"]
 
 
-class LineSettings(DeviceConfig):
+class LineSettings(UnitConfig):
     """What every device on one serial line must agree on, and the RTU unit settings."""
 
     unit_id: int = Field(default=1, ge=1, le=247, description="Modbus unit (slave) id, 1..247")
@@ -579,107 +418,12 @@ class LineSettings(DeviceConfig):
         return value
     pause: Duration = Field(default=0.0, ge=0, le=10,
                             description="extra silence before and after this unit's transactions")
-    max_gap: int | None = Field(default=None, ge=0, le=MAX_REGISTERS - 1,
-                                description="overrides the profile's max_gap")
 
 
-class DeviceModel(LineSettings):
-    """A Modbus RTU device on a serial port (``devices/<id>.yaml``, ``protocol: modbus_rtu``)."""
-
-    protocol: Literal["modbus_rtu"]
-    port: str = Field(min_length=1, description="serial device, e.g. /dev/ttyUSB0 or /dev/serial/by-id/...")
-    baudrate: int = Field(default=9600, ge=300, le=4_000_000, description="bits per second")
-    parity: Parity = Field(default="N", description="N (none), E (even) or O (odd)")
-    stopbits: Literal[1, 2] = 1
-    bytesize: int = Field(default=8, description="data bits; Modbus RTU uses 8")
-
-    @field_validator("parity", mode="before")
-    @classmethod
-    def _parity(cls, value: Any) -> Any:
-        return parity_letter(value, "NEO")
-
-    @field_validator("bytesize")
-    @classmethod
-    def _eight_bits(cls, value: int) -> int:
-        if value != 8:
-            raise ValueError(f"{value} data bits cannot carry RTU frames — Modbus RTU uses 8 data bits "
-                             "(7 is Modbus ASCII, which Sluice does not speak)")
-        return value
-
-    @property
-    def line(self) -> str:
-        """``9600 8N1``: the line settings as device manuals print them."""
-        return f"{self.baudrate} {self.bytesize}{self.parity}{self.stopbits}"
-
-
-# =========================================================================== driver entry points
-def bus_key(port: str) -> str:
-    """The bus a port path names: symlinks (/dev/serial/by-id/...) resolved when present."""
-    return os.path.realpath(port)
-
-
-_LINE_KEYS: Final = ("baudrate", "parity", "stopbits", "bytesize")
-
-
-def claims(device: Device) -> list[Claim]:
-    """The serial port (shared by every unit on the bus)."""
-    return [serial_claim(device.config.port)]
-
-
-def check(devices: Sequence[Device]) -> list[Problem]:
-    """One serial bus has one line setting; one unit is not polled twice with the same profile."""
-    problems: list[Problem] = []
-    first: dict[str, Device] = {}
-    seen: dict[tuple[str, int, str], Device] = {}
-    problems += filter(None, map(slow_timeout, devices))
-    for dev in devices:
-        cfg = dev.config
-        bus = bus_key(cfg.port)
-        other = first.setdefault(bus, dev)
-        if other is not dev:
-            differ = [k for k in _LINE_KEYS if getattr(cfg, k) != getattr(other.config, k)]
-            if differ:
-                problems.append(Problem(
-                    dev, (differ[0],),
-                    f"{cfg.port} runs at {other.config.line} for '{other.id}' ({other.source}), but this "
-                    f"device says {cfg.line}",
-                    "every device on one serial bus must use the same baud rate, parity, stop bits and data "
-                    "bits — set the devices (and these files) to one setting, or wire them to separate ports"))
-                continue
-        key = (bus, cfg.unit_id, dev.profile_name)
-        if key in seen:
-            problems.append(Problem(
-                dev, ("unit_id",),
-                f"{cfg.port} unit {cfg.unit_id} is already polled as '{seen[key].id}' ({seen[key].source}) "
-                "with the same profile",
-                "a copied file? give this device its own unit_id, or remove one of them"))
-        else:
-            seen[key] = dev
-    return problems
-
-
-def pauses_of(devices: Sequence[Device]) -> dict[int, float]:
+def pauses_of(devices: Sequence[Device[LineSettings, ProfileModel]]) -> dict[int, float]:
     pauses: dict[int, float] = {}
     for dev in devices:
         pauses[dev.config.unit_id] = max(pauses.get(dev.config.unit_id, 0.0), dev.config.pause)
     return pauses
 
-
-def make_pollers(devices: Sequence[Device]) -> list[ModbusPoller]:
-    """One poller (one task, one transaction at a time) per serial port."""
-    buses: dict[str, list[Device]] = {}
-    for dev in devices:
-        buses.setdefault(bus_key(dev.config.port), []).append(dev)
-    pollers = []
-    for group in buses.values():
-        cfg = group[0].config
-        link = SerialLink(cfg.port, cfg.baudrate, cfg.parity, cfg.stopbits, cfg.bytesize)
-        line = (cfg.baudrate, cfg.bytesize, cfg.parity, cfg.stopbits)
-        client = ModbusRtuClient(link, char=char_time(*line), silence=inter_frame_silence(*line),
-                                 pauses=pauses_of(group))
-        poller = ModbusPoller(cfg.port, client, group)
-        for device_id, requests in poller.plans.items():
-            log.info("%s", plan_summary(device_id, requests))
-        pollers.append(poller)
-    return pollers
 

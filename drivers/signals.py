@@ -199,7 +199,8 @@ def default_spec(name: str, type_: str, valid_min: float | None = None,
     if type_ == "bool":
         return Constant(signal="constant", value=False)
     if valid_min is not None and valid_max is not None:
-        return Sine(signal="sine", min=valid_min, max=valid_max, period=DEFAULT_PERIOD)
+        # validated as a profile's sim: is (the period is a duration with its unit)
+        return Sine.model_validate({"signal": "sine", "min": valid_min, "max": valid_max, "period": DEFAULT_PERIOD})
     value = 0.0
     if valid_min is not None:
         value = max(value, valid_min)
