@@ -35,8 +35,8 @@ from drivers.modbus_rtu_tcp import make_pollers as make_tcp_pollers
 from drivers.wire import crc16
 from gateway.driver import Device
 from gateway.reading import GOOD, Reading
-from simulators.modbus_rtu import RtuBus, RtuFaults, RtuTcpServer
-from simulators.modbus_tcp import SimDevice
+from simulators.modbus_device import Faults, SimDevice
+from simulators.modbus_rtu import RtuBus, RtuTcpServer
 
 PROFILE = ProfileModel.model_validate({
     "protocol": "modbus",
@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def sim_units(units: Sequence[int]) -> list[SimDevice]:
-    return [SimDevice(PROFILE, u, name=f"sim{u}", faults=RtuFaults()) for u in units]
+    return [SimDevice(PROFILE, u, name=f"sim{u}", faults=Faults()) for u in units]
 
 
 def device(dev_id: str, port: str, unit: int, **settings: Any) -> Device:

@@ -16,17 +16,15 @@ import pytest
 
 from drivers.modbus import ModbusTcpClient, ProfileModel, RequestDecoder, plan, points_of
 from gateway.yamlpos import ConfigErrors
-from simulators.modbus_tcp import (
+from simulators.modbus_device import (
     GATEWAY_NO_RESPONSE,
     ILLEGAL_ADDRESS,
     ILLEGAL_FUNCTION,
     ILLEGAL_VALUE,
-    ModbusTcpServer,
     SimDevice,
-    load_simulation,
-    main_sim,
-    run_simulator,
 )
+from simulators.modbus_tcp import ModbusTcpServer
+from simulators.simulation import load_simulation, main_sim, run_simulator
 
 REPO = Path(__file__).resolve().parent.parent
 
