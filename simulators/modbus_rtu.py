@@ -40,8 +40,7 @@ from typing import Any
 import serial
 
 from drivers.modbus import ProfileModel
-from drivers.modbus_rtu import PreciseSleep, char_time, inter_frame_silence
-from drivers.wire import crc16
+from drivers.wire import PreciseSleep, char_time, crc16, inter_frame_silence, rtu_frame
 from gateway.config import load_profiles
 from gateway.logs import add_log_level, setup_logging
 from gateway.yamlpos import ConfigError
@@ -51,11 +50,6 @@ __all__ = ["RtuBus", "RtuLine", "RtuOverTcp", "RtuTcpServer", "main_sim_rtu", "p
            "sim_units_from_args"]
 
 log = logging.getLogger("sluice.sim")
-
-def _frame(unit: int, pdu: bytes) -> bytes:
-    body = bytes((unit,)) + pdu
-    return body + crc16(body).to_bytes(2, "little")
-
 
 class RtuLine:
     """RTU framing for the units behind one byte stream; the transport owns the bytes.
@@ -167,7 +161,7 @@ class RtuLine:
         await self._send(device, self.units.reply(device, pdu), None)
 
     async def _send(self, device: SimDevice, reply_pdu: bytes, heard: float | None) -> None:
-        reply = _frame(device.unit_id, reply_pdu)
+        reply = rtu_frame(device.unit_id, reply_pdu)
         faults, rng = device.faults, self._rng
         if faults.truncate and rng.random() < faults.truncate:
             reply = reply[: max(2, len(reply) // 2)]
