@@ -42,6 +42,7 @@ from drivers.serial_sensor import (
     request_bytes,
 )
 from drivers.wire import to_big_endian
+from gateway.config import validate_doc
 from gateway.units import parse_duration
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
 from simulators.signals import Constant, Signal, Step, make_signal
@@ -341,8 +342,6 @@ class SerialSensorSim:
 # =========================================================================== CLI
 def load_profile(path: Path) -> ProfileModel:
     """A profile file validated like the gateway does; raises ConfigErrors."""
-    from gateway.config import validate_doc
-
     errors: list[ConfigError] = []
     doc, errs = load_yaml(path, path)
     errors += errs
