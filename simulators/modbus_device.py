@@ -283,11 +283,11 @@ def _serve(device: SimDevice, pdu: bytes, now: float | None) -> bytes:
         if len(pdu) != 5:
             raise _Reject(ILLEGAL_VALUE)
         address, count = struct.unpack_from(">HH", pdu, 1)
-        values = device.read(function, address, count, now)
+        found = device.read(function, address, count, now)
         if function in (1, 2):
-            data = _pack_bits(values)  # type: ignore[arg-type]
+            data = _pack_bits(found)  # type: ignore[arg-type]
         else:
-            data = struct.pack(f">{len(values)}H", *values)
+            data = struct.pack(f">{len(found)}H", *found)
         return bytes((function, len(data))) + data
     if function not in WRITE_FUNCTIONS:
         raise _Reject(ILLEGAL_FUNCTION)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -85,7 +86,7 @@ class DtuSim(ServesUnits):
         while True:
             lost: asyncio.Future[None] = loop.create_future()
             try:
-                transport, _stream = await loop.create_connection(lambda lost=lost: self.carrier.protocol(lost),
+                transport, _stream = await loop.create_connection(functools.partial(self.carrier.protocol, lost),
                                                                   self.host, self.port)
             except OSError as exc:
                 log.debug("sim DTU: cannot reach %s (%s); retrying", self.path, exc)

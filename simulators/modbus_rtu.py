@@ -51,10 +51,12 @@ __all__ = ["RtuBus", "RtuLine", "RtuOverTcp", "RtuTcpServer", "main_sim_rtu", "p
 
 log = logging.getLogger("sluice.sim")
 
+
+# =========================================================================== the RTU line
 class RtuLine:
     """RTU framing for the units behind one byte stream; the transport owns the bytes.
 
-    The transport hands in what arrives (:meth:`feed`) and gives :paramref:`write` for what
+    The transport hands in what arrives (:meth:`feed`) and gives ``write`` for what
     leaves; one task (``async with``) takes CRC-valid request frames from the stream one at a
     time, as a bus does, and answers them through the units. ``line_matches`` says whether the
     far end's port is at this line's settings (wire timing only: a unit hears only noise at
@@ -177,6 +179,7 @@ class RtuLine:
         self._write(reply)
 
 
+# =========================================================================== transports
 def _baud_constant(baudrate: int) -> int | None:
     return getattr(termios, f"B{baudrate}", None)
 

@@ -129,7 +129,8 @@ def _is_gateway_config(path: Path) -> bool:
 class SimServer(Protocol):
     """What ``sluice sim`` runs: a TCP server or an RTU bus (``async with`` serves it)."""
 
-    devices: dict[int, SimDevice]
+    @property
+    def devices(self) -> dict[int, SimDevice]: ...
 
     async def __aenter__(self) -> Any: ...
     async def __aexit__(self, *exc: object) -> None: ...
