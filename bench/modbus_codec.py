@@ -64,7 +64,8 @@ from pymodbus.pdu import DecodePDU, ModbusPDU, ReadCoilsRequest, ReadHoldingRegi
 from drivers.modbus.codec import RequestDecoder, mbap_request, mbap_split, read_reply_data  # noqa: E402
 from drivers.modbus.planner import plan  # noqa: E402
 from drivers.modbus.profile import Point  # noqa: E402
-from drivers.modbus.rtu_client import find_reply, rtu_frame  # noqa: E402
+from drivers.modbus.rtu_client import find_reply  # noqa: E402
+from drivers.wire import rtu_frame  # noqa: E402
 from drivers.wire import crc16  # noqa: E402
 
 UNIT: Final = 1

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from drivers.modbus.profile import ProfileModel  # noqa: E402
 from drivers.modbus.rtu import DeviceModel, make_pollers  # noqa: E402
-from drivers.modbus.rtu_client import char_time, inter_frame_silence  # noqa: E402
+from drivers.wire import char_time, inter_frame_silence  # noqa: E402
 from gateway.driver import Device  # noqa: E402
 
 UNITS, REGISTERS = 10, 10

@@ -1,9 +1,10 @@
 """A simulated cellular DTU that dials in to the gateway (``protocol: modbus_rtu_dtu``): it connects
-to the gateway's listen address, sends its registration packet, sends heartbeats, and serves the
-units of an RTU bus (:class:`~simulators.modbus_rtu.RtuBus`'s framing, faults and
-:func:`~simulators.modbus_tcp.answer`) over the connection; ``sluice sim dtu``.
+to the gateway's listen address, sends its registration packet, sends heartbeats, and serves
+units over the connection with the RTU framing of :class:`~simulators.modbus_rtu.RtuLine` (the
+device's faults and answers are :mod:`simulators.modbus_device`'s); ``sluice sim dtu``. This
+module is the transport only: dialling, registration, heartbeats and the DTU's own faults.
 
-Faults: the bus's per-unit faults (``no_answer``, ``delay``, ``exception``, ``crc``, ``garbage``,
+Faults: the units' faults (``no_answer``, ``delay``, ``exception``, ``crc``, ``garbage``,
 ``truncate``), plus the DTU's own: :meth:`DtuSim.drop` (the connection drops; it dials in again
 after ``reconnect_delay``), ``register=False`` (connects and says nothing), a heartbeat written
 just before every reply (``heartbeat_before_reply``), registration and heartbeats written in
@@ -17,29 +18,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import logging
 import signal
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
-from simulators.modbus_rtu import RtuBus, _parse_fault, _parse_unit, log, sim_units_from_args
-from simulators.modbus_tcp import SimDevice
+from gateway.logs import add_log_level, setup_logging
+from gateway.units import parse_duration
+from simulators.modbus_device import ServesUnits, SimDevice, Units
+from simulators.modbus_rtu import RtuOverTcp, parse_fault_arg, parse_unit_arg, sim_units_from_args
 
 __all__ = ["DtuSim", "main_sim_dtu"]
 
+log = logging.getLogger("sluice.sim")
 
-class DtuSim(RtuBus):
+
+class DtuSim(ServesUnits):
     """A DTU with an RTU bus behind it that dials in to ``host:port``. ``async with`` starts
     dialling (and redialling after every drop); leaving hangs up for good."""
-
-    on_serial = False
 
     def __init__(self, devices: Iterable[SimDevice], *, host: str, port: int, registration: bytes | None,
                  heartbeat: bytes | None = None, heartbeat_interval: float = 30.0, reconnect_delay: float = 1.0,
                  heartbeat_before_reply: bool = False, segments: int = 1, segment_pause: float = 0.0,
-                 **options: Any) -> None:
-        super().__init__(devices, **options)
+                 seed: int = 0) -> None:
+        self.units = Units(devices, where=f"the DTU dialling {host}:{port}")
         self.host, self.port = host, port
         self.registration = registration
         self.heartbeat = heartbeat
@@ -48,11 +52,11 @@ class DtuSim(RtuBus):
         self.heartbeat_before_reply = heartbeat_before_reply
         self.segments, self.segment_pause = segments, segment_pause
         self.hung = False  # connected, but sends nothing at all
+        self.carrier = RtuOverTcp(self.units, name=f"sim-dtu[{self.path}]", seed=seed, write=self._write)
         self._held: bytearray | None = None  # replies waiting for a split packet to be sent
         self.connections = 0  # successful dial-ins
         self.heartbeats = 0
         self.connected = asyncio.Event()
-        self._transport: asyncio.Transport | None = None
         self._dialler: asyncio.Task[None] | None = None
 
     @property
@@ -60,7 +64,7 @@ class DtuSim(RtuBus):
         return f"{self.host}:{self.port}"
 
     async def __aenter__(self) -> DtuSim:
-        self._task = asyncio.create_task(self._serve(), name=f"sim-dtu[{self.path}]")
+        await self.carrier.line.__aenter__()
         self._dialler = asyncio.create_task(self._dial(), name=f"sim-dtu-dial[{self.path}]")
         return self
 
@@ -70,32 +74,24 @@ class DtuSim(RtuBus):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._dialler
             self._dialler = None
-        await super().__aexit__(*exc)
-
-    def vanish(self) -> None:
+        await self.carrier.line.__aexit__(*exc)
         self.drop()
-
-    def reappear(self) -> None:
-        pass
 
     def drop(self) -> None:
         """The connection drops (coverage lost); the DTU dials in again after ``reconnect_delay``."""
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.abort()
-        self._buf.clear()
+        self.carrier.drop()
 
     async def _dial(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             lost: asyncio.Future[None] = loop.create_future()
             try:
-                transport, _stream = await loop.create_connection(lambda lost=lost: _DtuStream(self, lost), self.host, self.port)
+                transport, _stream = await loop.create_connection(functools.partial(self.carrier.protocol, lost),
+                                                                  self.host, self.port)
             except OSError as exc:
                 log.debug("sim DTU: cannot reach %s (%s); retrying", self.path, exc)
                 await asyncio.sleep(self.reconnect_delay)
                 continue
-            self._transport = transport  # type: ignore[assignment]
             self.connections += 1
             try:
                 if self.registration is not None:
@@ -110,13 +106,9 @@ class DtuSim(RtuBus):
                         self.heartbeats += 1
             finally:
                 self.connected.clear()
-                if self._transport is transport:
+                if self.carrier.transport is transport:
                     self.drop()
             await asyncio.sleep(self.reconnect_delay)
-
-    def _send(self, data: bytes) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
 
     async def _send_split(self, packet: bytes) -> None:
         """``packet`` in ``segments`` writes ``segment_pause`` apart (asyncio sets TCP_NODELAY, so
@@ -128,13 +120,14 @@ class DtuSim(RtuBus):
             for start in range(0, len(packet), step):
                 if start:
                     await asyncio.sleep(self.segment_pause)
-                self._send(packet[start:start + step])
+                self.carrier.send(packet[start:start + step])
         finally:
             held, self._held = self._held, None
         if held:
-            self._send(bytes(held))
+            self.carrier.send(bytes(held))
 
     def _write(self, data: bytes) -> None:
+        """A framed reply from the line: after a heartbeat if asked, after a packet being split."""
         if self.hung:
             return
         chunks = [data]
@@ -145,34 +138,12 @@ class DtuSim(RtuBus):
             if self._held is not None:
                 self._held += chunk  # after the packet being sent in pieces
             else:
-                self._send(chunk)
-
-    def _line_matches(self) -> bool:
-        return True
+                self.carrier.send(chunk)
 
     def describe(self) -> str:
-        units = ", ".join(f"{u} ({d.name})" for u, d in sorted(self.devices.items()))
         who = repr(self.registration) if self.registration is not None else "nothing (no registration)"
-        return f"DTU dialling in to {self.path}, registering as {who}: {len(self.devices)} units — {units}"
-
-
-class _DtuStream(asyncio.Protocol):
-    def __init__(self, sim: DtuSim, lost: asyncio.Future[None]) -> None:
-        self.sim = sim
-        self.lost = lost
-        self.transport: asyncio.BaseTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if self.sim._transport is self.transport:
-            self.sim._buf += data
-            self.sim._data.set()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
+        return (f"DTU dialling in to {self.path}, registering as {who}: {len(self.devices)} units — "
+                f"{self.units.describe()}")
 
 
 # =========================================================================== sluice sim dtu
@@ -186,8 +157,6 @@ def _packet(text: str | None, hex_text: str | None, what: str) -> bytes | None:
 
 
 def _seconds(text: str) -> float:
-    from gateway.units import parse_duration
-
     try:
         return parse_duration(text)
     except ValueError as exc:
@@ -196,8 +165,6 @@ def _seconds(text: str) -> float:
 
 def main_sim_dtu(argv: Sequence[str] | None = None) -> int:
     """``sluice sim dtu``: dial in to a gateway and serve units until SIGINT/SIGTERM; 2 for bad arguments."""
-    from gateway.logs import add_log_level, setup_logging
-
     parser = argparse.ArgumentParser(
         prog="sluice sim dtu",
         description="Simulate a 4G/5G DTU that dials in to the gateway's DTU listener (protocol: modbus_rtu_dtu), "
@@ -219,10 +186,10 @@ def main_sim_dtu(argv: Sequence[str] | None = None) -> int:
                         help="time between those pieces (default 50ms)")
     parser.add_argument("--drop-every", type=_seconds, default=None, metavar="DURATION",
                         help="fault: drop the connection this often (it dials in again)")
-    parser.add_argument("--unit", dest="units", action="append", type=_parse_unit, required=True,
+    parser.add_argument("--unit", dest="units", action="append", type=parse_unit_arg, required=True,
                         metavar="UNIT=PROFILE", help="a unit id and the profile it serves (repeat for more units)")
     parser.add_argument("--profiles", type=Path, default=Path("config/profiles"), help="profile directory")
-    parser.add_argument("--fault", dest="faults", action="append", type=_parse_fault, default=[],
+    parser.add_argument("--fault", dest="faults", action="append", type=parse_fault_arg, default=[],
                         metavar="UNIT:FAULT[=VALUE]", help="e.g. 2:crc=0.1, 3:no_answer, 4:delay=0.5")
     add_log_level(parser, "info")
     args = parser.parse_args(argv)

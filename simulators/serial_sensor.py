@@ -38,6 +38,7 @@ from drivers.serial.profile import BIN_TYPES as _BIN
 from drivers.serial.profile import CHECKSUM_SIZE as _CHECKSUM_SIZE
 from drivers.serial.profile import ProfileModel, parse_hex
 from drivers.wire import to_big_endian
+from gateway.validation import validate_doc
 from gateway.units import parse_duration
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
 from drivers.signals import Constant, Signal, Step, make_signal
@@ -337,8 +338,6 @@ class SerialSensorSim:
 # =========================================================================== CLI
 def load_profile(path: Path) -> ProfileModel:
     """A profile file validated like the gateway does; raises ConfigErrors."""
-    from gateway.validation import validate_doc
-
     errors: list[ConfigError] = []
     doc, errs = load_yaml(path, path)
     errors += errs

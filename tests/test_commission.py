@@ -19,8 +19,9 @@ from drivers.modbus.rtu import SerialLink
 from gateway.cli.commands import build_parser
 from gateway.cli.commission import Progress, interpret_pairs, read_command, scan_command
 from gateway.units import parse_duration
-from simulators.modbus_rtu import RtuBus, RtuFaults
-from simulators.modbus_tcp import ModbusTcpServer, SimDevice
+from simulators.modbus_device import Faults, SimDevice
+from simulators.modbus_rtu import RtuBus
+from simulators.modbus_tcp import ModbusTcpServer
 
 PROFILE = ProfileModel.model_validate({"protocol": "modbus", "points": [
     {"name": "volts", "kind": "holding", "address": 0, "type": "float32", "byte_order": "CDAB",
@@ -36,7 +37,7 @@ def args(*argv: str) -> Any:
 
 
 def unit(n: int) -> SimDevice:
-    return SimDevice(PROFILE, n, name=f"meter{n}", faults=RtuFaults())
+    return SimDevice(PROFILE, n, name=f"meter{n}", faults=Faults())
 
 
 async def run(command: Any, *argv: str) -> tuple[int, str, str]:
@@ -197,7 +198,7 @@ async def test_read_and_scan_refuse_a_port_the_gateway_holds() -> None:
 
 # --------------------------------------------------------------------------- slow units, late replies
 async def test_a_unit_answering_in_150ms_is_found_and_its_late_replies_blamed_on_nobody_else() -> None:
-    slow = SimDevice(PROFILE, 1, name="slow", faults=RtuFaults(delay=0.15))
+    slow = SimDevice(PROFILE, 1, name="slow", faults=Faults(delay=0.15))
     async with RtuBus([slow, unit(3)], wire_timing=True) as bus:
         code, out, err = await run(scan_command, "scan", bus.path, "--units", "1-6")  # the default 100ms probe
     assert code == 0, err

@@ -96,7 +96,8 @@ def small_disk(tmp_path: Path):
 
 def _servers():
     from drivers.modbus.profile import ProfileModel
-    from simulators.modbus_tcp import ModbusTcpServer, SimDevice
+    from simulators.modbus_device import SimDevice
+    from simulators.modbus_tcp import ModbusTcpServer
 
     profile = ProfileModel.model_validate(yaml.safe_load(PROFILE))
     devices = {dev_id: SimDevice(profile, unit, name=dev_id) for units in LAYOUT.values() for dev_id, unit in units}

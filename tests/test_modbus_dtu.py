@@ -23,9 +23,8 @@ from drivers.modbus.dtu import DeviceModel, DtuListenerPoller, make_pollers
 from drivers.modbus.dtu_link import Packet, PacketModel
 from gateway.driver import Device
 from gateway.reading import Reading
+from simulators.modbus_device import Faults, SimDevice
 from simulators.modbus_dtu import DtuSim
-from simulators.modbus_rtu import RtuFaults as SimFaults
-from simulators.modbus_tcp import SimDevice
 
 PROFILE = ProfileModel.model_validate({
     "protocol": "modbus",
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def units(ids: Sequence[int]) -> list[SimDevice]:
-    return [SimDevice(PROFILE, u, name=f"sim{u}", faults=SimFaults()) for u in ids]
+    return [SimDevice(PROFILE, u, name=f"sim{u}", faults=Faults()) for u in ids]
 
 
 def device(dev_id: str, unit: int, dtu: dict[str, Any], listen: str = "127.0.0.1:0", **settings: Any) -> Device:

@@ -16,7 +16,8 @@ from drivers.modbus.profile import ProfileModel
 from drivers.modbus.tcp import make_pollers
 from gateway.config import load_config
 from gateway.reading import GOOD
-from simulators.modbus_tcp import ModbusTcpServer, SimDevice
+from simulators.modbus_device import SimDevice
+from simulators.modbus_tcp import ModbusTcpServer
 
 # 13 float32 at holding 0..25 and 5 uint16 at 30..34: 18 points, merged by max_gap 8 into holding 0+35
 POINTS = [{"name": f"f{a}", "kind": "holding", "address": a, "type": "float32",

@@ -22,14 +22,15 @@ from support import until
 from drivers.modbus.poller import ModbusPoller
 from drivers.modbus.profile import ProfileModel
 from drivers.modbus.rtu import DeviceModel, SerialLink, make_pollers
-from drivers.modbus.rtu_client import ModbusRtuClient, PreciseSleep, char_time, inter_frame_silence, rtu_frame
+from drivers.modbus.rtu_client import ModbusRtuClient
+from drivers.wire import PreciseSleep, char_time, inter_frame_silence, rtu_frame
 from drivers.modbus.rtu_tcp import DeviceModel as RtuTcpDeviceModel
 from drivers.modbus.rtu_tcp import make_pollers as make_tcp_pollers
 from drivers.wire import crc16
 from gateway.driver import Device
 from gateway.reading import GOOD, Reading
-from simulators.modbus_rtu import RtuBus, RtuFaults, RtuTcpServer
-from simulators.modbus_tcp import SimDevice
+from simulators.modbus_device import Faults, SimDevice
+from simulators.modbus_rtu import RtuBus, RtuTcpServer
 
 PROFILE = ProfileModel.model_validate({
     "protocol": "modbus",
@@ -41,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def sim_units(units: Sequence[int]) -> list[SimDevice]:
-    return [SimDevice(PROFILE, u, name=f"sim{u}", faults=RtuFaults()) for u in units]
+    return [SimDevice(PROFILE, u, name=f"sim{u}", faults=Faults()) for u in units]
 
 
 def device(dev_id: str, port: str, unit: int, **settings: Any) -> Device:

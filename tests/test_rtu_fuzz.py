@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from drivers.modbus.errors import ModbusExceptionResponse, ModbusFrameError, ModbusTimeout
 from drivers.modbus.rtu import SerialLink
-from drivers.modbus.rtu_client import ModbusRtuClient, damage_kind, find_reply, rtu_frame
+from drivers.modbus.rtu_client import ModbusRtuClient, damage_kind, find_reply
+from drivers.wire import rtu_frame
 from drivers.wire import crc16
 from drivers.modbus.dtu_link import DtuLink, DtuListener, DtuModel, Packet, PacketFilter, PacketModel
 

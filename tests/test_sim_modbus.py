@@ -19,17 +19,15 @@ from drivers.modbus.codec import RequestDecoder
 from drivers.modbus.planner import plan
 from drivers.modbus.profile import ProfileModel, points_of
 from gateway.yamlpos import ConfigErrors
-from simulators.modbus_tcp import (
+from simulators.modbus_device import (
     GATEWAY_NO_RESPONSE,
     ILLEGAL_ADDRESS,
     ILLEGAL_FUNCTION,
     ILLEGAL_VALUE,
-    ModbusTcpServer,
     SimDevice,
-    load_simulation,
-    main_sim,
-    run_simulator,
 )
+from simulators.modbus_tcp import ModbusTcpServer
+from simulators.simulation import load_simulation, main_sim, run_simulator
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ from drivers.modbus.rtu_client import ModbusRtuClient
 from gateway.yamlpos import ConfigErrors
 from servers import _need, free_port, sluice_process
 from simulators.modbus_rtu import RtuBus, RtuTcpServer
-from simulators.modbus_tcp import SimServer, load_simulation, run_simulator
+from simulators.simulation import SimServer, load_simulation, run_simulator
 from support import DEADLINE, STOP, wait_for
 
 REPO = Path(__file__).resolve().parent.parent

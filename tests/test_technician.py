@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 from drivers.modbus.profile import ProfileModel
-from simulators.modbus_tcp import ModbusTcpServer, SimDevice
+from simulators.modbus_device import SimDevice
+from simulators.modbus_tcp import ModbusTcpServer
 
 SLUICE = [sys.executable, "-m", "gateway.cli"]
 

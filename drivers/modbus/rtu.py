@@ -28,7 +28,8 @@ from drivers.modbus.errors import ModbusConnectionError
 from drivers.modbus.planner import plan_summary
 from drivers.modbus.poller import ModbusPoller
 from drivers.modbus.profile import ProfileModel  # one register map, every transport
-from drivers.modbus.rtu_client import LineSettings, ModbusRtuClient, OnData, OnLost, Parity, char_time, inter_frame_silence, pauses_of
+from drivers.modbus.rtu_client import LineSettings, ModbusRtuClient, OnData, OnLost, Parity, pauses_of
+from drivers.wire import char_time, inter_frame_silence
 from gateway.driver import Claim, Device, Problem, parity_letter, serial_claim, slow_timeout
 
 __all__ = ["PROFILE_KIND", "PROTOCOLS", "DeviceModel", "ProfileModel", "SerialLink", "bus_key", "check", "claims",

@@ -22,10 +22,7 @@ Layout, top to bottom:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import logging
-import os
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +33,7 @@ from pydantic import Field, field_validator
 from drivers.modbus.codec import read_reply_data
 from drivers.modbus.errors import ModbusConnectionError, ModbusFrameError, ModbusTimeout
 from drivers.modbus.profile import READ_FUNCTIONS, ProfileModel, UnitConfig
-from drivers.wire import crc16
+from drivers.wire import PreciseSleep, crc16, rtu_frame
 from gateway.driver import Device
 from gateway.polling import format_duration
 from gateway.units import Duration
@@ -50,12 +47,6 @@ holds them up to 16 ms), so the gateway waits longer before calling a frame trun
 
 
 # =========================================================================== framing
-def rtu_frame(unit: int, pdu: bytes) -> bytes:
-    """Unit id + PDU + CRC (low byte first)."""
-    body = bytes((unit,)) + pdu
-    return body + struct.pack("<H", crc16(body))
-
-
 def find_reply(buf: bytes | bytearray, unit: int, function: int, nbytes: int) -> tuple[int, int] | None:
     """Where the reply to a read of ``nbytes`` data bytes from ``unit`` with ``function`` lies in
     ``buf`` (``start, end``): the first span that starts with the unit id and the function code
@@ -106,93 +97,6 @@ def damage_kind(buf: bytes | bytearray, unit: int, function: int, nbytes: int) -
         need = 5 if buf[i + 1] & 0x80 else 5 + nbytes
         return "crc" if len(buf) - i >= need else "truncated"
     return "garbage"
-
-
-def char_time(baudrate: int, bytesize: int = 8, parity: str = "N", stopbits: float = 1) -> float:
-    """Seconds one character takes on the line: start bit, data bits, parity bit, stop bits."""
-    return (1 + bytesize + (0 if parity == "N" else 1) + stopbits) / baudrate
-
-
-def inter_frame_silence(baudrate: int, bytesize: int = 8, parity: str = "N", stopbits: float = 1) -> float:
-    """The silence that separates two frames: 3.5 character times, fixed at 1.75 ms above
-    19200 baud (Modbus over serial line, 2.5.1.1)."""
-    if baudrate > 19200:
-        return 0.00175
-    return 3.5 * char_time(baudrate, bytesize, parity, stopbits)
-
-
-# =========================================================================== precise waits
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-class _Itimerspec(ctypes.Structure):
-    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
-
-
-def _libc_timerfd() -> tuple[Callable[..., int], Callable[..., int]] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.timerfd_create, libc.timerfd_settime
-    except (OSError, AttributeError):
-        return None  # not Linux: asyncio's own timers
-
-
-_TIMERFD: Final = _libc_timerfd()
-_CLOCK_MONOTONIC: Final = 1
-_TFD_FLAGS: Final = os.O_NONBLOCK | os.O_CLOEXEC  # TFD_NONBLOCK | TFD_CLOEXEC have the same values
-
-
-class PreciseSleep:
-    """Sleeps of a few milliseconds that end on time. asyncio's timers wake through epoll, whose
-    timeout is whole milliseconds rounded up, so the 1.75 ms inter-frame silence became 2-3 ms —
-    a third of a transaction at 115200 baud. A Linux timerfd on the event loop wakes it within
-    microseconds, without a thread or a busy wait. Elsewhere (no timerfd), for a second or more,
-    or while another sleep of the same object runs, it is ``asyncio.sleep``. ``close`` releases
-    the descriptor."""
-
-    def __init__(self) -> None:
-        self._fd = -1
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    async def sleep(self, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        if _TIMERFD is None or seconds <= 0 or seconds > 1.0 or self._waiter is not None:
-            await asyncio.sleep(max(seconds, 0))
-            return
-        if self._loop is not loop:
-            self.close()
-            fd = _TIMERFD[0](_CLOCK_MONOTONIC, _TFD_FLAGS)
-            if fd < 0:
-                await asyncio.sleep(seconds)
-                return
-            self._fd, self._loop = fd, loop
-            loop.add_reader(fd, self._expired)
-        ns = max(int(seconds * 1e9), 1)
-        spec = _Itimerspec(_Timespec(0, 0), _Timespec(ns // 1_000_000_000, ns % 1_000_000_000))
-        if _TIMERFD[1](self._fd, 0, ctypes.byref(spec), None) != 0:
-            await asyncio.sleep(seconds)  # cannot happen with a valid descriptor; never hang on it
-            return
-        self._waiter = loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    def _expired(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._fd, 8)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(fd)
-            os.close(fd)
-        self._loop = None
 
 
 # =========================================================================== links

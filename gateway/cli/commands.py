@@ -297,7 +297,7 @@ SIM_COMMANDS = {
     "dtu": ("simulators.modbus_dtu", "main_sim_dtu"),           # a 4G/5G DTU dialling in to the gateway
 }
 """``sluice sim KIND ...``: simulators with their own parsers (``sluice sim KIND --help``); plain
-``sluice sim`` is Modbus TCP (``simulators.modbus_tcp.main_sim``)."""
+``sluice sim`` serves a sim.yaml or a gateway configuration (``simulators.simulation.main_sim``)."""
 
 CORE_COMMANDS = frozenset({"run", "check", "once", "status", "deadletter", "outbox", "demo", "init"})
 """Commands whose parser is built without importing the others' modules (trace: cryptography;
@@ -421,9 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(getattr(importlib.import_module(module), func)(argv[2:]))
     if argv[:1] == ["sim"]:
         # The simulator has its own parser (`sluice sim --help`); hand it everything after `sim`.
-        from simulators.modbus_tcp import main_sim
+        from simulators.simulation import main_sim
 
-        return main_sim(argv[1:])
+        return main_sim(argv[1:], default_config=default_config_dir())
     args = build_parser(extensions=not (argv[:1] and argv[0] in CORE_COMMANDS)).parse_args(argv)
     args.config_given = getattr(args, "config", None) is not None
     if getattr(args, "config", "unset") is None and args.command != "demo":

@@ -43,9 +43,9 @@ from drivers.modbus.client import ModbusClient, ModbusTcpClient
 from drivers.modbus.errors import ModbusConnectionError, ModbusExceptionResponse, ModbusFrameError, ModbusTimeout
 from drivers.modbus.profile import BIT_KINDS, FUNCTION, looks_like_reference, parse_register_reference
 from drivers.modbus.rtu import SerialLink
-from drivers.modbus.rtu_client import ModbusRtuClient, char_time, damage_kind, inter_frame_silence, replies_in
+from drivers.modbus.rtu_client import ModbusRtuClient, damage_kind, replies_in
 from drivers.modbus.rtu_tcp import RTU_TCP_HINTS, TcpLink
-from drivers.wire import BYTE_ORDERS, swap_register_bytes, to_big_endian
+from drivers.wire import BYTE_ORDERS, char_time, inter_frame_silence, swap_register_bytes, to_big_endian
 from gateway.polling import format_duration
 from gateway.reading import shortest_float32
 from gateway.units import duration_arg

@@ -168,7 +168,7 @@ async def _demo(stop: asyncio.Event, source: Path) -> int:
                 print(f"  private Mosquitto broker on 127.0.0.1:{broker_port}")
             config_dir = write_demo_config(source, Path(tmp) / "config", broker_port)
             config = load_config(config_dir)
-            from simulators.modbus_tcp import load_simulation
+            from simulators.simulation import load_simulation
 
             for server in load_simulation(config_dir):
                 await stack.enter_async_context(server)
