@@ -43,7 +43,7 @@ def kernel_clock_synced() -> bool | None:
         if _libc is None:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         buf = ctypes.create_string_buffer(1024)  # zeroed: modes = 0 reads only; larger than any struct timex
-        state = _libc.adjtimex(buf)
+        state: int = _libc.adjtimex(buf)  # ctypes calls return an int unless restype says otherwise
     except (OSError, AttributeError):
         state = -1
     if state >= 0:

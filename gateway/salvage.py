@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.buffer import APPLICATION_ID, OutboxError, encode_letter, open_for_dead_letters
-from gateway.outbox_file import CORRUPT_CODES, connect
+from gateway.buffer import OutboxError, encode_letter, open_for_dead_letters
+from gateway.outbox_file import APPLICATION_ID, CORRUPT_CODES, connect
 from gateway.reading import Reading
 
 __all__ = ["LETTER_READINGS", "SalvageReport", "salvage"]
@@ -334,7 +334,10 @@ def _read(src: sqlite3.Connection, report: SalvageReport) -> _Found:
                 ok = isinstance(marshal.loads(row[4]), list)
             except (ValueError, EOFError, TypeError):
                 ok = False
-            (letters if ok else lost_letters).append(row if ok else row[0])
+            if ok:
+                letters.append(row)
+            else:
+                lost_letters.append(row[0])
         if lost_letters:
             report.problems.append(f"dead letters {_ranges_text(_ranges(lost_letters))}")
     events: list[tuple[int, str, int, str]] = []
@@ -416,12 +419,12 @@ def _write(dst: sqlite3.Connection, report: SalvageReport, sinks: Sequence[str],
         _transaction(dst, put_letter)
         report.old_letters_copied += 1
     for i in range(0, len(events), _CHUNK):
-        part = events[i:i + _CHUNK]
+        chunk = events[i:i + _CHUNK]
 
-        def put_events(part: list[tuple[int, str, int, str]] = part) -> None:
+        def put_events(chunk: list[tuple[int, str, int, str]] = chunk) -> None:
             before = dst.total_changes
             dst.executemany("INSERT OR IGNORE INTO trace_salvaged VALUES (?, ?, ?, ?, ?)",
-                            [(source, seq, lot, time_ns, line) for seq, lot, time_ns, line in part])
+                            [(source, seq, lot, time_ns, line) for seq, lot, time_ns, line in chunk])
             report.events_copied += dst.total_changes - before
         _transaction(dst, put_events)
 

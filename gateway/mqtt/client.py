@@ -517,7 +517,8 @@ class Client:
             if self._on_message_hook is None:
                 return
             props = getattr(m, "properties", None)
-            self._on_message_hook(Message(m.topic, m.payload, m.qos, bool(m.retain), m.mid, props, conn.number))
+            # paho types the payload bytes | bytearray; bytes() of a bytes object is that object, no copy.
+            self._on_message_hook(Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), m.mid, props, conn.number))
 
         client.on_socket_open = socket_open
         client.on_socket_close = socket_close
