@@ -19,6 +19,7 @@ A jump is a change of the wall clock against the monotonic clock of more than
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
@@ -95,8 +96,6 @@ class ClockWatch:
 
     async def run(self) -> None:
         """Poll every ``period`` seconds until cancelled."""
-        import asyncio
-
         while True:
             await asyncio.sleep(self.period)
             self.poll()

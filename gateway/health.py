@@ -549,7 +549,8 @@ def _trace_status(samples: list[tuple[str, dict[str, str], float]], now: float) 
 
 def fetch(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
     """GET ``path`` from the health endpoint: (HTTP status, body). Raises OSError if unreachable."""
-    import http.client
+    # Only `sluice health` and the tests fetch: the gateway process serves, and never loads http.client.
+    import http.client  # noqa: PLC0415 - see above
 
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
