@@ -59,7 +59,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Literal, Protocol, cast
 
-from gateway.reading import GOOD, Reading
+from gateway.reading import GOOD, FieldValue, Reading
 
 __all__ = ["Encoder", "InfluxEncoder", "JsonEncoder", "make_encoder", "tag_problem"]
 
@@ -289,7 +289,7 @@ class InfluxEncoder:
 
 
 # --------------------------------------------------------------------------- JSON
-def _finite(fields: dict[str, object]) -> dict[str, object]:
+def _finite(fields: dict[str, FieldValue]) -> dict[str, FieldValue | None]:
     return {k: (None if isinstance(v, float) and v - v != 0 else v) for k, v in fields.items()}
 
 
@@ -322,7 +322,7 @@ class JsonEncoder:
         try:
             fields = self._dumps(reading.fields)
         except ValueError:  # NaN or infinity somewhere
-            fields = self._dumps(_finite(reading.fields))  # type: ignore[arg-type]
+            fields = self._dumps(_finite(reading.fields))
         quality = reading.quality
         quality_json = '"good"' if quality == GOOD else self._dumps(quality)
         return f'{self._prefix(reading)}{reading.time_ns},"quality":{quality_json},"fields":{fields}}}'.encode()

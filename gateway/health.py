@@ -268,16 +268,17 @@ def render_metrics(snap: Snapshot) -> str:
         out.sample("sluice_outbox_lost_total", snap.lost)
 
     sinks = [sink for sink in snap.sinks if sink.stats is not None]
+    counters = [(sink.name, sink.stats) for sink in snap.sinks if sink.stats is not None]
     if sinks:
         fam("sluice_sink_connected")
         for sink in sinks:
             out.sample("sluice_sink_connected", sink.connected, sink=sink.name)
         fam("sluice_sink_delivered_total")
-        for sink in sinks:
-            out.sample("sluice_sink_delivered_total", sink.stats.delivered, sink=sink.name)  # type: ignore[union-attr]
+        for name, counted in counters:
+            out.sample("sluice_sink_delivered_total", counted.delivered, sink=name)
         fam("sluice_sink_retries_total")
-        for sink in sinks:
-            out.sample("sluice_sink_retries_total", sink.stats.retries, sink=sink.name)  # type: ignore[union-attr]
+        for name, counted in counters:
+            out.sample("sluice_sink_retries_total", counted.retries, sink=name)
         fam("sluice_sink_pending_readings")
         for sink in sinks:
             out.sample("sluice_sink_pending_readings", stats.pending.get(sink.name, 0) if stats else 0, sink=sink.name)

@@ -387,8 +387,10 @@ class Client:
                 async with asyncio.timeout(s.connect_timeout):
                     self.session_present = await conn.connack
                     if s.subscriptions:
-                        options = [(f, SubscribeOptions(qos=q)) if s.protocol == "5" else (f, q) for f, q in s.subscriptions]
-                        client.subscribe(options)  # type: ignore[arg-type]
+                        if s.protocol == "5":
+                            client.subscribe([(f, SubscribeOptions(qos=q)) for f, q in s.subscriptions])
+                        else:
+                            client.subscribe(list(s.subscriptions))
                         self._check_subscriptions(await conn.suback)
                     if self._on_connect_hook is not None:
                         await self._on_connect_hook(self.session_present)

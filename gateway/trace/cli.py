@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from gateway.trace.config import TraceConfig
 from gateway.trace.journal import Journal
 from gateway.trace.schema import cached_schema
@@ -130,9 +132,11 @@ def cmd_head(args: argparse.Namespace) -> int:
 SCHEMA_PACKAGES = "pip install 'jsonschema>=4.26' rfc3986-validator rfc3339-validator"
 
 
-def _heads(values: list[str], public: object) -> list[Head] | str:
+def _heads(values: list[str], public: Ed25519PublicKey | None) -> list[Head] | str:
     """The --head values (a head's JSON, or a file holding one) checked with the key; or why not."""
-    if values and public is None:
+    if not values:
+        return []
+    if public is None:
         return "--head is checked against the gateway's key: give --pubkey too"
     heads = []
     for value in values:
@@ -143,7 +147,7 @@ def _heads(values: list[str], public: object) -> list[Head] | str:
             except OSError as exc:
                 return f"--head {value}: {exc}"
         try:
-            heads.append(read_head(text, public))  # type: ignore[arg-type]
+            heads.append(read_head(text, public))
         except ValueError as exc:
             return f"--head {value[:60]}: {exc}"
     return heads

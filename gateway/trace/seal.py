@@ -94,7 +94,10 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     """A PEM public key (``sluice trace pubkey`` output) or the private key file itself."""
     data = path.read_bytes()
     if b"PRIVATE" in data:
-        return serialization.load_pem_private_key(data, password=None).public_key()  # type: ignore[return-value]
+        private = serialization.load_pem_private_key(data, password=None)
+        if not isinstance(private, Ed25519PrivateKey):
+            raise ValueError(f"{path} is not an Ed25519 private key")
+        return private.public_key()
     key = serialization.load_pem_public_key(data)
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"{path} is not an Ed25519 public key")
