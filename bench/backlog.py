@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -275,8 +276,6 @@ async def main() -> None:
     if args.keep:
         print(f"  kept {base}")
     else:
-        import shutil
-
         shutil.rmtree(base, ignore_errors=True)
 
 

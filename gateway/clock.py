@@ -19,6 +19,7 @@ A jump is a change of the wall clock against the monotonic clock of more than
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
@@ -43,7 +44,7 @@ def kernel_clock_synced() -> bool | None:
         if _libc is None:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         buf = ctypes.create_string_buffer(1024)  # zeroed: modes = 0 reads only; larger than any struct timex
-        state = _libc.adjtimex(buf)
+        state: int = _libc.adjtimex(buf)  # ctypes calls return an int unless restype says otherwise
     except (OSError, AttributeError):
         state = -1
     if state >= 0:
@@ -95,8 +96,6 @@ class ClockWatch:
 
     async def run(self) -> None:
         """Poll every ``period`` seconds until cancelled."""
-        import asyncio
-
         while True:
             await asyncio.sleep(self.period)
             self.poll()

@@ -262,7 +262,8 @@ class InfluxSinkConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> InfluxSinkConfig:
-        mine, other = (("org", "bucket", "token"), ("database", "retention_policy", "username", "password"))
+        mine: tuple[str, ...] = ("org", "bucket", "token")
+        other: tuple[str, ...] = ("database", "retention_policy", "username", "password")
         if self.api == "v1":
             mine, other = other, mine
         for key in other:

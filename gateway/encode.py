@@ -57,9 +57,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
-from gateway.reading import GOOD, Reading
+from gateway.reading import GOOD, FieldValue, Reading
 
 __all__ = ["Encoder", "InfluxEncoder", "JsonEncoder", "make_encoder", "tag_problem"]
 
@@ -202,12 +202,14 @@ class InfluxEncoder:
             if keys != series.keys or types != series.types:
                 self._retemplate(series, keys, types)
             if series.template:
-                total = sum(values)  # finite iff every value is (or it overflowed: general path)
+                # A template exists only when every value is a float or an int (_TEMPLATE_TYPES).
+                numbers = cast(tuple[float, ...], values)
+                total = sum(numbers)  # finite iff every value is (or it overflowed: general path)
                 if total - total == 0 and (int not in types or (
-                        _INT64_MIN <= min(values) and max(values) <= _INT64_MAX)):
+                        _INT64_MIN <= min(numbers) and max(numbers) <= _INT64_MAX)):
                     quality = reading.quality
                     template = series.template if quality == GOOD else series.with_quality(quality)
-                    return template % (*values, reading.time_ns)
+                    return template % (*numbers, reading.time_ns)
         return self._general(series.prefix, reading)
 
     def _retemplate(self, series: _Series, keys: tuple[str, ...], types: tuple[type, ...]) -> None:
@@ -241,13 +243,15 @@ class InfluxEncoder:
                 parts.append(key + text)
             elif kind is bool:
                 parts.append(key + ("true" if value else "false"))
+            # The exact type, not isinstance (bool is an int); mypy does not narrow through type(), hence the casts.
             elif kind is int:
-                if _INT64_MIN <= value <= _INT64_MAX:  # type: ignore[operator]
-                    parts.append(f"{key}{value}i")
+                integer = cast(int, value)
+                if _INT64_MIN <= integer <= _INT64_MAX:
+                    parts.append(f"{key}{integer}i")
                 else:
-                    parts.append(key + repr(float(value)))  # type: ignore[arg-type]
+                    parts.append(key + repr(float(integer)))
             elif kind is str:
-                parts.append(f'{key}"{escape_string(value)}"')  # type: ignore[arg-type]
+                parts.append(f'{key}"{escape_string(cast(str, value))}"')
             else:
                 parts.extend(self._other(key, value))
         if reading.quality != GOOD:
@@ -285,7 +289,7 @@ class InfluxEncoder:
 
 
 # --------------------------------------------------------------------------- JSON
-def _finite(fields: dict[str, object]) -> dict[str, object]:
+def _finite(fields: dict[str, FieldValue]) -> dict[str, FieldValue | None]:
     return {k: (None if isinstance(v, float) and v - v != 0 else v) for k, v in fields.items()}
 
 
@@ -318,7 +322,7 @@ class JsonEncoder:
         try:
             fields = self._dumps(reading.fields)
         except ValueError:  # NaN or infinity somewhere
-            fields = self._dumps(_finite(reading.fields))  # type: ignore[arg-type]
+            fields = self._dumps(_finite(reading.fields))
         quality = reading.quality
         quality_json = '"good"' if quality == GOOD else self._dumps(quality)
         return f'{self._prefix(reading)}{reading.time_ns},"quality":{quality_json},"fields":{fields}}}'.encode()

@@ -420,10 +420,10 @@ def _write(dst: sqlite3.Connection, report: SalvageReport, sinks: Sequence[str],
     for i in range(0, len(events), _CHUNK):
         chunk = events[i:i + _CHUNK]
 
-        def put_events(part: list[tuple[int, str, int, str]] = chunk) -> None:
+        def put_events(chunk: list[tuple[int, str, int, str]] = chunk) -> None:
             before = dst.total_changes
             dst.executemany("INSERT OR IGNORE INTO trace_salvaged VALUES (?, ?, ?, ?, ?)",
-                            [(source, seq, lot, time_ns, line) for seq, lot, time_ns, line in part])
+                            [(source, seq, lot, time_ns, line) for seq, lot, time_ns, line in chunk])
             report.events_copied += dst.total_changes - before
         _transaction(dst, put_events)
 

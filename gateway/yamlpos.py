@@ -106,9 +106,11 @@ def _child(node: Node, part: str | int) -> Node | None:
     if isinstance(node, MappingNode):
         for key, value in node.value:
             if isinstance(key, ScalarNode) and key.value == str(part):
-                return value
+                child: Node = value  # PyYAML's stubs type a node's value as Any
+                return child
     elif isinstance(node, SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
-        return node.value[part]
+        item: Node = node.value[part]
+        return item
     return None
 
 
@@ -136,11 +138,11 @@ def load_yaml(path: Path, display: Path | None = None) -> tuple[YamlDoc | None, 
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        row, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = exc.problem or "invalid YAML"
         if exc.context:
             problem = f"{exc.context}, {problem}"
-        return None, [ConfigError(shown, line, col, f"YAML syntax error: {problem}",
+        return None, [ConfigError(shown, row, col, f"YAML syntax error: {problem}",
                                   _yaml_hint(problem))]
     except yaml.YAMLError as exc:  # pragma: no cover - every PyYAML error we know is marked
         return None, [ConfigError(shown, 1, 1, f"YAML error: {exc}", "check the file's syntax")]

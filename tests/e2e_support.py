@@ -8,6 +8,9 @@ from pathlib import Path
 
 import yaml
 from simulators.broker import free_port
+from drivers.modbus.profile import ProfileModel
+from simulators.modbus_device import SimDevice
+from simulators.modbus_tcp import ModbusTcpServer
 
 COUNTER_PROFILE = """\
 protocol: modbus
@@ -69,9 +72,6 @@ def counts_by_device(payloads: list[bytes]) -> dict[str, list[int]]:
 
 def counter_servers(layout: dict[int, list[tuple[str, int]]]):
     """Simulator servers (not started): ``layout`` maps a server index to [(device id, unit id)]."""
-    from drivers.modbus.profile import ProfileModel
-    from simulators.modbus_device import SimDevice
-    from simulators.modbus_tcp import ModbusTcpServer
 
     profile = ProfileModel.model_validate(yaml.safe_load(COUNTER_PROFILE))
     return [ModbusTcpServer([SimDevice(profile, unit, name=dev_id) for dev_id, unit in units])

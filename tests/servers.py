@@ -20,6 +20,12 @@ import pytest_asyncio
 
 from simulators.broker import Mosquitto, TlsFiles, free_port
 from support import DEADLINE, STOP, unavailable
+import time
+import urllib.error
+import urllib.request
+import json
+import urllib.parse
+import ssl
 
 __all__ = ["Mosquitto", "TcpProxy", "TlsFiles", "free_port", "make_ca", "make_client_cert", "sluice_process",
            "subscriber"]
@@ -154,6 +160,11 @@ class Collector:
     def on(self, topic: str) -> list[Received]:
         return [m for m in self.messages if m.topic == topic]
 
+    def add(self, message: Received) -> None:
+        """Record one arrival and wake :meth:`wait_until`."""
+        self.messages.append(message)
+        self._changed.set()
+
     async def wait_until(self, condition: Callable[[list[Received]], bool], timeout: float = DEADLINE) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         while not condition(self.messages):
@@ -181,7 +192,6 @@ async def subscriber(host: str, port: int, topic_filter: str, *, client_id: str 
         while True:
             tls = None
             if tls_ca is not None:
-                import ssl
                 tls = ssl.create_default_context(cafile=str(tls_ca))
             try:
                 async with aiomqtt.Client(host, port, identifier=client_id, clean_session=client_id is None,
@@ -189,9 +199,8 @@ async def subscriber(host: str, port: int, topic_filter: str, *, client_id: str 
                     await client.subscribe(topic_filter, qos=1)
                     subscribed.set()
                     async for message in client.messages:
-                        collector.messages.append(Received(str(message.topic), bytes(message.payload),  # type: ignore[arg-type]
-                                                           bool(message.retain)))
-                        collector._changed.set()
+                        collector.add(Received(str(message.topic), bytes(message.payload),  # type: ignore[arg-type]
+                                               bool(message.retain)))
             except aiomqtt.MqttError:
                 if client_id is None and not subscribed.is_set():
                     raise
@@ -302,10 +311,6 @@ class _HttpServer:
         raise NotImplementedError
 
     def start(self, timeout: float = DEADLINE) -> None:
-        import time
-        import urllib.error
-        import urllib.request
-
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
@@ -338,8 +343,6 @@ class _HttpServer:
 
     def request(self, path: str, data: bytes | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
         """A blocking HTTP request (GET, or POST with ``data``) to the server: (status, body)."""
-        import urllib.error
-        import urllib.request
 
         try:
             with urllib.request.urlopen(urllib.request.Request(self.url + path, data=data), timeout=timeout) as r:
@@ -390,8 +393,6 @@ bind-address = "127.0.0.1:{self.rpc_port}"
 
     def query(self, q: str, db: str | None = None) -> list[dict[str, object]]:
         """InfluxQL (epoch=ns); the ``series`` of the first statement's result ([] if none)."""
-        import json
-        import urllib.parse
 
         params = {"q": q, "epoch": "ns"}
         if db:
@@ -435,8 +436,6 @@ class VictoriaMetrics(_HttpServer):
 
     def export(self, match: str = '{__name__=~".+"}') -> list[dict[str, object]]:
         """Every series matching ``match`` after a flush: [{"metric": {...}, "values": [...], "timestamps": [...]}]."""
-        import json
-        import urllib.parse
 
         self.request("/internal/force_flush")
         _status, body = self.request("/api/v1/export?" + urllib.parse.urlencode({"match[]": match}))

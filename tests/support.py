@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import pytest
+from gateway.driver import Device
 
 __all__ = ["DEADLINE", "STOP", "device", "running", "unavailable", "until", "wait_for"]
 
@@ -114,7 +115,6 @@ def device(model: Any, profile: Any, settings: dict[str, Any], **overrides: Any)
     """A driver ``Device`` as the config loader builds it: ``model`` (a driver's DeviceModel)
     validates ``settings`` updated with ``overrides``; profile name ``p``, measurement ``m``, the
     tag ``device=<id>``, and a source file named after the device."""
-    from gateway.driver import Device
 
     cfg = model.model_validate({**settings, **overrides})
     return Device(cfg, profile, "p", {"device": cfg.id}, "m", Path(f"{cfg.id}.yaml"))

@@ -20,6 +20,10 @@ from gateway.clock import ClockWatch, kernel_clock_synced
 from gateway.config import load_config
 from gateway.reading import CLOCK_UNSYNCED, GOOD
 from support import DEADLINE, STOP
+from gateway.outbox import Outbox
+from gateway.encode import InfluxEncoder, JsonEncoder
+from gateway.cloud.lineproto import json_to_lines, parse_lines
+from gateway.reading import UNCERTAIN, quality, quality_flags
 
 
 def test_kernel_state_is_readable() -> None:
@@ -99,10 +103,6 @@ async def test_readings_are_flagged_until_the_clock_is_synchronised(tmp_path: Pa
 async def test_an_out_of_range_value_on_an_unsynchronised_clock_keeps_both_flags_end_to_end(tmp_path: Path) -> None:
     """A broken probe on a box with no RTC: `uncertain` (value outside its valid range) and
     `clock_unsynced` both survive the outbox, the line-protocol and JSON encoders and the ingest's checker."""
-    from gateway.outbox import Outbox
-    from gateway.encode import InfluxEncoder, JsonEncoder
-    from gateway.cloud.lineproto import json_to_lines, parse_lines
-    from gateway.reading import UNCERTAIN, quality, quality_flags
 
     layout = {0: [("probe", 1)]}
     servers = counter_servers(layout)

@@ -18,6 +18,7 @@ import pytest
 from gateway.cli.commands import main
 from gateway.config import ConfigErrors, load_config
 from gateway.units import parse_duration, parse_size
+from gateway.trace.config import load_trace_config
 
 CASES = sorted(p for p in (Path(__file__).parent / "cases" / "config").iterdir() if p.is_dir())
 REPO = Path(__file__).resolve().parent.parent
@@ -45,8 +46,6 @@ def test_shipped_example_config_is_valid(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_shipped_trace_example_is_valid_for_the_shipped_devices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.trace.config import load_trace_config
-
     config = tmp_path / "config"
     shutil.copytree(REPO / "config", config)
     shutil.copy(config / "examples" / "trace.yaml", config / "trace.yaml")

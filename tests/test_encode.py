@@ -174,9 +174,10 @@ def test_fast_path_and_general_path_agree() -> None:
         Reading("d", T + 5, {"a": 1.0, "b": True}, {"x": "2"}, measurement="m%s"),
         Reading("d", T + 6, {"%d": 1.0}, {"x": "2"}, measurement="m%s"),
     ]
+    # The template (fast) path against the general one: two internals of one encoder, compared.
     for r in readings:
-        prefix = enc._series_of(r).prefix
-        assert enc.line(r) == enc._general(prefix, r)
+        prefix = enc._series_of(r).prefix  # noqa: SLF001 - see above
+        assert enc.line(r) == enc._general(prefix, r)  # noqa: SLF001 - see above
     assert enc.line(readings[1]) == f"m%s,x=1 a=2.5,b=3i {T + 1}\n"
     assert enc.line(readings[3]) == f"m%s,x=1 a=2.5,b=9.223372036854776e+18 {T + 3}\n"
 
@@ -247,5 +248,5 @@ def test_template_path_with_a_quality_matches_the_general_path() -> None:
     for quality in ("uncertain", "clock_unsynced", "good", "clock_unsynced"):
         reading = Reading("d 1", 1_700_000_000_000_000_000, {"a": 1.5, "b": 7, "c%": 2.25}, tags, quality, "m")
         fast = enc.line(reading)
-        assert fast == enc._general(enc._series_of(reading).prefix, reading)
+        assert fast == enc._general(enc._series_of(reading).prefix, reading)  # noqa: SLF001 - the fast path against the general one
         assert ('quality="' in fast) is (quality != "good")

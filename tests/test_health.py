@@ -21,6 +21,16 @@ from gateway.config import load_config
 from gateway.health import METRICS, fetch
 from servers import free_port
 from support import DEADLINE, STOP, until
+import drivers.modbus.client
+from gateway.sdnotify import watchdog_interval
+from gateway.sdnotify import Notifier
+import re
+from gateway.trace.service import METRICS as TRACE_METRICS
+import signal
+import subprocess
+import sys
+import aiomqtt
+from gateway.forwarder import receipt_mac
 
 LAYOUT = {0: [("tank-a", 1)]}
 
@@ -148,8 +158,6 @@ class _FakeSystemd:
 
 
 async def test_watchdog_pings_only_while_every_loop_progresses(tmp_path: Path, monkeypatch, close_default_executor) -> None:
-    import drivers.modbus.client
-
     fake = _FakeSystemd(tmp_path / "notify.sock")
     monkeypatch.setenv("NOTIFY_SOCKET", str(fake.path))
     monkeypatch.setenv("WATCHDOG_USEC", "400000")  # pings every 0.2 s
@@ -193,14 +201,10 @@ async def test_watchdog_pings_only_while_every_loop_progresses(tmp_path: Path, m
     ({"WATCHDOG_USEC": "0"}, None), ({"WATCHDOG_USEC": "x"}, None),
 ])
 def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
-    from gateway.sdnotify import watchdog_interval
-
     assert watchdog_interval(env) == expected
 
 
 def test_notifier_abstract_socket_and_absent_socket() -> None:
-    from gateway.sdnotify import Notifier
-
     assert Notifier("").send(READY=1) is False
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0sluice-test-" + str(free_port()))
@@ -212,22 +216,15 @@ def test_notifier_abstract_socket_and_absent_socket() -> None:
 
 
 def test_readme_documents_exactly_the_metrics_served() -> None:
-    import re
-
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme[readme.index("### Health endpoint and metrics"):]
     section = section[:section.index("\n## ")]
     documented = set(re.findall(r"`((?:sluice|process)_[a-z_]+)`", section))
-    from gateway.trace.service import METRICS as TRACE_METRICS
 
     assert documented == set(METRICS) | set(TRACE_METRICS)
 
 
 async def test_sluice_run_notifies_ready_and_stopping(tmp_path: Path, close_default_executor) -> None:
-    import signal
-    import subprocess
-    import sys
-
     servers = counter_servers(LAYOUT)
     fake = _FakeSystemd(tmp_path / "notify.sock")
     try:
@@ -259,9 +256,6 @@ async def test_receipt_metrics_status_and_forged_receipts(tmp_path: Path, mosqui
     for another gateway's topic are refused and counted; silence makes a receipt timeout; then
     genuine receipts empty the outbox. /metrics (parsed with prometheus_client) and ``sluice
     status`` show it all, and never the secret."""
-    import aiomqtt
-
-    from gateway.forwarder import receipt_mac
 
     secret = "canary-receipt-secret-" + os.urandom(8).hex()
     secret_file = tmp_path / "receipt.key"

@@ -15,6 +15,7 @@ from support import DEADLINE, until
 from gateway.config import MqttSinkConfig, TlsConfig
 from gateway.forwarder import SinkUnavailable
 from gateway.mqtt import MqttSink
+from servers import free_port
 
 pytestmark = pytest.mark.usefixtures("close_default_executor")
 
@@ -103,7 +104,6 @@ async def test_send_raises_sink_unavailable_when_down_and_recovers(mosquitto: Mo
 
 
 async def test_not_connected_at_start_is_not_an_error(request: pytest.FixtureRequest) -> None:
-    from servers import free_port
     async with MqttSink("main", sink_config(free_port()), "gw1", site_for(request)) as sink:
         await until(lambda: sink.last_error, what="a first failed attempt")
         assert not sink.connected

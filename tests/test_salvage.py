@@ -22,6 +22,13 @@ from gateway.reading import Reading
 from gateway.salvage import salvage
 from gateway.trace.journal import Journal
 from gateway.trace.seal import Sealer, load_or_create_key, load_public_key, public_pem, verify_lines
+from gateway.outbox.deadletters import list_dead_letters, open_for_dead_letters
+import asyncio
+import contextlib
+import re
+import signal
+from e2e_support import counter_servers, device_ports, write_config
+from servers import subscriber
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_764_000_000_000_000_000
@@ -170,8 +177,6 @@ def test_salvage_brings_back_what_a_damaged_outbox_still_holds(tmp_path: Path) -
 
 
 def ob_letters(live: Path):
-    from gateway.outbox.deadletters import list_dead_letters, open_for_dead_letters
-
     conn = open_for_dead_letters(live)
     try:
         return list_dead_letters(conn)
@@ -203,13 +208,6 @@ async def test_a_running_gateway_delivers_what_salvage_brings_back(tmp_path: Pat
                                                                   close_default_executor) -> None:
     """`sluice run` finds a damaged outbox at start, moves it aside and goes on; `sluice outbox salvage`
     from another process hands it the readable backlog, which reaches the broker with its read times."""
-    import asyncio
-    import contextlib
-    import re
-    import signal
-
-    from e2e_support import counter_servers, device_ports, write_config
-    from servers import subscriber
 
     state = tmp_path / "state"
     state.mkdir()

@@ -13,6 +13,11 @@ import yaml
 from drivers.modbus.profile import ProfileModel
 from simulators.modbus_device import SimDevice
 from simulators.modbus_tcp import ModbusTcpServer
+from gateway.cli.commands import main
+from gateway.encode import InfluxEncoder
+from gateway.reading import Reading
+from gateway.encode import tag_problem
+from gateway.config import ConfigErrors, load_config
 
 SLUICE = [sys.executable, "-m", "gateway.cli"]
 
@@ -82,8 +87,6 @@ async def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> No
 
 
 def test_a_warning_is_located_and_check_still_passes(tmp_path: Path, capsys) -> None:
-    from gateway.cli.commands import main
-
     config = meter_config(tmp_path, 5020)
     device = tmp_path / "devices" / "meter.yaml"
     device.write_text(device.read_text().replace("timeout: 2s", "timeout: 9s"))
@@ -101,17 +104,12 @@ REFUSED = ["ends\\", "a\\,b", "a\\ b", "a\\\\b", "\\\\"]
 
 
 def _tagged_line(i: int, value: str, key: str) -> bytes:
-    from gateway.encode import InfluxEncoder
-    from gateway.reading import Reading
-
     reading = Reading(f"d{i}", 1_700_000_000_000_000_000 + i, {"x": 1.0}, {"n": str(i), "v": value, key: "k"},
                       measurement="tagged")
     return InfluxEncoder().item(reading)
 
 
 def test_tag_values_are_refused_exactly_when_influxdb_and_victoriametrics_would_differ() -> None:
-    from gateway.encode import tag_problem
-
     assert [v for v in STORABLE if tag_problem(v) or tag_problem(v, key=True)] == []
     assert [v for v in STORABLE_VALUES if tag_problem(v) or not tag_problem(v, key=True)] == []
     assert [v for v in REFUSED if tag_problem(v) is None or tag_problem(v, key=True) is None] == []
@@ -136,8 +134,6 @@ def test_every_storable_tag_is_stored_exactly_by_influxd_and_victoriametrics(inf
 
 
 def test_a_devices_tags_keep_their_spaces(tmp_path: Path) -> None:
-    from gateway.config import load_config
-
     config = meter_config(tmp_path, 5020)
     device = tmp_path / "devices" / "meter.yaml"
     device.write_text(device.read_text() + "tags: {room: ' cold room 1 ', ' odd key': x}\n")
@@ -148,7 +144,6 @@ def test_a_devices_tags_keep_their_spaces(tmp_path: Path) -> None:
 def test_one_serial_port_under_two_names_is_claimed_twice(tmp_path: Path) -> None:
     """A /dev/serial/by-id/ link and the port it points at are one port: a Modbus RTU device on one
     and a serial sensor on the other are refused, at the second claim, naming the first."""
-    from gateway.config import ConfigErrors, load_config
 
     config = meter_config(tmp_path, 5020)
     port = tmp_path / "ttyUSB0"

@@ -25,6 +25,12 @@ from gateway.trace.journal import Journal
 from gateway.trace.seal import load_public_key, verify_lines
 from gateway.trace.service import TraceService
 from gateway.yamlpos import ConfigErrors
+from gateway.trace.engine import iso
+import jsonschema  # a test dependency: missing is a failure, never a skip
+from epcis_event_hash_generator import hash_generator, json_to_py
+from gateway.cli.commands import main
+from gateway.trace.engine import CONTEXT
+from gateway.trace.seal import verify_events
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_714_543_200 * 10**9  # 2024-05-01T06:00:00Z, a window boundary
@@ -127,8 +133,6 @@ async def _scenario(trace_cfg, tmp_path: Path) -> tuple[list[dict], Path]:
 
 
 def _iso(ns: int) -> str:
-    from gateway.trace.engine import iso
-
     return iso(ns)
 
 
@@ -201,9 +205,6 @@ def _schema() -> dict:
 
 
 async def test_every_document_validates_and_event_ids_match_the_reference(trace_cfg, tmp_path):
-    import jsonschema  # a test dependency: missing is a failure, never a skip
-    from epcis_event_hash_generator import hash_generator, json_to_py
-
     (tmp_path / "state" / "out").mkdir(parents=True)
     docs, _feed = await _scenario(trace_cfg, tmp_path)
     validator = jsonschema.Draft7Validator(_schema(), format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)
@@ -336,8 +337,6 @@ def test_config_errors_are_located(tmp_path):
 
 
 async def test_cli_verify_show_pubkey_and_lot(trace_cfg, tmp_path, capsys, monkeypatch):
-    from gateway.cli.commands import main
-
     (tmp_path / "state" / "out").mkdir(parents=True)
     _docs, feed = await _scenario(trace_cfg, tmp_path)
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
@@ -363,7 +362,6 @@ async def test_cli_verify_show_pubkey_and_lot(trace_cfg, tmp_path, capsys, monke
 def _query_answer(events: list[dict]) -> dict:
     """What an EPCIS 2.0 repository returns for a query: the events it stored (no documents, no
     document signature), each with its recordTime, in an order of its choosing."""
-    from gateway.trace.engine import CONTEXT
 
     return {"@context": CONTEXT, "type": "EPCISQueryDocument", "schemaVersion": "2.0",
             "creationDate": "2024-05-01T07:00:00.000Z",
@@ -374,7 +372,6 @@ def _query_answer(events: list[dict]) -> dict:
 def _relinked(events: list[dict], start: int) -> list[dict]:
     """``events`` with the ids and links from ``start`` on recomputed, as a forger with write access
     to a repository (but not the gateway's key) would."""
-    from gateway.trace.engine import CONTEXT
 
     out = [dict(e) for e in events]
     for i in range(start, len(out)):
@@ -386,10 +383,6 @@ def _relinked(events: list[dict], start: int) -> list[dict]:
 
 
 async def test_a_query_answer_is_verified_event_by_event_with_the_event_signatures(trace_cfg, tmp_path, capsys):
-    import jsonschema  # a test dependency: missing is a failure, never a skip
-    from gateway.cli.commands import main
-    from gateway.trace.seal import verify_events
-
     (tmp_path / "state" / "out").mkdir(parents=True)
     docs, _feed = await _scenario(trace_cfg, tmp_path)
     public = load_public_key(tmp_path / "state" / "trace-ed25519.key")

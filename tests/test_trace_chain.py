@@ -23,6 +23,9 @@ from test_trace import trace_config
 from gateway.trace.journal import Journal
 from gateway.trace.jsonl import JsonlSink
 from gateway.trace.seal import Sealer, load_or_create_key, load_public_key, public_pem, read_head, verify_events, verify_lines
+from test_trace import _query_answer
+from gateway.cli.commands import main
+from test_trace_heads import _documented_verifier
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_764_000_000_000_000_000
@@ -136,10 +139,6 @@ def test_verifiers_tell_a_new_chain_from_tampering(tmp_path) -> None:
 
 
 def test_trace_verify_checks_a_repositorys_answer_chain_by_chain(tmp_path, capsys) -> None:
-    from test_trace import _query_answer
-
-    from gateway.cli.commands import main
-
     key = tmp_path / "key"
     _o, old = _chain(key, "20261202T090000Z-aaaaaaaa", 4)
     _n, new = _chain(key, "20261202T101500Z-bbbbbbbb", 3)
@@ -159,8 +158,6 @@ def test_trace_verify_checks_a_repositorys_answer_chain_by_chain(tmp_path, capsy
 
 
 def test_the_documented_verifier_tells_a_new_chain_from_tampering(tmp_path) -> None:
-    from test_trace_heads import _documented_verifier
-
     key = tmp_path / "key"
     pem = public_pem(load_or_create_key(key)).encode()
     _old, old = _chain(key, "20261202T090000Z-aaaaaaaa", 3)

@@ -17,6 +17,7 @@ from gateway.trace.seal import load_public_key, verify_lines
 from gateway.trace.service import TraceService
 from simulators.serial_sensor import SerialSensorSim, load_profile
 from support import until
+from gateway.cli.commands import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,8 +86,6 @@ async def test_a_scan_at_the_door_becomes_the_binding_event_in_the_feed(tmp_path
 
 
 def test_check_reports_trace_yaml_errors_with_their_place(tmp_path, capsys):
-    from gateway.cli.commands import main
-
     cfg = _config(tmp_path, "/dev/null", TRACE.replace("type: jsonl", "type: jsnl"))
     assert main(["check", "-c", str(cfg)]) == 2
     assert "trace.yaml:9:16: unknown type 'jsnl'" in capsys.readouterr().err

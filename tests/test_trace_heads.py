@@ -21,6 +21,10 @@ from gateway.trace.jcs import canonical
 from gateway.trace.journal import Journal
 from gateway.trace.seal import load_public_key, read_head, verify_lines
 from gateway.trace.service import TraceService
+import rfc8785  # an independent implementation (Trail of Bits), a test dependency
+from gateway.reading import Reading
+from cryptography.exceptions import InvalidSignature
+from gateway.trace.seal import verify_events
 
 pytestmark = pytest.mark.usefixtures("close_default_executor")
 
@@ -120,8 +124,6 @@ def test_verify_schema_without_jsonschema_says_what_to_install_in_one_line(tmp_p
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
                     max_leaves=20))
 def test_the_canonical_form_is_rfc_8785_jcs(value):
-    import rfc8785  # an independent implementation (Trail of Bits), a test dependency
-
     assert canonical(value).encode() == rfc8785.dumps(value)
 
 
@@ -133,7 +135,6 @@ def test_jcs_numbers_as_ecmascript_writes_them(value, text):
 
 async def test_the_jsonl_sink_writes_the_head_with_each_delivery(trace_cfg, tmp_path):
     """Not only every head_interval: the head follows the events the file holds."""
-    from gateway.reading import Reading
 
     state = tmp_path / "state"
     (state / "out").mkdir(parents=True)
@@ -164,8 +165,6 @@ def _documented_verifier() -> dict:
 
 
 async def test_a_feed_verifies_with_only_what_the_documentation_says(trace_cfg, tmp_path):
-    from cryptography.exceptions import InvalidSignature
-
     (tmp_path / "state" / "out").mkdir(parents=True)
     _docs, feed = await _scenario(trace_cfg, tmp_path)
     lines = feed.read_text().splitlines()
@@ -185,8 +184,6 @@ async def test_a_feed_verifies_with_only_what_the_documentation_says(trace_cfg, 
 
 
 async def test_a_query_answer_cut_short_is_found_with_a_head(trace_cfg, tmp_path):
-    from gateway.trace.seal import verify_events
-
     (tmp_path / "state" / "out").mkdir(parents=True)
     docs, feed = await _scenario(trace_cfg, tmp_path)
     public = load_public_key(tmp_path / "state" / "trace-ed25519.key")

@@ -20,6 +20,9 @@ from gateway.trace.journal import Journal
 from gateway.trace.seal import load_public_key, verify_lines
 from gateway.trace.service import TraceService
 from gateway.yamlpos import ConfigErrors
+import jsonschema  # a test dependency: missing is a failure, never a skip
+from epcis_event_hash_generator import hash_generator, json_to_py
+from gateway.cli.commands import main
 
 TRACE = """\
 window: 15m
@@ -149,9 +152,6 @@ async def test_stable_weights_and_packaging_codes_are_events_of_the_lot_present(
 
 
 async def test_weighing_events_validate_and_their_ids_match_the_reference(tmp_path):
-    import jsonschema  # a test dependency: missing is a failure, never a skip
-    from epcis_event_hash_generator import hash_generator, json_to_py
-
     docs, _lines, _svc = await _packing(tmp_path)
     validator = jsonschema.Draft7Validator(_schema(), format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)
     reasons = set()
@@ -168,8 +168,6 @@ async def test_weighing_events_validate_and_their_ids_match_the_reference(tmp_pa
 
 
 async def test_show_prints_weighings_and_codes(tmp_path, capsys, monkeypatch):
-    from gateway.cli.commands import main
-
     await _packing(tmp_path)
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
     capsys.readouterr()

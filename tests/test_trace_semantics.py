@@ -13,6 +13,8 @@ from test_trace import T0, TRACE_YAML, M, S, _iso, _schema, trace_config
 from gateway.reading import CLOCK_UNSYNCED, UNCERTAIN, Reading, quality
 from gateway.trace.engine import CONTEXT, Command, TraceCore
 from gateway.trace.hashing import event_hash
+import jsonschema  # test dependencies: missing is a failure, never a skip
+from epcis_event_hash_generator import hash_generator, json_to_py
 
 DEV = "urn:sluice:device:gw-1:coldroom-1"
 
@@ -32,8 +34,6 @@ def _errors(events: list[dict]) -> list[tuple[str, str]]:
 
 def _valid_and_hashed_as_gs1_does(events: list[dict]) -> None:
     """GS1's schema accepts the events and GS1's reference generator hashes them as Sluice does."""
-    import jsonschema  # test dependencies: missing is a failure, never a skip
-    from epcis_event_hash_generator import hash_generator, json_to_py
 
     validator = jsonschema.Draft7Validator(_schema(), format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)
     for event in events:

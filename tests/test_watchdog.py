@@ -5,6 +5,7 @@ declared deadline; a loop counted by a counter makes progress when the counter m
 from __future__ import annotations
 
 from gateway.watchdog import Loop, Watchdog, describe
+from test_ingest import publisher, running, until, write_config
 
 
 class Clock:
@@ -86,7 +87,6 @@ async def test_the_ingest_waiting_out_the_database_reports_it_and_is_not_wedged(
                                                                                 close_default_executor) -> None:
     """``sluice ingest`` with messages waiting and no database: its write loop reports waiting on the
     database until its next retry (the sink's backoff), so the shared watchdog never calls it wedged."""
-    from test_ingest import publisher, running, until, write_config
 
     cfg = write_config(tmp_path / "ingest.yaml", mosquitto, {"url": "http://127.0.0.1:1", "api": "v1", "database": "x"})
     async with running(cfg) as ingest, publisher(mosquitto) as pub:

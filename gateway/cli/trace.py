@@ -7,20 +7,26 @@ import csv
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gateway.cli.loading import load_or_report, load_trace
 from gateway.outbox.deadletters import letter_line
 from gateway.trace.config import TraceConfig
 from gateway.trace.journal import Journal
-from gateway.trace.seal import CHAIN, Head, Sealer, load_or_create_key, load_public_key, public_pem, read_head, verify_events, \
-    verify_lines
+from gateway.trace.schema import cached_schema
+from gateway.trace.seal import CHAIN, Head, Sealer, Validate, load_or_create_key, load_public_key, public_pem, read_head, \
+    verify_events, verify_lines
 from gateway.trace.service import resolve, state_dir
 
-__all__ = ["add_parsers"]
+__all__ = ["Subcommands", "add_parsers"]
 
 
 def _trace_config(args: argparse.Namespace) -> TraceConfig | None:
@@ -70,7 +76,7 @@ def _fetch(url: str, headers: dict[str, str]) -> str:
     """GET ``url`` (TLS verified), following EPCIS pagination (``Link: <...>; rel="next"``):
     JSON Lines pages are concatenated; query documents' event lists are merged into the first."""
     pages: list[str] = []
-    merged: dict | None = None
+    merged: dict[str, Any] | None = None
     for _page in range(10_000):
         request = urllib.request.Request(url, headers={"Accept": "application/ld+json, application/json, */*", **headers})
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -90,7 +96,7 @@ def _fetch(url: str, headers: dict[str, str]) -> str:
     return json.dumps(merged) if merged is not None else "".join(pages)
 
 
-def _query_document(body: str) -> dict | None:
+def _query_document(body: str) -> dict[str, Any] | None:
     try:
         doc = json.loads(body)
     except ValueError:
@@ -100,16 +106,15 @@ def _query_document(body: str) -> dict | None:
     return None
 
 
-def _events(doc: dict) -> list:
-    return doc["epcisBody"]["queryResults"].setdefault("resultsBody", {}).setdefault("eventList", [])
+def _events(doc: dict[str, Any]) -> list[Any]:
+    events: list[Any] = doc["epcisBody"]["queryResults"].setdefault("resultsBody", {}).setdefault("eventList", [])
+    return events
 
 
 def cmd_head(args: argparse.Namespace) -> int:
     cfg = _trace_config(args)
     if cfg is None:
         return 2
-    import time
-
     key_file = resolve(cfg.file.key_file, state_dir())
     if not key_file.exists():  # a new key would sign heads of a chain it never signed
         print(f"no signing key at {key_file}: the feed has not started here yet — nothing to sign", file=sys.stderr)
@@ -125,9 +130,11 @@ def cmd_head(args: argparse.Namespace) -> int:
 SCHEMA_PACKAGES = "pip install 'jsonschema>=4.26' rfc3986-validator rfc3339-validator"
 
 
-def _heads(values: list[str], public: object) -> list[Head] | str:
+def _heads(values: list[str], public: Ed25519PublicKey | None) -> list[Head] | str:
     """The --head values (a head's JSON, or a file holding one) checked with the key; or why not."""
-    if values and public is None:
+    if not values:
+        return []
+    if public is None:
         return "--head is checked against the gateway's key: give --pubkey too"
     heads = []
     for value in values:
@@ -138,7 +145,7 @@ def _heads(values: list[str], public: object) -> list[Head] | str:
             except OSError as exc:
                 return f"--head {value}: {exc}"
         try:
-            heads.append(read_head(text, public))  # type: ignore[arg-type]
+            heads.append(read_head(text, public))
         except ValueError as exc:
             return f"--head {value[:60]}: {exc}"
     return heads
@@ -146,7 +153,8 @@ def _heads(values: list[str], public: object) -> list[Head] | str:
 
 def _line_chain(line: str) -> str | None:
     try:
-        return json.loads(line)["epcisBody"]["eventList"][0].get(CHAIN)
+        chain: str | None = json.loads(line)["epcisBody"]["eventList"][0].get(CHAIN)
+        return chain
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None
 
@@ -161,16 +169,15 @@ def _chains(chains: set[str | None]) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     source = args.file
-    validate = None
+    validate: Validate | None = None
     if args.schema is not None:
         try:
-            import jsonschema
+            # Optional at run time: only --schema needs it, and the gateway process never loads it.
+            import jsonschema  # noqa: PLC0415 - see above
         except ImportError:
             print(f"--schema needs the Python package jsonschema, which is not installed: {SCHEMA_PACKAGES}", file=sys.stderr)
             return 2
         if args.schema == "auto":
-            from gateway.trace.schema import cached_schema
-
             try:
                 schema_path = cached_schema()
             except OSError as exc:
@@ -186,8 +193,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                   f"{SCHEMA_PACKAGES}", file=sys.stderr)
             return 2
 
-        def validate(doc: dict) -> list[str]:
+        def schema_errors(doc: dict[str, Any]) -> list[str]:
             return [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(doc)]
+        validate = schema_errors
     if urllib.parse.urlsplit(source).scheme in ("http", "https"):
         headers = {}
         if args.auth_env:
@@ -240,7 +248,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{count} events before it verified", file=sys.stderr)
         return 1
     print(f"{source}: OK — {count} events, {what}"
-          + ("" if validate else " (schema not checked: give --schema auto, or --schema EPCISDocument.schema.json)"))
+          + ("" if validate is not None else " (schema not checked: give --schema auto, or --schema EPCISDocument.schema.json)"))
     return 0
 
 
@@ -304,7 +312,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
-def add_parsers(sub: argparse._SubParsersAction, with_config) -> None:  # type: ignore[type-arg]
+class Subcommands(Protocol):
+    """What add_parsers needs of ``ArgumentParser.add_subparsers()`` (whose class argparse keeps private)."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
+
+
+def add_parsers(sub: Subcommands, with_config: Callable[[argparse.ArgumentParser], None]) -> None:
     lot = sub.add_parser("lot", help="bind a lot to a location: start, move, end (works while the gateway runs)")
     lots = lot.add_subparsers(dest="lot_command", required=True, metavar="ACTION")
     for name, text in (("start", "the lot enters a location"), ("move", "the lot moves to another location")):

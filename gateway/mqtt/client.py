@@ -387,8 +387,10 @@ class Client:
                 async with asyncio.timeout(s.connect_timeout):
                     self.session_present = await conn.connack
                     if s.subscriptions:
-                        options = [(f, SubscribeOptions(qos=q)) if s.protocol == "5" else (f, q) for f, q in s.subscriptions]
-                        client.subscribe(options)  # type: ignore[arg-type]
+                        if s.protocol == "5":
+                            client.subscribe([(f, SubscribeOptions(qos=q)) for f, q in s.subscriptions])
+                        else:
+                            client.subscribe(list(s.subscriptions))
                         self._check_subscriptions(await conn.suback)
                     if self._on_connect_hook is not None:
                         await self._on_connect_hook(self.session_present)
@@ -517,7 +519,8 @@ class Client:
             if self._on_message_hook is None:
                 return
             props = getattr(m, "properties", None)
-            self._on_message_hook(Message(m.topic, m.payload, m.qos, bool(m.retain), m.mid, props, conn.number))
+            # paho types the payload bytes | bytearray; bytes() of a bytes object is that object, no copy.
+            self._on_message_hook(Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), m.mid, props, conn.number))
 
         client.on_socket_open = socket_open
         client.on_socket_close = socket_close

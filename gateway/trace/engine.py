@@ -213,7 +213,7 @@ class TraceCore:
                 return []
             events = self._leave(current, cmd, LEAVE) if current is not None else []
             config = lots.get(cmd.lot, LotConfig())
-            lot = self._enter(cmd.lot, cmd.location, cmd.time_ns, config)  # type: ignore[arg-type]
+            lot = self._enter(cmd.lot, cmd.location, cmd.time_ns, config)
             enter = self._event(lot, ENTER, cmd.time_ns, cmd.time_ns, cmd.time_ns, source=cmd.source)
             if cmd.code is not None:
                 enter["sluice:code"] = cmd.code  # what the reader read: the evidence of the binding
@@ -351,7 +351,7 @@ class TraceCore:
         products = self.cfg.file.products
         sources = [(f"lot:{lot.id}", lot.config.thresholds)]
         if lot.config.product in products:
-            sources.append((f"product:{lot.config.product}", products[lot.config.product].thresholds))  # type: ignore[index]
+            sources.append((f"product:{lot.config.product}", products[lot.config.product].thresholds))
         for where, thresholds in sources:
             for key, rng in thresholds.items():
                 if SENSOR_TYPES[key] == gs1_type:

@@ -28,7 +28,10 @@ from typing import Any
 
 __all__ = ["canonical_id", "check_digit", "event_hash", "prehash"]
 
-Node = tuple[Any, str, list]
+# (name, text, children), as the reference implementation builds it. The name is Any and the
+# children list[Any] on purpose: under sourceList/destinationList/bizTransactionList a child is a
+# (type node, value) pair, not a node, and the pre-hash walk tells the two apart at run time.
+Node = tuple[Any, str, list[Any]]
 
 _VOCAB_PREFIX = {
     "bizStep": "https://ref.gs1.org/cbv/BizStep-",
@@ -229,7 +232,7 @@ def _xml_shape(node: Node) -> Node:
             children.append((name, "", [(e[2][0], e[2][1]) for e in elements]))
         else:
             children.append((name, "", elements))
-    child_epcs = [("epc", e[1], []) for e in children if e[0] == "childEPCs"]
+    child_epcs: list[Node] = [("epc", e[1], []) for e in children if e[0] == "childEPCs"]
     children = [e for e in children if e[0] != "childEPCs"]
     if child_epcs:
         children.append(("childEPCs", "", child_epcs))
@@ -243,7 +246,7 @@ def _xml_shape(node: Node) -> Node:
 
 
 # --------------------------------------------------------------------------- pre-hash string
-def _user_extensions(children: list) -> list:
+def _user_extensions(children: list[Any]) -> list[Any]:
     if len(children) <= 1 or any("eventTime" in c[0] or "action" in c[0] for c in children):
         return []
     found = [c for c in children if isinstance(c, tuple) and "{" in c[0] and "/}" in c[0]]
@@ -252,7 +255,7 @@ def _user_extensions(children: list) -> list:
     return found
 
 
-def _generic(children: list) -> str:
+def _generic(children: list[Any]) -> str:
     values = []
     for child in children:
         if isinstance(child, tuple) and len(child) == 2 and isinstance(child[0], tuple):
@@ -279,7 +282,7 @@ def _child(child: Node, order: Any) -> str:
     return child[0] + text + below if (text or below) else ""
 
 
-def _ordered(children: list, order: list) -> str:
+def _ordered(children: list[Any], order: list[tuple[str, Any]]) -> str:
     pre = ""
     extensions = _user_extensions(children)
     for name, sub in order:
@@ -313,10 +316,11 @@ def prehash(event: dict[str, Any], context: Any) -> str:
         elif isinstance(item, dict):
             namespaces.update({k: "{" + v + "}" for k, v in item.items()})
     tree = _xml_shape(_tree(event, namespaces))
+    event_type: str = tree[0]
     children = tree[2]
     ordered = _ordered(children, _PROP_ORDER)
     rest = [c for c in children if c[0] not in _IGNORED]
-    return "eventType=" + tree[0] + ordered + (_generic(rest) if rest else "")
+    return "eventType=" + event_type + ordered + (_generic(rest) if rest else "")
 
 
 def event_hash(event: dict[str, Any], context: Any) -> str:

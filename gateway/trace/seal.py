@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,11 @@ from gateway.trace.engine import CONTEXT, iso
 from gateway.trace.hashing import event_hash
 from gateway.trace.jcs import canonical
 
-__all__ = ["Head", "Problem", "Sealer", "canonical", "event_signature_problem", "key_id", "load_or_create_key",
+__all__ = ["Head", "Problem", "Sealer", "Validate", "canonical", "event_signature_problem", "key_id", "load_or_create_key",
            "load_public_key", "read_head", "verify_events", "verify_lines"]
+
+# A schema check: an EPCIS document in, its schema errors out (none: it matches).
+Validate = Callable[[dict[str, Any]], list[str]]
 
 DOMAIN = b"sluice-trace-1\n"
 EVENT_DOMAIN = b"sluice-event-1\n"
@@ -76,10 +79,10 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
             f.flush()
             os.fsync(f.fileno())
         return key
-    key = serialization.load_pem_private_key(data, password=None)
-    if not isinstance(key, Ed25519PrivateKey):
+    loaded = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
         raise ValueError(f"{path} is not an Ed25519 private key — move it away; a new key is made on start")
-    return key
+    return loaded
 
 
 def public_pem(key: Ed25519PrivateKey) -> str:
@@ -91,7 +94,10 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     """A PEM public key (``sluice trace pubkey`` output) or the private key file itself."""
     data = path.read_bytes()
     if b"PRIVATE" in data:
-        return serialization.load_pem_private_key(data, password=None).public_key()  # type: ignore[return-value]
+        private = serialization.load_pem_private_key(data, password=None)
+        if not isinstance(private, Ed25519PrivateKey):
+            raise ValueError(f"{path} is not an Ed25519 private key")
+        return private.public_key()
     key = serialization.load_pem_public_key(data)
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"{path} is not an Ed25519 public key")
@@ -227,7 +233,8 @@ def _valid_signature(public: Ed25519PublicKey, signature: Any, message: bytes) -
         public.verify(raw, message)
     except (InvalidSignature, ValueError):
         return False
-    return raw.hex() == signature["value"]
+    value: str = signature["value"]  # checked a str above
+    return raw.hex() == value
 
 
 def event_signature_problem(event: dict[str, Any], public: Ed25519PublicKey) -> str | None:
@@ -251,7 +258,7 @@ class Problem:
         return f"event #{self.position} (line {self.position}{seq}): {self.message}"
 
 
-def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Any = None,
+def verify_lines(lines: Iterable[str], public: Ed25519PublicKey, validate: Validate | None = None,
                  heads: Sequence[Head] = ()) -> tuple[int, Problem | None]:
     """Check every line; returns (events that verified, the first problem or None).
 
@@ -318,7 +325,7 @@ REPOSITORY_FIELDS = frozenset({"recordTime", "@context"})
 """Fields an EPCIS repository adds to an event it returns; not part of what Sluice sealed."""
 
 
-def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: Any = None,
+def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: Validate | None = None,
                   partial: bool = False, heads: Sequence[Head] = ()) -> tuple[int, Problem | None]:
     """Check events returned by an EPCIS query (an EPCISQueryDocument's eventList).
 
@@ -363,7 +370,7 @@ def verify_events(events: list[Any], public: Ed25519PublicKey | None, validate: 
     return total, None
 
 
-def _verify_chain(items: list[tuple[int, dict[str, Any]]], public: Ed25519PublicKey | None, validate: Any,
+def _verify_chain(items: list[tuple[int, dict[str, Any]]], public: Ed25519PublicKey | None, validate: Validate | None,
                   partial: bool, heads: Sequence[Head]) -> tuple[int, Problem | None]:
     """:func:`verify_events` for the events of one chain, in seq order."""
     expected_seq, head, count = 1, None, 0
