@@ -232,3 +232,11 @@ async def test_the_manuals_worked_examples_decode_to_the_manuals_values(
         (reading,) = await read_once(tmp_path, name, port, 3)
     for field, value in expected.items():
         assert reading.fields[field] == pytest.approx(value, rel=1e-6), (name, field, reading.fields)
+
+
+def test_docs_list_every_profile_with_its_source() -> None:
+    text = (PROFILES.parent.parent / "docs" / "profiles.md").read_text(encoding="utf-8")
+    for name in LIBRARY:
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"docs/profiles.md has no row for {name}"
+        assert source_of(PROFILES / f"{name}.yaml")["url"] in row, f"docs/profiles.md: {name}'s source url"
