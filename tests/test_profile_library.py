@@ -19,8 +19,10 @@ from pymodbus.server import ModbusTcpServer as ReferenceServer
 from pymodbus.simulator import DataType, SimData, SimDevice as ReferenceDevice
 
 from drivers.modbus import ProfileModel, make_pollers, points_of
+from drivers.modbus_rtu import make_pollers as make_rtu_pollers
 from gateway.config import Config, load_config
 from gateway.reading import GOOD, Reading
+from simulators.modbus_rtu import RtuBus
 from simulators.modbus_tcp import ModbusTcpServer, SimDevice
 
 PROFILES = Path(__file__).resolve().parent.parent / "config" / "profiles"
@@ -135,6 +137,17 @@ def within(value: Any, low: float | None, high: float | None) -> bool:
     return (low is None or value >= low - slack) and (high is None or value <= high + slack)
 
 
+def check_reading(name: str, profile: ProfileModel, reading: Reading) -> None:
+    assert reading.quality == GOOD, f"{name}: {reading.quality} {reading.fields}"
+    assert set(reading.fields) == {p.name for p in profile.points}
+    for point in points_of(profile):
+        value = reading.fields[point.name]
+        if point.type == "bool":
+            assert isinstance(value, bool), (name, point.name, value)
+        else:
+            assert within(value, point.min, point.max), f"{name}: {point.name} = {value!r} outside {point.min}..{point.max}"
+
+
 async def read_once(root: Path, name: str, port: int, unit: int) -> list[Reading]:
     config = load_config(write_config(root, [name], {"lib": device_yaml(name, port, unit)}))
     (poller,) = make_pollers(config.devices)
@@ -149,15 +162,24 @@ async def test_the_simulator_plays_the_profile_and_one_read_of_every_point_is_va
     async with ModbusTcpServer([SimDevice(profile, 7, name=name)]) as server:
         readings = await read_once(tmp_path, name, server.port, 7)
     assert len(readings) == 1, f"{name}: no reading — {readings}"
-    (reading,) = readings
-    assert reading.quality == GOOD, f"{name}: {reading.quality} {reading.fields}"
-    assert set(reading.fields) == {p.name for p in profile.points}
-    for point in points_of(profile):
-        value = reading.fields[point.name]
-        if point.type == "bool":
-            assert isinstance(value, bool), (name, point.name, value)
-        else:
-            assert within(value, point.min, point.max), f"{name}: {point.name} = {value!r} outside {point.min}..{point.max}"
+    check_reading(name, profile, readings[0])
+
+
+async def test_the_whole_library_on_one_simulated_rs485_bus(library: Config, tmp_path: Path) -> None:
+    """Where these devices live: every library profile as its own unit id on one RTU bus (a pty),
+    read once through the Modbus RTU driver — serial framing, CRC and inter-frame timing included."""
+    units = {name: unit for unit, name in enumerate(LIBRARY, start=1)}
+    async with RtuBus([SimDevice(library.profiles[name], unit, name=name) for name, unit in units.items()]) as bus:
+        devices = {f"u{unit}": (f"id: u{unit}\nprotocol: modbus_rtu\nprofile: {name}\nport: {bus.path}\n"
+                                f"unit_id: {unit}\ntimeout: 5s\nretries: 1\n") for name, unit in units.items()}
+        config = load_config(write_config(tmp_path, LIBRARY, devices))
+        (poller,) = make_rtu_pollers(config.devices)
+        async with poller:
+            readings = await poller.poll_once()
+    by_device = {r.device: r for r in readings}
+    assert set(by_device) == set(devices), sorted(set(devices) - set(by_device))
+    for name, unit in units.items():
+        check_reading(name, library.profiles[name], by_device[f"u{unit}"])
 
 
 # --------------------------------------------------------------------------- the manuals' examples
