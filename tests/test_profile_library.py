@@ -6,17 +6,14 @@ served as literal words by pymodbus's server, decode to the values the manuals p
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pymodbus.server import ModbusTcpServer as ReferenceServer
-from pymodbus.simulator import DataType, SimData, SimDevice as ReferenceDevice
+from servers import pymodbus_server
 
 from drivers.modbus import ProfileModel, make_pollers, points_of
 from drivers.modbus_rtu import make_pollers as make_rtu_pollers
@@ -209,36 +206,19 @@ WORKED: list[tuple[str, str, dict[int, int], dict[str, float]]] = [
 ]
 
 
-def _blocks(words: dict[int, int]) -> list[SimData]:
-    """Contiguous runs of registers (short holes filled with 0, as a device's unused registers)."""
-    blocks: list[SimData] = []
-    run: list[int] = []
+def _runs(words: dict[int, int]) -> dict[int, list[int]]:
+    """{address: word} -> {start: words} of contiguous runs (short holes filled with 0, as a device's
+    unused registers); one unused register far away when there is nothing (pymodbus wants a block)."""
+    words = words or {0xFF00: 0}
+    runs: dict[int, list[int]] = {}
     start = previous = -1
     for address in sorted(words):
-        if run and address - previous > 32:
-            blocks.append(SimData(start, values=run, datatype=DataType.REGISTERS))
-            run = []
-        if not run:
+        if start < 0 or address - previous > 32:
             start, previous = address, address - 1
-        run.extend([0] * (address - previous - 1) + [words[address]])
+            runs[start] = []
+        runs[start].extend([0] * (address - previous - 1) + [words[address]])
         previous = address
-    if run:
-        blocks.append(SimData(start, values=run, datatype=DataType.REGISTERS))
-    return blocks
-
-
-@contextlib.asynccontextmanager
-async def reference_server(unit: int, holding: dict[int, int], inputs: dict[int, int]) -> AsyncIterator[int]:
-    """pymodbus's TCP server on a free loopback port serving the given words; yields the port."""
-    bits = [SimData(0, values=[False] * 16, datatype=DataType.BITS)]
-    unused = {0xFF00: 0}  # pymodbus wants at least one block of each kind
-    device = ReferenceDevice(id=unit, simdata=(bits, bits, _blocks(holding or unused), _blocks(inputs or unused)))
-    server = ReferenceServer(device, address=("127.0.0.1", 0))
-    await server.serve_forever(background=True)
-    try:
-        yield server.transport.sockets[0].getsockname()[1]
-    finally:
-        await server.shutdown()
+    return runs
 
 
 @pytest.mark.parametrize(("name", "kind", "words", "expected"), WORKED,
@@ -250,7 +230,8 @@ async def test_the_manuals_worked_examples_decode_to_the_manuals_values(
     for point in points_of(profile):  # every register the profile reads exists, 0 unless the example sets it
         image.setdefault(point.kind, {}).update({a: 0 for a in range(point.address, point.end)})
     image[kind].update(words)
-    async with reference_server(3, image["holding"], image["input"]) as port:
+    async with pymodbus_server(3, coils=[False], discrete=[False], holding=_runs(image["holding"]),
+                               inputs=_runs(image["input"])) as port:
         (reading,) = await read_once(tmp_path, name, port, 3)
     for field, value in expected.items():
         assert reading.fields[field] == pytest.approx(value, rel=1e-6), (name, field, reading.fields)
