@@ -17,6 +17,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 import pytest_asyncio
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
 
 from simulators.broker import Mosquitto, TlsFiles, free_port
 from support import DEADLINE, STOP, unavailable
@@ -27,7 +29,7 @@ import json
 import urllib.parse
 import ssl
 
-__all__ = ["Mosquitto", "TcpProxy", "TlsFiles", "free_port", "make_ca", "make_client_cert", "sluice_process",
+__all__ = ["Mosquitto", "TcpProxy", "TlsFiles", "free_port", "make_ca", "make_client_cert", "pymodbus_server", "sluice_process",
            "subscriber"]
 
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -140,6 +142,29 @@ async def close_default_executor() -> AsyncIterator[None]:
     loop. Tests using MQTT request this fixture (it is torn down before the check)."""
     yield
     await asyncio.get_running_loop().shutdown_default_executor()
+
+
+@contextlib.asynccontextmanager
+async def pymodbus_server(unit: int, *, coils: list[bool], discrete: list[bool], holding: dict[int, list[int]],
+                          inputs: dict[int, list[int]]) -> AsyncIterator[int]:
+    """pymodbus's own TCP server (an implementation independent of ours) on a free loopback port,
+    serving one unit: bits from address 0, register blocks {start address: words}; yields the port.
+    Every kind needs at least one bit or block (pymodbus refuses an empty one)."""
+    def blocks(image: dict[int, list[int]]) -> list[SimData]:
+        return [SimData(address, values=words, datatype=DataType.REGISTERS) for address, words in image.items()]
+
+    device = SimDevice(id=unit, simdata=(
+        [SimData(0, values=coils, datatype=DataType.BITS)],
+        [SimData(0, values=discrete, datatype=DataType.BITS)],
+        blocks(holding),
+        blocks(inputs),
+    ))
+    server = ModbusTcpServer(device, address=("127.0.0.1", 0))
+    await server.serve_forever(background=True)
+    try:
+        yield server.transport.sockets[0].getsockname()[1]
+    finally:
+        await server.shutdown()
 
 
 # --------------------------------------------------------------------------- subscriber

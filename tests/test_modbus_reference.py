@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator import DataType, SimData, SimDevice
+from servers import pymodbus_server
 
 from drivers.modbus.client import ModbusTcpClient
 from drivers.modbus.errors import ModbusExceptionResponse
@@ -94,25 +93,11 @@ EXPECTED = {
 }
 
 
-def _blocks(image: dict[int, list[int]]) -> list[SimData]:
-    return [SimData(address, values=words, datatype=DataType.REGISTERS) for address, words in image.items()]
-
-
 @contextlib.asynccontextmanager
 async def reference_server(holding: dict[int, list[int]], unit: int = 1) -> AsyncIterator[int]:
-    """pymodbus 3.16's TCP server on a free loopback port; yields the port."""
-    device = SimDevice(id=unit, simdata=(
-        [SimData(0, values=COILS, datatype=DataType.BITS)],
-        [SimData(0, values=DISCRETE, datatype=DataType.BITS)],
-        _blocks(holding),
-        _blocks(INPUT),
-    ))
-    server = ModbusTcpServer(device, address=("127.0.0.1", 0))
-    await server.serve_forever(background=True)
-    try:
-        yield server.transport.sockets[0].getsockname()[1]
-    finally:
-        await server.shutdown()
+    """pymodbus 3.16's TCP server on a free loopback port serving HOLDING-like words; yields the port."""
+    async with pymodbus_server(unit, coils=COILS, discrete=DISCRETE, holding=holding, inputs=INPUT) as port:
+        yield port
 
 
 def write_config(root: Path, port: int, profile: str = PROFILE) -> Path:
