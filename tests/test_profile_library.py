@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 from servers import pymodbus_server
 
-from drivers.modbus import ProfileModel, make_pollers, points_of
-from drivers.modbus_rtu import make_pollers as make_rtu_pollers
+from drivers.modbus.profile import ProfileModel, points_of
+from drivers.modbus.rtu import make_pollers as make_rtu_pollers
+from drivers.modbus.tcp import make_pollers
 from gateway.config import Config, load_config
 from gateway.reading import GOOD, Reading
 from simulators.modbus_rtu import RtuBus
-from simulators.modbus_tcp import ModbusTcpServer, SimDevice
+from simulators.modbus_device import SimDevice
+from simulators.modbus_tcp import ModbusTcpServer
 
 PROFILES = Path(__file__).resolve().parent.parent / "config" / "profiles"
 
