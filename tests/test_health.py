@@ -261,7 +261,7 @@ async def test_receipt_metrics_status_and_forged_receipts(tmp_path: Path, mosqui
     status`` show it all, and never the secret."""
     import aiomqtt
 
-    from gateway.forwarder import receipt_mac
+    from gateway.sinks.receipts import receipt_mac
 
     secret = "canary-receipt-secret-" + os.urandom(8).hex()
     secret_file = tmp_path / "receipt.key"

@@ -25,12 +25,12 @@ from test_ingest import publisher, running, v1
 from test_ingest import write_config as write_ingest_config
 from test_mqtt import connected, sink_config, site_for
 
-from gateway.forwarder import SinkUnavailable
+from gateway.sinks.base import SinkUnavailable
 from gateway.health import fetch, parse_metrics
 from gateway.ingest import render_metrics
-from gateway.mqtt import MqttSink, SinkRefused
+from gateway.sinks.mqtt import MqttSink, SinkRefused
 from gateway.trace.config import TraceMqttSinkConfig
-from gateway.trace.sinks import TraceMqttSink
+from gateway.sinks.trace_mqtt import TraceMqttSink
 from simulators.broker import find_mosquitto
 
 pytestmark = pytest.mark.usefixtures("close_default_executor")

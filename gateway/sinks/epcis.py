@@ -1,20 +1,18 @@
-"""The feed's network sinks: an MQTT topic and an EPCIS 2.0 capture interface.
+"""The trace feed's EPCIS 2.0 capture sink: ``POST <url><path>``, one signed EPCISDocument per event.
 
-Contract (the same as the JSON Lines sink's, and the outbox's): the service calls
-:meth:`send` with the oldest unacknowledged sealed events ``(seq, line)`` of this sink, one call
-at a time, and ``ack(seq)`` moves the sink's position in the outbox. A sink calls ``ack`` only
-after the far end confirmed (MQTT: PUBACK; HTTP: a 2xx). It raises
-:class:`~gateway.forwarder.SinkUnavailable` to have the rest sent again later, in order, and
-:class:`Rejected` when the far end refused one event *as a document* (it then becomes a dead
-letter in the outbox and the position moves past it). :meth:`wait_connected` returns when a
-send is worth trying (MQTT: connected; HTTP: the backoff or the server's Retry-After is over).
+Contract: gateway/sinks/base.py (an :class:`~gateway.sinks.base.EventSink`). :meth:`EpcisSink.send`
+posts the events of a batch in order and returns which were captured and which were refused as
+documents (400, 413, 422: they become dead letters in the outbox and the feed goes on); a request
+the repository answers "later" (408, 429, 5xx; and 401/403/404/405/415, configuration problems that
+must not turn good events into dead letters) or a network error ends the batch there: what was
+captured before it counts, the rest goes again once :meth:`EpcisSink.wait_connected` has waited
+out the backoff or the server's Retry-After.
 
-Why one event per message and per request, not batches: every sealed line is a complete EPCIS
-document whose signature covers exactly that document, so a subscriber or a repository gets
-something it can verify on its own; a refused document names exactly one event (the dead letter
-is that event, not its neighbours); and the feed carries few events (one per lot and window or
-binding change), so per-message overhead does not matter. MQTT keeps up to ``max_inflight``
-messages unacknowledged at once, so a backlog still goes out quickly.
+Why one event per request, not batches: every sealed line is a complete EPCIS document whose
+signature covers exactly that document, so a repository gets something it can verify on its own;
+a refused document names exactly one event (the dead letter is that event, not its neighbours);
+and the feed carries few events (one per lot and window or binding change), so per-request
+overhead does not matter. Only this module and gateway/sinks/influx.py import aiohttp.
 """
 
 from __future__ import annotations
@@ -23,81 +21,19 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import aiohttp
 
 from gateway.backoff import Backoff
 from gateway.config import ssl_context
-from gateway.forwarder import SinkUnavailable
-from gateway.influx import _describe, _message, retry_after_seconds
-from gateway.mqtt import MqttSink
-from gateway.trace.config import EpcisSinkConfig, TraceMqttSinkConfig
+from gateway.sinks.base import Event, Receipting, Result, SinkUnavailable, Where
+from gateway.sinks.influx import _describe, _message, retry_after_seconds
+from gateway.trace.config import EpcisSinkConfig
 
-__all__ = ["EpcisSink", "Rejected", "TraceMqttSink", "classify"]
+__all__ = ["EpcisSink", "classify", "create"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.trace.sinks")
 
-Batch = Sequence[tuple[int, str]]
-Ack = Callable[[int], None]
-
-
-class Rejected(Exception):
-    """The far end refused event ``seq`` as a document; sending it again cannot succeed."""
-
-    def __init__(self, seq: int, message: str) -> None:
-        super().__init__(message)
-        self.seq = seq
-
-
-class TraceMqttSink:
-    """The feed on an MQTT topic (QoS 1), through :class:`gateway.mqtt.MqttSink`; also carries the
-    command subscription (see :meth:`subscribe`)."""
-
-    def __init__(self, name: str, config: TraceMqttSinkConfig, gateway_id: str, site: str) -> None:
-        # Its own client id: the readings' MQTT sink may use the same broker, and two clients with
-        # one id would take the connection from each other forever.
-        if config.client_id is None:
-            config = config.model_copy(update={"client_id": f"sluice-{gateway_id}-trace"})
-        self.name = name
-        self.config = config
-        self.topic = config.topic.format(site=site, gateway=gateway_id)
-        self.command_topic = config.command_topic.format(site=site, gateway=gateway_id) if config.command_topic else None
-        self.reply_topic = config.reply_topic.format(site=site, gateway=gateway_id)
-        self.head_topic = config.head_topic.format(site=site, gateway=gateway_id) if config.head_topic else None
-        self.mqtt = MqttSink(name, config, gateway_id, site)
-        self.mqtt.keeps = "events are kept in the outbox"
-
-    async def __aenter__(self) -> TraceMqttSink:
-        await self.mqtt.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.mqtt.__aexit__(*exc)
-
-    def subscribe(self, handler: Callable[[str, bytes], None]) -> None:
-        if self.command_topic is not None:
-            self.mqtt.subscribe(self.command_topic, handler)
-
-    async def wait_connected(self) -> None:
-        await self.mqtt.wait_connected()
-
-    async def send(self, batch: Batch, ack: Ack) -> None:
-        await self.mqtt.send([(self.topic, line.encode()) for _seq, line in batch])
-        ack(batch[-1][0])
-
-    async def reply(self, payload: bytes) -> None:
-        """Publish a command's answer; raises SinkUnavailable when not connected."""
-        await self.mqtt.send([(self.reply_topic, payload)])
-
-    async def send_head(self, head: str) -> None:
-        """Publish a signed chain head on ``head_topic``, retained: a verifier that subscribes later
-        gets the newest head at once. Raises SinkUnavailable when not connected."""
-        if self.head_topic is not None:
-            await self.mqtt.send([(self.head_topic, head.encode())], retain=True)
-
-
-# --------------------------------------------------------------------------- EPCIS capture
 DELIVERED, DUPLICATE, RETRY, REJECT = "delivered", "duplicate", "retry", "reject"
 
 
@@ -144,6 +80,9 @@ class EpcisSink:
         self._backoff = Backoff(config.retry_min, config.retry_max, jitter=True)
         self.last_error: str | None = None
         self.requests = 0
+        self.receipts: Receipting | None = None
+        self.refused = 0  # not an MQTT broker (refused documents are dead letters)
+        self.takes_heads = False
 
     async def __aenter__(self) -> EpcisSink:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout),
@@ -163,18 +102,34 @@ class EpcisSink:
             return False
         return ssl_context(tls)
 
+    @property
+    def connected(self) -> bool:
+        """False while waiting out a backoff or a Retry-After; there is no connection to keep."""
+        return asyncio.get_running_loop().time() >= self._retry_at
+
     async def wait_connected(self) -> None:
         delay = self._retry_at - asyncio.get_running_loop().time()
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def send(self, batch: Batch, ack: Ack) -> None:
+    async def send_head(self, head: str) -> None:
+        """Signed heads are not captured by an EPCIS repository (``takes_heads`` is False)."""
+
+    def subscribe(self, handler: Callable[[str, bytes], None]) -> None:
+        """An EPCIS repository carries no binding commands."""
+
+    async def reply(self, payload: bytes) -> None:
+        raise SinkUnavailable("an EPCIS repository carries no command replies")
+
+    async def send(self, batch: Sequence[Event]) -> Result:
         if self._session is None:
             raise SinkUnavailable(f"EPCIS sink '{self.name}' is not open")
         headers = {"Content-Type": "application/ld+json", "GS1-EPCIS-Version": "2.0.0"}
         if self.config.auth is not None:
             headers[self.config.auth_header] = self.config.auth.get_secret_value()
-        for seq, line in batch:
+        accepted: list[int] = []
+        refused: list[tuple[int, str]] = []
+        for index, (seq, line) in enumerate(batch):
             try:
                 async with self._session.post(self.endpoint, data=line.encode(), headers=headers) as response:
                     status = response.status
@@ -183,23 +138,33 @@ class EpcisSink:
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 reason = _describe(exc)
                 self._back_off(reason, None, f"check that the repository is reachable at {self.endpoint}")
-                raise SinkUnavailable(reason) from exc
+                return self._stopped(accepted, refused, reason, exc)
             outcome = classify(status)
             if outcome == RETRY:
                 reason = f"HTTP {status}: {text}".rstrip(": ")
                 self._back_off(reason, retry_after_seconds(retry_after), _hint(status))
-                raise SinkUnavailable(reason)
+                return self._stopped(accepted, refused, reason)
             if outcome == REJECT:
-                raise Rejected(seq, f"HTTP {status}: {text}".rstrip(": "))
+                refused.append((index, f"HTTP {status}: {text}".rstrip(": ")))
+                continue
             if outcome == DUPLICATE:
                 log.info("EPCIS sink '%s': the repository already has event %d (HTTP 409) — counted as delivered",
                          self.name, seq)
             self.requests += 1
-            ack(seq)
+            accepted.append(index)
         if self.last_error is not None:
             log.info("EPCIS sink '%s': capturing to %s again", self.name, self.endpoint)
             self.last_error = None
         self._backoff.reset()
+        return Result(accepted, refused)
+
+    @staticmethod
+    def _stopped(accepted: list[int], refused: list[tuple[int, str]], reason: str,
+                 cause: BaseException | None = None) -> Result:
+        """The batch ends at a failure: what was answered before it counts, the rest goes again."""
+        if not accepted and not refused:
+            raise SinkUnavailable(reason) from cause
+        return Result(accepted, refused, unavailable=reason)
 
     def _back_off(self, reason: str, retry_after: float | None, hint: str) -> None:
         delay = self._backoff.next() if retry_after is None else retry_after
@@ -211,9 +176,6 @@ class EpcisSink:
         self.last_error = reason
 
 
-def make_sink(name: str, config: Any, gateway_id: str, site: str) -> TraceMqttSink | EpcisSink:
-    if isinstance(config, TraceMqttSinkConfig):
-        return TraceMqttSink(name, config, gateway_id, site)
-    if isinstance(config, EpcisSinkConfig):
-        return EpcisSink(name, config)
-    raise ValueError(f"no trace sink for {type(config).__name__}")
+def create(name: str, config: EpcisSinkConfig, where: Where) -> EpcisSink:
+    """The registry's factory (gateway/sinks/__init__.py)."""
+    return EpcisSink(name, config)
