@@ -29,12 +29,13 @@ handler given to :meth:`Receipting.on_receipt` (gateway/sinks/receipts.py holds 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-__all__ = ["Event", "EventSink", "Message", "Receipting", "Result", "Sink", "SinkUnavailable", "Where"]
+__all__ = ["Event", "EventSink", "Message", "Paced", "Receipting", "Result", "Sink", "SinkUnavailable", "Where"]
 
 Message = tuple[str, bytes]
 """A readings sink's item: (topic, payload); topic ``""`` for sinks without topics (HTTP)."""
@@ -151,3 +152,20 @@ class EventSink(Sink[Event], Protocol):
     async def reply(self, payload: bytes) -> None:
         """A command's answer; raises :class:`SinkUnavailable`."""
         ...
+
+
+class Paced:
+    """For a sink with no connection to keep (HTTP, a file): it counts as connected once the retry
+    time it set after a failure (``_retry_at``, event-loop time) has passed."""
+
+    _retry_at: float = 0.0
+
+    @property
+    def connected(self) -> bool:
+        """False while waiting out a backoff or a Retry-After."""
+        return asyncio.get_running_loop().time() >= self._retry_at
+
+    async def wait_connected(self) -> None:
+        delay = self._retry_at - asyncio.get_running_loop().time()
+        if delay > 0:
+            await asyncio.sleep(delay)

@@ -314,8 +314,9 @@ class Delivery(Generic[I, W]):
         if done < n:
             await self._unavailable(n - done, SinkUnavailable(result.unavailable or "not every item was delivered"), wait)
             return False
-        if self._down is not None:
-            log.log(max(self._failure_level, logging.INFO), "sink %s: delivering again", self.name)
+        if self._down is not None:  # said at INFO only where the failure was said at WARNING
+            log.log(logging.INFO if self._failure_level >= logging.WARNING else logging.DEBUG,
+                    "sink %s: delivering again", self.name)
             self._down = None
         self._pause.reset()
         return True

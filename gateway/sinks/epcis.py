@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Callable, Sequence
 
 import aiohttp
 
 from gateway.backoff import Backoff
-from gateway.config import ssl_context
-from gateway.sinks.base import Event, Receipting, Result, SinkUnavailable, Where
-from gateway.sinks.influx import _describe, _message, retry_after_seconds
+from gateway.sinks.base import Event, Paced, Receipting, Result, SinkUnavailable, Where
+from gateway.sinks.influx import _describe, _message, http_ssl, retry_after_seconds
 from gateway.trace.config import EpcisSinkConfig
 
 __all__ = ["EpcisSink", "classify", "create"]
@@ -66,7 +64,7 @@ def _hint(status: int) -> str:
     return "check the repository's log"
 
 
-class EpcisSink:
+class EpcisSink(Paced):
     """``POST <url><path>``, one signed EPCISDocument per event. Construct freely (no I/O);
     ``async with`` opens the HTTP session; TLS is verified against the system CAs (or
     ``tls.ca_file``) unless ``tls.verify: false``."""
@@ -86,31 +84,13 @@ class EpcisSink:
 
     async def __aenter__(self) -> EpcisSink:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-                                              connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=2))
+                                              connector=aiohttp.TCPConnector(ssl=http_ssl(self.config.tls), limit=2))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    def _ssl(self) -> ssl.SSLContext | bool:
-        tls = self.config.tls
-        if tls is None:
-            return True
-        if not tls.verify:
-            return False
-        return ssl_context(tls)
-
-    @property
-    def connected(self) -> bool:
-        """False while waiting out a backoff or a Retry-After; there is no connection to keep."""
-        return asyncio.get_running_loop().time() >= self._retry_at
-
-    async def wait_connected(self) -> None:
-        delay = self._retry_at - asyncio.get_running_loop().time()
-        if delay > 0:
-            await asyncio.sleep(delay)
 
     async def send_head(self, head: str) -> None:
         """Signed heads are not captured by an EPCIS repository (``takes_heads`` is False)."""

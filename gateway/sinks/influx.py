@@ -62,10 +62,10 @@ from influxdb_client.client.write_api_async import WriteApiAsync
 from influxdb_client.domain.write_precision import WritePrecision
 
 from gateway.backoff import Backoff, is_unreachable, wait_reachable
-from gateway.config import InfluxSinkConfig, ssl_context
-from gateway.sinks.base import Message, Receipting, Result, SinkUnavailable, Where
+from gateway.config import InfluxSinkConfig, TlsConfig, ssl_context
+from gateway.sinks.base import Message, Paced, Receipting, Result, SinkUnavailable, Where
 
-__all__ = ["InfluxSink", "WriteOutcome", "classify", "retry_after_seconds"]
+__all__ = ["InfluxSink", "WriteOutcome", "classify", "create", "http_ssl", "retry_after_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,15 @@ def classify(status: int, message: str) -> str:
     return WriteOutcome.RETRY
 
 
+def http_ssl(tls: TlsConfig | None) -> ssl.SSLContext | bool:
+    """aiohttp's ``ssl=`` for an HTTP sink's ``tls:`` block (also the EPCIS sink's)."""
+    if tls is None:
+        return True  # aiohttp's default: verify against the system CAs for https
+    if not tls.verify:
+        return False
+    return ssl_context(tls)
+
+
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), capped; None if absent/bad."""
     if not value:
@@ -124,7 +133,7 @@ class _Refused(Exception):
         self.retry_after = retry_after
 
 
-class InfluxSink:
+class InfluxSink(Paced):
     """InfluxDB (or a compatible server) as a sink. Construct freely; use as an async context manager."""
 
     def __init__(self, name: str, config: InfluxSinkConfig, gateway_id: str = "", site: str = "",
@@ -168,7 +177,7 @@ class InfluxSink:
             self._write_api = self._client.write_api()
         else:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=cfg.timeout),
-                                                  connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=4))
+                                                  connector=aiohttp.TCPConnector(ssl=http_ssl(cfg.tls), limit=4))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -179,25 +188,12 @@ class InfluxSink:
             await self._session.close()
             self._session = None
 
-    def _ssl(self) -> ssl.SSLContext | bool:
-        tls = self.config.tls
-        if tls is None:
-            return True  # aiohttp's default: verify against the system CAs for https
-        if not tls.verify:
-            return False
-        return ssl_context(tls)
-
     # -- the delivery engine's side ----------------------------------------------------------------
 
     @property
     def retry_at(self) -> float:
         """Event-loop time before which no request is made (after a failure; 0 when none)."""
         return self._retry_at
-
-    @property
-    def connected(self) -> bool:
-        """False while waiting out a backoff or a Retry-After; there is no connection to keep."""
-        return asyncio.get_running_loop().time() >= self._retry_at
 
     async def wait_connected(self) -> None:
         """Wait out the backoff or Retry-After; after a connection failure (nothing listening, no

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.outbox_file import fsync_dir
-from gateway.sinks.base import Event, Receipting, Result, SinkUnavailable, Where
+from gateway.sinks.base import Event, Paced, Receipting, Result, SinkUnavailable, Where
 from gateway.trace.config import JsonlSinkConfig
 from gateway.trace.seal import CHAIN
 
@@ -65,7 +65,7 @@ def _parse(line: str | bytes) -> _Tail | None:
         return None
 
 
-class JsonlSink:
+class JsonlSink(Paced):
     """See the module docstring. ``outbox`` (the outbox file) only lets the chain-switch warning name
     the newest moved-aside outbox, where the old chain's undelivered events are."""
 
@@ -87,15 +87,6 @@ class JsonlSink:
 
     async def __aexit__(self, *exc: object) -> None:
         return None
-
-    @property
-    def connected(self) -> bool:
-        return asyncio.get_running_loop().time() >= self._retry_at
-
-    async def wait_connected(self) -> None:
-        delay = self._retry_at - asyncio.get_running_loop().time()
-        if delay > 0:
-            await asyncio.sleep(delay)
 
     async def send(self, batch: Sequence[Event]) -> Result:
         try:
