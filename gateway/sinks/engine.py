@@ -68,7 +68,7 @@ I = TypeVar("I")  # noqa: E741 — a stream's item
 W = TypeVar("W")  # a sink's item
 T = TypeVar("T")
 
-Packed = tuple[list[W], list[list[int]], int]
+Packed = tuple[list[W], list[Sequence[int]], int]
 """The sink's items for a batch, the stream items (indices) each one carries, and their bytes."""
 
 

@@ -27,7 +27,7 @@ BATCHING = Batching(max_items=100, max_bytes=2**62)
 
 def pack_events(events: Sequence[Event]) -> Packed[Event]:
     """Trace sinks take the events themselves: one signed document each."""
-    return list(events), [[i] for i in range(len(events))], sum(len(line) for _seq, line in events)
+    return list(events), [range(i, i + 1) for i in range(len(events))], sum(len(line) for _seq, line in events)
 
 
 class EventStream:

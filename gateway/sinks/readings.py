@@ -211,34 +211,46 @@ class Forwarder(Delivery[Entry, Message]):
         """The messages of ``readings`` (see the module docstring), the readings (indices) each one
         carries, and the payload bytes."""
         item = self._encoder.item
-        by_topic: dict[str, tuple[list[bytes], list[int]]] = {}
+        by_topic: dict[str, tuple[list[bytes], Sequence[int]]] = {}
         topic_of = self._topic
-        for i, reading in enumerate(readings):
-            encoded = item(reading)
-            if encoded:
-                topic = topic_of(reading) if topic_of is not None else ""
-                group = by_topic.get(topic)
-                if group is None:
-                    by_topic[topic] = ([encoded], [i])
-                else:
-                    group[0].append(encoded)
-                    group[1].append(i)
+        if topic_of is None:  # one stream in outbox order
+            encoded = list(map(item, readings))
+            if all(encoded):
+                by_topic[""] = (encoded, range(len(encoded)))
+            else:
+                kept = [i for i, e in enumerate(encoded) if e]
+                by_topic[""] = ([encoded[i] for i in kept], kept)
+        else:
+            groups: dict[str, tuple[list[bytes], list[int]]] = {}
+            for i, reading in enumerate(readings):
+                one = item(reading)
+                if one:
+                    topic = topic_of(reading)
+                    group = groups.get(topic)
+                    if group is None:
+                        groups[topic] = ([one], [i])
+                    else:
+                        group[0].append(one)
+                        group[1].append(i)
+            by_topic.update(groups)
         limit = self._max_bytes
         size = self._encoder.size
         message = self._encoder.message
         out: list[Message] = []
-        covers: list[list[int]] = []
+        covers: list[Sequence[int]] = []
         total_bytes = 0
         for topic, (items, index) in by_topic.items():
+            if not items:
+                continue
             start, total = 0, 0
-            for i, encoded in enumerate(items):
-                if i > start and size(total + len(encoded), i + 1 - start) > limit:
+            for i, line in enumerate(items):
+                if i > start and size(total + len(line), i + 1 - start) > limit:
                     payload = message(items[start:i])
                     out.append((topic, payload))
                     covers.append(index[start:i])
                     total_bytes += len(payload)
                     start, total = i, 0
-                total += len(encoded)
+                total += len(line)
             payload = message(items[start:])
             out.append((topic, payload))
             covers.append(index[start:])

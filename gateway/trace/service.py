@@ -199,8 +199,8 @@ class TraceService:
         the chain continues. Raises ConfigErrors, having changed nothing, for what cannot change
         while running (:func:`gateway.trace.config.check_reload`). Lots keep their location and
         open window (:meth:`TraceCore.reconfigure`); lots newly placed by trace.yaml start there;
-        JSON Lines sinks follow the new file at once; changed, added or removed network sinks are
-        restarted, started or stopped by a task (each keeps its position in the outbox)."""
+        changed, added or removed sinks (JSON Lines files and network sinks alike) are restarted,
+        started or stopped by a task (each keeps its position in the outbox)."""
         core, sealer = self.core, self.sealer
         assert core is not None and sealer is not None
         old = self.cfg
