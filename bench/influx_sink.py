@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from gateway.outbox import Outbox  # noqa: E402
 from gateway.config import InfluxSinkConfig  # noqa: E402
-from gateway.forwarder import Forwarder  # noqa: E402
-from gateway.influx import InfluxSink  # noqa: E402
+from gateway.sinks.influx import InfluxSink  # noqa: E402
+from gateway.sinks.readings import Forwarder  # noqa: E402
 from gateway.reading import Reading  # noqa: E402
 from servers import Influxd, VictoriaMetrics  # noqa: E402
 

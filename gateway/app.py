@@ -21,6 +21,8 @@ from gateway.committer import Committer
 from gateway.reading import CLOCK_UNSYNCED, Reading, quality
 from gateway.sdnotify import Notifier
 from gateway.security import startup_warnings
+from gateway.sinks import Where, make_sink
+from gateway.sinks.readings import Forwarder
 from gateway.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -38,20 +40,6 @@ def make_pollers(devices: Sequence[Device]) -> list[Poller]:
     for module, group in by_module.values():
         pollers.extend(module.make_pollers(group))  # type: ignore[attr-defined]
     return pollers
-
-
-def make_sink(name: str, sink_cfg: object, config: Config) -> Any:
-    """The sink for one ``sinks:`` entry, by its ``type``: an async context manager, not yet open."""
-    kind = getattr(sink_cfg, "type", None)
-    if kind == "mqtt":
-        from gateway.mqtt import MqttSink
-
-        return MqttSink(name, sink_cfg, config.gateway_id, config.site)  # type: ignore[arg-type]
-    if kind == "influxdb":
-        from gateway.influx import InfluxSink
-
-        return InfluxSink(name, sink_cfg, config.gateway_id, config.site)  # type: ignore[arg-type]
-    raise ValueError(f"no sink implementation for type {kind!r}")
 
 
 @dataclass
@@ -216,12 +204,10 @@ class Gateway:
         task.add_done_callback(done)
 
     async def _start_sink(self, name: str, cfg: Config) -> None:
-        from gateway.forwarder import Forwarder
-
         assert self.outbox is not None
         sink_cfg = cfg.gateway.sinks[name]
         stack = AsyncExitStack()
-        sink = await stack.enter_async_context(make_sink(name, sink_cfg, cfg))
+        sink = await stack.enter_async_context(make_sink(name, sink_cfg, Where(cfg.gateway_id, cfg.site)))
         self._sink_stacks[name] = stack
         self.sinks[name] = sink
         # Busy without progress: a batch takes at most two acknowledgement timeouts and a linger.

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.outbox import OutboxStats
-from gateway.forwarder import ForwarderStats
+from gateway.sinks.engine import DeliveryStats as ForwarderStats
 from gateway.driver import DeviceStatus
 from gateway.polling import format_duration
 from gateway.watchdog import LoopState, describe

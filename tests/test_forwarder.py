@@ -18,8 +18,9 @@ from test_encode import parse_line
 
 from gateway.outbox import Outbox
 from gateway.config import MqttSinkConfig
-from gateway.forwarder import Forwarder, Message, SinkUnavailable
-from gateway.mqtt import MqttSink
+from gateway.sinks.base import Message, Result, SinkUnavailable
+from gateway.sinks.mqtt import MqttSink
+from gateway.sinks.readings import Forwarder
 from gateway.reading import Reading
 
 T0 = 1_760_000_000_000_000_000
@@ -188,6 +189,7 @@ class FlakySink:
         self.failures = failures
         self.calls: list[list[Message]] = []
         self.block = False
+        self.receipts = None  # no end-to-end receipts
 
     @property
     def connected(self) -> bool:
@@ -196,13 +198,14 @@ class FlakySink:
     async def wait_connected(self) -> None:
         await asyncio.sleep(0)
 
-    async def send(self, messages: Sequence[Message]) -> None:
+    async def send(self, messages: Sequence[Message]) -> Result:
         self.calls.append(list(messages))
         if self.block:
             await asyncio.Event().wait()
         if self.failures:
             self.failures -= 1
             raise SinkUnavailable("link dropped mid-batch")
+        return Result.whole(len(messages))
 
 
 async def test_retry_resends_the_same_entries_in_order(outbox: AckSpy) -> None:

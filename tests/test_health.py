@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import aiomqtt
-from gateway.forwarder import receipt_mac
+from gateway.sinks.receipts import receipt_mac
 
 LAYOUT = {0: [("tank-a", 1)]}
 

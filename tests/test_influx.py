@@ -19,9 +19,9 @@ from support import DEADLINE, STOP, until
 
 from gateway.outbox import Outbox
 from gateway.config import InfluxSinkConfig
-import gateway.forwarder
-from gateway.forwarder import Forwarder
-from gateway.influx import InfluxSink, WriteOutcome, classify, retry_after_seconds
+import gateway.sinks.engine
+from gateway.sinks.influx import InfluxSink, WriteOutcome, classify, retry_after_seconds
+from gateway.sinks.readings import Forwarder
 from gateway.reading import UNCERTAIN, Reading
 
 pytestmark = pytest.mark.usefixtures("close_default_executor")  # asyncio.to_thread stops/starts influxd
@@ -187,18 +187,19 @@ async def test_only_the_refused_readings_of_a_batch_become_a_dead_letter(influxd
 
 
 async def test_isolate_refused_finds_every_refused_item_and_keeps_to_its_budget() -> None:
-    from gateway.forwarder import SinkRejected, isolate_refused
+    from gateway.sinks.engine import isolate_refused
 
     written: list[int] = []
     requests = 0
 
-    async def send(part: Any) -> None:
+    async def send(part: Any) -> str | None:
         nonlocal requests
         requests += 1
         bad = [i for i in part if i % 17 == 5]
         if bad:
-            raise SinkRejected(f"bad {bad[0]}")
+            return f"bad {bad[0]}"  # refused as data, with the far end's reason
         written.extend(part)
+        return None
 
     items = list(range(100))
     refused = await isolate_refused(items, "bad", send)
@@ -215,8 +216,8 @@ async def test_type_conflict_goes_to_a_dead_letter_and_the_queue_flows_on(influx
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # Dead letters marked for re-sending are looked for every 2 s, and an idle forwarder looks at the
     # outbox every 5 s (another process marks them, nobody wakes it): 0.1 s each here.
-    monkeypatch.setattr(gateway.forwarder, "RESEND_CHECK_INTERVAL", 0.1)
-    monkeypatch.setattr(gateway.forwarder, "RECHECK_INTERVAL", 0.1)
+    monkeypatch.setattr(gateway.sinks.engine, "RESEND_CHECK_INTERVAL", 0.1)
+    monkeypatch.setattr(gateway.sinks.engine, "RECHECK_INTERVAL", 0.1)
 
     def batch(start: int, value: Any) -> list[Reading]:
         return [Reading("boiler", T0 + (start + i) * 1000, {"v": value}, {"device": "boiler"}, measurement="m")

@@ -13,8 +13,8 @@ from servers import Mosquitto, TcpProxy, make_ca, subscriber
 from support import DEADLINE, until
 
 from gateway.config import MqttSinkConfig, TlsConfig
-from gateway.forwarder import SinkUnavailable
-from gateway.mqtt import MqttSink
+from gateway.sinks.base import SinkUnavailable
+from gateway.sinks.mqtt import MqttSink
 from servers import free_port
 
 pytestmark = pytest.mark.usefixtures("close_default_executor")

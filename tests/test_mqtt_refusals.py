@@ -25,12 +25,12 @@ from test_ingest import publisher, running, v1
 from test_ingest import write_config as write_ingest_config
 from test_mqtt import connected, sink_config, site_for
 
-from gateway.forwarder import SinkUnavailable
+from gateway.sinks.base import Result, SinkUnavailable
 from gateway.health import fetch, parse_metrics
 from gateway.cloud.ingest import render_metrics
-from gateway.mqtt import MqttSink, SinkRefused
+from gateway.sinks.mqtt import MqttSink, SinkRefused
 from gateway.trace.config import TraceMqttSinkConfig
-from gateway.trace.sinks import TraceMqttSink
+from gateway.sinks.trace_mqtt import TraceMqttSink
 from simulators.broker import find_mosquitto
 
 pytestmark = pytest.mark.usefixtures("close_default_executor")
@@ -103,11 +103,11 @@ async def test_trace_mqtt_sink_does_not_ack_a_refused_event(refusing: Mosquitto,
     site = site_for(request)
     cfg = TraceMqttSinkConfig(type="mqtt", host="127.0.0.1", port=refusing.port, protocol="5", reconnect_min="5s",
                               reconnect_max="10s", keepalive="5s", topic="sluice/{site}/{gateway}/trace")
-    acked: list[int] = []
+    acked: list[Result] = []  # a result would name what the far end accepted: there must be none
     async with TraceMqttSink("feed", cfg, "gw1", site) as sink:
         await asyncio.wait_for(sink.wait_connected(), 10)
         with pytest.raises(SinkRefused):
-            await sink.send([(1, '{"event": 1}')], acked.append)
+            acked.append(await sink.send([(1, '{"event": 1}')]))
         assert acked == [] and sink.mqtt.refused == 1
 
 

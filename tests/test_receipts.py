@@ -29,7 +29,8 @@ import yaml
 
 from gateway.outbox import Outbox
 from gateway.config import ConfigErrors, MqttSinkConfig, load_config
-from gateway.forwarder import Forwarder, Message, SinkUnavailable, batch_ids, parse_batch_id
+from gateway.sinks.base import Message, Result, SinkUnavailable
+from gateway.sinks.readings import Forwarder, batch_ids, parse_batch_id
 from gateway.reading import Reading
 
 T0 = 1_760_000_000_000_000_000
@@ -50,16 +51,35 @@ class FakeSink:
         self.sent: list[tuple[list[Message], list[bytes]]] = []
         self.receipt_handler: Any = None
         self.fail = False
+        self.receipts = self  # the capability: receipt topic, timeout, window, key, handler, tagged sends
+        self.receipt_topic = "sluice-receipts/s/gw"
+        self.receipt_key: bytes | None = None
+        self.receipt_timeout = 1.0
+        self.receipt_window = 10_000
+
+    def configure(self, config: MqttSinkConfig) -> FakeSink:
+        """Take the receipt settings of ``config`` (as MqttSink does from its configuration)."""
+        self.receipt_timeout, self.receipt_window = config.receipt_timeout, config.receipt_window
+        secret = config.receipt_secret
+        self.receipt_key = secret.get_secret_value().encode() if secret is not None else None
+        return self
+
+    def on_receipt(self, handler: Any) -> None:
+        self.receipt_handler = handler
 
     async def wait_connected(self) -> None:
         await asyncio.sleep(0.01)
 
-    async def send(self, messages: Sequence[Message], correlation: Sequence[bytes] | None = None) -> None:
+    async def send(self, messages: Sequence[Message]) -> Result:
+        raise AssertionError("an end_to_end sink is sent to with batch ids (send_tagged)")
+
+    async def send_tagged(self, messages: Sequence[Message], correlation: Sequence[bytes]) -> Result:
         if self.fail:
             raise SinkUnavailable("down")
         assert correlation is not None and len(correlation) == len(messages)
         self.sent.append((list(messages), list(correlation)))
         await asyncio.sleep(0)
+        return Result.whole(len(messages))
 
     def receipt(self, ids: Sequence[bytes], kind: str = "written") -> None:
         self.receipt_handler(json.dumps({kind: [i.decode() for i in ids]}).encode())
@@ -72,7 +92,8 @@ def readings(n: int, devices: Sequence[str] = ("a", "b")) -> list[Reading]:
 
 @contextlib.asynccontextmanager
 async def forwarding(outbox: Outbox, sink: FakeSink, **overrides: Any):
-    fwd = Forwarder("broker", outbox, sink, e2e_config(**overrides), SimpleNamespace(gateway_id="gw", site="s"))
+    cfg = e2e_config(**overrides)
+    fwd = Forwarder("broker", outbox, sink.configure(cfg), cfg, SimpleNamespace(gateway_id="gw", site="s"))
     task = asyncio.create_task(fwd.run())
     try:
         yield fwd

@@ -23,7 +23,7 @@ from test_ingest import write_config as write_ingest_config
 from support import until
 from test_mqtt import sink_config, site_for
 
-from gateway.mqtt import MqttSink
+from gateway.sinks.mqtt import MqttSink
 
 pytestmark = pytest.mark.usefixtures("close_default_executor")
 

@@ -17,7 +17,7 @@ from gateway.cli import commands as cli
 from gateway.app import Gateway
 from gateway.config import MqttSinkConfig, load_config
 from gateway.health import fetch
-from gateway.mqtt import MqttSink
+from gateway.sinks.mqtt import MqttSink
 from gateway.security import startup_warnings
 from servers import free_port, make_ca, make_client_cert
 from support import STOP, until

@@ -21,7 +21,7 @@ import pytest
 from test_trace import trace_config
 
 from gateway.trace.journal import Journal
-from gateway.trace.jsonl import JsonlSink
+from gateway.sinks.jsonl import JsonlSink
 from gateway.trace.seal import Sealer, load_or_create_key, load_public_key, public_pem, read_head, verify_events, verify_lines
 from test_trace import _query_answer
 from gateway.cli.commands import main
@@ -56,16 +56,16 @@ def test_the_sink_moves_the_old_chains_file_aside_and_writes_every_event_of_the_
     (tmp_path / "outbox.db.corrupt-20261202T101500Z").write_bytes(b"")  # where the old chain's tail would be
     old_sealer, old = _chain(key, "20261202T090000Z-aaaaaaaa", 7)
     sink = JsonlSink("feed", feed, tmp_path / "outbox.db")
-    sink.send(old[:5])
-    sink.send(old[3:])  # sent again after a failure: within the chain, exactly once
-    sink.send_head(old_sealer.signed_head(7, json.loads(old[-1][1])["epcisBody"]["eventList"][0]["eventID"], T0))
+    sink.write(old[:5])
+    sink.write(old[3:])  # sent again after a failure: within the chain, exactly once
+    sink.write_head(old_sealer.signed_head(7, json.loads(old[-1][1])["epcisBody"]["eventList"][0]["eventID"], T0))
     assert feed.read_text().splitlines() == [line for _s, line in old]
 
     new_sealer, new = _chain(key, "20261202T101500Z-bbbbbbbb", 4)  # fewer than the file holds: all would be skipped
     restarted = JsonlSink("feed", feed, tmp_path / "outbox.db")  # the gateway's next start
     with caplog.at_level(logging.WARNING, logger="gateway.trace.service"):
-        restarted.send(new[:2])
-        restarted.send(new[1:])
+        restarted.write(new[:2])
+        restarted.write(new[1:])
     assert feed.read_text().splitlines() == [line for _s, line in new]
     aside = tmp_path / "feed.jsonl.chain-20261202T090000Z-aaaaaaaa"
     assert aside.read_text().splitlines() == [line for _s, line in old]
@@ -83,11 +83,11 @@ def test_the_sink_moves_the_old_chains_file_aside_and_writes_every_event_of_the_
 def test_a_move_cut_short_by_a_crash_is_finished_under_the_same_name(tmp_path) -> None:
     key, feed = tmp_path / "key", tmp_path / "feed.jsonl"
     old_sealer, old = _chain(key, "20261202T090000Z-aaaaaaaa", 3)
-    JsonlSink("feed", feed).send(old)
+    JsonlSink("feed", feed).write(old)
     head = tmp_path / "feed.jsonl.chain-20261202T090000Z-aaaaaaaa.head"
     head.write_text(old_sealer.signed_head(3, old_sealer.head, T0) + "\n")  # the head went aside, then the crash
     _s, new = _chain(key, "20261202T101500Z-bbbbbbbb", 2)
-    JsonlSink("feed", feed).send(new)
+    JsonlSink("feed", feed).write(new)
     assert sorted(p.name for p in tmp_path.glob("feed.jsonl*")) == [
         "feed.jsonl", "feed.jsonl.chain-20261202T090000Z-aaaaaaaa", head.name]
     assert feed.read_text().splitlines() == [line for _s, line in new]
@@ -96,15 +96,15 @@ def test_a_move_cut_short_by_a_crash_is_finished_under_the_same_name(tmp_path) -
 def test_a_feed_of_a_chain_without_an_id_is_moved_aside_too(tmp_path) -> None:
     key, feed = tmp_path / "key", tmp_path / "feed.jsonl"
     _s, legacy = _chain(key, None, 3)  # written by a Sluice before chain ids
-    JsonlSink("feed", feed).send(legacy)
+    JsonlSink("feed", feed).write(legacy)
     _s, new = _chain(key, "20261202T101500Z-bbbbbbbb", 2)
-    JsonlSink("feed", feed).send(new)
+    JsonlSink("feed", feed).write(new)
     assert feed.read_text().splitlines() == [line for _s, line in new]
     (aside,) = tmp_path.glob("feed.jsonl.chain-unnamed-*")
     assert aside.read_text().splitlines() == [line for _s, line in legacy]
     # ... and a legacy chain that goes on stays in its file, exactly once
     _sealer, more = _chain(key, None, 3)
-    JsonlSink("feed", aside).send(more[1:])
+    JsonlSink("feed", aside).write(more[1:])
     assert len(aside.read_text().splitlines()) == 3
 
 

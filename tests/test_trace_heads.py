@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from servers import subscriber
+from support import until
 from test_trace import REPO, T0, Clock, M, S, _scenario, trace_config
 from test_trace_sinks import _config, _lot_a_in_and_one_window
 
@@ -143,11 +144,13 @@ async def test_the_jsonl_sink_writes_the_head_with_each_delivery(trace_cfg, tmp_
     async with TraceService(trace_cfg, state, clock=clock) as svc:
         public = load_public_key(state / "trace-ed25519.key")
         svc.observe(Reading("door-scanner", T0 + M, {"code": "(01)04012345123456(10)A1"}))
-        svc.step()
+        svc.step()  # the delivery task writes the event, then its head
+        await until(lambda: head_file.exists() and read_head(head_file.read_text(), public).seq == 1)
         first = read_head(head_file.read_text(), public)
         svc.observe(Reading("coldroom-1", T0 + 2 * M, {"room_temperature": 2.0}))
         clock.now = T0 + 15 * M + 6 * S
         svc.step()
+        await until(lambda: read_head(head_file.read_text(), public).seq == 2)
         second = read_head(head_file.read_text(), public)
     assert (first.seq, second.seq) == (1, 2)
     assert verify_lines((state / "out" / "feed.jsonl").read_text().splitlines(), public, heads=[second]) == (2, None)

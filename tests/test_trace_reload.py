@@ -134,7 +134,7 @@ async def test_reload_starts_a_new_network_sink_from_seq_1_and_stops_a_removed_o
             load()
             assert svc._resink is not None
             await svc._resink
-            assert not svc._net and "bus" not in svc._wake
+            assert set(svc.sinks) == {"feed"} and "bus" not in svc.deliveries  # no network sink left
 
 
 async def test_sluice_run_reloads_trace_yaml_on_sighup(tmp_path):

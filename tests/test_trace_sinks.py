@@ -86,7 +86,7 @@ async def test_mqtt_commands_are_applied_recorded_and_answered(mosquitto, tmp_pa
     base = "sluice/farm-1/gw-1/trace"
     async with subscriber(mosquitto.host, mosquitto.port, f"{base}/cmd/reply") as replies, \
             TraceService(trace, state, clock=clock) as svc:
-        await asyncio.wait_for(svc._net["bus"].mqtt.wait_connected(), 10)
+        await asyncio.wait_for(svc.sinks["bus"].mqtt.wait_connected(), 10)
         commands = [
             {"id": 1, "op": "start", "lot": "LOT-A", "location": "cold-room-1"},
             {"id": 2, "op": "move", "lot": "LOT-A", "location": "truck-7"},

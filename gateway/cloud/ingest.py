@@ -38,7 +38,7 @@ Delivery contract:
   receipts (its PUBACK; a refusal is retried with backoff, see below); a receipt lost after that only
   makes the gateway send the batch again. A response topic outside ``receipt_topics`` is not answered. With
   ``receipt_secret`` the receipt also carries ``"mac"``: HMAC-SHA256 of the response topic and the
-  lists (:func:`gateway.forwarder.receipt_mac`); a gateway with a secret ignores receipts without it.
+  lists (:func:`gateway.sinks.receipts.receipt_mac`); a gateway with a secret ignores receipts without it.
 
 MQTT goes through the one MQTT layer (gateway/mqtt/client.py: paho-mqtt on the event loop,
 ``manual_ack``, receive maximum, reconnect with a TCP probe). Every publish of ours (dead letters,
@@ -61,14 +61,16 @@ from dataclasses import dataclass, field
 from gateway.backoff import Backoff
 from gateway.cloud.brokerconf import queue_advice
 from gateway.encode import InfluxEncoder
-from gateway.forwarder import SinkRejected, SinkUnavailable, isolate_refused, receipt_mac
 from gateway.config import ssl_context
 from gateway.health import PROMETHEUS_TEXT, LocalHttpServer
-from gateway.influx import InfluxSink
 from gateway.cloud.config import IngestConfig
 from gateway.cloud.lineproto import Malformed, Points, to_lines
 from gateway.watchdog import Loop, Watchdog
 from gateway.mqtt import Client, Message, NotConnected, PacketTypes, Properties, Refused, Settings, topic_matches
+from gateway.sinks.base import SinkUnavailable
+from gateway.sinks.engine import isolate_refused
+from gateway.sinks.influx import InfluxSink
+from gateway.sinks.receipts import receipt_mac
 
 __all__ = ["Ingest", "IngestStats", "MetricsServer", "render_metrics"]
 
@@ -390,13 +392,13 @@ class Ingest:
                 if not any(self._current(m) for m in part):
                     break  # the connection they came on is gone: the broker re-sends them
                 try:
-                    await sink.send([("", payload)])
+                    result = await sink.send([("", payload)])
                 except SinkUnavailable:
                     await self._database_back(sink)
                     continue
-                except SinkRejected as exc:
+                if result.refused:
                     if len(part) == 1:
-                        await self._split_message(sink, part[0], str(exc))
+                        await self._split_message(sink, part[0], result.refused[0][1])
                     else:  # find the refused message(s): halves, first half first
                         half = len(part) // 2
                         parts += [part[half:], part[:half]]
@@ -412,16 +414,18 @@ class Ingest:
         assert msg.points is not None
         lines = msg.points.data.splitlines(keepends=True)
 
-        async def send(part: Sequence[bytes]) -> None:
+        async def send(part: Sequence[bytes]) -> str | None:
             while self._current(msg):
                 try:
-                    await sink.send([("", b"".join(part))])
+                    result = await sink.send([("", b"".join(part))])
                 except SinkUnavailable:
                     await self._database_back(sink)
                     continue
+                if result.refused:
+                    return result.refused[0][1]
                 self.stats.write_requests += 1
                 self.stats.points_written += len(part)
-                return
+                return None
             raise SinkUnavailable("the connection the message came on is gone")
 
         try:

@@ -6,12 +6,15 @@ journal, loads or creates the signing key, restores bindings, applies the lots' 
 locations once) -> :meth:`observe` is called with every reading (the gateway's ``on_reading``
 hook; never blocks) -> :meth:`run` until cancelled. Everything runs on the event loop.
 
-Delivery follows the outbox's rule: a sink's position moves only after the sink confirmed
-(the JSON Lines sink, ``gateway/trace/jsonl.py``: after ``fsync``; MQTT: PUBACK; EPCIS capture: a 2xx); on failure the same
-events are sent again, in order. The JSON Lines sink is written in :meth:`step`; each network
-sink (``gateway/trace/sinks.py``) has its own task ``trace-sink[<name>]``, started on entering,
-woken by every commit. An event an EPCIS repository refuses as a document becomes a dead letter
-in the outbox (``sluice trace deadletters``) and the sink goes on with the next one.
+Delivery is the gateway's one delivery engine (gateway/sinks/engine.py) over the trace events
+stream (gateway/sinks/events.py): a sink's position moves only after the sink confirmed (the JSON
+Lines sink, ``gateway/sinks/jsonl.py``: after ``fsync``; MQTT: PUBACK; EPCIS capture: a 2xx); on
+failure the same events are sent again, in order. Every sink (built by the sink registry,
+gateway/sinks/__init__.py) has its own task ``trace-sink[<name>]``, started on entering, woken by
+every commit; when a sink has taken every event it gets its due signed head. At a stop the JSON
+Lines sinks are written once more (what the last step sealed). An event an EPCIS repository refuses
+as a document becomes a dead letter in the outbox (``sluice trace deadletters``) and the sink goes
+on with the next one.
 
 Binding commands arrive from the CLI (queued in the outbox by another process) and from the
 MQTT command topic of an MQTT trace sink: ``{"op": "start|move|end", "lot": ..., "location":
@@ -27,7 +30,6 @@ WARNING names the new ones, at most once per window.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -35,18 +37,23 @@ import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigErrors
+from gateway.health import add_metrics
 from gateway.reading import Reading
-from gateway.trace.config import JsonlSinkConfig, TraceConfig, load_trace_config
+from gateway.sinks import make_sink
+from gateway.sinks.base import Event, EventSink, SinkUnavailable, Where
+from gateway.sinks.engine import Delivery
+from gateway.sinks.events import BATCHING, EventStream, pack_events
+from gateway.trace.config import JsonlSinkConfig, TraceConfig, check_reload, load_trace_config
 from gateway.trace.engine import Command, TraceCore
 from gateway.trace.journal import Journal
-from gateway.trace.jsonl import JsonlSink
 from gateway.trace.seal import Sealer, load_or_create_key
 
-__all__ = ["METRICS", "JsonlSink", "TraceService", "reloading", "state_dir"]
+__all__ = ["METRICS", "TraceService", "reloading", "state_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -78,25 +85,27 @@ def resolve(path: Path, base: Path) -> Path:
 class TraceService:
     """See the module docstring."""
 
-    def __init__(self, cfg: TraceConfig, state: Path | None = None, sinks: dict[str, Any] | None = None,
+    def __init__(self, cfg: TraceConfig, state: Path | None = None, sinks: dict[str, EventSink] | None = None,
                  clock: Any = time.time_ns) -> None:
         self.cfg = cfg
         self.state = state or state_dir()
         self._clock = clock
-        self._sinks = sinks
+        self._given = sinks  # sinks given instead of trace.yaml's (not entered yet)
         self._pending: list[dict[str, Any]] = []
         # Events (and the command they answer) the core produced but the journal could not store yet
         # (a full disk): stored first, in order, before anything else is taken from the core.
         self._unstored: list[tuple[list[dict[str, Any]], tuple[int, str] | None]] = []
         self._store_failing = False
         self._journal: Journal | None = None
-        self._failing: set[str] = set()
         self._injected = sinks is not None
-        self._net_stacks: dict[str, AsyncExitStack] = {}
-        self._net_tasks: dict[str, asyncio.Task[None]] = {}
+        self.sinks: dict[str, EventSink] = {}
+        """The running sinks, by name."""
+        self.deliveries: dict[str, Delivery[Event, Event]] = {}
+        """Their delivery engines (gateway/sinks/engine.py), by name."""
+        self._files: set[str] = set()  # sinks written once more at the stop (JSON Lines files)
+        self._stacks: dict[str, AsyncExitStack] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._resink: asyncio.Task[None] | None = None
-        self._wake: dict[str, asyncio.Event] = {}
-        self._net: dict[str, Any] = {}
         self._replies: set[asyncio.Task[None]] = set()
         self.core: TraceCore | None = None
         self.sealer: Sealer | None = None
@@ -120,29 +129,20 @@ class TraceService:
         seq, head = journal.chain()
         self.sealer = Sealer(key, self.cfg.gateway_id, seq, head, journal.chain_id())
         self.core = TraceCore(self.cfg, journal.bindings())
-        if not self._injected:
-            self._sinks = self._jsonl_sinks()
         self._queue_config_lots()
         self.last_sealed_ns = journal.last_sealed_ns()
-        from gateway.health import add_metrics
-
         self._unregister = add_metrics(self.metrics)
         try:
-            if not self._injected:
-                for name in self._net_names(self.cfg):
-                    await self._start_net(name)
+            if self._given is not None:
+                for name, sink in self._given.items():
+                    await self._start(name, sink, file=True)
+            else:
+                for name in self.cfg.file.sinks:
+                    await self._start_sink(name)
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
         return self
-
-    def _jsonl_sinks(self) -> dict[str, Any]:
-        return {name: JsonlSink(name, resolve(s.path, self.state), resolve(self.cfg.database, self.state))
-                for name, s in self.cfg.file.sinks.items() if isinstance(s, JsonlSinkConfig)}
-
-    @staticmethod
-    def _net_names(cfg: TraceConfig) -> list[str]:
-        return [name for name, s in cfg.file.sinks.items() if not isinstance(s, JsonlSinkConfig)]
 
     def _queue_config_lots(self) -> None:
         """Lots that trace.yaml puts in a location start there once (at the first start that sees them)."""
@@ -155,27 +155,42 @@ class TraceService:
         journal.commit([], (sealer.seq, sealer.head), core.state(),
                        applied=[k for k, v in self.cfg.file.lots.items() if v.location])
 
-    async def _start_net(self, name: str) -> None:
-        from gateway.trace.sinks import make_sink
+    async def _start_sink(self, name: str) -> None:
+        config = self.cfg.file.sinks[name]
+        where = Where(self.cfg.gateway_id, self.cfg.site, self.state, resolve(self.cfg.database, self.state))
+        await self._start(name, make_sink(name, config, where, feed="trace"), file=isinstance(config, JsonlSinkConfig))
 
-        sink = make_sink(name, self.cfg.file.sinks[name], self.cfg.gateway_id, self.cfg.site)
-        if hasattr(sink, "subscribe"):
-            sink.subscribe(lambda topic, payload, sink=sink: self._on_command(sink, payload))
+    async def _start(self, name: str, sink: EventSink, *, file: bool) -> None:
+        """Enter ``sink`` and start its delivery task."""
+        journal = self._journal
+        assert journal is not None
+        sink.subscribe(lambda _topic, payload: self._on_command(sink, payload))
         stack = AsyncExitStack()
-        await stack.enter_async_context(sink)
-        self._net[name], self._net_stacks[name] = sink, stack
-        self._wake[name] = asyncio.Event()
-        self._net_tasks[name] = asyncio.create_task(self._deliver_net(name, sink), name=f"trace-sink[{name}]")
+        await stack.enter_async_context(sink)  # type: ignore[arg-type]  # every sink is an async context manager
+        delivery: Delivery[Event, Event] = Delivery(
+            name, EventStream(name, journal), sink, pack_events, BATCHING, what="events", recheck=TICK,
+            caught_up=partial(self._send_head, name, sink), failure_level=logging.WARNING)
+        self.sinks[name], self._stacks[name], self.deliveries[name] = sink, stack, delivery
+        if file:
+            self._files.add(name)
+        self._tasks[name] = asyncio.create_task(delivery.run(), name=f"trace-sink[{name}]")
 
-    async def _stop_net(self, name: str) -> None:
-        """Stop delivering to ``name`` (its unacknowledged events stay in the outbox) and close it."""
-        task = self._net_tasks.pop(name, None)
+    async def _stop(self, name: str, *, flush: bool = False) -> None:
+        """Stop delivering to ``name`` (its unacknowledged events stay in the outbox) and close it;
+        ``flush``: a file sink gets what is sealed first."""
+        task = self._tasks.pop(name, None)
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        self._net.pop(name, None)
-        self._wake.pop(name, None)
-        stack = self._net_stacks.pop(name, None)
+        delivery = self.deliveries.pop(name, None)
+        if flush and delivery is not None and name in self._files:
+            try:
+                await delivery.flush()
+            except sqlite3.Error as exc:
+                log.error("trace sink %s: not written at the stop (%s); its events stay in the outbox", name, exc)
+        self.sinks.pop(name, None)
+        self._files.discard(name)
+        stack = self._stacks.pop(name, None)
         if stack is not None:
             await stack.aclose()
 
@@ -184,10 +199,8 @@ class TraceService:
         the chain continues. Raises ConfigErrors, having changed nothing, for what cannot change
         while running (:func:`gateway.trace.config.check_reload`). Lots keep their location and
         open window (:meth:`TraceCore.reconfigure`); lots newly placed by trace.yaml start there;
-        JSON Lines sinks follow the new file at once; changed, added or removed network sinks are
-        restarted, started or stopped by a task (each keeps its position in the outbox)."""
-        from gateway.trace.config import check_reload
-
+        changed, added or removed sinks (JSON Lines files and network sinks alike) are restarted,
+        started or stopped by a task (each keeps its position in the outbox)."""
         core, sealer = self.core, self.sealer
         assert core is not None and sealer is not None
         old = self.cfg
@@ -199,8 +212,7 @@ class TraceService:
         core.reconfigure(cfg)
         sealer.gateway_id = cfg.gateway_id
         if not self._injected:
-            self._sinks = self._jsonl_sinks()
-            names = set(self._net_names(old)) | set(self._net_names(cfg))
+            names = set(old.file.sinks) | set(cfg.file.sinks)
             renamed = (old.gateway_id, old.site) != (cfg.gateway_id, cfg.site)  # in topics and client ids
             changed = sorted(n for n in names if renamed or old.file.sinks.get(n) != cfg.file.sinks.get(n))
             if changed:
@@ -216,10 +228,10 @@ class TraceService:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         for name in names:
-            await self._stop_net(name)
-            if name in self._net_names(self.cfg):
+            await self._stop(name)
+            if name in self.cfg.file.sinks:
                 try:
-                    await self._start_net(name)
+                    await self._start_sink(name)
                 except Exception:
                     log.exception("trace sink %s could not be started after the reload; its events stay in the outbox "
                                   "— fix trace.yaml and reload again", name)
@@ -244,8 +256,8 @@ class TraceService:
                 self._resink.cancel()
                 await asyncio.gather(self._resink, return_exceptions=True)
                 self._resink = None
-            for name in list(self._net_stacks):
-                await self._stop_net(name)
+            for name in list(self._stacks):
+                await self._stop(name, flush=True)
             for task in list(self._replies):
                 task.cancel()
             await asyncio.gather(*self._replies, return_exceptions=True)
@@ -259,7 +271,7 @@ class TraceService:
         journal, sealer = self._journal, self.sealer
         if journal is None or sealer is None:
             return []
-        delivery = journal.delivery([*(self._sinks or {}), *self._net])
+        delivery = journal.delivery(list(self.sinks))
         figures: dict[str, list[tuple[dict[str, str], float]]] = {
             "sluice_trace_events_total": [({}, self.emitted)],
             "sluice_trace_chain_seq": [({}, sealer.seq)],
@@ -268,8 +280,8 @@ class TraceService:
             "sluice_trace_sink_delivered_total": [({"sink": n}, acked - dead) for n, (acked, dead) in delivery.items()],
             "sluice_trace_sink_pending_events": [({"sink": n}, sealer.seq - acked) for n, (acked, _d) in delivery.items()],
             "sluice_trace_sink_dead_letters_total": [({"sink": n}, dead) for n, (_a, dead) in delivery.items()],
-            "sluice_trace_sink_publishes_refused_total": [({"sink": n}, getattr(getattr(sink, "mqtt", None), "refused", 0))
-                                                          for n, sink in self._net.items()],
+            "sluice_trace_sink_publishes_refused_total": [({"sink": n}, sink.refused) for n, sink in self.sinks.items()
+                                                          if n not in self._files],
         }
         return [(name, *METRICS[name], samples) for name, samples in figures.items()]
 
@@ -282,7 +294,8 @@ class TraceService:
             log.exception("trace: reading of %s could not be traced", reading.device)
 
     def step(self) -> None:
-        """One round: commit observed events, apply queued commands, close due windows, deliver."""
+        """One round: commit observed events, apply queued commands, close due windows (the
+        deliveries are woken by every commit)."""
         journal, core = self._journal, self.core
         assert journal is not None and core is not None
         self._store([])  # what earlier steps could not store goes first; a command is applied only once
@@ -297,7 +310,6 @@ class TraceService:
         now = self._clock()
         self._store(core.tick(now))
         self._log_late(now)
-        self.deliver()
 
     def _store(self, events: list[dict[str, Any]], command: tuple[int, str] | None = None) -> None:
         """Seal and commit everything not yet stored, in order, then ``events``; on a failure
@@ -339,82 +351,8 @@ class TraceService:
         if events:
             self.emitted += len(events)
             self.last_sealed_ns = now
-            for wake in self._wake.values():
-                wake.set()
-
-    def deliver(self) -> None:
-        journal = self._journal
-        assert journal is not None and self._sinks is not None
-        for name, sink in self._sinks.items():
-            while True:
-                batch = journal.fetch(name)
-                if not batch:
-                    break
-                try:
-                    sink.send(batch)
-                except OSError as exc:
-                    if name not in self._failing:
-                        log.error("trace sink %s: %s — events are kept in %s and sent when it works again",
-                                  name, exc, journal.path)
-                        self._failing.add(name)
-                    break
-                journal.ack(name, batch[-1][0])
-                if name in self._failing:
-                    log.info("trace sink %s: delivering again", name)
-                    self._failing.discard(name)
-            head = self._head_due(name) if hasattr(sink, "send_head") else None
-            if head is not None:
-                state = f"{name}:head"
-                try:
-                    sink.send_head(head[1])
-                except OSError as exc:
-                    if state not in self._failing:
-                        log.warning("trace sink %s: the signed head could not be written (%s); trying again every "
-                                    "%.0f s", name, exc, self.cfg.file.head_interval)
-                        self._failing.add(state)
-                else:
-                    self._failing.discard(state)
-                self._heads[name] = (head[0], time.monotonic())
-
-    async def _deliver_net(self, name: str, sink: Any) -> None:
-        """Deliver to one network sink for ever: oldest unacknowledged events first, in order."""
-        from gateway.forwarder import SinkUnavailable
-        from gateway.trace.sinks import Rejected
-
-        journal, wake = self._journal, self._wake[name]
-        assert journal is not None
-
-        def ack(seq: int) -> None:
-            journal.ack(name, seq)
-
-        while True:
-            batch = journal.fetch(name, limit=100)
-            if not batch:
-                await self._send_head(name, sink)
-                wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(TICK):
-                        await wake.wait()
-                continue
-            await sink.wait_connected()
-            try:
-                await sink.send(batch, ack)
-            except Rejected as exc:
-                log.error("trace sink %s: event %d was refused as a document: %s — recorded as a dead letter in %s "
-                          "(`sluice trace deadletters`); delivering the events after it", name, exc.seq, exc,
-                          journal.path)
-                journal.dead_letter(name, exc.seq, str(exc))
-                continue
-            except SinkUnavailable as exc:
-                if name not in self._failing and not getattr(exc, "logged", False):  # a refusal: the sink said it
-                    log.warning("trace sink %s: %s — events are kept in %s and sent when it works again",
-                                name, exc, journal.path)
-                    self._failing.add(name)
-                await asyncio.sleep(0.2)  # the sink's own wait_connected paces the retries; never spin
-                continue
-            if name in self._failing:
-                log.info("trace sink %s: delivering again", name)
-                self._failing.discard(name)
+            for delivery in self.deliveries.values():
+                delivery.notify()
 
     def _head_due(self, name: str) -> tuple[int, str] | None:
         """(seq, signed head) for sink ``name`` at its acknowledged position, when it takes one and its
@@ -429,11 +367,10 @@ class TraceService:
         event_id = json.loads(journal.line(seq) or "{}").get("epcisBody", {}).get("eventList", [{}])[0].get("eventID")
         return seq, sealer.signed_head(seq, event_id, self._clock())
 
-    async def _send_head(self, name: str, sink: Any) -> None:
-        """Give a network sink that takes heads (MQTT) its due head; a failure is tried again later."""
-        from gateway.forwarder import SinkUnavailable
-
-        if getattr(sink, "send_head", None) is None or getattr(sink, "head_topic", True) is None:
+    async def _send_head(self, name: str, sink: EventSink) -> None:
+        """Give a sink that takes heads its due head (the engine calls this whenever the sink has
+        taken every event); a failure is tried again later."""
+        if not sink.takes_heads:
             return
         head = self._head_due(name)
         if head is None:
@@ -445,7 +382,7 @@ class TraceService:
         self._heads[name] = (head[0], time.monotonic())
 
     # -- MQTT commands -------------------------------------------------------------------
-    def _on_command(self, sink: Any, payload: bytes) -> None:
+    def _on_command(self, sink: EventSink, payload: bytes) -> None:
         """A message on the command topic. Invalid ones are logged and answered; never raises."""
         request_id: Any = None
         try:
@@ -486,9 +423,7 @@ class TraceService:
         task.add_done_callback(self._replies.discard)
 
     @staticmethod
-    async def _reply(sink: Any, payload: bytes) -> None:
-        from gateway.forwarder import SinkUnavailable
-
+    async def _reply(sink: EventSink, payload: bytes) -> None:
         try:
             await sink.reply(payload)
         except SinkUnavailable as exc:

@@ -1,8 +1,12 @@
 """The JSON Lines trace sink: one file per chain, each event in it exactly once.
 
-Contract (the service calls :meth:`JsonlSink.send` with batches of ``(seq, line)`` from the outbox,
-in seq order, the same events again after any failure, and acknowledges a batch only when
-``send`` returned; :meth:`JsonlSink.send_head` with the newest signed head for what it acknowledged):
+Contract: gateway/sinks/base.py (an :class:`~gateway.sinks.base.EventSink`): the delivery engine
+calls :meth:`JsonlSink.send` with batches of ``(seq, line)`` from the outbox, in seq order, the same
+events again after any failure, and moves the position only when ``send`` returned (after the
+``fsync``); a file that cannot be written raises :class:`~gateway.sinks.base.SinkUnavailable` and
+the next attempt waits :data:`RETRY` (:meth:`JsonlSink.wait_connected`). :meth:`JsonlSink.send_head`
+gets the newest signed head for what it took. :meth:`JsonlSink.write` and
+:meth:`JsonlSink.write_head` are the same, synchronous, raising OSError:
 
 * **Exactly once within a chain.** Lines whose seq the file already ends with are skipped: a batch
   sent again after a crash between the ``fsync`` and the acknowledgement is not written twice.
@@ -22,23 +26,28 @@ in seq order, the same events again after any failure, and acknowledges a batch 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.outbox.file import fsync_dir
+from gateway.sinks.base import Event, Paced, Receipting, Result, SinkUnavailable, Where
+from gateway.trace.config import JsonlSinkConfig
 from gateway.trace.seal import CHAIN
 
-__all__ = ["JsonlSink"]
+__all__ = ["JsonlSink", "create"]
 
 log = logging.getLogger("gateway.trace.service")
 
 _TAIL = 65536
 """Bytes read from the end of the file to find its last event."""
+RETRY = 1.0
+"""Seconds between attempts to write a file that could not be written."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ def _parse(line: str | bytes) -> _Tail | None:
         return None
 
 
-class JsonlSink:
+class JsonlSink(Paced):
     """See the module docstring. ``outbox`` (the outbox file) only lets the chain-switch warning name
     the newest moved-aside outbox, where the old chain's undelivered events are."""
 
@@ -66,8 +75,49 @@ class JsonlSink:
         self.outbox = outbox
         self._tail: _Tail | None = None
         self._read = False
+        self._retry_at = 0.0
+        self.last_error: str | None = None
+        self._head_error: str | None = None
+        self.receipts: Receipting | None = None
+        self.refused = 0
+        self.takes_heads = True
 
-    def send_head(self, head: str) -> None:
+    async def __aenter__(self) -> JsonlSink:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def send(self, batch: Sequence[Event]) -> Result:
+        try:
+            self.write(batch)
+        except OSError as exc:
+            self.last_error = str(exc)
+            self._retry_at = asyncio.get_running_loop().time() + RETRY
+            raise SinkUnavailable(str(exc)) from exc
+        self.last_error = None
+        return Result.whole(len(batch))
+
+    async def send_head(self, head: str) -> None:
+        """:meth:`write_head`; a failure is logged (once until it works again), not raised: the
+        service tries again after ``head_interval``."""
+        try:
+            self.write_head(head)
+        except OSError as exc:
+            if self._head_error is None:
+                log.warning("trace sink %s: the signed head could not be written (%s); trying again later",
+                            self.name, exc)
+            self._head_error = str(exc)
+        else:
+            self._head_error = None
+
+    def subscribe(self, handler: Callable[[str, bytes], None]) -> None:
+        """A file carries no binding commands."""
+
+    async def reply(self, payload: bytes) -> None:
+        raise SinkUnavailable("a file carries no command replies")
+
+    def write_head(self, head: str) -> None:
         """Replace ``<path>.head`` with ``head`` (write, fsync, rename); raises OSError."""
         tmp = self.head_path.with_name(self.head_path.name + ".tmp")
         with tmp.open("w", encoding="utf-8") as f:
@@ -87,7 +137,7 @@ class JsonlSink:
             return None
         return next((t for raw in reversed(tail) if (t := _parse(raw)) is not None), None)
 
-    def send(self, batch: Sequence[tuple[int, str]]) -> None:
+    def write(self, batch: Sequence[Event]) -> None:
         """Raises OSError when the file cannot be written; nothing is then acknowledged."""
         if not batch:
             return
@@ -147,3 +197,9 @@ def _newest_aside(outbox: Path | None) -> Path | None:
     except OSError:
         return None
     return outbox.with_name(max(names)) if names else None  # `.corrupt-<UTC stamp>[.n]`: the newest sorts last
+
+
+def create(name: str, config: JsonlSinkConfig, where: Where) -> JsonlSink:
+    """The registry's factory (gateway/sinks/__init__.py): paths relative to the state directory."""
+    path = config.path if config.path.is_absolute() else where.state / config.path
+    return JsonlSink(name, path, where.outbox)

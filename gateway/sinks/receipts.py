@@ -1,11 +1,12 @@
 """End-to-end receipts (``delivery: end_to_end``): one forwarder's bookkeeping of what it published
 and what ``sluice ingest`` confirmed, the batch ids, the receipt MAC, and when to publish again.
 
-The contract (what the forwarder relies on, who calls what) is in gateway/forwarder.py's module
-docstring; this module holds its state. :class:`Receipts` runs on the event loop of its forwarder
-and is never shared: :meth:`Receipts.on_receipt` is the sink's receipt handler, and the forwarder
-calls :meth:`Receipts.restore` once at start, :meth:`Receipts.check` before each batch,
-:meth:`Receipts.room` to bound a batch, and :meth:`Receipts.published` after each PUBACKed one.
+The rules (what the delivery relies on, who calls what) are in gateway/sinks/readings.py's module
+docstring; this module holds the state. :class:`Receipts` runs on the event loop of its delivery
+and is never shared: :meth:`Receipts.on_receipt` is the sink's receipt handler (given to the sink's
+``receipts.on_receipt``), and the readings stream calls :meth:`Receipts.restore` once at start,
+:meth:`Receipts.check` before each batch, :meth:`Receipts.room` to bound a batch, and
+:meth:`Receipts.published` after each PUBACKed one.
 """
 
 from __future__ import annotations
@@ -21,18 +22,18 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from gateway.backoff import Backoff
 from gateway.outbox import Outbox, OutboxError
-from gateway.polling import Backoff
 from gateway.watchdog import Loop
 
 __all__ = ["RECEIPTS", "RESEND_BACKOFF_MAX", "Receipts", "batch_ids", "parse_batch_id", "receipt_mac"]
 
-log = logging.getLogger("gateway.forwarder")  # the forwarder's lines, as before the split
+log = logging.getLogger("gateway.sinks.engine")  # the delivery's lines
 
 RESEND_BACKOFF_MAX = 16
 """The longest pause between two re-sends without a receipt, in ``receipt_timeout``s."""
 RECEIPTS = "receipts from sluice ingest"
-"""What a forwarder with a full window waits on (the watchdog's and /healthz's words)."""
+"""What a delivery with a full window waits on (the watchdog's and /healthz's words)."""
 
 _BATCH_ID = re.compile(r"(\d+)-(\d+):(\d+)/(\d+)")
 
@@ -63,7 +64,7 @@ def parse_batch_id(text: str) -> tuple[int, int, int, int] | None:
 
 
 class ReceiptCounts(Protocol):
-    """The counters a :class:`Receipts` moves (the forwarder's ``ForwarderStats``)."""
+    """The counters a :class:`Receipts` moves (the delivery's ``DeliveryStats``)."""
 
     delivered: int
     last_delivery_ns: int | None
@@ -75,7 +76,7 @@ class ReceiptCounts(Protocol):
 
 class Receipts:
     """One end_to_end forwarder's receipts: sent batches awaiting receipts, confirmed ranges, the
-    re-send backoff (see gateway/forwarder.py's module docstring for the rules)."""
+    re-send backoff (see gateway/sinks/readings.py's module docstring for the rules)."""
 
     def __init__(self, sink: str, outbox: Outbox, timeout: float, window: int, stats: ReceiptCounts, loop: Loop,
                  wake: Callable[[], None], key: tuple[bytes, str] | None = None) -> None:
@@ -85,7 +86,7 @@ class Receipts:
         self._outbox = outbox
         self._stats = stats
         self._loop = loop
-        self._wake = wake  # the forwarder's: acked moved, the window has room again
+        self._wake = wake  # the delivery's: acked moved, the window has room again
         self._key = key  # (receipt_secret, receipt topic): receipts without its mac are ignored
         self._refused_logged = 0.0  # monotonic time a refused receipt was last logged
         self.outstanding: deque[tuple[int, int, float]] = deque()  # (first, last, deadline), oldest first
@@ -194,7 +195,7 @@ class Receipts:
         self._stats.last_delivery_ns = time.time_ns()
         self._wake()
 
-    # -- the forwarder's side --------------------------------------------------------------------
+    # -- the delivery's side ----------------------------------------------------------------------
 
     def due(self) -> float | None:
         """Loop time of the next re-send (the oldest outstanding batch's deadline, or the backoff's if

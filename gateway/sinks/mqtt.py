@@ -1,4 +1,4 @@
-"""The MQTT sink: the forwarder's (and the trace feed's) side of one broker connection — QoS 1/2
+"""The MQTT sink: the delivery engine's (and the trace feed's) side of one broker connection — QoS 1/2
 batches that return only when every message was acknowledged *and accepted*, and a retained
 online/offline status. Built on :class:`gateway.mqtt.client.Client`.
 
@@ -10,11 +10,11 @@ which connects, publishes the retained birth message ``online`` on the status to
 the broker: the gateway runs (and buffers) while it is unreachable. Leaving publishes ``offline``
 (retained) and disconnects cleanly.
 
-:meth:`MqttSink.send` is called by one forwarder at a time. A batch the broker refuses (MQTT 5: a
+:meth:`MqttSink.send` is called by one delivery at a time. A batch the broker refuses (MQTT 5: a
 PUBACK reason code ≥ 0x80, e.g. 0x87 *not authorized* from an ACL) raises :class:`SinkRefused` (a
 :class:`SinkUnavailable`: nothing of the batch counts as delivered); the sink logs it once per
 change of reason, counts it in :attr:`MqttSink.refused`, and :meth:`wait_connected` then waits a
-capped exponential backoff before the forwarder tries again. MQTT 3.1.1 has no reason code in a
+capped exponential backoff before the engine tries again. MQTT 3.1.1 has no reason code in a
 PUBACK: there a refused publish cannot be detected (README: use MQTT 5 or ``delivery: end_to_end``).
 
 :meth:`MqttSink.subscribe`, called before entering, adds a topic filter that is subscribed (QoS 1)
@@ -29,17 +29,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from collections.abc import Callable, Sequence
 
 from gateway.backoff import Backoff
 from gateway.config import MqttSinkConfig, ssl_context
-from gateway.forwarder import Message, SinkUnavailable
+from gateway.mqtt import PacketTypes, Properties
 from gateway.mqtt.client import Client, Message as Received, NotConnected, Refused, Settings, Will, topic_matches
+from gateway.sinks.base import Message, Receipting, Result, SinkUnavailable, Where
 
-__all__ = ["MqttSink", "SinkRefused", "SinkUnavailable", "watch"]
+__all__ = ["MqttSink", "SinkRefused", "SinkUnavailable", "create"]
 
 log = logging.getLogger("gateway.mqtt")
 
@@ -76,9 +74,12 @@ class MqttSink:
         self._retry_at = 0.0  # loop time before which no batch is sent after a refusal
         self._backoff = Backoff(config.reconnect_min, config.reconnect_max, jitter=True)
         self._subscriptions: dict[str, Callable[[str, bytes], None]] = {}
-        self.receipt_handler: Callable[[bytes], None] | None = None
+        self._receipt_handler: Callable[[bytes], None] | None = None
+        self.receipts: Receipting | None = None
+        """Itself with ``delivery: end_to_end`` (the capability of gateway/sinks/base.py), else None."""
         if config.delivery == "end_to_end":  # subscribed from the first connection on
             self._subscriptions[self.receipt_topic] = self._receipt
+            self.receipts = self
         self._client: Client | None = None
         self.keeps = "readings are kept in the outbox"
         """Where unsent items wait, for log lines (the trace feed's sink says events)."""
@@ -97,15 +98,36 @@ class MqttSink:
             keeps=f"{self.keeps} and sent on reconnect", hint=lambda reason: hint(reason, self))
 
     def _receipt(self, _topic: str, payload: bytes) -> None:
-        if self.receipt_handler is not None:
-            self.receipt_handler(payload)
+        if self._receipt_handler is not None:
+            self._receipt_handler(payload)
+
+    # -- the receipt capability (delivery: end_to_end) ---------------------------------------------
+
+    @property
+    def receipt_timeout(self) -> float:
+        return self.config.receipt_timeout
+
+    @property
+    def receipt_window(self) -> int:
+        return self.config.receipt_window
+
+    @property
+    def receipt_key(self) -> bytes | None:
+        secret = self.config.receipt_secret
+        return secret.get_secret_value().encode() if secret is not None else None
+
+    def on_receipt(self, handler: Callable[[bytes], None]) -> None:
+        self._receipt_handler = handler
+
+    async def send_tagged(self, batch: Sequence[Message], tags: Sequence[bytes]) -> Result:
+        return await self.send(batch, tags)
 
     def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
         """Subscribe to ``topic_filter`` on every connection; ``handler(topic, payload)`` must not
         block. Call before entering. Handler errors are logged and do not touch the connection."""
         self._subscriptions[topic_filter] = handler
 
-    # -- state for the forwarder and health ----------------------------------------------------
+    # -- state for the engine and health ------------------------------------------------------
 
     @property
     def connected(self) -> bool:
@@ -134,7 +156,7 @@ class MqttSink:
     # -- sending -------------------------------------------------------------------------------
 
     async def send(self, messages: Sequence[Message], correlation: Sequence[bytes] | None = None, *,
-                   retain: bool = False) -> None:
+                   retain: bool = False) -> Result:
         """Publish ``messages`` at the configured QoS (up to ``max_inflight`` unacknowledged at once,
         in order); return when the broker acknowledged and accepted all of them. Raises
         :class:`SinkRefused` when it refused one (MQTT 5), :class:`SinkUnavailable` if not connected
@@ -145,7 +167,7 @@ class MqttSink:
         and topic are unchanged. ``retain``: the broker keeps the last message of each topic for
         subscribers that come later (the trace feed's signed heads)."""
         if not messages:
-            return
+            return Result(())
         client = self._client
         if client is None:
             raise SinkUnavailable(f"MQTT sink '{self.name}' is not open")
@@ -168,6 +190,7 @@ class MqttSink:
             log.info("MQTT sink '%s': the broker accepts our publishes again", self.name)
             self._refusal = None
         self._backoff.reset()
+        return Result.whole(len(messages))
 
     def _refused(self, exc: Refused) -> None:
         self.refused += 1
@@ -221,20 +244,6 @@ class MqttSink:
                     log.exception("MQTT sink '%s': handler for %s failed", self.name, topic_filter)
 
 
-async def watch(host: str, port: int, topic_filter: str, *, retry: float = 1.0) -> AsyncIterator[tuple[str, bytes]]:
-    """Subscribe to ``topic_filter`` (QoS 1, clean session) and yield ``(topic, payload)`` forever, reconnecting
-    while the broker is unreachable. For the demo and for diagnostics; the gateway itself only publishes."""
-    import os
-
-    queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-    settings = Settings(who=f"watch[{topic_filter}]", host=host, port=port, client_id=f"sluice-watch-{os.getpid()}-{id(queue):x}",
-                        protocol="3.1.1", clean=True, subscriptions=[(topic_filter, 1)], reconnect_min=retry,
-                        reconnect_max=retry)
-    async with Client(settings, on_message=lambda m: queue.put_nowait((m.topic, m.payload))):
-        while True:
-            yield await queue.get()
-
-
 def hint(reason: str, sink: MqttSink) -> str:
     """What to check, for a connection failure ``reason`` (no secret in it)."""
     low = reason.lower()
@@ -257,3 +266,8 @@ def hint(reason: str, sink: MqttSink) -> str:
     if "name or service" in low or "resolution" in low or "nodename" in low:
         return f"check that the host name '{cfg.host}' resolves (DNS)"
     return "check the broker's log"
+
+
+def create(name: str, config: MqttSinkConfig, where: Where) -> MqttSink:
+    """The registry's factory (gateway/sinks/__init__.py)."""
+    return MqttSink(name, config, where.gateway_id, where.site)

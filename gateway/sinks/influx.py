@@ -15,7 +15,7 @@ Two write APIs (``api:`` in the sink's config):
   request on the same kind of session.
 
 Lifecycle: ``async with InfluxSink(name, config, gateway_id, site) as sink:`` opens the HTTP
-session (no I/O in the constructor; no request until the first ``send``). One forwarder calls
+session (no I/O in the constructor; no request until the first ``send``). One delivery calls
 :meth:`send` at a time; each message (one line-protocol payload, gzip-compressed unless
 ``gzip: false``) is one request.
 
@@ -25,13 +25,15 @@ Outcomes of a request:
 * 429, 503 (and every other 5xx), a timeout or a network error: :class:`SinkUnavailable`. The
   sink then reports itself not ``connected`` until the retry time: the server's ``Retry-After``
   (seconds or an HTTP date, capped at one hour) if it sent one, else a capped exponential
-  backoff with jitter between ``retry_min`` and ``retry_max`` (gateway/backoff.py). The forwarder
+  backoff with jitter between ``retry_min`` and ``retry_max`` (gateway/backoff.py). The engine
   waits in :meth:`wait_connected` and sends the same batch again; when nothing accepted the
   connection, that wait ends as soon as a TCP probe (every second) finds the server listening
   again, so writing resumes within about a second of its return, whatever the backoff had reached.
 * 400/422 whose message says the data is bad (``partial write``, ``unable to parse``,
   ``field type conflict``, ``points beyond retention`` ...), and 413 (request too large):
-  :class:`SinkRejected` — the forwarder moves the batch to the dead-letter table and goes on.
+  the message is *refused* in the returned :class:`~gateway.sinks.base.Result` (with the
+  server's message) and the batch's next message is written; the delivery engine finds the refused
+  readings and moves them to the dead letters.
   A partial write means the server stored the other points of the request; re-sending the
   letter later rewrites them identically (same series and timestamp), which is harmless.
 * any other 4xx (401/403 credentials, 404 unknown database/bucket/org, or a 400 we do not
@@ -60,10 +62,10 @@ from influxdb_client.client.write_api_async import WriteApiAsync
 from influxdb_client.domain.write_precision import WritePrecision
 
 from gateway.backoff import Backoff, is_unreachable, wait_reachable
-from gateway.config import InfluxSinkConfig, ssl_context
-from gateway.forwarder import Message, SinkRejected, SinkUnavailable
+from gateway.config import InfluxSinkConfig, TlsConfig, ssl_context
+from gateway.sinks.base import Message, Paced, Receipting, Result, SinkUnavailable, Where
 
-__all__ = ["InfluxSink", "WriteOutcome", "classify", "retry_after_seconds"]
+__all__ = ["InfluxSink", "WriteOutcome", "classify", "create", "http_ssl", "retry_after_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,15 @@ def classify(status: int, message: str) -> str:
     return WriteOutcome.RETRY
 
 
+def http_ssl(tls: TlsConfig | None) -> ssl.SSLContext | bool:
+    """aiohttp's ``ssl=`` for an HTTP sink's ``tls:`` block (also the EPCIS sink's)."""
+    if tls is None:
+        return True  # aiohttp's default: verify against the system CAs for https
+    if not tls.verify:
+        return False
+    return ssl_context(tls)
+
+
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), capped; None if absent/bad."""
     if not value:
@@ -122,7 +133,7 @@ class _Refused(Exception):
         self.retry_after = retry_after
 
 
-class InfluxSink:
+class InfluxSink(Paced):
     """InfluxDB (or a compatible server) as a sink. Construct freely; use as an async context manager."""
 
     def __init__(self, name: str, config: InfluxSinkConfig, gateway_id: str = "", site: str = "",
@@ -142,6 +153,8 @@ class InfluxSink:
         self.last_error: str | None = None
         self.requests = 0  # successful write requests
         self.failures = 0  # requests that failed (retried) or were refused (dead-lettered)
+        self.receipts: Receipting | None = None  # no end-to-end receipts over HTTP
+        self.refused = 0  # not an MQTT broker: nothing refuses a whole batch (data refusals are dead letters)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -164,7 +177,7 @@ class InfluxSink:
             self._write_api = self._client.write_api()
         else:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=cfg.timeout),
-                                                  connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=4))
+                                                  connector=aiohttp.TCPConnector(ssl=http_ssl(cfg.tls), limit=4))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -175,25 +188,12 @@ class InfluxSink:
             await self._session.close()
             self._session = None
 
-    def _ssl(self) -> ssl.SSLContext | bool:
-        tls = self.config.tls
-        if tls is None:
-            return True  # aiohttp's default: verify against the system CAs for https
-        if not tls.verify:
-            return False
-        return ssl_context(tls)
-
-    # -- the forwarder's side ----------------------------------------------------------------
+    # -- the delivery engine's side ----------------------------------------------------------------
 
     @property
     def retry_at(self) -> float:
         """Event-loop time before which no request is made (after a failure; 0 when none)."""
         return self._retry_at
-
-    @property
-    def connected(self) -> bool:
-        """False while waiting out a backoff or a Retry-After; there is no connection to keep."""
-        return asyncio.get_running_loop().time() >= self._retry_at
 
     async def wait_connected(self) -> None:
         """Wait out the backoff or Retry-After; after a connection failure (nothing listening, no
@@ -214,15 +214,17 @@ class InfluxSink:
             self._retry_at = 0.0
             self._backoff.reset()
 
-    async def send(self, messages: Sequence[Message]) -> None:
+    async def send(self, messages: Sequence[Message]) -> Result:
         """Write every message's payload, in order; see the module docstring for the outcomes."""
-        for _topic, payload in messages:
+        refused: list[tuple[int, str]] = []
+        for index, (_topic, payload) in enumerate(messages):
             try:
                 await self._write(payload)
             except _Refused as exc:
                 self.failures += 1
                 if classify(exc.status, exc.message) == WriteOutcome.REJECT:
-                    raise SinkRejected(str(exc)) from None
+                    refused.append((index, str(exc)))
+                    continue
                 self._back_off(str(exc), retry_after_seconds(exc.retry_after), _hint(exc.status, self.config))
                 raise SinkUnavailable(str(exc)) from None
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -236,6 +238,10 @@ class InfluxSink:
             log.info("InfluxDB sink '%s': writing to %s again", self.name, self.config.url)
             self.last_error = None
         self._backoff.reset()
+        if not refused:
+            return Result.whole(len(messages))
+        bad = {i for i, _m in refused}
+        return Result([i for i in range(len(messages)) if i not in bad], refused)
 
     def _back_off(self, reason: str, retry_after: float | None, hint: str, gone: bool = False) -> None:
         delay = self._backoff.next() if retry_after is None else retry_after
@@ -343,3 +349,8 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def create(name: str, config: InfluxSinkConfig, where: Where) -> InfluxSink:
+    """The registry's factory (gateway/sinks/__init__.py)."""
+    return InfluxSink(name, config, where.gateway_id, where.site)
