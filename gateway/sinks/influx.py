@@ -171,7 +171,8 @@ class InfluxSink(Paced):
                     kwargs["cert_file"] = str(cfg.tls.cert_file)
                     kwargs["cert_key_file"] = str(cfg.tls.key_file)
             self._client = InfluxDBClientAsync(url=cfg.url, token=cfg.token.get_secret_value() if cfg.token else "",
-                                               org=cfg.org, timeout=timeout_ms, enable_gzip=cfg.gzip, **kwargs)
+                                               # None: no organisation (InfluxDB 1.8); the client accepts it, its annotation says str
+                                               org=cfg.org, timeout=timeout_ms, enable_gzip=cfg.gzip, **kwargs)  # type: ignore[arg-type]
             if cfg.gzip:
                 _fast_gzip(self._client)
             self._write_api = self._client.write_api()
@@ -182,7 +183,7 @@ class InfluxSink(Paced):
 
     async def __aexit__(self, *exc: object) -> None:
         if self._client is not None:
-            await self._client.close()
+            await self._client.close()  # type: ignore[no-untyped-call]  # influxdb-client leaves close() unannotated
             self._client = self._write_api = None
         if self._session is not None:
             await self._session.close()
@@ -260,8 +261,11 @@ class InfluxSink(Paced):
         if self._write_api is not None:
             cfg = self.config
             try:
-                await self._write_api.write(bucket=cfg.bucket, org=cfg.org, record=payload,
-                                            write_precision=WritePrecision.NS)
+                assert cfg.bucket is not None  # api v2 requires one (InfluxSinkConfig's validator)
+                # org None: the client's (InfluxDB 1.8 has none); WritePrecision.NS is the str "ns" the
+                # method takes, though annotated as the WritePrecision class.
+                await self._write_api.write(bucket=cfg.bucket, org=cfg.org, record=payload,  # type: ignore[arg-type]
+                                            write_precision=WritePrecision.NS)  # type: ignore[arg-type]
             except InfluxDBError as exc:
                 status = getattr(exc, "status", None) or (exc.response.status if exc.response is not None else 0)
                 if not status:
