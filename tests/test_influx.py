@@ -393,7 +393,10 @@ async def test_gateway_with_an_influxdb_sink_writes_every_counter_value(tmp_path
         assert values == list(range(1, len(values) + 1)), f"{device}: gap or duplicate in {values}"
     served = sum(s.stats.count(function=3) for s in servers)
     assert gateway.final_stats is not None
-    assert sum(map(len, final.values())) <= served <= sum(map(len, final.values())) + gateway.final_stats.rows
+    # Served but not stored: rows still in the outbox, or the one transaction per connection that the
+    # stop cancelled in flight (the request was served, its reply never read: no reading to lose).
+    assert sum(map(len, final.values())) <= served <= (sum(map(len, final.values())) + gateway.final_stats.rows
+                                                       + len(servers))
 
 
 async def test_a_batch_too_large_for_the_server_is_taken_in_halves(outbox: Outbox) -> None:

@@ -86,7 +86,7 @@ async def test_ingest_reconnects_to_the_broker_and_resumes_writing_to_influxd(
         for n in range(OUTAGES):
             # the broker goes away and comes back: the ingest's session resumes
             await asyncio.to_thread(mosquitto.kill)
-            await until(lambda: not ingest.connected, 15, "loss noticed")
+            await until(lambda: not ingest.connected, DEADLINE, "loss noticed")
             await asyncio.sleep(rng.uniform(1.0, LONGEST))
             await asyncio.to_thread(mosquitto.start)
             await until(lambda: ingest.connected, DEADLINE, f"broker outage {n + 1}: reconnected")
@@ -97,7 +97,7 @@ async def test_ingest_reconnects_to_the_broker_and_resumes_writing_to_influxd(
                     await pub.publish(topic, payload, qos=1)
             sent += 2
             retries = ingest.stats.retries
-            await until(lambda r=retries: ingest.stats.retries > r, 15, "a failed write")
+            await until(lambda r=retries: ingest.stats.retries > r, DEADLINE, "a failed write")
             await asyncio.sleep(rng.uniform(1.0, LONGEST))
             await asyncio.to_thread(influxd.start)
             # (acknowledgement counts include messages the killed broker sent again: look in the database)

@@ -191,8 +191,11 @@ async def test_reload_restarts_only_the_changed_poller_and_a_full_restart_loses_
     # No sink: nothing leaves the outbox, so every reading observed must be stored in it.
     assert gateways[1].final_stats.rows == sum(len(v) for v in seen.values())
     a_values = sorted(set(seen["tank-a"]))
+    # A gap is a value the simulator served that no reading holds: a poll that failed (counted), or
+    # the one transaction the full restart cancelled in flight (the request was served, its reply
+    # never read: no reading existed to lose). Every reading observed is stored (asserted above).
     failed = sum(a_status.errors.values()) + sum(a_status2.errors.values())
-    assert _gaps(a_values) <= failed, (a_values, a_status, a_status2)
+    assert _gaps(a_values) <= failed + 1, (a_values, a_status, a_status2)
 
 
 async def test_reload_adds_a_sink_from_the_oldest_row_and_a_removed_sink_lets_rows_go(
