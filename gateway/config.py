@@ -167,7 +167,9 @@ class MqttSinkConfig(StrictModel):
     username: str | None = None
     password: Secret | None = None
     protocol: Literal["3.1.1", "5"] = "3.1.1"
-    topic: str = "sluice/{site}/{gateway}/{device}"
+    topic: str = Field(default="sluice/{site}/{gateway}/readings",
+                       description="one topic per gateway: a poll cycle's readings share a message (each line "
+                                   "names its device); placeholders: site, gateway, device, profile, measurement")
     status_topic: str = "sluice/{site}/{gateway}/status"
     format: Literal["influx", "json"] = "influx"
     qos: Literal[1, 2] = 1

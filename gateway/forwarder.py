@@ -191,13 +191,15 @@ async def isolate_refused(items: Sequence[T], message: str, send: Callable[[Sequ
 
 
 class _Topics:
-    """Renders the topic template per (device, measurement, profile); the result is cached."""
+    """Renders the topic template per (device, measurement, profile); the result is cached.
+    ``fixed`` is the one topic of a template with only {site} and {gateway} (the default), else None."""
 
     def __init__(self, template: str, gateway: str, site: str) -> None:
         self._template = template
         self._fixed = {"gateway": gateway, "site": site}
         self._names = {name for _lit, name, _spec, _conv in string.Formatter().parse(template) if name}
         self._cache: dict[tuple[str, str, str], str] = {}
+        self.fixed = template.format(**self._fixed) if self._names <= self._fixed.keys() else None
 
     def __call__(self, reading: Reading) -> str:
         key = (reading.device, reading.measurement, reading.tags.get("profile", ""))
@@ -451,13 +453,16 @@ class Forwarder:
         return not expired
 
     def build_messages(self, readings: Sequence[Reading]) -> list[Message]:
-        """Group by topic (first-seen order, each device's order kept) and split by max_bytes."""
+        """Group by topic (first-seen order, each device's order kept) and split by max_bytes. With one
+        topic for every reading (no template, or one without per-reading placeholders: the default)
+        the batch stays one group in outbox order, so a poll cycle's readings share a message."""
         item = self._encoder.item
         by_topic: dict[str, list[bytes]] = {}
         topic_of = self._topic
-        if topic_of is None:
-            by_topic[""] = [encoded for encoded in map(item, readings) if encoded]
-        for reading in readings if topic_of is not None else ():
+        fixed = "" if topic_of is None else topic_of.fixed
+        if fixed is not None:
+            by_topic[fixed] = [encoded for encoded in map(item, readings) if encoded]
+        for reading in readings if topic_of is not None and fixed is None else ():
             encoded = item(reading)
             if encoded:
                 topic = topic_of(reading)
