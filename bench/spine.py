@@ -327,9 +327,9 @@ async def bench(args: argparse.Namespace) -> None:
                   f"{seconds} s): {bare[10]:.3f} CPU-s per 10k values with a topic per device (N=10), "
                   f"{bare[1]:.3f} with one topic (N=1)")
             for label, setup in [
-                ("default config (topic per device, linger 200ms)", Setup(10, 10, "1s")),
-                ("metered link (topic per device, linger 5s)", Setup(10, 10, "1s", linger="5s")),
-                ("one topic per gateway (linger 200ms)", Setup(10, 10, "1s", topic="sluice/{site}/{gateway}/all")),
+                ("default config (one topic per gateway, linger 200ms)", Setup(10, 10, "1s")),
+                ("metered link (one topic per gateway, linger 5s)", Setup(10, 10, "1s", linger="5s")),
+                ("topic per device (linger 200ms)", Setup(10, 10, "1s", topic="sluice/{site}/{gateway}/{device}")),
             ]:
                 rig = Rig(tmp / f"r{abs(hash(label))}", setup, broker)
                 rig.tmp.mkdir()
@@ -341,7 +341,7 @@ async def bench(args: argparse.Namespace) -> None:
                     rig.stop_sim()
                 med = {k: statistics.median(r[k] for r in results) for k in results[0]}
                 # the bare work sends 10 or 1 messages a second: comparable to the 200 ms linger configs only
-                own = bare[1] if "one topic" in label else bare[10]
+                own = bare[10] if "per device" in label else bare[1]
                 versus = f", {med['cpu_per_10k'] / own:.1f} x the bare required work" if "200ms" in label else ""
                 print(f"10 units x 10 float32 at 1 s, {label}:\n"
                       f"  CPU-s per 10k values: {med['cpu_per_10k']:.3f} = {med['cpu_per_10k'] / cal['floor']:.1f} x the "
@@ -350,7 +350,7 @@ async def bench(args: argparse.Namespace) -> None:
                       f"  delivered/expected: {med['delivered_ratio']:.3f}; peak RSS {med['rss_mb']:.1f} MB; "
                       f"first value at the broker {med['first_value_s']:.2f} s after start")
             for units, points, interval in [(100, 100, "1s"), (100, 100, "500ms"), (100, 100, "250ms")]:
-                setup = Setup(units, points, interval, units_per_port=25, topic="sluice/{site}/{gateway}/all")
+                setup = Setup(units, points, interval, units_per_port=25)
                 rig = Rig(tmp / f"t{units}-{interval}", setup, broker)
                 rig.tmp.mkdir()
                 rig.write()

@@ -8,8 +8,10 @@ import ipaddress
 import os
 import ssl
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -167,7 +169,9 @@ class MqttSinkConfig(StrictModel):
     username: str | None = None
     password: Secret | None = None
     protocol: Literal["3.1.1", "5"] = "3.1.1"
-    topic: str = "sluice/{site}/{gateway}/{device}"
+    topic: str = Field(default="sluice/{site}/{gateway}/readings",
+                       description="one topic per gateway: a poll cycle's readings share a message (each line "
+                                   "names its device); placeholders: site, gateway, device, profile, measurement")
     status_topic: str = "sluice/{site}/{gateway}/status"
     format: Literal["influx", "json"] = "influx"
     qos: Literal[1, 2] = 1
@@ -396,38 +400,38 @@ def _yaml_files(directory: Path, what: str, errors: list[ConfigError], anchor: P
     return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
-def _protocol_of(doc: YamlDoc, errors: list[ConfigError], known: list[str], what: str) -> str | None:
+def _protocol_of(doc: YamlDoc, errors: list[ConfigError], find: Callable[[str], ModuleType | None],
+                 known: Callable[[], list[str]], what: str) -> ModuleType | None:
+    """The driver module of the file's ``protocol:`` (``find``); ``known`` lists them all for a hint."""
     proto = doc.data.get("protocol") if isinstance(doc.data, dict) else None
     if not isinstance(doc.data, dict):
         errors.append(doc.error((), f"a {what} file must be a block of `key: value` settings",
                                 "see the examples under config/"))
         return None
     if proto is None:
-        errors.append(doc.error((), "required key 'protocol' is missing", "add `protocol: " + " | ".join(known) + "`"))
+        errors.append(doc.error((), "required key 'protocol' is missing", "add `protocol: " + " | ".join(known()) + "`"))
         return None
-    if proto not in known:
-        close = difflib.get_close_matches(str(proto), known, n=1)
+    module = find(proto) if isinstance(proto, str) else None
+    if module is None:
+        close = difflib.get_close_matches(str(proto), known(), n=1)
         errors.append(doc.error(("protocol",), f"unknown protocol {proto!r}",
-                                f"did you mean '{close[0]}'?" if close else "use one of " + ", ".join(known)))
-        return None
-    return str(proto)
+                                f"did you mean '{close[0]}'?" if close else "use one of " + ", ".join(known())))
+    return module
 
 
 def load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, Any]:
     """Profiles by name; None for a profile file that exists but did not validate."""
     profiles: dict[str, Any] = {}
-    kinds = drivers.known_profile_kinds()
     for file in _yaml_files(directory, "profiles", errors, directory):
         doc, errs = load_yaml(file, _display(file))
         errors += errs
         if doc is None:
             continue
-        kind = _protocol_of(doc, errors, kinds, "profile")
-        if kind is None:
+        module = _protocol_of(doc, errors, drivers.driver_for_profile_kind, drivers.known_profile_kinds, "profile")
+        if module is None:
             profiles[file.stem] = None
             continue
-        module = drivers.driver_for_profile_kind(kind)
-        model = validate_doc(doc, module.ProfileModel, errors)  # type: ignore[union-attr]
+        model = validate_doc(doc, module.ProfileModel, errors)
         # A broken profile is kept as None: its own errors are reported, and devices that use it
         # must not add a misleading "unknown profile" on top.
         profiles[file.stem] = model
@@ -438,17 +442,15 @@ def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFil
                   errors: list[ConfigError], unread: list[ConfigError] | None = None) -> list[Device]:
     devices: list[Device] = []
     docs: dict[str, YamlDoc] = {}
-    protocols = drivers.known_protocols()
     for file in _yaml_files(directory, "devices", errors, directory):
         doc, errs = load_yaml(file, _display(file))
         errors += errs
         if doc is None:
             continue
-        proto = _protocol_of(doc, errors, protocols, "device")
-        if proto is None:
+        module = _protocol_of(doc, errors, drivers.driver_for_protocol, drivers.known_protocols, "device")
+        if module is None:
             continue
-        module = drivers.driver_for_protocol(proto)
-        cfg = validate_doc(doc, module.DeviceModel, errors, expand_secrets(doc, errors, unread))  # type: ignore[union-attr]
+        cfg = validate_doc(doc, module.DeviceModel, errors, expand_secrets(doc, errors, unread))
         if cfg is None:
             continue
         if cfg.id in docs:
@@ -488,9 +490,9 @@ def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFil
                                                  f"({first.source}:{line}:{col}, {first.config.protocol})",
                                                  "one connection speaks one protocol: give each device its own port "
                                                  "or address, or use the same protocol for both"))
-    for name, group in by_module.items():
-        module = next(m for m in drivers.driver_modules() if m.__name__ == name)
-        for problem in module.check(group):
+    for group in by_module.values():
+        module = drivers.driver_for_protocol(group[0].config.protocol)
+        for problem in module.check(group):  # type: ignore[union-attr]
             errors.append(docs[problem.device.id].error(problem.loc, problem.message, problem.hint,
                                                         warning=problem.warning))
     return devices

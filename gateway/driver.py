@@ -24,10 +24,16 @@ A driver is one module under ``drivers/`` (or one level down, ``drivers/modbus/t
 
 The core never imports a driver by name: adding ``drivers/foo.py`` (or a module in a package,
 ``drivers/foo/bar.py``, for a protocol family sharing its models) is all a new protocol needs.
+A lookup (:func:`driver_for_protocol`, :func:`driver_for_profile_kind`) imports the modules most
+likely to serve it first — the one named like the key (``modbus_tcp``: ``drivers/modbus/tcp.py``),
+then those sharing its first word — and stops at the one that does, so a configuration imports
+only the drivers it uses (each costs 0.3–3 MB of memory); only listing every protocol (an error
+message) imports them all.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import pkgutil
@@ -254,31 +260,60 @@ class Poller(Protocol):
     async def poll_once(self) -> list[Reading]: ...
 
 
-def driver_modules() -> list[ModuleType]:
-    """Every module in the ``drivers`` package, or one level down in its subpackages
-    (``drivers/modbus/tcp.py``), that declares ``PROTOCOLS``."""
-    found = []
-    for info in sorted(pkgutil.iter_modules(drivers.__path__), key=lambda i: i.name):
+def _driver_names() -> list[str]:
+    """The modules of the ``drivers`` package and of its subpackages (``modbus.tcp``), by name,
+    not imported."""
+    names: list[str] = []
+    for info in pkgutil.iter_modules(drivers.__path__):
         if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"drivers.{info.name}")
-        if hasattr(module, "PROTOCOLS"):
-            found.append(module)
+        names.append(info.name)
         if info.ispkg:
-            for sub in sorted(pkgutil.iter_modules(module.__path__), key=lambda i: i.name):
-                if not sub.name.startswith("_"):
-                    submodule = importlib.import_module(f"{module.__name__}.{sub.name}")
-                    if hasattr(submodule, "PROTOCOLS"):
-                        found.append(submodule)
-    return found
+            path = [str(Path(p) / info.name) for p in drivers.__path__]
+            names += [f"{info.name}.{sub.name}" for sub in pkgutil.iter_modules(path) if not sub.name.startswith("_")]
+    return sorted(names)
 
 
+def driver_modules() -> list[ModuleType]:
+    """Every module in the ``drivers`` package, or one level down in its subpackages
+    (``drivers/modbus/tcp.py``), that declares ``PROTOCOLS`` (imports them all)."""
+    modules = [importlib.import_module(f"drivers.{name}") for name in _driver_names()]
+    return [m for m in modules if hasattr(m, "PROTOCOLS")]
+
+
+def _search(key: str, serves: Callable[[ModuleType], bool]) -> ModuleType | None:
+    """The first driver module that ``serves`` ``key``, importing candidates one by one in the
+    order of the module docstring (same name, same first word, then the rest by name)."""
+    word = key.split("_")[0]
+
+    def order(name: str) -> tuple[bool, bool, str]:
+        flat = name.replace(".", "_")  # modbus.rtu_tcp serves modbus_rtu_tcp
+        return flat != key, flat.split("_")[0] != word, name
+
+    for name in sorted(_driver_names(), key=order):
+        module = importlib.import_module(f"drivers.{name}")
+        if hasattr(module, "PROTOCOLS") and serves(module):
+            return module
+    return None
+
+
+@functools.cache
 def driver_for_protocol(protocol: str) -> ModuleType | None:
-    return next((m for m in driver_modules() if protocol in m.PROTOCOLS), None)
+    return _search(protocol, lambda m: protocol in m.PROTOCOLS)
 
 
+@functools.cache
 def driver_for_profile_kind(kind: str) -> ModuleType | None:
-    return next((m for m in driver_modules() if m.PROFILE_KIND == kind), None)
+    """The module holding the ``ProfileModel`` of profile kind ``kind``: a family package's own
+    ``drivers/<kind>/profile.py`` (every transport of the family shares it, and loading a profile
+    then imports no transport), else the first driver module of that kind."""
+    try:
+        module = importlib.import_module(f"drivers.{kind}.profile")
+    except ModuleNotFoundError:
+        module = None
+    if module is not None and hasattr(module, "ProfileModel"):
+        return module
+    return _search(kind, lambda m: m.PROFILE_KIND == kind)
 
 
 def known_protocols() -> list[str]:

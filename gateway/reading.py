@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -21,6 +22,7 @@ QUALITIES: Final = frozenset({GOOD, UNCERTAIN, CLOCK_UNSYNCED, f"{CLOCK_UNSYNCED
 """Every canonical quality string (see :func:`quality`)."""
 
 
+@functools.lru_cache(maxsize=256)  # a handful of distinct inputs; called for every reading read on an unsynced clock
 def quality(*parts: str) -> str:
     """The canonical quality of a reading whose flags are the union of ``parts``.
 

@@ -107,7 +107,7 @@ pytestmark = pytest.mark.usefixtures("close_default_executor")
 async def test_every_reading_once_in_order(mosquitto: Mosquitto, outbox: AckSpy, fmt: str,
                                            request: pytest.FixtureRequest) -> None:
     site = site_for(request)
-    cfg = config(mosquitto.port, format=fmt)
+    cfg = config(mosquitto.port, format=fmt, topic="sluice/{site}/{gateway}/{device}")
     ident = SimpleNamespace(gateway_id="gw1", site=site)
     sent = readings(site, 0, 60)
     async with subscriber(mosquitto.host, mosquitto.port, f"sluice/{site}/#") as sub, \
@@ -173,6 +173,26 @@ async def test_broker_outage_loses_nothing_and_acks_nothing_while_down(
             firsts.setdefault(dev, []).append(stamp)
     assert firsts == by_device([(r.device, r.time_ns) for r in everything])
     assert fwd.stats.delivered >= len(everything)
+
+
+@pytest.mark.parametrize("fmt", ["influx", "json"])
+def test_default_topic_one_message_per_batch(fmt: str) -> None:
+    """The default topic has no per-reading placeholder: a poll cycle of every device (one batch)
+    is one message on the gateway's topic, in outbox order; each reading names its device."""
+    cfg = config(format=fmt)
+    assert cfg.topic == "sluice/{site}/{gateway}/readings"
+    fwd = Forwarder("main", None, None, cfg, SimpleNamespace(gateway_id="gw1", site="farm"))  # type: ignore[arg-type]
+    cycle = readings("farm", 0, 1)
+    messages = fwd.build_messages(cycle)
+    assert [topic for topic, _payload in messages] == ["sluice/farm/gw1/readings"]
+    assert decoded([Received(*messages[0], False)], fmt) == [(r.device, r.time_ns) for r in cycle]
+    # max_bytes still splits it, in order
+    small = Forwarder("main", None, None, config(batch={"max_bytes": 1024}, format=fmt),  # type: ignore[arg-type]
+                      SimpleNamespace(gateway_id="gw1", site="farm"))
+    many = readings("farm", 0, 20)
+    parts = small.build_messages(many)
+    assert len(parts) > 1 and {topic for topic, _payload in parts} == {"sluice/farm/gw1/readings"}
+    assert decoded([Received(t, p, False) for t, p in parts], fmt) == [(r.device, r.time_ns) for r in many]
 
 
 def test_topic_template_placeholders() -> None:

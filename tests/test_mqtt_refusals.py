@@ -187,10 +187,10 @@ async def test_gateway_stays_responsive_while_the_broker_refuses_everything_then
             assert 1 <= refused <= 40, refused  # backed off (reconnect_max 1 s), not a retry per loop turn
             assert cpu < 0.5, f"the gateway used {cpu:.0%} of a core while the broker refused"
             text = log.read_text()
-            assert text.count("refused the publish to sluice/lab/gw-test/a") == 1, text[-3000:]
+            assert text.count("refused the publish to sluice/lab/gw-test/readings") == 1, text[-3000:]
             assert "refused the publish to sluice/lab/gw-test/status" in text  # the birth message: said once
             _code, body = await asyncio.to_thread(fetch, "127.0.0.1", health, "/healthz")
-            assert "sink broker: the broker refused the publish to sluice/lab/gw-test/a" in body, body
+            assert "sink broker: the broker refused the publish to sluice/lab/gw-test/readings" in body, body
             async with subscriber(broker.host, broker.port, "nothing/#"):  # (any client still works)
                 pass
             reload(broker, tmp_path / "acl-broker", "topic readwrite sluice/#\n")

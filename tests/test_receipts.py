@@ -39,7 +39,8 @@ T0 = 1_760_000_000_000_000_000
 def e2e_config(**overrides: Any) -> MqttSinkConfig:
     base: dict[str, Any] = {"type": "mqtt", "host": "127.0.0.1", "port": 1883, "protocol": "5",
                             "delivery": "end_to_end", "receipt_timeout": "1s",
-                            "batch": {"max_readings": 10, "linger": "0s"}}
+                            "batch": {"max_readings": 10, "linger": "0s"},
+                            "topic": "sluice/{site}/{gateway}/{device}"}  # a topic per device: batches of several parts
     return MqttSinkConfig.model_validate(base | overrides)
 
 

@@ -39,6 +39,7 @@ and :class:`Forwarder`, the engine wired for a readings sink.
 from __future__ import annotations
 
 import logging
+import string
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
@@ -85,12 +86,15 @@ class Identity(Protocol):
 
 
 class Topics:
-    """Renders the topic template per (device, measurement, profile); the result is cached."""
+    """Renders the topic template per (device, measurement, profile); the result is cached.
+    ``fixed`` is the one topic of a template with only {site} and {gateway} (the default), else None."""
 
     def __init__(self, template: str, gateway: str, site: str) -> None:
         self._template = template
         self._fixed = {"gateway": gateway, "site": site}
         self._cache: dict[tuple[str, str, str], str] = {}
+        names = {name for _lit, name, _spec, _conv in string.Formatter().parse(template) if name}
+        self.fixed = template.format(**self._fixed) if names <= self._fixed.keys() else None
 
     def __call__(self, reading: Reading) -> str:
         key = (reading.device, reading.measurement, reading.tags.get("profile", ""))
@@ -213,14 +217,18 @@ class Forwarder(Delivery[Entry, Message]):
         item = self._encoder.item
         by_topic: dict[str, tuple[list[bytes], Sequence[int]]] = {}
         topic_of = self._topic
-        if topic_of is None:  # one stream in outbox order
+        # One topic for every reading (no topic, or a template without per-reading placeholders: the
+        # default): the batch is one group in outbox order, so a poll cycle's readings share a message.
+        fixed = "" if topic_of is None else topic_of.fixed
+        if fixed is not None:
             encoded = list(map(item, readings))
             if all(encoded):
-                by_topic[""] = (encoded, range(len(encoded)))
+                by_topic[fixed] = (encoded, range(len(encoded)))
             else:
                 kept = [i for i, e in enumerate(encoded) if e]
-                by_topic[""] = ([encoded[i] for i in kept], kept)
+                by_topic[fixed] = ([encoded[i] for i in kept], kept)
         else:
+            assert topic_of is not None
             groups: dict[str, tuple[list[bytes], list[int]]] = {}
             for i, reading in enumerate(readings):
                 one = item(reading)
