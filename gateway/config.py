@@ -10,14 +10,14 @@ import ssl
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from gateway import driver as drivers
 from gateway.outbox.space import disk_budget
-from gateway.driver import Device, StrictModel
+from gateway.driver import AnyDevice, Device, ProfileConfig, StrictModel
 from gateway.secretref import Secret, SecretRef, expand_secrets
 from gateway.units import ByteSize, Duration, Identifier
 from gateway.validation import validate_doc
@@ -70,7 +70,7 @@ class TlsConfig(StrictModel):
         return self
 
 
-def ssl_context(tls: Any) -> ssl.SSLContext:
+def ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     """The client TLS context for a ``tls:`` block (``ca_file`` or the system CAs, an optional
     client certificate, verification unless ``verify: false``) — one for every sink and ingest."""
     ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
@@ -326,8 +326,8 @@ class Config:
 
     path: Path
     gateway: GatewayFile
-    devices: tuple[Device, ...]
-    profiles: dict[str, Any]
+    devices: tuple[AnyDevice, ...]
+    profiles: dict[str, ProfileConfig]
     warnings: tuple[ConfigError, ...] = ()  # located, not fatal: `check` prints them, `run` logs them
     secrets_read: bool = True
     """False: ``${file:}``/``${cred:}`` references (and unset ``${ENV}``) were not read (``unread``
@@ -413,9 +413,9 @@ def _protocol_of(doc: YamlDoc, errors: list[ConfigError], known: list[str], what
     return str(proto)
 
 
-def load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, Any]:
+def load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, ProfileConfig | None]:
     """Profiles by name; None for a profile file that exists but did not validate."""
-    profiles: dict[str, Any] = {}
+    profiles: dict[str, ProfileConfig | None] = {}
     kinds = drivers.known_profile_kinds()
     for file in _yaml_files(directory, "profiles", errors, directory):
         doc, errs = load_yaml(file, _display(file))
@@ -427,16 +427,16 @@ def load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, Any]:
             profiles[file.stem] = None
             continue
         module = drivers.driver_for_profile_kind(kind)
-        model = validate_doc(doc, module.ProfileModel, errors)  # type: ignore[union-attr]
+        model = validate_doc(doc, module.ProfileModel, errors)
         # A broken profile is kept as None: its own errors are reported, and devices that use it
         # must not add a misleading "unknown profile" on top.
         profiles[file.stem] = model
     return profiles
 
 
-def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFile,
-                  errors: list[ConfigError], unread: list[ConfigError] | None = None) -> list[Device]:
-    devices: list[Device] = []
+def _load_devices(directory: Path, profiles: dict[str, ProfileConfig | None], gateway: GatewayFile,
+                  errors: list[ConfigError], unread: list[ConfigError] | None = None) -> list[AnyDevice]:
+    devices: list[AnyDevice] = []
     docs: dict[str, YamlDoc] = {}
     protocols = drivers.known_protocols()
     for file in _yaml_files(directory, "devices", errors, directory):
@@ -448,7 +448,7 @@ def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFil
         if proto is None:
             continue
         module = drivers.driver_for_protocol(proto)
-        cfg = validate_doc(doc, module.DeviceModel, errors, expand_secrets(doc, errors, unread))  # type: ignore[union-attr]
+        cfg = validate_doc(doc, module.DeviceModel, errors, expand_secrets(doc, errors, unread))
         if cfg is None:
             continue
         if cfg.id in docs:
@@ -466,7 +466,7 @@ def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFil
                 f"add {gateway.profiles_dir}/{cfg.profile}.yaml; available: " + (", ".join(sorted(profiles)) or "none"))
             errors.append(doc.error(("profile",), f"unknown profile '{cfg.profile}'", hint))
             continue
-        if profile.protocol != module.PROFILE_KIND:  # type: ignore[union-attr]
+        if profile.protocol != module.PROFILE_KIND:
             errors.append(doc.error(("profile",), f"profile '{cfg.profile}' is for {profile.protocol} devices, "
                                     f"this device uses {cfg.protocol}", "choose a profile of the same protocol"))
             continue
@@ -474,13 +474,13 @@ def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFil
                 "profile": cfg.profile, **cfg.tags}
         measurement = cfg.measurement or profile.measurement or cfg.profile
         devices.append(Device(cfg, profile, cfg.profile, tags, measurement, doc.path))
-    by_module: dict[str, list[Device]] = {}
+    by_module: dict[str, list[AnyDevice]] = {}
     for dev in devices:
-        by_module.setdefault(drivers.driver_for_protocol(dev.config.protocol).__name__, []).append(dev)  # type: ignore[union-attr]
-    claimed: dict[str, tuple[Device, tuple[str | int, ...]]] = {}
+        by_module.setdefault(drivers.driver_for_protocol(dev.config.protocol).__name__, []).append(dev)
+    claimed: dict[str, tuple[AnyDevice, tuple[str | int, ...]]] = {}
     for dev in (d for d in devices if d.config.enabled):  # a disabled device holds nothing
         module = drivers.driver_for_protocol(dev.config.protocol)
-        for claim in module.claims(dev):  # type: ignore[union-attr]
+        for claim in module.claims(dev):
             first, loc = claimed.setdefault(claim.resource, (dev, claim.loc))
             if first.config.protocol != dev.config.protocol:
                 line, col = docs[first.id].position(loc)

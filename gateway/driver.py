@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Annotated, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -254,10 +254,31 @@ class Poller(Protocol):
     async def poll_once(self) -> list[Reading]: ...
 
 
-def driver_modules() -> list[ModuleType]:
+class DriverModule(Protocol):
+    """What a driver module provides, as the core sees it (the module docstring above says what
+    each name means). The core calls ``check``, ``claims`` and ``make_pollers`` only with devices
+    of the driver's own ``PROTOCOLS``, so a driver declares them over its own ``Device[...]``."""
+
+    __name__: str
+
+    @property
+    def PROTOCOLS(self) -> frozenset[str]: ...
+    @property
+    def PROFILE_KIND(self) -> str: ...
+    @property
+    def DeviceModel(self) -> type[DeviceConfig]: ...
+    @property
+    def ProfileModel(self) -> type[ProfileConfig]: ...
+
+    def check(self, devices: Sequence[AnyDevice], /) -> list[Problem]: ...
+    def claims(self, device: AnyDevice, /) -> list[Claim]: ...
+    def make_pollers(self, devices: Sequence[AnyDevice], /) -> Sequence[Poller]: ...
+
+
+def driver_modules() -> list[DriverModule]:
     """Every module in the ``drivers`` package, or one level down in its subpackages
     (``drivers/modbus/tcp.py``), that declares ``PROTOCOLS``."""
-    found = []
+    found: list[ModuleType] = []
     for info in sorted(pkgutil.iter_modules(drivers.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
             continue
@@ -270,15 +291,25 @@ def driver_modules() -> list[ModuleType]:
                     submodule = importlib.import_module(f"{module.__name__}.{sub.name}")
                     if hasattr(submodule, "PROTOCOLS"):
                         found.append(submodule)
+    # A module that declares PROTOCOLS is a driver: the contract above is what it promises.
+    return cast("list[DriverModule]", found)
+
+
+def driver_for_protocol(protocol: str) -> DriverModule:
+    """The driver serving ``protocol``; LookupError for a protocol no driver serves (configuration
+    validation reports those first, at the ``protocol:`` key)."""
+    found = next((m for m in driver_modules() if protocol in m.PROTOCOLS), None)
+    if found is None:
+        raise LookupError(f"no driver serves protocol {protocol!r}; known: {', '.join(known_protocols())}")
     return found
 
 
-def driver_for_protocol(protocol: str) -> ModuleType | None:
-    return next((m for m in driver_modules() if protocol in m.PROTOCOLS), None)
-
-
-def driver_for_profile_kind(kind: str) -> ModuleType | None:
-    return next((m for m in driver_modules() if m.PROFILE_KIND == kind), None)
+def driver_for_profile_kind(kind: str) -> DriverModule:
+    """A driver understanding profiles of ``kind``; LookupError for a kind no driver knows."""
+    found = next((m for m in driver_modules() if m.PROFILE_KIND == kind), None)
+    if found is None:
+        raise LookupError(f"no driver understands {kind!r} profiles; known: {', '.join(known_profile_kinds())}")
+    return found
 
 
 def known_protocols() -> list[str]:

@@ -18,7 +18,7 @@ from gateway.config import Config, load_config
 from gateway.outbox import OutboxError
 from gateway.driver import FieldInfo
 from gateway.logs import add_log_level, setup_logging
-from gateway.reading import float32_text
+from gateway.reading import Reading, float32_text
 from gateway.units import duration_arg
 
 log = logging.getLogger("sluice")
@@ -84,8 +84,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     from gateway.security import startup_warnings
 
-    for warning in startup_warnings(config):  # what `run` warns about at every start
-        print(f"warning: {warning}", file=sys.stderr)
+    for text in startup_warnings(config):  # what `run` warns about at every start
+        print(f"warning: {text}", file=sys.stderr)
     for note in config.unread:
         print(note, file=sys.stderr)
     if config.unread:
@@ -109,8 +109,8 @@ def cmd_once(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or "warning", "text")
     from gateway.app import make_pollers
 
-    async def main() -> list:
-        readings = []
+    async def main() -> list[Reading]:
+        readings: list[Reading] = []
         for poller in make_pollers(config.devices):
             async with poller:
                 readings.extend(await poller.poll_once())
@@ -197,7 +197,7 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
             letters = list_dead_letters(conn, args.sink, with_readings=args.readings, stream=args.stream)
             if args.json:
                 for d in letters:
-                    item = {"id": d.id, "stream": d.stream, "sink": d.sink, "time_ns": d.time_ns, "count": d.count,
+                    item: dict[str, object] = {"id": d.id, "stream": d.stream, "sink": d.sink, "time_ns": d.time_ns, "count": d.count,
                             "message": d.message, "resend": d.resend, "attempts": d.attempts}
                     if d.stream == TRACE:
                         item["seq"] = d.seq

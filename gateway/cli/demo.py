@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TextIO
 
 import yaml
 
@@ -67,7 +68,7 @@ def write_demo_config(source: Path, target: Path, broker_port: int | None) -> Pa
 class Display:
     """Plain-text live view: latest reading per device, commit and delivery counters."""
 
-    def __init__(self, config: Config, broker: str | None, stream=sys.stdout) -> None:
+    def __init__(self, config: Config, broker: str | None, stream: TextIO = sys.stdout) -> None:
         self.config = config
         self.broker = broker
         self.stream = stream
@@ -118,8 +119,9 @@ class Display:
             out.append(f"  outbox: {committer.stats.committed} readings committed in "
                        f"{committer.stats.commits} transactions, {stats.rows} waiting, {stats.dropped} dropped")
         for fwd in gateway.forwarders:
-            s = fwd.stats  # type: ignore[attr-defined]
-            out.append(f"  sink {fwd.name}: {s.delivered} readings delivered in {s.messages} MQTT messages"  # type: ignore[attr-defined]
+            # Gateway.forwarders is list[object] until the engine's one sink contract types it (issue 13).
+            s = fwd.stats  # type: ignore[attr-defined]  # a Forwarder's stats, see the line above
+            out.append(f"  sink {fwd.name}: {s.delivered} readings delivered in {s.messages} MQTT messages"  # type: ignore[attr-defined]  # a Forwarder's name
                        f" ({s.bytes} bytes), {s.retries} retries")
         if self.broker:
             out.append(f"  broker {self.broker}: gateway status '{self.status}'; a subscriber received "
