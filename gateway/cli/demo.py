@@ -26,8 +26,10 @@ from gateway.app import Gateway
 from gateway.config import Config, load_config
 from gateway.cli.examples import shipped_config
 from gateway.logs import setup_logging
+from gateway.mqtt import watch
 from gateway.reading import Reading
 from simulators.broker import Mosquitto, find_mosquitto
+from simulators.simulation import load_simulation
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -134,8 +136,6 @@ class Display:
 
 
 async def _subscribe(port: int, topic: str, display: Display) -> None:
-    from gateway.mqtt import watch
-
     async for message_topic, payload in watch("127.0.0.1", port, topic):
         display.on_message(message_topic, payload)
 
@@ -170,8 +170,6 @@ async def _demo(stop: asyncio.Event, source: Path) -> int:
                 print(f"  private Mosquitto broker on 127.0.0.1:{broker_port}")
             config_dir = write_demo_config(source, Path(tmp) / "config", broker_port)
             config = load_config(config_dir)
-            from simulators.simulation import load_simulation
-
             for server in load_simulation(config_dir):
                 await stack.enter_async_context(server)
                 print(f"  simulator: {server.describe()}")

@@ -23,6 +23,7 @@ from gateway.config import (
     expand_secrets,
 )
 from gateway.driver import StrictModel
+from gateway.mqtt.client import topic_matches
 from gateway.secretref import Secret
 from gateway.units import ByteSize, Duration
 from gateway.validation import validate_doc
@@ -155,8 +156,6 @@ class IngestConfig(StrictModel):
 
     @model_validator(mode="after")
     def _no_loop(self) -> IngestConfig:
-        from gateway.mqtt.client import topic_matches
-
         for depth in range(1, 6):
             sample = self.dead_letter_topic.format(topic="/".join(["x"] * depth))
             for filt in self.mqtt.topics:

@@ -64,7 +64,7 @@ from gateway.cloud.brokerconf import queue_advice
 from gateway.encode import InfluxEncoder
 from gateway.forwarder import SinkRejected, SinkUnavailable, isolate_refused, receipt_mac
 from gateway.config import ssl_context
-from gateway.health import PROMETHEUS_TEXT, LocalHttpServer
+from gateway.health import PROMETHEUS_TEXT, LocalHttpServer, MetricsText, process_usage
 from gateway.influx import InfluxSink
 from gateway.cloud.config import IngestConfig
 from gateway.cloud.lineproto import Malformed, Points, to_lines
@@ -496,9 +496,7 @@ METRICS: dict[str, tuple[str, str]] = {
 
 def render_metrics(ingest: Ingest) -> str:
     """Prometheus text exposition format 0.0.4 (the gateway's renderer helpers)."""
-    from gateway.health import _Out, _process
-
-    out = _Out()
+    out = MetricsText()
     stats = ingest.stats
 
     def sample(name: str, value: float, **labels: str) -> None:
@@ -522,7 +520,7 @@ def render_metrics(ingest: Ingest) -> str:
     sample("sluice_ingest_pending_messages", ingest.pending)
     lag = max(0.0, (time.time_ns() - stats.newest_ns) / 1e9) if stats.newest_ns else 0.0
     sample("sluice_ingest_lag_seconds", lag)
-    sample("process_cpu_seconds_total", _process()["cpu"])
+    sample("process_cpu_seconds_total", process_usage()["cpu"])
     return "\n".join(out.lines) + "\n"
 
 
