@@ -8,6 +8,7 @@ import ipaddress
 import os
 import ssl
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -17,7 +18,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 
 from gateway import driver as drivers
 from gateway.outbox.space import disk_budget
-from gateway.driver import AnyDevice, Device, ProfileConfig, StrictModel
+from gateway.driver import AnyDevice, Device, DriverModule, ProfileConfig, StrictModel
 from gateway.secretref import Secret, SecretRef, expand_secrets
 from gateway.units import ByteSize, Duration, Identifier
 from gateway.validation import validate_doc
@@ -396,37 +397,37 @@ def _yaml_files(directory: Path, what: str, errors: list[ConfigError], anchor: P
     return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
-def _protocol_of(doc: YamlDoc, errors: list[ConfigError], known: list[str], what: str) -> str | None:
+def _protocol_of(doc: YamlDoc, errors: list[ConfigError], find: Callable[[str], DriverModule | None],
+                 known: Callable[[], list[str]], what: str) -> DriverModule | None:
+    """The driver module of the file's ``protocol:`` (``find``); ``known`` lists them all for a hint."""
     proto = doc.data.get("protocol") if isinstance(doc.data, dict) else None
     if not isinstance(doc.data, dict):
         errors.append(doc.error((), f"a {what} file must be a block of `key: value` settings",
                                 "see the examples under config/"))
         return None
     if proto is None:
-        errors.append(doc.error((), "required key 'protocol' is missing", "add `protocol: " + " | ".join(known) + "`"))
+        errors.append(doc.error((), "required key 'protocol' is missing", "add `protocol: " + " | ".join(known()) + "`"))
         return None
-    if proto not in known:
-        close = difflib.get_close_matches(str(proto), known, n=1)
+    module = find(proto) if isinstance(proto, str) else None
+    if module is None:
+        close = difflib.get_close_matches(str(proto), known(), n=1)
         errors.append(doc.error(("protocol",), f"unknown protocol {proto!r}",
-                                f"did you mean '{close[0]}'?" if close else "use one of " + ", ".join(known)))
-        return None
-    return str(proto)
+                                f"did you mean '{close[0]}'?" if close else "use one of " + ", ".join(known())))
+    return module
 
 
 def load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, ProfileConfig | None]:
     """Profiles by name; None for a profile file that exists but did not validate."""
     profiles: dict[str, ProfileConfig | None] = {}
-    kinds = drivers.known_profile_kinds()
     for file in _yaml_files(directory, "profiles", errors, directory):
         doc, errs = load_yaml(file, _display(file))
         errors += errs
         if doc is None:
             continue
-        kind = _protocol_of(doc, errors, kinds, "profile")
-        if kind is None:
+        module = _protocol_of(doc, errors, drivers.driver_for_profile_kind, drivers.known_profile_kinds, "profile")
+        if module is None:
             profiles[file.stem] = None
             continue
-        module = drivers.driver_for_profile_kind(kind)
         model = validate_doc(doc, module.ProfileModel, errors)
         # A broken profile is kept as None: its own errors are reported, and devices that use it
         # must not add a misleading "unknown profile" on top.
@@ -437,17 +438,16 @@ def load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, Profi
 def _load_devices(directory: Path, profiles: dict[str, ProfileConfig | None], gateway: GatewayFile,
                   errors: list[ConfigError], unread: list[ConfigError] | None = None) -> list[AnyDevice]:
     devices: list[AnyDevice] = []
+    driver_of: dict[str, DriverModule] = {}  # device id -> the driver serving its protocol
     docs: dict[str, YamlDoc] = {}
-    protocols = drivers.known_protocols()
     for file in _yaml_files(directory, "devices", errors, directory):
         doc, errs = load_yaml(file, _display(file))
         errors += errs
         if doc is None:
             continue
-        proto = _protocol_of(doc, errors, protocols, "device")
-        if proto is None:
+        module = _protocol_of(doc, errors, drivers.driver_for_protocol, drivers.known_protocols, "device")
+        if module is None:
             continue
-        module = drivers.driver_for_protocol(proto)
         cfg = validate_doc(doc, module.DeviceModel, errors, expand_secrets(doc, errors, unread))
         if cfg is None:
             continue
@@ -474,13 +474,13 @@ def _load_devices(directory: Path, profiles: dict[str, ProfileConfig | None], ga
                 "profile": cfg.profile, **cfg.tags}
         measurement = cfg.measurement or profile.measurement or cfg.profile
         devices.append(Device(cfg, profile, cfg.profile, tags, measurement, doc.path))
+        driver_of[cfg.id] = module
     by_module: dict[str, list[AnyDevice]] = {}
     for dev in devices:
-        by_module.setdefault(drivers.driver_for_protocol(dev.config.protocol).__name__, []).append(dev)
+        by_module.setdefault(driver_of[dev.id].__name__, []).append(dev)
     claimed: dict[str, tuple[AnyDevice, tuple[str | int, ...]]] = {}
     for dev in (d for d in devices if d.config.enabled):  # a disabled device holds nothing
-        module = drivers.driver_for_protocol(dev.config.protocol)
-        for claim in module.claims(dev):
+        for claim in driver_of[dev.id].claims(dev):
             first, loc = claimed.setdefault(claim.resource, (dev, claim.loc))
             if first.config.protocol != dev.config.protocol:
                 line, col = docs[first.id].position(loc)
@@ -488,9 +488,8 @@ def _load_devices(directory: Path, profiles: dict[str, ProfileConfig | None], ga
                                                  f"({first.source}:{line}:{col}, {first.config.protocol})",
                                                  "one connection speaks one protocol: give each device its own port "
                                                  "or address, or use the same protocol for both"))
-    for name, group in by_module.items():
-        module = next(m for m in drivers.driver_modules() if m.__name__ == name)
-        for problem in module.check(group):
+    for group in by_module.values():
+        for problem in driver_of[group[0].id].check(group):
             errors.append(docs[problem.device.id].error(problem.loc, problem.message, problem.hint,
                                                         warning=problem.warning))
     return devices

@@ -295,21 +295,14 @@ def driver_modules() -> list[DriverModule]:
     return cast("list[DriverModule]", found)
 
 
-def driver_for_protocol(protocol: str) -> DriverModule:
-    """The driver serving ``protocol``; LookupError for a protocol no driver serves (configuration
-    validation reports those first, at the ``protocol:`` key)."""
-    found = next((m for m in driver_modules() if protocol in m.PROTOCOLS), None)
-    if found is None:
-        raise LookupError(f"no driver serves protocol {protocol!r}; known: {', '.join(known_protocols())}")
-    return found
+def driver_for_protocol(protocol: str) -> DriverModule | None:
+    """The driver serving ``protocol``, or None if no driver does."""
+    return next((m for m in driver_modules() if protocol in m.PROTOCOLS), None)
 
 
-def driver_for_profile_kind(kind: str) -> DriverModule:
-    """A driver understanding profiles of ``kind``; LookupError for a kind no driver knows."""
-    found = next((m for m in driver_modules() if m.PROFILE_KIND == kind), None)
-    if found is None:
-        raise LookupError(f"no driver understands {kind!r} profiles; known: {', '.join(known_profile_kinds())}")
-    return found
+def driver_for_profile_kind(kind: str) -> DriverModule | None:
+    """A driver understanding profiles of ``kind``, or None if no driver does."""
+    return next((m for m in driver_modules() if m.PROFILE_KIND == kind), None)
 
 
 def known_protocols() -> list[str]:
