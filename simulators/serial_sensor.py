@@ -198,7 +198,8 @@ def _signals(profile: ProfileModel) -> dict[str, Signal]:
         for name, value in _DEFAULTS[profile.format].items():
             specs[name] = Constant(signal="constant", value=value)
         if profile.format == "codes":
-            specs["code"] = Step(signal="step", values=["4006381333931", "5901234123457", "0012345678905"], every=1.0)
+            specs["code"] = Step.model_validate({"signal": "step", "every": "1s",  # validated as a profile writes it
+                                               "values": ["4006381333931", "5901234123457", "0012345678905"]})
     specs.update(profile.sim.signals)
     return {name: make_signal(spec, origin=origin, seed=n) for n, (name, spec) in enumerate(sorted(specs.items()))}
 
