@@ -26,7 +26,6 @@ from gateway.outbox.file import identity
 from gateway.driver import FieldInfo
 from gateway.logs import add_log_level, setup_logging
 from gateway.reading import Reading, float32_text
-from gateway.salvage import salvage
 from gateway.security import startup_warnings
 from gateway.units import duration_arg
 
@@ -250,6 +249,8 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
 
 def cmd_salvage(args: argparse.Namespace) -> int:
     """Copy what a damaged outbox still holds into the live one (gateway/salvage.py); 0 when all of it was."""
+    from gateway.salvage import salvage  # noqa: PLC0415 - only for `sluice outbox salvage`: `sluice run` need not carry it
+
     config = load_or_report(args.config)
     if config is None:
         return EXIT_CONFIG
