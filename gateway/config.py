@@ -11,15 +11,14 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from gateway import driver as drivers
 from gateway.outbox.space import disk_budget
-from gateway.driver import Device, StrictModel
+from gateway.driver import AnyDevice, Device, DriverModule, ProfileConfig, StrictModel
 from gateway.secretref import Secret, SecretRef, expand_secrets
 from gateway.units import ByteSize, Duration, Identifier
 from gateway.validation import validate_doc
@@ -72,7 +71,7 @@ class TlsConfig(StrictModel):
         return self
 
 
-def ssl_context(tls: Any) -> ssl.SSLContext:
+def ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     """The client TLS context for a ``tls:`` block (``ca_file`` or the system CAs, an optional
     client certificate, verification unless ``verify: false``) — one for every sink and ingest."""
     ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
@@ -330,8 +329,8 @@ class Config:
 
     path: Path
     gateway: GatewayFile
-    devices: tuple[Device, ...]
-    profiles: dict[str, Any]
+    devices: tuple[AnyDevice, ...]
+    profiles: dict[str, ProfileConfig]
     warnings: tuple[ConfigError, ...] = ()  # located, not fatal: `check` prints them, `run` logs them
     secrets_read: bool = True
     """False: ``${file:}``/``${cred:}`` references (and unset ``${ENV}``) were not read (``unread``
@@ -400,8 +399,11 @@ def _yaml_files(directory: Path, what: str, errors: list[ConfigError], anchor: P
     return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
-def _protocol_of(doc: YamlDoc, errors: list[ConfigError], find: Callable[[str], ModuleType | None],
-                 known: Callable[[], list[str]], what: str) -> ModuleType | None:
+FoundT = TypeVar("FoundT")
+
+
+def _protocol_of(doc: YamlDoc, errors: list[ConfigError], find: Callable[[str], FoundT | None],
+                 known: Callable[[], list[str]], what: str) -> FoundT | None:
     """The driver module of the file's ``protocol:`` (``find``); ``known`` lists them all for a hint."""
     proto = doc.data.get("protocol") if isinstance(doc.data, dict) else None
     if not isinstance(doc.data, dict):
@@ -419,9 +421,9 @@ def _protocol_of(doc: YamlDoc, errors: list[ConfigError], find: Callable[[str], 
     return module
 
 
-def load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, Any]:
+def load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, ProfileConfig | None]:
     """Profiles by name; None for a profile file that exists but did not validate."""
-    profiles: dict[str, Any] = {}
+    profiles: dict[str, ProfileConfig | None] = {}
     for file in _yaml_files(directory, "profiles", errors, directory):
         doc, errs = load_yaml(file, _display(file))
         errors += errs
@@ -438,9 +440,10 @@ def load_profiles(directory: Path, errors: list[ConfigError]) -> dict[str, Any]:
     return profiles
 
 
-def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFile,
-                  errors: list[ConfigError], unread: list[ConfigError] | None = None) -> list[Device]:
-    devices: list[Device] = []
+def _load_devices(directory: Path, profiles: dict[str, ProfileConfig | None], gateway: GatewayFile,
+                  errors: list[ConfigError], unread: list[ConfigError] | None = None) -> list[AnyDevice]:
+    devices: list[AnyDevice] = []
+    driver_of: dict[str, DriverModule] = {}  # device id -> the driver serving its protocol
     docs: dict[str, YamlDoc] = {}
     for file in _yaml_files(directory, "devices", errors, directory):
         doc, errs = load_yaml(file, _display(file))
@@ -468,7 +471,7 @@ def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFil
                 f"add {gateway.profiles_dir}/{cfg.profile}.yaml; available: " + (", ".join(sorted(profiles)) or "none"))
             errors.append(doc.error(("profile",), f"unknown profile '{cfg.profile}'", hint))
             continue
-        if profile.protocol != module.PROFILE_KIND:  # type: ignore[union-attr]
+        if profile.protocol != module.PROFILE_KIND:
             errors.append(doc.error(("profile",), f"profile '{cfg.profile}' is for {profile.protocol} devices, "
                                     f"this device uses {cfg.protocol}", "choose a profile of the same protocol"))
             continue
@@ -476,13 +479,13 @@ def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFil
                 "profile": cfg.profile, **cfg.tags}
         measurement = cfg.measurement or profile.measurement or cfg.profile
         devices.append(Device(cfg, profile, cfg.profile, tags, measurement, doc.path))
-    by_module: dict[str, list[Device]] = {}
+        driver_of[cfg.id] = module
+    by_module: dict[str, list[AnyDevice]] = {}
     for dev in devices:
-        by_module.setdefault(drivers.driver_for_protocol(dev.config.protocol).__name__, []).append(dev)  # type: ignore[union-attr]
-    claimed: dict[str, tuple[Device, tuple[str | int, ...]]] = {}
+        by_module.setdefault(driver_of[dev.id].__name__, []).append(dev)
+    claimed: dict[str, tuple[AnyDevice, tuple[str | int, ...]]] = {}
     for dev in (d for d in devices if d.config.enabled):  # a disabled device holds nothing
-        module = drivers.driver_for_protocol(dev.config.protocol)
-        for claim in module.claims(dev):  # type: ignore[union-attr]
+        for claim in driver_of[dev.id].claims(dev):
             first, loc = claimed.setdefault(claim.resource, (dev, claim.loc))
             if first.config.protocol != dev.config.protocol:
                 line, col = docs[first.id].position(loc)
@@ -491,8 +494,7 @@ def _load_devices(directory: Path, profiles: dict[str, Any], gateway: GatewayFil
                                                  "one connection speaks one protocol: give each device its own port "
                                                  "or address, or use the same protocol for both"))
     for group in by_module.values():
-        module = drivers.driver_for_protocol(group[0].config.protocol)
-        for problem in module.check(group):  # type: ignore[union-attr]
+        for problem in driver_of[group[0].id].check(group):
             errors.append(docs[problem.device.id].error(problem.loc, problem.message, problem.hint,
                                                         warning=problem.warning))
     return devices

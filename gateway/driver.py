@@ -40,8 +40,7 @@ import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import Annotated, Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Annotated, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -260,6 +259,35 @@ class Poller(Protocol):
     async def poll_once(self) -> list[Reading]: ...
 
 
+class ProfileFamily(Protocol):
+    """What loading a profile needs of its kind: the model (a driver module has it, and so has a
+    family package's ``profile`` module)."""
+
+    @property
+    def ProfileModel(self) -> type[ProfileConfig]: ...
+
+
+class DriverModule(Protocol):
+    """What a driver module provides, as the core sees it (the module docstring above says what
+    each name means). The core calls ``check``, ``claims`` and ``make_pollers`` only with devices
+    of the driver's own ``PROTOCOLS``, so a driver declares them over its own ``Device[...]``."""
+
+    __name__: str
+
+    @property
+    def PROTOCOLS(self) -> frozenset[str]: ...
+    @property
+    def PROFILE_KIND(self) -> str: ...
+    @property
+    def DeviceModel(self) -> type[DeviceConfig]: ...
+    @property
+    def ProfileModel(self) -> type[ProfileConfig]: ...
+
+    def check(self, devices: Sequence[AnyDevice], /) -> list[Problem]: ...
+    def claims(self, device: AnyDevice, /) -> list[Claim]: ...
+    def make_pollers(self, devices: Sequence[AnyDevice], /) -> Sequence[Poller]: ...
+
+
 def _driver_names() -> list[str]:
     """The modules of the ``drivers`` package and of its subpackages (``modbus.tcp``), by name,
     not imported."""
@@ -274,14 +302,15 @@ def _driver_names() -> list[str]:
     return sorted(names)
 
 
-def driver_modules() -> list[ModuleType]:
+def driver_modules() -> list[DriverModule]:
     """Every module in the ``drivers`` package, or one level down in its subpackages
     (``drivers/modbus/tcp.py``), that declares ``PROTOCOLS`` (imports them all)."""
     modules = [importlib.import_module(f"drivers.{name}") for name in _driver_names()]
-    return [m for m in modules if hasattr(m, "PROTOCOLS")]
+    # A module that declares PROTOCOLS is a driver: the contract above is what it promises.
+    return cast("list[DriverModule]", [m for m in modules if hasattr(m, "PROTOCOLS")])
 
 
-def _search(key: str, serves: Callable[[ModuleType], bool]) -> ModuleType | None:
+def _search(key: str, serves: Callable[[DriverModule], bool]) -> DriverModule | None:
     """The first driver module that ``serves`` ``key``, importing candidates one by one in the
     order of the module docstring (same name, same first word, then the rest by name)."""
     word = key.split("_")[0]
@@ -292,18 +321,19 @@ def _search(key: str, serves: Callable[[ModuleType], bool]) -> ModuleType | None
 
     for name in sorted(_driver_names(), key=order):
         module = importlib.import_module(f"drivers.{name}")
-        if hasattr(module, "PROTOCOLS") and serves(module):
-            return module
+        if hasattr(module, "PROTOCOLS") and serves(cast("DriverModule", module)):
+            return cast("DriverModule", module)
     return None
 
 
 @functools.cache
-def driver_for_protocol(protocol: str) -> ModuleType | None:
+def driver_for_protocol(protocol: str) -> DriverModule | None:
+    """The driver serving ``protocol``, or None if no driver does."""
     return _search(protocol, lambda m: protocol in m.PROTOCOLS)
 
 
 @functools.cache
-def driver_for_profile_kind(kind: str) -> ModuleType | None:
+def driver_for_profile_kind(kind: str) -> ProfileFamily | None:
     """The module holding the ``ProfileModel`` of profile kind ``kind``: a family package's own
     ``drivers/<kind>/profile.py`` (every transport of the family shares it, and loading a profile
     then imports no transport), else the first driver module of that kind."""
@@ -312,7 +342,7 @@ def driver_for_profile_kind(kind: str) -> ModuleType | None:
     except ModuleNotFoundError:
         module = None
     if module is not None and hasattr(module, "ProfileModel"):
-        return module
+        return cast("ProfileFamily", module)
     return _search(kind, lambda m: m.PROFILE_KIND == kind)
 
 

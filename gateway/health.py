@@ -44,7 +44,8 @@ __all__ = ["HealthServer", "MetricFamily", "SinkSnapshot", "Snapshot", "add_metr
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- figures
-def _process() -> dict[str, float]:
+def process_usage() -> dict[str, float]:
+    """This process's CPU seconds (``cpu``) and resident memory in bytes (``rss``)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     rss = 0
     with contextlib.suppress(OSError, ValueError, IndexError):
@@ -125,7 +126,10 @@ def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-class _Out:
+class MetricsText:
+    """Prometheus text exposition (format 0.0.4) being written: a family's HELP and TYPE, then its
+    samples; ``lines`` joined by newlines is the answer. The gateway's and the ingest's metrics."""
+
     def __init__(self) -> None:
         self.lines: list[str] = []
 
@@ -198,7 +202,7 @@ def add_metrics(provider: Callable[[], list[MetricFamily]]) -> Callable[[], None
     return lambda: _providers.remove(provider) if provider in _providers else None
 
 
-def _provided(out: _Out) -> None:
+def _provided(out: MetricsText) -> None:
     for provider in list(_providers):
         try:
             families = provider()
@@ -213,7 +217,7 @@ def _provided(out: _Out) -> None:
 
 def render_metrics(snap: Snapshot) -> str:
     """Prometheus text exposition format 0.0.4."""
-    out = _Out()
+    out = MetricsText()
     now_ns = time.time_ns()
 
     def fam(name: str) -> None:
@@ -309,7 +313,7 @@ def render_metrics(snap: Snapshot) -> str:
         out.sample("sluice_component_stalled", s.wedged_for is not None, component=s.name)
 
     _provided(out)
-    proc = _process()
+    proc = process_usage()
     fam("process_cpu_seconds_total")
     out.sample("process_cpu_seconds_total", proc["cpu"])
     fam("process_resident_memory_bytes")

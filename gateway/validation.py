@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -16,6 +16,8 @@ from gateway.secretref import unread_value
 from gateway.yamlpos import ConfigError, YamlDoc
 
 __all__ = ["validate_doc"]
+
+ModelT = TypeVar("ModelT", bound=StrictModel)
 
 
 def _describe(err: Any, model: type[StrictModel] | None) -> tuple[str, str]:
@@ -82,8 +84,8 @@ def _real_loc(data: Any, loc: tuple[str | int, ...], keep_last: bool) -> tuple[t
     return tuple(real), not isinstance(node, (dict, list))
 
 
-def validate_doc(doc: YamlDoc, model: type[StrictModel], errors: list[ConfigError],
-                 data: Any = None, **context: Any) -> Any:
+def validate_doc(doc: YamlDoc, model: type[ModelT], errors: list[ConfigError],
+                 data: Any = None, **context: Any) -> ModelT | None:
     """Validate ``doc`` against ``model``; append located errors. Returns the model or None."""
     data = doc.data if data is None else data
     if not isinstance(data, dict):

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --servers
 set +e
 .venv/bin/ruff check . || { echo "ruff found problems (see above)" >&2; exit 1; }
-# The type gate: mypy --strict over gateway/ and drivers/ ([tool.mypy] in pyproject.toml).
+# The type gate: mypy --strict over gateway/, drivers/ and simulators/ ([tool.mypy] in pyproject.toml).
 .venv/bin/mypy || { echo "mypy found type errors (see above)" >&2; exit 1; }
 .venv/bin/python -m pytest -p no:cacheprovider "$@"
 rc=$?

@@ -265,7 +265,7 @@ class SimDevice:
 
 
 # =========================================================================== PDUs
-def _pack_bits(bits: Sequence[bool]) -> bytes:
+def _pack_bits(bits: Sequence[int]) -> bytes:  # coils and inputs: bools (ints), set when true
     out = bytearray((len(bits) + 7) // 8)
     for i, bit in enumerate(bits):
         if bit:
@@ -285,7 +285,7 @@ def _serve(device: SimDevice, pdu: bytes, now: float | None) -> bytes:
         address, count = struct.unpack_from(">HH", pdu, 1)
         found = device.read(function, address, count, now)
         if function in (1, 2):
-            data = _pack_bits(found)  # type: ignore[arg-type]
+            data = _pack_bits(found)
         else:
             data = struct.pack(f">{len(found)}H", *found)
         return bytes((function, len(data))) + data

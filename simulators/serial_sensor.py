@@ -36,7 +36,7 @@ from drivers.serial.framing import checksum_bytes
 from drivers.serial.parsers import nmea_checksum, request_bytes
 from drivers.serial.profile import BIN_TYPES as _BIN
 from drivers.serial.profile import CHECKSUM_SIZE as _CHECKSUM_SIZE
-from drivers.serial.profile import ProfileModel, parse_hex
+from drivers.serial.profile import FieldSpec, ProfileModel, parse_hex
 from drivers.wire import to_big_endian
 from gateway.validation import validate_doc
 from gateway.units import parse_duration
@@ -135,20 +135,20 @@ def _render_binary(profile: ProfileModel, values: dict[str, Any], bad_checksum: 
     else:
         assert profile.length is not None
         len_end = profile.length.byte + (1 if profile.length.type == "uint8" else 2)
-        body_end = max([len_end, *(s.byte + _BIN[s.type][1] for s in profile.fields.values())])  # type: ignore[operator,index]
+        body_end = max([len_end, *(byte + width for byte, _code, width in map(_place, profile.fields.values()))])
         total = body_end + csize
     frame = bytearray(total - csize)
     frame[:len(header)] = header
     if profile.length is not None:
-        spec = profile.length
-        len_end = spec.byte + (1 if spec.type == "uint8" else 2)
-        value = {"frame": total, "rest": total - len_end, "payload": total - len_end - csize}[spec.counts]
-        frame[spec.byte:len_end] = value.to_bytes(len_end - spec.byte, "little" if spec.byte_order == "DCBA" else "big")
+        length = profile.length
+        len_end = length.byte + (1 if length.type == "uint8" else 2)
+        count = {"frame": total, "rest": total - len_end, "payload": total - len_end - csize}[length.counts]
+        frame[length.byte:len_end] = count.to_bytes(len_end - length.byte, "little" if length.byte_order == "DCBA" else "big")
     for name, spec in profile.fields.items():
-        code, width = _BIN[spec.type]  # type: ignore[index]
+        byte, code, width = _place(spec)
         value = values.get(name, 0)
         if spec.bit is not None:
-            current = int.from_bytes(to_big_endian(bytes(frame[spec.byte:spec.byte + width]), spec.byte_order), "big")  # type: ignore[operator]
+            current = int.from_bytes(to_big_endian(bytes(frame[byte:byte + width]), spec.byte_order), "big")
             raw: Any = current | (1 << spec.bit) if value else current & ~(1 << spec.bit)
         else:
             raw = (float(value) - spec.offset) / spec.scale
@@ -156,13 +156,21 @@ def _render_binary(profile: ProfileModel, values: dict[str, Any], bad_checksum: 
                 lo, hi = _int_range(code, width)
                 raw = min(max(round(raw), lo), hi) if math.isfinite(raw) else 0
         packed = struct.pack(">" + code, raw)
-        frame[spec.byte:spec.byte + width] = to_big_endian(packed, spec.byte_order)  # type: ignore[operator]
+        frame[byte:byte + width] = to_big_endian(packed, spec.byte_order)
     if profile.checksum is not None:
         check = checksum_bytes(profile.checksum, bytes(frame[profile.checksum.start:]))
         if bad_checksum:
             check = bytes(b ^ 0x5A for b in check)
         frame += check
     return bytes(frame)
+
+
+def _place(spec: FieldSpec) -> tuple[int, str, int]:
+    """Where a binary profile's field sits: its byte, struct code and width (a binary profile's
+    validation requires both ``byte`` and a binary ``type`` of every field)."""
+    assert spec.byte is not None and spec.type is not None, "a validated binary profile"
+    code, width = _BIN[spec.type]
+    return spec.byte, code, width
 
 
 def _int_range(code: str, width: int) -> tuple[int, int]:
@@ -190,7 +198,8 @@ def _signals(profile: ProfileModel) -> dict[str, Signal]:
         for name, value in _DEFAULTS[profile.format].items():
             specs[name] = Constant(signal="constant", value=value)
         if profile.format == "codes":
-            specs["code"] = Step(signal="step", values=["4006381333931", "5901234123457", "0012345678905"], every="1s")
+            specs["code"] = Step.model_validate({"signal": "step", "every": "1s",  # validated as a profile writes it
+                                               "values": ["4006381333931", "5901234123457", "0012345678905"]})
     specs.update(profile.sim.signals)
     return {name: make_signal(spec, origin=origin, seed=n) for n, (name, spec) in enumerate(sorted(specs.items()))}
 

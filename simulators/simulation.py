@@ -22,16 +22,19 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeGuard, TypeVar
 
 from pydantic import Field, model_validator
 
 from drivers.modbus.dtu_link import parse_listen
-from drivers.modbus.profile import ProfileModel
-from drivers.modbus.rtu import bus_key
+from drivers.modbus import dtu, rtu, rtu_tcp, tcp
+from drivers.modbus.dtu import DtuDevice
+from drivers.modbus.profile import ModbusDevice, ProfileModel
+from drivers.modbus.rtu import RtuDevice, bus_key
+from drivers.modbus.rtu_tcp import RtuTcpDevice
 from gateway.config import is_loopback, load_config, load_profiles
 from gateway.validation import validate_doc
-from gateway.driver import Device, StrictModel
+from gateway.driver import AnyDevice, Device, DeviceConfig, StrictModel
 from gateway.logs import add_log_level, setup_logging
 from gateway.units import Duration, Identifier
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
@@ -226,7 +229,16 @@ def load_simulation(path: Path | str) -> list[SimServer]:
 
 
 # =========================================================================== from a gateway configuration
-def sim_device_for(dev: Device, origin: float, faults: Faults | None = None) -> SimDevice:
+ConfigT = TypeVar("ConfigT", bound=DeviceConfig)
+
+
+def _served(dev: AnyDevice, model: type[ConfigT]) -> TypeGuard[Device[ConfigT, ProfileModel]]:
+    """Whether ``dev`` is a device of the Modbus driver whose device model is ``model`` (each
+    ``protocol:`` has its own model, so this is the protocol check, typed)."""
+    return isinstance(dev.config, model) and isinstance(dev.profile, ProfileModel)
+
+
+def sim_device_for(dev: ModbusDevice, origin: float, faults: Faults | None = None) -> SimDevice:
     """A gateway device's unit, served from its profile; seeded by its id, so the same
     configuration gives the same random walks every run."""
     return SimDevice(dev.profile, dev.config.unit_id, name=dev.id, seed=zlib.crc32(dev.id.encode()), origin=origin,
@@ -238,9 +250,9 @@ def _from_gateway_config(path: Path) -> list[SimServer]:
     origin = time.time()
     groups: dict[tuple[str, int], list[SimDevice]] = {}
     for dev in config.devices:
-        cfg = dev.config
-        if cfg.protocol != "modbus_tcp":
+        if not _served(dev, tcp.DeviceModel):  # protocol: modbus_tcp
             continue
+        cfg = dev.config
         if not is_loopback(cfg.host):
             log.warning("not simulating %s: its host %s is not this machine", dev.id, cfg.host)
             continue
@@ -267,7 +279,7 @@ def _link_for(port: str) -> Path | None:
     return None if path.exists() else path
 
 
-def buses_for_config(devices: Sequence[Device], origin: float) -> list[SimServer]:
+def buses_for_config(devices: Sequence[AnyDevice], origin: float) -> list[SimServer]:
     """The RTU side of a gateway configuration: one bus per serial port (``modbus_rtu``) at its
     line settings, serving exactly its devices' units and profiles; one simulated serial device
     server per loopback ``host:port`` (``modbus_rtu_tcp``); one DTU per ``dtu.id``
@@ -275,41 +287,41 @@ def buses_for_config(devices: Sequence[Device], origin: float) -> list[SimServer
     registration packet. A bus is served on a new pty, linked at the configured port path when
     that is possible (:func:`_link_for`); else a warning says to point the devices at the pty
     path printed at start."""
-    serial: dict[str, list[Device]] = {}
-    tcp: dict[tuple[str, int], list[Device]] = {}
-    dtus: dict[str, list[Device]] = {}
+    serial: dict[str, list[RtuDevice]] = {}
+    servers: dict[tuple[str, int], list[RtuTcpDevice]] = {}
+    dtus: dict[str, list[DtuDevice]] = {}
     for dev in devices:
-        cfg = dev.config
-        if cfg.protocol == "modbus_rtu_dtu":
-            dtus.setdefault(cfg.dtu.id, []).append(dev)
-        elif cfg.protocol == "modbus_rtu":
-            serial.setdefault(bus_key(cfg.port), []).append(dev)
-        elif cfg.protocol == "modbus_rtu_tcp":
+        if _served(dev, dtu.DeviceModel):  # protocol: modbus_rtu_dtu
+            dtus.setdefault(dev.config.dtu.id, []).append(dev)
+        elif _served(dev, rtu.DeviceModel):  # protocol: modbus_rtu
+            serial.setdefault(bus_key(dev.config.port), []).append(dev)
+        elif _served(dev, rtu_tcp.DeviceModel):  # protocol: modbus_rtu_tcp
+            cfg = dev.config
             if is_loopback(cfg.host):
-                tcp.setdefault(("127.0.0.1" if cfg.host == "localhost" else cfg.host, cfg.port), []).append(dev)
+                servers.setdefault(("127.0.0.1" if cfg.host == "localhost" else cfg.host, cfg.port), []).append(dev)
             else:
                 log.warning("not simulating %s: its host %s is not this machine", dev.id, cfg.host)
     buses: list[SimServer] = []
     for group in serial.values():
-        cfg = group[0].config
-        link = _link_for(cfg.port)
+        line = group[0].config
+        link = _link_for(line.port)
         if link is None:
             log.warning("devices %s use %s, which the simulator cannot take over (a real device, or a directory "
                         "it cannot write): serving them on a new pseudo-terminal — point their port: at the path "
-                        "printed below", ", ".join(d.id for d in group), cfg.port)
-        buses.append(RtuBus(_units(group, origin), link=link, baudrate=cfg.baudrate, parity=cfg.parity,
-                            stopbits=cfg.stopbits))
-    buses += [RtuTcpServer(_units(group, origin), host=host, port=port) for (host, port), group in tcp.items()]
-    for dtu_id, group in dtus.items():
-        cfg = group[0].config
-        registration, heartbeat = _literal(cfg.dtu.registration), cfg.dtu.heartbeat
+                        "printed below", ", ".join(d.id for d in group), line.port)
+        buses.append(RtuBus(_units(group, origin), link=link, baudrate=line.baudrate, parity=line.parity,
+                            stopbits=line.stopbits))
+    buses += [RtuTcpServer(_units(group, origin), host=host, port=port) for (host, port), group in servers.items()]
+    for dtu_id, dtu_group in dtus.items():
+        dial = dtu_group[0].config
+        registration, heartbeat = _literal(dial.dtu.registration), dial.dtu.heartbeat
         if registration is None:
             log.warning("not simulating DTU %s: its registration is a regex — run `sluice sim dtu --registration "
                         "...` with a packet that matches it", dtu_id)
             continue
-        host, port = parse_listen(cfg.listen)
-        limit = cfg.dtu.silence_limit
-        buses.append(DtuSim(_units(group, origin), host="127.0.0.1" if host in ("0.0.0.0", "::") else host, port=port,
+        host, port = parse_listen(dial.listen)
+        limit = dial.dtu.silence_limit
+        buses.append(DtuSim(_units(dtu_group, origin), host="127.0.0.1" if host in ("0.0.0.0", "::") else host, port=port,
                             registration=registration, heartbeat=None if heartbeat is None else _literal(heartbeat),
                             heartbeat_interval=min(30.0, limit / 3) if limit else 30.0))
     return buses
@@ -322,7 +334,7 @@ def _literal(packet: Any) -> bytes | None:
     return packet.text.encode("utf-8") if packet.text is not None else None
 
 
-def _units(group: Sequence[Device], origin: float) -> list[SimDevice]:
+def _units(group: Sequence[ModbusDevice], origin: float) -> list[SimDevice]:
     units: dict[int, SimDevice] = {}
     for dev in group:
         unit = dev.config.unit_id

@@ -24,6 +24,9 @@ from e2e_support import counter_servers, device_ports, write_config
 from servers import MOSQUITTO, _need
 from simulators.broker import Mosquitto
 from test_receipts import _gateway, _in_db, _pending, _positions, until
+from test_ingest import running
+from test_ingest import v1
+from test_ingest import write_config as ingest_config
 
 LAYOUT = {0: [("a", 1), ("b", 2)], 1: [("c", 1)]}
 QUEUE_LIMIT = 50
@@ -47,10 +50,6 @@ def _marker(port: int) -> None:
 async def test_database_outage_behind_a_broker_queue_limit(delivery: str, tmp_path: Path, influxd: Any,
                                                            close_default_executor: None,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    from test_ingest import running
-    from test_ingest import v1
-    from test_ingest import write_config as ingest_config
-
     broker = Mosquitto(tmp_path / "mosquitto", binary=_need(MOSQUITTO, "mosquitto"))
     text = broker.conf.read_text()
     assert "max_queued_messages 1000000" in text

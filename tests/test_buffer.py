@@ -166,7 +166,7 @@ def test_an_ack_not_yet_written_is_delivered_again_after_a_crash_never_lost(tmp_
     ob.append(readings(5))
     ob.ack("a", 5)
     # A crash now (no close): the file still says nothing was delivered.
-    conn, ob._conn = ob._conn, None
+    conn, ob._conn = ob._conn, None  # noqa: SLF001 - a crash: the connection goes without Outbox.close
     assert conn is not None
     conn.close()
     with Outbox(path, ["a"]) as again:

@@ -17,6 +17,7 @@ from e2e_support import counter_servers, device_ports, write_config
 from support import STOP, until
 
 from gateway.cli.examples import shipped_config
+import gateway.cli.demo as demo
 
 SLUICE = [sys.executable, "-m", "gateway.cli"]
 LAYOUT = {0: [("a", 1), ("b", 2)]}
@@ -110,8 +111,6 @@ async def test_demo_runs_end_to_end(tmp_path: Path) -> None:
 
 
 async def test_demo_without_mosquitto_still_reads_into_the_outbox(monkeypatch, capsys) -> None:
-    import gateway.cli.demo as demo
-
     monkeypatch.setattr(demo, "find_mosquitto", lambda: None)
     assert await demo.demo(3.0, shipped_config()) == 0
     out = capsys.readouterr().out

@@ -22,6 +22,7 @@ from gateway.units import parse_duration
 from simulators.modbus_device import Faults, SimDevice
 from simulators.modbus_rtu import RtuBus
 from simulators.modbus_tcp import ModbusTcpServer
+from gateway.cli.commission import _parities
 
 PROFILE = ProfileModel.model_validate({"protocol": "modbus", "points": [
     {"name": "volts", "kind": "holding", "address": 0, "type": "float32", "byte_order": "CDAB",
@@ -165,8 +166,6 @@ async def test_scan_tries_every_baud_rate_and_parity_and_says_what_answered_wher
 
 
 def test_scan_parity_list_is_checked() -> None:
-    from gateway.cli.commission import _parities
-
     assert _parities("n,e,N") == ["N", "E"] and _parities("all") == ["N", "E", "O"]
     with pytest.raises(ValueError, match="write N, E or O"):
         _parities("N,X")

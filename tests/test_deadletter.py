@@ -10,6 +10,7 @@ import pytest
 from gateway.outbox import Outbox, OutboxError
 from gateway.outbox.deadletters import list_dead_letters, mark_resend, open_for_dead_letters
 from gateway.reading import UNCERTAIN, Reading
+from gateway.cli.commands import main
 
 
 def readings(n: int, start: int = 0, device: str = "冷库-1") -> list[Reading]:
@@ -112,8 +113,6 @@ def test_cli_side_refuses_a_missing_or_foreign_file(tmp_path: Path) -> None:
 
 
 def test_cli_lists_and_marks_for_resend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli.commands import main
-
     config = tmp_path / "config"
     for sub in ("devices", "profiles"):
         (config / sub).mkdir(parents=True)

@@ -46,6 +46,9 @@ from gateway.trace.journal import Journal
 from gateway.trace.seal import load_public_key, verify_lines
 from servers import free_port
 from support import DEADLINE, STOP, unavailable, until
+from drivers.modbus.profile import ProfileModel
+from simulators.modbus_device import SimDevice
+from simulators.modbus_tcp import ModbusTcpServer
 
 DISK = 2 * 1024**2
 MAX_BYTES = 1024**2
@@ -95,10 +98,6 @@ def small_disk(tmp_path: Path):
 
 
 def _servers():
-    from drivers.modbus.profile import ProfileModel
-    from simulators.modbus_device import SimDevice
-    from simulators.modbus_tcp import ModbusTcpServer
-
     profile = ProfileModel.model_validate(yaml.safe_load(PROFILE))
     devices = {dev_id: SimDevice(profile, unit, name=dev_id) for units in LAYOUT.values() for dev_id, unit in units}
     servers = [ModbusTcpServer([devices[d] for d, _u in units]) for units in LAYOUT.values()]
@@ -107,7 +106,7 @@ def _servers():
 
 def _answered(device) -> int:
     """Readings the simulated device answered: its counter's next value minus its start."""
-    return device._signals["count"]._next - 1  # the simulator's own counter state
+    return device._signals["count"]._next - 1  # noqa: SLF001 - the simulated counter's own state: what it handed out
 
 
 async def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -370,8 +369,7 @@ def _fill_until_failing(committer: Committer, disk: Path, n: int) -> int:
     _fill(disk, f"filler-{n}")
     while not committer.failing:  # the WAL's and the database's free pages may take a few commits first
         for r in _readings(5, n):
-            committer._pending.append(r)  # as emit does, without an event loop
-            committer.stats.received += 1
+            committer.emit(r)  # delay 0: no timer, so no running event loop is needed
         n += 5
         committer.flush()
     _fill(disk, f"filler-{n}-again")
@@ -385,15 +383,13 @@ def test_committer_counts_what_it_drops_from_memory_and_nothing_it_still_holds(
     with Outbox(small_disk / "outbox.db", ["s"], max_bytes=MAX_BYTES) as outbox:
         committer = Committer(outbox, lambda: None, 0.0)
         for r in _readings(10):
-            committer._pending.append(r)
-            committer.stats.received += 1
+            committer.emit(r)
         assert committer.flush()
         n = _fill_until_failing(committer, small_disk, 10)
         held = committer.pending
         assert committer.failing and committer.stats.lost == 0, "readings still held are not lost"
         for r in _readings(120, n):
-            committer._pending.append(r)
-            committer.stats.received += 1
+            committer.emit(r)
         n += 120
         assert not committer.flush()
         lost = held + 120 - 50

@@ -31,6 +31,7 @@ from gateway.cloud.config import load_ingest_config
 from gateway.cloud.lineproto import Malformed, parse_lines
 from gateway.reading import Reading
 from gateway.yamlpos import ConfigErrors
+from gateway.health import fetch, parse_metrics
 
 pytestmark = pytest.mark.usefixtures("close_default_executor")  # paho connects in the loop's executor
 
@@ -183,7 +184,6 @@ async def test_gateway_payloads_are_written_value_by_value(tmp_path: Path, mosqu
         await pub.publish("sluice/farm/gw1/mixed", lp, qos=1)
         await pub.publish("sluice/farm/gw1/mixed", js, qos=1)
         await until(lambda: ingest.stats.acked == 3, what="3 messages acknowledged")
-        from gateway.health import fetch, parse_metrics
 
         assert ingest.metrics_port is not None
         _code, text = await asyncio.to_thread(fetch, "127.0.0.1", ingest.metrics_port, "/metrics")
@@ -297,8 +297,6 @@ async def test_victoria_metrics_through_the_v2_api(tmp_path: Path, mosquitto: Mo
 # --------------------------------------------------------------------------- processes
 async def metric(port: int, name: str) -> float:
     """A sample of a worker's /metrics; -1 while it does not answer."""
-    from gateway.health import fetch, parse_metrics
-
     try:
         _code, text = await asyncio.to_thread(fetch, "127.0.0.1", port, "/metrics")
     except OSError:

@@ -11,6 +11,8 @@ from drivers.modbus.codec import RequestDecoder, encode, encode_into, mbap_reque
 from drivers.modbus.errors import ModbusExceptionResponse, ModbusProtocolError
 from drivers.modbus.planner import plan
 from drivers.modbus.profile import Point
+import random
+from gateway.reading import shortest_float32
 
 OMITTED = object()  # the point is left out of the reading (NaN, ±inf, outside valid range)
 
@@ -225,10 +227,6 @@ def test_encode_refuses_values_that_do_not_fit(type_: str, value: float) -> None
 
 
 def test_shortest_float32_is_the_same_float32_and_never_longer() -> None:
-    import random
-
-    from gateway.reading import shortest_float32
-
     rng = random.Random(7)
     for _ in range(20_000):
         bits = rng.getrandbits(32)

@@ -25,6 +25,8 @@ from gateway.driver import Device
 from gateway.reading import Reading
 from simulators.modbus_device import Faults, SimDevice
 from simulators.modbus_dtu import DtuSim
+from gateway.cli.commands import main
+from servers import sluice_process
 
 PROFILE = ProfileModel.model_validate({
     "protocol": "modbus",
@@ -243,9 +245,6 @@ def _free_port() -> int:
 
 
 def test_sluice_sim_dtu_dials_in_to_sluice_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli.commands import main
-    from servers import sluice_process
-
     port = _free_port()
     with sluice_process("sim", "dtu", "--connect", f"127.0.0.1:{port}", "--registration-hex", "4241524e",
                         "--heartbeat", "HB", "--heartbeat-interval", "50ms", "--reconnect-delay", "100ms",

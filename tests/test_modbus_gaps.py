@@ -18,6 +18,11 @@ from gateway.config import load_config
 from gateway.reading import GOOD
 from simulators.modbus_device import SimDevice
 from simulators.modbus_tcp import ModbusTcpServer
+from pymodbus.server import ModbusTcpServer as ReferenceServer
+from pymodbus.simulator import DataType, SimData
+from pymodbus.simulator import SimDevice as ReferenceDevice
+from drivers.modbus.codec import encode
+from drivers.modbus.profile import points_of
 
 # 13 float32 at holding 0..25 and 5 uint16 at 30..34: 18 points, merged by max_gap 8 into holding 0+35
 POINTS = [{"name": f"f{a}", "kind": "holding", "address": a, "type": "float32",
@@ -47,13 +52,6 @@ async def our_simulator() -> AsyncIterator[int]:
 
 @contextlib.asynccontextmanager
 async def pymodbus_server() -> AsyncIterator[int]:
-    from pymodbus.server import ModbusTcpServer as ReferenceServer
-    from pymodbus.simulator import DataType, SimData
-    from pymodbus.simulator import SimDevice as ReferenceDevice
-
-    from drivers.modbus.codec import encode
-    from drivers.modbus.profile import points_of
-
     words: dict[int, int] = {}
     for point in points_of(ProfileModel.model_validate(PROFILE)):
         for i, word in enumerate(encode(point, EXPECTED[point.name])):

@@ -296,7 +296,7 @@ async def test_late_reply_is_discarded_not_taken_for_the_next(caplog: pytest.Log
         async with poller:
             (reading,) = await poller.poll_once()
             (second,) = await poller.poll_once()
-            stale = poller._client.stale_replies
+            stale = poller.client.stale_replies
     assert reading.fields == {"value": 42} == second.fields
     assert reading.quality == GOOD
     assert stale == 1

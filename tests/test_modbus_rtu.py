@@ -31,6 +31,9 @@ from gateway.driver import Device
 from gateway.reading import GOOD, Reading
 from simulators.modbus_device import Faults, SimDevice
 from simulators.modbus_rtu import RtuBus, RtuTcpServer
+from drivers.modbus.rtu import check
+from gateway.cli.commands import main
+from servers import sluice_process
 
 PROFILE = ProfileModel.model_validate({
     "protocol": "modbus",
@@ -228,8 +231,6 @@ async def test_a_unit_does_not_answer_a_port_at_another_baud_rate() -> None:
 
 
 def test_bus_line_settings_conflict_is_a_config_error() -> None:
-    from drivers.modbus.rtu import check
-
     a = device("a", "/dev/ttyUSB9", 1, parity="E")
     b = device("b", "/dev/ttyUSB9", 2, parity="E", stopbits=2)
     c = device("c", "/dev/ttyUSB8", 1, baudrate=9600)
@@ -283,9 +284,6 @@ async def test_rtu_over_tcp_resyncs_after_a_broken_stream() -> None:
 
 # --------------------------------------------------------------------------- sluice sim rtu + sluice once
 def test_sluice_sim_rtu_serves_the_gateway(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli.commands import main
-    from servers import sluice_process
-
     link = tmp_path / "ttyRTU"
     with sluice_process("sim", "rtu", "--profiles", str(REPO / "config" / "profiles"), "--unit", "1=eastron-sdm630",
                         "--unit", "7=eastron-sdm630", "--fault", "7:no_answer", "--link", str(link),
@@ -317,7 +315,7 @@ async def test_precise_sleep_never_ends_early_and_releases_its_descriptor() -> N
         start = loop.time()
         await sleep.sleep(seconds)
         assert loop.time() - start >= seconds
-    fd = sleep._fd
+    fd = sleep._fd  # noqa: SLF001 - the timerfd it holds is what this test checks is released
     assert fd >= 0 and os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[timerfd]"
     sleep.close()
-    assert sleep._fd == -1 and not os.path.exists(f"/proc/self/fd/{fd}")
+    assert sleep._fd == -1 and not os.path.exists(f"/proc/self/fd/{fd}")  # noqa: SLF001 - closed: no descriptor held

@@ -22,6 +22,8 @@ from gateway.outbox.file import connections, move_aside, vet
 from gateway.reading import Reading
 from gateway.trace.journal import Journal
 from proc_support import deleted_files, posix_locks
+import gateway.outbox.file as outbox_file
+from gateway.outbox import OutboxError
 
 REPO = Path(__file__).resolve().parent.parent
 _LOT = """
@@ -132,9 +134,6 @@ conn.close()
 
 
 def test_an_unusable_file_another_process_has_open_is_not_moved_under_it(tmp_path: Path, monkeypatch) -> None:
-    import gateway.outbox.file as outbox_file
-    from gateway.outbox import OutboxError
-
     path = tmp_path / "outbox.db"
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA journal_mode=WAL")

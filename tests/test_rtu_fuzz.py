@@ -21,6 +21,7 @@ from drivers.modbus.rtu_client import ModbusRtuClient, damage_kind, find_reply
 from drivers.wire import rtu_frame
 from drivers.wire import crc16
 from drivers.modbus.dtu_link import DtuLink, DtuListener, DtuModel, Packet, PacketFilter, PacketModel
+from drivers.modbus.rtu_client import replies_in
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 FUZZ_PTY = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -250,8 +251,6 @@ def test_fuzz_the_heartbeat_filter_never_raises_and_holds_little(segments: list[
        before=noise, after=noise)
 def test_replies_in_finds_a_late_reply_in_noise_and_only_valid_ones(unit: int, function: int, data: bytes,
                                                                      before: bytes, after: bytes) -> None:
-    from drivers.modbus.rtu_client import replies_in
-
     frame = rtu_frame(unit, bytes((function, len(data))) + data)
     buf = before + frame + after
     found = replies_in(buf)

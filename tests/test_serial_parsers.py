@@ -17,6 +17,7 @@ from drivers.serial.parsers import make_decoder, parse_binary, parse_codes, pars
 from drivers.serial.profile import ProfileModel
 from gateway.yamlpos import load_yaml
 from simulators.serial_sensor import render_frame
+from drivers.serial.parsers import nmea_checksum
 
 PROFILES = Path(__file__).resolve().parent.parent / "config" / "profiles"
 SERIAL_PROFILES = ["serial-th-stream", "serial-co2-request", "gps-nmea", "scale-continuous", "pms5003",
@@ -70,7 +71,6 @@ def test_nmea_gga_and_rmc_reference_sentences() -> None:
 ])
 def test_nmea_sign_no_fix_and_other_sentences(sentence: bytes, expected: dict[str, Any]) -> None:
     body = sentence[1:].decode()
-    from drivers.serial.parsers import nmea_checksum
 
     fields, _ = parse_nmea(profile("gps-nmea"), sentence + f"*{nmea_checksum(body)}".encode())
     assert {k: fields[k] for k in expected} == expected if expected else fields == {}

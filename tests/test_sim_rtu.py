@@ -21,6 +21,7 @@ from servers import _need, free_port, sluice_process
 from simulators.modbus_rtu import RtuBus, RtuTcpServer
 from simulators.simulation import SimServer, load_simulation, run_simulator
 from support import DEADLINE, STOP, wait_for
+from gateway.cli.commands import main
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE_YAML = """\
@@ -157,8 +158,6 @@ async def test_sim_yaml_bus_on_a_serial_port(tmp_path: Path, socat_pair: tuple[P
 def test_sluice_sim_serves_a_gateway_configs_rtu_devices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`sluice sim -c DIR` serves the serial buses, RTU-over-TCP converters and DTUs of a gateway
     configuration as written; `sluice once -c DIR` then reads every device."""
-    from gateway.cli.commands import main
-
     bus, tcp_port, dtu_port = tmp_path / "ttyRS485", free_port(), free_port()
     dtu = f"protocol: modbus_rtu_dtu\nlisten: 127.0.0.1:{dtu_port}\ndtu: {{id: barn, registration: {{text: BARN}}}}"
     write_gateway_config(tmp_path, {

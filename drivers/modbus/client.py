@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
-from typing import Final, Protocol, TypeVar
+from typing import Final, Protocol, TypeVar, cast
 
 from drivers.modbus.codec import mbap_request, mbap_split, read_reply_data
 from drivers.modbus.errors import ModbusConnectionError, ModbusProtocolError, ModbusTimeout
@@ -43,7 +43,7 @@ class _Connection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection: a Transport, never datagram
 
     def data_received(self, data: bytes) -> None:
         buf = self.buffer

@@ -12,7 +12,7 @@ import logging
 import re
 import socket
 from collections.abc import Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from pydantic import Field, field_validator, model_validator
 
@@ -295,7 +295,7 @@ class _Peer(asyncio.Protocol):
         self._heard = 0.0  # loop time of the last byte received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection: a Transport, never datagram
         peer = transport.get_extra_info("peername")
         if peer:
             self.host = str(peer[0])

@@ -57,9 +57,9 @@ class SerialLink:
         self._on_lost: OnLost | None = None
 
     async def open(self, on_data: OnData, on_lost: OnLost, timeout: float) -> None:
-        import termios
+        import termios  # noqa: PLC0415 - only when a port is opened (POSIX serial line settings)
 
-        import serial  # pyserial: imported here so that config checks never need it
+        import serial  # noqa: PLC0415 - pyserial only when a port is opened: config checks never need it
 
         self.close()
         ser = serial.Serial()

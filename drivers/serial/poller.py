@@ -160,7 +160,7 @@ class SerialSensorPoller:
 
     # ------------------------------------------------------------------ port
     def _open(self) -> bool:
-        import serial  # pyserial; imported here so that loading a configuration needs no port
+        import serial  # noqa: PLC0415 - pyserial only when a port is opened: loading a configuration needs none
 
         cfg = self.device.config
         try:

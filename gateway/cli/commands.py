@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
+from gateway.cli.examples import EXAMPLES, InitError, init_config
 from gateway.cli.loading import EXIT_CONFIG, default_config_dir, load_or_report, load_trace
 from gateway.config import Config, load_config
+from gateway.health import fetch, format_status
 from gateway.outbox import OutboxError
+from gateway.outbox.deadletters import TRACE, letter_line, list_dead_letters, mark_resend, open_for_dead_letters
+from gateway.outbox.file import identity
 from gateway.driver import FieldInfo
 from gateway.logs import add_log_level, setup_logging
-from gateway.reading import float32_text
+from gateway.reading import Reading, float32_text
+from gateway.security import startup_warnings
 from gateway.units import duration_arg
 
 log = logging.getLogger("sluice")
@@ -36,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or config.gateway.logging.level, config.gateway.logging.format)
     for warning in config.warnings:
         log.warning("%s", warning)
-    from gateway.app import serve
+    from gateway.app import serve  # noqa: PLC0415 - the runtime (sinks, MQTT) only for the commands that run it
 
     ok, trace = load_trace(config)
     if not ok:
@@ -59,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if trace is None:
             await serve(config, load, stop, reload, reloaded)
             return
-        from gateway.trace.service import TraceService, reloading
+        from gateway.trace.service import TraceService, reloading  # noqa: PLC0415 - cryptography only with trace.yaml
 
         async with TraceService(trace) as service:
             task = asyncio.create_task(service.run(), name="trace")
@@ -82,10 +90,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     for warning in config.warnings:
         print(warning, file=sys.stderr)
-    from gateway.security import startup_warnings
-
-    for warning in startup_warnings(config):  # what `run` warns about at every start
-        print(f"warning: {warning}", file=sys.stderr)
+    for text in startup_warnings(config):  # what `run` warns about at every start
+        print(f"warning: {text}", file=sys.stderr)
     for note in config.unread:
         print(note, file=sys.stderr)
     if config.unread:
@@ -107,10 +113,10 @@ def cmd_once(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     setup_logging(args.log_level or "warning", "text")
-    from gateway.app import make_pollers
+    from gateway.app import make_pollers  # noqa: PLC0415 - the runtime only for the commands that poll
 
-    async def main() -> list:
-        readings = []
+    async def main() -> list[Reading]:
+        readings: list[Reading] = []
         for poller in make_pollers(config.devices):
             async with poller:
                 readings.extend(await poller.poll_once())
@@ -149,8 +155,6 @@ def show_value(value: object, info: FieldInfo | None) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the running service's health as a table; exit 0 healthy, 1 unhealthy, 3 unreachable."""
-    from gateway.health import fetch, format_status
-
     if args.url:
         host, _sep, port = args.url.removeprefix("http://").rstrip("/").rpartition(":")
         host = host.strip("[]")
@@ -177,11 +181,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_deadletter(args: argparse.Namespace) -> int:
     """List dead letters, or mark them for re-sending (the running gateway, or the next start, sends them)."""
-    import sqlite3
-
-    from gateway.outbox.deadletters import TRACE, letter_line, list_dead_letters, mark_resend, open_for_dead_letters
-    from gateway.outbox.file import identity
-
     config = load_or_report(args.config, given=getattr(args, "config_given", True))
     if config is None:
         return EXIT_CONFIG
@@ -197,7 +196,7 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
             letters = list_dead_letters(conn, args.sink, with_readings=args.readings, stream=args.stream)
             if args.json:
                 for d in letters:
-                    item = {"id": d.id, "stream": d.stream, "sink": d.sink, "time_ns": d.time_ns, "count": d.count,
+                    item: dict[str, object] = {"id": d.id, "stream": d.stream, "sink": d.sink, "time_ns": d.time_ns, "count": d.count,
                             "message": d.message, "resend": d.resend, "attempts": d.attempts}
                     if d.stream == TRACE:
                         item["seq"] = d.seq
@@ -250,7 +249,7 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
 
 def cmd_salvage(args: argparse.Namespace) -> int:
     """Copy what a damaged outbox still holds into the live one (gateway/salvage.py); 0 when all of it was."""
-    from gateway.salvage import salvage
+    from gateway.salvage import salvage  # noqa: PLC0415 - only for `sluice outbox salvage`: `sluice run` need not carry it
 
     config = load_or_report(args.config)
     if config is None:
@@ -265,14 +264,12 @@ def cmd_salvage(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.cli.demo import run_demo
+    from gateway.cli.demo import run_demo  # noqa: PLC0415 - the demo's simulators and broker only for `sluice demo`
 
     return run_demo(args)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from gateway.cli.examples import InitError, init_config
-
     try:
         files = init_config(args.directory, args.example)
     except InitError as exc:
@@ -304,8 +301,23 @@ CORE_COMMANDS = frozenset({"run", "check", "once", "status", "deadletter", "outb
 ingest: paho, aiohttp, influxdb-client): `sluice run` should not carry them in memory."""
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The ``sluice`` parser. It keeps its subcommands' parsers by name (argparse keeps its list of
+    actions private), so :func:`command_paths` can list every command; ``add_subparsers`` makes
+    the subcommands' parsers of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        action = super().add_subparsers(**kwargs)
+        self.commands = action.choices  # filled by each add_parser() that follows
+        return action
+
+
 def build_parser(extensions: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sluice", description="Sluice edge gateway: field devices -> durable outbox -> MQTT")
+    parser = CommandParser(prog="sluice", description="Sluice edge gateway: field devices -> durable outbox -> MQTT")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> None:
@@ -368,21 +380,19 @@ def build_parser(extensions: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("init", help="write a commented starting configuration into a new directory")
     p.add_argument("directory", type=Path, metavar="DIR", help="a new or empty directory (nothing is overwritten)")
-    from gateway.cli.examples import EXAMPLES
-
     p.add_argument("--example", choices=EXAMPLES, default="demo",
                    help="demo: simulated devices on this machine (default); workshop: energy meters and a scale; "
                         "farm: greenhouse probes, a cold room and a CO2 sensor, to a remote broker")
     p.set_defaults(func=cmd_init)
     if not extensions:
         return parser
-    from gateway.cli.trace import add_parsers as add_trace_parsers
+    from gateway.cli.trace import add_parsers as add_trace_parsers  # noqa: PLC0415 - cryptography: see CORE_COMMANDS
 
     add_trace_parsers(sub, with_config)
-    from gateway.cli.ingest import add_parsers as add_ingest_parsers
+    from gateway.cli.ingest import add_parsers as add_ingest_parsers  # noqa: PLC0415 - aiohttp, influxdb: see CORE_COMMANDS
 
     add_ingest_parsers(sub)  # `sluice ingest check|run -c ingest.yaml`: its own config file
-    from gateway.cli.commission import add_parsers as add_commission_parsers
+    from gateway.cli.commission import add_parsers as add_commission_parsers  # noqa: PLC0415 - see CORE_COMMANDS
 
     add_commission_parsers(sub)  # sluice read, sluice scan
     return parser
@@ -393,10 +403,8 @@ def command_paths() -> list[list[str]]:
     read from the parsers, so a new one is listed (and smoke-tested with ``--help``) by itself."""
     def walk(parser: argparse.ArgumentParser, prefix: list[str]) -> list[list[str]]:
         found = [prefix] if prefix else []
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, child in action.choices.items():
-                    found += walk(child, [*prefix, name])
+        for name, child in (parser.commands if isinstance(parser, CommandParser) else {}).items():
+            found += walk(child, [*prefix, name])
         return found
 
     return walk(build_parser(), []) + [["sim", name] for name in SIM_COMMANDS]
@@ -415,13 +423,11 @@ def _stdout_closed() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sim"] and argv[1:2] and argv[1] in SIM_COMMANDS:
-        import importlib
-
         module, func = SIM_COMMANDS[argv[1]]
         return int(getattr(importlib.import_module(module), func)(argv[2:]))
     if argv[:1] == ["sim"]:
         # The simulator has its own parser (`sluice sim --help`); hand it everything after `sim`.
-        from simulators.simulation import main_sim
+        from simulators.simulation import main_sim  # noqa: PLC0415 - the simulator only for `sluice sim`
 
         return main_sim(argv[1:], default_config=default_config_dir())
     args = build_parser(extensions=not (argv[:1] and argv[0] in CORE_COMMANDS)).parse_args(argv)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TextIO
 
 import yaml
 
@@ -25,8 +26,10 @@ from gateway.app import Gateway
 from gateway.config import Config, load_config
 from gateway.cli.examples import shipped_config
 from gateway.logs import setup_logging
+from gateway.mqtt import watch
 from gateway.reading import Reading
 from simulators.broker import Mosquitto, find_mosquitto
+from simulators.simulation import load_simulation
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -67,7 +70,7 @@ def write_demo_config(source: Path, target: Path, broker_port: int | None) -> Pa
 class Display:
     """Plain-text live view: latest reading per device, commit and delivery counters."""
 
-    def __init__(self, config: Config, broker: str | None, stream=sys.stdout) -> None:
+    def __init__(self, config: Config, broker: str | None, stream: TextIO = sys.stdout) -> None:
         self.config = config
         self.broker = broker
         self.stream = stream
@@ -118,8 +121,9 @@ class Display:
             out.append(f"  outbox: {committer.stats.committed} readings committed in "
                        f"{committer.stats.commits} transactions, {stats.rows} waiting, {stats.dropped} dropped")
         for fwd in gateway.forwarders:
-            s = fwd.stats  # type: ignore[attr-defined]
-            out.append(f"  sink {fwd.name}: {s.delivered} readings delivered in {s.messages} MQTT messages"  # type: ignore[attr-defined]
+            # Gateway.forwarders is list[object] until the engine's one sink contract types it (issue 13).
+            s = fwd.stats  # type: ignore[attr-defined]  # a Forwarder's stats, see the line above
+            out.append(f"  sink {fwd.name}: {s.delivered} readings delivered in {s.messages} MQTT messages"  # type: ignore[attr-defined]  # a Forwarder's name
                        f" ({s.bytes} bytes), {s.retries} retries")
         if self.broker:
             out.append(f"  broker {self.broker}: gateway status '{self.status}'; a subscriber received "
@@ -132,8 +136,6 @@ class Display:
 
 
 async def _subscribe(port: int, topic: str, display: Display) -> None:
-    from gateway.mqtt import watch
-
     async for message_topic, payload in watch("127.0.0.1", port, topic):
         display.on_message(message_topic, payload)
 
@@ -168,8 +170,6 @@ async def _demo(stop: asyncio.Event, source: Path) -> int:
                 print(f"  private Mosquitto broker on 127.0.0.1:{broker_port}")
             config_dir = write_demo_config(source, Path(tmp) / "config", broker_port)
             config = load_config(config_dir)
-            from simulators.simulation import load_simulation
-
             for server in load_simulation(config_dir):
                 await stack.enter_async_context(server)
                 print(f"  simulator: {server.describe()}")

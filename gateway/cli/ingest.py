@@ -14,6 +14,7 @@ from gateway.cli.loading import EXIT_CONFIG, report_config_errors
 from gateway.cloud.brokerconf import queue_advice
 from gateway.cloud.config import IngestConfig, load_ingest_config
 from gateway.cloud.ingest import Ingest
+from gateway.logs import add_log_level, setup_logging
 from gateway.sdnotify import Notifier
 from gateway.yamlpos import ConfigErrors
 
@@ -48,8 +49,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    from gateway.logs import setup_logging
-
     setup_logging(args.log_level or config.logging.level, config.logging.format)
 
     async def main() -> None:
@@ -85,8 +84,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """``sluice ingest check|run -c ingest.yaml`` on the ``sluice`` command's subparsers."""
-    from gateway.logs import add_log_level
-
     p = sub.add_parser("ingest", help="MQTT → InfluxDB ingest service (the cloud side): check or run")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, func, text in (("check", cmd_check, "validate ingest.yaml; non-zero exit on errors"),

@@ -58,7 +58,7 @@ def load_trace(config: Config) -> tuple[bool, TraceConfig | None]:
     path = config.path.parent / "trace.yaml"
     if not path.exists():
         return True, None
-    from gateway.trace.config import load_trace_config
+    from gateway.trace.config import load_trace_config  # noqa: PLC0415 - its models cost start-up time; only with trace.yaml
 
     try:
         return True, load_trace_config(config)

@@ -21,11 +21,12 @@ from gateway.config import (
     check_receipt_secret,
     check_remote_link,
     expand_secrets,
-    validate_doc,
 )
 from gateway.driver import StrictModel
+from gateway.mqtt.client import topic_matches
 from gateway.secretref import Secret
 from gateway.units import ByteSize, Duration
+from gateway.validation import validate_doc
 from gateway.yamlpos import ConfigError, ConfigErrors, load_yaml
 
 __all__ = ["IngestConfig", "load_ingest_config"]
@@ -155,8 +156,6 @@ class IngestConfig(StrictModel):
 
     @model_validator(mode="after")
     def _no_loop(self) -> IngestConfig:
-        from gateway.mqtt.client import topic_matches
-
         for depth in range(1, 6):
             sample = self.dead_letter_topic.format(topic="/".join(["x"] * depth))
             for filt in self.mqtt.topics:
@@ -178,4 +177,4 @@ def load_ingest_config(path: Path | str, *, secrets: bool = True) -> IngestConfi
     config = validate_doc(doc, IngestConfig, errors, expand_secrets(doc, errors, None if secrets else []))
     if errors or config is None:
         raise ConfigErrors(errors or [ConfigError(_display(path), 1, 1, "invalid configuration")])
-    return config  # type: ignore[no-any-return]
+    return config

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -62,7 +63,7 @@ from gateway.backoff import Backoff
 from gateway.cloud.brokerconf import queue_advice
 from gateway.encode import InfluxEncoder
 from gateway.config import ssl_context
-from gateway.health import PROMETHEUS_TEXT, LocalHttpServer
+from gateway.health import PROMETHEUS_TEXT, LocalHttpServer, MetricsText, process_usage
 from gateway.cloud.config import IngestConfig
 from gateway.cloud.lineproto import Malformed, Points, to_lines
 from gateway.watchdog import Loop, Watchdog
@@ -203,8 +204,8 @@ class Ingest:
                 # The in-flight write is abandoned: its messages stay unacknowledged at the broker.
                 writer.cancel()
                 await asyncio.gather(writer, waiter, return_exceptions=True)
-            if writer in done and not writer.cancelled() and writer.exception() is not None:
-                raise writer.exception()  # type: ignore[misc]
+            if writer in done and not writer.cancelled() and (failure := writer.exception()) is not None:
+                raise failure
 
     # -- MQTT ------------------------------------------------------------------------------------
 
@@ -213,7 +214,7 @@ class Ingest:
         return Settings(
             who="ingest", host=cfg.host, port=cfg.effective_port, client_id=self.client_id, protocol="5",
             username=cfg.username, password=cfg.password.get_secret_value() if cfg.password is not None else None,
-            keepalive=cfg.keepalive, tls=(lambda: ssl_context(cfg.tls)) if cfg.tls is not None else None,  # type: ignore[arg-type]
+            keepalive=cfg.keepalive, tls=functools.partial(ssl_context, cfg.tls) if cfg.tls is not None else None,
             max_inflight=20,  # our own publishes: dead letters and receipts
             session_expiry=int(cfg.session_expiry), receive_maximum=self.config.batch.max_unacked, manual_ack=True,
             subscriptions=[(topic, cfg.qos) for topic in cfg.subscriptions()], subscriptions_required=True,
@@ -372,10 +373,11 @@ class Ingest:
             return True
         secret = self.config.receipt_secret
         messages = []
-        for topic, receipt in by_topic.items():
+        for topic, ids in by_topic.items():
+            receipt: dict[str, list[str] | str] = dict(ids)
             if secret is not None:
-                receipt["mac"] = receipt_mac(secret.get_secret_value().encode(), topic,  # type: ignore[assignment]
-                                             receipt.get("written", []), receipt.get("dead_lettered", []))
+                receipt["mac"] = receipt_mac(secret.get_secret_value().encode(), topic,
+                                             ids.get("written", []), ids.get("dead_lettered", []))
             messages.append((topic, json.dumps(receipt, separators=(",", ":")).encode()))
         if not await self._publish("receipt", gen, messages):
             return False
@@ -387,7 +389,8 @@ class Ingest:
         parts = [messages] if messages else []
         while parts:
             part = parts.pop()
-            payload = b"".join(m.points.data for m in part)  # type: ignore[union-attr]
+            points = [m.points for m in part if m.points is not None]  # all of them: the caller passes parsed ones
+            payload = b"".join(p.data for p in points)
             while True:
                 if not any(self._current(m) for m in part):
                     break  # the connection they came on is gone: the broker re-sends them
@@ -404,8 +407,8 @@ class Ingest:
                         parts += [part[half:], part[:half]]
                     break
                 self.stats.write_requests += 1
-                self.stats.points_written += sum(m.points.count for m in part)  # type: ignore[union-attr]
-                self.stats.newest_ns = max(self.stats.newest_ns, *(m.points.newest_ns for m in part))  # type: ignore[union-attr]
+                self.stats.points_written += sum(p.count for p in points)
+                self.stats.newest_ns = max(self.stats.newest_ns, *(p.newest_ns for p in points))
                 break
 
     async def _split_message(self, sink: InfluxSink, msg: _Msg, message: str) -> None:
@@ -497,9 +500,7 @@ METRICS: dict[str, tuple[str, str]] = {
 
 def render_metrics(ingest: Ingest) -> str:
     """Prometheus text exposition format 0.0.4 (the gateway's renderer helpers)."""
-    from gateway.health import _Out, _process
-
-    out = _Out()
+    out = MetricsText()
     stats = ingest.stats
 
     def sample(name: str, value: float, **labels: str) -> None:
@@ -523,7 +524,7 @@ def render_metrics(ingest: Ingest) -> str:
     sample("sluice_ingest_pending_messages", ingest.pending)
     lag = max(0.0, (time.time_ns() - stats.newest_ns) / 1e9) if stats.newest_ns else 0.0
     sample("sluice_ingest_lag_seconds", lag)
-    sample("process_cpu_seconds_total", _process()["cpu"])
+    sample("process_cpu_seconds_total", process_usage()["cpu"])
     return "\n".join(out.lines) + "\n"
 
 

@@ -34,6 +34,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from gateway.outbox.errors import OutboxError, describe
@@ -47,7 +48,8 @@ FULL_CHECK_BELOW = 32 * 1024**2
 CORRUPT_CODES = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
 
 _live: dict[str, int] = {}  # resolved path -> connections of this process open to it
-_live_lock = threading.Lock()
+_counted_as: weakref.WeakKeyDictionary[sqlite3.Connection, str] = weakref.WeakKeyDictionary()  # open ones -> path
+_live_lock = threading.Lock()  # guards both
 
 
 def _key(path: Path) -> str:
@@ -58,10 +60,9 @@ class _Counted(sqlite3.Connection):
     """A connection counted in ``_live`` until it is closed (a connection never closed stays
     counted: the safe side, the file is then never moved aside by this process)."""
 
-    _sluice_key: str | None = None
-
     def close(self) -> None:
-        key, self._sluice_key = self._sluice_key, None
+        with _live_lock:
+            key = _counted_as.pop(self, None)
         try:
             super().close()
         finally:
@@ -89,7 +90,8 @@ def connect(path: Path, *, readonly: bool = False, must_exist: bool = False, tim
             if not _live[key]:
                 del _live[key]
         raise
-    conn._sluice_key = key
+    with _live_lock:
+        _counted_as[conn] = key
     return conn
 
 

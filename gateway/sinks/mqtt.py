@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -90,7 +91,7 @@ class MqttSink:
             who=f"MQTT sink '{self.name}'", host=cfg.host, port=cfg.effective_port, client_id=self.client_id,
             protocol=cfg.protocol, username=cfg.username,
             password=cfg.password.get_secret_value() if cfg.password is not None else None,
-            keepalive=cfg.keepalive, tls=(lambda: ssl_context(cfg.tls)) if cfg.tls is not None else None,
+            keepalive=cfg.keepalive, tls=functools.partial(ssl_context, cfg.tls) if cfg.tls is not None else None,
             will=Will(self.status_topic, OFFLINE), max_inflight=cfg.max_inflight,
             session_expiry=SESSION_EXPIRY if cfg.protocol == "5" else None,
             subscriptions=[(f, 1) for f in self._subscriptions], connect_timeout=max(cfg.keepalive, 10.0),
