@@ -30,6 +30,11 @@ sys.path.insert(0, str(REPO))
 
 from gateway.mqtt import watch  # noqa: E402
 from simulators.broker import Mosquitto, free_port  # noqa: E402
+import sqlite3  # noqa: E402
+import marshal  # noqa: E402
+from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
+from gateway.mqtt import Client, Settings  # noqa: E402
+from drivers.modbus.client import ModbusTcpClient  # noqa: E402
 
 
 
@@ -208,7 +213,6 @@ async def outage_run(rig: Rig, outage: float) -> dict:
 @contextlib.asynccontextmanager
 async def mqtt_client(broker: Mosquitto, client_id: str):
     """A connected client of the one MQTT layer (gateway/mqtt/client.py), persistent session, MQTT 3.1.1."""
-    from gateway.mqtt import Client, Settings
 
     async with Client(Settings(who=client_id, host="127.0.0.1", port=broker.port, client_id=client_id,
                                protocol="3.1.1", max_inflight=20)) as mqtt:
@@ -219,9 +223,7 @@ async def mqtt_client(broker: Mosquitto, client_id: str):
 async def calibrate(broker: Mosquitto, tmp: Path) -> dict:
     """The libraries' own costs on this machine, measured in this run: the floor the issue's
     target is derived from (10 Modbus transactions + 1 publish + 1 commit per second)."""
-    import sqlite3
 
-    from pymodbus.client import AsyncModbusTcpClient
 
     rig = Rig(tmp / "calibrate", Setup(1, 10, "1s"), broker)
     rig.tmp.mkdir()
@@ -269,10 +271,7 @@ async def bare_work(broker: Mosquitto, tmp: Path, topics: int, seconds: int) -> 
     one future for their PUBACKs (gateway/mqtt/client.py, what the MQTT sink uses). No gateway: no decoding, no outbox
     bookkeeping, no forwarder, no health endpoint. The same machine's bound on any gateway built
     on these libraries."""
-    import marshal
-    import sqlite3
 
-    from drivers.modbus.client import ModbusTcpClient
 
     rig = Rig(tmp / f"bare{topics}", Setup(10, 10, "1s"), broker)
     rig.tmp.mkdir()

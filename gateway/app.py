@@ -13,8 +13,8 @@ from typing import Any
 
 from gateway import driver as drivers
 from gateway.outbox import Outbox, OutboxStats
-from gateway.config import Config
-from gateway.driver import Device, Poller
+from gateway.config import Config, ConfigErrors
+from gateway.driver import AnyDevice, DriverModule, Poller
 from gateway.health import HealthServer, SinkSnapshot, Snapshot, status_line
 from gateway.clock import ClockWatch
 from gateway.committer import Committer
@@ -29,16 +29,16 @@ log = logging.getLogger(__name__)
 
 FORWARD_ACK_LIMIT = 60.0
 """Seconds a batch may take for a sink without an ``ack_timeout`` of its own."""
-def make_pollers(devices: Sequence[Device]) -> list[Poller]:
+def make_pollers(devices: Sequence[AnyDevice]) -> list[Poller]:
     """One poller per physical connection, from whichever driver serves each device's protocol."""
-    by_module: dict[str, tuple[object, list[Device]]] = {}
+    by_module: dict[str, tuple[DriverModule, list[AnyDevice]]] = {}
     for dev in devices:
         module = drivers.driver_for_protocol(dev.config.protocol)
         assert module is not None, "config validation guarantees a driver"
         by_module.setdefault(module.__name__, (module, []))[1].append(dev)
     pollers: list[Poller] = []
     for module, group in by_module.values():
-        pollers.extend(module.make_pollers(group))  # type: ignore[attr-defined]
+        pollers.extend(module.make_pollers(group))
     return pollers
 
 
@@ -51,7 +51,7 @@ class Gateway:
     config: Config
     pollers: list[Poller] = field(default_factory=list)
     committer: Committer | None = None
-    forwarders: list[object] = field(default_factory=list)
+    forwarders: list[Forwarder] = field(default_factory=list)
     outbox: Outbox | None = None
     started_ns: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -98,7 +98,7 @@ class Gateway:
             snap.received, snap.committed, snap.failed_commits, snap.lost = (cs.received, cs.committed,
                                                                              cs.failed_commits, cs.lost)
             snap.held, snap.outbox_failing = committer.pending, committer.failing
-        forwarders = {f.name: f for f in self.forwarders}  # type: ignore[attr-defined]
+        forwarders = {f.name: f for f in self.forwarders}
         now_ns = time.time_ns()
         for name, sink in self.sinks.items():
             fwd = forwarders.get(name)
@@ -129,7 +129,7 @@ class Gateway:
             self._sink_stacks = {}
             self._poll_tasks = {}
             self._poller_stacks = {}
-            self._ended = asyncio.get_running_loop().create_future()
+            ended = self._ended = asyncio.get_running_loop().create_future()
             stack.push_async_callback(self._stop_forwarders)
             for name in cfg.gateway.sinks:
                 await self._start_sink(name, cfg)
@@ -137,7 +137,7 @@ class Gateway:
 
             def wake_forwarders() -> None:
                 for fwd in forwarders:
-                    fwd.notify()  # type: ignore[attr-defined]
+                    fwd.notify()
 
             self.committer = committer = Committer(outbox, wake_forwarders, buf.commit_delay,
                                                    self.watchdog.loop("commit", buf.commit_delay + 1.0))
@@ -171,11 +171,12 @@ class Gateway:
             watchdog_task = asyncio.create_task(self.watchdog.run(notifier, lambda: status_line(self.snapshot(lag=False))), name="watchdog")
             clock_task = asyncio.create_task(clock.run(), name="clock")
             try:
-                done, _ = await asyncio.wait([stop_task, commit_task, self._ended],
+                done, _ = await asyncio.wait([stop_task, commit_task, ended],
                                              return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    if task is not stop_task and task.exception() is not None:
-                        raise task.exception()  # type: ignore[misc]
+                    exc = task.exception() if task is not stop_task else None
+                    if exc is not None:
+                        raise exc
             finally:
                 notifier.send(STOPPING=1, STATUS="stopping: committing what was read")
                 await _cancel([watchdog_task, clock_task])
@@ -194,13 +195,14 @@ class Gateway:
     def _watch(self, task: asyncio.Task[None]) -> None:
         """A poll or forward task that ends (other than by being cancelled) ends the run."""
         def done(t: asyncio.Task[None]) -> None:
-            if t.cancelled() or self._ended.done():
+            ended = self._ended
+            if ended is None or t.cancelled() or ended.done():
                 return
             exc = t.exception()
             if exc is not None:
-                self._ended.set_exception(exc)
+                ended.set_exception(exc)
             else:
-                self._ended.set_result(None)
+                ended.set_result(None)
         task.add_done_callback(done)
 
     async def _start_sink(self, name: str, cfg: Config) -> None:
@@ -214,7 +216,7 @@ class Gateway:
         limit = 2 * float(getattr(sink, "ack_timeout", FORWARD_ACK_LIMIT)) + sink_cfg.batch.linger + 5.0
         fwd = Forwarder(name, self.outbox, sink, sink_cfg, cfg, self.watchdog.loop(f"forward[{name}]", limit))
         self.forwarders.append(fwd)
-        task = asyncio.create_task(fwd.run(), name=f"forward[{name}]")  # type: ignore[attr-defined]
+        task = asyncio.create_task(fwd.run(), name=f"forward[{name}]")
         self._forward_tasks[name] = task
         self._watch(task)
 
@@ -223,7 +225,7 @@ class Gateway:
         task = self._forward_tasks.pop(name, None)
         if task is not None:
             await _cancel([task])
-        self.forwarders[:] = [f for f in self.forwarders if f.name != name]  # type: ignore[attr-defined]
+        self.forwarders[:] = [f for f in self.forwarders if f.name != name]
         self.watchdog.remove(f"forward[{name}]")
         self.sinks.pop(name, None)
         stack = self._sink_stacks.pop(name, None)
@@ -252,6 +254,7 @@ class Gateway:
         statuses = list(poller.status.values())
         self.watchdog.loop(f"poll[{poller.name}]", limit,
                            counter=lambda: sum(st.polls + sum(st.errors.values()) for st in statuses))
+        assert self._emit is not None, "pollers start once the committer runs"
         task = asyncio.create_task(poller.run(self._emit), name=f"poll[{poller.name}]")
         self._poll_tasks[id(poller)] = task
         self._watch(task)
@@ -309,7 +312,7 @@ class Gateway:
             await self._start_poller(poller)
             self._run_poller(poller)
         for fwd in self.forwarders:
-            fwd.notify()  # type: ignore[attr-defined]
+            fwd.notify()
         log.info("configuration applied: %d pollers kept, %d started; %d devices on %d connections, %d sinks",
                  len(keep), len(start), len(new.devices), len(self.pollers), len(self.forwarders))
 
@@ -387,9 +390,10 @@ async def serve(config: Config, load: Callable[[], Config], stop: asyncio.Event,
             if on_gateway is not None:
                 on_gateway(gateway)
             task = asyncio.create_task(gateway.run(run_stop), name="gateway")
-            config = await _until_reload(gateway, task, run_stop, config, load, stop, reload, notifier, on_reload)
-            if config is None:
+            restart = await _until_reload(gateway, task, run_stop, config, load, stop, reload, notifier, on_reload)
+            if restart is None:
                 return
+            config = restart
     finally:
         notifier.close()
 
@@ -399,8 +403,6 @@ async def _until_reload(gateway: Gateway, task: asyncio.Task[None], run_stop: as
                         notifier: Notifier, on_reload: Callable[[Config], None] | None) -> Config | None:
     """Wait for the run to end, a stop or a valid changed configuration; apply what can be
     applied in place; returns a configuration that needs a full restart, or None."""
-    from gateway.config import ConfigErrors
-
     while True:
         waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(reload.wait())}
         try:

@@ -23,6 +23,12 @@ import gateway.sinks.engine
 from gateway.sinks.influx import InfluxSink, WriteOutcome, classify, retry_after_seconds
 from gateway.sinks.readings import Forwarder
 from gateway.reading import UNCERTAIN, Reading
+import yaml
+import gzip
+from gateway.sinks.engine import isolate_refused
+from gateway.config import load_config
+from gateway.app import Gateway
+from e2e_support import counter_servers, device_ports, write_config
 
 pytestmark = pytest.mark.usefixtures("close_default_executor")  # asyncio.to_thread stops/starts influxd
 
@@ -187,8 +193,6 @@ async def test_only_the_refused_readings_of_a_batch_become_a_dead_letter(influxd
 
 
 async def test_isolate_refused_finds_every_refused_item_and_keeps_to_its_budget() -> None:
-    from gateway.sinks.engine import isolate_refused
-
     written: list[int] = []
     requests = 0
 
@@ -354,11 +358,6 @@ def test_retry_after_forms() -> None:
 
 # --------------------------------------------------------------------------- the whole gateway
 async def test_gateway_with_an_influxdb_sink_writes_every_counter_value(tmp_path: Path, influxd: Influxd) -> None:
-    import yaml
-    from e2e_support import counter_servers, device_ports, write_config
-
-    from gateway.app import Gateway
-    from gateway.config import load_config
 
     layout = {0: [("tank-a", 1), ("tank-b", 2)]}
     servers = counter_servers(layout)
@@ -412,12 +411,10 @@ async def test_a_batch_too_large_for_the_server_is_taken_in_halves(outbox: Outbo
 
 
 async def test_v2_bodies_are_gzipped_at_our_level_not_the_clients_level_9() -> None:
-    import gzip
-
     cfg = sink_config("http://127.0.0.1:9", api="v2", database=None, bucket="b", org="o", token="t")
     body = b"m,device=a v=1.5 1\n" * 100
     async with InfluxSink("db", cfg) as sink:
-        conf = sink._client.conf  # type: ignore[union-attr]
+        conf = sink._client.conf  # type: ignore[union-attr]  # noqa: SLF001 - the client's gzip level, which no public API shows
         packed = conf.update_request_body("/api/v2/write", body)
         assert gzip.decompress(packed) == body and packed[8] == 4  # XFL 4: the fastest level
         assert conf.update_request_body("/api/v2/query", "q") == "q"

@@ -32,6 +32,9 @@ from gateway.config import ConfigErrors, MqttSinkConfig, load_config
 from gateway.sinks.base import Message, Result, SinkUnavailable
 from gateway.sinks.readings import Forwarder, batch_ids, parse_batch_id
 from gateway.reading import Reading
+from e2e_support import counter_servers, device_ports, write_config
+from test_ingest import running, v1
+from test_ingest import write_config as write_ingest_config
 
 T0 = 1_760_000_000_000_000_000
 
@@ -333,9 +336,7 @@ def _in_db(influxd: Any) -> dict[str, dict[int, list[int]]]:
 
 
 def _ingest_yaml(tmp_path: Path, broker: Any, influxd: Any) -> Path:
-    from test_ingest import v1, write_config
-
-    return write_config(tmp_path / "ingest.yaml", broker, v1(influxd), batch={"linger": "50ms"})
+    return write_ingest_config(tmp_path / "ingest.yaml", broker, v1(influxd), batch={"linger": "50ms"})
 
 
 @pytest.mark.parametrize("delivery", ["end_to_end", "broker"])
@@ -346,8 +347,6 @@ async def test_mosquitto_sigkill_with_queued_messages(delivery: str, tmp_path: P
     after a kill between two autosaves. With ``end_to_end`` the gateway publishes again after
     ``receipt_timeout`` and every committed reading reaches influxd; with ``broker`` the PUBACKed
     readings were deleted from the outbox, so loss is possible: the test prints it, asserts nothing."""
-    from e2e_support import counter_servers, device_ports, write_config
-    from test_ingest import running
 
     servers = counter_servers(LAYOUT)
     outbox_path = tmp_path / "outbox.db"
@@ -407,9 +406,6 @@ async def test_receipt_secret_between_real_gateway_and_ingest(ingest_secret: str
     """``sluice run`` and ``sluice ingest`` with the same ``receipt_secret`` (from the environment):
     receipts are accepted and the outbox empties. An ingest without the secret sends receipts
     the gateway ignores: nothing is deleted, and the log says what to fix (never the secret)."""
-    from e2e_support import counter_servers, device_ports, write_config
-    from test_ingest import running, v1
-    from test_ingest import write_config as write_ingest_config
 
     secret = "env-receipt-secret-" + "7" * 20
     monkeypatch.setenv("SLUICE_TEST_RECEIPT_KEY", secret)
@@ -444,8 +440,6 @@ async def test_receipt_secret_between_real_gateway_and_ingest(ingest_secret: str
 
 
 def test_a_short_receipt_secret_is_a_located_error_that_never_shows_it(tmp_path: Path) -> None:
-    from e2e_support import write_config
-
     config = write_config(tmp_path, devices={}, broker_port=1883,
                           sink_extra={"protocol": "5", "delivery": "end_to_end", "receipt_secret": "canary-short"})
     with pytest.raises(ConfigErrors) as caught:

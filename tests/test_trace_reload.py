@@ -22,6 +22,11 @@ from gateway.trace.seal import load_public_key, verify_lines
 from gateway.trace.service import TraceService, reloading
 from servers import free_port
 from support import STOP, until
+import sys
+import subprocess
+import signal
+import os
+from servers import subscriber
 
 pytestmark = pytest.mark.usefixtures("close_default_executor")
 
@@ -111,8 +116,6 @@ async def test_sighup_reloads_trace_yaml_and_the_chain_continues(tmp_path, caplo
 
 
 async def test_reload_starts_a_new_network_sink_from_seq_1_and_stops_a_removed_one(tmp_path, mosquitto):
-    from servers import subscriber
-
     state, clock = tmp_path / "state", Clock()
     (state / "out").mkdir(parents=True)
     cfg = _config_dir(tmp_path)
@@ -132,17 +135,12 @@ async def test_reload_starts_a_new_network_sink_from_seq_1_and_stops_a_removed_o
             assert [json.loads(m.payload)["epcisBody"]["eventList"][0]["sluice:seq"] for m in sub.messages] == [1, 2]
             (cfg / "trace.yaml").write_text(TRACE_YAML)
             load()
-            assert svc._resink is not None
-            await svc._resink
+            assert svc._resink is not None  # noqa: SLF001 - the re-sink task a reload starts; awaited to know it ended
+            await svc._resink  # noqa: SLF001 - see above
             assert set(svc.sinks) == {"feed"} and "bus" not in svc.deliveries  # no network sink left
 
 
 async def test_sluice_run_reloads_trace_yaml_on_sighup(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-
     cfg = _config_dir(tmp_path)
     log_file = tmp_path / "run.log"
     env = {**os.environ, "STATE_DIRECTORY": str(tmp_path / "state")}

@@ -23,6 +23,10 @@ from gateway.trace.config import load_trace_config
 from gateway.trace.journal import Journal
 from gateway.trace.seal import load_public_key, verify_lines
 from gateway.trace.service import TraceService
+import os
+from test_trace import _scenario
+from gateway.trace.schema import cached_schema
+from gateway.cli.commands import main
 
 pytestmark = pytest.mark.usefixtures("close_default_executor")
 
@@ -196,7 +200,6 @@ async def test_epcis_capture_outage_retry_after_and_dead_letter(tmp_path, monkey
         assert letter[1:3] == ("repo", 2) and "HTTP 400" in letter[4] and "bad document" in letter[4]
         assert len(j.all_lines()) == 3  # the refused event stays in the local record: the chain is whole
     monkeypatch.setenv("STATE_DIRECTORY", str(state))
-    from gateway.cli.commands import main
 
     capsys.readouterr()
     assert main(["trace", "deadletters", "-c", str(tmp_path / "config"), "--json"]) == 0
@@ -213,7 +216,6 @@ async def test_verify_url_reads_an_epcis_query_answer_and_a_jsonl_url(tmp_path, 
             _lot_a_in_and_one_window(svc, clock)
             with Journal(state / "outbox.db") as j:
                 await until(lambda: j.position("repo") == 2)
-        from gateway.cli.commands import main
 
         pem = state / "trace-ed25519.key"
         base = f"http://127.0.0.1:{server.port}"
@@ -233,13 +235,9 @@ async def test_verify_url_reads_an_epcis_query_answer_and_a_jsonl_url(tmp_path, 
 
 
 async def test_verify_schema_auto_fetches_and_caches_the_gs1_schema(tmp_path, monkeypatch, capsys):
-    import os
-
-    from test_trace import _scenario
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sluice-test" / "xdg"
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-    from gateway.trace.schema import cached_schema
 
     try:
         cached_schema()
@@ -248,7 +246,6 @@ async def test_verify_schema_auto_fetches_and_caches_the_gs1_schema(tmp_path, mo
     trace = _config(tmp_path, "  feed: {type: jsonl, path: out/feed.jsonl}\n")
     (tmp_path / "state" / "out").mkdir(parents=True)
     _docs, feed = await _scenario(trace, tmp_path)
-    from gateway.cli.commands import main
 
     pem = tmp_path / "state" / "trace-ed25519.key"
     assert main(["trace", "verify", str(feed), "--pubkey", str(pem), "--schema"]) == 0

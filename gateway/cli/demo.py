@@ -121,9 +121,8 @@ class Display:
             out.append(f"  outbox: {committer.stats.committed} readings committed in "
                        f"{committer.stats.commits} transactions, {stats.rows} waiting, {stats.dropped} dropped")
         for fwd in gateway.forwarders:
-            # Gateway.forwarders is list[object] until the engine's one sink contract types it (issue 13).
-            s = fwd.stats  # type: ignore[attr-defined]  # a Forwarder's stats, see the line above
-            out.append(f"  sink {fwd.name}: {s.delivered} readings delivered in {s.messages} MQTT messages"  # type: ignore[attr-defined]  # a Forwarder's name
+            s = fwd.stats
+            out.append(f"  sink {fwd.name}: {s.delivered} readings delivered in {s.messages} MQTT messages"
                        f" ({s.bytes} bytes), {s.retries} retries")
         if self.broker:
             out.append(f"  broker {self.broker}: gateway status '{self.status}'; a subscriber received "
