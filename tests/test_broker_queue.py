@@ -65,7 +65,10 @@ async def test_database_outage_behind_a_broker_queue_limit(delivery: str, tmp_pa
             await stack.enter_async_context(server)
         config = write_config(tmp_path / "config", devices=device_ports(LAYOUT, servers), broker_port=broker.port,
                               interval="100ms", outbox=outbox,
-                              sink_extra={"protocol": "5", "delivery": delivery, "receipt_timeout": "2s"})
+                              # a topic per device: a message per device per poll, so the broker's
+                              # limit in messages is reached within seconds
+                              sink_extra={"protocol": "5", "delivery": delivery, "receipt_timeout": "2s",
+                                          "topic": "sluice/{site}/{gateway}/{device}"})
         ingest = await stack.enter_async_context(running(cfg))
         proc = _gateway(config, log)
         try:
