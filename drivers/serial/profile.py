@@ -60,11 +60,15 @@ class FieldSpec(StrictModel):
     byte: int | None = Field(default=None, ge=0, le=65535, description="binary: position in the frame, 0 = first header byte")
     byte_order: ByteOrder = "ABCD"
     bit: int | None = Field(default=None, ge=0, le=63, description="binary: a bool from one bit of an integer")
-    scale: float = 1.0
-    offset: float = 0.0
-    unit: str | None = None
-    valid: ValidRange | None = None
-    sim: SignalSpec | None = None
+    scale: float = Field(default=1.0, description="value = raw × scale + offset, e.g. 0.1 for tenths")
+    offset: float = Field(default=0.0, description="added after scale")
+    unit: str | None = Field(default=None, description="unit of the value, as the manual prints it",
+                             examples=["°C", "%RH", "ppm", "kg"])
+    valid: ValidRange | None = Field(default=None, description="plausible values; outside them the value is left "
+                                     "out and the reading marked uncertain")
+    sim: SignalSpec | None = Field(default=None, description="how `sluice sim serial` plays this field")
+    verified: bool | None = Field(default=None, description="false: the published sources did not settle this "
+                                  "field; the comment above it says what to check")
 
     @model_validator(mode="after")
     def _numbers(self) -> FieldSpec:
