@@ -79,7 +79,7 @@ class DeviceConfig(StrictModel):
     id: Identifier = Field(description="unique device id, used in topics and tags")
     profile: str = Field(description="name of a file under profiles/ (without .yaml)")
     protocol: str
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="false: the device is checked but not polled")
     interval: Duration = Field(default=1.0, gt=0, description="time between polls")
     timeout: Duration = Field(default=1.0, gt=0, description="how long to wait for an answer")
     retries: int = Field(default=1, ge=0, le=10, description="extra attempts within one poll")

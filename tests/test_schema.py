@@ -151,3 +151,14 @@ def test_the_schema_rejects_every_structural_mistake_of_the_corpus(case: str, fi
     if key is not None:  # the schema finds the mistake at the same key
         assert any(key in map(str, e.absolute_path) or f"'{key}'" in e.message for e in errors), \
             (case, file, message, [e.message for e in errors])
+
+
+def test_every_key_of_every_file_has_a_description() -> None:
+    """What the editor shows when the cursor is on a key: no key without a word on what it is."""
+    missing = []
+    for kind in KINDS:
+        schema = schema_of(kind)
+        for name, block in [("(top)", schema), *schema.get("$defs", {}).items()]:
+            missing += [f"{kind.name}: {name}.{key}" for key, prop in block.get("properties", {}).items()
+                        if not prop.get("description")]
+    assert not missing, "add description= to these fields in their model: " + ", ".join(missing)

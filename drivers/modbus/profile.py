@@ -207,12 +207,12 @@ class PointModel(StrictModel):
 class ProfileModel(ProfileConfig):
     """A Modbus device model's register map (``profiles/<name>.yaml``, ``protocol: modbus``)."""
 
-    protocol: Literal["modbus"]
+    protocol: Literal["modbus"] = Field(description="modbus: a register map, for every Modbus transport")
     max_registers: int = Field(default=MAX_REGISTERS, ge=1, le=MAX_REGISTERS,
                                description="registers per request this model accepts")
     max_gap: int = Field(default=8, ge=0, le=MAX_REGISTERS - 1,
                          description="unused registers read to merge two requests into one")
-    points: list[PointModel] = Field(min_length=1)
+    points: list[PointModel] = Field(min_length=1, description="the values to read, one per register (or pair, or bit)")
 
     def field_info(self) -> dict[str, FieldInfo]:
         return {p.name: FieldInfo(p.unit, p.point_type == "float32") for p in self.points}

@@ -119,6 +119,7 @@ def show_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             print(f"  read via: {src.read_via}", file=out)
         print(f"  verified: {src.verified}", file=out)
     rows: list[tuple[str, ...]] = []
+    head: tuple[str, ...]
     if isinstance(profile, ModbusProfile):
         for p in profile.points:
             rows.append((p.name, _where(p), p.point_type, p.byte_order if p.width > 1 else "",
