@@ -7,6 +7,7 @@ check` rejects for a structural reason."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,14 @@ import yaml
 from gateway.cli.commands import main
 from gateway.cli.examples import EXAMPLES, shipped_config
 from gateway.cli.schema import KINDS, MODELINE, kind_of, schema_of, schemas
+from gateway.cloud.config import load_ingest_config
+from gateway.config import ConfigErrors, load_config
+from gateway.trace.config import load_trace_config
+from simulators.simulation import load_simulation
 
 CONFIG = Path(__file__).resolve().parent.parent / "config"
 CASES = Path(__file__).resolve().parent / "cases" / "config"
+KIND_CASES = Path(__file__).resolve().parent / "cases" / "schema"
 VALIDATORS = {k.name: jsonschema.Draft202012Validator(schema_of(k)) for k in KINDS}
 
 
@@ -100,8 +106,8 @@ def test_sluice_schema_writes_every_schema(tmp_path: Path, capsys) -> None:
 # --------------------------------------------------------------------------- the broken corpus
 STRUCTURAL = re.compile(
     r"^(unknown key '(?P<unknown>[^']+)'|required key '(?P<required>[^']+)'|unknown type '|unknown protocol '"
-    r"|(?P<key>[\w]+): (.* is not allowed — use one of|input should be a valid|.* is not a valid id|.* is not a size"
-    r"|duration .* has no unit|YAML reads .* as (true|false|a number)|.* is not how parity is written))")
+    r"|(?P<key>[\w]+): (.* is not allowed|input should be a valid|.* is not a valid id|.* is not a size"
+    r"|duration .* has no unit|YAML reads .* as (true|false|a number)|.* is not how parity is written|.* is out of range))")
 """Messages of `sluice check` for a structural mistake: an unknown key, a missing one, a wrong type,
 a value outside an enum or a pattern — what a schema states. The rest (ranges that depend on other
 keys, one file against another, security rules) only `sluice check` can say."""
@@ -162,3 +168,60 @@ def test_every_key_of_every_file_has_a_description() -> None:
             missing += [f"{kind.name}: {name}.{key}" for key, prop in block.get("properties", {}).items()
                         if not prop.get("description")]
     assert not missing, "add description= to these fields in their model: " + ", ".join(missing)
+
+
+# --------------------------------------------------------------------------- a corpus for every kind of file
+# tests/cases/config/ holds whole configurations (gateway.yaml, devices, profiles); tests/cases/schema/<kind>/
+# holds one broken file of every other kind too (trace.yaml, ingest.yaml, sim.yaml, more devices and
+# profiles), with what `sluice check` (or `sluice ingest check`, `sluice sim`) says in expected.txt.
+MODBUS_PROFILE = "protocol: modbus\npoints:\n  - {name: v, kind: holding, address: 0, type: uint16}\n"
+
+
+def loader_errors(kind: str, path: Path, tmp: Path) -> list[str]:
+    """``line:col: message`` of every error the command that reads such a file reports."""
+    root = tmp / "cfg"
+    for sub in ("devices", "profiles"):
+        (root / sub).mkdir(parents=True)
+    (root / "gateway.yaml").write_text("gateway: {id: gw, site: s}\n")
+    (root / "profiles" / "p.yaml").write_text(MODBUS_PROFILE)
+    try:
+        if kind == "ingest":
+            load_ingest_config(path, secrets=False)
+        elif kind == "sim":
+            load_simulation(path)
+        else:
+            target = {"gateway": "gateway.yaml", "device": f"devices/{path.name}", "profile": f"profiles/{path.name}",
+                      "trace": "trace.yaml"}[kind]
+            shutil.copy(path, root / target)
+            config = load_config(root, secrets=False)
+            if kind == "trace":
+                load_trace_config(config)
+    except ConfigErrors as exc:
+        return [f"{e.line}:{e.col}: {e.message}" for e in exc.errors if not e.warning]
+    return []
+
+
+KIND_CORPUS = [tuple(line.split(":", 1)) for line in (KIND_CASES / "expected.txt").read_text(encoding="utf-8").splitlines()]
+
+
+def test_the_corpus_covers_every_kind_of_file() -> None:
+    assert {file.split("/")[0] for file, _rest in KIND_CORPUS} == {k.name for k in KINDS}
+    assert {str(p.relative_to(KIND_CASES)) for p in KIND_CASES.rglob("*.yaml")} == {file for file, _rest in KIND_CORPUS}
+
+
+@pytest.mark.parametrize(("file", "expected"), KIND_CORPUS, ids=[f"{f}:{e.split(':')[0]}" for f, e in KIND_CORPUS])
+def test_check_and_the_schema_both_reject_every_file_of_the_corpus(file: str, expected: str, tmp_path: Path) -> None:
+    path = KIND_CASES / file
+    kind = path.parent.name
+    found = loader_errors(kind, path, tmp_path)
+    assert any(e.startswith(expected) for e in found), (file, expected, found)
+    message = expected.split(": ", 1)[1]
+    match = STRUCTURAL.match(message)
+    assert match is not None, f"{file}: not a structural mistake: {message}"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    errors = _flatten(VALIDATORS[kind].iter_errors(data))
+    assert errors, f"{file}: the {kind} schema accepts what `sluice check` refuses: {message}"
+    key = match.group("unknown") or match.group("required") or match.group("key")
+    if key not in (None, "value"):  # "value": the loader does not name a key whose block has the wrong type
+        assert any(key in map(str, e.absolute_path) or f"'{key}'" in e.message for e in errors), \
+            (file, message, [e.message for e in errors])
