@@ -75,6 +75,15 @@ async def test_a_wrong_byte_order_is_shown_with_the_order_that_fits() -> None:
     assert "CDAB  int32" in out and "float32" in out  # the interpretations `sluice read` prints
 
 
+async def test_a_profile_of_another_device_is_refused_point_by_point() -> None:
+    """The wrong profile for the device: its requests are refused (exception 2), each said in words."""
+    profile = load_library(None, io.StringIO())["renke-rs-ws-n01-8"]
+    async with ModbusTcpServer([SimDevice(profile, 5, name="th")]) as server:
+        code, out = await _test("eastron-sdm120", server.port, 5)
+    assert code == 1, out
+    assert "the device answered exception 2" in out and "0 of 10 points plausible" in out, out
+
+
 async def test_profile_test_without_a_device_says_so() -> None:
     async with ModbusTcpServer([]) as server:
         port = server.port

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from drivers.modbus.codec import Request, RequestDecoder
-from drivers.modbus.errors import ModbusConnectionError, ModbusError, ModbusExceptionResponse
+from drivers.modbus.errors import ModbusConnectionError, ModbusError
 from drivers.modbus.planner import plan
 from drivers.modbus.profile import Point, points_of
 from drivers.modbus.profile import ProfileModel as ModbusProfile
 from drivers.wire import BYTE_ORDERS
-from gateway.cli.commission import EXIT_CANNOT_OPEN, EXIT_NO_ANSWER, EXIT_USAGE, interpret_pairs, interpret_registers, \
-    parse_target
+from gateway.cli.commission import EXIT_CANNOT_OPEN, EXIT_NO_ANSWER, EXIT_USAGE, error_text, interpret_pairs, \
+    interpret_registers, parse_target
 from gateway.cli.examples import shipped_config
 from gateway.config import load_profiles
 from gateway.driver import ProfileConfig
@@ -223,9 +223,7 @@ async def profile_test_command(args: argparse.Namespace, out: TextIO | None = No
             try:
                 data = await client.read(args.unit, request.function, request.address, request.count, args.timeout)
             except ModbusError as exc:
-                why = f"the device answered {exc} — {exc.hint}" if isinstance(exc, ModbusExceptionResponse) else \
-                    f"{exc} — {client.hints.get(exc.kind, '')}"
-                print(f"  {request}: {why}", file=out)
+                print(f"  {request}: {error_text(exc, client)}", file=out)
                 bad += len(request.points)
                 continue
             for point in request.points:
