@@ -11,6 +11,7 @@ from pathlib import Path
 from gateway.cli.commands import build_parser, main
 from gateway.cli.profiles import load_library, profile_test_command
 from simulators.modbus_device import SimDevice
+from simulators.modbus_rtu import RtuBus
 from simulators.modbus_tcp import ModbusTcpServer
 
 PROFILES = Path(__file__).resolve().parent.parent / "config" / "profiles"
@@ -41,9 +42,9 @@ def test_show_prints_points_units_ranges_and_the_source_document(capsys) -> None
     assert "did you mean eastron-sdm120" in capsys.readouterr().err
 
 
-async def _test(name: str, port: int, unit: int, *extra: str) -> tuple[int, str]:
-    args = build_parser().parse_args(["profile", "test", name, "--host", "127.0.0.1", "--port", str(port),
-                                      "--unit", str(unit), "--timeout", "5s", *extra])
+async def _test(name: str, port: int | str, unit: int, *extra: str) -> tuple[int, str]:
+    where = ["--serial", port] if isinstance(port, str) else ["--host", "127.0.0.1", "--port", str(port)]
+    args = build_parser().parse_args(["profile", "test", name, *where, "--unit", str(unit), "--timeout", "5s", *extra])
     out, err = io.StringIO(), io.StringIO()
     code = await profile_test_command(args, out, err)
     return code, out.getvalue() + err.getvalue()
@@ -73,6 +74,23 @@ async def test_a_wrong_byte_order_is_shown_with_the_order_that_fits() -> None:
     assert "byte_order: CDAB reads 5" in hint or "byte_order: CDAB reads 4" in hint, out
     assert "set byte_order: CDAB on this point (the profile says ABCD)" in hint
     assert "CDAB  int32" in out and "float32" in out  # the interpretations `sluice read` prints
+
+
+async def test_profile_test_on_an_rs485_line_through_the_rtu_driver() -> None:
+    """The meter on a serial bus (a pty playing an RTU bus at 9600 8E1), another device beside it."""
+    library = load_library(None, io.StringIO())
+    async with RtuBus([SimDevice(library["eastron-sdm120"], 2, name="meter"),
+                       SimDevice(library["renke-rs-ws-n01-8"], 1, name="th")]) as bus:
+        code, out = await _test("eastron-sdm120", bus.path, 2, "--parity", "E")
+        code_th, out_th = await _test("renke-rs-ws-n01-8", bus.path, 1)
+    assert code == 0 and "10 of 10 points plausible" in out and f"{bus.path} at 9600 8E1 unit 2" in out, out
+    assert code_th == 0 and "2 of 2 points plausible" in out_th, out_th
+
+
+async def test_profile_test_needs_one_target() -> None:
+    args = build_parser().parse_args(["profile", "test", "eastron-sdm120", "--unit", "1"])
+    err = io.StringIO()
+    assert await profile_test_command(args, io.StringIO(), err) == 2 and "give --host" in err.getvalue()
 
 
 async def test_a_profile_of_another_device_is_refused_point_by_point() -> None:

@@ -1,6 +1,6 @@
 """The device profile library for technicians: ``sluice profile list [--search co2]``, ``sluice
 profile show NAME`` (points, units, valid ranges, the source document) and ``sluice profile test
-NAME --host H --port P --unit N`` (one read of every point through the Modbus driver's planner,
+NAME --host H --port P --unit N`` or ``--serial /dev/ttyUSB0`` (one read of every point through the Modbus driver's planner,
 client and decoder, each value judged against its valid range; a value that looks wrong is shown
 in every byte order, as ``sluice read`` shows a range, with the order that would make it plausible).
 
@@ -208,9 +208,18 @@ async def profile_test_command(args: argparse.Namespace, out: TextIO | None = No
         print(f"sluice profile test: '{args.name}' is a {profile.protocol} profile; `profile test` reads Modbus "
               "devices — for a serial sensor write a device file and run `sluice once`", file=err)
         return EXIT_USAGE
-    target = parse_target(f"{args.host}:{args.port}", args.rtu)
-    client = target.client(9600, "N", 1)
-    where = f"{target.describe(9600, 'N', 1)} unit {args.unit}"
+    if (args.host is None) == (args.serial is None):
+        print("sluice profile test: give --host (Modbus TCP, or --rtu for a serial device server) or --serial "
+              "(an RS485 adapter on this machine), one of them", file=err)
+        return EXIT_USAGE
+    try:
+        target = parse_target(args.serial if args.serial else f"{args.host}:{args.port}", args.rtu)
+    except ValueError as exc:
+        print(f"sluice profile test: {exc}", file=err)
+        return EXIT_USAGE
+    line = (args.baudrate, args.parity, args.stopbits)
+    client = target.client(*line)
+    where = f"{target.describe(*line)} unit {args.unit}"
     try:
         await client.connect(args.timeout)
     except ModbusConnectionError as exc:
@@ -285,8 +294,13 @@ def add_parsers(sub: Any) -> None:
     q = actions.add_parser("test", help="read every point of a Modbus profile once from a device and judge each "
                            "value against its valid range, with byte-order hints")
     q.add_argument("name", metavar="NAME")
-    q.add_argument("--host", required=True, help="the device's (or its Modbus TCP gateway's) address")
+    q.add_argument("--host", default=None, help="the device's (or its Modbus TCP gateway's) address")
     q.add_argument("--port", type=int, default=502, help="TCP port (default 502)")
+    q.add_argument("--serial", default=None, metavar="PORT", help="or a serial port with the device on its RS485 "
+                   "line (/dev/ttyUSB0), with --baudrate, --parity, --stopbits")
+    q.add_argument("--baudrate", type=int, default=9600, help="serial baud rate (default 9600)")
+    q.add_argument("--parity", choices=["N", "E", "O"], default="N", help="serial parity (default N)")
+    q.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
     q.add_argument("--unit", type=int, default=1, help="unit (slave) id (default 1)")
     q.add_argument("--rtu", action="store_true", help="HOST:PORT is a serial device server in raw mode (RTU over TCP)")
     q.add_argument("--timeout", type=duration_arg, default=1.0, metavar="DURATION", help="per request (default 1s)")
