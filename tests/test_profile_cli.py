@@ -106,7 +106,7 @@ async def test_profile_test_without_a_device_says_so() -> None:
     async with ModbusTcpServer([]) as server:
         port = server.port
     code, out = await _test("eastron-sdm120", port, 1)
-    assert code == 3 and "sluice profile test:" in out
+    assert code == 3 and "sluice: " in out and "refused" in out
 
 
 async def test_serial_profiles_are_not_read_by_profile_test() -> None:

@@ -50,7 +50,7 @@ from gateway.polling import format_duration
 from gateway.reading import shortest_float32
 from gateway.units import duration_arg
 
-__all__ = ["ORDERS", "add_parsers", "error_text", "interpret_pairs", "interpret_registers", "read_command", "scan_command"]
+__all__ = ["ORDERS", "add_parsers", "cannot_open", "error_text", "interpret_pairs", "interpret_registers", "read_command", "scan_command"]
 
 EXIT_NO_ANSWER = 1
 EXIT_USAGE = 2
@@ -168,12 +168,13 @@ async def _open(client: ModbusClient, target: Target, timeout: float, err: TextI
     try:
         await client.connect(timeout)
     except ModbusConnectionError as exc:
-        _cannot_open(exc, client, target, err)
+        cannot_open(exc, client, target, err)
         return False
     return True
 
 
-def _cannot_open(exc: ModbusConnectionError, client: ModbusClient, target: Target, err: TextIO) -> None:
+def cannot_open(exc: ModbusConnectionError, client: ModbusClient, target: Target, err: TextIO) -> None:
+    """Why the target could not be opened, on ``err``: for a serial port held by another process, who holds it."""
     if exc.kind == "busy" and target.serial:
         print(f"sluice: {held_message(target.text)}", file=err)
     else:
@@ -369,7 +370,7 @@ async def scan_command(args: argparse.Namespace, out: TextIO | None = None, err:
         except ModbusConnectionError as exc:
             if exc.kind != "settings":
                 progress.end()
-                _cannot_open(exc, client, target, err)
+                cannot_open(exc, client, target, err)
                 return EXIT_CANNOT_OPEN
             refused.append(settings)
             progress.line(f"{exc} — skipped")

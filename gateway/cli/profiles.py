@@ -25,8 +25,16 @@ from drivers.modbus.planner import plan
 from drivers.modbus.profile import Point, points_of
 from drivers.modbus.profile import ProfileModel as ModbusProfile
 from drivers.wire import BYTE_ORDERS
-from gateway.cli.commission import EXIT_CANNOT_OPEN, EXIT_NO_ANSWER, EXIT_USAGE, error_text, interpret_pairs, \
-    interpret_registers, parse_target
+from gateway.cli.commission import (
+    EXIT_CANNOT_OPEN,
+    EXIT_NO_ANSWER,
+    EXIT_USAGE,
+    cannot_open,
+    error_text,
+    interpret_pairs,
+    interpret_registers,
+    parse_target,
+)
 from gateway.cli.examples import shipped_config
 from gateway.config import load_profiles
 from gateway.driver import ProfileConfig
@@ -223,7 +231,7 @@ async def profile_test_command(args: argparse.Namespace, out: TextIO | None = No
     try:
         await client.connect(args.timeout)
     except ModbusConnectionError as exc:
-        print(f"sluice profile test: {exc} — {client.hints.get(exc.kind, '')}", file=err)
+        cannot_open(exc, client, target, err)
         return EXIT_CANNOT_OPEN
     print(f"{args.name} at {where}: one read of every point", file=out)
     bad = 0
