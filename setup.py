@@ -14,5 +14,5 @@ setup(
     packages=[*find_packages(include=["gateway", "gateway.*", "drivers", "drivers.*", "simulators", "simulators.*"]),
               SHIPPED_CONFIG],
     package_dir={SHIPPED_CONFIG: "config"},
-    package_data={"gateway": ["py.typed"], SHIPPED_CONFIG: ["*.yaml", "**/*.yaml"]},
+    package_data={"gateway": ["py.typed"], SHIPPED_CONFIG: ["*.yaml", "**/*.yaml", "schemas/*.json"]},
 )

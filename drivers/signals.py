@@ -21,48 +21,48 @@ from gateway.units import Duration
 
 
 class Constant(StrictModel):
-    signal: Literal["constant"]
-    value: float | int | bool | str = 0
+    signal: Literal["constant"] = Field(description="constant: always value")
+    value: float | int | bool | str = Field(default=0, description="the value served")
 
 
 class Sine(StrictModel):
-    signal: Literal["sine"]
-    min: float = 0.0
-    max: float = 1.0
+    signal: Literal["sine"] = Field(description="sine: between min and max, once per period")
+    min: float = Field(default=0.0, description="lowest value")
+    max: float = Field(default=1.0, description="highest value")
     period: Duration = Field(default=60.0, gt=0)
 
 
 class RandomWalk(StrictModel):
-    signal: Literal["random_walk"]
-    min: float = 0.0
-    max: float = 100.0
+    signal: Literal["random_walk"] = Field(description="random_walk: wanders between min and max")
+    min: float = Field(default=0.0, description="lowest value")
+    max: float = Field(default=100.0, description="highest value")
     step: float = Field(default=1.0, gt=0, description="largest change per second")
-    start: float | None = None
+    start: float | None = Field(default=None, description="first value; default: the middle")
 
 
 class Ramp(StrictModel):
     """Rises by ``step`` every ``every`` and wraps from ``max`` back to ``min``."""
 
-    signal: Literal["ramp"]
-    min: float = 0.0
-    max: float = 100.0
-    step: float = 1.0
+    signal: Literal["ramp"] = Field(description="ramp: rises by step every every, wraps at max")
+    min: float = Field(default=0.0, description="lowest value")
+    max: float = Field(default=100.0, description="highest value")
+    step: float = Field(default=1.0, description="rise per every")
     every: Duration = Field(default=1.0, gt=0)
 
 
 class Counter(StrictModel):
     """Increments by ``step`` on every read of the point: each poll sees the next value."""
 
-    signal: Literal["counter"]
-    start: int = 0
-    step: int = 1
+    signal: Literal["counter"] = Field(description="counter: start, then step more on every read")
+    start: int = Field(default=0, description="first value")
+    step: int = Field(default=1, description="added on every read")
 
 
 class Step(StrictModel):
     """Cycles through ``values``, holding each for ``every``."""
 
-    signal: Literal["step"]
-    values: list[float | int | bool | str] = Field(min_length=1)
+    signal: Literal["step"] = Field(description="step: each of values in turn, for every each")
+    values: list[float | int | bool | str] = Field(min_length=1, description="the values, in order")
     every: Duration = Field(default=10.0, gt=0)
 
 

@@ -47,8 +47,10 @@ class BufferConfig(StrictModel):
     path: Path = Field(default=Path("outbox.db"),
                        description="SQLite outbox; relative paths are under $STATE_DIRECTORY or the working directory")
     max_bytes: ByteSize = Field(default=256 * 1024**2, ge=64 * 1024)
-    when_full: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
-    synchronous: Literal["full", "normal"] = "full"
+    when_full: Literal["drop_oldest", "drop_newest"] = Field(default="drop_oldest",
+                                                             description="at max_bytes: drop the oldest readings or the newest")
+    synchronous: Literal["full", "normal"] = Field(default="full", description="full: a commit survives a power cut; "
+                                                   "normal: faster, the last commits may be lost")
     commit_delay: Duration = Field(default=0.02, le=5,
                                    description="gather readings this long before one commit")
 
@@ -60,9 +62,9 @@ class BufferConfig(StrictModel):
 
 class TlsConfig(StrictModel):
     ca_file: Path | None = Field(default=None, description="CA bundle; the system's when absent")
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    verify: bool = True
+    cert_file: Path | None = Field(default=None, description="client certificate (PEM), for mutual TLS, with key_file")
+    key_file: Path | None = Field(default=None, description="its private key (PEM)")
+    verify: bool = Field(default=True, description="check the server's certificate and name")
 
     @model_validator(mode="after")
     def _pair(self) -> TlsConfig:
@@ -131,7 +133,7 @@ class ListenConfig(StrictModel):
 
 
 class BatchConfig(StrictModel):
-    max_readings: int = Field(default=500, ge=1, le=100_000)
+    max_readings: int = Field(default=500, ge=1, le=100_000, description="readings per message, at most")
     max_bytes: ByteSize = Field(default=64 * 1024, ge=1024, le=64 * 1024**2)
     linger: Duration = Field(default=0.2, le=3600,
                              description="wait this long for more readings before sending a part-full batch")
@@ -161,25 +163,26 @@ def check_receipt_secret(value: SecretStr | None) -> SecretStr | None:
 
 
 class MqttSinkConfig(StrictModel):
-    type: Literal["mqtt"]
-    host: str = Field(min_length=1)
+    type: Literal["mqtt"] = Field(description="mqtt: publish to an MQTT broker")
+    host: str = Field(min_length=1, description="the broker's address", examples=["127.0.0.1", "broker.example.com"])
     port: int | None = Field(default=None, ge=1, le=65535, description="1883, or 8883 with tls")
     client_id: str | None = Field(default=None, description="defaults to sluice-<gateway id>")
-    username: str | None = None
-    password: Secret | None = None
-    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    username: str | None = Field(default=None, description="user name at the broker")
+    password: Secret | None = Field(default=None, description="better from a file or credential: ${file:/etc/sluice/pw}")
+    protocol: Literal["3.1.1", "5"] = Field(default="3.1.1", description="MQTT version; \"5\" in quotes")
     topic: str = Field(default="sluice/{site}/{gateway}/readings",
                        description="one topic per gateway: a poll cycle's readings share a message (each line "
                                    "names its device); placeholders: site, gateway, device, profile, measurement")
-    status_topic: str = "sluice/{site}/{gateway}/status"
-    format: Literal["influx", "json"] = "influx"
-    qos: Literal[1, 2] = 1
+    status_topic: str = Field(default="sluice/{site}/{gateway}/status", description="retained online/offline "
+                              "status (the last will); placeholders {site} {gateway}")
+    format: Literal["influx", "json"] = Field(default="influx", description="payload: InfluxDB line protocol or JSON")
+    qos: Literal[1, 2] = Field(default=1, description="MQTT QoS; 1 with the outbox is at-least-once")
     keepalive: Duration = Field(default=30.0, ge=5, le=3600)
     max_inflight: int = Field(default=8, ge=1, le=100, description="messages awaiting PUBACK at once")
-    batch: BatchConfig = BatchConfig()
+    batch: BatchConfig = Field(default=BatchConfig(), description="how readings are grouped into messages")
     reconnect_min: Duration = Field(default=0.5, gt=0)
     reconnect_max: Duration = Field(default=30.0, gt=0)
-    tls: TlsConfig | None = None
+    tls: TlsConfig | None = Field(default=None, description="TLS: the CA to trust, a client certificate; absent: plaintext")
     insecure: bool = Field(default=False, description="allow plaintext or unverified TLS to a remote host")
     delivery: Literal["broker", "end_to_end"] = Field(
         default="broker", description="broker: done at the broker's PUBACK; end_to_end: kept in the outbox "
@@ -226,7 +229,7 @@ class MqttSinkConfig(StrictModel):
 class HttpBatchConfig(BatchConfig):
     """Batches for an HTTP write API: one request per message, so bigger ones (InfluxDB suggests ~5000 lines)."""
 
-    max_readings: int = Field(default=5000, ge=1, le=100_000)
+    max_readings: int = Field(default=5000, ge=1, le=100_000, description="readings per request, at most")
     max_bytes: ByteSize = Field(default=1024**2, ge=1024, le=64 * 1024**2)
     linger: Duration = Field(default=0.5, le=3600,
                              description="wait this long for more readings before sending a part-full batch")
@@ -240,22 +243,23 @@ class InfluxSinkConfig(StrictModel):
     format: ClassVar[Literal["influx"]] = "influx"
     topic: ClassVar[None] = None
 
-    type: Literal["influxdb"]
+    type: Literal["influxdb"] = Field(description="influxdb: write to InfluxDB over HTTP")
     url: str = Field(min_length=1, description="http(s)://host:port of the database")
-    api: Literal["v2", "v1"] = "v2"
+    api: Literal["v2", "v1"] = Field(default="v2", description="v2: /api/v2/write (InfluxDB 1.8+, 2.x, 3.x, "
+                                     "VictoriaMetrics); v1: /write (InfluxDB 1.x before 1.8)")
     org: str | None = Field(default=None, description="v2: the organisation (InfluxDB 2.x/Cloud need it)")
     bucket: str | None = Field(default=None, description="v2: the bucket (InfluxDB 1.8: database/retention)")
     token: Secret | None = Field(default=None, description="v2: an API token with write access")
     database: str | None = Field(default=None, description="v1: the database")
     retention_policy: str | None = Field(default=None, description="v1: the retention policy (default: the database's)")
     username: str | None = Field(default=None, description="v1: user with write access")
-    password: Secret | None = None
+    password: Secret | None = Field(default=None, description="better from a file or credential: ${file:/etc/sluice/pw}")
     gzip: bool = Field(default=True, description="compress request bodies")
     timeout: Duration = Field(default=10.0, gt=0, le=600, description="per HTTP request")
-    batch: HttpBatchConfig = HttpBatchConfig()
+    batch: HttpBatchConfig = Field(default=HttpBatchConfig(), description="how readings are grouped into requests")
     retry_min: Duration = Field(default=1.0, gt=0)
     retry_max: Duration = Field(default=60.0, gt=0)
-    tls: TlsConfig | None = None
+    tls: TlsConfig | None = Field(default=None, description="TLS: the CA to trust, a client certificate; absent: plaintext")
     insecure: bool = Field(default=False, description="allow plaintext HTTP or unverified TLS to a remote host")
 
     @field_validator("url")
@@ -293,7 +297,7 @@ SinkConfig = Annotated[MqttSinkConfig | InfluxSinkConfig, Field(discriminator="t
 
 
 class LoggingConfig(StrictModel):
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="what is logged")
     format: Literal["auto", "text", "journal"] = Field(
         default="auto", description="journal: no timestamps, syslog levels; auto: journal under systemd")
 
@@ -314,13 +318,15 @@ class HealthConfig(ListenConfig):
 
 
 class GatewayFile(StrictModel):
-    gateway: GatewayIdentity
-    buffer: BufferConfig = BufferConfig()
-    sinks: dict[Identifier, SinkConfig] = Field(default_factory=dict)
-    logging: LoggingConfig = LoggingConfig()
-    health: HealthConfig = HealthConfig()
-    devices_dir: Path = Path("devices")
-    profiles_dir: Path = Path("profiles")
+    gateway: GatewayIdentity = Field(description="who this gateway is: its id and site")
+    buffer: BufferConfig = Field(default=BufferConfig(), description="the outbox on disk that keeps readings until "
+                                 "every sink has them")
+    sinks: dict[Identifier, SinkConfig] = Field(default_factory=dict, description="where readings go, by name: "
+                                                "type: mqtt or type: influxdb")
+    logging: LoggingConfig = Field(default=LoggingConfig(), description="what is logged, and how")
+    health: HealthConfig = Field(default=HealthConfig(), description="the local /healthz and /metrics endpoint")
+    devices_dir: Path = Field(default=Path("devices"), description="the device files; relative to this file")
+    profiles_dir: Path = Field(default=Path("profiles"), description="the profiles; relative to this file")
 
 
 @dataclass(frozen=True)

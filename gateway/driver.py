@@ -84,7 +84,7 @@ class DeviceConfig(StrictModel):
     id: Identifier = Field(description="unique device id, used in topics and tags")
     profile: str = Field(description="name of a file under profiles/ (without .yaml)")
     protocol: str
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="false: the device is checked but not polled")
     interval: Duration = Field(default=1.0, gt=0, description="time between polls")
     timeout: Duration = Field(default=1.0, gt=0, description="how long to wait for an answer")
     retries: int = Field(default=1, ge=0, le=10, description="extra attempts within one poll")
@@ -129,15 +129,36 @@ def parity_letter(value: Any, allowed: str) -> Any:
     return value
 
 
+class ProfileSource(StrictModel):
+    """Where a profile's register map comes from (``source:``): the manufacturer's published
+    document, where it was actually read, and how far it is confirmed. Shown by ``sluice profile show``."""
+
+    title: str = Field(min_length=1, description="the document's title as printed (manual, protocol sheet, wiki page)",
+                       examples=["Eastron SDM630 Modbus Protocol (input register table)"])
+    version: str = Field(min_length=1, description="edition, revision or date as printed; say so when none is printed",
+                         examples=["V1.4", "not printed in the copies read"])
+    url: str = Field(pattern=r"^https?://\S+$", description="where the document can be read",
+                     examples=["https://www.eastroneurope.com/images/uploads/products/protocol/SDM630_MODBUS_Protocol.pdf"])
+    read_via: str | None = Field(default=None, description="where the table was actually read when not in the document "
+                                 "itself: a transcription, an open-source driver (name it, with its URL)")
+    verified: str = Field(min_length=1, description="how far the map is confirmed: what agrees with what, and "
+                          "'not yet checked on a device' until it is; starts with 'false' or 'partial' when parts are "
+                          "unsettled (those points carry verified: false)",
+                          examples=["partial — one transcription; not yet checked on a meter"])
+
+
 class ProfileConfig(StrictModel):
     """What every device profile has. Drivers subclass it with their point maps."""
 
     protocol: str
-    manufacturer: str | None = None
-    model: str | None = None
-    description: str | None = None
+    manufacturer: str | None = Field(default=None, description="the maker as printed on the device",
+                                     examples=["Eastron"])
+    model: str | None = Field(default=None, description="the model as printed on the device", examples=["SDM630-Modbus v2"])
+    description: str | None = Field(default=None, description="what the device is, in a few words",
+                                    examples=["three-phase energy meter"])
     measurement: str | None = Field(default=None, min_length=1,
                                     description="InfluxDB measurement; defaults to the profile's name")
+    source: ProfileSource | None = Field(default=None, description="the published document the map was written from")
 
     def field_info(self) -> dict[str, FieldInfo]:
         """Unit and precision of the fields this profile declares (for `sluice once`); none by default."""

@@ -6,7 +6,7 @@ import argparse
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, WithJsonSchema
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -58,9 +58,19 @@ def parse_size(value: Any) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+DURATION_PATTERN = r"^\s*(\d+(\.\d+)?\s*(ms|s|m|h|d)\s*)+$"
+"""What :func:`parse_duration` accepts, for the JSON Schemas of the configuration files."""
+SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*(B|kB|KB|KiB|MB|MiB|GB|GiB|TB|TiB)?\s*$"
+"""What :func:`parse_size` accepts as text."""
+
+# The JSON Schemas (`sluice schema`) describe what is written in the file, not the parsed number.
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0), WithJsonSchema({
+    "type": "string", "pattern": DURATION_PATTERN,
+    "description": "a number and a unit: ms, s, m, h or d", "examples": ["500ms", "10s", "1m30s"]})]
 """Seconds, written in config with a unit."""
-ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=0), WithJsonSchema({
+    "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": SIZE_PATTERN}],
+    "description": "bytes, or a number with B, KiB, MiB or GiB", "examples": ["64KiB", "256MiB"]})]
 """Bytes, written in config as a number or with a unit."""
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
 """Device, gateway and site ids: letters, digits, `_ . -`; used in topics, tags and file names."""

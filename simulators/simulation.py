@@ -60,11 +60,11 @@ class FaultsModel(StrictModel):
 class SimDeviceModel(StrictModel):
     profile: str = Field(min_length=1, description="a file of profiles_dir, without .yaml")
     port: int = Field(ge=0, le=65535, description="devices on one port share a server; 0: a free port")
-    unit_id: int = Field(default=1, ge=0, le=255)
+    unit_id: int = Field(default=1, ge=0, le=255, description="the Modbus unit id it answers")
     name: Identifier | None = Field(default=None, description="for messages; defaults to <profile>@<port>/<unit>")
     seed: int = Field(default=0, description="seeds the random walks")
     writable: bool = Field(default=False, description="accept writes (5, 6, 15, 16) instead of exception 01")
-    faults: FaultsModel = FaultsModel()
+    faults: FaultsModel = Field(default=FaultsModel(), description="misbehaviour to rehearse with")
 
 
 class RtuFaultsModel(FaultsModel):
@@ -75,11 +75,11 @@ class RtuFaultsModel(FaultsModel):
 
 class SimUnitModel(StrictModel):
     profile: str = Field(min_length=1, description="a file of profiles_dir, without .yaml")
-    unit_id: int = Field(ge=1, le=247)
+    unit_id: int = Field(ge=1, le=247, description="the Modbus unit id it answers, 1..247")
     name: Identifier | None = Field(default=None, description="for messages; defaults to <profile>/<unit>")
     seed: int = Field(default=0, description="seeds the random walks")
     writable: bool = Field(default=False, description="accept writes (5, 6, 15, 16) instead of exception 01")
-    faults: RtuFaultsModel = RtuFaultsModel()
+    faults: RtuFaultsModel = Field(default=RtuFaultsModel(), description="misbehaviour to rehearse with")
 
 
 class SimBusModel(StrictModel):
@@ -90,11 +90,11 @@ class SimBusModel(StrictModel):
     serial_port: str | None = Field(default=None, min_length=1,
                                     description="serve on this serial port instead of a pty (a null-modem "
                                                 "cable or a socat pty pair to the gateway's port)")
-    baudrate: int = Field(default=9600, ge=300, le=4_000_000)
-    parity: Literal["N", "E", "O"] = "N"
-    stopbits: Literal[1, 2] = 1
+    baudrate: int = Field(default=9600, ge=300, le=4_000_000, description="bits per second (for wire timing)")
+    parity: Literal["N", "E", "O"] = Field(default="N", description="N, E or O")
+    stopbits: Literal[1, 2] = Field(default=1, description="1 or 2")
     wire_timing: bool = Field(default=False, description="each frame takes its transmission time at baudrate")
-    devices: list[SimUnitModel] = Field(min_length=1)
+    devices: list[SimUnitModel] = Field(min_length=1, description="the units on this bus")
 
     @model_validator(mode="after")
     def _one_port(self) -> SimBusModel:
@@ -104,7 +104,7 @@ class SimBusModel(StrictModel):
 
 
 class ServerOptions(StrictModel):
-    unknown_unit: UnknownUnit = "exception"
+    unknown_unit: UnknownUnit = Field(default="exception", description="exception: answer 0x0B; silent: answer nothing")
 
 
 class SimFile(StrictModel):

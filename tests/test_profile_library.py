@@ -7,7 +7,6 @@ served as literal words by pymodbus's server, decode to the values the manuals p
 from __future__ import annotations
 
 import math
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from drivers.modbus.rtu import make_pollers as make_rtu_pollers
 from drivers.modbus.tcp import make_pollers
 from gateway.config import Config, load_config
 from gateway.reading import GOOD, Reading
+from gateway.validation import validate_doc
+from gateway.yamlpos import ConfigError, load_yaml
 from simulators.modbus_rtu import RtuBus
 from simulators.modbus_device import SimDevice
 from simulators.modbus_tcp import ModbusTcpServer
@@ -34,32 +35,17 @@ EXAMPLES = frozenset({
 LIBRARY = sorted(p.stem for p in PROFILES.glob("*.yaml") if p.stem not in EXAMPLES)
 
 SOURCE_KEYS = ("title", "version", "url", "verified")
-_KEY = re.compile(r"^#   ([a-z_]+): (.+)$")
-_MORE = re.compile(r"^#     (\S.*)$")
 
 
 def source_of(path: Path) -> dict[str, str]:
-    """The ``# source:`` block of a profile's header comment as key -> text (continuation lines,
-    indented two more spaces, are joined to the key above). Empty if the profile has none."""
-    found: dict[str, str] = {}
-    key: str | None = None
-    inside = False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.startswith("#"):
-            break
-        if line.rstrip() == "# source:":
-            inside = True
-            continue
-        if not inside:
-            continue
-        if (m := _KEY.match(line)) is not None:
-            key = m.group(1)
-            found[key] = m.group(2).strip()
-        elif (m := _MORE.match(line)) is not None and key is not None:
-            found[key] += " " + m.group(1).strip()
-        else:
-            break
-    return found
+    """The profile's ``source:`` block as key -> text, read through the profile model `sluice check`
+    uses (gateway.driver.ProfileSource). Empty if the profile has none."""
+    errors: list[ConfigError] = []
+    doc, errs = load_yaml(path, path)
+    assert doc is not None and not errs, errs
+    profile = validate_doc(doc, ProfileModel, errors)
+    assert profile is not None, [str(e) for e in errors]
+    return {} if profile.source is None else {k: v for k, v in profile.source.model_dump().items() if v is not None}
 
 
 def write_config(root: Path, names: list[str], devices: dict[str, str] | None = None) -> Path:
@@ -118,13 +104,43 @@ def test_every_point_declares_a_range_and_a_signal(library: Config, name: str) -
                 f"{name}: {model.name} needs valid: {{min, max}} — the range the manual gives"
 
 
-def test_the_source_block_is_read_from_the_header_only(tmp_path: Path) -> None:
+def test_the_source_block_is_read_by_the_model_and_a_header_comment_is_not_one(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text("# Title\n#\n# source:\n#   title: A manual\n#   version: V1\n#   url: https://x/y\n"
-                    "#     z\n#\n# notes\nprotocol: modbus\n# source:\n#   title: not the header\n")
-    assert source_of(path) == {"title": "A manual", "version": "V1", "url": "https://x/y z"}
-    path.write_text("# no block\nprotocol: modbus\n")
+    point = "points: [{name: v, register: 30001, type: uint16}]\n"
+    path.write_text("# Title\n#\n# source:\n#   title: not a field\nprotocol: modbus\nsource:\n  title: A manual\n"
+                    "  version: V1\n  url: >-\n    https://x/y\n  verified: >-\n    partial — one\n    transcription\n"
+                    + point)
+    assert source_of(path) == {"title": "A manual", "version": "V1", "url": "https://x/y",
+                               "verified": "partial — one transcription"}
+    path.write_text("# no block\nprotocol: modbus\n" + point)
     assert source_of(path) == {}
+    errors: list[ConfigError] = []
+    path.write_text("protocol: modbus\nsource: {title: A manual, version: V1, url: ftp://x/y, verified: no}\n" + point)
+    doc, _errs = load_yaml(path, Path("p.yaml"))
+    assert doc is not None and validate_doc(doc, ProfileModel, errors) is None
+    assert {(e.line, e.message.split(":")[0]) for e in errors} == {(2, "url"), (2, "verified")}, [str(e) for e in errors]
+
+
+def test_unverified_points_are_marked_in_the_model() -> None:
+    """Every point under a ``# UNVERIFIED`` comment carries ``verified: false`` (what `sluice profile
+    show` prints), and a profile marked so says ``partial`` or ``false``, or names the doubt, in its source."""
+    for name in LIBRARY:
+        text = (PROFILES / f"{name}.yaml").read_text(encoding="utf-8")
+        profile = source_profile(name)
+        marked = [p.name for p in profile.points if p.verified is False]
+        comments = text.count("# UNVERIFIED")
+        assert bool(marked) == bool(comments), f"{name}: {comments} UNVERIFIED comments, points marked: {marked}"
+        if marked:
+            verified = source_of(PROFILES / f"{name}.yaml")["verified"]
+            assert verified.startswith(("false", "partial")) or "UNVERIFIED" in verified or "UNVERIFIED" in text, name
+
+
+def source_profile(name: str) -> ProfileModel:
+    doc, _errs = load_yaml(PROFILES / f"{name}.yaml", Path(f"{name}.yaml"))
+    assert doc is not None
+    profile = validate_doc(doc, ProfileModel, [])
+    assert isinstance(profile, ProfileModel)
+    return profile
 
 
 # --------------------------------------------------------------------------- simulator + driver

@@ -99,9 +99,9 @@ DTU_HINTS: Final[Mapping[str, str]] = {
 class DeviceModel(LineSettings):
     """A Modbus RTU device behind a DTU that dials in (``protocol: modbus_rtu_dtu``)."""
 
-    protocol: Literal["modbus_rtu_dtu"]
+    protocol: Literal["modbus_rtu_dtu"] = Field(description="modbus_rtu_dtu: behind a 4G/5G DTU that dials in")
     listen: str = Field(description="address:port the gateway listens on for DTUs, e.g. 0.0.0.0:9000")
-    dtu: DtuModel
+    dtu: DtuModel = Field(description="the DTU this device is behind: its name and how it registers")
 
     @field_validator("listen", mode="before")
     @classmethod

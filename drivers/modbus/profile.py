@@ -93,15 +93,23 @@ class PointModel(StrictModel):
     # `register` would shadow ABCMeta.register on the model class, hence the alias.
     reference: int | str | None = Field(default=None, alias="register",
                                         description="the manual's 1-based reference, e.g. 30001")
-    type: PointType | None = None
-    byte_order: ByteOrder = "ABCD"
+    type: PointType | None = Field(default=None, description="the manual's data format; bool for coils and "
+                                   "discrete inputs (the default there)")
+    byte_order: ByteOrder = Field(default="ABCD", description="order of the bytes on the wire, A the most "
+                                  "significant: ABCD big endian, CDAB words swapped, BADC bytes swapped, DCBA "
+                                  "little endian")
     length: int | None = Field(default=None, ge=1, le=MAX_REGISTERS, description="registers, strings only")
     bit: int | None = Field(default=None, ge=0, le=15, description="bool from one bit of a register")
-    scale: float = 1.0
-    offset: float = 0.0
-    unit: str | None = None
-    valid: ValidRange | None = None
-    sim: SignalSpec | None = None
+    scale: float = Field(default=1.0, description="value = raw × scale + offset, e.g. 0.1 for tenths",
+                         examples=[0.1, 0.01])
+    offset: float = Field(default=0.0, description="added after scale")
+    unit: str | None = Field(default=None, description="unit of the scaled value, as the manual prints it",
+                             examples=["V", "A", "kWh", "°C", "%RH", "ppm"])
+    valid: ValidRange | None = Field(default=None, description="plausible values; outside them the value is left "
+                                     "out and the reading marked uncertain")
+    sim: SignalSpec | None = Field(default=None, description="how `sluice sim` plays this point (ignored by the gateway)")
+    verified: bool | None = Field(default=None, description="false: the published sources did not settle this "
+                                  "point (address, scale, sign or meaning); the comment above it says what to check")
 
     @model_validator(mode="before")
     @classmethod
@@ -199,12 +207,12 @@ class PointModel(StrictModel):
 class ProfileModel(ProfileConfig):
     """A Modbus device model's register map (``profiles/<name>.yaml``, ``protocol: modbus``)."""
 
-    protocol: Literal["modbus"]
+    protocol: Literal["modbus"] = Field(description="modbus: a register map, for every Modbus transport")
     max_registers: int = Field(default=MAX_REGISTERS, ge=1, le=MAX_REGISTERS,
                                description="registers per request this model accepts")
     max_gap: int = Field(default=8, ge=0, le=MAX_REGISTERS - 1,
                          description="unused registers read to merge two requests into one")
-    points: list[PointModel] = Field(min_length=1)
+    points: list[PointModel] = Field(min_length=1, description="the values to read, one per register (or pair, or bit)")
 
     def field_info(self) -> dict[str, FieldInfo]:
         return {p.name: FieldInfo(p.unit, p.point_type == "float32") for p in self.points}

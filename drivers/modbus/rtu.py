@@ -158,11 +158,11 @@ def _open_error(port: str, exc: BaseException) -> ModbusConnectionError:
 class DeviceModel(LineSettings):
     """A Modbus RTU device on a serial port (``devices/<id>.yaml``, ``protocol: modbus_rtu``)."""
 
-    protocol: Literal["modbus_rtu"]
+    protocol: Literal["modbus_rtu"] = Field(description="modbus_rtu: on a serial port (RS485 adapter)")
     port: str = Field(min_length=1, description="serial device, e.g. /dev/ttyUSB0 or /dev/serial/by-id/...")
     baudrate: int = Field(default=9600, ge=300, le=4_000_000, description="bits per second")
     parity: Parity = Field(default="N", description="N (none), E (even) or O (odd)")
-    stopbits: Literal[1, 2] = 1
+    stopbits: Literal[1, 2] = Field(default=1, description="stop bits: 1, or 2 (some devices without parity)")
     bytesize: int = Field(default=8, description="data bits; Modbus RTU uses 8")
 
     @field_validator("parity", mode="before")

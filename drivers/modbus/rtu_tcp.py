@@ -98,7 +98,8 @@ class TcpLink:
 class DeviceModel(LineSettings):
     """A Modbus RTU device behind a serial device server (``protocol: modbus_rtu_tcp``)."""
 
-    protocol: Literal["modbus_rtu_tcp"]
+    protocol: Literal["modbus_rtu_tcp"] = Field(
+        description="modbus_rtu_tcp: RTU frames through a serial device server in raw (transparent) mode")
     host: str = Field(min_length=1, description="IP address or name of the serial device server")
     port: int = Field(ge=1, le=65535, description="its raw TCP port (Moxa 4001, USR 8234/502, ...)")
 

@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 class DeviceModel(UnitConfig):
     """A Modbus TCP device (``devices/<id>.yaml``, ``protocol: modbus_tcp``)."""
 
-    protocol: Literal["modbus_tcp"]
+    protocol: Literal["modbus_tcp"] = Field(description="modbus_tcp: a device or gateway speaking Modbus TCP")
     host: str = Field(min_length=1, description="IP address or name of the device or TCP gateway")
-    port: int = Field(default=502, ge=1, le=65535)
+    port: int = Field(default=502, ge=1, le=65535, description="its Modbus TCP port")
 
 
 TcpDevice = Device[DeviceModel, ProfileModel]

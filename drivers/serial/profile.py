@@ -58,13 +58,17 @@ class FieldSpec(StrictModel):
     type: TextType | BinType | None = Field(default=None, description="lines: float|int|string|bool; "
                                             "binary: int8..uint64, float32, float64")
     byte: int | None = Field(default=None, ge=0, le=65535, description="binary: position in the frame, 0 = first header byte")
-    byte_order: ByteOrder = "ABCD"
+    byte_order: ByteOrder = Field(default="ABCD", description="binary: order of the bytes, A the most significant")
     bit: int | None = Field(default=None, ge=0, le=63, description="binary: a bool from one bit of an integer")
-    scale: float = 1.0
-    offset: float = 0.0
-    unit: str | None = None
-    valid: ValidRange | None = None
-    sim: SignalSpec | None = None
+    scale: float = Field(default=1.0, description="value = raw × scale + offset, e.g. 0.1 for tenths")
+    offset: float = Field(default=0.0, description="added after scale")
+    unit: str | None = Field(default=None, description="unit of the value, as the manual prints it",
+                             examples=["°C", "%RH", "ppm", "kg"])
+    valid: ValidRange | None = Field(default=None, description="plausible values; outside them the value is left "
+                                     "out and the reading marked uncertain")
+    sim: SignalSpec | None = Field(default=None, description="how `sluice sim serial` plays this field")
+    verified: bool | None = Field(default=None, description="false: the published sources did not settle this "
+                                  "field; the comment above it says what to check")
 
     @model_validator(mode="after")
     def _numbers(self) -> FieldSpec:
@@ -77,8 +81,8 @@ class LengthSpec(StrictModel):
     """Where a binary frame says how long it is."""
 
     byte: int = Field(ge=0, le=1024, description="position of the length field, 0 = first header byte")
-    type: Literal["uint8", "uint16"] = "uint8"
-    byte_order: Literal["ABCD", "DCBA"] = "ABCD"
+    type: Literal["uint8", "uint16"] = Field(default="uint8", description="width of the length field")
+    byte_order: Literal["ABCD", "DCBA"] = Field(default="ABCD", description="of a uint16 length: ABCD high byte first")
     counts: Literal["rest", "frame", "payload"] = Field(
         default="rest", description="rest: bytes after the length field incl. checksum; frame: the whole "
         "frame; payload: bytes after the length field, without the checksum")
@@ -87,7 +91,7 @@ class LengthSpec(StrictModel):
 class ChecksumSpec(StrictModel):
     """A checksum at the end of a binary frame over bytes ``start`` .. the byte before it."""
 
-    type: ChecksumType
+    type: ChecksumType = Field(description="the algorithm, as the manual names it")
     start: int = Field(default=0, ge=0, le=1024, description="first byte covered, 0 = first header byte")
     byte_order: Literal["ABCD", "DCBA"] | None = Field(
         default=None, description="of 16-bit checksums; default DCBA (low byte first) for crc16_modbus, else ABCD")
@@ -119,19 +123,21 @@ class ProfileModel(ProfileConfig):
     # Delimiters, requests and patterns are byte-exact: "\r", "\n" and spaces must survive.
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 
-    protocol: Literal["serial"]
-    format: Format
+    protocol: Literal["serial"] = Field(description="serial: a sensor that is not Modbus, on a serial port")
+    format: Format = Field(description="lines: text lines; nmea: GPS; scale: weighing scales; binary: framed bytes; "
+                           "codes: barcode/RFID readers")
     # text formats
     delimiter: str = Field(default="\n", min_length=1, description="end of a line; a \\r before \\n is dropped")
-    encoding: str = "ascii"
+    encoding: str = Field(default="ascii", description="text encoding: ascii, latin-1 or utf-8")
     pattern: str | None = Field(default=None, description="regular expression with named groups")
     request: str | None = Field(default=None, description="sent every interval (text, or hex for binary); "
                                 "without it the sensor streams")
-    fields: dict[str, FieldSpec] = Field(default_factory=dict)
+    fields: dict[str, FieldSpec] = Field(default_factory=dict, description="lines/binary: the values, by field name")
     # nmea
-    sentences: list[Literal["GGA", "RMC"]] = Field(default=["GGA", "RMC"], min_length=1)
-    speed_unit: Literal["kmh", "knots", "both"] = "kmh"
-    require_checksum: bool = True
+    sentences: list[Literal["GGA", "RMC"]] = Field(default=["GGA", "RMC"], min_length=1,
+                                                   description="nmea: the sentences to read")
+    speed_unit: Literal["kmh", "knots", "both"] = Field(default="kmh", description="nmea: unit of the speed field")
+    require_checksum: bool = Field(default=True, description="nmea: drop sentences without a valid checksum")
     # scale
     stable: list[str] = Field(default=["ST"], description="status values meaning a stable weight")
     overload: list[str] = Field(default=["OL"], description="status values meaning over/under load")
@@ -139,17 +145,17 @@ class ProfileModel(ProfileConfig):
     only_stable: bool = Field(default=False, description="report stable weights only")
     # binary
     header: str | None = Field(default=None, description="the bytes every frame starts with, in hex")
-    length: LengthSpec | None = None
+    length: LengthSpec | None = Field(default=None, description="binary: where a frame says how long it is")
     frame_length: int | None = Field(default=None, ge=1, le=65536, description="bytes per frame, for fixed-size frames")
-    checksum: ChecksumSpec | None = None
+    checksum: ChecksumSpec | None = Field(default=None, description="binary: the checksum at the end of a frame")
     # codes
-    strip_prefix: str = ""
-    strip_suffix: str = ""
+    strip_prefix: str = Field(default="", description="codes: text removed from the start of every code")
+    strip_suffix: str = Field(default="", description="codes: text removed from the end of every code")
     # all
     max_frame: int = Field(default=512, ge=8, le=65536, description="longest frame accepted, in bytes")
     frame_gap: Duration = Field(default=0.5, gt=0, le=60,
                                 description="a partial frame older than this when new bytes arrive was truncated")
-    sim: SimSettings = SimSettings()
+    sim: SimSettings = Field(default=SimSettings(), description="how `sluice sim serial` plays this profile")
 
     def field_info(self) -> dict[str, FieldInfo]:
         return {name: FieldInfo(spec.unit, spec.type == "float32")
@@ -269,12 +275,12 @@ class DeviceModel(DeviceConfig):
     how long it may stay quiet before it is reported down (set it above its output period).
     """
 
-    protocol: Literal["serial"]
+    protocol: Literal["serial"] = Field(description="serial: a sensor that is not Modbus, on a serial port")
     port: str = Field(min_length=1, description="/dev/ttyUSB0, /dev/serial/by-id/..., /dev/ttyAMA0")
-    baudrate: int = Field(default=9600, ge=50, le=4_000_000)
+    baudrate: int = Field(default=9600, ge=50, le=4_000_000, description="bits per second")
     parity: Literal["N", "E", "O", "M", "S"] = Field(default="N", description="N (none), E (even), O (odd), M, S")
-    stopbits: StopBits = 1
-    bytesize: Literal[5, 6, 7, 8] = 8
+    stopbits: StopBits = Field(default=1, description="stop bits: 1, 1.5 or 2")
+    bytesize: Literal[5, 6, 7, 8] = Field(default=8, description="data bits")
 
     @field_validator("parity", mode="before")
     @classmethod

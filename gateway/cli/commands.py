@@ -280,7 +280,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         return 1
     devices = sorted(f.name for f in files if f.parts[0] == "devices")
     print(f"{args.directory}: the '{args.example}' configuration, {len(files)} files: gateway.yaml, "
-          f"devices/ ({', '.join(devices)}), profiles/, examples/ — every file is commented")
+          f"devices/ ({', '.join(devices)}), profiles/, examples/, schemas/ — every file is commented and names its "
+          "JSON Schema on its first line, for completion in your editor (README: Editor completion)")
     print(f"next: edit {args.directory}/gateway.yaml and {args.directory}/devices/, then "
           f"`sluice check -c {args.directory}` and `sluice once -c {args.directory}`")
     if args.example == "demo":
@@ -395,6 +396,12 @@ def build_parser(extensions: bool = True) -> argparse.ArgumentParser:
     from gateway.cli.commission import add_parsers as add_commission_parsers  # noqa: PLC0415 - see CORE_COMMANDS
 
     add_commission_parsers(sub)  # sluice read, sluice scan
+    from gateway.cli.schema import add_parsers as add_schema_parsers  # noqa: PLC0415 - see CORE_COMMANDS
+
+    add_schema_parsers(sub)  # sluice schema DIR
+    from gateway.cli.profiles import add_parsers as add_profile_parsers  # noqa: PLC0415 - see CORE_COMMANDS
+
+    add_profile_parsers(sub)  # sluice profile list|show|test
     return parser
 
 

@@ -50,7 +50,7 @@ from gateway.polling import format_duration
 from gateway.reading import shortest_float32
 from gateway.units import duration_arg
 
-__all__ = ["ORDERS", "add_parsers", "interpret_pairs", "interpret_registers", "read_command", "scan_command"]
+__all__ = ["ORDERS", "add_parsers", "cannot_open", "error_text", "interpret_pairs", "interpret_registers", "read_command", "scan_command"]
 
 EXIT_NO_ANSWER = 1
 EXIT_USAGE = 2
@@ -168,19 +168,21 @@ async def _open(client: ModbusClient, target: Target, timeout: float, err: TextI
     try:
         await client.connect(timeout)
     except ModbusConnectionError as exc:
-        _cannot_open(exc, client, target, err)
+        cannot_open(exc, client, target, err)
         return False
     return True
 
 
-def _cannot_open(exc: ModbusConnectionError, client: ModbusClient, target: Target, err: TextIO) -> None:
+def cannot_open(exc: ModbusConnectionError, client: ModbusClient, target: Target, err: TextIO) -> None:
+    """Why the target could not be opened, on ``err``: for a serial port held by another process, who holds it."""
     if exc.kind == "busy" and target.serial:
         print(f"sluice: {held_message(target.text)}", file=err)
     else:
         print(f"sluice: {exc} — {client.hints.get(exc.kind, '')}", file=err)
 
 
-def _error_text(exc: Exception, client: ModbusClient) -> str:
+def error_text(exc: Exception, client: ModbusClient) -> str:
+    """A failed request in words, with what to check (``sluice read``, ``sluice profile test``)."""
     if isinstance(exc, ModbusExceptionResponse):
         return f"the device answered {exc} — {exc.hint}"
     kind = getattr(exc, "kind", "")
@@ -230,7 +232,7 @@ async def read_command(args: argparse.Namespace, out: TextIO | None = None, err:
     try:
         data = await client.read(args.unit, FUNCTION[kind], address, args.count, args.timeout)
     except (ModbusTimeout, ModbusFrameError, ModbusExceptionResponse, ModbusConnectionError) as exc:
-        print(f"sluice read: {where} unit {args.unit}, {kind} {address}+{args.count}: {_error_text(exc, client)}",
+        print(f"sluice read: {where} unit {args.unit}, {kind} {address}+{args.count}: {error_text(exc, client)}",
               file=err)
         return EXIT_NO_ANSWER
     finally:
@@ -368,7 +370,7 @@ async def scan_command(args: argparse.Namespace, out: TextIO | None = None, err:
         except ModbusConnectionError as exc:
             if exc.kind != "settings":
                 progress.end()
-                _cannot_open(exc, client, target, err)
+                cannot_open(exc, client, target, err)
                 return EXIT_CANNOT_OPEN
             refused.append(settings)
             progress.line(f"{exc} — skipped")

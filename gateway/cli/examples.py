@@ -10,7 +10,8 @@ editable install and an installed wheel:
   hardware; they use the shipped ``profiles/``.
 
 Contract of :func:`init_config`: it writes into a directory that does not exist or is empty, and
-nothing else; it never overwrites a file. What it writes passes ``sluice check``.
+nothing else; it never overwrites a file. What it writes passes ``sluice check``; with it come the
+JSON Schemas (``schemas/``), and every YAML file's first line points its editor at its schema.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import importlib.util
 import shutil
 from pathlib import Path
+
+from gateway.cli.schema import MODELINE, SCHEMA_DIR, kind_of, modeline
 
 __all__ = ["EXAMPLES", "InitError", "init_config", "shipped_config"]
 
@@ -57,6 +60,20 @@ def _files(example: str) -> list[tuple[Path, Path]]:
     return out
 
 
+def _schema_files() -> list[tuple[Path, Path]]:
+    root = shipped_config()
+    return [(src, src.relative_to(root)) for src in sorted((root / SCHEMA_DIR).glob("*.schema.json"))]
+
+
+def _with_modeline(text: str, rel: Path) -> str:
+    """The file's text with its first line pointing at its schema from where it is written."""
+    kind = kind_of(rel)
+    if kind is None:
+        return text
+    first, _sep, rest = text.partition("\n")
+    return modeline(rel, kind) + "\n" + (rest if first.startswith(MODELINE) else text)
+
+
 def init_config(target: Path, example: str = "demo") -> list[Path]:
     """Write the ``example`` configuration into ``target`` (created; must be absent or empty).
     Returns the files written, relative to ``target``. Raises :class:`InitError`."""
@@ -68,9 +85,14 @@ def init_config(target: Path, example: str = "demo") -> list[Path]:
         raise InitError(f"{target} is not empty — nothing was written; give a new or empty directory "
                         "(an existing configuration is never overwritten)")
     files = _files(example)
+    schemas = _schema_files()
     target.mkdir(parents=True, exist_ok=True)
     for src, rel in files:
         dest = target / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(_with_modeline(src.read_text(encoding="utf-8"), rel), encoding="utf-8")
+    for src, rel in schemas:
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
-    return [rel for _src, rel in files]
+    return [rel for _src, rel in files + schemas]

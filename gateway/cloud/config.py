@@ -44,22 +44,23 @@ def _check_filter(value: str) -> str:
 
 
 class IngestMqttConfig(StrictModel):
-    host: str = Field(min_length=1)
+    host: str = Field(min_length=1, description="the broker's address")
     port: int | None = Field(default=None, ge=1, le=65535, description="1883, or 8883 with tls")
     client_id: str | None = Field(default=None, max_length=128,
                                   description="stable id of this worker's persistent session; default sluice-ingest-<hostname>")
-    username: str | None = None
-    password: Secret | None = None
+    username: str | None = Field(default=None, description="user name at the broker")
+    password: Secret | None = Field(default=None, description="better from a file or credential: ${file:/etc/sluice/pw}")
     group: str | None = Field(default=None, pattern=r"^[^/+#]{1,64}$",
                               description="shared-subscription group: workers with the same group share the messages")
-    topics: list[str] = Field(default_factory=lambda: ["sluice/+/+/+"], min_length=1)
+    topics: list[str] = Field(default_factory=lambda: ["sluice/+/+/+"], min_length=1,
+                              description="topic filters of the gateways' readings")
     qos: Literal[1] = Field(default=1, description="QoS of the subscription (1: at least once, acknowledged after the write)")
     keepalive: Duration = Field(default=30.0, ge=5, le=3600)
     session_expiry: Duration = Field(default=7 * 86400.0, ge=60, le=2**32 - 1,
                                      description="how long the broker keeps this worker's session and messages while it is away")
     reconnect_min: Duration = Field(default=0.5, gt=0)
     reconnect_max: Duration = Field(default=30.0, gt=0)
-    tls: TlsConfig | None = None
+    tls: TlsConfig | None = Field(default=None, description="TLS: the CA to trust, a client certificate; absent: plaintext")
     insecure: bool = Field(default=False, description="allow plaintext or unverified TLS to a remote host")
     broker_config: Path | None = Field(
         default=None, description="the broker's mosquitto.conf, read by `sluice ingest check` and at start-up to report "
@@ -92,7 +93,7 @@ class IngestMqttConfig(StrictModel):
 class IngestInfluxConfig(InfluxSinkConfig):
     """The influxdb sink's keys; ``type`` is implied and ``batch`` lives at the top level."""
 
-    type: Literal["influxdb"] = "influxdb"
+    type: Literal["influxdb"] = Field(default="influxdb", description="influxdb (implied; may be left out)")
 
     @model_validator(mode="before")
     @classmethod
@@ -127,9 +128,9 @@ class MetricsConfig(ListenConfig):
 
 
 class IngestConfig(StrictModel):
-    mqtt: IngestMqttConfig
-    influxdb: IngestInfluxConfig
-    batch: IngestBatchConfig = IngestBatchConfig()
+    mqtt: IngestMqttConfig = Field(description="the broker the gateways publish to")
+    influxdb: IngestInfluxConfig = Field(description="the database the readings are written to")
+    batch: IngestBatchConfig = Field(default=IngestBatchConfig(), description="how messages are grouped into writes")
     format: Literal["auto", "influx", "json"] = Field(
         default="auto", description="payload format; auto: JSON when it starts with '{', else line protocol")
     dead_letter_topic: str = Field(default="sluice-dlq/{topic}", min_length=1,
@@ -139,8 +140,8 @@ class IngestConfig(StrictModel):
         description="end-to-end receipts are published only to response topics under these filters ([] : none)")
     receipt_secret: Secret | None = Field(
         default=None, description="HMAC key of the receipts; the same as the gateways' sinks' receipt_secret")
-    metrics: MetricsConfig | None = None
-    logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig | None = Field(default=None, description="serve GET /metrics (Prometheus)")
+    logging: LoggingConfig = Field(default=LoggingConfig(), description="what is logged, and how")
 
     _receipt_topics = field_validator("receipt_topics")(lambda v: [_check_filter(t) for t in v])
     _receipt_secret = field_validator("receipt_secret")(lambda v: check_receipt_secret(v))

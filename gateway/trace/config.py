@@ -73,8 +73,8 @@ def _uri(value: str) -> str:
 
 
 class Range(StrictModel):
-    min: float | None = None
-    max: float | None = None
+    min: float | None = Field(default=None, description="lowest allowed value")
+    max: float | None = Field(default=None, description="highest allowed value")
     biz_rules: str | None = Field(default=None, description="URI of the business rule this limit comes from (a "
                                   "spec sheet, a contract); an ALARM_CONDITION's sensorMetadata.bizRules. Default: "
                                   "urn:sluice:threshold:<product|lot>:<name>:<measurement>")
@@ -112,18 +112,18 @@ class PointMapping(StrictModel):
 
 
 class ProductConfig(StrictModel):
-    name: str | None = None
-    thresholds: Thresholds = Field(default_factory=dict)
+    name: str | None = Field(default=None, description="a name for people")
+    thresholds: Thresholds = Field(default_factory=dict, description="measurement -> {min, max}: outside it, an alarm event")
     _t = field_validator("thresholds")(_check_thresholds)
 
 
 class LotConfig(StrictModel):
-    product: Identifier | None = None
+    product: Identifier | None = Field(default=None, description="a product of products:, whose thresholds apply")
     gtin: str | None = Field(default=None, description="GTIN-8/12/13/14 with its check digit")
     lot_number: str | None = Field(default=None, description="the GS1 lot (AI 10), with gtin")
     producer: str | None = Field(default=None, description="the producer's entity code")
-    attributes: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    thresholds: Thresholds = Field(default_factory=dict)
+    attributes: dict[str, str | int | float | bool] = Field(default_factory=dict, description="ILMD master data of the lot (key: value)")
+    thresholds: Thresholds = Field(default_factory=dict, description="measurement -> {min, max}: outside it, an alarm event")
     location: Identifier | None = Field(default=None, description="the location the lot is in at start")
     _t = field_validator("thresholds")(_check_thresholds)
 
@@ -153,7 +153,7 @@ class LotConfig(StrictModel):
 
 
 class LocationConfig(StrictModel):
-    name: str | None = None
+    name: str | None = Field(default=None, description="a name for people")
     devices: list[Identifier] = Field(default_factory=list, description="devices that measure this place")
     scanners: list[Identifier] = Field(default_factory=list,
                                        description="code readers: a scanned lot code moves the lot here")
@@ -204,15 +204,17 @@ class TraceFile(StrictModel):
                                                     "zone at each event's time (daylight saving time included)")
     points: dict[str, PointMapping] = Field(default_factory=dict,
                                             description="field name -> GS1 type and uom, overriding the profile's unit")
-    products: dict[Identifier, ProductConfig] = Field(default_factory=dict)
-    locations: dict[Identifier, LocationConfig] = Field(default_factory=dict)
-    lots: dict[Identifier, LotConfig] = Field(default_factory=dict)
+    products: dict[Identifier, ProductConfig] = Field(default_factory=dict, description="kinds of goods and their thresholds")
+    locations: dict[Identifier, LocationConfig] = Field(default_factory=dict,
+                                                        description="places (a cold room, a greenhouse) and their devices")
+    lots: dict[Identifier, LotConfig] = Field(default_factory=dict, description="the lots traced, by id")
     sinks: dict[Identifier, Annotated[JsonlSinkConfig | TraceMqttSinkConfig | EpcisSinkConfig,
-                                      Field(discriminator="type")]] = Field(default_factory=dict)
+                                      Field(discriminator="type")]] = Field(
+        default_factory=dict, description="where events go, by name: type: jsonl, mqtt or epcis")
 
 
 class JsonlSinkConfig(StrictModel):
-    type: Literal["jsonl"]
+    type: Literal["jsonl"] = Field(description="jsonl: a local append-only file")
     path: Path = Field(description="append-only file, one signed EPCIS document per line; relative to the state directory")
 
 
@@ -225,13 +227,13 @@ class TraceMqttSinkConfig(MqttSinkConfig):
     same connection takes binding commands on ``command_topic`` and answers on ``reply_topic``."""
 
     topic: str = Field(default="sluice/{site}/{gateway}/trace/events", description="where events are published")
-    status_topic: str = "sluice/{site}/{gateway}/trace/status"
+    status_topic: str = Field(default="sluice/{site}/{gateway}/trace/status", description="retained status of the feed")
     command_topic: str | None = Field(default="sluice/{site}/{gateway}/trace/cmd",
                                       description="lot bindings as JSON {op, lot, location}; null: no commands")
     reply_topic: str = Field(default="sluice/{site}/{gateway}/trace/cmd/reply", description="answers to commands")
     head_topic: str | None = Field(default="sluice/{site}/{gateway}/trace/head",
                                    description="signed chain heads (QoS 1); null: none published")
-    qos: Literal[1] = 1
+    qos: Literal[1] = Field(default=1, description="MQTT QoS: 1")
 
     _topics = field_validator("topic", "command_topic", "reply_topic", "head_topic")(
         lambda v: v if v is None else _check_template(v, _TRACE_TOPIC_FIELDS))
@@ -241,15 +243,15 @@ class EpcisSinkConfig(StrictModel):
     """An EPCIS 2.0 repository's capture interface: ``POST <url><path>`` with one signed
     EPCISDocument per event, ``Content-Type: application/ld+json``."""
 
-    type: Literal["epcis"]
+    type: Literal["epcis"] = Field(description="epcis: an EPCIS 2.0 repository's capture interface")
     url: str = Field(min_length=1, description="base URL of the EPCIS 2.0 REST interface, e.g. https://epcis.example.com/epcis")
     path: Literal["/capture", "/events"] = Field(default="/capture", description="capture endpoint")
     auth_header: str = Field(default="Authorization", description="header that carries `auth`")
     auth: Secret | None = Field(default=None, description="header value, e.g. 'Bearer ${file:/etc/sluice/epcis.token}'")
     timeout: Duration = Field(default=15.0, gt=0, le=600, description="per HTTP request")
-    retry_min: Duration = Field(default=1.0, gt=0)
-    retry_max: Duration = Field(default=300.0, gt=0)
-    tls: TlsConfig | None = None
+    retry_min: Duration = Field(default=1.0, gt=0, description="first wait before a retry")
+    retry_max: Duration = Field(default=300.0, gt=0, description="longest wait between retries")
+    tls: TlsConfig | None = Field(default=None, description="TLS: the CA to trust, a client certificate; absent: plaintext")
     insecure: bool = Field(default=False, description="allow plaintext HTTP or unverified TLS to a remote host")
 
     @field_validator("url")
